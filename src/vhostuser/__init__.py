@@ -1,0 +1,1 @@
+"""vhost-user back-ends and virtio-vhost-user, in Python."""

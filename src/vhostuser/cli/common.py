@@ -1,0 +1,97 @@
+"""What every back-end program shares: socket options, logging, signals, the serve loop.
+
+Conventions of QEMU's vhost-user.rst: --socket-path, --fd, --print-capabilities; no
+daemonizing; exit cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from ..engine.device import Device
+from ..engine.session import serve_connection
+from ..engine.worker import parent_only_fds
+from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections
+
+log = logging.getLogger("vhostuser")
+
+
+class Shutdown(Exception):
+    pass
+
+
+def add_transport_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket-path", metavar="PATH",
+                        help="UNIX socket to listen on (or to connect to, with --client)")
+    parser.add_argument("--fd", type=int, metavar="FD",
+                        help="an inherited socket fd (listening or connected)")
+    parser.add_argument("--client", action="store_true",
+                        help="connect to a front-end listening on --socket-path, and "
+                             "reconnect after each disconnect")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end's capabilities as JSON and exit")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info, -vv debug)")
+
+
+def check_transport_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.print_capabilities:
+        return
+    if (args.socket_path is None) == (args.fd is None):
+        parser.error("exactly one of --socket-path and --fd is required")
+    if args.client and args.socket_path is None:
+        parser.error("--client needs --socket-path")
+    if args.fd is not None and args.fd < 0:
+        parser.error("--fd must be a non-negative file descriptor")
+
+
+def print_capabilities(kind: str, features: list[str]) -> NoReturn:
+    json.dump({"type": kind, "features": features}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    sys.exit(0)
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
+
+
+def _raise_shutdown(signum: int, _frame: object) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
+    """Serve front-ends one connection after another until SIGTERM/SIGINT."""
+    try:
+        device = make_device()
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, _raise_shutdown)
+    try:
+        for sock in connections(path=args.socket_path, fd=args.fd, client=args.client):
+            log.info("front-end connected")
+            parent_only_fds.add(sock.fileno())
+            try:
+                serve_connection(UnixChannel(sock), UnixResources(), device,
+                                 closed=(PeerClosed,))
+            finally:
+                parent_only_fds.discard(sock.fileno())
+    except Shutdown as e:
+        log.info("%s: exiting", e)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        close = getattr(device, "close", None)
+        if close is not None:
+            close()
+    return 0

@@ -1,0 +1,263 @@
+"""virtio-blk served from a raw image file (virtio 1.x §5.2).
+
+Data moves with preadv/pwritev straight between the file and guest memory: the guest's
+buffers are memoryviews of the mapped regions, so nothing is copied in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from ..engine.device import ConfigError, Device
+from ..protocol.constants import ProtocolFeature
+from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
+from ..virtq.split import Chain
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+
+# Feature bits
+F_SIZE_MAX = 1 << 1
+F_SEG_MAX = 1 << 2
+F_RO = 1 << 5
+F_BLK_SIZE = 1 << 6
+F_FLUSH = 1 << 9
+F_CONFIG_WCE = 1 << 11
+F_MQ = 1 << 12
+F_DISCARD = 1 << 13
+F_WRITE_ZEROES = 1 << 14
+
+# Request types and status codes
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+T_BARRIER = 0x80000000  # legacy bit, masked as SPDK and QEMU's contrib back-end do
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+ID_BYTES = 20
+SEG_F_UNMAP = 1
+
+_HDR = struct.Struct("<IIQ")
+_SEG = struct.Struct("<QII")
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")  # up to write_zeroes_may_unmap: 60 bytes
+CONFIG_SIZE = 96  # with secure-erase and zoned fields, left zero (not offered)
+WRITEBACK_OFFSET = 32
+
+_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_ZERO_RANGE = 0x1, 0x2, 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@dataclass(frozen=True)
+class BlkOptions:
+    path: str
+    read_only: bool = False
+    num_queues: int = 1
+    serial: str | None = None
+    blk_size: int = 512
+    seg_max: int = 126  # queue size 128 minus header and status, as Linux sizes it
+    size_max: int = 1 << 20
+    max_discard_sectors: int = 1 << 22
+    max_discard_seg: int = 32
+
+
+class BlkDevice(Device):
+    name = "vhost-user-blk"
+    protocol_features = int(ProtocolFeature.CONFIG)
+
+    def __init__(self, opts: BlkOptions) -> None:
+        if opts.num_queues < 1 or opts.num_queues > 256:
+            raise ValueError(f"--num-queues must be 1..256, not {opts.num_queues}")
+        if opts.blk_size < SECTOR or opts.blk_size & (opts.blk_size - 1):
+            raise ValueError(f"block size {opts.blk_size} is not a power of 2 >= 512")
+        self.opts = opts
+        self.num_queues = opts.num_queues
+        self.fd = os.open(opts.path, os.O_RDONLY if opts.read_only else os.O_RDWR)
+        size = os.fstat(self.fd).st_size
+        self.capacity = size // SECTOR  # in 512-byte sectors whatever blk_size is
+        self.serial = (opts.serial if opts.serial is not None
+                       else os.path.basename(opts.path)).encode()[:ID_BYTES]
+        # Written by SET_CONFIG in the engine's process, read by every queue worker.
+        self._shared = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
+        self.writeback = True
+        self.negotiated = 0
+
+    # -- negotiation and config ------------------------------------------------------------
+
+    def features(self) -> int:
+        f = (F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_CONFIG_WCE | F_MQ
+             | F_DISCARD | F_WRITE_ZEROES)
+        if self.opts.read_only:
+            f = (f | F_RO) & ~(F_DISCARD | F_WRITE_ZEROES)
+        return f
+
+    def set_features(self, features: int) -> None:
+        self.negotiated = features
+        if not features & F_CONFIG_WCE:  # without WCE the driver assumes writeback iff FLUSH
+            self.writeback = bool(features & F_FLUSH)
+
+    @property
+    def writeback(self) -> bool:
+        return bool(self._shared[0])
+
+    @writeback.setter
+    def writeback(self, on: bool) -> None:
+        self._shared[0] = int(on)
+
+    def get_config(self) -> bytes:
+        o = self.opts
+        align = o.blk_size // SECTOR
+        cfg = _CONFIG.pack(
+            self.capacity, o.size_max, o.seg_max,
+            0, 0, 0,  # geometry: not offered
+            o.blk_size,
+            0, 0, 0, 0,  # topology: not offered
+            int(self.writeback), 0, self.num_queues,
+            o.max_discard_sectors, o.max_discard_seg, align,
+            o.max_discard_sectors, o.max_discard_seg, 1,
+        )
+        return cfg + bytes(CONFIG_SIZE - len(cfg))
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        if flags != 0:
+            raise ConfigError(f"SET_CONFIG flags {flags} (migration) not supported")
+        if offset != WRITEBACK_OFFSET or len(data) != 1 or data[0] > 1:
+            raise ConfigError(f"only the writeback byte is writable (got {len(data)} bytes "
+                              f"at offset {offset})")
+        self.writeback = bool(data[0])
+        log.info("cache mode: %s", "writeback" if data[0] else "writethrough")
+
+    def reset(self) -> None:
+        self.writeback = True
+        self.negotiated = 0
+
+    def queue_handler(self, index: int) -> BlkQueue:
+        return BlkQueue(self)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self._shared.close()
+
+
+class BlkQueue:
+    """Serves requests of one queue (runs in that queue's worker process)."""
+
+    def __init__(self, dev: BlkDevice) -> None:
+        self.dev = dev
+        self.fd = dev.fd
+        self.capacity = dev.capacity
+        self.read_only = dev.opts.read_only
+
+    def handle(self, chains: list[Chain]) -> list[int]:
+        return [self.request(c) for c in chains]
+
+    def request(self, chain: Chain) -> int:
+        """Serve one request; returns the bytes written to the chain (data + status)."""
+        w = chain.writable
+        if not w or len(w[-1]) == 0 or iov_len(chain.readable) < _HDR.size:
+            log.error("request %d: no room for header or status; returned unanswered",
+                      chain.head)
+            return 0
+        status_buf = w[-1][-1:]
+        rtype, _, sector = _HDR.unpack(iov_read(chain.readable, _HDR.size))
+        rtype &= ~T_BARRIER
+        data_in = iov_slice(w, 0, iov_len(w) - 1)
+        try:
+            status, written = self._serve(rtype, sector, chain, data_in)
+        except OSError as e:
+            log.error("request type %d sector %d: %s", rtype, sector, e)
+            status, written = S_IOERR, 0
+        status_buf[0] = status
+        return written + 1
+
+    def _serve(self, rtype: int, sector: int, chain: Chain,
+               data_in: list[memoryview]) -> tuple[int, int]:
+        if rtype == T_IN:
+            n = iov_len(data_in)
+            if not self._in_range(sector, n):
+                return S_IOERR, 0
+            got = os.preadv(self.fd, data_in, sector * SECTOR)
+            if got < n:  # the file shrank under us: never hand stale guest bytes back
+                iov_write(data_in, bytes(n - got), got)
+            return S_OK, n
+        if rtype == T_OUT:
+            data = iov_slice(chain.readable, _HDR.size)
+            n = iov_len(data)
+            if self.read_only or not self._in_range(sector, n):
+                return S_IOERR, 0
+            done = os.pwritev(self.fd, data, sector * SECTOR)
+            if done != n:
+                raise OSError(errno.EIO, f"short write ({done} of {n} bytes)")
+            if not self.dev.writeback:
+                os.fdatasync(self.fd)
+            return S_OK, 0
+        if rtype == T_FLUSH:
+            if not self.read_only:
+                os.fdatasync(self.fd)
+            return S_OK, 0
+        if rtype == T_GET_ID:
+            ident = self.dev.serial.ljust(ID_BYTES, b"\0")
+            return S_OK, iov_write(data_in, ident[: iov_len(data_in)])
+        if rtype in (T_DISCARD, T_WRITE_ZEROES):
+            return self._ranges(rtype, iov_read(chain.readable, 1 << 20, _HDR.size)), 0
+        return S_UNSUPP, 0
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        return nbytes % SECTOR == 0 and sector + nbytes // SECTOR <= self.capacity
+
+    def _ranges(self, rtype: int, data: bytes) -> int:
+        if len(data) == 0 or len(data) % _SEG.size:
+            return S_IOERR
+        segs = [_SEG.unpack_from(data, off) for off in range(0, len(data), _SEG.size)]
+        opts = self.dev.opts
+        if len(segs) > opts.max_discard_seg:
+            return S_IOERR
+        for sector, num, flags in segs:
+            if flags & ~SEG_F_UNMAP or (rtype == T_DISCARD and flags & SEG_F_UNMAP):
+                return S_UNSUPP
+            if self.read_only or num > opts.max_discard_sectors or not self._in_range(
+                    sector, num * SECTOR):
+                return S_IOERR
+        for sector, num, flags in segs:
+            off, length = sector * SECTOR, num * SECTOR
+            if rtype == T_DISCARD:
+                self._punch(off, length, required=False)
+            elif flags & SEG_F_UNMAP:
+                self._punch(off, length, required=True)
+            else:
+                self._zero(off, length)
+        if not self.dev.writeback:
+            os.fdatasync(self.fd)
+        return S_OK
+
+    def _punch(self, off: int, length: int, required: bool) -> None:
+        try:
+            fallocate(self.fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, off, length)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            if required:  # the range must read back as zeros
+                self._zero(off, length)
+
+    def _zero(self, off: int, length: int) -> None:
+        try:
+            fallocate(self.fd, _FALLOC_ZERO_RANGE | _FALLOC_KEEP_SIZE, off, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        chunk = bytes(min(length, 1 << 20))
+        while length:
+            n = os.pwrite(self.fd, chunk[: min(length, len(chunk))], off)
+            off += n
+            length -= n

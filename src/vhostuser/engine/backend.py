@@ -1,0 +1,430 @@
+"""The back-end engine: the vhost-user state machine for one front-end connection.
+
+`Backend.handle` takes one decoded request and the resources that came with it and
+returns the reply to send, if any. It does no socket I/O: resources (region fds, kick and
+call eventfds) are opaque tokens that it hands back to the transport's `Resources` to map
+or signal, so the same engine serves AF_UNIX and virtio-vhost-user.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..memory import Buffer, GuestMemory, GuestMemoryError, MemoryTableError
+from ..protocol import (
+    FRONTEND_SPECS,
+    Channel,
+    Header,
+    Message,
+    ProtocolError,
+    decode_request,
+    expects_reply,
+    has_own_reply,
+    reply_to,
+)
+from ..protocol import payloads as p
+from ..protocol.constants import (
+    VRING_F_LOG,
+    FrontendReq,
+    ProtocolFeature,
+    VirtioFeature,
+)
+from ..virtq.atomic import U16Array
+from ..virtq.split import RingLayout
+from .device import ConfigError, Device
+from .notify import NoNotifier, Notifier
+from .worker import QueueParams, Worker, start_worker
+
+log = logging.getLogger(__name__)
+
+Resource = Any  # an fd for AF_UNIX; whatever the transport passes in place of one
+
+TRANSPORT_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+                      | VirtioFeature.RING_EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES)
+ENGINE_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                            | ProtocolFeature.RESET_DEVICE | ProtocolFeature.CONFIGURE_MEM_SLOTS
+                            | ProtocolFeature.STATUS)
+
+# Requests valid only once a protocol feature is negotiated.
+_GATES = {
+    FrontendReq.GET_QUEUE_NUM: ProtocolFeature.MQ,
+    FrontendReq.GET_CONFIG: ProtocolFeature.CONFIG,
+    FrontendReq.SET_CONFIG: ProtocolFeature.CONFIG,
+    FrontendReq.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
+    FrontendReq.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    FrontendReq.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    FrontendReq.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    FrontendReq.SET_STATUS: ProtocolFeature.STATUS,
+    FrontendReq.GET_STATUS: ProtocolFeature.STATUS,
+}
+
+
+class RequestError(Exception):
+    """The back-end refuses a well-formed request (NACKed when the front-end asked)."""
+
+
+class Resources(Protocol):
+    """What the engine needs from a transport besides messages."""
+
+    max_mem_slots: int
+
+    def map_region(self, desc: p.MemRegion, res: Resource) -> Buffer: ...
+
+    def kick_fd(self, res: Resource) -> int | None: ...
+
+    def notifier(self, res: Resource) -> Notifier: ...
+
+    def close(self, res: Resource) -> None: ...
+
+
+@dataclass
+class Vring:
+    index: int
+    size: int = 0
+    addr: p.VringAddr | None = None
+    base: int = 0
+    kick: Resource = None
+    started: bool = False
+    enabled: bool = False
+    call: Notifier = field(default_factory=NoNotifier)
+    err: Notifier = field(default_factory=NoNotifier)
+    worker: Worker | None = None
+    broken: bool = False
+
+
+class Backend:
+    def __init__(self, device: Device, resources: Resources) -> None:
+        self.device = device
+        self.res = resources
+        self.mem = GuestMemory(resources.max_mem_slots)
+        self.owner = False
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        H = FrontendReq
+        self._handlers: dict[int, Callable[[Any, list[Resource]], Any]] = {
+            H.GET_FEATURES: self._get_features,
+            H.SET_FEATURES: self._set_features,
+            H.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            H.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            H.SET_OWNER: self._set_owner,
+            H.RESET_OWNER: self._reset_device,
+            H.RESET_DEVICE: self._reset_device,
+            H.GET_QUEUE_NUM: lambda _p, _f: p.U64(self.device.num_queues),
+            H.GET_MAX_MEM_SLOTS: lambda _p, _f: p.U64(self.mem.max_slots),
+            H.SET_MEM_TABLE: self._set_mem_table,
+            H.ADD_MEM_REG: self._add_mem_reg,
+            H.REM_MEM_REG: self._rem_mem_reg,
+            H.SET_VRING_NUM: self._set_vring_num,
+            H.SET_VRING_ADDR: self._set_vring_addr,
+            H.SET_VRING_BASE: self._set_vring_base,
+            H.GET_VRING_BASE: self._get_vring_base,
+            H.SET_VRING_KICK: self._set_vring_kick,
+            H.SET_VRING_CALL: self._set_vring_call,
+            H.SET_VRING_ERR: self._set_vring_err,
+            H.SET_VRING_ENABLE: self._set_vring_enable,
+            H.GET_CONFIG: self._get_config,
+            H.SET_CONFIG: self._set_config,
+            H.SET_STATUS: self._set_status,
+            H.GET_STATUS: lambda _p, _f: p.U64(self.status),
+        }
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def offered_features(self) -> int:
+        return self.device.features() | TRANSPORT_FEATURES
+
+    def offered_protocol_features(self) -> int:
+        return ENGINE_PROTOCOL_FEATURES | self.device.protocol_features
+
+    def receive(self, header: Header, body: bytes, fds: list[Resource]) -> Message | None:
+        """Decode and serve one request whose framing (header) was valid. Raises
+        ProtocolError when the connection must be dropped."""
+        try:
+            msg = decode_request(Channel.FRONTEND, header, body, len(fds))
+        except ProtocolError as e:
+            for res in fds:
+                self.res.close(res)
+            fds.clear()
+            known = header.request in FRONTEND_SPECS
+            if (header.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK
+                    and not (known and has_own_reply(Channel.FRONTEND, Message(
+                        header.request, p.Empty(), header.flags), self.protocol_features))):
+                log.error("refused: %s", e)
+                return reply_to(Message(header.request, p.Empty(), header.flags), p.U64(1))
+            raise
+        return self.handle(msg, fds)
+
+    def handle(self, msg: Message, fds: list[Resource]) -> Message | None:
+        """Serve one request. Raises ProtocolError when the connection must be dropped."""
+        name = Channel.FRONTEND.name_of(msg.request)
+        own = has_own_reply(Channel.FRONTEND, msg, self.protocol_features)
+        try:
+            result = self._dispatch(msg, fds)
+        except (RequestError, MemoryTableError, GuestMemoryError) as e:
+            if own:
+                raise ProtocolError(f"{name} failed: {e}") from e
+            log.error("%s refused: %s", name, e)
+            result, failed = None, True
+        else:
+            failed = False
+        finally:
+            for res in fds:  # whatever the handler did not take
+                self.res.close(res)
+            fds.clear()
+        if own:
+            return reply_to(msg, result)
+        if expects_reply(Channel.FRONTEND, msg, self.protocol_features):
+            return reply_to(msg, p.U64(1 if failed else 0))
+        return None
+
+    def _dispatch(self, msg: Message, fds: list[Resource]) -> Any:
+        handler = self._handlers.get(msg.request)
+        if handler is None:
+            raise RequestError("not supported by this back-end")
+        gate = _GATES.get(FrontendReq(msg.request))
+        if gate is not None and not self.protocol_features & gate:
+            raise RequestError(f"needs protocol feature {gate.name}, not negotiated")
+        return handler(msg.payload, fds)
+
+    # -- features and ownership ------------------------------------------------------------
+
+    def _get_features(self, _pl: p.Empty, _fds: list[Resource]) -> p.U64:
+        return p.U64(self.offered_features())
+
+    def _set_features(self, pl: p.U64, _fds: list[Resource]) -> None:
+        extra = pl.value & ~self.offered_features()
+        if extra:
+            raise RequestError(f"features {extra:#x} were not offered")
+        if pl.value == self.features:
+            return  # repeated once per queue pair by QEMU
+        self.features = pl.value
+        self.device.set_features(pl.value)
+        if not pl.value & VirtioFeature.PROTOCOL_FEATURES:
+            for v in self.vrings:
+                v.enabled = True
+        self._restart_all()
+
+    def _get_protocol_features(self, _pl: p.Empty, _fds: list[Resource]) -> p.U64:
+        return p.U64(self.offered_protocol_features())
+
+    def _set_protocol_features(self, pl: p.U64, _fds: list[Resource]) -> None:
+        extra = pl.value & ~self.offered_protocol_features()
+        if extra:
+            raise RequestError(f"protocol features {extra:#x} were not offered")
+        self.protocol_features = pl.value
+
+    def _set_owner(self, _pl: p.Empty, _fds: list[Resource]) -> None:
+        self.owner = True
+
+    def _reset_device(self, _pl: p.Empty, _fds: list[Resource]) -> None:
+        self._reset_rings()
+        self.features = 0
+        self.status = 0
+        self.device.reset()
+
+    def _set_status(self, pl: p.U64, _fds: list[Resource]) -> None:
+        self.status = pl.value & 0xFF
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def _set_mem_table(self, pl: p.MemTable, fds: list[Resource]) -> None:
+        current = tuple(r.desc for r in sorted(self.mem.regions, key=lambda r: r.desc.user_addr))
+        if current and current == tuple(sorted(pl.regions, key=lambda d: d.user_addr)):
+            return  # unchanged: the fds are closed by handle()
+        self._stop_all()
+        self.mem.clear()
+        try:
+            for desc, res in zip(pl.regions, list(fds), strict=True):
+                self.mem.add(desc, self.res.map_region(desc, res))
+        except MemoryTableError:
+            self.mem.clear()
+            raise
+        finally:
+            self._start_all()
+
+    def _add_mem_reg(self, pl: p.SingleMemRegion, fds: list[Resource]) -> None:
+        mapping = self.res.map_region(pl.region, fds[0])
+        self._stop_all()
+        try:
+            self.mem.add(pl.region, mapping)
+        except MemoryTableError:
+            close = getattr(mapping, "close", None)
+            if close:
+                close()
+            raise
+        finally:
+            self._start_all()
+
+    def _rem_mem_reg(self, pl: p.SingleMemRegion, _fds: list[Resource]) -> None:
+        self._stop_all()
+        try:
+            self.mem.remove(pl.region)
+        finally:
+            self._start_all()
+
+    # -- rings -----------------------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RequestError(f"vring index {index} out of range (device has "
+                               f"{len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def _set_vring_num(self, pl: p.VringState, _fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        n = pl.num
+        if n == 0 or n > self.device.max_queue_size or n & (n - 1):
+            raise RequestError(f"queue size {n} is not a power of 2 up to "
+                               f"{self.device.max_queue_size}")
+        self._change(v, size=n)
+
+    def _set_vring_addr(self, pl: p.VringAddr, _fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        if pl.flags & VRING_F_LOG:
+            raise RequestError("dirty logging (VHOST_VRING_F_LOG) is not supported")
+        self._change(v, addr=pl)
+
+    def _set_vring_base(self, pl: p.VringState, _fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        if pl.num > 0xFFFF:
+            raise RequestError(f"split ring base {pl.num:#x} exceeds 16 bits")
+        self._change(v, base=pl.num)
+
+    def _get_vring_base(self, pl: p.VringState, _fds: list[Resource]) -> p.VringState:
+        v = self._vring(pl.index)
+        self._stop(v)
+        v.started = False
+        v.broken = False
+        self._drop_notifiers(v)
+        return p.VringState(v.index, v.base)
+
+    def _set_vring_kick(self, pl: p.VringFile, fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        self._stop(v)
+        if v.kick is not None:
+            self.res.close(v.kick)
+        v.kick = None if pl.nofd else fds.pop()
+        v.started = True  # LVU and rust-vmm start the ring on SET_VRING_KICK
+        v.broken = False
+        self._maybe_start(v)
+
+    def _set_vring_call(self, pl: p.VringFile, fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        notifier = NoNotifier() if pl.nofd else self.res.notifier(fds.pop())
+        self._stop(v)
+        v.call.close()
+        v.call = notifier
+        self._maybe_start(v)
+
+    def _set_vring_err(self, pl: p.VringFile, fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        notifier = NoNotifier() if pl.nofd else self.res.notifier(fds.pop())
+        self._stop(v)
+        v.err.close()
+        v.err = notifier
+        self._maybe_start(v)
+
+    def _set_vring_enable(self, pl: p.VringState, _fds: list[Resource]) -> None:
+        v = self._vring(pl.index)
+        if pl.num > 1:
+            raise RequestError(f"SET_VRING_ENABLE with num {pl.num}")
+        if not self.features & VirtioFeature.PROTOCOL_FEATURES:
+            raise RequestError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        if v.enabled != bool(pl.num):
+            self._change(v, enabled=bool(pl.num))
+
+    # -- config ----------------------------------------------------------------------------
+
+    def _get_config(self, pl: p.Config, _fds: list[Resource]) -> p.Config:
+        space = self.device.get_config()
+        if pl.offset + pl.size > len(space):
+            log.error("GET_CONFIG %d+%d beyond the %d-byte config space",
+                      pl.offset, pl.size, len(space))
+            return p.Config(pl.offset, 0, pl.flags)  # size 0 tells the front-end it failed
+        return p.Config(pl.offset, pl.size, pl.flags, space[pl.offset : pl.offset + pl.size])
+
+    def _set_config(self, pl: p.Config, _fds: list[Resource]) -> None:
+        try:
+            self.device.set_config(pl.offset, pl.data, pl.flags)
+        except ConfigError as e:
+            raise RequestError(str(e)) from e
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _change(self, v: Vring, **changes: Any) -> None:
+        """Apply ring changes; a running worker is restarted to pick them up."""
+        running = v.worker is not None
+        self._stop(v)
+        for k, val in changes.items():
+            setattr(v, k, val)
+        if running or v.started:
+            self._maybe_start(v)
+
+    def _maybe_start(self, v: Vring) -> None:
+        if (v.worker is not None or not (v.started and v.enabled) or v.broken
+                or v.size == 0 or v.addr is None or len(self.mem) == 0):
+            return
+        params = QueueParams(v.index, RingLayout(v.size, v.addr.desc, v.addr.avail, v.addr.used),
+                             v.base, bool(self.features & VirtioFeature.RING_EVENT_IDX),
+                             bool(self.features & VirtioFeature.RING_INDIRECT_DESC))
+        v.worker = start_worker(params, self.mem, self.device, self.res.kick_fd(v.kick),
+                                v.call, v.err)
+
+    def _stop(self, v: Vring) -> None:
+        if v.worker is None:
+            return
+        worker, v.worker = v.worker, None
+        last, broken = worker.stop()
+        v.broken = broken
+        v.base = last if last is not None else self._used_idx(v)
+
+    def _used_idx(self, v: Vring) -> int:
+        """A worker that died completed everything it took: resume from used->idx."""
+        assert v.addr is not None
+        try:
+            cells = U16Array(self.mem.uva(v.addr.used, 4))
+        except GuestMemoryError:
+            return v.base
+        try:
+            return cells.load(1)
+        finally:
+            cells.release()
+
+    def _stop_all(self) -> None:
+        for v in self.vrings:
+            self._stop(v)
+
+    def _start_all(self) -> None:
+        for v in self.vrings:
+            self._maybe_start(v)
+
+    def _restart_all(self) -> None:
+        self._stop_all()
+        self._start_all()
+
+    def _drop_notifiers(self, v: Vring) -> None:
+        if v.kick is not None:
+            self.res.close(v.kick)
+            v.kick = None
+        v.call.close()
+        v.err.close()
+        v.call, v.err = NoNotifier(), NoNotifier()
+
+    def _reset_rings(self) -> None:
+        self._stop_all()
+        for v in self.vrings:
+            self._drop_notifiers(v)
+        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+
+    def close(self) -> None:
+        """The front-end went away: stop workers, release every resource."""
+        self._reset_rings()
+        self.mem.clear()
+        self.features = self.protocol_features = self.status = 0
+        self.owner = False
+        self.device.reset()

@@ -1,0 +1,44 @@
+"""Notifications to the front-end (used buffers, ring errors)."""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+_ONE = (1).to_bytes(8, "little")
+
+
+class Notifier(Protocol):
+    def notify(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EventfdNotifier:
+    """Signals an eventfd (a call or err fd from the front-end)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def notify(self) -> None:
+        try:
+            os.write(self.fd, _ONE)
+        except BlockingIOError:  # counter saturated: the peer has a wake-up pending anyway
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class NoNotifier:
+    """The front-end polls (NOFD): nothing to signal."""
+
+    def notify(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,184 @@
+"""One worker process per running queue.
+
+The GIL rules out threads for a parallel data path, so each started, enabled queue is
+served by a forked child. Guest memory is inherited (MAP_SHARED mappings stay shared
+across fork), as are the kick fd, the call notifier and the device. The parent talks to
+the child over a SEQPACKET pair: it sends STOP, the child finishes the batch in hand
+(so nothing is in flight), answers with its last avail index and exits.
+
+A worker's configuration never changes while it runs: any change (memory table, call fd,
+enable, features) is a stop and a fresh start from the returned index.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import traceback
+from dataclasses import dataclass
+
+from ..memory import GuestMemory
+from ..virtq.split import RingError, RingLayout, SplitQueue
+from .device import Device
+from .notify import Notifier
+
+log = logging.getLogger(__name__)
+
+_STOP = b"S"
+_REPORT = struct.Struct("=HB")  # last avail index, broken flag
+_PR_SET_PDEATHSIG = 1
+_POLL_IDLE_SPINS = 2000  # poll mode: busy polls before napping
+
+# fds of the parent's sockets (listener, connection) that a worker must not hold open,
+# or the front-end would not see the connection close when the parent closes it.
+parent_only_fds: set[int] = set()
+
+
+@dataclass(frozen=True)
+class QueueParams:
+    index: int
+    layout: RingLayout
+    last_avail: int
+    event_idx: bool
+    indirect: bool
+
+
+class Worker:
+    """Parent-side handle of a worker process."""
+
+    def __init__(self, pid: int, ctrl: socket.socket, index: int) -> None:
+        self.pid = pid
+        self.ctrl = ctrl
+        self.index = index
+
+    def stop(self, timeout: float = 10.0) -> tuple[int | None, bool]:
+        """Stop the worker; returns (last avail index or None if it died, broken)."""
+        report = None
+        try:
+            self.ctrl.send(_STOP)
+            self.ctrl.settimeout(timeout)
+            data = self.ctrl.recv(16)
+            if len(data) == _REPORT.size:
+                report = _REPORT.unpack(data)
+        except OSError as e:
+            log.error("queue %d: worker %d did not answer STOP: %s", self.index, self.pid, e)
+        finally:
+            self.ctrl.close()
+        if report is None:
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        if report is None:
+            return None, True
+        return report[0], bool(report[1])
+
+
+def start_worker(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int | None,
+                 call: Notifier, err: Notifier) -> Worker:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid:
+        child.close()
+        return Worker(pid, parent, params.index)
+    status = 1
+    try:
+        parent.close()
+        _become_worker()
+        status = _serve(params, mem, device, kick_fd, call, err, child)
+    except BaseException:  # never let a child unwind into the parent's stack
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _become_worker() -> None:
+    for fd in parent_only_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:  # die with the parent
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int | None,
+           call: Notifier, err: Notifier, ctrl: socket.socket) -> int:
+    name = f"{device.name} queue {params.index}"
+    broken = False
+    q: SplitQueue | None = None
+    try:
+        q = SplitQueue(mem, params.layout, params.last_avail, params.event_idx,
+                       params.indirect)
+    except RingError as e:
+        log.error("%s: cannot start: %s", name, e)
+        broken = True
+        err.notify()
+    handler = device.queue_handler(params.index)
+    poller = select.poll()
+    poller.register(ctrl, select.POLLIN)
+    if kick_fd is not None:
+        poller.register(kick_fd, select.POLLIN)
+    idle = 0
+    while True:
+        if kick_fd is None and not broken:
+            events = poller.poll(0 if idle < _POLL_IDLE_SPINS else 1)
+        else:
+            events = poller.poll()
+        for fd, _ev in events:
+            if fd == kick_fd:
+                try:
+                    os.read(kick_fd, 8)
+                except BlockingIOError:
+                    pass
+            else:
+                ctrl.recv(16)
+                last = q.last_avail if q is not None else params.last_avail
+                ctrl.send(_REPORT.pack(last, broken))
+                return 0
+        if broken or q is None:
+            continue
+        try:
+            idle = 0 if _drain(q, handler, call) else idle + 1
+        except RingError as e:
+            log.error("%s: stopped: %s", name, e)
+            broken = True
+            err.notify()
+        except Exception:
+            log.exception("%s: device failed; queue stopped", name)
+            broken = True
+            err.notify()
+
+
+def _drain(q: SplitQueue, handler: object, call: Notifier) -> bool:
+    """Serve every available chain; returns whether there was any."""
+    handle = handler.handle  # type: ignore[attr-defined]
+    did = False
+    while True:
+        q.disable_kicks()
+        while n := q.available():
+            did = True
+            chains = []
+            error: RingError | None = None
+            try:
+                for _ in range(n):
+                    chains.append(q.pop())
+            except RingError as e:
+                error = e
+            if chains:
+                for chain, written in zip(chains, handle(chains), strict=True):
+                    q.push(chain.head, written)
+                if q.publish():
+                    call.notify()
+            if error is not None:
+                raise error
+        if not q.enable_kicks():
+            return did
+

@@ -1,0 +1,173 @@
+"""A vhost-user front-end that plays the VMM: connects to any back-end, negotiates,
+shares a memfd as guest RAM, sets up split rings and kicks them. No VM needed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from dataclasses import dataclass, field
+
+from ..protocol import (
+    Channel,
+    FrontendReq,
+    Message,
+    ProtocolFeature,
+    VirtioFeature,
+    decode_reply,
+    expects_reply,
+    has_own_reply,
+    request,
+)
+from ..protocol import payloads as p
+from ..transport.unix import UnixChannel, connect
+from .ring import DriverRing, GuestRam
+
+F = FrontendReq
+
+
+class BackendError(Exception):
+    """The back-end NACKed a request or answered nonsense."""
+
+
+@dataclass
+class QueueState:
+    ring: DriverRing
+    kick: int  # eventfd we write to kick
+    call: int  # eventfd the back-end signals
+
+
+@dataclass
+class Frontend:
+    path: str
+    ram_size: int = 64 << 20
+    connect_timeout: float = 10.0
+    sock: UnixChannel = field(init=False)
+    ram: GuestRam = field(init=False)
+    features: int = 0
+    protocol_features: int = 0
+    queues: dict[int, QueueState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sock = UnixChannel(connect(self.path, retry_for=self.connect_timeout))
+        self.ram = GuestRam(self.ram_size)
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def call(self, code: int, payload: p.Payload | None = None, fds: tuple[int, ...] = (),
+             ack: bool | None = None) -> Message | None:
+        """Send a request; return its reply (or None). With REPLY_ACK negotiated every
+        request asks for an ack, and a NACK raises BackendError."""
+        if ack is None:
+            ack = bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+        msg = request(code, payload, need_reply=ack)
+        self.sock.send(msg, fds)
+        if not expects_reply(Channel.FRONTEND, msg, self.protocol_features):
+            return None
+        header, body, rfds = self.sock.recv_raw()
+        reply = decode_reply(Channel.FRONTEND, code, header, body, len(rfds))
+        for fd in rfds:
+            os.close(fd)
+        is_ack = not has_own_reply(Channel.FRONTEND, msg, self.protocol_features)
+        if is_ack and isinstance(reply.payload, p.U64) and reply.payload.value != 0:
+            raise BackendError(f"{F(code).name} NACKed ({reply.payload.value})")
+        return reply
+
+    def get_u64(self, code: int) -> int:
+        reply = self.call(code, ack=False)
+        assert reply is not None and isinstance(reply.payload, p.U64)
+        return reply.payload.value
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def negotiate(self, want: int, want_protocol: int | None = None) -> None:
+        """SET_OWNER, features and protocol features, as QEMU does at device init."""
+        self.call(F.SET_OWNER, ack=False)
+        offered = self.get_u64(F.GET_FEATURES)
+        self.features = offered & (want | VirtioFeature.PROTOCOL_FEATURES)
+        if offered & VirtioFeature.PROTOCOL_FEATURES:
+            pf = self.get_u64(F.GET_PROTOCOL_FEATURES)
+            if want_protocol is not None:
+                pf &= want_protocol
+            self.call(F.SET_PROTOCOL_FEATURES, p.U64(pf), ack=False)
+            self.protocol_features = pf
+        self.call(F.SET_FEATURES, p.U64(self.features))
+
+    def set_mem_table(self) -> None:
+        self.call(F.SET_MEM_TABLE, p.MemTable((self.ram.region(),)), fds=(self.ram.fd,))
+
+    def setup_queue(self, index: int, size: int = 128, enable: bool = True,
+                    base: int = 0) -> QueueState:
+        ring = DriverRing(self.ram, size, bool(self.features & VirtioFeature.RING_EVENT_IDX))
+        ring.avail_idx = ring.last_used = ring.kicked_at = base
+        ring.used16.store(1, base)
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        lay = ring.layout()
+        self.call(F.SET_VRING_NUM, p.VringState(index, size))
+        self.call(F.SET_VRING_BASE, p.VringState(index, base))
+        self.call(F.SET_VRING_ADDR, p.VringAddr(index, 0, lay.desc, lay.used, lay.avail, 0))
+        self.call(F.SET_VRING_KICK, p.VringFile.make(index), fds=(kick,))
+        self.call(F.SET_VRING_CALL, p.VringFile.make(index), fds=(call,))
+        if enable and self.features & VirtioFeature.PROTOCOL_FEATURES:
+            self.call(F.SET_VRING_ENABLE, p.VringState(index, 1))
+        q = QueueState(ring, kick, call)
+        self.queues[index] = q
+        return q
+
+    def get_vring_base(self, index: int) -> int:
+        if self.features & VirtioFeature.PROTOCOL_FEATURES:
+            self.call(F.SET_VRING_ENABLE, p.VringState(index, 0))
+        reply = self.call(F.GET_VRING_BASE, p.VringState(index, 0), ack=False)
+        assert reply is not None and isinstance(reply.payload, p.VringState)
+        return reply.payload.num
+
+    def get_config(self, size: int, offset: int = 0) -> bytes:
+        reply = self.call(F.GET_CONFIG, p.Config(offset, size, 0, bytes(size)), ack=False)
+        assert reply is not None and isinstance(reply.payload, p.Config)
+        if reply.payload.size != size:
+            raise BackendError(f"GET_CONFIG answered {reply.payload.size} bytes, not {size}")
+        return reply.payload.data
+
+    # -- data path ---------------------------------------------------------------------------
+
+    def kick(self, index: int) -> None:
+        q = self.queues[index]
+        if q.ring.needs_kick():
+            os.eventfd_write(q.kick, 1)
+
+    def wait_used(self, index: int, count: int = 1, timeout: float = 10.0) -> list[tuple[int, int]]:
+        """Wait until `count` chains of queue `index` are used; returns (head, len) pairs."""
+        q = self.queues[index]
+        out = q.ring.take_used()
+        while len(out) < count:
+            ready, _, _ = select.select([q.call], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"queue {index}: {len(out)} of {count} requests completed")
+            try:
+                os.eventfd_read(q.call)
+            except BlockingIOError:
+                pass
+            out += q.ring.take_used()
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+        for q in self.queues.values():
+            q.ring.release()
+            os.close(q.kick)
+            os.close(q.call)
+        self.queues.clear()
+        self.ram.close()
+
+    def __enter__(self) -> Frontend:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def raw_socket(path: str) -> socket.socket:
+    """A bare connection, for tests that send malformed bytes."""
+    return connect(path, retry_for=10.0)

@@ -1,0 +1,150 @@
+"""Guest RAM and the split virtqueue, driver side: what a VMM's guest driver does."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from ..protocol.payloads import MemRegion
+from ..virtq.atomic import U16Array, full_barrier
+from ..virtq.split import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    USED_F_NO_NOTIFY,
+    RingLayout,
+)
+
+_DESC = struct.Struct("<QIHH")
+_USED = struct.Struct("<II")
+
+
+class GuestRam:
+    """A memfd standing in for guest RAM, with a bump allocator."""
+
+    def __init__(self, size: int, guest_addr: int = 0, user_addr: int = 0x7F00_0000_0000) -> None:
+        self.fd = os.memfd_create("vhostuser-guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self.guest_addr = guest_addr
+        self.user_addr = user_addr
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        self.view = memoryview(self.map)
+        self._next = 0x1000
+
+    def region(self) -> MemRegion:
+        return MemRegion(self.guest_addr, self.size, self.user_addr, 0)
+
+    def alloc(self, n: int, align: int = 16) -> int:
+        """Reserve n bytes; returns the guest-physical address."""
+        off = (self._next + align - 1) // align * align
+        if off + n > self.size:
+            raise MemoryError(f"guest RAM exhausted ({n} bytes wanted)")
+        self._next = off + n
+        return self.guest_addr + off
+
+    def at(self, gpa: int, n: int) -> memoryview:
+        off = gpa - self.guest_addr
+        return self.view[off : off + n]
+
+    def uva(self, gpa: int) -> int:
+        return self.user_addr + gpa - self.guest_addr
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+class DriverRing:
+    """A split ring as the guest driver sees it."""
+
+    def __init__(self, ram: GuestRam, size: int, event_idx: bool = False) -> None:
+        self.ram = ram
+        self.size = size
+        self.event_idx = event_idx
+        self.desc_gpa = ram.alloc(16 * size, 16)
+        self.avail_gpa = ram.alloc(6 + 2 * size, 2)
+        self.used_gpa = ram.alloc(6 + 8 * size, 4)
+        self.desc = ram.at(self.desc_gpa, 16 * size)
+        self.avail16 = U16Array(ram.at(self.avail_gpa, 6 + 2 * size))
+        self.used = ram.at(self.used_gpa, 6 + 8 * size)
+        self.used16 = U16Array(self.used)
+        self.free = list(range(size - 1, -1, -1))
+        self.chains: dict[int, list[int]] = {}  # head -> descriptor ids in flight
+        self.avail_idx = 0
+        self.last_used = 0
+        self.kicked_at = 0  # avail idx at the last kick decision
+
+    def layout(self) -> RingLayout:
+        uva = self.ram.uva
+        return RingLayout(self.size, uva(self.desc_gpa), uva(self.avail_gpa), uva(self.used_gpa))
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def add(self, bufs: list[tuple[int, int, bool]], indirect: bool = False) -> int:
+        """Make a chain of (gpa, len, device_writable) buffers available; returns its head."""
+        if indirect:
+            table = self.ram.alloc(16 * len(bufs), 16)
+            for i, (addr, n, wr) in enumerate(bufs):
+                flags = (DESC_F_WRITE if wr else 0) | (DESC_F_NEXT if i + 1 < len(bufs) else 0)
+                _DESC.pack_into(self.ram.at(table, 16 * len(bufs)), 16 * i, addr, n, flags, i + 1)
+            bufs_in_ring = [(table, 16 * len(bufs), DESC_F_INDIRECT)]
+        else:
+            bufs_in_ring = [(a, n, DESC_F_WRITE if wr else 0) for a, n, wr in bufs]
+        if len(bufs_in_ring) > len(self.free):
+            raise RuntimeError("ring full")
+        ids = [self.free.pop() for _ in bufs_in_ring]
+        for k, (addr, n, flags) in enumerate(bufs_in_ring):
+            nxt = ids[k + 1] if k + 1 < len(ids) else 0
+            self.write_desc(ids[k], addr, n, flags | (DESC_F_NEXT if k + 1 < len(ids) else 0), nxt)
+        self.chains[ids[0]] = ids
+        self.publish(ids[0])
+        return ids[0]
+
+    def write_desc(self, i: int, addr: int, n: int, flags: int, nxt: int) -> None:
+        _DESC.pack_into(self.desc, 16 * i, addr, n, flags, nxt)
+
+    def publish(self, head: int) -> None:
+        """Put `head` in the avail ring and publish the new avail idx."""
+        self.avail16.store(2 + self.avail_idx % self.size, head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.avail16.store(1, self.avail_idx)
+
+    def needs_kick(self) -> bool:
+        full_barrier()
+        old, new = self.kicked_at, self.avail_idx
+        self.kicked_at = new
+        if self.event_idx:
+            event = self.used16.load(2 + 4 * self.size)
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self.used16.load(0) & USED_F_NO_NOTIFY
+
+    # -- completions -------------------------------------------------------------------------
+
+    def used_idx(self) -> int:
+        return self.used16.load(1)
+
+    def take_used(self) -> list[tuple[int, int]]:
+        """Completed (head, written) pairs since the last call; their descriptors are freed."""
+        out = []
+        end = self.used_idx()
+        while self.last_used != end:
+            head, written = _USED.unpack_from(self.used, 4 + 8 * (self.last_used % self.size))
+            out.append((head, written))
+            self.free.extend(self.chains.pop(head, ()))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        if self.event_idx:  # ask for a call at the next completion
+            self.avail16.store(2 + self.size, self.last_used)
+        return out
+
+    def release(self) -> None:
+        for v in (self.avail16, self.used16):
+            v.release()
+        self.desc.release()
+        self.used.release()
+
+    def set_interrupts(self, on: bool) -> None:
+        self.avail16.store(0, 0 if on else AVAIL_F_NO_INTERRUPT)

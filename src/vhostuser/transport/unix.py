@@ -1,0 +1,195 @@
+"""vhost-user over an AF_UNIX stream socket, fds passed with SCM_RIGHTS.
+
+The sender attaches fds to the sendmsg carrying the first header byte, so a reader
+receives the 12-byte header with room for MAX_FDS fds, then exactly `size` bytes more.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+from ..engine.notify import EventfdNotifier, Notifier
+from ..memory import mmap_region
+from ..protocol import HEADER_SIZE, MAX_FDS, Header, Message, ProtocolError, decode_header, encode
+from ..protocol.payloads import MemRegion
+
+log = logging.getLogger(__name__)
+
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection."""
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
+    return fds
+
+
+class UnixChannel:
+    """Framed vhost-user messages over a connected stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_raw(self) -> tuple[Header, bytes, list[int]]:
+        """One message as (validated header, body, fds). Raises PeerClosed at EOF and
+        ProtocolError on a bad header (its fds are closed)."""
+        data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE, _FD_SPACE)
+        fds = _take_fds(anc, flags)
+        try:
+            if not data:
+                raise PeerClosed()
+            while len(data) < HEADER_SIZE:
+                more = self.sock.recv(HEADER_SIZE - len(data))
+                if not more:
+                    raise PeerClosed()
+                data += more
+            header = decode_header(data)
+            body = self._recv_exact(header.size)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return header, body, fds
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise PeerClosed()
+            got += k
+        return bytes(buf)
+
+    def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = encode(msg)
+        anc = []
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = self.sock.sendmsg([data], anc)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class UnixResources:
+    """Resources for the engine when they arrive as fds."""
+
+    max_mem_slots = 509
+
+    def map_region(self, desc: MemRegion, res: int) -> object:
+        return mmap_region(desc, res)
+
+    def kick_fd(self, res: int | None) -> int | None:
+        if res is not None:
+            os.set_blocking(res, False)
+        return res
+
+    def notifier(self, res: int) -> Notifier:
+        return EventfdNotifier(res)
+
+    def close(self, res: int) -> None:
+        try:
+            os.close(res)
+        except OSError:
+            pass
+
+
+def listen(path: str) -> socket.socket:
+    """Listen on `path`, replacing a stale socket file (not any other kind of file)."""
+    if os.path.exists(path):
+        import stat
+
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
+    return sock
+
+
+def connect(path: str, retry_for: float | None = None, interval: float = 0.1) -> socket.socket:
+    """Connect to a front-end that listens; retry until `retry_for` seconds pass
+    (forever if None)."""
+    deadline = None if retry_for is None else time.monotonic() + retry_for
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as e:
+            sock.close()
+            if deadline is not None and time.monotonic() > deadline:
+                raise ConnectionError(f"cannot connect to {path}: {e}") from e
+            time.sleep(interval)
+
+
+def connections(*, path: str | None = None, fd: int | None = None, client: bool = False,
+                once: bool = False) -> Iterator[socket.socket]:
+    """Front-end connections, one after the other.
+
+    - `path` (server): listen and accept, again after each disconnect.
+    - `path`, `client=True`: connect to a listening front-end, reconnecting after each.
+    - `fd`: an inherited socket; a listening one is accepted on, a connected one is used
+      once.
+    """
+    from ..engine.worker import parent_only_fds
+
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+        parent_only_fds.add(fd)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            yield from _accepting(sock, once)
+        else:
+            yield sock
+        return
+    if path is None:
+        raise ValueError("a socket path or an fd is needed")
+    if client:
+        while True:
+            yield connect(path)
+            if once:
+                return
+    listener = listen(path)
+    parent_only_fds.add(listener.fileno())
+    try:
+        yield from _accepting(listener, once)
+    finally:
+        parent_only_fds.discard(listener.fileno())
+        listener.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _accepting(listener: socket.socket, once: bool) -> Iterator[socket.socket]:
+    while True:
+        conn, _ = listener.accept()
+        yield conn
+        if once:
+            return

@@ -1,0 +1,203 @@
+"""The split virtqueue, device side: read available chains, return used buffers, decide
+whether to notify. Every guest-supplied index and address is checked; a ring that breaks
+the rules raises RingError and the queue stops.
+
+Layout (virtio 1.x §2.7): descriptor table (16 B entries, aligned 16), avail ring
+(flags, idx, ring[N], used_event; aligned 2), used ring (flags, idx, ring[N]{id, len},
+avail_event; aligned 4).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..memory import GuestMemory, GuestMemoryError
+from .atomic import U16Array, full_barrier
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+
+class RingError(Exception):
+    """The driver broke the virtqueue rules; the queue cannot go on."""
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where a split ring of `size` entries lives (front-end virtual addresses)."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+
+    def desc_bytes(self) -> int:
+        return 16 * self.size
+
+    def avail_bytes(self) -> int:
+        return 6 + 2 * self.size
+
+    def used_bytes(self) -> int:
+        return 6 + 8 * self.size
+
+
+class Chain:
+    """One available descriptor chain: its head and its guest buffers, in order."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+def check_layout(layout: RingLayout, max_size: int = 32768) -> None:
+    size = layout.size
+    if size == 0 or size > max_size or size & (size - 1):
+        raise RingError(f"queue size {size} is not a power of 2 in 1..{max_size}")
+    for name, addr, align in (("descriptor table", layout.desc, 16),
+                              ("avail ring", layout.avail, 2), ("used ring", layout.used, 4)):
+        if addr % align:
+            raise RingError(f"{name} address {addr:#x} is not {align}-byte aligned")
+
+
+class SplitQueue:
+    """Device-side state of one split virtqueue over mapped guest memory."""
+
+    def __init__(self, mem: GuestMemory, layout: RingLayout, last_avail: int,
+                 event_idx: bool, indirect: bool = True) -> None:
+        check_layout(layout)
+        try:
+            self.desc = mem.uva(layout.desc, layout.desc_bytes())
+            avail = mem.uva(layout.avail, layout.avail_bytes())
+            self.used = mem.uva(layout.used, layout.used_bytes())
+        except GuestMemoryError as e:
+            raise RingError(f"ring outside guest memory: {e}") from e
+        self.mem = mem
+        self.size = layout.size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.avail16 = U16Array(avail)
+        self.used16 = U16Array(self.used)
+        self.avail_ring = avail[4 : 4 + 2 * self.size].cast("H")
+        self.last_avail = last_avail & 0xFFFF
+        self.used_idx = self.used16.load(1)
+        self.signalled_used: int | None = None  # used idx at the last notify decision
+        self._used_event_i = 2 + self.size  # u16 index of used_event in the avail ring
+        self._avail_event_i = 2 + 4 * self.size  # u16 index of avail_event in the used ring
+
+    # -- available side -----------------------------------------------------------------
+
+    def available(self) -> int:
+        """How many new chains the driver has made available (read barrier implied:
+        x86 does not reorder loads with older loads)."""
+        n = (self.avail16.load(1) - self.last_avail) & 0xFFFF
+        if n > self.size:
+            raise RingError(f"avail idx moved by {n}, more than the queue size {self.size}")
+        return n
+
+    def pop(self) -> Chain:
+        head = self.avail_ring[self.last_avail % self.size]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return self.read_chain(head)
+
+    def read_chain(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise RingError(f"available head {head} >= queue size {size}")
+        mem = self.mem
+        table, table_len = self.desc, size
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        seen = 0
+        indirect = False
+        i = head
+        while True:
+            if i >= table_len:
+                raise RingError(f"chain {head}: next index {i} >= table size {table_len}")
+            seen += 1
+            if seen > size:
+                raise RingError(f"chain {head}: more than {size} descriptors (a loop?)")
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise RingError(f"chain {head}: indirect descriptor not negotiated")
+                if indirect:
+                    raise RingError(f"chain {head}: nested indirect table")
+                if flags & DESC_F_NEXT:
+                    raise RingError(f"chain {head}: indirect descriptor with NEXT")
+                if length == 0 or length % 16:
+                    raise RingError(f"chain {head}: indirect table length {length} "
+                                    "is not a non-zero multiple of 16")
+                try:
+                    table = mem.gpa(addr, length)
+                except GuestMemoryError as e:
+                    raise RingError(f"chain {head}: indirect table: {e}") from e
+                table_len, indirect, i = length // 16, True, 0
+                continue
+            try:
+                bufs = mem.gpa_iov(addr, length) if length else []
+            except GuestMemoryError as e:
+                raise RingError(f"chain {head}: {e}") from e
+            if flags & DESC_F_WRITE:
+                writable += bufs
+            elif writable:
+                raise RingError(f"chain {head}: readable descriptor after a writable one")
+            else:
+                readable += bufs
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            i = nxt
+
+    # -- used side ------------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Write one used element; it becomes visible at the next `publish`."""
+        _USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx % self.size), head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> bool:
+        """Make pushed elements visible (x86 keeps stores in order, so the elements are
+        visible before the index) and say whether the driver wants a notification."""
+        self.used16.store(1, self.used_idx)
+        full_barrier()
+        new = self.used_idx
+        if self.event_idx:
+            old, self.signalled_used = self.signalled_used, new
+            event = self.avail16.load(self._used_event_i)
+            return old is None or ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self.avail16.load(0) & AVAIL_F_NO_INTERRUPT
+
+    # -- kick suppression ------------------------------------------------------------------
+
+    def disable_kicks(self) -> None:
+        if not self.event_idx:
+            self.used16.store(0, USED_F_NO_NOTIFY)
+
+    def enable_kicks(self) -> bool:
+        """Ask for kicks again; True if more chains arrived meanwhile (process them)."""
+        if self.event_idx:
+            self.used16.store(self._avail_event_i, self.last_avail)
+        else:
+            self.used16.store(0, 0)
+        full_barrier()
+        return self.available() > 0
+
+    def release(self) -> None:
+        self.avail_ring.release()
+        self.avail16.release()
+        self.used16.release()
