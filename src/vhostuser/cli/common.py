@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -17,13 +16,10 @@ from typing import NoReturn
 from ..engine.device import Device
 from ..engine.session import serve_connection
 from ..engine.worker import parent_only_fds
+from ..shutdown import Shutdown, StopSignal
 from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections
 
 log = logging.getLogger("vhostuser")
-
-
-class Shutdown(Exception):
-    pass
 
 
 def add_transport_args(parser: argparse.ArgumentParser) -> None:
@@ -63,10 +59,6 @@ def setup_logging(verbose: int) -> None:
                         format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
 
 
-def _raise_shutdown(signum: int, _frame: object) -> None:
-    raise Shutdown(signal.Signals(signum).name)
-
-
 def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
     """Serve front-ends one connection after another until SIGTERM/SIGINT."""
     try:
@@ -74,14 +66,15 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _raise_shutdown)
-    signal.signal(signal.SIGINT, _raise_shutdown)
+    stop = StopSignal()
+    parent_only_fds.update(stop.fds())
     try:
-        for sock in connections(path=args.socket_path, fd=args.fd, client=args.client):
+        for sock in connections(path=args.socket_path, fd=args.fd, client=args.client,
+                                stop=stop):
             log.info("front-end connected")
             parent_only_fds.add(sock.fileno())
             try:
-                serve_connection(UnixChannel(sock), UnixResources(), device,
+                serve_connection(UnixChannel(sock, stop), UnixResources(), device,
                                  closed=(PeerClosed,))
             finally:
                 parent_only_fds.discard(sock.fileno())
@@ -91,6 +84,7 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        stop.close()
         close = getattr(device, "close", None)
         if close is not None:
             close()

@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 
 Resource = Any  # an fd for AF_UNIX; whatever the transport passes in place of one
 
-TRANSPORT_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
-                      | VirtioFeature.RING_EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES)
-ENGINE_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
-                            | ProtocolFeature.RESET_DEVICE | ProtocolFeature.CONFIGURE_MEM_SLOTS
-                            | ProtocolFeature.STATUS)
+# Plain ints: in Python 3.11, ~ on an IntFlag inverts only the defined bits.
+TRANSPORT_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+                         | VirtioFeature.RING_EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES)
+ENGINE_PROTOCOL_FEATURES = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                               | ProtocolFeature.RESET_DEVICE
+                               | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS)
 
 # Requests valid only once a protocol feature is negotiated.
 _GATES = {
@@ -136,10 +137,10 @@ class Backend:
     # -- dispatch --------------------------------------------------------------------------
 
     def offered_features(self) -> int:
-        return self.device.features() | TRANSPORT_FEATURES
+        return int(self.device.features()) | TRANSPORT_FEATURES
 
     def offered_protocol_features(self) -> int:
-        return ENGINE_PROTOCOL_FEATURES | self.device.protocol_features
+        return ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features)
 
     def receive(self, header: Header, body: bytes, fds: list[Resource]) -> Message | None:
         """Decode and serve one request whose framing (header) was valid. Raises

@@ -101,6 +101,7 @@ def _become_worker() -> None:
             os.close(fd)
         except OSError:
             pass
+    signal.set_wakeup_fd(-1)  # the parent's stop pipe is the parent's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:  # die with the parent
@@ -139,9 +140,13 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
                 except BlockingIOError:
                     pass
             else:
-                ctrl.recv(16)
+                if not ctrl.recv(16):
+                    return 0  # the parent is gone
                 last = q.last_avail if q is not None else params.last_avail
-                ctrl.send(_REPORT.pack(last, broken))
+                try:
+                    ctrl.send(_REPORT.pack(last, broken))
+                except OSError:
+                    pass
                 return 0
         if broken or q is None:
             continue

@@ -152,13 +152,17 @@ class Frontend:
             out += q.ring.take_used()
         return out
 
-    def close(self) -> None:
-        self.sock.close()
+    def drop_queues(self) -> None:
+        """Forget the rings (after RESET_DEVICE, say) and close their eventfds."""
         for q in self.queues.values():
             q.ring.release()
             os.close(q.kick)
             os.close(q.call)
         self.queues.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.drop_queues()
         self.ram.close()
 
     def __enter__(self) -> Frontend:

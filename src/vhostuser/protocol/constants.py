@@ -22,7 +22,8 @@ class HeaderFlag(IntFlag):
     NEED_REPLY = 0x8
 
 
-KNOWN_HEADER_FLAGS = HeaderFlag.VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY
+# Plain int: in Python 3.11, ~ on an IntFlag inverts only the defined bits.
+KNOWN_HEADER_FLAGS = int(HeaderFlag.VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY)
 
 
 class FrontendReq(IntEnum):

@@ -17,6 +17,7 @@ from ..engine.notify import EventfdNotifier, Notifier
 from ..memory import mmap_region
 from ..protocol import HEADER_SIZE, MAX_FDS, Header, Message, ProtocolError, decode_header, encode
 from ..protocol.payloads import MemRegion
+from ..shutdown import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
 class UnixChannel:
     """Framed vhost-user messages over a connected stream socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, stop: StopSignal | None = None) -> None:
         self.sock = sock
+        self.stop = stop
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -53,6 +55,8 @@ class UnixChannel:
     def recv_raw(self) -> tuple[Header, bytes, list[int]]:
         """One message as (validated header, body, fds). Raises PeerClosed at EOF and
         ProtocolError on a bad header (its fds are closed)."""
+        if self.stop is not None:
+            self.stop.wait(self.sock.fileno())
         data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE, _FD_SPACE)
         fds = _take_fds(anc, flags)
         try:
@@ -132,7 +136,8 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
-def connect(path: str, retry_for: float | None = None, interval: float = 0.1) -> socket.socket:
+def connect(path: str, retry_for: float | None = None, interval: float = 0.1,
+            stop: StopSignal | None = None) -> socket.socket:
     """Connect to a front-end that listens; retry until `retry_for` seconds pass
     (forever if None)."""
     deadline = None if retry_for is None else time.monotonic() + retry_for
@@ -145,11 +150,14 @@ def connect(path: str, retry_for: float | None = None, interval: float = 0.1) ->
             sock.close()
             if deadline is not None and time.monotonic() > deadline:
                 raise ConnectionError(f"cannot connect to {path}: {e}") from e
-            time.sleep(interval)
+            if stop is not None:
+                stop.sleep(interval)
+            else:
+                time.sleep(interval)
 
 
 def connections(*, path: str | None = None, fd: int | None = None, client: bool = False,
-                once: bool = False) -> Iterator[socket.socket]:
+                once: bool = False, stop: StopSignal | None = None) -> Iterator[socket.socket]:
     """Front-end connections, one after the other.
 
     - `path` (server): listen and accept, again after each disconnect.
@@ -163,7 +171,7 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
         sock = socket.socket(fileno=fd)
         parent_only_fds.add(fd)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            yield from _accepting(sock, once)
+            yield from _accepting(sock, once, stop)
         else:
             yield sock
         return
@@ -171,13 +179,13 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
         raise ValueError("a socket path or an fd is needed")
     if client:
         while True:
-            yield connect(path)
+            yield connect(path, stop=stop)
             if once:
                 return
     listener = listen(path)
     parent_only_fds.add(listener.fileno())
     try:
-        yield from _accepting(listener, once)
+        yield from _accepting(listener, once, stop)
     finally:
         parent_only_fds.discard(listener.fileno())
         listener.close()
@@ -187,8 +195,11 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
             pass
 
 
-def _accepting(listener: socket.socket, once: bool) -> Iterator[socket.socket]:
+def _accepting(listener: socket.socket, once: bool,
+               stop: StopSignal | None) -> Iterator[socket.socket]:
     while True:
+        if stop is not None:
+            stop.wait(listener.fileno())
         conn, _ = listener.accept()
         yield conn
         if once:

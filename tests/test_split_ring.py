@@ -1,0 +1,264 @@
+"""The device side of the split ring against a driver-side ring in the same memory:
+chain parsing, every validation case, used-ring updates and notification decisions."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from vhostuser.frontend.ring import DriverRing, GuestRam
+from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.virtq.split import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    RingError,
+    RingLayout,
+    SplitQueue,
+)
+
+SIZE = 8
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRam]:
+    r = GuestRam(1 << 20, guest_addr=0x10000)
+    yield r
+
+
+@pytest.fixture
+def mem(ram: GuestRam) -> Iterator[GuestMemory]:
+    m = GuestMemory()
+    m.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    yield m
+    m.clear()
+
+
+def make(ram: GuestRam, mem: GuestMemory, event_idx: bool = False,
+         indirect: bool = True) -> tuple[DriverRing, SplitQueue]:
+    drv = DriverRing(ram, SIZE, event_idx)
+    return drv, SplitQueue(mem, drv.layout(), 0, event_idx, indirect)
+
+
+def buf(ram: GuestRam, data: bytes) -> int:
+    gpa = ram.alloc(len(data))
+    ram.at(gpa, len(data))[:] = data
+    return gpa
+
+
+def test_chain_buffers_are_guest_memory(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    a, b = buf(ram, b"hello"), buf(ram, b"world!")
+    w = ram.alloc(4)
+    head = drv.add([(a, 5, False), (b, 6, False), (w, 4, True)])
+    assert q.available() == 1
+    chain = q.pop()
+    assert chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"hello", b"world!"]
+    assert [len(v) for v in chain.writable] == [4]
+    chain.writable[0][:] = b"DONE"  # a device write lands in guest RAM, no copy
+    assert bytes(ram.at(w, 4)) == b"DONE"
+    assert q.available() == 0
+
+
+def test_indirect_and_direct_then_indirect(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    a, w = buf(ram, b"abc"), ram.alloc(2)
+    drv.add([(a, 3, False), (w, 2, True)], indirect=True)
+    chain = q.pop()
+    assert [bytes(v) for v in chain.readable] == [b"abc"] and len(chain.writable) == 1
+    # direct descriptor followed by one indirect table holding the rest
+    table = ram.alloc(16)
+    struct.pack_into("<QIHH", ram.at(table, 16), 0, w, 2, DESC_F_WRITE, 0)
+    drv.write_desc(5, a, 3, DESC_F_NEXT, 6)
+    drv.write_desc(6, table, 16, DESC_F_INDIRECT, 0)
+    drv.publish(5)
+    chain = q.pop()
+    assert [bytes(v) for v in chain.readable] == [b"abc"] and len(chain.writable) == 1
+
+
+def test_buffer_split_across_adjoining_regions(ram: GuestRam) -> None:
+    lo, hi = GuestRam(0x10000, 0x0, 0x1000_0000), GuestRam(0x10000, 0x10000, 0x2000_0000)
+    m = GuestMemory()
+    for r in (lo, hi):
+        m.add(r.region(), mmap_region(r.region(), r.fd))
+    lo.at(0xFFF0, 16)[:] = b"A" * 16
+    hi.at(0x10000, 16)[:] = b"B" * 16
+    views = m.gpa_iov(0xFFF0, 32)
+    assert [bytes(v) for v in views] == [b"A" * 16, b"B" * 16]
+    del views
+    m.clear()
+
+
+def bad(q: SplitQueue, match: str) -> None:
+    with pytest.raises(RingError, match=match):
+        q.pop()
+
+
+def test_loop(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    a = buf(ram, b"x")
+    drv.write_desc(0, a, 1, DESC_F_NEXT, 1)
+    drv.write_desc(1, a, 1, DESC_F_NEXT, 0)
+    drv.publish(0)
+    bad(q, "loop")
+
+
+def test_self_loop_in_indirect_table(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    a, table = buf(ram, b"x"), ram.alloc(32)
+    struct.pack_into("<QIHHQIHH", ram.at(table, 32), 0, a, 1, DESC_F_NEXT, 1, a, 1, DESC_F_NEXT, 0)
+    drv.write_desc(0, table, 32, DESC_F_INDIRECT, 0)
+    drv.publish(0)
+    bad(q, "loop|more than")
+
+
+def test_head_beyond_queue_size(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    drv.publish(SIZE)
+    bad(q, "head 8 >= queue size")
+
+
+def test_next_beyond_queue_size(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    drv.write_desc(0, buf(ram, b"x"), 1, DESC_F_NEXT, 200)
+    drv.publish(0)
+    bad(q, "next index 200")
+
+
+def test_avail_idx_jumps_past_queue_size(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    drv.avail16.store(1, SIZE + 1)
+    with pytest.raises(RingError, match="more than the queue size"):
+        q.available()
+
+
+def test_more_descriptors_than_queue_size(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    a = buf(ram, b"x")
+    n = SIZE + 1  # an indirect table may not hold more than the queue size either
+    table = ram.alloc(16 * n)
+    for i in range(n):
+        flags = DESC_F_NEXT if i + 1 < n else 0
+        struct.pack_into("<QIHH", ram.at(table, 16 * n), 16 * i, a, 1, flags, i + 1)
+    drv.write_desc(0, table, 16 * n, DESC_F_INDIRECT, 0)
+    drv.publish(0)
+    bad(q, f"more than {SIZE} descriptors")
+
+
+def test_nested_indirect(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    inner, outer = ram.alloc(16), ram.alloc(16)
+    struct.pack_into("<QIHH", ram.at(inner, 16), 0, buf(ram, b"x"), 1, 0, 0)
+    struct.pack_into("<QIHH", ram.at(outer, 16), 0, inner, 16, DESC_F_INDIRECT, 0)
+    drv.write_desc(0, outer, 16, DESC_F_INDIRECT, 0)
+    drv.publish(0)
+    bad(q, "nested indirect")
+
+
+@pytest.mark.parametrize("length", [0, 8, 24, 17])
+def test_indirect_length_not_multiple_of_16(ram: GuestRam, mem: GuestMemory, length: int) -> None:
+    drv, q = make(ram, mem)
+    drv.write_desc(0, ram.alloc(32), length, DESC_F_INDIRECT, 0)
+    drv.publish(0)
+    bad(q, "multiple of 16")
+
+
+def test_indirect_with_next(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    drv.write_desc(0, ram.alloc(16), 16, DESC_F_INDIRECT | DESC_F_NEXT, 1)
+    drv.publish(0)
+    bad(q, "indirect descriptor with NEXT")
+
+
+def test_indirect_not_negotiated(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem, indirect=False)
+    drv.add([(buf(ram, b"x"), 1, False)], indirect=True)
+    bad(q, "not negotiated")
+
+
+def test_writable_before_readable(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    drv.add([(ram.alloc(4), 4, True), (buf(ram, b"x"), 1, False)])
+    bad(q, "readable descriptor after a writable")
+
+
+@pytest.mark.parametrize(("addr", "length"), [
+    (0x0, 16),  # below the region
+    (0x10000 + (1 << 20) - 8, 16),  # runs off the end
+    (0x10000 + (1 << 20), 1),  # just past the end
+    ((1 << 64) - 8, 16),  # wraps
+])
+def test_buffer_outside_guest_memory(ram: GuestRam, mem: GuestMemory, addr: int,
+                                     length: int) -> None:
+    drv, q = make(ram, mem)
+    drv.write_desc(0, addr, length, 0, 0)
+    drv.publish(0)
+    bad(q, "not mapped")
+
+
+def test_indirect_table_outside_guest_memory(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    drv.write_desc(0, 0x5000_0000, 64, DESC_F_INDIRECT, 0)
+    drv.publish(0)
+    bad(q, "indirect table")
+
+
+def test_rings_outside_memory_or_misaligned(ram: GuestRam, mem: GuestMemory) -> None:
+    drv = DriverRing(ram, SIZE)
+    lay = drv.layout()
+    for broken in (RingLayout(SIZE, 0x1000, lay.avail, lay.used),
+                   RingLayout(SIZE, lay.desc, lay.avail, ram.uva(ram.guest_addr + ram.size - 8)),
+                   RingLayout(SIZE, lay.desc + 8, lay.avail, lay.used),
+                   RingLayout(SIZE, lay.desc, lay.avail + 1, lay.used),
+                   RingLayout(SIZE, lay.desc, lay.avail, lay.used + 2),
+                   RingLayout(6, lay.desc, lay.avail, lay.used)):
+        with pytest.raises(RingError):
+            SplitQueue(mem, broken, 0, False)
+
+
+def test_used_ring_and_notification_without_event_idx(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    heads = [drv.add([(ram.alloc(8), 8, True)]) for _ in range(3)]
+    chains = [q.pop() for _ in range(3)]
+    for c, n in zip(chains, (1, 2, 3), strict=True):
+        q.push(c.head, n)
+    assert drv.used_idx() == 0  # nothing visible before publish
+    assert q.publish() is True
+    assert drv.take_used() == list(zip(heads, (1, 2, 3), strict=True))
+    drv.set_interrupts(False)  # VRING_AVAIL_F_NO_INTERRUPT
+    drv.add([(ram.alloc(8), 8, True)])
+    q.push(q.pop().head, 0)
+    assert q.publish() is False
+
+
+def test_event_idx_notification(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem, event_idx=True)
+    for _ in range(4):
+        drv.add([(ram.alloc(8), 8, True)])
+    drv.avail16.store(2 + SIZE, 2)  # used_event: call me when used idx passes 2
+    q.push(q.pop().head, 0)
+    assert q.publish() is True  # the first decision always notifies
+    q.push(q.pop().head, 0)  # used idx 1 -> 2: event 2 not yet crossed
+    assert q.publish() is False
+    q.push(q.pop().head, 0)  # 2 -> 3 crosses used_event = 2
+    assert q.publish() is True
+    q.push(q.pop().head, 0)
+    assert q.publish() is False
+
+
+def test_kick_suppression(ram: GuestRam, mem: GuestMemory) -> None:
+    drv, q = make(ram, mem)
+    q.disable_kicks()
+    assert drv.used16.load(0) == 1  # VRING_USED_F_NO_NOTIFY
+    assert not drv.needs_kick()
+    drv.add([(ram.alloc(8), 8, True)])
+    assert q.enable_kicks() is True  # a chain arrived while kicks were off
+    assert drv.used16.load(0) == 0
+    drv2, q2 = make(ram, mem, event_idx=True)
+    drv2.add([(ram.alloc(8), 8, True)])
+    q2.pop()
+    assert q2.enable_kicks() is False
+    assert drv2.used16.load(2 + 4 * SIZE) == 1  # avail_event = next avail index we want
