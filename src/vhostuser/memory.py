@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,8 +69,13 @@ def mmap_region(desc: MemRegion, fd: int | None) -> mmap.mmap:
     # aligned offset below and let MappedRegion skip the remainder.
     try:
         page = max(os.fstatvfs(fd).f_bsize, mmap.ALLOCATIONGRANULARITY)
+        st = os.fstat(fd)
     except OSError as e:
         raise MemoryTableError(f"region fd {fd} is unusable: {e}") from e
+    # Pages past the end of a file raise SIGBUS when touched: refuse them up front.
+    if stat.S_ISREG(st.st_mode) and desc.mmap_offset + desc.size > st.st_size:
+        raise MemoryTableError(f"region {desc} runs past the end of its file "
+                               f"({st.st_size} bytes)")
     base = desc.mmap_offset - desc.mmap_offset % page
     try:
         return mmap.mmap(fd, desc.mmap_offset - base + desc.size, mmap.MAP_SHARED,
