@@ -149,6 +149,28 @@ def first_line(cmd: list[str]) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
+def git_state() -> str:
+    """Commit of the work tree this script lives in (read-only git commands)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(BENCH_DIR), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
 def libblkio_version() -> str:
     try:
         for line in BLKIO_PC.read_text().splitlines():
@@ -415,10 +437,11 @@ def report(
     for job in JOBS:
         for b in backends:
             ss = res.get(b, job.name)
-            vals = ", ".join(fmt(s.value, job.metric) for s in ss) or "none"
+            vals = ", ".join(fmt(s.value, job.metric) for s in ss)
             unclean = sum(not s.clean_stop for s in ss)
             extra = f" ({unclean} unclean stop(s))" if unclean else ""
-            out.append(f"- {job.title}, {b}: {vals} {job.unit}{extra}")
+            text = f"{vals} {job.unit}{extra}" if ss else "no successful run"
+            out.append(f"- {job.title}, {b}: {text}")
     if res.notes:
         out.append("")
         out.extend(f"Note: {n}" for n in res.notes)
@@ -536,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"`{shlex.join(render(QSD_CMD, img='IMG', sock='SOCK', aio=qsd_aio))}`"
             )
         if "ours" in backends:
-            env_lines.append(f"ours: `{args.ours_cmd}`")
+            ours0 = shlex.split(args.ours_cmd)[0]
+            env_lines.append(f"ours: `{args.ours_cmd}` ({ours0} = {shutil.which(ours0)})")
+        env_lines.append(f"source tree: {git_state()}")
 
         total = args.repeat * len(JOBS) * len(backends)
         n = 0

@@ -19,12 +19,13 @@ import select
 import signal
 import socket
 import struct
+import time
 import traceback
 from dataclasses import dataclass
 
 from ..memory import GuestMemory
 from ..virtq.split import RingError, RingLayout, SplitQueue
-from .device import Device
+from .device import Device, QueueHandler
 from .notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 _STOP = b"S"
 _REPORT = struct.Struct("=HB")  # last avail index, broken flag
 _PR_SET_PDEATHSIG = 1
-_POLL_IDLE_SPINS = 2000  # poll mode: busy polls before napping
+_POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
+DEFAULT_SPIN_US = 50  # look for more work this long after the ring empties
 
 # fds of the parent's sockets (listener, connection) that a worker must not hold open,
 # or the front-end would not see the connection close when the parent closes it.
@@ -46,6 +48,7 @@ class QueueParams:
     last_avail: int
     event_idx: bool
     indirect: bool
+    spin_us: int = DEFAULT_SPIN_US
 
 
 class Worker:
@@ -127,10 +130,11 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
     poller.register(ctrl, select.POLLIN)
     if kick_fd is not None:
         poller.register(kick_fd, select.POLLIN)
+    spin = params.spin_us / 1e6
     idle = 0
     while True:
-        if kick_fd is None and not broken:
-            events = poller.poll(0 if idle < _POLL_IDLE_SPINS else 1)
+        if kick_fd is None and not broken:  # poll mode: nobody kicks, look again soon
+            events = poller.poll(0 if idle < _POLL_IDLE_ROUNDS else 1)
         else:
             events = poller.poll()
         for fd, _ev in events:
@@ -151,7 +155,7 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
         if broken or q is None:
             continue
         try:
-            idle = 0 if _drain(q, handler, call) else idle + 1
+            idle = 0 if _drain(q, handler, call, spin) else idle + 1
         except RingError as e:
             log.error("%s: stopped: %s", name, e)
             broken = True
@@ -162,28 +166,36 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
             err.notify()
 
 
-def _drain(q: SplitQueue, handler: object, call: Notifier) -> bool:
-    """Serve every available chain; returns whether there was any."""
-    handle = handler.handle  # type: ignore[attr-defined]
+def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float) -> bool:
+    """Serve every available chain, a batch at a time: one used-index update and at most
+    one notification per batch. Once the ring is empty, keep looking for `spin` seconds
+    with kicks still suppressed (as QEMU's AioContext polling does) before asking for
+    kicks again. Returns whether there was any work."""
+    handle, available, clock = handler.handle, q.available, time.perf_counter
     did = False
+    idle_since = 0.0
+    q.disable_kicks()
     while True:
-        q.disable_kicks()
-        while n := q.available():
+        n = available()
+        if n:
             did = True
-            chains = []
-            error: RingError | None = None
-            try:
-                for _ in range(n):
-                    chains.append(q.pop())
-            except RingError as e:
-                error = e
+            idle_since = 0.0
+            chains, error = q.pop_batch(n)
             if chains:
-                for chain, written in zip(chains, handle(chains), strict=True):
-                    q.push(chain.head, written)
+                q.push_batch(chains, handle(chains))
                 if q.publish():
                     call.notify()
             if error is not None:
                 raise error
+            continue
+        if spin:
+            now = clock()
+            if not idle_since:
+                idle_since = now
+                continue
+            if now - idle_since < spin:
+                continue
         if not q.enable_kicks():
             return did
-
+        q.disable_kicks()
+        idle_since = 0.0

@@ -99,6 +99,10 @@ class SplitQueue:
         self.signalled_used: int | None = None  # used idx at the last notify decision
         self._used_event_i = 2 + self.size  # u16 index of used_event in the avail ring
         self._avail_event_i = 2 + 4 * self.size  # u16 index of avail_event in the used ring
+        # The memory table cannot change under a running queue (the engine restarts it),
+        # so the regions are snapshotted for the fast translation path.
+        self._regions = tuple((r.desc.guest_addr, r.gpa_end, r.view) for r in mem.regions)
+        self._hit = self._regions[0] if self._regions else (0, 0, memoryview(b""))
 
     # -- available side -----------------------------------------------------------------
 
@@ -115,14 +119,33 @@ class SplitQueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self.read_chain(head)
 
+    def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
+        """Pop `n` available chains; on a broken one, those before it and the error."""
+        chains: list[Chain] = []
+        ring, size, read = self.avail_ring, self.size, self.read_chain
+        last = self.last_avail
+        try:
+            for _ in range(n):
+                head = ring[last % size]
+                last = (last + 1) & 0xFFFF
+                chains.append(read(head))
+        except RingError as e:
+            return chains, e
+        finally:
+            self.last_avail = last
+        return chains, None
+
     def read_chain(self, head: int) -> Chain:
+        """Walk and check one chain; its buffers become views of guest memory. The common
+        case (direct descriptors inside the region hit last) is kept inline."""
         size = self.size
         if head >= size:
             raise RingError(f"available head {head} >= queue size {size}")
-        mem = self.mem
+        unpack = _DESC.unpack_from
         table, table_len = self.desc, size
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        lo, hi, view = self._hit
         seen = 0
         indirect = False
         i = head
@@ -132,36 +155,58 @@ class SplitQueue:
             seen += 1
             if seen > size:
                 raise RingError(f"chain {head}: more than {size} descriptors (a loop?)")
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = unpack(table, i << 4)
             if flags & DESC_F_INDIRECT:
-                if not self.indirect:
-                    raise RingError(f"chain {head}: indirect descriptor not negotiated")
-                if indirect:
-                    raise RingError(f"chain {head}: nested indirect table")
-                if flags & DESC_F_NEXT:
-                    raise RingError(f"chain {head}: indirect descriptor with NEXT")
-                if length == 0 or length % 16:
-                    raise RingError(f"chain {head}: indirect table length {length} "
-                                    "is not a non-zero multiple of 16")
-                try:
-                    table = mem.gpa(addr, length)
-                except GuestMemoryError as e:
-                    raise RingError(f"chain {head}: indirect table: {e}") from e
-                table_len, indirect, i = length // 16, True, 0
+                table = self._indirect_table(head, addr, length, flags, indirect)
+                table_len, indirect, i = length >> 4, True, 0
                 continue
-            try:
-                bufs = mem.gpa_iov(addr, length) if length else []
-            except GuestMemoryError as e:
-                raise RingError(f"chain {head}: {e}") from e
-            if flags & DESC_F_WRITE:
-                writable += bufs
-            elif writable:
+            if length:
+                if lo <= addr and addr + length <= hi:
+                    bufs = [view[addr - lo : addr + length - lo]]
+                else:
+                    bufs = self._translate(head, addr, length)
+                    lo, hi, view = self._hit
+                if flags & DESC_F_WRITE:
+                    writable += bufs
+                elif writable:
+                    raise RingError(f"chain {head}: readable descriptor after a writable one")
+                else:
+                    readable += bufs
+            elif writable and not flags & DESC_F_WRITE:
                 raise RingError(f"chain {head}: readable descriptor after a writable one")
-            else:
-                readable += bufs
             if not flags & DESC_F_NEXT:
                 return Chain(head, readable, writable)
             i = nxt
+
+    def _indirect_table(self, head: int, addr: int, length: int, flags: int,
+                        nested: bool) -> memoryview:
+        if not self.indirect:
+            raise RingError(f"chain {head}: indirect descriptor not negotiated")
+        if nested:
+            raise RingError(f"chain {head}: nested indirect table")
+        if flags & DESC_F_NEXT:
+            raise RingError(f"chain {head}: indirect descriptor with NEXT")
+        if length == 0 or length % 16:
+            raise RingError(f"chain {head}: indirect table length {length} "
+                            "is not a non-zero multiple of 16")
+        try:
+            return self.mem.gpa(addr, length)
+        except GuestMemoryError as e:
+            raise RingError(f"chain {head}: indirect table: {e}") from e
+
+    def _translate(self, head: int, addr: int, length: int) -> list[memoryview]:
+        """Off the last region: scan the (few) regions, else the general path (which also
+        splits a buffer spanning adjoining regions). Remembers the region hit."""
+        end = addr + length
+        for hit in self._regions:
+            lo, hi, view = hit
+            if lo <= addr and end <= hi:
+                self._hit = hit
+                return [view[addr - lo : end - lo]]
+        try:
+            return self.mem.gpa_iov(addr, length)
+        except GuestMemoryError as e:
+            raise RingError(f"chain {head}: {e}") from e
 
     # -- used side ------------------------------------------------------------------------
 
@@ -169,6 +214,18 @@ class SplitQueue:
         """Write one used element; it becomes visible at the next `publish`."""
         _USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx % self.size), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def push_batch(self, chains: list[Chain], written: list[int]) -> None:
+        """Write the used elements of a batch, one struct call per contiguous run."""
+        size, used = self.size, self.used
+        start = self.used_idx % size
+        flat = [x for pair in zip([c.head for c in chains], written, strict=True) for x in pair]
+        first = min(len(chains), size - start)
+        struct.pack_into(f"<{2 * first}I", used, 4 + 8 * start, *flat[: 2 * first])
+        if first < len(chains):  # wrapped around the end of the ring
+            rest = len(chains) - first
+            struct.pack_into(f"<{2 * rest}I", used, 4, *flat[2 * first :])
+        self.used_idx = (self.used_idx + len(chains)) & 0xFFFF
 
     def publish(self) -> bool:
         """Make pushed elements visible (x86 keeps stores in order, so the elements are
