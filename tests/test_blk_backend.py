@@ -370,3 +370,16 @@ def test_err_fd_signalled_when_a_ring_breaks(blk_daemon: Callable[..., Daemon]) 
         assert select.select([err], [], [], 10)[0] == [err]
         d.wait_log("available head 1000 >= queue size")
         os.close(err)
+
+
+@pytest.mark.parametrize(("sock", "message"), [
+    ("regular-file", "exists and is not a socket"),
+    ("no/such/dir/s.sock", "No such file or directory"),
+])
+def test_unusable_socket_path(tmp_path: Path, image: Path, sock: str, message: str) -> None:
+    (tmp_path / "regular-file").write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path",
+                        str(tmp_path / sock), "--blk-file", str(image)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "regular-file").read_text() == "keep me"

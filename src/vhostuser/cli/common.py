@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from ..engine.device import Device
 from ..engine.session import serve_connection
-from ..engine.worker import parent_only_fds
+from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
 from ..shutdown import Shutdown, StopSignal
 from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections
 
@@ -32,6 +32,9 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
                              "reconnect after each disconnect")
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the back-end's capabilities as JSON and exit")
+    parser.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
+                        help="after a queue runs dry, keep polling it this many µs before "
+                             f"waiting for a kick (default {DEFAULT_SPIN_US}; 0: never)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
 
@@ -43,6 +46,8 @@ def check_transport_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("exactly one of --socket-path and --fd is required")
     if args.client and args.socket_path is None:
         parser.error("--client needs --socket-path")
+    if not 0 <= args.poll_us <= 1_000_000:
+        parser.error("--poll-us must be between 0 and 1000000")
     if args.fd is not None and args.fd < 0:
         parser.error("--fd must be a non-negative file descriptor")
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
             parent_only_fds.add(sock.fileno())
             try:
                 serve_connection(UnixChannel(sock, stop), UnixResources(), device,
-                                 closed=(PeerClosed,))
+                                 closed=(PeerClosed,), poll_us=args.poll_us)
             finally:
                 parent_only_fds.discard(sock.fileno())
     except Shutdown as e:

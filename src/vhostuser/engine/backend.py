@@ -36,7 +36,7 @@ from ..virtq.atomic import U16Array
 from ..virtq.split import RingLayout
 from .device import ConfigError, Device
 from .notify import NoNotifier, Notifier
-from .worker import QueueParams, Worker, start_worker
+from .worker import DEFAULT_SPIN_US, QueueParams, Worker, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,11 @@ class Vring:
 
 
 class Backend:
-    def __init__(self, device: Device, resources: Resources) -> None:
+    def __init__(self, device: Device, resources: Resources,
+                 poll_us: int = DEFAULT_SPIN_US) -> None:
         self.device = device
         self.res = resources
+        self.poll_us = poll_us
         self.mem = GuestMemory(resources.max_mem_slots)
         self.owner = False
         self.features = 0
@@ -372,7 +374,8 @@ class Backend:
             return
         params = QueueParams(v.index, RingLayout(v.size, v.addr.desc, v.addr.avail, v.addr.used),
                              v.base, bool(self.features & VirtioFeature.RING_EVENT_IDX),
-                             bool(self.features & VirtioFeature.RING_INDIRECT_DESC))
+                             bool(self.features & VirtioFeature.RING_INDIRECT_DESC),
+                             self.poll_us)
         v.worker = start_worker(params, self.mem, self.device, self.res.kick_fd(v.kick),
                                 v.call, v.err)
 

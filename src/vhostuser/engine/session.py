@@ -8,6 +8,7 @@ from typing import Protocol
 from ..protocol import Header, Message, ProtocolError
 from .backend import Backend, Resource, Resources
 from .device import Device
+from .worker import DEFAULT_SPIN_US
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,11 @@ class Channel(Protocol):
 
 
 def serve_connection(channel: Channel, resources: Resources, device: Device,
-                     closed: tuple[type[BaseException], ...] = ()) -> None:
+                     closed: tuple[type[BaseException], ...] = (),
+                     poll_us: int = DEFAULT_SPIN_US) -> None:
     """Serve until the front-end disconnects (`closed` exceptions) or breaks the protocol;
     either way every resource of the connection is released."""
-    backend = Backend(device, resources)
+    backend = Backend(device, resources, poll_us)
     try:
         while True:
             header, body, fds = channel.recv_raw()

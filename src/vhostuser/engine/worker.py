@@ -34,7 +34,7 @@ _STOP = b"S"
 _REPORT = struct.Struct("=HB")  # last avail index, broken flag
 _PR_SET_PDEATHSIG = 1
 _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
-DEFAULT_SPIN_US = 50  # look for more work this long after the ring empties
+DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
 
 # fds of the parent's sockets (listener, connection) that a worker must not hold open,
 # or the front-end would not see the connection close when the parent closes it.

@@ -10,6 +10,7 @@ import array
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 
@@ -123,16 +124,24 @@ class UnixResources:
 
 
 def listen(path: str) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file (not any other kind of file)."""
-    if os.path.exists(path):
-        import stat
-
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
+    """Listen on `path`, replacing a stale socket file (not any other kind of file). The
+    path appears only once the socket listens (bound under a temporary name, then
+    renamed), so a client that sees it can connect at once."""
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(1)
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(1)
+        os.rename(tmp, path)
+    except OSError:
+        sock.close()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
     return sock
 
 
