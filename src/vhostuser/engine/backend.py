@@ -153,13 +153,16 @@ class Backend:
             for res in fds:
                 self.res.close(res)
             fds.clear()
-            known = header.request in FRONTEND_SPECS
-            if (header.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK
-                    and not (known and has_own_reply(Channel.FRONTEND, Message(
-                        header.request, p.Empty(), header.flags), self.protocol_features))):
-                log.error("refused: %s", e)
-                return reply_to(Message(header.request, p.Empty(), header.flags), p.U64(1))
-            raise
+            # The stream is still in sync (the header was good): a NACK answers the request
+            # if the front-end asked for an ack and awaits nothing else. Otherwise drop.
+            bare = Message(header.request, p.Empty(), header.flags)
+            asked_ack = header.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK
+            own = (header.request in FRONTEND_SPECS
+                   and has_own_reply(Channel.FRONTEND, bare, self.protocol_features))
+            if own or not asked_ack:
+                raise
+            log.error("refused: %s", e)
+            return reply_to(bare, p.U64(1))
         return self.handle(msg, fds)
 
     def handle(self, msg: Message, fds: list[Resource]) -> Message | None:
