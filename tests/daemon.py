@@ -45,9 +45,10 @@ class Daemon:
         except FileNotFoundError:
             return []
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+    def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
+        """Wait until `text` has appeared `count` times in the log."""
         deadline = time.monotonic() + timeout
-        while text not in (out := self.log()):
+        while (out := self.log()).count(text) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not in the back-end log:\n{out}")
             time.sleep(0.05)

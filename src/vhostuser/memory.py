@@ -53,7 +53,12 @@ class MappedRegion:
         self.view.release()
         close = getattr(self.mapping, "close", None)
         if close is not None:
-            close()
+            try:
+                close()
+            except BufferError:
+                # A view of this memory is still alive somewhere: the mapping stays until
+                # that view goes (never a dangling pointer), then the GC unmaps it.
+                pass
 
 
 # Maps a region given its descriptor and fd (None when the transport has no fds) to a

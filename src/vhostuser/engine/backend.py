@@ -36,7 +36,7 @@ from ..virtq.atomic import U16Array
 from ..virtq.split import RingLayout
 from .device import ConfigError, Device
 from .notify import NoNotifier, Notifier
-from .worker import DEFAULT_SPIN_US, QueueParams, Worker, start_worker
+from .worker import DEFAULT_SPIN_US, QueueParams, Runner, Running, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ _GATES = {
     FrontendReq.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
     FrontendReq.SET_STATUS: ProtocolFeature.STATUS,
     FrontendReq.GET_STATUS: ProtocolFeature.STATUS,
+    FrontendReq.NET_SET_MTU: ProtocolFeature.MTU,
+    FrontendReq.SEND_RARP: ProtocolFeature.RARP,
 }
 
 
@@ -92,16 +94,17 @@ class Vring:
     enabled: bool = False
     call: Notifier = field(default_factory=NoNotifier)
     err: Notifier = field(default_factory=NoNotifier)
-    worker: Worker | None = None
+    worker: Running | None = None
     broken: bool = False
 
 
 class Backend:
     def __init__(self, device: Device, resources: Resources,
-                 poll_us: int = DEFAULT_SPIN_US) -> None:
+                 poll_us: int = DEFAULT_SPIN_US, runner: Runner = start_worker) -> None:
         self.device = device
         self.res = resources
         self.poll_us = poll_us
+        self.runner = runner  # how a started queue is served: a worker process by default
         self.mem = GuestMemory(resources.max_mem_slots)
         self.owner = False
         self.features = 0
@@ -117,7 +120,7 @@ class Backend:
             H.SET_OWNER: self._set_owner,
             H.RESET_OWNER: self._reset_device,
             H.RESET_DEVICE: self._reset_device,
-            H.GET_QUEUE_NUM: lambda _p, _f: p.U64(self.device.num_queues),
+            H.GET_QUEUE_NUM: lambda _p, _f: p.U64(self.device.queue_num()),
             H.GET_MAX_MEM_SLOTS: lambda _p, _f: p.U64(self.mem.max_slots),
             H.SET_MEM_TABLE: self._set_mem_table,
             H.ADD_MEM_REG: self._add_mem_reg,
@@ -134,6 +137,8 @@ class Backend:
             H.SET_CONFIG: self._set_config,
             H.SET_STATUS: self._set_status,
             H.GET_STATUS: lambda _p, _f: p.U64(self.status),
+            H.NET_SET_MTU: self._net_set_mtu,
+            H.SEND_RARP: self._send_rarp,
         }
 
     # -- dispatch --------------------------------------------------------------------------
@@ -360,6 +365,18 @@ class Backend:
         except ConfigError as e:
             raise RequestError(str(e)) from e
 
+    def _net_set_mtu(self, pl: p.U64, _fds: list[Resource]) -> None:
+        try:
+            self.device.set_mtu(pl.value)
+        except ConfigError as e:
+            raise RequestError(str(e)) from e
+
+    def _send_rarp(self, pl: p.U64, _fds: list[Resource]) -> None:
+        try:
+            self.device.send_rarp(pl.value.to_bytes(8, "little")[:6])
+        except ConfigError as e:
+            raise RequestError(str(e)) from e
+
     # -- workers ---------------------------------------------------------------------------
 
     def _change(self, v: Vring, **changes: Any) -> None:
@@ -379,7 +396,7 @@ class Backend:
                              v.base, bool(self.features & VirtioFeature.RING_EVENT_IDX),
                              bool(self.features & VirtioFeature.RING_INDIRECT_DESC),
                              self.poll_us)
-        v.worker = start_worker(params, self.mem, self.device, self.res.kick_fd(v.kick),
+        v.worker = self.runner(params, self.mem, self.device, self.res.kick_fd(v.kick),
                                 v.call, v.err)
 
     def _stop(self, v: Vring) -> None:

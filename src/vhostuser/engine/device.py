@@ -34,11 +34,23 @@ class Device(ABC):
     def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
         """The negotiated features (all bits); called before any queue starts."""
 
+    def queue_num(self) -> int:
+        """What GET_QUEUE_NUM reports (net devices report queue pairs)."""
+        return self.num_queues
+
     def get_config(self) -> bytes:
         return b""
 
     def set_config(self, offset: int, data: bytes, flags: int) -> None:
         raise ConfigError("device config space is read-only")
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (offered with the MTU protocol feature)."""
+        raise ConfigError("this device has no MTU")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: announce `mac` (offered with the RARP protocol feature)."""
+        raise ConfigError("this device does not send RARP announcements")
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""

@@ -21,7 +21,9 @@ import socket
 import struct
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..memory import GuestMemory
 from ..virtq.split import RingError, RingLayout, SplitQueue
@@ -49,6 +51,18 @@ class QueueParams:
     event_idx: bool
     indirect: bool
     spin_us: int = DEFAULT_SPIN_US
+
+
+class Running(Protocol):
+    """A running queue, however it is run."""
+
+    def stop(self) -> tuple[int | None, bool]:
+        """Stop serving; returns (last avail index, or None if unknown; broken)."""
+        ...
+
+
+# Starts serving a queue: (params, memory, device, kick fd or None to poll, call, err).
+Runner = Callable[[QueueParams, GuestMemory, Device, "int | None", Notifier, Notifier], Running]
 
 
 class Worker:

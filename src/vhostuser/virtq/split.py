@@ -119,6 +119,10 @@ class SplitQueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self.read_chain(head)
 
+    def unpop(self) -> None:
+        """Give the chain popped last back to the ring, unused."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
     def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
         """Pop `n` available chains; on a broken one, those before it and the error."""
         chains: list[Chain] = []
@@ -255,6 +259,11 @@ class SplitQueue:
         return self.available() > 0
 
     def release(self) -> None:
+        """Let go of every view of guest memory this queue holds."""
         self.avail_ring.release()
         self.avail16.release()
         self.used16.release()
+        self.desc.release()
+        self.used.release()
+        self._regions = ()
+        self._hit = (0, 0, memoryview(b""))

@@ -1,0 +1,55 @@
+"""vhost-user-net: one virtio-net port, e.g. a VM's NIC bridged to a TAP device on the host
+(it is the switch with a single vhost-user port)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..devices.net import parse_mac
+from ..engine.worker import DEFAULT_SPIN_US
+from ..switch.core import Switch
+from ..switch.tap import TapPort
+from ..switch.vhost_port import VhostPort
+from .common import print_capabilities, setup_logging
+from .switch import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vhost-user-net", description=__doc__)
+    ap.add_argument("--socket-path", metavar="PATH", help="UNIX socket to listen on "
+                    "(or to connect to, with --client)")
+    ap.add_argument("--fd", type=int, metavar="FD",
+                    help="an inherited socket fd (listening or connected)")
+    ap.add_argument("--client", action="store_true", help="connect to a listening front-end")
+    ap.add_argument("--tap", metavar="NAME", help="TAP interface to bridge the port to")
+    ap.add_argument("--mac", default="52:54:00:5c:00:01", help="MAC in the config space")
+    ap.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
+    ap.add_argument("--mtu", type=int, default=1500)
+    ap.add_argument("--control", metavar="PATH", help="serve counters as JSON on this socket")
+    ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US")
+    ap.add_argument("--print-capabilities", action="store_true")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    args = ap.parse_args(argv)
+    if args.print_capabilities:
+        print_capabilities("net", [])
+    if (args.socket_path is None) == (args.fd is None):
+        ap.error("exactly one of --socket-path and --fd is required")
+    if args.client and args.socket_path is None:
+        ap.error("--client needs --socket-path")
+    if not 0 <= args.poll_us <= 1_000_000:
+        ap.error("--poll-us must be between 0 and 1000000")
+    setup_logging(args.verbose)
+    try:
+        port = VhostPort("port0", args.socket_path, parse_mac(args.mac), client=args.client,
+                         fd=args.fd, queue_pairs=args.queues, mtu=args.mtu)
+        tap = TapPort(args.tap, args.mtu) if args.tap else None
+        switch = Switch([port], tap, args.control, poll_us=args.poll_us)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return serve(switch)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

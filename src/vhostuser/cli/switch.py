@@ -1,0 +1,121 @@
+"""vhost-user-switch: an Ethernet switch between vhost-user net ports (VMs, DPDK) and an
+optional TAP uplink, with MAC learning and per-port counters.
+
+    vhost-user-switch --port /tmp/a.sock --port /tmp/b.sock,client --tap tap0 \\
+                      --control /tmp/sw.ctl
+    vhost-user-switch stats --control /tmp/sw.ctl
+
+A port is PATH[,client][,mac=XX:XX:XX:XX:XX:XX][,queues=N][,mtu=N]: by default the switch
+listens on PATH; with `client` it connects to a front-end listening there (and reconnects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+
+from ..devices.net import parse_mac
+from ..engine.worker import DEFAULT_SPIN_US
+from ..shutdown import Shutdown, StopSignal
+from ..switch.core import Switch
+from ..switch.tap import TapPort
+from ..switch.vhost_port import VhostPort
+from .common import log, setup_logging
+
+
+def parse_port(spec: str, index: int) -> VhostPort:
+    path, *opts = spec.split(",")
+    if not path:
+        raise ValueError(f"port {spec!r}: no socket path")
+    kw: dict[str, object] = {"mac": bytes([0x52, 0x54, 0x00, 0x5C, 0, index + 1])}
+    for opt in opts:
+        key, _, val = opt.partition("=")
+        if key == "client" and not val:
+            kw["client"] = True
+        elif key == "mac":
+            kw["mac"] = parse_mac(val)
+        elif key in ("queues", "mtu") and val.isdigit():
+            kw["queue_pairs" if key == "queues" else "mtu"] = int(val)
+        else:
+            raise ValueError(f"port {spec!r}: unknown option {opt!r}")
+    return VhostPort(f"port{index}", path, **kw)  # type: ignore[arg-type]
+
+
+def stats(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="vhost-user-switch stats",
+                                 description="print a running switch's counters as JSON")
+    ap.add_argument("--control", required=True, metavar="PATH")
+    args = ap.parse_args(argv)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(args.control)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError as e:
+        print(f"error: cannot read {args.control}: {e}", file=sys.stderr)
+        return 1
+    json.dump(json.loads(data), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser(prog: str = "vhost-user-switch") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", action="append", default=[], metavar="SPEC",
+                    help="a vhost-user port (repeat for each)")
+    ap.add_argument("--tap", metavar="NAME", help="attach the TAP interface NAME as uplink")
+    ap.add_argument("--control", metavar="PATH", help="serve counters as JSON on this socket")
+    ap.add_argument("--aging", type=float, default=300.0, metavar="S",
+                    help="forget a learned MAC after S seconds (default 300)")
+    ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
+                    help="keep polling this long after traffic stops before sleeping")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    return ap
+
+
+def serve(switch: Switch) -> int:
+    stop = StopSignal()
+    try:
+        switch.run(stop)
+    except Shutdown:
+        log.info("exiting")
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        return stats(argv[1:])
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.port:
+        ap.error("at least one --port is needed")
+    if args.aging <= 0:
+        ap.error("--aging must be positive")
+    if not 0 <= args.poll_us <= 1_000_000:
+        ap.error("--poll-us must be between 0 and 1000000")
+    setup_logging(args.verbose)
+    try:
+        ports = [parse_port(spec, i) for i, spec in enumerate(args.port)]
+        if len({p.path for p in ports}) != len(ports):
+            raise ValueError("two ports share a socket path")
+        tap = TapPort(args.tap) if args.tap else None
+        switch = Switch(ports, tap, args.control, args.aging, args.poll_us)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return serve(switch)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

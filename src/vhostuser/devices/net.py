@@ -1,0 +1,129 @@
+"""virtio-net (virtio 1.x §5.1): feature bits, the per-packet header, config space and the
+RARP announcement. The packet switching itself lives in `vhostuser.switch`; a port of the
+switch is a `NetPort` device.
+
+No checksum or segmentation offload is offered: every frame a guest sends is complete and
+valid as it is, so it can leave any port (another guest, a TAP device) unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..engine.device import ConfigError, Device, QueueHandler
+from ..protocol.constants import ProtocolFeature, VirtioFeature
+
+F_MTU = 1 << 3
+F_MAC = 1 << 5
+F_MRG_RXBUF = 1 << 15
+F_STATUS = 1 << 16
+F_MQ = 1 << 22
+
+HDR_F_NEEDS_CSUM = 1
+GSO_NONE = 0
+S_LINK_UP = 1
+
+ETH_HLEN = 14
+VLAN_HLEN = 4
+MIN_MTU, MAX_MTU = 68, 65535
+BROADCAST = b"\xff" * 6
+
+_CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+_HDR12 = struct.Struct("<BBHHHHH")
+
+
+def header_size(features: int) -> int:
+    """12 bytes with VERSION_1 or MRG_RXBUF, else the legacy 10."""
+    return 12 if features & (VirtioFeature.VERSION_1 | F_MRG_RXBUF) else 10
+
+
+def rx_header(hdr_len: int, num_buffers: int = 1) -> bytes:
+    """The header written in front of a received frame: no offload, `num_buffers` chains."""
+    return _HDR12.pack(0, GSO_NONE, 0, 0, 0, 0, num_buffers)[:hdr_len]
+
+
+def tx_header_ok(hdr: bytes | memoryview) -> bool:
+    """A transmitted frame's header asks for nothing we did not offer (no checksum to
+    finish, no segmentation)."""
+    return not hdr[0] & HDR_F_NEEDS_CSUM and hdr[1] == GSO_NONE
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"bad MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise ValueError(f"{text} is a multicast address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP "reverse request" broadcast from `mac`, as QEMU and DPDK announce a moved
+    guest: it makes switches learn where `mac` now lives."""
+    eth = BROADCAST + mac + b"\x80\x35"
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return (eth + arp).ljust(60, b"\0")
+
+
+class NetPort(Device):
+    """One vhost-user port: a virtio-net device with `queue_pairs` rx/tx pairs (rx = 2k,
+    tx = 2k+1). Its queues are served by the switch's loop, not by worker processes."""
+
+    name = "vhost-user-net"
+    protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.RARP | ProtocolFeature.MTU
+                            | ProtocolFeature.CONFIG)
+
+    def __init__(self, mac: bytes, queue_pairs: int = 1, mtu: int = 1500) -> None:
+        if not 1 <= queue_pairs <= 128:
+            raise ValueError(f"queue pairs must be 1..128, not {queue_pairs}")
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU must be {MIN_MTU}..{MAX_MTU}, not {mtu}")
+        self.mac = mac
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.max_queue_size = 1024
+        self.mtu = mtu
+        self.negotiated = 0
+        self.hdr_len = 12
+        self.announce: list[bytes] = []  # RARP frames waiting to be sent into the switch
+
+    def queue_num(self) -> int:
+        return self.queue_pairs  # vhost-user-net reports queue *pairs* (QEMU, DPDK)
+
+    def features(self) -> int:
+        return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ
+
+    def set_features(self, features: int) -> None:
+        self.negotiated = features
+        self.hdr_len = header_size(features)
+
+    def get_config(self) -> bytes:
+        return _CONFIG.pack(self.mac, S_LINK_UP, self.queue_pairs, self.mtu)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        raise ConfigError("virtio-net config space is read-only")
+
+    def set_mtu(self, mtu: int) -> None:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise ConfigError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
+        self.mtu = mtu
+
+    def send_rarp(self, mac: bytes) -> None:
+        self.announce.append(rarp_frame(mac))
+
+    def max_frame(self) -> int:
+        return self.mtu + ETH_HLEN + VLAN_HLEN
+
+    def reset(self) -> None:
+        self.negotiated = 0
+        self.hdr_len = 12
+        self.announce.clear()
+
+    def queue_handler(self, index: int) -> QueueHandler:
+        raise NotImplementedError("net ports are served by the switch loop")

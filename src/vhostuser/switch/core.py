@@ -1,0 +1,227 @@
+"""The switch: MAC learning with aging, flooding, and the one loop that runs everything
+(vhost-user control messages, every port's queues, the TAP uplink, the control socket).
+
+Forwarding rules: the source MAC of every frame is learned at its ingress port; a unicast
+destination that is known goes to its port (never back out of the ingress port); broadcast,
+multicast and unknown unicast are flooded to every port except the ingress one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+
+from ..shutdown import Shutdown, StopSignal
+from ..transport.unix import listen
+from ..virtq.split import RingError
+from .port import Port
+from .tap import TapPort
+from .vhost_port import VhostPort
+
+log = logging.getLogger(__name__)
+
+MAX_MACS = 65536
+
+
+class Switch:
+    def __init__(self, ports: list[VhostPort], tap: TapPort | None = None,
+                 control_path: str | None = None, aging: float = 300.0,
+                 poll_us: int = 200) -> None:
+        if not ports:
+            raise ValueError("a switch needs at least one vhost-user port")
+        self.vports = ports
+        self.tap = tap
+        self.ports: list[Port] = [*ports, *([tap] if tap else [])]
+        self.control_path = control_path
+        self.aging = aging
+        self.spin = poll_us / 1e6
+        self.macs: dict[bytes, tuple[Port, float]] = {}
+        self.started = time.monotonic()
+        self._dirty = True
+        for p in ports:
+            p.changed = self._changed
+        self._control: socket.socket | None = None
+
+    def _changed(self) -> None:
+        self._dirty = True
+
+    # -- forwarding ----------------------------------------------------------------------------
+
+    def forward(self, ingress: Port, frames: list[bytes]) -> None:
+        now = time.monotonic()
+        expiry = now + self.aging
+        macs = self.macs
+        out: dict[Port, list[bytes]] = {}
+        others = [p for p in self.ports if p is not ingress]
+        for f in frames:
+            src = f[6:12]
+            if len(macs) < MAX_MACS or src in macs:
+                macs[src] = (ingress, expiry)
+            dst = f[:6]
+            entry = None if dst[0] & 1 else macs.get(dst)
+            if entry is not None and entry[1] >= now:
+                if entry[0] is ingress:
+                    ingress.counters.drops["to_ingress_port"] += 1
+                else:
+                    out.setdefault(entry[0], []).append(f)
+            else:
+                for p in others:
+                    out.setdefault(p, []).append(f)
+        for p, fl in out.items():
+            p.deliver(fl)
+
+    def age(self) -> None:
+        now = time.monotonic()
+        for mac in [m for m, (_, t) in self.macs.items() if t < now]:
+            del self.macs[mac]
+
+    def pump(self) -> bool:
+        """Move one burst from every port that has frames; returns whether any moved."""
+        did = False
+        for port in self.vports:
+            for iq in port.tx_queues():
+                frames = port.take_tx(iq)
+                if frames:
+                    did = True
+                    self.forward(port, frames)
+            if port.device.announce:
+                frames, port.device.announce = port.device.announce, []
+                self.forward(port, frames)
+        if self.tap is not None:
+            frames = self.tap.take()
+            if frames:
+                did = True
+                self.forward(self.tap, frames)
+        return did
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {
+            "uptime_s": round(now - self.started, 3),
+            "ports": [p.status() for p in self.ports],
+            "macs": [{"mac": m.hex(":"), "port": p.name, "expires_in_s": round(t - now, 1)}
+                     for m, (p, t) in self.macs.items() if t >= now],
+        }
+
+    def _serve_control(self) -> None:
+        assert self._control is not None
+        try:
+            conn, _ = self._control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                conn.sendall(json.dumps(self.status()).encode() + b"\n")
+            except OSError:
+                pass
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop: StopSignal) -> None:
+        for p in self.vports:
+            p.open()
+        if self.control_path:
+            self._control = listen(self.control_path)
+            self._control.setblocking(False)
+        try:
+            self._loop(stop)
+        finally:
+            for p in self.vports:
+                p.close()
+            if self.tap is not None:
+                self.tap.close()
+            if self._control is not None:
+                self._control.close()
+                try:
+                    os.unlink(self.control_path or "")
+                except OSError:
+                    pass
+
+    def _watch(self, stop: StopSignal) -> tuple[select.poll, dict[int, Callable[[], None]]]:
+        poller = select.poll()
+        handlers: dict[int, Callable[[], None]] = {}
+
+        def add(fd: int, fn: Callable[[], None]) -> None:
+            poller.register(fd, select.POLLIN)
+            handlers[fd] = fn
+
+        def stopped() -> None:
+            raise Shutdown(str(stop.signum))
+
+        add(stop.fds()[0], stopped)
+        if self._control is not None:
+            add(self._control.fileno(), self._serve_control)
+        if self.tap is not None:
+            add(self.tap.fileno(), lambda: None)
+        for p in self.vports:
+            if p.listener is not None and p.conn is None:  # a newcomer waits in the backlog
+                add(p.listener.fileno(), p.accept)
+            if p.conn is not None:
+                add(p.conn.fileno(), p.on_message)
+            for iq in p.tx_queues():
+                if iq.kick_fd is not None:
+                    add(iq.kick_fd, lambda fd=iq.kick_fd: _drain_eventfd(fd))
+        return poller, handlers
+
+    def _loop(self, stop: StopSignal) -> None:
+        poller, handlers = self._watch(stop)
+        busy_until = 0.0
+        next_age = next_connect = time.monotonic()
+        while True:
+            if self._dirty:
+                self._dirty = False
+                poller, handlers = self._watch(stop)
+            now = time.monotonic()
+            polling = any(iq.kick_fd is None for p in self.vports for iq in p.tx_queues())
+            if now < busy_until or polling:
+                timeout = 0
+            else:
+                timeout = 1000
+                self._kicks(True)
+                if self.pump():  # frames came while kicks were off
+                    busy_until = time.monotonic() + self.spin
+                    self._kicks(False)
+                    continue
+            for fd, _ev in poller.poll(timeout):
+                fn = handlers.get(fd)
+                if fn is not None:
+                    fn()
+            if timeout:
+                self._kicks(False)
+            if self.pump():
+                busy_until = time.monotonic() + self.spin
+            now = time.monotonic()
+            if now >= next_age:
+                self.age()
+                next_age = now + 1.0
+            if now >= next_connect:
+                for p in self.vports:
+                    if p.client and p.conn is None:
+                        p.try_connect()
+                next_connect = now + 0.5
+
+    def _kicks(self, on: bool) -> None:
+        for p in self.vports:
+            for iq in p.tx_queues():
+                try:
+                    if on:
+                        iq.q.enable_kicks()
+                    else:
+                        iq.q.disable_kicks()
+                except RingError as e:
+                    iq.fail(e)
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.read(fd, 8)
+    except BlockingIOError:
+        pass

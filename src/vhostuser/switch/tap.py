@@ -1,0 +1,76 @@
+"""A TAP device as a switch port: the uplink to the host's network stack."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from .port import Port
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+MAX_BURST = 256
+
+
+class TapPort(Port):
+    def __init__(self, ifname: str, mtu: int = 1500) -> None:
+        super().__init__(f"tap:{ifname}")
+        if not 0 < len(ifname.encode()) < 16:
+            raise ValueError(f"bad interface name {ifname!r}")
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open /dev/net/tun: {e.strerror}") from e
+        try:
+            ifr = struct.pack("16sH22x", ifname.encode(), _IFF_TAP | _IFF_NO_PI)
+            fcntl.ioctl(self.fd, _TUNSETIFF, ifr)
+        except OSError as e:
+            os.close(self.fd)
+            raise OSError(e.errno, f"cannot attach TAP {ifname}: {e.strerror}") from e
+        self.ifname = ifname
+        self.max_frame = mtu + 18
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def take(self) -> list[bytes]:
+        """Frames the host sent (a burst at most)."""
+        frames = []
+        c = self.counters
+        for _ in range(MAX_BURST):
+            try:
+                frame = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if len(frame) < 14:
+                c.drops["runt"] += 1
+                continue
+            if frame[6] & 1:
+                c.drops["bad_source_mac"] += 1
+                continue
+            frames.append(frame)
+            c.rx_bytes += len(frame)
+        c.rx_packets += len(frames)
+        return frames
+
+    def deliver(self, frames: list[bytes]) -> None:
+        c = self.counters
+        for f in frames:
+            if len(f) > self.max_frame:
+                c.drops["oversize"] += 1
+                continue
+            try:
+                os.write(self.fd, f)
+            except BlockingIOError:
+                c.drops["tap_full"] += 1
+                continue
+            except OSError:  # e.g. the interface is down
+                c.drops["tap_error"] += 1
+                continue
+            c.tx_packets += 1
+            c.tx_bytes += len(f)
+
+    def close(self) -> None:
+        os.close(self.fd)

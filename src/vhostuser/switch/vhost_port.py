@@ -1,0 +1,318 @@
+"""A switch port that is a vhost-user net device.
+
+The engine (`Backend`) handles the port's vhost-user messages as for any device; its queues
+are run in the switch's own loop by `InlineQueue` instead of worker processes, because
+frames move between the guest memories of different ports and all of them are mapped here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from ..devices.net import F_MRG_RXBUF, NetPort, rx_header, tx_header_ok
+from ..engine.backend import Backend
+from ..engine.device import Device
+from ..engine.notify import Notifier
+from ..engine.worker import QueueParams, parent_only_fds
+from ..memory import GuestMemory
+from ..protocol import ProtocolError
+from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connect, listen
+from ..virtq.iov import iov_write
+from ..virtq.split import RingError, SplitQueue
+from .port import Port
+
+log = logging.getLogger(__name__)
+
+MAX_BURST = 256
+
+
+class InlineQueue:
+    """A queue served in this process (the engine's `Running` for the switch)."""
+
+    def __init__(self, port: VhostPort, q: SplitQueue, index: int, kick_fd: int | None,
+                 call: Notifier, err: Notifier) -> None:
+        self.port, self.q, self.index = port, q, index
+        self.kick_fd, self.call, self.err = kick_fd, call, err
+        self.broken = False
+
+    @property
+    def is_tx(self) -> bool:
+        return self.index % 2 == 1
+
+    def fail(self, e: Exception) -> None:
+        log.error("%s queue %d: stopped: %s", self.port.name, self.index, e)
+        self.broken = True
+        self.err.notify()
+
+    def stop(self) -> tuple[int | None, bool]:
+        self.port.queues.pop(self.index, None)
+        self.port.changed()
+        last = self.q.last_avail
+        self.q.release()
+        return last, self.broken
+
+
+class VhostPort(Port):
+    def __init__(self, name: str, path: str | None, mac: bytes, *, client: bool = False,
+                 fd: int | None = None, queue_pairs: int = 1, mtu: int = 1500,
+                 changed: Callable[[], None] = lambda: None) -> None:
+        super().__init__(name)
+        if (path is None) == (fd is None):
+            raise ValueError(f"{name}: a socket path or an inherited fd, not both")
+        self.path = path
+        self.fd = fd
+        self.client = client
+        self.device = NetPort(mac, queue_pairs, mtu)
+        self.queues: dict[int, InlineQueue] = {}
+        self.listener: socket.socket | None = None
+        self.conn: UnixChannel | None = None
+        self.backend: Backend | None = None
+        self.changed = changed  # tell the loop to rebuild what it watches
+        self._rr = 0
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self.fd is not None:  # inherited: a listening socket, or one connection
+            sock = socket.socket(fileno=self.fd)
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                self._attach(sock)
+                return
+            self.listener = sock
+        elif not self.client:
+            assert self.path is not None
+            self.listener = listen(self.path)
+        if self.listener is not None:
+            self.listener.setblocking(False)
+            parent_only_fds.add(self.listener.fileno())
+
+    def try_connect(self) -> bool:
+        """Client mode: one attempt to reach the front-end."""
+        assert self.path is not None
+        try:
+            sock = connect(self.path, retry_for=0)
+        except ConnectionError:
+            return False
+        self._attach(sock)
+        return True
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:  # one front-end per port
+            log.warning("%s: refusing a second front-end", self.name)
+            sock.close()
+            return
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        parent_only_fds.add(sock.fileno())
+        self.conn = UnixChannel(sock)
+        self.backend = Backend(self.device, UnixResources(), runner=self._run_queue)
+        log.info("%s: front-end connected", self.name)
+        self.changed()
+
+    def on_message(self) -> None:
+        assert self.conn is not None and self.backend is not None
+        try:
+            header, body, fds = self.conn.recv_raw()
+            reply = self.backend.receive(header, body, fds)
+            if reply is not None:
+                self.conn.send(reply)
+        except PeerClosed:
+            log.info("%s: front-end disconnected", self.name)
+            self.disconnect()
+        except (ProtocolError, OSError) as e:
+            log.error("%s: dropping the front-end: %s", self.name, e)
+            self.disconnect()
+
+    def disconnect(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if self.conn is not None:
+            parent_only_fds.discard(self.conn.fileno())
+            self.conn.close()
+            self.conn = None
+        self.changed()
+
+    def close(self) -> None:
+        self.disconnect()
+        if self.listener is not None:
+            parent_only_fds.discard(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            if self.path is not None:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+
+    def _run_queue(self, params: QueueParams, mem: GuestMemory, device: Device,
+                   kick_fd: int | None, call: Notifier, err: Notifier) -> InlineQueue:
+        q = SplitQueue(mem, params.layout, params.last_avail, params.event_idx, params.indirect)
+        iq = InlineQueue(self, q, params.index, kick_fd, call, err)
+        if not iq.is_tx:
+            q.disable_kicks()  # buffers posted to rx need no kick: we look when a frame comes
+        self.queues[params.index] = iq
+        self.changed()
+        return iq
+
+    # -- data path -----------------------------------------------------------------------------
+
+    def tx_queues(self) -> list[InlineQueue]:
+        return [iq for iq in self.queues.values() if iq.is_tx and not iq.broken]
+
+    def take_tx(self, iq: InlineQueue) -> list[bytes]:
+        """Frames the guest transmitted on `iq` (at most a burst); the buffers go back to
+        the guest at once. Invalid frames are dropped and counted."""
+        q = iq.q
+        try:
+            n = q.available()
+        except RingError as e:
+            iq.fail(e)
+            return []
+        if not n:
+            return []
+        chains, error = q.pop_batch(min(n, MAX_BURST))
+        dev, c = self.device, self.counters
+        hl, max_frame = dev.hdr_len, dev.max_frame()
+        frames = []
+        for chain in chains:
+            r = chain.readable
+            buf = r[0] if len(r) == 1 else b"".join(r)
+            size = len(buf) - hl
+            if size < 0 or not tx_header_ok(buf[:hl]):
+                c.drops["bad_header"] += 1
+            elif size < 14:
+                c.drops["runt"] += 1
+            elif size > max_frame:
+                c.drops["oversize"] += 1
+            elif buf[hl + 6] & 1:
+                c.drops["bad_source_mac"] += 1
+            else:
+                frames.append(bytes(buf[hl:]))
+                c.rx_bytes += size
+        c.rx_packets += len(frames)
+        if chains:
+            q.push_batch(chains, [0] * len(chains))
+            if q.publish():
+                iq.call.notify()
+        if error is not None:
+            iq.fail(error)
+        if dev.announce:
+            frames += dev.announce
+            dev.announce.clear()
+        return frames
+
+    def deliver(self, frames: list[bytes]) -> None:
+        rx = [iq for i, iq in sorted(self.queues.items()) if i % 2 == 0 and not iq.broken]
+        if not rx:
+            self.counters.drops["port_down"] += len(frames)
+            return
+        if len(rx) == 1:
+            self._fill(rx[0], frames)
+            return
+        groups: dict[int, list[bytes]] = {}
+        for f in frames:  # spread flows over the rx queues, keeping each flow in order
+            groups.setdefault(hash(f[:12] + f[26:38]) % len(rx), []).append(f)
+        for i, fl in groups.items():
+            self._fill(rx[i], fl)
+
+    def _fill(self, iq: InlineQueue, frames: list[bytes]) -> None:
+        q, c = iq.q, self.counters
+        dev = self.device
+        hl = dev.hdr_len
+        mrg = bool(dev.negotiated & F_MRG_RXBUF)
+        max_frame = dev.max_frame()
+        try:
+            avail = q.available()
+        except RingError as e:
+            iq.fail(e)
+            return
+        used, lens = [], []
+        hdr1 = rx_header(hl, 1)
+        try:
+            for frame in frames:
+                need = hl + len(frame)
+                if len(frame) > max_frame:
+                    c.drops["oversize"] += 1
+                    continue
+                if not avail:
+                    c.drops["no_rx_buffer"] += 1
+                    continue
+                chain = q.pop()
+                avail -= 1
+                w = chain.writable
+                w0 = w[0] if w else None
+                if w0 is not None and len(w0) >= need:  # the usual case: one buffer
+                    w0[:hl] = hdr1
+                    w0[hl:need] = frame
+                    used.append(chain)
+                    lens.append(need)
+                elif sum(map(len, w)) >= need:
+                    iov_write(w, hdr1 + frame)
+                    used.append(chain)
+                    lens.append(need)
+                elif mrg:
+                    avail = self._spread(q, chain, frame, hl, avail, used, lens)
+                    if avail < 0:
+                        avail = 0
+                        c.drops["no_rx_buffer"] += 1
+                        continue
+                else:  # dropped; the buffer stays for a frame that fits (as DPDK does)
+                    q.unpop()
+                    avail += 1
+                    c.drops["rx_buffer_too_small"] += 1
+                    continue
+                c.tx_packets += 1
+                c.tx_bytes += len(frame)
+        except RingError as e:
+            iq.fail(e)
+        if used:
+            q.push_batch(used, lens)
+            if q.publish():
+                iq.call.notify()
+
+    @staticmethod
+    def _spread(q: SplitQueue, first: object, frame: bytes, hl: int, avail: int,
+                used: list, lens: list) -> int:
+        """MRG_RXBUF: lay one frame over as many chains as it takes; the header of the
+        first says how many. Returns the chains still available, -1 if they ran out."""
+        data = bytearray(rx_header(hl, 1) + frame)
+        chains = [first]
+        room = sum(map(len, first.writable))  # type: ignore[attr-defined]
+        while room < len(data):
+            if not avail:
+                used.append(first)  # return what we took, empty
+                lens.append(0)
+                for extra in chains[1:]:
+                    used.append(extra)
+                    lens.append(0)
+                return -1
+            chain = q.pop()
+            avail -= 1
+            chains.append(chain)
+            room += sum(map(len, chain.writable))
+        data[hl - 2 : hl] = len(chains).to_bytes(2, "little")  # num_buffers
+        off = 0
+        for chain in chains:
+            n = iov_write(chain.writable, memoryview(data)[off:])  # type: ignore[attr-defined]
+            used.append(chain)
+            lens.append(n)
+            off += n
+        return avail
+
+    def status(self) -> dict[str, object]:
+        st = super().status()
+        st.update(socket=self.path, connected=self.conn is not None,
+                  queues=sorted(i for i, iq in self.queues.items() if not iq.broken),
+                  mtu=self.device.mtu)
+        return st

@@ -1,0 +1,265 @@
+"""vhost-user-switch driven by Python front-ends over real sockets: forwarding rules,
+bad frames, virtio-net header and MRG_RXBUF handling, control messages, reconnects."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon import Daemon
+
+from vhostuser.devices.net import F_MRG_RXBUF
+from vhostuser.frontend.client import Frontend
+from vhostuser.frontend.net import NetClient
+from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
+from vhostuser.protocol import payloads as p
+
+VF = VirtioFeature
+NET = VF.VERSION_1 | VF.RING_EVENT_IDX | VF.RING_INDIRECT_DESC | F_MRG_RXBUF
+MAC = [bytes([2, 0, 0, 0, 0, i]) for i in range(8)]
+BCAST = b"\xff" * 6
+
+
+def frame(dst: bytes, src: bytes, payload: bytes = b"x" * 46, etype: bytes = b"\x08\x00") -> bytes:
+    return dst + src + etype + payload
+
+
+class Sw:
+    def __init__(self, d: Daemon, paths: list[str], ctl: str) -> None:
+        self.d, self.paths, self.ctl = d, paths, ctl
+
+    def port(self, i: int, features: int = NET, pairs: int = 1, **kw: int) -> NetClient:
+        fe = Frontend(self.paths[i])
+        fe.negotiate(features)
+        fe.set_mem_table()
+        for q in range(2 * pairs):
+            fe.setup_queue(q, 256)
+        return NetClient(fe, **kw)
+
+    def stats(self) -> dict:
+        out = subprocess.run([sys.executable, "-m", "vhostuser.cli.switch", "stats",
+                              "--control", self.ctl], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+        return json.loads(out)
+
+    def port_stats(self, i: int) -> dict:
+        return self.stats()["ports"][i]
+
+
+@pytest.fixture
+def switch(tmp_path: Path) -> Iterator[Callable[..., Sw]]:
+    started: list[Daemon] = []
+
+    def start(nports: int = 3, *extra: str, port_opts: str = "") -> Sw:
+        paths = [str(tmp_path / f"p{i}.sock") for i in range(nports)]
+        ctl = str(tmp_path / "ctl")
+        args = ["vhostuser.cli.switch", "--control", ctl, *extra]
+        for path in paths:
+            args += ["--port", path + port_opts]
+        d = Daemon(args, Path(paths[-1]), tmp_path / "switch.log")
+        started.append(d)
+        return Sw(d, paths, ctl)
+
+    yield start
+    for d in started:
+        assert d.stop() == 0, d.log()
+        assert "Traceback" not in d.log(), d.log()
+
+
+def nothing(n: NetClient, timeout: float = 0.3) -> bool:
+    try:
+        n.recv(1, timeout)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_learning_flooding_and_no_hairpin(switch: Callable[..., Sw]) -> None:
+    sw = switch(3)
+    a, b, c = (sw.port(i) for i in range(3))
+    a.send([frame(MAC[2], MAC[1], b"first".ljust(46))])  # unknown destination: flooded
+    assert b.recv()[0][1][14:19] == b"first"
+    assert c.recv()[0][1][14:19] == b"first"
+    b.send([frame(MAC[1], MAC[2], b"answer".ljust(46))])  # MAC[1] learned at port 0
+    hdr, f = a.recv()[0]
+    assert f[14:20] == b"answer" and hdr == bytes(12)[:10] + b"\x01\x00"  # num_buffers 1
+    assert nothing(c)  # known unicast goes to its port only
+    a.send([frame(MAC[2], MAC[1])])
+    assert len(b.recv()) == 1 and nothing(c)
+    a.send([frame(BCAST, MAC[1]), frame(b"\x01\x00\x5e\x00\x00\x01", MAC[1])])
+    assert len(b.recv(2)) == 2 and len(c.recv(2)) == 2
+    assert nothing(a)  # never back out of the ingress port
+    a.send([frame(MAC[1], MAC[1])])  # destination lives on the ingress port
+    assert nothing(b) and nothing(c)
+    st = sw.stats()
+    assert st["ports"][0]["drops"] == {"to_ingress_port": 1}
+    assert st["ports"][0]["rx_packets"] == 5 and st["ports"][1]["tx_packets"] == 4
+    assert {m["mac"]: m["port"] for m in st["macs"]} == {
+        "02:00:00:00:00:01": "port0", "02:00:00:00:00:02": "port1"}
+
+
+def test_aging(switch: Callable[..., Sw]) -> None:
+    sw = switch(3, "--aging", "0.5")
+    a, b, c = (sw.port(i) for i in range(3))
+    b.send([frame(BCAST, MAC[2])])
+    a.recv(), c.recv()
+    a.send([frame(MAC[2], MAC[1])])
+    assert len(b.recv()) == 1 and nothing(c)
+    time.sleep(1.2)  # MAC[2] forgotten: flooded again
+    a.send([frame(MAC[2], MAC[1])])
+    assert len(b.recv()) == 1 and len(c.recv()) == 1
+
+
+def test_bad_frames_are_dropped_and_counted(switch: Callable[..., Sw]) -> None:
+    sw = switch(2)
+    a, b = sw.port(0), sw.port(1)
+    a.send([frame(BCAST, MAC[1])[:13]])  # runt
+    a.send([frame(BCAST, MAC[1], b"y" * 1600)])  # over the 1500 MTU
+    a.send([frame(BCAST, b"\x01" + MAC[1][1:])])  # multicast source
+    a.send([frame(BCAST, MAC[1])], header=b"\x01" + bytes(11))  # NEEDS_CSUM: not offered
+    a.send([frame(BCAST, MAC[1])], header=b"\x00\x01" + bytes(10))  # GSO TCPv4: not offered
+    a.send([frame(BCAST, MAC[1], b"ok".ljust(1486))])  # a full-size frame passes
+    (_, f), = b.recv()
+    assert f[14:16] == b"ok" and len(f) == 1500
+    assert nothing(b)
+    st = sw.port_stats(0)
+    assert st["drops"] == {"runt": 1, "oversize": 1, "bad_source_mac": 1, "bad_header": 2}
+    assert st["rx_packets"] == 1
+
+
+def test_mergeable_rx_buffers(switch: Callable[..., Sw]) -> None:
+    sw = switch(2, port_opts=",mtu=9000")
+    a, b = sw.port(0), sw.port(1, buf_size=1024)
+    big = frame(BCAST, MAC[1], bytes(range(256)) * 20)  # 5134 bytes: 6 buffers of 1 KiB
+    a.send([big, frame(BCAST, MAC[1])])
+    got = b.recv(2)
+    assert got[0][1] == big
+    assert struct.unpack_from("<H", got[0][0], 10)[0] == 6  # num_buffers
+    assert got[1][1] == frame(BCAST, MAC[1])
+
+
+def test_small_buffers_without_mrg_rxbuf(switch: Callable[..., Sw]) -> None:
+    sw = switch(2, port_opts=",mtu=9000")
+    a = sw.port(0)
+    b = sw.port(1, features=NET & ~F_MRG_RXBUF, buf_size=1024)
+    a.send([frame(BCAST, MAC[1], bytes(3000)), frame(BCAST, MAC[1])])
+    (hdr, f), = b.recv()
+    assert len(hdr) == 12 and f == frame(BCAST, MAC[1])  # VERSION_1: 12-byte header
+    assert nothing(b)
+    assert sw.port_stats(1)["drops"] == {"rx_buffer_too_small": 1}
+
+
+def test_legacy_ten_byte_header(switch: Callable[..., Sw]) -> None:
+    sw = switch(2)
+    legacy = VF.RING_EVENT_IDX | VF.RING_INDIRECT_DESC  # no VERSION_1, no MRG_RXBUF
+    a, b = sw.port(0, features=legacy), sw.port(1, features=legacy)
+    assert a.hdr_len == 10
+    a.send([frame(BCAST, MAC[1], b"ten".ljust(46))])
+    (hdr, f), = b.recv()
+    assert len(hdr) == 10 and f[14:17] == b"ten"
+
+
+def test_no_rx_buffers_counts_drops(switch: Callable[..., Sw]) -> None:
+    sw = switch(2)
+    a, b = sw.port(0), sw.port(1, rx_buffers=2)
+    a.send([frame(BCAST, MAC[1]) for _ in range(5)])
+    assert len(b.recv(2)) == 2
+    deadline = time.monotonic() + 5
+    while sw.port_stats(1)["drops"].get("no_rx_buffer", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sw.port_stats(1)["drops"] == {"no_rx_buffer": 3}
+
+
+def test_rarp_mtu_queue_num(switch: Callable[..., Sw]) -> None:
+    sw = switch(2)
+    a, b = sw.port(0), sw.port(1)
+    fe = a.fe
+    assert fe.protocol_features & ProtocolFeature.RARP
+    assert fe.get_u64(FrontendReq.GET_QUEUE_NUM) == 1  # queue pairs
+    fe.call(FrontendReq.SEND_RARP, p.U64(int.from_bytes(MAC[5] + b"\0\0", "little")))
+    (_, f), = b.recv()
+    assert f[:14] == BCAST + MAC[5] + b"\x80\x35" and f[14:22] == bytes.fromhex("0001080006040003")
+    fe.call(FrontendReq.NET_SET_MTU, p.U64(1000))
+    a.send([frame(BCAST, MAC[1], bytes(1010))])  # 1024 bytes > 1000 + 14 + 4
+    assert nothing(b)
+    assert sw.port_stats(0)["drops"] == {"oversize": 1}
+    with pytest.raises(Exception, match="NACK"):
+        fe.call(FrontendReq.NET_SET_MTU, p.U64(40))
+    cfg = fe.get_config(12)
+    assert cfg[:6] == bytes([0x52, 0x54, 0, 0x5C, 0, 1]) and cfg[6] == 1  # mac, link up
+
+
+def test_reconnect_does_not_disturb_other_ports(switch: Callable[..., Sw]) -> None:
+    sw = switch(3)
+    a, b = sw.port(0), sw.port(1)
+    for rnd in range(3):
+        c = sw.port(2)
+        c.send([frame(BCAST, MAC[3])])
+        assert len(a.recv()) == 1 and len(b.recv()) == 1
+        a.send([frame(MAC[2], MAC[1], bytes([rnd]) * 46)])
+        assert b.recv()[0][1][14] == rnd
+        c.fe.close()  # port 2 goes away; 0 and 1 keep talking
+        sw.d.wait_log("port2: front-end disconnected", count=rnd + 1)
+        b.send([frame(MAC[1], MAC[2])])
+        assert len(a.recv()) == 1
+    st = sw.stats()
+    assert st["ports"][2]["connected"] is False and st["ports"][0]["connected"] is True
+
+
+def test_multiqueue_pairs(switch: Callable[..., Sw]) -> None:
+    sw = switch(2, port_opts=",queues=2")
+    a = sw.port(0, pairs=2)
+    b0 = sw.port(1, pairs=2)
+    b1 = NetClient(b0.fe, pair=1)
+    assert a.fe.get_u64(FrontendReq.GET_QUEUE_NUM) == 2
+    a1 = NetClient(a.fe, pair=1)
+    a1.send([frame(BCAST, MAC[1], bytes([i]) * 46) for i in range(40)])  # tx on pair 1
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < 40 and time.monotonic() < deadline:
+        for n in (b0, b1):
+            try:
+                got += n.recv(1, 0.2)
+            except TimeoutError:
+                pass
+    assert len(got) == 40
+    assert sw.port_stats(1)["tx_packets"] == 40
+
+
+def test_malicious_ring_stops_one_port_only(switch: Callable[..., Sw]) -> None:
+    sw = switch(3)
+    a, b, c = (sw.port(i) for i in range(3))
+    ring = a.fe.queues[1].ring
+    gpa = a.fe.ram.alloc(16)
+    ring.write_desc(0, gpa, 16, 1, 1)
+    ring.write_desc(1, gpa, 16, 1, 0)  # a loop
+    ring.publish(0)
+    a.fe.kick(1)
+    sw.d.wait_log("port0 queue 1: stopped")
+    b.send([frame(MAC[3], MAC[2])])
+    assert len(c.recv()) == 1  # the other ports carry on
+
+
+def test_bad_command_lines(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vhostuser.cli.switch", *args],
+                              capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    for args, msg in ((["--aging", "5"], "at least one --port"),
+                      (["--port", "a,bogus"], "unknown option"),
+                      (["--port", "a,mac=zz"], "bad MAC"),
+                      (["--port", "a,queues=0"], "queue pairs"),
+                      (["--port", "a", "--port", "a"], "share a socket path"),
+                      (["--port", "a", "--tap", "x" * 20], "bad interface name")):
+        r = run(*args)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run("stats", "--control", str(tmp_path / "none"))
+    assert r.returncode == 1 and "cannot read" in r.stderr
+    out = subprocess.run([sys.executable, "-m", "vhostuser.cli.net", "--print-capabilities"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == {"type": "net", "features": []}
