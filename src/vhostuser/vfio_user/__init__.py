@@ -1,0 +1,68 @@
+"""vfio-user: the protocol layer (no I/O) and its AF_UNIX framing.
+
+`protocol` knows bytes only: the header, every command's request and reply payload,
+the argsz / flag / fd-count rules, typed errors. `socket` moves whole messages with their
+fds over a stream socket. The device model lives elsewhere.
+"""
+
+from . import protocol
+from .protocol import (
+    HEADER_SIZE,
+    MAX_MSG_FDS,
+    SPECS,
+    Capabilities,
+    Command,
+    DeviceFlag,
+    Header,
+    HeaderFlag,
+    IrqInfoFlag,
+    IrqSetFlag,
+    Message,
+    MsgType,
+    PciIrq,
+    PciRegion,
+    Peer,
+    RegionFlag,
+    Version,
+    VfioUserError,
+    check_supported,
+    command,
+    decode_command,
+    decode_header,
+    decode_reply,
+    encode,
+    error_reply,
+    negotiate_version,
+    reply_to,
+)
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_MSG_FDS",
+    "SPECS",
+    "Capabilities",
+    "Command",
+    "DeviceFlag",
+    "Header",
+    "HeaderFlag",
+    "IrqInfoFlag",
+    "IrqSetFlag",
+    "Message",
+    "MsgType",
+    "PciIrq",
+    "PciRegion",
+    "Peer",
+    "RegionFlag",
+    "Version",
+    "VfioUserError",
+    "check_supported",
+    "command",
+    "decode_command",
+    "decode_header",
+    "decode_reply",
+    "encode",
+    "error_reply",
+    "negotiate_version",
+    "protocol",
+    "reply_to",
+]

@@ -1,0 +1,175 @@
+"""vfio-user messages over an AF_UNIX stream socket, fds passed with SCM_RIGHTS.
+
+The sender attaches the fds to the sendmsg that carries the first byte of the header (as
+QEMU and libvfio-user do), so a reader receives the 16-byte header with room for
+`max_fds` fds, then exactly ``header.size - 16`` more bytes. Nothing here interprets a
+payload beyond what `protocol` does.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from itertools import count
+
+from ..shutdown import StopSignal
+from ..transport.unix import PeerClosed, connect, listen
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER_SIZE,
+    MAX_MSG_FDS,
+    BadFdCount,
+    Header,
+    Message,
+    Peer,
+    VfioUserError,
+    decode_command,
+    decode_header,
+    decode_reply,
+    encode,
+)
+
+__all__ = ["PeerClosed", "VfioUserChannel", "close_fds", "connect", "listen", "take_fds"]
+
+_INT_SIZE = array.array("i").itemsize
+
+
+def close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int) -> list[int]:
+    """The fds of a recvmsg's ancillary data. If the kernel had to drop some (more were
+    sent than there was room for), close the ones that came and raise BadFdCount."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise BadFdCount(f"more than {max_fds} fds attached to one message")
+    return fds
+
+
+class VfioUserChannel:
+    """Framed vfio-user messages over a connected stream socket.
+
+    ``max_fds`` is the room left for fds on each message: what this side advertises as
+    ``max_msg_fds``. ``max_size`` bounds a whole message (see
+    `protocol.max_message_size`). Received fds belong to the caller, who must close them;
+    on any error the fds of the offending message are closed here.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        max_fds: int = MAX_MSG_FDS,
+        max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        stop: StopSignal | None = None,
+    ) -> None:
+        self.sock = sock
+        self.max_fds = max_fds
+        self.max_size = max_size
+        self.stop = stop
+        self._fd_space = socket.CMSG_SPACE(max_fds * _INT_SIZE)
+        self._ids = count()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def next_msg_id(self) -> int:
+        """A msg_id for the next command this side sends (wraps at 16 bits)."""
+        return next(self._ids) & 0xFFFF
+
+    # -- receiving
+
+    def recv_raw(self) -> tuple[Header, bytes, list[int]]:
+        """One message as (validated header, body, fds). Raises PeerClosed at EOF (also in
+        the middle of a message) and VfioUserError on a bad header (its fds are closed)."""
+        if self.stop is not None:
+            self.stop.wait(self.sock.fileno())
+        data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE, self._fd_space)
+        fds = take_fds(anc, flags, self.max_fds)
+        try:
+            if not data:
+                raise PeerClosed()
+            while len(data) < HEADER_SIZE:
+                more = self.sock.recv(HEADER_SIZE - len(data))
+                if not more:
+                    raise PeerClosed()
+                data += more
+            header = decode_header(data, self.max_size)
+            body = self._recv_exact(header.body_size)
+        except BaseException:
+            close_fds(fds)
+            raise
+        return header, body, fds
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise PeerClosed()
+            got += k
+        return bytes(buf)
+
+    def recv_command(
+        self, *, sender: Peer = Peer.CLIENT, max_data_xfer_size: int | None = None
+    ) -> tuple[Message, list[int]]:
+        """The next message, which must be a command from ``sender``. On a VfioUserError
+        raised after the header arrived, ``exc.header`` tells whom to send the error reply
+        (`protocol.error_reply(exc.header, exc.errno)`); the fds are closed."""
+        header, body, fds = self.recv_raw()
+        try:
+            msg = decode_command(
+                header, body, len(fds), sender=sender, max_data_xfer_size=max_data_xfer_size
+            )
+        except VfioUserError:
+            close_fds(fds)
+            raise
+        return msg, fds
+
+    def recv_reply(
+        self, request: Message, *, max_data_xfer_size: int | None = None
+    ) -> tuple[Message, list[int]]:
+        """The next message, which must be the reply to ``request``."""
+        header, body, fds = self.recv_raw()
+        try:
+            msg = decode_reply(
+                header, body, len(fds), request=request, max_data_xfer_size=max_data_xfer_size
+            )
+        except VfioUserError:
+            close_fds(fds)
+            raise
+        return msg, fds
+
+    # -- sending
+
+    def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send ``msg`` with ``fds`` attached to its first byte."""
+        if len(fds) > self.max_fds:
+            raise ValueError(f"{len(fds)} fds in one message, at most {self.max_fds}")
+        self.send_bytes(encode(msg), fds)
+
+    def send_bytes(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send an already encoded message (or a deliberately broken one, in tests)."""
+        anc = []
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = self.sock.sendmsg([data], anc)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def close(self) -> None:
+        self.sock.close()
