@@ -194,9 +194,7 @@ def _spec(channel: Channel, request: int) -> Spec:
     return spec
 
 
-def _check_fds(rule: Fds, payload: p.Payload, nfds: int, what: str) -> None:
-    if nfds > MAX_FDS:
-        raise BadFdCount(f"{what}: {nfds} fds, at most {MAX_FDS}")
+def _allowed_fds(rule: Fds, payload: p.Payload) -> tuple[int, ...]:
     if rule is Fds.PER_REGION:
         assert isinstance(payload, p.MemTable)
         want: tuple[int, ...] = (len(payload.regions),)
@@ -208,12 +206,22 @@ def _check_fds(rule: Fds, payload: p.Payload, nfds: int, what: str) -> None:
         want = (0, 1)
     else:
         want = (0,)
+    return want
+
+
+def _check_fds(rule: Fds, payload: p.Payload, nfds: int, what: str) -> None:
+    if nfds > MAX_FDS:
+        raise BadFdCount(f"{what}: {nfds} fds, at most {MAX_FDS}")
+    want = _allowed_fds(rule, payload)
     if nfds not in want:
         raise BadFdCount(f"{what} carries {nfds} fds, expected {' or '.join(map(str, want))}")
 
 
-def decode_request(channel: Channel, header: Header, body: bytes, nfds: int = 0) -> Message:
-    """Validate and decode a request (REPLY clear) received on `channel`."""
+def decode_request(channel: Channel, header: Header, body: bytes,
+                   nfds: int | None = 0) -> Message:
+    """Validate and decode a request (REPLY clear) received on `channel`. `nfds=None`:
+    the fds were consumed on the way (virtio-vhost-user), so their count is not checked;
+    `expected_fds` tells how many there were."""
     spec = _spec(channel, header.request)
     what = channel.name_of(header.request)
     if header.is_reply:
@@ -221,8 +229,14 @@ def decode_request(channel: Channel, header: Header, body: bytes, nfds: int = 0)
     if len(body) != header.size:
         raise PayloadTooLarge(f"{what}: body is {len(body)} bytes, header says {header.size}")
     payload = spec.payload.unpack(body)
-    _check_fds(spec.fds, payload, nfds, what)
+    if nfds is not None:
+        _check_fds(spec.fds, payload, nfds, what)
     return Message(header.request, payload, header.flags)
+
+
+def expected_fds(channel: Channel, msg: Message) -> int:
+    """How many fds request `msg` carries (the smallest count its rule allows)."""
+    return _allowed_fds(_spec(channel, msg.request).fds, msg.payload)[0]
 
 
 def decode_reply(

@@ -1,0 +1,368 @@
+"""The virtio-vhost-user relay: vhost-user messages between the consumer's socket and the
+appliance driver's virtqueues, with the fds they carry turned into device resources.
+
+It knows nothing of PCI or vfio-user: the device model gives it a `DriverSide` (put a
+message in rxq, ring an interrupt) and feeds it txq messages, doorbell writes and kicks.
+See docs/vvu-design.md for the rules implemented here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Protocol
+
+from ..protocol import (
+    HEADER_SIZE,
+    Channel,
+    FrontendReq,
+    Header,
+    HeaderFlag,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    decode_header,
+    decode_reply,
+    decode_request,
+    encode,
+    expects_reply,
+    has_own_reply,
+    reply_to,
+)
+from ..protocol import payloads as p
+from ..protocol.constants import LOG_ALL, VERSION
+from ..transport.unix import PeerClosed, UnixChannel
+
+log = logging.getLogger(__name__)
+
+F = FrontendReq
+PF = ProtocolFeature
+
+# Protocol features that need no fd to cross the device, in either direction.
+ALLOWED_PROTOCOL_FEATURES = int(PF.MQ | PF.RARP | PF.REPLY_ACK | PF.MTU | PF.CROSS_ENDIAN
+                                | PF.CRYPTO_SESSION | PF.CONFIG | PF.RESET_DEVICE
+                                | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
+
+# Requests that would need fds to travel further than the device (or back).
+FORBIDDEN = frozenset({
+    F.SET_LOG_BASE, F.SET_LOG_FD, F.SET_BACKEND_REQ_FD, F.POSTCOPY_ADVISE,
+    F.POSTCOPY_LISTEN, F.POSTCOPY_END, F.GET_INFLIGHT_FD, F.SET_INFLIGHT_FD,
+    F.GPU_SET_SOCKET, F.IOTLB_MSG, F.GET_SHARED_OBJECT, F.SET_DEVICE_STATE_FD,
+    F.CHECK_DEVICE_STATE, F.GET_SHMEM_CONFIG,
+})
+
+class RxResult(Enum):
+    OK = auto()
+    NO_BUFFER = auto()  # nothing posted: try again when the driver posts buffers
+    TOO_SMALL = auto()  # the posted buffer cannot hold the message: a device error
+
+
+class DriverSide(Protocol):
+    """What the device model provides to the relay."""
+
+    def rx_put(self, message: bytes) -> RxResult: ...
+
+    def kick_arrived(self, vring: int) -> None:
+        """The consumer kicked `vring`: raise that vring's notification (if any)."""
+        ...
+
+    def frontend_changed(self) -> None:
+        """FRONTEND_UP changed by the device: send a config-change interrupt."""
+        ...
+
+    def device_error(self) -> None:
+        """Set DEVICE_NEEDS_RESET and tell the driver."""
+        ...
+
+
+class RelayError(Exception):
+    """A side broke the rules; the session ends."""
+
+
+@dataclass
+class Window:
+    """The consumer's memory file, as the shared-memory BAR exposes it."""
+
+    fd: int
+    size: int  # largest mmap_offset + size of the current regions
+    file_id: tuple[int, int]
+
+
+class Relay:
+    def __init__(self, driver: DriverSide, max_queues: int) -> None:
+        self.driver = driver
+        self.max_queues = max_queues
+        self.conn: UnixChannel | None = None
+        self.backend_up = False
+        self.protocol_features = 0  # as the consumer set them (masked)
+        self.regions: list[p.MemRegion] = []
+        self.window: Window | None = None
+        self.calls: dict[int, int] = {}
+        self.errs: dict[int, int] = {}
+        self.kicks: dict[int, int] = {}  # vring -> the consumer's kick eventfd
+        self.parked: bytes | None = None  # a message waiting for an rxq buffer
+        self.awaiting: int | None = None  # the request whose reply the consumer waits for
+        self.window_changed = False  # set when the window was replaced; the device reads it
+
+    # -- session ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and self.backend_up
+
+    def status(self) -> int:
+        return (1 if self.backend_up else 0) | (2 if self.connected else 0)
+
+    def attach(self, sock: socket.socket) -> None:
+        """A consumer connected (the device accepts only when none is)."""
+        was = self.connected
+        self.conn = UnixChannel(sock)
+        log.info("consumer connected")
+        if self.connected != was:
+            self.driver.frontend_changed()
+
+    def set_backend_up(self, up: bool) -> None:
+        if up == self.backend_up:
+            return
+        self.backend_up = up
+        if up:
+            if self.connected:  # a consumer was already waiting
+                self.driver.frontend_changed()
+        else:  # the driver's own action: no config interrupt
+            self.end_session("the driver cleared BACKEND_UP", notify=False)
+
+    def end_session(self, why: str, notify: bool = True) -> None:
+        was = self.connected
+        if self.conn is not None:
+            log.info("consumer session ended: %s", why)
+            self.conn.close()
+            self.conn = None
+        for table in (self.calls, self.errs, self.kicks):
+            for fd in table.values():
+                os.close(fd)
+            table.clear()
+        self.parked = None
+        self.awaiting = None
+        self.protocol_features = 0
+        if was and notify:
+            self.driver.frontend_changed()
+
+    def close(self) -> None:
+        self.end_session("device closed", notify=False)
+        self.backend_up = False
+        if self.window is not None:
+            os.close(self.window.fd)
+            self.window = None
+
+    # -- consumer -> driver ----------------------------------------------------------------
+
+    def wants_consumer(self) -> bool:
+        """Whether the device should read the consumer's socket now."""
+        return self.connected and self.parked is None
+
+    def on_consumer(self) -> None:
+        """The consumer's socket is readable: relay one message (or end the session)."""
+        assert self.conn is not None
+        try:
+            header, body, fds = self.conn.recv_raw()
+        except PeerClosed:
+            self.end_session("the consumer disconnected")
+            return
+        except (ProtocolError, OSError) as e:
+            self.end_session(f"bad message from the consumer: {e}")
+            return
+        try:
+            data = self._from_consumer(header, body, fds)
+        except (ProtocolError, RelayError) as e:
+            for fd in fds:
+                os.close(fd)
+            self._refuse(header, str(e))
+            return
+        if data is not None:
+            self.parked = data
+            self.retry_rx()
+
+    def retry_rx(self) -> None:
+        """Put the parked message into rxq if the driver has posted a buffer."""
+        if self.parked is None:
+            return
+        result = self.driver.rx_put(self.parked)
+        if result is RxResult.OK:
+            self.parked = None
+        elif result is RxResult.TOO_SMALL:
+            log.error("rxq buffer too small for a %d-byte message", len(self.parked))
+            self.driver.device_error()
+            self.end_session("message larger than the rxq buffer")
+
+    def _refuse(self, header: Header, why: str) -> None:
+        """The device answers a request it will not relay: a NACK when the consumer asked
+        for an ack and awaits nothing else, otherwise the session ends."""
+        bare = Message(header.request, p.Empty(), header.flags)
+        ack = header.need_reply and self.protocol_features & PF.REPLY_ACK
+        own = False
+        try:
+            own = has_own_reply(Channel.FRONTEND, bare, self.protocol_features)
+        except ProtocolError:
+            pass
+        if ack and not own and self.conn is not None:
+            log.error("refused consumer request %d: %s", header.request, why)
+            self.conn.send(reply_to(bare, p.U64(1)))
+            return
+        self.end_session(f"consumer request {header.request} refused: {why}")
+
+    def _from_consumer(self, header: Header, body: bytes, fds: list[int]) -> bytes:
+        msg = decode_request(Channel.FRONTEND, header, body, len(fds))
+        code = msg.request
+        if code in FORBIDDEN:
+            raise RelayError(f"{F(code).name} cannot cross the device")
+        if code == F.SET_PROTOCOL_FEATURES:
+            assert isinstance(msg.payload, p.U64)
+            masked = msg.payload.value & ALLOWED_PROTOCOL_FEATURES
+            self.protocol_features = masked
+            msg = Message(code, p.U64(masked), msg.flags)
+        elif code in (F.SET_MEM_TABLE, F.ADD_MEM_REG, F.REM_MEM_REG):
+            self._memory(msg, fds)
+        elif code in (F.SET_VRING_CALL, F.SET_VRING_ERR, F.SET_VRING_KICK):
+            self._vring_fd(msg, fds)
+        elif code == F.GET_VRING_BASE:
+            assert isinstance(msg.payload, p.VringState)
+            self._drop_vring(msg.payload.index)
+        else:
+            for fd in fds:  # only REM_MEM_REG may carry a stray one; it is handled above
+                os.close(fd)
+        if expects_reply(Channel.FRONTEND, msg, self.protocol_features):
+            self.awaiting = code
+        return encode(msg)
+
+    def _vring_fd(self, msg: Message, fds: list[int]) -> None:
+        pl = msg.payload
+        assert isinstance(pl, p.VringFile)
+        if pl.index >= self.max_queues:
+            raise RelayError(f"vring {pl.index} beyond max_vhost_queues {self.max_queues}")
+        table = {F.SET_VRING_CALL: self.calls, F.SET_VRING_ERR: self.errs,
+                 F.SET_VRING_KICK: self.kicks}[FrontendReq(msg.request)]
+        old = table.pop(pl.index, None)
+        if old is not None:
+            os.close(old)
+        if fds:
+            os.set_blocking(fds[0], False)
+            table[pl.index] = fds[0]
+
+    def _drop_vring(self, index: int) -> None:
+        for table in (self.kicks, self.calls, self.errs):
+            fd = table.pop(index, None)
+            if fd is not None:
+                os.close(fd)
+
+    def _memory(self, msg: Message, fds: list[int]) -> None:
+        code = msg.request
+        if code == F.REM_MEM_REG:
+            for fd in fds:
+                os.close(fd)
+            assert isinstance(msg.payload, p.SingleMemRegion)
+            r = msg.payload.region
+            self.regions = [x for x in self.regions
+                            if (x.guest_addr, x.user_addr, x.size) != (r.guest_addr,
+                                                                       r.user_addr, r.size)]
+            return
+        if code == F.SET_MEM_TABLE:
+            assert isinstance(msg.payload, p.MemTable)
+            regions = list(msg.payload.regions)
+        else:
+            assert isinstance(msg.payload, p.SingleMemRegion)
+            regions = [*self.regions, msg.payload.region]
+        try:
+            if not fds:
+                raise RelayError("a memory table without file descriptors")
+            ids = {self._file_id(fd) for fd in fds}
+            if code == F.ADD_MEM_REG and self.window is not None:
+                ids.add(self.window.file_id)
+            if len(ids) > 1:
+                raise RelayError("the consumer's memory spans several files; the window "
+                                 "can expose one (use one memory backend, share=on)")
+            size = max(r.mmap_offset + r.size for r in regions)
+            if os.fstat(fds[0]).st_size < size:
+                raise RelayError(f"regions reach {size:#x}, past the end of their file")
+            fd = os.dup(fds[0])
+        except OSError as e:
+            raise RelayError(f"unusable memory fd: {e}") from e
+        for x in fds:
+            os.close(x)
+        old, self.window = self.window, Window(fd, size, ids.pop())
+        if old is not None:
+            os.close(old.fd)
+        self.regions = regions
+        self.window_changed = True
+
+    @staticmethod
+    def _file_id(fd: int) -> tuple[int, int]:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
+    # -- driver -> consumer ------------------------------------------------------------------
+
+    def from_driver(self, data: bytes) -> None:
+        """One txq message from the driver: a reply the consumer waits for."""
+        try:
+            msg = self._check_reply(data)
+        except ProtocolError as e:
+            log.error("bad txq message from the driver: %s", e)
+            self.end_session(f"driver protocol violation: {e}")
+            return
+        if self.conn is None:
+            return  # the consumer has gone; nothing to answer
+        try:
+            self.conn.send(msg)
+        except OSError as e:
+            self.end_session(f"cannot write to the consumer: {e}")
+
+    def _check_reply(self, data: bytes) -> Message:
+        if len(data) < HEADER_SIZE:
+            raise ProtocolError(f"txq message of {len(data)} bytes, shorter than a header")
+        header = decode_header(data[:HEADER_SIZE])
+        if HEADER_SIZE + header.size != len(data):
+            raise ProtocolError(f"txq buffer holds {len(data)} bytes, the header says "
+                                f"{HEADER_SIZE + header.size}")
+        if not header.is_reply:
+            raise ProtocolError("back-end requests are not relayed (BACKEND_REQ is masked)")
+        if self.awaiting is None or header.request != self.awaiting:
+            raise ProtocolError(f"reply to request {header.request}, but the consumer "
+                                f"waits for {self.awaiting}")
+        msg = decode_reply(Channel.FRONTEND, self.awaiting, header, data[HEADER_SIZE:])
+        self.awaiting = None
+        if msg.request == F.GET_PROTOCOL_FEATURES:
+            assert isinstance(msg.payload, p.U64)
+            msg = Message(msg.request, p.U64(msg.payload.value & ALLOWED_PROTOCOL_FEATURES),
+                          VERSION | HeaderFlag.REPLY)
+        elif msg.request == F.GET_FEATURES:
+            assert isinstance(msg.payload, p.U64)
+            msg = Message(msg.request, p.U64(msg.payload.value & ~LOG_ALL),
+                          VERSION | HeaderFlag.REPLY)
+        return msg
+
+    # -- doorbells and kicks -----------------------------------------------------------------
+
+    def doorbell(self, offset: int, multiplier: int = 4) -> None:
+        """A driver write into the doorbell area at byte `offset`."""
+        if offset % multiplier:
+            return
+        i, n = offset // multiplier, self.max_queues
+        fd = self.calls.get(i) if i < n else self.errs.get(i - n) if i < 2 * n else None
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except BlockingIOError:
+                pass
+
+    def on_kick(self, vring: int) -> None:
+        fd = self.kicks.get(vring)
+        if fd is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        self.driver.kick_arrived(vring)

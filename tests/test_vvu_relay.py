@@ -1,0 +1,261 @@
+"""The virtio-vhost-user relay, step by step: a consumer on a real socket, a recording
+driver side. Messages cross both ways, fds become resources, features are masked, and
+every rule violation ends the session cleanly."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from vhostuser.frontend.ring import GuestRam
+from vhostuser.protocol import (
+    HEADER_SIZE,
+    Channel,
+    FrontendReq,
+    ProtocolFeature,
+    decode_header,
+    decode_reply,
+    decode_request,
+    encode,
+    reply_to,
+    request,
+)
+from vhostuser.protocol import payloads as p
+from vhostuser.transport.unix import UnixChannel
+from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, Relay, RxResult
+
+F = FrontendReq
+PF = ProtocolFeature
+
+
+class Driver:
+    """A fake driver side that records what the device does."""
+
+    def __init__(self) -> None:
+        self.rx: list[bytes] = []
+        self.buffers = 8
+        self.buffer_size = 1024
+        self.kicks: list[int] = []
+        self.config_irqs = 0
+        self.errors = 0
+
+    def rx_put(self, message: bytes) -> RxResult:
+        if not self.buffers:
+            return RxResult.NO_BUFFER
+        if len(message) > self.buffer_size:
+            return RxResult.TOO_SMALL
+        self.buffers -= 1
+        self.rx.append(message)
+        return RxResult.OK
+
+    def kick_arrived(self, vring: int) -> None:
+        self.kicks.append(vring)
+
+    def frontend_changed(self) -> None:
+        self.config_irqs += 1
+
+    def device_error(self) -> None:
+        self.errors += 1
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[Relay, Driver, UnixChannel]]:
+    drv = Driver()
+    relay = Relay(drv, max_queues=4)
+    dev_sock, fe_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.set_backend_up(True)
+    relay.attach(dev_sock)
+    yield relay, drv, UnixChannel(fe_sock)
+    relay.close()
+    fe_sock.close()
+
+
+def send(fe: UnixChannel, relay: Relay, msg: object, fds: tuple[int, ...] = ()) -> None:
+    fe.send(msg, fds)  # type: ignore[arg-type]
+    relay.on_consumer()
+
+
+def delivered(drv: Driver) -> object:
+    data = drv.rx.pop(0)
+    h = decode_header(data[:HEADER_SIZE])
+    assert HEADER_SIZE + h.size == len(data)
+    return decode_request(Channel.FRONTEND, h, data[HEADER_SIZE:], None)  # fds consumed
+
+
+def consumer_gets(fe: UnixChannel, code: int) -> object:
+    h, body, fds = fe.recv_raw()
+    return decode_reply(Channel.FRONTEND, code, h, body, len(fds))
+
+
+def closed(fe: UnixChannel) -> bool:
+    ready, _, _ = select.select([fe.sock], [], [], 2)
+    return bool(ready) and fe.sock.recv(1) == b""
+
+
+def test_status_and_config_interrupts(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    assert relay.status() == 3 and drv.config_irqs == 1  # FRONTEND_UP set by the device
+    relay.set_backend_up(False)  # the driver's own action: no interrupt, session over
+    assert relay.status() == 0 and drv.config_irqs == 1 and closed(fe)
+
+
+def test_request_and_reply_cross(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    send(fe, relay, request(F.GET_FEATURES))
+    assert delivered(drv) == request(F.GET_FEATURES)
+    relay.from_driver(encode(reply_to(request(F.GET_FEATURES), p.U64((1 << 32) | (1 << 26)))))
+    got = consumer_gets(fe, F.GET_FEATURES)
+    assert got.payload == p.U64(1 << 32)  # LOG_ALL masked: no dirty logging across
+
+
+def test_protocol_features_masked_both_ways(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    everything = (1 << 22) - 1
+    send(fe, relay, request(F.GET_PROTOCOL_FEATURES))
+    delivered(drv)
+    relay.from_driver(encode(reply_to(request(F.GET_PROTOCOL_FEATURES), p.U64(everything))))
+    offered = consumer_gets(fe, F.GET_PROTOCOL_FEATURES).payload.value
+    assert offered == ALLOWED_PROTOCOL_FEATURES
+    for bad in (PF.LOG_SHMFD, PF.BACKEND_REQ, PF.INFLIGHT_SHMFD, PF.HOST_NOTIFIER,
+                PF.PAGEFAULT, PF.DEVICE_STATE, PF.SHARED_OBJECT, PF.INBAND_NOTIFICATIONS):
+        assert not offered & bad
+    for good in (PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.STATUS, PF.RESET_DEVICE,
+                 PF.CONFIGURE_MEM_SLOTS):
+        assert offered & good
+    send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(everything)))
+    assert delivered(drv).payload == p.U64(ALLOWED_PROTOCOL_FEATURES)
+
+
+def test_memory_table_becomes_the_window(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    ram = GuestRam(1 << 20)
+    lo = p.MemRegion(0, 0x40000, 0x7F0000000000, 0)
+    hi = p.MemRegion(0x100000000, 0x80000, 0x7F0000040000, 0x40000)  # same file, further on
+    table = p.MemTable((lo, hi))
+    send(fe, relay, request(F.SET_MEM_TABLE, table), (ram.fd, ram.fd))
+    assert delivered(drv).payload == table  # unchanged: the driver applies the same rule
+    w = relay.window
+    assert w is not None and w.size == 0xC0000
+    ram.at(0x40000 + 5, 4)[:] = b"VVU!"  # guest address 0x100000005 lives at window 0x40005
+    with open(f"/proc/self/fd/{w.fd}", "rb") as f:
+        f.seek(hi.mmap_offset + 5)
+        assert f.read(4) == b"VVU!"
+
+
+def test_memory_in_two_files_is_refused(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    a, b = GuestRam(1 << 16), GuestRam(1 << 16)
+    table = p.MemTable((p.MemRegion(0, 1 << 16, 0x1000000, 0),
+                        p.MemRegion(1 << 20, 1 << 16, 0x2000000, 0)))
+    send(fe, relay, request(F.SET_MEM_TABLE, table), (a.fd, b.fd))
+    assert not drv.rx and closed(fe)  # no REPLY_ACK negotiated: the session ends
+
+
+def test_refusals_are_nacked_with_reply_ack(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(PF.REPLY_ACK)))
+    delivered(drv)
+    r, w = os.pipe()
+    send(fe, relay, request(F.SET_LOG_FD, need_reply=True), (r,))  # needs an fd to cross
+    assert consumer_gets(fe, F.SET_LOG_FD).payload == p.U64(1)
+    send(fe, relay, request(F.SET_VRING_CALL, p.VringFile.make(9), need_reply=True), (w,))
+    assert consumer_gets(fe, F.SET_VRING_CALL).payload == p.U64(1)  # beyond max queues
+    assert not drv.rx and relay.connected  # still in session
+    os.close(r)
+    os.close(w)
+
+
+def test_call_err_doorbells_and_kick_notifications(
+        setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    call, err, kick = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
+    send(fe, relay, request(F.SET_VRING_CALL, p.VringFile.make(1)), (call,))
+    send(fe, relay, request(F.SET_VRING_ERR, p.VringFile.make(1)), (err,))
+    send(fe, relay, request(F.SET_VRING_KICK, p.VringFile.make(2)), (kick,))
+    assert [delivered(drv).request for _ in range(3)] == [F.SET_VRING_CALL, F.SET_VRING_ERR,
+                                                          F.SET_VRING_KICK]
+    relay.doorbell(4 * 1)  # call doorbell of vring 1
+    assert os.eventfd_read(call) == 1
+    relay.doorbell(4 * (4 + 1))  # err doorbell of vring 1 (N = 4)
+    assert os.eventfd_read(err) == 1
+    relay.doorbell(4 * 8)  # the log doorbell: accepted, nothing to do
+    relay.doorbell(4 * 3)  # no call fd for vring 3: ignored
+    relay.doorbell(5)  # misaligned: ignored
+    os.eventfd_write(kick, 1)
+    relay.on_kick(2)
+    assert drv.kicks == [2]
+    relay.on_kick(2)  # nothing pending: no spurious notification
+    assert drv.kicks == [2]
+    send(fe, relay, request(F.GET_VRING_BASE, p.VringState(1, 0)))
+    assert 1 not in relay.calls and 1 not in relay.errs  # dropped at GET_VRING_BASE
+    for fd in (call, err, kick):
+        os.close(fd)
+
+
+def test_no_rx_buffer_parks_the_message(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    drv.buffers = 0
+    send(fe, relay, request(F.GET_FEATURES))
+    assert not drv.rx and not relay.wants_consumer()  # parked; the socket is not read
+    drv.buffers = 1
+    relay.retry_rx()
+    assert delivered(drv) == request(F.GET_FEATURES) and relay.wants_consumer()
+
+
+def test_message_larger_than_the_rx_buffer(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    drv.buffer_size = 16
+    send(fe, relay, request(F.SET_VRING_ADDR, p.VringAddr(0, 0, 0, 0, 0, 0)))
+    assert drv.errors == 1 and closed(fe) and drv.config_irqs == 2
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x01\x00",  # shorter than a header
+    encode(reply_to(request(F.GET_FEATURES), p.U64(0)))[:-1],  # size disagrees with buffer
+    encode(reply_to(request(F.GET_QUEUE_NUM), p.U64(0))),  # not the awaited request
+    encode(request(F.GET_FEATURES)),  # a request, not a reply
+    encode(reply_to(request(F.GET_FEATURES), p.VringState(0, 0)))[:12].replace(
+        b"\x05\x00\x00\x00", b"\x06\x00\x00\x00") + bytes(8),  # version 2
+])
+def test_bad_txq_messages_end_the_session(setup: tuple[Relay, Driver, UnixChannel],
+                                          bad: bytes) -> None:
+    relay, drv, fe = setup
+    send(fe, relay, request(F.GET_FEATURES))
+    delivered(drv)
+    relay.from_driver(bad)
+    assert closed(fe) and not relay.connected
+
+
+def test_unsolicited_reply_ends_the_session(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, _, fe = setup
+    relay.from_driver(encode(reply_to(request(F.GET_FEATURES), p.U64(0))))
+    assert closed(fe)
+
+
+def test_malformed_consumer_message(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    fe.sock.sendall(b"\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # version 0
+    relay.on_consumer()
+    assert closed(fe) and not drv.rx and drv.config_irqs == 2
+
+
+def test_consumer_disconnect_and_reconnect(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    call = os.eventfd(0)
+    send(fe, relay, request(F.SET_VRING_CALL, p.VringFile.make(0)), (call,))
+    assert delivered(drv).request == F.SET_VRING_CALL
+    fe.close()
+    relay.on_consumer()
+    assert not relay.connected and relay.calls == {} and drv.config_irqs == 2
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.attach(a)  # a new consumer: FRONTEND_UP again, with an interrupt
+    assert relay.status() == 3 and drv.config_irqs == 3
+    fe2 = UnixChannel(b)
+    send(fe2, relay, request(F.GET_FEATURES))
+    assert delivered(drv).request == F.GET_FEATURES
+    os.close(call)
+    b.close()
