@@ -1,0 +1,1 @@
+"""The virtio-vhost-user device (VMM side)."""

@@ -1,0 +1,344 @@
+"""The virtio-vhost-user PCI device: its registers, BARs, queues and interrupts.
+
+No I/O loop here: the vfio-user server (`server.py`) calls `region_read/write`,
+`dma_map/unmap`, `set_irqs`, `reset`; the relay calls back through the `DriverSide`
+methods (`rx_put`, `kick_arrived`, `frontend_changed`, `device_error`). Layout and
+rules: docs/vvu-design.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import uuid as uuidlib
+
+from ..memory import GuestMemory, MemoryTableError
+from ..protocol.payloads import MemRegion
+from ..virtq.iov import iov_write
+from ..virtq.split import RingError, RingLayout, SplitQueue
+from .msix import MsixTable
+from .pci import Bar, PciAccessError, PciConfig, msix_cap, virtio_cap, virtio_cap64
+from .relay import Relay, RxResult
+from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciState
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID = 63
+PCI_VENDOR, PCI_DEVICE = 0x1AF4, 0x1040 + VIRTIO_ID
+SUBSYS_ID = 0x0040
+CLASS_OTHER = 0xFF0000
+
+BAR_VIRTIO, BAR_MSIX, BAR_DOORBELL, BAR_WINDOW = 0, 1, 2, 4
+MSIX_TABLE, MSIX_PBA, MSIX_BAR_SIZE = 0x0, 0x800, 0x1000
+DOORBELL_MULT = 4
+NOTIFICATION_OFFSET, DOORBELL_BAR_SIZE = 0x1000, 0x2000
+CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
+SHMID_MEMORY = 0
+
+S_BACKEND_UP, S_FRONTEND_UP = 1, 2
+RXQ, TXQ = 0, 1
+QUEUE_SIZE = 256
+CONFIG_SIZE = 24
+FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << 28) | (1 << 29)  # + INDIRECT_DESC, EVENT_IDX
+_EVENT_IDX, _INDIRECT = 1 << 29, 1 << 28
+
+
+def _pow2_at_least(n: int, floor: int = 0x1000) -> int:
+    size = floor
+    while size < n:
+        size <<= 1
+    return size
+
+
+class VvuConfig:
+    """The device-specific config space: status, max_vhost_queues, uuid."""
+
+    def __init__(self, dev: VvuDevice) -> None:
+        self.dev = dev
+
+    def bytes(self) -> bytes:
+        d = self.dev
+        return struct.pack("<II16s", d.relay.status(), d.relay.max_queues, d.uuid.bytes)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.bytes()[offset : offset + size].ljust(size, b"\0")
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset != 0 or len(data) not in (1, 2, 4):
+            self.dev.driver_error(f"config write of {len(data)} bytes at {offset}")
+            return
+        value = int.from_bytes(data, "little")
+        if value & ~(S_BACKEND_UP | S_FRONTEND_UP) or (
+                value & S_FRONTEND_UP and not self.dev.relay.connected):
+            self.dev.driver_error(f"driver wrote status {value:#x}")
+            return
+        self.dev.relay.set_backend_up(bool(value & S_BACKEND_UP))
+
+
+class VvuDevice:
+    def __init__(self, max_queues: int = 64, uuid: uuidlib.UUID | None = None,
+                 window_size: int = 1 << 30) -> None:
+        if not 1 <= max_queues <= 1024:
+            raise ValueError(f"max queues must be 1..1024, not {max_queues}")
+        self.uuid = uuid or uuidlib.uuid4()
+        self.nvec = 3 + max_queues  # config, rxq, txq, one per vring notification
+        self.window_bar = _pow2_at_least(window_size)
+        self.relay = Relay(self, max_queues)
+        self.config = VvuConfig(self)
+        self.virtio = VirtioPciState(FEATURES, 2, QUEUE_SIZE, self.config, nvec=self.nvec,
+                                     on_reset=self._on_reset, on_notify=self._on_notify)
+        self.bar0 = VirtioPciBar(self.virtio, BAR_VIRTIO, CONFIG_SIZE)
+        self.msix = MsixTable(self.nvec)
+        doorbells = DOORBELL_MULT * (2 * max_queues + 1)
+        caps = [*self.bar0.capabilities(),
+                virtio_cap(CFG_DOORBELL, BAR_DOORBELL, 0, doorbells,
+                           extra=struct.pack("<I", DOORBELL_MULT)),
+                virtio_cap(CFG_NOTIFICATION, BAR_DOORBELL, NOTIFICATION_OFFSET, 4),
+                virtio_cap64(CFG_SHARED_MEMORY, BAR_WINDOW, 0, self.window_bar, id=SHMID_MEMORY),
+                msix_cap(self.nvec, BAR_MSIX, MSIX_TABLE, BAR_MSIX, MSIX_PBA)]
+        if doorbells > NOTIFICATION_OFFSET:
+            raise ValueError("too many queues for the doorbell area")
+        self.bars = {BAR_VIRTIO: VirtioPciBar.SIZE, BAR_MSIX: MSIX_BAR_SIZE,
+                     BAR_DOORBELL: DOORBELL_BAR_SIZE, BAR_WINDOW: self.window_bar}
+        self.pci = PciConfig(PCI_VENDOR, PCI_DEVICE, subsys_vendor=PCI_VENDOR,
+                             subsys_id=SUBSYS_ID, class_code=CLASS_OTHER, revision=1,
+                             bars=[Bar(BAR_VIRTIO, VirtioPciBar.SIZE, mem64=False),
+                                   Bar(BAR_MSIX, MSIX_BAR_SIZE, mem64=False),
+                                   Bar(BAR_DOORBELL, DOORBELL_BAR_SIZE, mem64=False),
+                                   Bar(BAR_WINDOW, self.window_bar, mem64=True,
+                                       prefetch=True)],
+                             caps=caps, msix=self.msix)
+        self.mem = GuestMemory()  # the appliance's memory, as DMA-mapped by the client
+        self.irq_fds: dict[int, int] = {}
+        self.notify_select = 0
+        self.notify_vectors = [NO_VECTOR] * max_queues
+        self.queues: dict[int, SplitQueue] = {}
+
+    # -- interrupts ----------------------------------------------------------------------------
+
+    def set_irqs(self, start: int, fds: list[int | None]) -> None:
+        """SET_IRQS for MSI-X vectors start..start+len(fds)-1 (None: no eventfd)."""
+        if start + len(fds) > self.nvec:
+            raise ValueError(f"vectors {start}..{start + len(fds) - 1} beyond {self.nvec}")
+        for i, fd in enumerate(fds, start):
+            old = self.irq_fds.pop(i, None)
+            if old is not None:
+                os.close(old)
+            if fd is not None:
+                self.irq_fds[i] = fd
+
+    def fire(self, vector: int | None) -> None:
+        fd = self.irq_fds.get(vector) if vector is not None else None
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except BlockingIOError:
+                pass
+
+    # -- DriverSide (called by the relay) ------------------------------------------------------
+
+    def rx_put(self, message: bytes) -> RxResult:
+        q = self._queue(RXQ)
+        if q is None:
+            return RxResult.NO_BUFFER
+        try:
+            if not q.available():
+                return RxResult.NO_BUFFER
+            chain = q.pop()
+        except RingError as e:
+            self.driver_error(f"rxq: {e}")
+            return RxResult.NO_BUFFER
+        if chain.writable_len() < len(message):
+            q.push(chain.head, 0)
+            self._publish(RXQ, q)
+            return RxResult.TOO_SMALL
+        q.push(chain.head, iov_write(chain.writable, message))
+        self._publish(RXQ, q)
+        return RxResult.OK
+
+    def kick_arrived(self, vring: int) -> None:
+        self.fire(self.notify_vectors[vring])
+
+    def frontend_changed(self) -> None:
+        self.fire(self.virtio.config_changed())
+
+    def device_error(self) -> None:
+        self.fire(self.virtio.set_needs_reset())
+
+    def driver_error(self, why: str) -> None:
+        log.error("driver error: %s; the device needs a reset", why)
+        self.relay.end_session(why)
+        self.device_error()
+
+    # -- queues --------------------------------------------------------------------------------
+
+    def _queue(self, index: int) -> SplitQueue | None:
+        q = self.queues.get(index)
+        if q is not None:
+            return q
+        st = self.virtio.queues[index]
+        if not (st.enabled and self.virtio.driver_ok):
+            return None
+        try:
+            q = SplitQueue(self.mem, RingLayout(st.size, st.desc, st.driver, st.device), 0,
+                           bool(self.virtio.driver_features & _EVENT_IDX),
+                           bool(self.virtio.driver_features & _INDIRECT))
+        except RingError as e:
+            self.driver_error(f"queue {index}: {e}")
+            return None
+        self.queues[index] = q
+        return q
+
+    def _publish(self, index: int, q: SplitQueue) -> None:
+        if q.publish():
+            self.fire(self.virtio.queue_interrupt(index))
+
+    def _on_notify(self, index: int) -> None:
+        if index == RXQ:
+            self.relay.retry_rx()
+        elif index == TXQ:
+            self._drain_txq()
+
+    def _drain_txq(self) -> None:
+        q = self._queue(TXQ)
+        if q is None:
+            return
+        try:
+            while q.available():
+                chain = q.pop()
+                data = b"".join(bytes(v) for v in chain.readable)
+                q.push(chain.head, 0)
+                self.relay.from_driver(data)
+        except RingError as e:
+            self.driver_error(f"txq: {e}")
+        self._publish(TXQ, q)
+
+    def _drop_queues(self) -> None:
+        for q in self.queues.values():
+            q.release()
+        self.queues.clear()
+
+    def _on_reset(self) -> None:
+        self._drop_queues()
+        self.relay.set_backend_up(False)
+        self.notify_vectors = [NO_VECTOR] * self.relay.max_queues
+        self.notify_select = 0
+
+    def reset(self) -> None:
+        """VFIO_USER_DEVICE_RESET."""
+        self.virtio.reset()
+        self.pci.reset()
+
+    # -- DMA (the appliance's memory) ----------------------------------------------------------
+
+    def dma_map(self, iova: int, size: int, fd: int | None, offset: int, writable: bool) -> None:
+        if fd is None:  # memory the client can only reach by messages: rings cannot live there
+            log.info("DMA region %#x+%#x has no fd; not usable for queues", iova, size)
+            return
+        try:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+        except (OSError, ValueError) as e:
+            raise MemoryTableError(f"cannot map DMA region {iova:#x}+{size:#x}: {e}") from e
+        finally:
+            os.close(fd)
+        self._drop_queues()  # they are rebuilt against the new table
+        self.mem.add(MemRegion(iova, size, iova, 0), m)
+
+    def dma_unmap(self, iova: int, size: int, everything: bool = False) -> None:
+        self._drop_queues()
+        if everything:
+            self.mem.clear()
+            return
+        for r in list(self.mem.regions):
+            if r.desc.guest_addr == iova and r.desc.size == size:
+                self.mem.remove(r.desc)
+                return
+
+    # -- regions -------------------------------------------------------------------------------
+
+    def region_size(self, index: int) -> int:
+        return 256 if index == 7 else self.bars.get(index, 0)
+
+    def window_mmap(self) -> tuple[int, int] | None:
+        """(fd, mmappable length) of the shared-memory window, if the consumer sent one."""
+        w = self.relay.window
+        if w is None:
+            return None
+        return w.fd, min(self.window_bar, (w.size + 0xFFF) & ~0xFFF)
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        self._check(index, offset, count)
+        if index == 7:
+            return b"".join(self.pci.read(offset + i, min(4, count - i))
+                            for i in range(0, count, 4))
+        if index == BAR_VIRTIO:
+            return self.bar0.read(offset, count)
+        if index == BAR_MSIX:
+            return (self.msix.read(offset, count) if offset < MSIX_PBA
+                    else self.msix.read_pba(offset - MSIX_PBA, count))
+        if index == BAR_DOORBELL:
+            if offset >= NOTIFICATION_OFFSET:
+                regs = struct.pack("<HH", self.notify_select, self._notify_vector())
+                return regs[offset - NOTIFICATION_OFFSET:][:count].ljust(count, b"\0")
+            return bytes(count)
+        return self._window_read(offset, count)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        self._check(index, offset, len(data))
+        if index == 7:
+            for i in range(0, len(data), 4):
+                self.pci.write(offset + i, data[i : i + 4])
+        elif index == BAR_VIRTIO:
+            self.bar0.write(offset, data)
+        elif index == BAR_MSIX:
+            if offset < MSIX_PBA:
+                self.msix.write(offset, data)
+        elif index == BAR_DOORBELL:
+            if offset < NOTIFICATION_OFFSET:
+                self.relay.doorbell(offset, DOORBELL_MULT)
+            else:
+                self._notification_write(offset - NOTIFICATION_OFFSET, data)
+        else:
+            self._window_write(offset, data)
+
+    def _check(self, index: int, offset: int, count: int) -> None:
+        size = self.region_size(index)
+        if not size or count <= 0 or offset < 0 or offset + count > size:
+            raise PciAccessError(f"access {offset:#x}+{count} outside region {index} "
+                                 f"({size:#x} bytes)")
+
+    def _notify_vector(self) -> int:
+        if self.notify_select < len(self.notify_vectors):
+            return self.notify_vectors[self.notify_select]
+        return NO_VECTOR
+
+    def _notification_write(self, offset: int, data: bytes) -> None:
+        value = int.from_bytes(data[:2], "little")
+        if offset == 0 and len(data) >= 2:
+            self.notify_select = value
+            if len(data) == 4:  # select and vector in one write
+                self._notification_write(2, data[2:])
+        elif offset == 2 and len(data) >= 2 and self.notify_select < len(self.notify_vectors):
+            ok = value < self.nvec or value == NO_VECTOR
+            self.notify_vectors[self.notify_select] = value if ok else NO_VECTOR
+
+    def _window_read(self, offset: int, count: int) -> bytes:
+        w = self.relay.window
+        if w is None or offset >= w.size:
+            return bytes(count)
+        return os.pread(w.fd, min(count, w.size - offset), offset).ljust(count, b"\0")
+
+    def _window_write(self, offset: int, data: bytes) -> None:
+        w = self.relay.window
+        if w is not None and offset < w.size:
+            os.pwrite(w.fd, data[: w.size - offset], offset)
+
+    def close(self) -> None:
+        self._drop_queues()
+        self.relay.close()
+        self.mem.clear()
+        self.set_irqs(0, [None] * self.nvec)
+

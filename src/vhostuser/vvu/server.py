@@ -1,0 +1,243 @@
+"""The virtio-vhost-user device as a vfio-user server, plus its vhost-user socket.
+
+One loop serves: the vfio-user client (the appliance's VMM, or our Python driver), the
+consumer's vhost-user connection, the consumer's kick eventfds, and the stop signal.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+
+from ..memory import MemoryTableError
+from ..shutdown import Shutdown, StopSignal
+from ..transport.unix import PeerClosed, connect, listen
+from ..vfio_user import protocol as vp
+from ..vfio_user.socket import VfioUserChannel, close_fds
+from .device import BAR_WINDOW, VvuDevice
+from .pci import PciAccessError
+
+log = logging.getLogger(__name__)
+
+C = vp.Command
+NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA: the VFIO PCI layout
+NUM_IRQS = 5  # INTx, MSI, MSI-X, ERR, REQ
+MAX_DATA = 1 << 20
+
+
+class VvuServer:
+    def __init__(self, device: VvuDevice, vfio_path: str, vhost_path: str,
+                 consumer_client: bool = False) -> None:
+        self.dev = device
+        self.vfio_path = vfio_path
+        self.vhost_path = vhost_path
+        self.consumer_client = consumer_client
+        self.vfio_listener: socket.socket | None = None
+        self.vhost_listener: socket.socket | None = None
+        self.client: VfioUserChannel | None = None
+
+    # -- vfio-user commands --------------------------------------------------------------------
+
+    def handle(self, msg: vp.Message, fds: list[int]) -> tuple[vp.Message, list[int]]:
+        """Serve one command; returns the reply and the fds to send with it."""
+        vp.check_supported(msg, refuse=(C.DEVICE_GET_REGION_IO_FDS,))
+        pl = msg.payload
+        dev = self.dev
+        if msg.command == C.VERSION:
+            assert isinstance(pl, vp.Version)
+            caps = vp.Capabilities(max_msg_fds=8, max_data_xfer_size=MAX_DATA, pgsizes=4096,
+                                   max_dma_maps=1024)
+            return vp.reply_to(msg, vp.negotiate_version(pl, caps)), []
+        if msg.command == C.DMA_MAP:
+            assert isinstance(pl, vp.DmaMap)
+            writable = bool(pl.flags & vp.DmaMapFlag.WRITE)
+            dev.dma_map(pl.address, pl.size, fds.pop() if fds else None, pl.offset, writable)
+            return vp.reply_to(msg), []
+        if msg.command == C.DMA_UNMAP:
+            assert isinstance(pl, vp.DmaUnmap)
+            everything = bool(pl.flags & vp.DmaUnmapFlag.ALL)
+            dev.dma_unmap(pl.address, pl.size, everything)
+            return vp.reply_to(msg, pl), []
+        if msg.command == C.DEVICE_GET_INFO:
+            flags = vp.DeviceFlag.PCI | vp.DeviceFlag.RESET
+            return vp.reply_to(msg, vp.DeviceInfo.reply(flags, NUM_REGIONS,
+                                                                  NUM_IRQS)), []
+        if msg.command == C.DEVICE_GET_REGION_INFO:
+            return self._region_info(msg)
+        if msg.command == C.DEVICE_GET_IRQ_INFO:
+            assert isinstance(pl, vp.IrqInfo)
+            count = dev.nvec if pl.index == vp.PciIrq.MSIX else 0
+            flags = vp.IrqInfoFlag.EVENTFD | vp.IrqInfoFlag.NORESIZE if count else 0
+            return vp.reply_to(msg, vp.IrqInfo.reply(pl.index, flags, count)), []
+        if msg.command == C.DEVICE_SET_IRQS:
+            self._set_irqs(pl, fds)  # type: ignore[arg-type]
+            return vp.reply_to(msg), []
+        if msg.command == C.REGION_READ:
+            assert isinstance(pl, vp.RegionAccess)
+            data = dev.region_read(pl.region, pl.offset, pl.count)
+            return vp.reply_to(msg, vp.RegionAccess(pl.offset, pl.region, pl.count,
+                                                            data)), []
+        if msg.command == C.REGION_WRITE:
+            assert isinstance(pl, vp.RegionAccess)
+            dev.region_write(pl.region, pl.offset, pl.data)
+            return vp.reply_to(msg, vp.RegionAccess(pl.offset, pl.region,
+                                                            pl.count)), []
+        if msg.command == C.DEVICE_RESET:
+            dev.reset()
+            return vp.reply_to(msg), []
+        return vp.error_reply(msg, errno.ENOTSUP), []
+
+    def _region_info(self, msg: vp.Message) -> tuple[vp.Message, list[int]]:
+        pl = msg.payload
+        assert isinstance(pl, vp.RegionInfo)
+        size = self.dev.region_size(pl.index)
+        flags = vp.RegionFlag.READ | vp.RegionFlag.WRITE if size else 0
+        caps: tuple[vp.RegionCap, ...] = ()
+        fds: list[int] = []
+        window = self.dev.window_mmap() if pl.index == BAR_WINDOW else None
+        if window is not None:
+            fd, length = window
+            flags |= vp.RegionFlag.MMAP
+            caps = (vp.SparseMmapCap(((0, length),)),)
+            fds = [fd]
+        info = vp.RegionInfo.reply(pl.index, flags, size, 0, caps, max_argsz=pl.argsz)
+        return vp.reply_to(msg, info), fds if info.caps or not caps else []
+
+    def _set_irqs(self, pl: vp.IrqSet, fds: list[int]) -> None:
+        F = vp.IrqSetFlag
+        if pl.index != vp.PciIrq.MSIX:
+            if pl.count:
+                raise vp.BadPayload(f"irq index {pl.index} has no vectors")
+            return
+        if pl.flags & F.ACTION_TRIGGER and pl.flags & F.DATA_EVENTFD:
+            self.dev.set_irqs(pl.start, [fd if fd >= 0 else None for fd in fds])
+            fds.clear()
+        elif pl.flags & F.ACTION_TRIGGER and pl.flags & F.DATA_NONE:
+            if pl.count == 0:
+                self.dev.set_irqs(0, [None] * self.dev.nvec)
+            for v in range(pl.start, pl.start + pl.count):
+                self.dev.fire(v)
+        # MASK / UNMASK: the client (QEMU) emulates the MSI-X table itself
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def serve_client(self) -> None:
+        """One command from the vfio-user client (or its departure)."""
+        assert self.client is not None
+        try:
+            msg, fds = self.client.recv_command(max_data_xfer_size=MAX_DATA)
+        except PeerClosed:
+            log.info("vfio-user client disconnected")
+            self._drop_client()
+            return
+        except vp.VfioUserError as e:
+            log.error("bad vfio-user message: %s", e)
+            if e.header is None:
+                self._drop_client()
+                return
+            self.client.send(vp.error_reply(e.header, e.errno))
+            return
+        try:
+            reply, rfds = self.handle(msg, fds)
+        except vp.VfioUserError as e:
+            log.error("%s refused: %s", msg.name, e)
+            reply, rfds = vp.error_reply(msg, e.errno), []
+        except (PciAccessError, MemoryTableError, ValueError) as e:
+            log.error("%s failed: %s", msg.name, e)
+            reply, rfds = vp.error_reply(msg, errno.EINVAL), []
+        except Exception:  # a bug must not take the device down with the client's VM
+            log.exception("%s failed", msg.name)
+            reply, rfds = vp.error_reply(msg, errno.EIO), []
+        finally:
+            close_fds(fds)
+        if not msg.no_reply:
+            self.client.send(reply, rfds)
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.dev.reset()
+        self.dev.dma_unmap(0, 0, everything=True)
+        self.dev.set_irqs(0, [None] * self.dev.nvec)
+
+    def _accept_client(self) -> None:
+        assert self.vfio_listener is not None
+        sock, _ = self.vfio_listener.accept()
+        self.client = VfioUserChannel(sock)
+        log.info("vfio-user client connected")
+
+    def _accept_consumer(self) -> None:
+        assert self.vhost_listener is not None
+        sock, _ = self.vhost_listener.accept()
+        self.dev.relay.attach(sock)
+
+    def open(self) -> None:
+        self.vfio_listener = listen(self.vfio_path)
+        if not self.consumer_client:
+            self.vhost_listener = listen(self.vhost_path)
+
+    def run(self, stop: StopSignal) -> None:
+        self.open()
+        next_connect = 0.0
+        try:
+            while True:
+                poller, handlers = self._watch(stop)
+                timeout = 500 if self.consumer_client and self.dev.relay.conn is None else -1
+                for fd, _ev in poller.poll(timeout):
+                    fn = handlers.get(fd)
+                    if fn is not None:
+                        fn()
+                if (self.consumer_client and self.dev.relay.conn is None
+                        and time.monotonic() >= next_connect):
+                    try:
+                        self.dev.relay.attach(connect(self.vhost_path, retry_for=0))
+                    except ConnectionError:
+                        next_connect = time.monotonic() + 0.5
+        finally:
+            self.close()
+
+    def _watch(self, stop: StopSignal) -> tuple[select.poll, dict[int, Callable[[], None]]]:
+        poller = select.poll()
+        handlers: dict[int, Callable[[], None]] = {}
+
+        def add(fd: int, fn: Callable[[], None]) -> None:
+            poller.register(fd, select.POLLIN)
+            handlers[fd] = fn
+
+        def stopped() -> None:
+            raise Shutdown(str(stop.signum))
+
+        add(stop.fds()[0], stopped)
+        if self.client is None and self.vfio_listener is not None:
+            add(self.vfio_listener.fileno(), self._accept_client)
+        if self.client is not None:
+            add(self.client.fileno(), self.serve_client)
+        relay = self.dev.relay
+        if relay.conn is None and self.vhost_listener is not None:
+            add(self.vhost_listener.fileno(), self._accept_consumer)
+        if relay.wants_consumer():
+            assert relay.conn is not None
+            add(relay.conn.fileno(), relay.on_consumer)
+        for vring, fd in list(relay.kicks.items()):
+            add(fd, lambda v=vring: relay.on_kick(v))
+        return poller, handlers
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.dev.close()
+        for sock, path in ((self.vfio_listener, self.vfio_path),
+                           (self.vhost_listener, self.vhost_path)):
+            if sock is not None:
+                sock.close()
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
