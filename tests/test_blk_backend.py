@@ -342,7 +342,8 @@ def test_print_capabilities() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--blk-file", "x.img"], "exactly one of --socket-path and --fd"),
+    (["--blk-file", "x.img"], "exactly one of --socket-path, --fd and --vvu"),
+    (["--blk-file", "x.img", "--socket-path", "s", "--poll"], "--poll goes with --vvu"),
     (["--socket-path", "s"], "--blk-file is required"),
     (["--socket-path", "s", "--fd", "3", "--blk-file", "x"], "exactly one of"),
     (["--socket-path", "s", "--blk-file", "x", "--num-queues", "0"], "--num-queues"),

@@ -148,6 +148,16 @@ def test_more_descriptors_than_queue_size(ram: GuestRam, mem: GuestMemory) -> No
     bad(q, f"more than {SIZE} descriptors")
 
 
+def test_full_size_indirect_table_is_accepted(ram: GuestRam, mem: GuestMemory) -> None:
+    """Linux fills an indirect table of exactly the queue size (header, seg_max data
+    segments, status) behind one ring descriptor: that is not a loop."""
+    drv, q = make(ram, mem)
+    bufs = [(ram.alloc(16), 16, False)] + [(ram.alloc(64), 64, False)] * (SIZE - 2)
+    drv.add([*bufs, (ram.alloc(1), 1, True)], indirect=True)
+    chain = q.pop()
+    assert len(chain.readable) == SIZE - 1 and len(chain.writable) == 1
+
+
 def test_nested_indirect(ram: GuestRam, mem: GuestMemory) -> None:
     drv, q = make(ram, mem)
     inner, outer = ram.alloc(16), ram.alloc(16)

@@ -250,9 +250,11 @@ def test_consumer_disconnect_and_reconnect(setup: tuple[Relay, Driver, UnixChann
     assert delivered(drv).request == F.SET_VRING_CALL
     fe.close()
     relay.on_consumer()
-    assert not relay.connected and relay.calls == {} and drv.config_irqs == 2
+    assert relay.status() == 0 and relay.calls == {} and drv.config_irqs == 2
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    relay.attach(a)  # a new consumer: FRONTEND_UP again, with an interrupt
+    relay.attach(a)  # a new consumer waits until the driver is ready again
+    assert relay.status() == 0 and not relay.wants_consumer() and drv.config_irqs == 2
+    relay.set_backend_up(True)  # FRONTEND_UP again, with an interrupt
     assert relay.status() == 3 and drv.config_irqs == 3
     fe2 = UnixChannel(b)
     send(fe2, relay, request(F.GET_FEATURES))

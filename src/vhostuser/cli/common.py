@@ -27,6 +27,12 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
                         help="UNIX socket to listen on (or to connect to, with --client)")
     parser.add_argument("--fd", type=int, metavar="FD",
                         help="an inherited socket fd (listening or connected)")
+    parser.add_argument("--vvu", metavar="PATH",
+                        help="serve through a virtio-vhost-user device: PATH is its vfio-user "
+                             "socket (instead of --socket-path/--fd)")
+    parser.add_argument("--poll", action="store_true",
+                        help="with --vvu: poll the rings instead of taking kicks as "
+                             "interrupts (the exitless mode)")
     parser.add_argument("--client", action="store_true",
                         help="connect to a front-end listening on --socket-path, and "
                              "reconnect after each disconnect")
@@ -42,8 +48,10 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
 def check_transport_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.print_capabilities:
         return
-    if (args.socket_path is None) == (args.fd is None):
-        parser.error("exactly one of --socket-path and --fd is required")
+    if sum(x is not None for x in (args.socket_path, args.fd, args.vvu)) != 1:
+        parser.error("exactly one of --socket-path, --fd and --vvu is required")
+    if args.poll and args.vvu is None:
+        parser.error("--poll goes with --vvu")
     if args.client and args.socket_path is None:
         parser.error("--client needs --socket-path")
     if not 0 <= args.poll_us <= 1_000_000:
@@ -73,6 +81,8 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
         return 1
     stop = StopSignal()
     parent_only_fds.update(stop.fds())
+    if args.vvu is not None:
+        return _run_vvu(args, device, stop)
     try:
         for sock in connections(path=args.socket_path, fd=args.fd, client=args.client,
                                 stop=stop):
@@ -89,6 +99,34 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        stop.close()
+        close = getattr(device, "close", None)
+        if close is not None:
+            close()
+    return 0
+
+
+def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal) -> int:
+    """Serve consumers through a virtio-vhost-user device, one session after another."""
+    from ..transport.vvu import VvuChannel, VvuLink, VvuResources
+
+    link = None
+    try:
+        link = VvuLink(args.vvu)
+        parent_only_fds.add(link.client.chan.fileno())
+        while True:
+            link.wait_frontend(stop)
+            log.info("consumer connected through the virtio-vhost-user device")
+            serve_connection(VvuChannel(link, stop), VvuResources(link, args.poll), device,
+                             closed=(PeerClosed,), poll_us=args.poll_us)
+    except Shutdown as e:
+        log.info("%s: exiting", e)
+    except (OSError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if link is not None:
+            link.close()
         stop.close()
         close = getattr(device, "close", None)
         if close is not None:

@@ -9,6 +9,7 @@ or signal, so the same engine serves AF_UNIX and virtio-vhost-user.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -106,6 +107,7 @@ class Backend:
         self.poll_us = poll_us
         self.runner = runner  # how a started queue is served: a worker process by default
         self.mem = GuestMemory(resources.max_mem_slots)
+        self._region_refs: Counter[tuple[int, int, int]] = Counter()  # ADD_MEM_REG repeats
         self.owner = False
         self.features = 0
         self.protocol_features = 0
@@ -249,9 +251,11 @@ class Backend:
             return  # unchanged: the fds are closed by handle()
         self._stop_all()
         self.mem.clear()
+        self._region_refs.clear()
         try:
             for desc, res in zip(pl.regions, list(fds), strict=True):
                 self.mem.add(desc, self.res.map_region(desc, res))
+                self._region_refs[_region_key(desc)] = 1
         except MemoryTableError:
             self.mem.clear()
             raise
@@ -259,6 +263,10 @@ class Backend:
             self._start_all()
 
     def _add_mem_reg(self, pl: p.SingleMemRegion, fds: list[Resource]) -> None:
+        key = _region_key(pl.region)
+        if self._region_refs[key]:  # QEMU 7.2 adds the same region once per queue pair
+            self._region_refs[key] += 1
+            return
         mapping = self.res.map_region(pl.region, fds[0])
         self._stop_all()
         try:
@@ -270,11 +278,17 @@ class Backend:
             raise
         finally:
             self._start_all()
+        self._region_refs[key] = 1
 
     def _rem_mem_reg(self, pl: p.SingleMemRegion, _fds: list[Resource]) -> None:
+        key = _region_key(pl.region)
+        if self._region_refs[key] > 1:
+            self._region_refs[key] -= 1
+            return
         self._stop_all()
         try:
             self.mem.remove(pl.region)
+            self._region_refs.pop(key, None)
         finally:
             self._start_all()
 
@@ -344,7 +358,8 @@ class Backend:
         v = self._vring(pl.index)
         if pl.num > 1:
             raise RequestError(f"SET_VRING_ENABLE with num {pl.num}")
-        if not self.features & VirtioFeature.PROTOCOL_FEATURES:
+        # QEMU 7.2 enables rings before SET_FEATURES: offered is what counts here.
+        if not self.offered_features() & VirtioFeature.PROTOCOL_FEATURES:
             raise RequestError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         if v.enabled != bool(pl.num):
             self._change(v, enabled=bool(pl.num))
@@ -449,6 +464,11 @@ class Backend:
         """The front-end went away: stop workers, release every resource."""
         self._reset_rings()
         self.mem.clear()
+        self._region_refs.clear()
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self.device.reset()
+
+
+def _region_key(r: p.MemRegion) -> tuple[int, int, int]:
+    return r.guest_addr, r.user_addr, r.size

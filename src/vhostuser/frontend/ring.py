@@ -128,7 +128,8 @@ class DriverRing:
         return self.used16.load(1)
 
     def take_used(self) -> list[tuple[int, int]]:
-        """Completed (head, written) pairs since the last call; their descriptors are freed."""
+        """Completed (head, written) pairs since the last call. Their descriptors are freed
+        at once, so read every buffer before adding new chains (which may reuse the ids)."""
         out = []
         end = self.used_idx()
         while self.last_used != end:

@@ -157,12 +157,14 @@ class SplitQueue:
             if i >= table_len:
                 raise RingError(f"chain {head}: next index {i} >= table size {table_len}")
             seen += 1
-            if seen > size:
-                raise RingError(f"chain {head}: more than {size} descriptors (a loop?)")
+            if seen > table_len:  # every entry visited once already: a loop
+                raise RingError(f"chain {head}: more than {table_len} descriptors (a loop?)")
             addr, length, flags, nxt = unpack(table, i << 4)
             if flags & DESC_F_INDIRECT:
                 table = self._indirect_table(head, addr, length, flags, indirect)
-                table_len, indirect, i = length >> 4, True, 0
+                # counted on their own, as QEMU does: Linux fills a table of exactly the
+                # queue size (seg_max + header + status) behind one ring descriptor
+                table_len, indirect, i, seen = length >> 4, True, 0, 0
                 continue
             if length:
                 if lo <= addr and addr + length <= hi:
@@ -193,6 +195,9 @@ class SplitQueue:
         if length == 0 or length % 16:
             raise RingError(f"chain {head}: indirect table length {length} "
                             "is not a non-zero multiple of 16")
+        if length >> 4 > self.size:
+            raise RingError(f"chain {head}: indirect table of {length >> 4} entries, "
+                            f"more than {self.size} descriptors")
         try:
             return self.mem.gpa(addr, length)
         except GuestMemoryError as e:

@@ -144,7 +144,7 @@ class VvuDevice:
         if q is None:
             return RxResult.NO_BUFFER
         try:
-            if not q.available():
+            if not q.available() and not q.enable_kicks():  # re-armed: a repost kicks us
                 return RxResult.NO_BUFFER
             chain = q.pop()
         except RingError as e:
@@ -206,7 +206,7 @@ class VvuDevice:
         if q is None:
             return
         try:
-            while q.available():
+            while q.available() or q.enable_kicks():  # drained: re-arm kicks, then re-check
                 chain = q.pop()
                 data = b"".join(bytes(v) for v in chain.readable)
                 q.push(chain.head, 0)
@@ -309,6 +309,12 @@ class VvuDevice:
         if not size or count <= 0 or offset < 0 or offset + count > size:
             raise PciAccessError(f"access {offset:#x}+{count} outside region {index} "
                                  f"({size:#x} bytes)")
+
+    def doorbell_fds(self) -> list[tuple[int, int]]:
+        """(BAR 2 offset, eventfd) of every doorbell that has a target now."""
+        r, n = self.relay, self.relay.max_queues
+        return ([(DOORBELL_MULT * i, fd) for i, fd in sorted(r.calls.items())]
+                + [(DOORBELL_MULT * (n + i), fd) for i, fd in sorted(r.errs.items())])
 
     def _notify_vector(self) -> int:
         if self.notify_select < len(self.notify_vectors):

@@ -135,7 +135,12 @@ class Relay:
             self.end_session("the driver cleared BACKEND_UP", notify=False)
 
     def end_session(self, why: str, notify: bool = True) -> None:
+        """End the consumer's session. Unless the driver ended it, status drops to 0
+        (BACKEND_UP too, as in the prototypes' state machine), so the driver always sees
+        the boundary and must set BACKEND_UP again before the next consumer is served."""
         was = self.connected
+        if notify:
+            self.backend_up = False
         if self.conn is not None:
             log.info("consumer session ended: %s", why)
             self.conn.close()
@@ -165,7 +170,8 @@ class Relay:
 
     def on_consumer(self) -> None:
         """The consumer's socket is readable: relay one message (or end the session)."""
-        assert self.conn is not None
+        if self.conn is None or not self.wants_consumer():
+            return  # the session ended (or filled rxq) earlier in this round of events
         try:
             header, body, fds = self.conn.recv_raw()
         except PeerClosed:
@@ -181,15 +187,17 @@ class Relay:
                 os.close(fd)
             self._refuse(header, str(e))
             return
-        if data is not None:
-            self.parked = data
-            self.retry_rx()
+        log.debug("consumer -> driver: %s (%d bytes)", Channel.FRONTEND.name_of(header.request),
+                  len(data))
+        self.parked = data
+        self.retry_rx()
 
     def retry_rx(self) -> None:
         """Put the parked message into rxq if the driver has posted a buffer."""
         if self.parked is None:
             return
         result = self.driver.rx_put(self.parked)
+        log.debug("rxq: %s", result.name)
         if result is RxResult.OK:
             self.parked = None
         elif result is RxResult.TOO_SMALL:
@@ -314,6 +322,7 @@ class Relay:
             return
         if self.conn is None:
             return  # the consumer has gone; nothing to answer
+        log.debug("driver -> consumer: %s reply", Channel.FRONTEND.name_of(msg.request))
         try:
             self.conn.send(msg)
         except OSError as e:

@@ -1,0 +1,276 @@
+"""vhost-user over a virtio-vhost-user device: the appliance side.
+
+`VvuLink` brings the device up as a guest driver would (through our vfio-user client):
+rxq/txq with posted buffers, MSI-X vectors on eventfds, BACKEND_UP. `VvuChannel` and
+`VvuResources` then give the engine exactly what the AF_UNIX transport gives it: messages,
+and in place of each fd a token that `VvuResources` turns into the device's equivalent —
+
+- a memory region: a view of the shared-memory BAR (region i at its mmap_offset);
+- a call/err eventfd: the doorbell's ioeventfd, which *is* the consumer's eventfd, so a
+  worker process signals the consumer directly;
+- a kick eventfd: the MSI-X vector the driver assigned to that vring (interrupt mode), or
+  nothing: the worker polls the ring (`poll=True`, the exitless mode).
+
+The engine, the workers and the devices are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import select
+import struct
+from dataclasses import dataclass
+
+from ..appliance.virtio_pci import NO_VECTOR, VirtioPciDriver
+from ..engine.notify import EventfdNotifier, Notifier
+from ..frontend.ring import GuestRam
+from ..memory import MemoryTableError
+from ..protocol import (
+    HEADER_SIZE,
+    Channel,
+    FrontendReq,
+    Header,
+    Message,
+    decode_header,
+    decode_request,
+    encode,
+    expected_fds,
+)
+from ..protocol.payloads import MemRegion
+from ..shutdown import StopSignal
+from ..vfio_user.client import VfioUserClient
+from .unix import PeerClosed
+
+log = logging.getLogger(__name__)
+
+F = FrontendReq
+CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
+S_BACKEND_UP, S_FRONTEND_UP = 1, 2
+V_CONFIG, V_RXQ, V_TXQ, V_FIRST_VRING = 0, 1, 2, 3
+RX_BUFFERS, BUFFER_SIZE = 32, 8192  # a message is at most 12 + 4096 bytes
+FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_IDX
+
+
+@dataclass(frozen=True)
+class Token:
+    """Stands where the consumer's message carried an fd (the device consumed it)."""
+
+    kind: str  # "memory", "call", "err" or "kick"
+    vring: int = 0
+
+
+class VvuLink:
+    def __init__(self, path: str, ram_size: int = 8 << 20) -> None:
+        self.client = VfioUserClient(path)
+        self.ram = GuestRam(ram_size, guest_addr=0x1_0000_0000)
+        self.pci = pci = VirtioPciDriver(self.client, self.ram)
+        for need in (CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY):
+            if need not in pci.caps:
+                raise MemoryTableError(f"not a virtio-vhost-user device: no cfg_type {need}")
+        self.max_queues = struct.unpack("<I", pci.config_read(4, 4))[0]
+        pci.setup_vectors(V_FIRST_VRING + self.max_queues)
+        pci.init(FEATURES, V_CONFIG)
+        self.rxq = pci.setup_queue(0, 64, V_RXQ)
+        self.txq = pci.setup_queue(1, 64, V_TXQ)
+        self.rx_bufs: dict[int, int] = {}
+        for _ in range(RX_BUFFERS):
+            gpa = self.ram.alloc(BUFFER_SIZE)
+            self.rx_bufs[self.rxq.add([(gpa, BUFFER_SIZE, True)])] = gpa
+        self.tx_free = [self.ram.alloc(BUFFER_SIZE) for _ in range(16)]
+        self.tx_busy: dict[int, int] = {}
+        self.pending: list[bytes] = []
+        pci.driver_ok()
+        pci.kick(0)
+        self.window: mmap.mmap | None = None
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> int:
+        return struct.unpack("<I", self.pci.config_read(0, 4))[0]
+
+    def set_backend_up(self, up: bool) -> None:
+        self.pci.config_write(0, struct.pack("<I", S_BACKEND_UP if up else 0))
+
+    def frontend_up(self) -> bool:
+        return bool(self.status() & S_FRONTEND_UP)
+
+    def wait_frontend(self, stop: StopSignal | None) -> None:
+        """Start a session: drop what is left of the last one, set BACKEND_UP (the device
+        clears it when a session ends) and block until a consumer is connected."""
+        if self.status() & S_BACKEND_UP:  # the engine gave up on a session the device kept
+            self.set_backend_up(False)
+        # BACKEND_UP is clear, so nothing new can arrive: what is in rxq is stale
+        self._take_rx()
+        self.pending.clear()
+        self.set_backend_up(True)
+        while not self.frontend_up():
+            self._wait([V_CONFIG], stop, None)
+
+    def _wait(self, vectors: list[int], stop: StopSignal | None,
+              timeout: float | None) -> list[int]:
+        fds = {self.pci.vectors[v]: v for v in vectors}
+        watch = list(fds) + ([stop.fds()[0]] if stop is not None else [])
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if stop is not None and (stop.fds()[0] in ready or stop.signum is not None):
+            stop.wait(stop.fds()[0], 0)  # raises Shutdown
+        fired = []
+        for fd in ready:
+            if fd in fds:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                fired.append(fds[fd])
+        return fired
+
+    # -- messages --------------------------------------------------------------------------
+
+    def recv(self, stop: StopSignal | None) -> bytes:
+        """The next message from rxq; PeerClosed when the consumer's session ends."""
+        while True:
+            if self.pending:
+                return self.pending.pop(0)
+            if self._take_rx():
+                continue
+            if self.status() != S_BACKEND_UP | S_FRONTEND_UP:  # the session is over
+                raise PeerClosed()
+            self._wait([V_RXQ, V_CONFIG], stop, None)
+
+    def _take_rx(self) -> bool:
+        """Move completed rxq buffers into `pending` and post them again."""
+        used = self.rxq.take_used()
+        if not used:
+            return False
+        # copy every message out before reposting any buffer: the ids are free again
+        gpas = [self.rx_bufs.pop(head) for head, _ in used]
+        self.pending += [bytes(self.ram.at(g, n)) for g, (_, n) in zip(gpas, used, strict=True)]
+        for gpa in gpas:
+            self.rx_bufs[self.rxq.add([(gpa, BUFFER_SIZE, True)])] = gpa
+        self.pci.kick(0)
+        return True
+
+    def send(self, data: bytes) -> None:
+        for head, _ in self.txq.take_used():
+            self.tx_free.append(self.tx_busy.pop(head))
+        if not self.tx_free:
+            raise MemoryTableError("txq full: the device does not consume replies")
+        gpa = self.tx_free.pop()
+        self.ram.at(gpa, len(data))[:] = data
+        self.tx_busy[self.txq.add([(gpa, len(data), False)])] = gpa
+        self.pci.kick(1)
+
+    # -- resources -------------------------------------------------------------------------
+
+    def window_view(self, desc: MemRegion) -> memoryview:
+        """Region `desc` inside the shared-memory BAR (mapped afresh when it changed)."""
+        region = self.client.region(self.pci.caps[CFG_SHARED_MEMORY].bar)
+        if region.fd is None:
+            raise MemoryTableError("the device exposes no shared memory yet")
+        try:
+            mapping = self.client.map_region(region)
+        finally:
+            os.close(region.fd)
+        end = desc.mmap_offset + desc.size
+        if end > len(mapping):
+            raise MemoryTableError(f"region {desc} beyond the {len(mapping):#x}-byte window")
+        self.window = mapping
+        return memoryview(mapping)[desc.mmap_offset : end]
+
+    def doorbell_fd(self, offset: int) -> int | None:
+        """A dup of the ioeventfd behind the doorbell at `offset`, if the device has one."""
+        found = None
+        for off, fd in self.client.io_fds(self.pci.caps[CFG_DOORBELL].bar):
+            if off == offset and found is None:
+                found = os.dup(fd)
+            os.close(fd)
+        return found
+
+    def notification_vector(self, vring: int, vector: int) -> None:
+        cap = self.pci.caps[CFG_NOTIFICATION]
+        self.client.write(cap.bar, cap.offset, struct.pack("<HH", vring, vector))
+
+    def close(self) -> None:
+        try:
+            self.set_backend_up(False)
+        except OSError:
+            pass
+        self.pci.close()
+        self.client.close()
+        self.ram.close()
+
+
+class VvuChannel:
+    """The engine's message channel over one consumer session of a `VvuLink`."""
+
+    def __init__(self, link: VvuLink, stop: StopSignal | None = None) -> None:
+        self.link = link
+        self.stop = stop
+
+    def recv_raw(self) -> tuple[Header, bytes, list[Token]]:
+        data = self.link.recv(self.stop)
+        header = decode_header(data[:HEADER_SIZE])
+        body = data[HEADER_SIZE:]
+        if len(body) != header.size:
+            from ..protocol import ProtocolError
+
+            raise ProtocolError(f"rxq message of {len(data)} bytes, header says "
+                                f"{HEADER_SIZE + header.size}")
+        log.debug("rxq: request %d, %d bytes", header.request, len(body))
+        return header, body, tokens_for(header, body)
+
+    def send(self, msg: Message) -> None:
+        log.debug("txq: reply to %d", msg.request)
+        self.link.send(encode(msg))
+
+    def close(self) -> None:
+        pass  # the link outlives a session
+
+
+def tokens_for(header: Header, body: bytes) -> list[Token]:
+    """The tokens standing for the fds the consumer's message carried."""
+    try:
+        msg = decode_request(Channel.FRONTEND, header, body, None)
+    except Exception:
+        return []  # the engine's own decoding reports the error
+    n = expected_fds(Channel.FRONTEND, msg)
+    kind = {F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err", F.SET_VRING_KICK: "kick",
+            F.SET_MEM_TABLE: "memory", F.ADD_MEM_REG: "memory"}.get(FrontendReq(msg.request))
+    if kind is None or not n:
+        return []
+    vring = getattr(msg.payload, "index", 0)
+    return [Token(kind, vring) for _ in range(n)]
+
+
+class VvuResources:
+    """What the engine asks of a transport, answered by the virtio-vhost-user device."""
+
+    max_mem_slots = 8
+
+    def __init__(self, link: VvuLink, poll: bool = False) -> None:
+        self.link = link
+        self.poll = poll
+
+    def map_region(self, desc: MemRegion, res: Token) -> memoryview:
+        return self.link.window_view(desc)
+
+    def kick_fd(self, res: Token | None) -> int | None:
+        if res is None or self.poll or res.vring >= self.link.max_queues:
+            if res is not None:
+                self.link.notification_vector(res.vring, NO_VECTOR)
+            return None
+        vector = V_FIRST_VRING + res.vring
+        self.link.notification_vector(res.vring, vector)
+        return self.link.pci.vectors[vector]
+
+    def notifier(self, res: Token) -> Notifier:
+        n = self.link.max_queues
+        offset = 4 * (res.vring if res.kind == "call" else n + res.vring)
+        fd = self.link.doorbell_fd(offset)
+        if fd is None:
+            raise MemoryTableError(f"the device has no doorbell eventfd for vring {res.vring}")
+        return EventfdNotifier(fd)
+
+    def close(self, res: Token) -> None:
+        pass
