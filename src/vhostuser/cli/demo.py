@@ -1,8 +1,15 @@
-"""vhost-user-demo: boot a throw-away QEMU guest whose disk is served by our Python
-vhost-user-blk, let the guest make a filesystem and write to it, then read the result
-back from the image file on the host.
+"""vhost-user-demo: boot a throw-away consumer VM whose disk is served by our Python
+vhost-user-blk *through the virtio-vhost-user device*, let the guest make a filesystem and
+write to it, then read the result back from the image file on the host.
 
-    host:  vhost-user-blk (Python) --socket--> QEMU (TCG) --virtio-blk--> guest /dev/vda
+  consumer guest /dev/vda
+    -> QEMU 7.2 (vhost-user-blk-pci)  --vhost-user socket-->  vhost-user-vvu-device
+    -> the device tunnels every message over its rxq/txq, exposes the consumer's RAM in a
+       BAR, turns doorbells into call eventfds and kicks into MSI-X interrupts
+    -> vfio-user socket -> the appliance: vhost-user-blk --vvu (our Python back-end, driving
+       the device exactly as a guest driver would; no host back-end in the data path)
+
+With --direct the back-end listens on the vhost-user socket itself (plain vhost-user).
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=64, help="disk image size (default 64)")
     ap.add_argument("--keep", metavar="DIR", help="keep the image and logs in DIR")
+    ap.add_argument("--direct", action="store_true",
+                    help="plain vhost-user: no virtio-vhost-user device in between")
+    ap.add_argument("--poll", action="store_true",
+                    help="the appliance polls the rings (exitless mode) instead of "
+                         "taking interrupts")
     args = ap.parse_args(argv)
     if args.size_mb < 16:
         ap.error("--size-mb must be at least 16")
@@ -54,19 +66,32 @@ def main(argv: list[str] | None = None) -> int:
     with open(image, "wb") as f:
         f.truncate(args.size_mb << 20)
     say(f"disk image {image} ({args.size_mb} MiB, empty)")
-    cmd = [sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", str(sock),
-           "--blk-file", str(image), "--serial", "python-vhost", "-v"]
-    say("starting the back-end: vhost-user-blk --socket-path ... --blk-file ...")
-    with open(log, "wb") as logf:
-        daemon = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                print(log.read_text(), file=sys.stderr)
-                return 1
-            time.sleep(0.05)
-        say("booting a Linux guest under QEMU (TCG) with -device vhost-user-blk-pci ...")
+        blk = [sys.executable, "-m", "vhostuser.cli.blk", "--blk-file", str(image),
+               "--serial", "python-vhost", "-v"]
+        if args.direct:
+            say("starting the back-end: vhost-user-blk --socket-path blk.sock --blk-file ...")
+            procs.append(_spawn([*blk, "--socket-path", str(sock)], log))
+            _wait_path(sock, procs[-1], log)
+        else:
+            vfu = work / "vvu.sock"
+            say("starting the virtio-vhost-user device: vhost-user-vvu-device "
+                "--socket-path blk.sock --vfio-user-socket vvu.sock")
+            procs.append(_spawn([sys.executable, "-m", "vhostuser.cli.vvu_device",
+                                 "--socket-path", str(sock), "--vfio-user-socket", str(vfu),
+                                 "-v"], work / "vvu-device.log"))
+            _wait_path(sock, procs[-1], work / "vvu-device.log")
+            mode = ["--poll"] if args.poll else []
+            say("starting the appliance's back-end: vhost-user-blk --vvu vvu.sock --blk-file "
+                f"... {' '.join(mode)}")
+            procs.append(_spawn([*blk, "--vvu", str(vfu), *mode], log))
+            deadline = time.monotonic() + 15  # until the appliance has attached the device
+            while "vfio-user client connected" not in (work / "vvu-device.log").read_text():
+                if procs[-1].poll() is not None or time.monotonic() > deadline:
+                    raise GuestError(f"the appliance did not attach:\n{log.read_text()}")
+                time.sleep(0.05)
+        say("booting the consumer: a Linux guest under QEMU (TCG), -device vhost-user-blk-pci")
         qemu = ["-chardev", f"socket,id=c0,path={sock}",
                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
         with GuestVM(GUEST_SCRIPT, modules=["virtio_pci", "virtio_blk", "ext4"],
@@ -85,18 +110,34 @@ def main(argv: list[str] | None = None) -> int:
             say(f"host could not read the file back: {out.stderr.strip()}")
             return 1
         print(f"    host: debugfs reads /hello.txt from {image.name}: {out.stdout.strip()}")
-        say("done: the guest's filesystem lives in the image file, written by Python")
+        how = "" if args.direct else " through the virtio-vhost-user device"
+        say(f"done: the guest's filesystem lives in the image file, written by Python{how}")
         return 0
     except GuestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(15)
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         elif os.path.exists(log):
             say(f"back-end log: {log}")
+
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait_path(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise GuestError(f"{proc.args[2]} did not start:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":
