@@ -240,3 +240,92 @@ def test_consumer_and_appliance_come_back(device: Device,
     fe, (blk,) = blk_session(device.vhost)
     with fe:
         assert blk.read(7, 512) == (OK, bytes([2]) * 512)
+
+
+def test_every_message_kind_crosses(device: Device) -> None:
+    """Each request the device relays reaches the driver unchanged (protocol features
+    masked), each reply reaches the consumer; the ones that need fds to travel further
+    are refused. The consumer is a real socket, the appliance our driver."""
+    from test_codec import SAMPLES
+
+    from vhostuser.protocol import FRONTEND_SPECS, Channel, decode_request, expects_reply
+    from vhostuser.protocol.codec import Fds, Reply
+    from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, FORBIDDEN
+
+    link = VvuLink(device.vfu)
+    fe = consumer(device.vhost)
+    link.wait_frontend(None)
+    ram = GuestRam(1 << 20)
+    region = p.MemRegion(0, 1 << 20, 0x7F0000000000, 0)
+    payloads = {F.SET_MEM_TABLE: p.MemTable((region,)), F.ADD_MEM_REG: p.SingleMemRegion(region),
+                F.REM_MEM_REG: p.SingleMemRegion(region)}
+    crossed = []
+    for code, spec in FRONTEND_SPECS.items():
+        if code in FORBIDDEN:
+            continue
+        payload = payloads.get(code, SAMPLES[spec.payload])
+        if spec.fds is Fds.PER_REGION or code == F.ADD_MEM_REG:
+            fds = [ram.fd]
+        elif (spec.fds is Fds.VRING and not payload.nofd) or spec.fds is Fds.ONE:
+            fds = [os.eventfd(0)]
+        else:
+            fds = []
+        msg = request(code, payload)
+        fe.send(msg, fds)
+        header, body, tokens = VvuChannel(link).recv_raw()
+        got = decode_request(Channel.FRONTEND, header, body, None)
+        if code == F.SET_PROTOCOL_FEATURES:
+            assert got.payload == p.U64(payload.value & ALLOWED_PROTOCOL_FEATURES)
+        else:
+            assert got == msg, F(code).name
+        assert len(tokens) == len(fds)
+        for fd in fds:
+            if fd != ram.fd:
+                os.close(fd)
+        if expects_reply(Channel.FRONTEND, msg, 0):
+            assert FRONTEND_SPECS[code].when is Reply.ALWAYS
+            answer = SAMPLES[spec.reply] if spec.reply else p.U64(0)
+            VvuChannel(link).send(reply_to(msg, answer))
+            h, rbody, _ = fe.recv_raw()
+            assert h.request == code and h.is_reply
+            if code not in (F.GET_PROTOCOL_FEATURES, F.GET_FEATURES):
+                assert rbody == answer.pack(), F(code).name
+        crossed.append(F(code).name)
+    assert len(crossed) == len(FRONTEND_SPECS) - len(FORBIDDEN)
+    for code in sorted(FORBIDDEN):  # each ends the session: reconnect for the next one
+        spec = FRONTEND_SPECS[code]
+        fds = [os.eventfd(0)] if spec.fds in (Fds.ONE,) else []
+        fe.send(request(code, SAMPLES[spec.payload]), fds)
+        for fd in fds:
+            os.close(fd)
+        ready, _, _ = select.select([fe.sock], [], [], 5)
+        assert ready and fe.sock.recv(1) == b"", F(code).name
+        fe = consumer(device.vhost)
+        link.wait_frontend(None)
+    fe.close()
+    link.close()
+    ram.close()
+
+
+def test_doorbell_by_region_write(device: Device) -> None:
+    """The trapped path, as QEMU would take it: a 16-bit write into the doorbell area
+    signals that vring's call eventfd; err doorbells and the log doorbell likewise."""
+    link = VvuLink(device.vfu)
+    fe = consumer(device.vhost)
+    link.wait_frontend(None)
+    call, err = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    fe.send(request(F.SET_VRING_CALL, p.VringFile.make(2)), (call,))
+    fe.send(request(F.SET_VRING_ERR, p.VringFile.make(2)), (err,))
+    for _ in range(2):
+        VvuChannel(link).recv_raw()
+    bar = link.pci.caps[6].bar
+    link.client.write(bar, 4 * 2, b"\x02\x00")
+    assert readable(call) and os.eventfd_read(call) == 1
+    link.client.write(bar, 4 * (8 + 2), b"\x02\x00")  # N = 8 vrings
+    assert readable(err) and os.eventfd_read(err) == 1
+    link.client.write(bar, 4 * 16, b"\x00\x00")  # the log doorbell: accepted, no effect
+    assert not readable(call, 0.1) and not readable(err, 0.1)
+    for fd in (call, err):
+        os.close(fd)
+    fe.close()
+    link.close()
