@@ -329,3 +329,41 @@ def test_doorbell_by_region_write(device: Device) -> None:
         os.close(fd)
     fe.close()
     link.close()
+
+
+@pytest.mark.parametrize("opts", ["", ",poll"], ids=["interrupt", "poll"])
+def test_switch_port_through_the_device(device: Device, tmp_path: Path, opts: str) -> None:
+    """A switch port served through the virtio-vhost-user device talks to a plain port."""
+    from test_switch import BCAST, MAC, NET, frame
+
+    from vhostuser.frontend.client import Frontend
+    from vhostuser.frontend.net import NetClient
+
+    plain, ctl = str(tmp_path / "plain.sock"), str(tmp_path / "ctl")
+    sw = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.switch", "--control", ctl,
+                           "--port", plain, "--port", f"vvu={device.vfu}{opts}", "-v"])
+    try:
+        deadline = time.monotonic() + 15
+        while not (os.path.exists(plain) and "vfio-user client connected" in device.log()):
+            assert sw.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        nets = []
+        for path in (plain, device.vhost):
+            fe = Frontend(path)
+            fe.negotiate(NET)
+            fe.set_mem_table()
+            fe.setup_queue(0, 256)
+            fe.setup_queue(1, 256)
+            nets.append(NetClient(fe))
+        a, b = nets
+        for i in range(3):  # both directions, a few times, with pauses (kicks, not spins)
+            a.send([frame(BCAST, MAC[1], bytes([i]) * 46)])
+            assert b.recv(1)[0][1] == frame(BCAST, MAC[1], bytes([i]) * 46)
+            b.send([frame(MAC[1], MAC[2], bytes([i]) * 46)])
+            assert a.recv(1)[0][1] == frame(MAC[1], MAC[2], bytes([i]) * 46)
+            time.sleep(0.05)
+        for n in nets:
+            n.fe.close()
+    finally:
+        sw.send_signal(signal.SIGTERM)
+        assert sw.wait(15) == 0

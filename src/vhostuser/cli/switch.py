@@ -7,6 +7,8 @@ optional TAP uplink, with MAC learning and per-port counters.
 
 A port is PATH[,client][,mac=XX:XX:XX:XX:XX:XX][,queues=N][,mtu=N]: by default the switch
 listens on PATH; with `client` it connects to a front-end listening there (and reconnects).
+A port vvu=VFU[,poll][,...] is served through the virtio-vhost-user device whose vfio-user
+socket is VFU (with `poll`, its rings are polled rather than kicked).
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ def parse_port(spec: str, index: int) -> VhostPort:
     if not path:
         raise ValueError(f"port {spec!r}: no socket path")
     kw: dict[str, object] = {"mac": bytes([0x52, 0x54, 0x00, 0x5C, 0, index + 1])}
+    if path.startswith("vvu="):  # served through a virtio-vhost-user device
+        kw["vvu"], path = path[4:], None
     for opt in opts:
         key, _, val = opt.partition("=")
-        if key == "client" and not val:
+        if key == "client" and not val and "vvu" not in kw:
             kw["client"] = True
+        elif key == "poll" and not val and "vvu" in kw:
+            kw["poll"] = True
         elif key == "mac":
             kw["mac"] = parse_mac(val)
         elif key in ("queues", "mtu") and val.isdigit():
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         ports = [parse_port(spec, i) for i, spec in enumerate(args.port)]
-        if len({p.path for p in ports}) != len(ports):
+        if len({p.path or p.vvu for p in ports}) != len(ports):
             raise ValueError("two ports share a socket path")
         tap = TapPort(args.tap) if args.tap else None
         switch = Switch(ports, tap, args.control, args.aging, args.poll_us)

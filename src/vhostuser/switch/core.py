@@ -166,6 +166,9 @@ class Switch:
                 add(p.listener.fileno(), p.accept)
             if p.conn is not None:
                 add(p.conn.fileno(), p.on_message)
+            if p.link is not None:
+                for fd in p.link.event_fds():
+                    add(fd, p.on_vvu_event)
             for iq in p.tx_queues():
                 if iq.kick_fd is not None:
                     add(iq.kick_fd, lambda fd=iq.kick_fd: _drain_eventfd(fd))

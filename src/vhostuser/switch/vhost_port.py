@@ -17,9 +17,10 @@ from ..engine.backend import Backend
 from ..engine.device import Device
 from ..engine.notify import Notifier
 from ..engine.worker import QueueParams, parent_only_fds
-from ..memory import GuestMemory
-from ..protocol import ProtocolError
+from ..memory import GuestMemory, MemoryTableError
+from ..protocol import ProtocolError, encode
 from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connect, listen
+from ..transport.vvu import VvuLink, VvuResources, split_message
 from ..virtq.iov import iov_write
 from ..virtq.split import RingError, SplitQueue
 from .port import Port
@@ -57,13 +58,17 @@ class InlineQueue:
 
 class VhostPort(Port):
     def __init__(self, name: str, path: str | None, mac: bytes, *, client: bool = False,
-                 fd: int | None = None, queue_pairs: int = 1, mtu: int = 1500,
+                 fd: int | None = None, vvu: str | None = None, poll: bool = False,
+                 queue_pairs: int = 1, mtu: int = 1500,
                  changed: Callable[[], None] = lambda: None) -> None:
         super().__init__(name)
-        if (path is None) == (fd is None):
-            raise ValueError(f"{name}: a socket path or an inherited fd, not both")
+        if sum(x is not None for x in (path, fd, vvu)) != 1:
+            raise ValueError(f"{name}: one of a socket path, an inherited fd or a vvu device")
         self.path = path
         self.fd = fd
+        self.vvu = vvu  # served through a virtio-vhost-user device (its vfio-user socket)
+        self.poll = poll
+        self.link: VvuLink | None = None
         self.client = client
         self.device = NetPort(mac, queue_pairs, mtu)
         self.queues: dict[int, InlineQueue] = {}
@@ -76,6 +81,10 @@ class VhostPort(Port):
     # -- connection ----------------------------------------------------------------------------
 
     def open(self) -> None:
+        if self.vvu is not None:
+            self.link = VvuLink(self.vvu)
+            self.link.begin_session()
+            return
         if self.fd is not None:  # inherited: a listening socket, or one connection
             sock = socket.socket(fileno=self.fd)
             if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
@@ -133,6 +142,37 @@ class VhostPort(Port):
             log.error("%s: dropping the front-end: %s", self.name, e)
             self.disconnect()
 
+    def on_vvu_event(self) -> None:
+        """The device signalled (a message, or a session change): catch up with it."""
+        link = self.link
+        assert link is not None
+        try:
+            messages = link.take_messages()
+            if self.backend is not None and not link.in_session():
+                log.info("%s: consumer gone", self.name)
+                self.backend.close()
+                self.backend = None
+                self.changed()
+                link.begin_session()
+                messages = []
+            if self.backend is None and link.in_session():
+                log.info("%s: consumer connected through virtio-vhost-user", self.name)
+                self.backend = Backend(self.device, VvuResources(link, self.poll),
+                                       runner=self._run_queue)
+                self.changed()
+                messages += link.take_messages()
+            for data in messages if self.backend is not None else []:
+                reply = self.backend.receive(*split_message(data))
+                if reply is not None:
+                    link.send(encode(reply))
+        except (ProtocolError, OSError, MemoryTableError) as e:
+            log.error("%s: dropping the consumer: %s", self.name, e)
+            if self.backend is not None:
+                self.backend.close()
+                self.backend = None
+            link.begin_session()
+            self.changed()
+
     def disconnect(self) -> None:
         if self.backend is not None:
             self.backend.close()
@@ -145,6 +185,9 @@ class VhostPort(Port):
 
     def close(self) -> None:
         self.disconnect()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         if self.listener is not None:
             parent_only_fds.discard(self.listener.fileno())
             self.listener.close()
@@ -312,7 +355,7 @@ class VhostPort(Port):
 
     def status(self) -> dict[str, object]:
         st = super().status()
-        st.update(socket=self.path, connected=self.conn is not None,
+        st.update(socket=self.path or self.vvu, connected=self.backend is not None,
                   queues=sorted(i for i, iq in self.queues.items() if not iq.broken),
                   mtu=self.device.mtu)
         return st

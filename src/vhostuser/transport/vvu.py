@@ -33,6 +33,7 @@ from ..protocol import (
     FrontendReq,
     Header,
     Message,
+    ProtocolError,
     decode_header,
     decode_request,
     encode,
@@ -96,17 +97,39 @@ class VvuLink:
     def frontend_up(self) -> bool:
         return bool(self.status() & S_FRONTEND_UP)
 
-    def wait_frontend(self, stop: StopSignal | None) -> None:
-        """Start a session: drop what is left of the last one, set BACKEND_UP (the device
-        clears it when a session ends) and block until a consumer is connected."""
+    def begin_session(self) -> None:
+        """Get ready for the next consumer: end any session the device still holds, drop
+        what is left of it, set BACKEND_UP (the device clears it when a session ends)."""
         if self.status() & S_BACKEND_UP:  # the engine gave up on a session the device kept
             self.set_backend_up(False)
         # BACKEND_UP is clear, so nothing new can arrive: what is in rxq is stale
         self._take_rx()
         self.pending.clear()
         self.set_backend_up(True)
+
+    def in_session(self) -> bool:
+        return self.status() == S_BACKEND_UP | S_FRONTEND_UP
+
+    def wait_frontend(self, stop: StopSignal | None) -> None:
+        """Start a session and block until a consumer is connected."""
+        self.begin_session()
         while not self.frontend_up():
             self._wait([V_CONFIG], stop, None)
+
+    def event_fds(self) -> list[int]:
+        """Eventfds that fire when a message arrives or the session changes."""
+        return [self.pci.vectors[V_RXQ], self.pci.vectors[V_CONFIG]]
+
+    def take_messages(self) -> list[bytes]:
+        """Non-blocking: the messages that have arrived (their vectors' counts cleared)."""
+        for fd in self.event_fds():
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+        self._take_rx()
+        out, self.pending = self.pending, []
+        return out
 
     def _wait(self, vectors: list[int], stop: StopSignal | None,
               timeout: float | None) -> list[int]:
@@ -209,16 +232,7 @@ class VvuChannel:
         self.stop = stop
 
     def recv_raw(self) -> tuple[Header, bytes, list[Token]]:
-        data = self.link.recv(self.stop)
-        header = decode_header(data[:HEADER_SIZE])
-        body = data[HEADER_SIZE:]
-        if len(body) != header.size:
-            from ..protocol import ProtocolError
-
-            raise ProtocolError(f"rxq message of {len(data)} bytes, header says "
-                                f"{HEADER_SIZE + header.size}")
-        log.debug("rxq: request %d, %d bytes", header.request, len(body))
-        return header, body, tokens_for(header, body)
+        return split_message(self.link.recv(self.stop))
 
     def send(self, msg: Message) -> None:
         log.debug("txq: reply to %d", msg.request)
@@ -226,6 +240,17 @@ class VvuChannel:
 
     def close(self) -> None:
         pass  # the link outlives a session
+
+
+def split_message(data: bytes) -> tuple[Header, bytes, list[Token]]:
+    """A message from rxq as the engine takes it: header, body, tokens for its fds."""
+    header = decode_header(data[:HEADER_SIZE])
+    body = data[HEADER_SIZE:]
+    if len(body) != header.size:
+        raise ProtocolError(f"rxq message of {len(data)} bytes, header says "
+                            f"{HEADER_SIZE + header.size}")
+    log.debug("rxq: request %d, %d bytes", header.request, len(body))
+    return header, body, tokens_for(header, body)
 
 
 def tokens_for(header: Header, body: bytes) -> list[Token]:
