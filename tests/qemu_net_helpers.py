@@ -196,7 +196,8 @@ class SwitchDaemon:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         # Each listening port's path (and the control socket) appears once it listens.
-        paths = [Path(spec.split(",")[0]) for spec in self.ports if ",client" not in spec]
+        paths = [Path(spec.split(",")[0]) for spec in self.ports
+                 if ",client" not in spec and not spec.startswith("vvu=")]
         paths.append(self.control)
         deadline = time.monotonic() + timeout
         while not all(p.exists() for p in paths):

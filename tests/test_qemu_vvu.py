@@ -98,3 +98,60 @@ def test_consumer_guest_disk_served_through_the_device(tmp_path: Path, mode: lis
     for log in ("device.log", "blk.log"):
         text = (tmp_path / log).read_text()
         assert "Traceback" not in text and "stopped:" not in text, text
+
+
+@pytest.mark.parametrize("opts", ["", ",poll"], ids=["interrupt", "poll"])
+def test_two_guests_through_the_switch_one_port_over_vvu(tmp_path: Path, opts: str) -> None:
+    """Network: consumer guest B's NIC is a switch port served through the
+    virtio-vhost-user device; guest A's is a plain port. They ping and move a file."""
+    from qemu_net_helpers import SwitchDaemon, format_drops, learned, mac, port_stats
+    from test_qemu_net import (
+        B_IP,
+        FILE_MIB,
+        RECEIVER,
+        SENDER,
+        check_ping,
+        finish,
+        guest,
+        stop_switch,
+        tagged,
+        wait_up,
+    )
+
+    vfu, vhost, sock_a = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "a.sock"
+    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
+                 str(vhost), "-v"], tmp_path / "device.log")
+    try:
+        deadline = time.monotonic() + 20
+        while not (vhost.exists() and vfu.exists()):
+            assert dev.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        mac_a, mac_b = mac(1), mac(2)
+        with SwitchDaemon(tmp_path, [f"{sock_a},mac={mac_a}", f"vvu={vfu}{opts}"]) as switch:
+            wait_for(tmp_path / "device.log", "vfio-user client connected", dev)
+            with guest(SENDER, sock_a, mac_a) as vm_a, guest(RECEIVER, vhost, mac_b) as vm_b:
+                vm_a.start()
+                vm_b.start()
+                wait_up(vm_a, "A", switch)
+                wait_up(vm_b, "B", switch)
+                res_b = finish(vm_b, "B", switch)
+                res_a = finish(vm_a, "A", switch)
+            stats = switch.stats()
+            stop_switch(switch)
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(15) == 0
+    a, b = res_a.lines, res_b.lines
+    ctx = f"\n--- A ---\n{res_a.output}--- B ---\n{res_b.output}\n{stats}"
+    assert tagged(a, "REACHABLE").startswith(B_IP), ctx
+    assert tagged(a, "PING_RC") == "0", ctx
+    check_ping(a, "PING", 3)
+    assert tagged(b, "NC_RC") == "0", ctx
+    assert tagged(b, "DST") == tagged(a, "SRC"), "file arrived damaged" + ctx
+    assert int(tagged(b, "DSTSIZE")) == FILE_MIB * MB, ctx
+    pa, pb = port_stats(stats, "port0"), port_stats(stats, "port1")
+    assert pb["tx_bytes"] > FILE_MIB * MB and pb["rx_packets"] > 20, ctx
+    assert not format_drops(pa) and not format_drops(pb), ctx
+    assert learned(stats).get(mac_b) == "port1", ctx
+    text = (tmp_path / "device.log").read_text()
+    assert "Traceback" not in text, text
