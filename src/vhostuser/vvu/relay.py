@@ -152,15 +152,18 @@ class Relay:
         self.parked = None
         self.awaiting = None
         self.protocol_features = 0
+        # The next consumer brings its own memory: forget this one's (the appliance's
+        # mappings stay valid until it drops them; it re-reads the window on the next table).
+        self.regions = []
+        if self.window is not None:
+            os.close(self.window.fd)
+            self.window = None
         if was and notify:
             self.driver.frontend_changed()
 
     def close(self) -> None:
         self.end_session("device closed", notify=False)
         self.backend_up = False
-        if self.window is not None:
-            os.close(self.window.fd)
-            self.window = None
 
     # -- consumer -> driver ----------------------------------------------------------------
 
