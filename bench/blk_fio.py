@@ -49,6 +49,8 @@ BLKIO_PC = BENCH_DIR / ".cache/blkio-root/usr/lib/x86_64-linux-gnu/pkgconfig/blk
 
 IMAGE_SIZE = 1 << 30
 DEFAULT_OURS_CMD = "vhost-user-blk --socket-path {sock} --blk-file {img}"
+VVU_WRAPPER = Path(__file__).resolve().parent / "tools" / "vvu-blk.sh"
+DEFAULT_VVU_CMD = f"bash {VVU_WRAPPER} {{sock}} {{img}}"
 QSD_CMD = (
     "qemu-storage-daemon"
     " --blockdev driver=file,node-name=file0,filename={img},cache.direct=off,aio={aio}"
@@ -56,7 +58,7 @@ QSD_CMD = (
     " --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
     "writable=on,num-queues=1"
 )
-BACKENDS = ("qsd", "ours")
+BACKENDS = ("qsd", "ours", "vvu")
 SOCKET_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
@@ -410,9 +412,12 @@ def report(
     )
     out.append("")
     both = "qsd" in backends and "ours" in backends
+    vvu = "vvu" in backends and "ours" in backends
     head = ["job", "metric", *backends]
     if both:
         head.append("ours/qsd")
+    if vvu:
+        head.append("vvu/ours")
     head += [f"{b} CPU %" for b in backends]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join("---" for _ in head) + "|")
@@ -427,6 +432,9 @@ def report(
         if both:
             q, o = meds["qsd"], meds["ours"]
             row.append(f"{o / q:.2f}" if q and o is not None else "n/a")
+        if vvu:
+            o, v = meds["ours"], meds["vvu"]
+            row.append(f"{v / o:.2f}" if o and v is not None else "n/a")
         for b in backends:
             ss = res.get(b, job.name)
             row.append(f"{statistics.median(s.backend_cpu for s in ss):.0f}" if ss else "n/a")
@@ -469,6 +477,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_OURS_CMD,
         help="command template of our back-end; {sock} and {img} are substituted",
     )
+    p.add_argument(
+        "--vvu-cmd",
+        default=DEFAULT_VVU_CMD,
+        help="command template of our back-end served through the virtio-vhost-user device",
+    )
+    p.add_argument("--with-vvu", action="store_true",
+                   help="also measure ours through the virtio-vhost-user device (vvu/ours)")
     p.add_argument("--only", choices=BACKENDS, help="benchmark only this back-end")
     p.add_argument(
         "--qsd-aio",
@@ -491,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_argv = sys.argv[1:] if argv is None else argv
     args = parse_args(raw_argv)
     started = dt.datetime.now().astimezone()
-    backends = [args.only] if args.only else list(BACKENDS)
+    backends = [args.only] if args.only else ["qsd", "ours"] + (["vvu"] if args.with_vvu else [])
     res = Results()
 
     try:
@@ -524,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         def make_backend(name: str) -> Backend:
             if name == "qsd":
                 cmd = render(QSD_CMD, img=str(img), sock=str(sock), aio=qsd_aio)
+            elif name == "vvu":
+                cmd = render(args.vvu_cmd, img=str(img), sock=str(sock))
             else:
                 cmd = render(args.ours_cmd, img=str(img), sock=str(sock))
             return Backend(name, cmd, sock, args.backend_cpu, workdir / f"{name}.log")
@@ -561,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         if "ours" in backends:
             ours0 = shlex.split(args.ours_cmd)[0]
             env_lines.append(f"ours: `{args.ours_cmd}` ({ours0} = {shutil.which(ours0)})")
+        if "vvu" in backends:
+            env_lines.append(f"vvu: `{args.vvu_cmd}` (device + vhost-user-blk --vvu, both on "
+                             "the back-end CPU)")
         env_lines.append(f"source tree: {git_state()}")
 
         total = args.repeat * len(JOBS) * len(backends)

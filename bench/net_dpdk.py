@@ -6,8 +6,10 @@ front-end (DPDK virtio_user in testpmd).
 2. forwarding: virtio_user txonly -> back-end -> virtio_user rxonly. Ours: a two-port
    `vhost-user-switch`. DPDK: testpmd io-forwarding between two net_vhost ports.
 
-Back-ends on CPU 0, front-ends on CPU 1; Mpps is the median of per-second receive rates
-(the back-end's own counters for the sink, the receiving front-end's for forwarding).
+Back-ends on CPU 0, front-ends on CPU 1; Mpps is the median of per-second rates read from
+the back-end's own counters: frames received (sink), frames put into the receiving
+front-end's ring (forwarding; the two testpmd front-ends share CPU 1, so their own
+counters are sampled too unevenly to rely on).
 
     python bench/net_dpdk.py [--seconds 8] [--sizes 64,1500] [--write]
 """
@@ -35,13 +37,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dpdk import Testpmd, dpdk_version, median_mpps  # noqa: E402
 
 
-def ctl_rx(ctl: str, port: int) -> int:
+def ctl_count(ctl: str, port: int, field: str) -> int:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(ctl)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    return int(json.loads(data)["ports"][port]["rx_packets"])
+    return int(json.loads(data)["ports"][port][field])
 
 
 @contextmanager
@@ -60,12 +62,12 @@ def ours(argv: list[str], sock: str) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(15)
 
 
-def rates_from_ctl(ctl: str, port: int, seconds: float) -> float:
-    samples, last, t_last = [], ctl_rx(ctl, port), time.monotonic()
+def rates_from_ctl(ctl: str, port: int, seconds: float, field: str = "rx_packets") -> float:
+    samples, last, t_last = [], ctl_count(ctl, port, field), time.monotonic()
     end = t_last + seconds
     while time.monotonic() < end:
         time.sleep(1.0)
-        now_n, now_t = ctl_rx(ctl, port), time.monotonic()
+        now_n, now_t = ctl_count(ctl, port, field), time.monotonic()
         samples.append((now_n - last) / (now_t - t_last) / 1e6)
         last, t_last = now_n, now_t
     return statistics.median(samples)
@@ -101,7 +103,7 @@ def fwd_ours(d: str, size: int, seconds: float) -> float:
                                  testpmd_args=[f"--txpkts={size}"]) as tx:
             tx.start()
             time.sleep(1)
-            return median_mpps(rx.sample(seconds))
+            return rates_from_ctl(ctl, 1, seconds, "tx_packets")  # into the receiver's ring
 
 
 def fwd_dpdk(d: str, size: int, seconds: float) -> float:
@@ -118,7 +120,7 @@ def fwd_dpdk(d: str, size: int, seconds: float) -> float:
                                      testpmd_args=[f"--txpkts={size}"]) as tx:
                 tx.start()
                 time.sleep(1)
-                return median_mpps(rx.sample(seconds))
+                return median_mpps(be.sample(seconds), port=1, field_name="tx_pps")
 
 
 def machine() -> str:
