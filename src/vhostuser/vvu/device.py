@@ -267,7 +267,7 @@ class VvuDevice:
         w = self.relay.window
         if w is None:
             return None
-        return w.fd, min(self.window_bar, (w.size + 0xFFF) & ~0xFFF)
+        return w.fd, min(self.window_bar, w.size)  # mmap rounds up; the file may not
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         self._check(index, offset, count)
