@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+from collections.abc import Callable
 
 
 class Shutdown(Exception):
@@ -39,6 +40,17 @@ class StopSignal:
             raise Shutdown(name)
         return bool(ready)
 
+    def check(self) -> None:
+        """Raise Shutdown if a stop signal has come (its byte on the pipe counts too: the
+        Python-level handler may not have run yet)."""
+        try:
+            data = os.read(self._r, 16)
+        except BlockingIOError:
+            data = b""
+        signum = self.signum if self.signum is not None else (data[-1] if data else None)
+        if signum is not None:
+            raise Shutdown(signal.Signals(signum).name)
+
     def sleep(self, seconds: float) -> None:
         ready, _, _ = select.select([self._r], [], [], seconds)
         if ready or self.signum is not None:
@@ -48,3 +60,24 @@ class StopSignal:
         signal.set_wakeup_fd(-1)
         os.close(self._r)
         os.close(self._w)
+
+
+class Watch:
+    """The fds an event loop waits on and what to do when each is readable, the stop
+    signal's pipe among them. Loops build a new one whenever the set changes."""
+
+    def __init__(self, stop: StopSignal) -> None:
+        self.poller = select.poll()
+        self.handlers: dict[int, Callable[[], None]] = {}
+        self.add(stop.fds()[0], stop.check)
+
+    def add(self, fd: int, fn: Callable[[], None]) -> None:
+        self.poller.register(fd, select.POLLIN)
+        self.handlers[fd] = fn
+
+    def dispatch(self, timeout_ms: int) -> None:
+        """Wait up to `timeout_ms` (-1: forever) and run the handlers of ready fds."""
+        for fd, _ev in self.poller.poll(timeout_ms):
+            fn = self.handlers.get(fd)
+            if fn is not None:
+                fn()

@@ -66,6 +66,21 @@ def print_capabilities(kind: str, features: list[str]) -> NoReturn:
     sys.exit(0)
 
 
+def until_stopped(run: Callable[[StopSignal], None]) -> int:
+    """Run an event loop until SIGTERM/SIGINT; 0 then, 1 on an OS error (printed)."""
+    stop = StopSignal()
+    try:
+        run(stop)
+    except Shutdown:
+        log.info("exiting")
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.close()
+    return 0
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,

@@ -20,11 +20,10 @@ import sys
 
 from ..devices.net import parse_mac
 from ..engine.worker import DEFAULT_SPIN_US
-from ..shutdown import Shutdown, StopSignal
 from ..switch.core import Switch
 from ..switch.tap import TapPort
 from ..switch.vhost_port import VhostPort
-from .common import log, setup_logging
+from .common import setup_logging, until_stopped
 
 
 def parse_port(spec: str, index: int) -> VhostPort:
@@ -85,17 +84,7 @@ def build_parser(prog: str = "vhost-user-switch") -> argparse.ArgumentParser:
 
 
 def serve(switch: Switch) -> int:
-    stop = StopSignal()
-    try:
-        switch.run(stop)
-    except Shutdown:
-        log.info("exiting")
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        stop.close()
-    return 0
+    return until_stopped(switch.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,9 @@ import argparse
 import sys
 import uuid
 
-from ..shutdown import Shutdown, StopSignal
 from ..vvu.device import VvuDevice
 from ..vvu.server import VvuServer
-from .common import log, setup_logging
+from .common import setup_logging, until_stopped
 
 
 def size(text: str) -> int:
@@ -54,18 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    server = VvuServer(dev, args.vfio_user_socket, args.socket_path, args.client)
-    stop = StopSignal()
-    try:
-        server.run(stop)
-    except Shutdown:
-        log.info("exiting")
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        stop.close()
-    return 0
+    return until_stopped(VvuServer(dev, args.vfio_user_socket, args.socket_path,
+                                   args.client).run)
 
 
 if __name__ == "__main__":

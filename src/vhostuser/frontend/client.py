@@ -43,6 +43,7 @@ class Frontend:
     path: str
     ram_size: int = 64 << 20
     connect_timeout: float = 10.0
+    reply_timeout: float = 30.0
     sock: UnixChannel = field(init=False)
     ram: GuestRam = field(init=False)
     features: int = 0
@@ -50,7 +51,9 @@ class Frontend:
     queues: dict[int, QueueState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.sock = UnixChannel(connect(self.path, retry_for=self.connect_timeout))
+        sock = connect(self.path, retry_for=self.connect_timeout)
+        sock.settimeout(self.reply_timeout)  # a back-end that never answers fails, not hangs
+        self.sock = UnixChannel(sock)
         self.ram = GuestRam(self.ram_size)
 
     # -- messages ----------------------------------------------------------------------------

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import socket
 import time
-from collections.abc import Callable
 
-from ..shutdown import Shutdown, StopSignal
+from ..shutdown import StopSignal, Watch
 from ..transport.unix import listen
 from ..virtq.split import RingError
 from .port import Port
@@ -145,43 +143,33 @@ class Switch:
                 except OSError:
                     pass
 
-    def _watch(self, stop: StopSignal) -> tuple[select.poll, dict[int, Callable[[], None]]]:
-        poller = select.poll()
-        handlers: dict[int, Callable[[], None]] = {}
-
-        def add(fd: int, fn: Callable[[], None]) -> None:
-            poller.register(fd, select.POLLIN)
-            handlers[fd] = fn
-
-        def stopped() -> None:
-            raise Shutdown(str(stop.signum))
-
-        add(stop.fds()[0], stopped)
+    def _watch(self, stop: StopSignal) -> Watch:
+        w = Watch(stop)
         if self._control is not None:
-            add(self._control.fileno(), self._serve_control)
+            w.add(self._control.fileno(), self._serve_control)
         if self.tap is not None:
-            add(self.tap.fileno(), lambda: None)
+            w.add(self.tap.fileno(), lambda: None)
         for p in self.vports:
             if p.listener is not None and p.conn is None:  # a newcomer waits in the backlog
-                add(p.listener.fileno(), p.accept)
+                w.add(p.listener.fileno(), p.accept)
             if p.conn is not None:
-                add(p.conn.fileno(), p.on_message)
+                w.add(p.conn.fileno(), p.on_message)
             if p.link is not None:
                 for fd in p.link.event_fds():
-                    add(fd, p.on_vvu_event)
+                    w.add(fd, p.on_vvu_event)
             for iq in p.tx_queues():
                 if iq.kick_fd is not None:
-                    add(iq.kick_fd, lambda fd=iq.kick_fd: _drain_eventfd(fd))
-        return poller, handlers
+                    w.add(iq.kick_fd, lambda fd=iq.kick_fd: _drain_eventfd(fd))
+        return w
 
     def _loop(self, stop: StopSignal) -> None:
-        poller, handlers = self._watch(stop)
+        watch = self._watch(stop)
         busy_until = 0.0
         next_age = next_connect = time.monotonic()
         while True:
             if self._dirty:
                 self._dirty = False
-                poller, handlers = self._watch(stop)
+                watch = self._watch(stop)
             now = time.monotonic()
             polling = any(iq.kick_fd is None for p in self.vports for iq in p.tx_queues())
             if now < busy_until or polling:
@@ -193,10 +181,7 @@ class Switch:
                     busy_until = time.monotonic() + self.spin
                     self._kicks(False)
                     continue
-            for fd, _ev in poller.poll(timeout):
-                fn = handlers.get(fd)
-                if fn is not None:
-                    fn()
+            watch.dispatch(timeout)
             if timeout:
                 self._kicks(False)
             if self.pump():

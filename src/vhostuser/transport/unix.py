@@ -43,6 +43,19 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
     return fds
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from a stream socket; PeerClosed if it ends first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerClosed()
+        got += k
+    return bytes(buf)
+
+
 class UnixChannel:
     """Framed vhost-user messages over a connected stream socket."""
 
@@ -77,15 +90,7 @@ class UnixChannel:
         return header, body, fds
 
     def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise PeerClosed()
-            got += k
-        return bytes(buf)
+        return recv_exact(self.sock, n)
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         data = encode(msg)

@@ -14,7 +14,7 @@ import socket
 from itertools import count
 
 from ..shutdown import StopSignal
-from ..transport.unix import PeerClosed, connect, listen
+from ..transport.unix import PeerClosed, connect, listen, recv_exact
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -114,15 +114,7 @@ class VfioUserChannel:
         return header, body, fds
 
     def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise PeerClosed()
-            got += k
-        return bytes(buf)
+        return recv_exact(self.sock, n)
 
     def recv_command(
         self, *, sender: Peer = Peer.CLIENT, max_data_xfer_size: int | None = None

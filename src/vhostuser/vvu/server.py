@@ -9,13 +9,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import socket
 import time
-from collections.abc import Callable
 
 from ..memory import MemoryTableError
-from ..shutdown import Shutdown, StopSignal
+from ..shutdown import StopSignal, Watch
 from ..transport.unix import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import VfioUserChannel, close_fds
@@ -217,12 +215,8 @@ class VvuServer:
         next_connect = 0.0
         try:
             while True:
-                poller, handlers = self._watch(stop)
                 timeout = 500 if self.consumer_client and self.dev.relay.conn is None else -1
-                for fd, _ev in poller.poll(timeout):
-                    fn = handlers.get(fd)
-                    if fn is not None:
-                        fn()
+                self._watch(stop).dispatch(timeout)
                 if (self.consumer_client and self.dev.relay.conn is None
                         and time.monotonic() >= next_connect):
                     try:
@@ -232,31 +226,21 @@ class VvuServer:
         finally:
             self.close()
 
-    def _watch(self, stop: StopSignal) -> tuple[select.poll, dict[int, Callable[[], None]]]:
-        poller = select.poll()
-        handlers: dict[int, Callable[[], None]] = {}
-
-        def add(fd: int, fn: Callable[[], None]) -> None:
-            poller.register(fd, select.POLLIN)
-            handlers[fd] = fn
-
-        def stopped() -> None:
-            raise Shutdown(str(stop.signum))
-
-        add(stop.fds()[0], stopped)
+    def _watch(self, stop: StopSignal) -> Watch:
+        w = Watch(stop)
         if self.client is None and self.vfio_listener is not None:
-            add(self.vfio_listener.fileno(), self._accept_client)
+            w.add(self.vfio_listener.fileno(), self._accept_client)
         if self.client is not None:
-            add(self.client.fileno(), self.serve_client)
+            w.add(self.client.fileno(), self.serve_client)
         relay = self.dev.relay
         if relay.conn is None and self.vhost_listener is not None:
-            add(self.vhost_listener.fileno(), self._accept_consumer)
+            w.add(self.vhost_listener.fileno(), self._accept_consumer)
         if relay.wants_consumer():
             assert relay.conn is not None
-            add(relay.conn.fileno(), relay.on_consumer)
+            w.add(relay.conn.fileno(), relay.on_consumer)
         for vring, fd in list(relay.kicks.items()):
-            add(fd, lambda v=vring: relay.on_kick(v))
-        return poller, handlers
+            w.add(fd, lambda v=vring: relay.on_kick(v))
+        return w
 
     def close(self) -> None:
         if self.client is not None:
