@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(or to connect to, with --client)")
     ap.add_argument("--fd", type=int, metavar="FD",
                     help="an inherited socket fd (listening or connected)")
+    ap.add_argument("--vvu", metavar="PATH",
+                    help="serve through a virtio-vhost-user device (its vfio-user socket)")
+    ap.add_argument("--poll", action="store_true", help="with --vvu: poll the rings")
     ap.add_argument("--client", action="store_true", help="connect to a listening front-end")
     ap.add_argument("--tap", metavar="NAME", help="TAP interface to bridge the port to")
     ap.add_argument("--mac", default="52:54:00:5c:00:01", help="MAC in the config space")
@@ -33,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.print_capabilities:
         print_capabilities("net", [])
-    if (args.socket_path is None) == (args.fd is None):
-        ap.error("exactly one of --socket-path and --fd is required")
+    if sum(x is not None for x in (args.socket_path, args.fd, args.vvu)) != 1:
+        ap.error("exactly one of --socket-path, --fd and --vvu is required")
+    if args.poll and args.vvu is None:
+        ap.error("--poll goes with --vvu")
     if args.client and args.socket_path is None:
         ap.error("--client needs --socket-path")
     if not 0 <= args.poll_us <= 1_000_000:
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         port = VhostPort("port0", args.socket_path, parse_mac(args.mac), client=args.client,
-                         fd=args.fd, queue_pairs=args.queues, mtu=args.mtu)
+                         fd=args.fd, vvu=args.vvu, poll=args.poll, queue_pairs=args.queues,
+                         mtu=args.mtu)
         tap = TapPort(args.tap, args.mtu) if args.tap else None
         switch = Switch([port], tap, args.control, poll_us=args.poll_us)
     except (ValueError, OSError) as e:
