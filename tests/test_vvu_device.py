@@ -367,3 +367,39 @@ def test_switch_port_through_the_device(device: Device, tmp_path: Path, opts: st
     finally:
         sw.send_signal(signal.SIGTERM)
         assert sw.wait(15) == 0
+
+
+def test_vhost_user_net_through_the_device(device: Device, tmp_path: Path) -> None:
+    """vhost-user-net --vvu: a consumer's frames reach the port (its counters say so)."""
+    from test_switch import BCAST, MAC, NET, frame
+
+    from vhostuser.frontend.client import Frontend
+    from vhostuser.frontend.net import NetClient
+
+    ctl = str(tmp_path / "net.ctl")
+    net = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.net", "--vvu", device.vfu,
+                            "--control", ctl, "-v"])
+    try:
+        deadline = time.monotonic() + 15
+        while not (os.path.exists(ctl) and "vfio-user client connected" in device.log()):
+            assert net.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        fe = Frontend(device.vhost)
+        fe.negotiate(NET)
+        fe.set_mem_table()
+        fe.setup_queue(0, 256)
+        fe.setup_queue(1, 256)
+        n = NetClient(fe)
+        n.send([frame(BCAST, MAC[1], bytes([i]) * 46) for i in range(10)])
+        deadline = time.monotonic() + 10
+        while True:
+            out = subprocess.run([sys.executable, "-m", "vhostuser.cli.switch", "stats",
+                                  "--control", ctl], capture_output=True, text=True).stdout
+            if '"rx_packets": 10' in out or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert '"rx_packets": 10' in out and '"rx_bytes": 600' in out, out
+        fe.close()
+    finally:
+        net.send_signal(signal.SIGTERM)
+        assert net.wait(15) == 0
