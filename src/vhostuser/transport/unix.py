@@ -43,6 +43,16 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
     return fds
 
 
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...]) -> None:
+    """Send `data` with `fds` attached to its first byte (SCM_RIGHTS)."""
+    anc = []
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Exactly `n` bytes from a stream socket; PeerClosed if it ends first."""
     buf = bytearray(n)
@@ -93,13 +103,7 @@ class UnixChannel:
         return recv_exact(self.sock, n)
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        data = encode(msg)
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = self.sock.sendmsg([data], anc)
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        send_with_fds(self.sock, encode(msg), fds)
 
     def close(self) -> None:
         self.sock.close()

@@ -14,7 +14,7 @@ import socket
 from itertools import count
 
 from ..shutdown import StopSignal
-from ..transport.unix import PeerClosed, connect, listen, recv_exact
+from ..transport.unix import PeerClosed, connect, listen, recv_exact, send_with_fds
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -156,12 +156,7 @@ class VfioUserChannel:
 
     def send_bytes(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send an already encoded message (or a deliberately broken one, in tests)."""
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = self.sock.sendmsg([data], anc)
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        send_with_fds(self.sock, data, fds)
 
     def close(self) -> None:
         self.sock.close()
