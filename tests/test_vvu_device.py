@@ -403,3 +403,27 @@ def test_vhost_user_net_through_the_device(device: Device, tmp_path: Path) -> No
     finally:
         net.send_signal(signal.SIGTERM)
         assert net.wait(15) == 0
+
+
+def test_consumer_memory_in_several_files(device: Device,
+                                          appliance: Callable[..., subprocess.Popen]) -> None:
+    """libblkio-style consumers keep rings and buffers in separate memfds: each file gets
+    its own place in the window and the appliance maps each from its own region."""
+    from vhostuser.frontend.ring import GuestRam
+
+    appliance()
+    fe, (blk,) = blk_session(device.vhost)
+    with fe:
+        extra = GuestRam(1 << 20, guest_addr=0x2_0000_0000, user_addr=0x7E00_0000_0000)
+        region = extra.region()
+        fe.call(F.ADD_MEM_REG, p.SingleMemRegion(region), fds=(extra.fd,))
+        hdr, status = fe.ram.alloc(16), fe.ram.alloc(1)
+        fe.ram.at(hdr, 16)[:] = struct.pack("<IIQ", 0, 0, 9)  # read sector 9...
+        fe.queues[0].ring.add([(hdr, 16, False), (region.guest_addr + 4096, 512, True),
+                               (status, 1, True)])  # ...into the second file
+        fe.kick(0)
+        fe.wait_used(0)
+        assert fe.ram.at(status, 1)[0] == OK
+        assert bytes(extra.at(region.guest_addr + 4096, 512)) == sector(9)
+        assert blk.read(3, 512) == (OK, sector(3))  # the first file still works
+        extra.close()

@@ -137,21 +137,43 @@ def test_memory_table_becomes_the_window(setup: tuple[Relay, Driver, UnixChannel
     hi = p.MemRegion(0x100000000, 0x80000, 0x7F0000040000, 0x40000)  # same file, further on
     table = p.MemTable((lo, hi))
     send(fe, relay, request(F.SET_MEM_TABLE, table), (ram.fd, ram.fd))
-    assert delivered(drv).payload == table  # unchanged: the driver applies the same rule
-    w = relay.window
-    assert w is not None and w.size == 0xC0000
+    assert delivered(drv).payload == table  # one file at window offset 0: offsets as sent
+    (w,) = relay.files
+    assert (w.base, w.size) == (0, 1 << 20)  # the whole file is placed
     ram.at(0x40000 + 5, 4)[:] = b"VVU!"  # guest address 0x100000005 lives at window 0x40005
+    assert relay.file_at(hi.mmap_offset + 5) is w
     with open(f"/proc/self/fd/{w.fd}", "rb") as f:
         f.seek(hi.mmap_offset + 5)
         assert f.read(4) == b"VVU!"
 
 
-def test_memory_in_two_files_is_refused(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+def test_memory_in_several_files_is_placed(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    """Each file gets its own 2 MiB-aligned place in the window; the relayed regions say
+    where (mmap_offset rewritten), as libblkio's separate memfds need."""
     relay, drv, fe = setup
-    a, b = GuestRam(1 << 16), GuestRam(1 << 16)
+    a, b = GuestRam(1 << 16), GuestRam(3 << 20)
     table = p.MemTable((p.MemRegion(0, 1 << 16, 0x1000000, 0),
-                        p.MemRegion(1 << 20, 1 << 16, 0x2000000, 0)))
+                        p.MemRegion(1 << 20, 1 << 20, 0x2000000, 1 << 20)))
     send(fe, relay, request(F.SET_MEM_TABLE, table), (a.fd, b.fd))
+    placed = delivered(drv).payload.regions
+    assert [r.mmap_offset for r in placed] == [0, (2 << 20) + (1 << 20)]
+    assert [(f.base, f.size) for f in relay.files] == [(0, 1 << 16), (2 << 20, 3 << 20)]
+    b.at(1 << 20, 4)[:] = b"FILE"
+    f = relay.file_at(placed[1].mmap_offset)
+    assert f is relay.files[1] and os.pread(f.fd, 4, 1 << 20) == b"FILE"
+    add = p.SingleMemRegion(p.MemRegion(8 << 20, 1 << 16, 0x3000000, 0))
+    send(fe, relay, request(F.ADD_MEM_REG, add), (a.fd,))  # a known file keeps its place
+    assert delivered(drv).payload.region.mmap_offset == 0 and len(relay.files) == 2
+    rem = p.SingleMemRegion(p.MemRegion(1 << 20, 1 << 20, 0x2000000, 1 << 20))
+    send(fe, relay, request(F.REM_MEM_REG, rem))  # relayed with the window offset too
+    assert delivered(drv).payload.region.mmap_offset == (2 << 20) + (1 << 20)
+
+
+def test_memory_beyond_the_window_is_refused(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, drv, fe = setup
+    relay.window_size = 1 << 20
+    big = GuestRam(2 << 20)
+    send(fe, relay, request(F.SET_MEM_TABLE, p.MemTable((big.region(),))), (big.fd,))
     assert not drv.rx and closed(fe)  # no REPLY_ACK negotiated: the session ends
 
 

@@ -17,7 +17,6 @@ The engine, the workers and the devices are unchanged.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import select
 import struct
@@ -50,6 +49,7 @@ F = FrontendReq
 CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
 S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 V_CONFIG, V_RXQ, V_TXQ, V_FIRST_VRING = 0, 1, 2, 3
+FIRST_FILE_REGION, WINDOW_BASE_CAP = 9, 0x1AF4  # the device's window-file regions
 RX_BUFFERS, BUFFER_SIZE = 32, 8192  # a message is at most 12 + 4096 bytes
 FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_IDX
 
@@ -84,7 +84,6 @@ class VvuLink:
         self.pending: list[bytes] = []
         pci.driver_ok()
         pci.kick(0)
-        self.window: mmap.mmap | None = None
 
     # -- status ----------------------------------------------------------------------------
 
@@ -187,19 +186,24 @@ class VvuLink:
     # -- resources -------------------------------------------------------------------------
 
     def window_view(self, desc: MemRegion) -> memoryview:
-        """Region `desc` inside the shared-memory BAR (mapped afresh when it changed)."""
-        region = self.client.region(self.pci.caps[CFG_SHARED_MEMORY].bar)
-        if region.fd is None:
-            raise MemoryTableError("the device exposes no shared memory yet")
-        try:
-            mapping = self.client.map_region(region)
-        finally:
-            os.close(region.fd)
-        end = desc.mmap_offset + desc.size
-        if end > len(mapping):
-            raise MemoryTableError(f"region {desc} beyond the {len(mapping):#x}-byte window")
-        self.window = mapping
-        return memoryview(mapping)[desc.mmap_offset : end]
+        """Region `desc` (its mmap_offset is its offset in the window) as a view of the
+        consumer's memory file that holds it: vfio-user regions 9, 10, ... are the
+        window's files, each with its window base (the device re-reads them per table)."""
+        start, end = desc.mmap_offset, desc.mmap_offset + desc.size
+        for index in range(FIRST_FILE_REGION, FIRST_FILE_REGION + 64):
+            region = self.client.region(index)
+            if not region.size:
+                break
+            base = next((int.from_bytes(c.data[:8], "little") for c in region.caps
+                         if getattr(c, "id", None) == WINDOW_BASE_CAP), None)
+            try:
+                if base is not None and base <= start and end <= base + region.size:
+                    mapping = self.client.map_region(region)
+                    return memoryview(mapping)[start - base : end - base]
+            finally:
+                if region.fd is not None:
+                    os.close(region.fd)
+        raise MemoryTableError(f"region {desc} is in none of the window's memory files")
 
     def doorbell_fd(self, offset: int) -> int | None:
         """A dup of the ioeventfd behind the doorbell at `offset`, if the device has one."""

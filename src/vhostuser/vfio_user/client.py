@@ -35,6 +35,7 @@ class Region:
     fd: int | None = None
     mmap_areas: tuple[tuple[int, int], ...] = ()
     offset: int = 0
+    caps: tuple[object, ...] = ()
 
 
 class VfioUserClient:
@@ -78,7 +79,7 @@ class VfioUserClient:
             if isinstance(cap, vp.SparseMmapCap):
                 areas = cap.areas
         fd = self._last_fds[0] if self._last_fds else None
-        return Region(index, info.size, info.flags, fd, areas, info.offset)
+        return Region(index, info.size, info.flags, fd, areas, info.offset, info.caps)
 
     def read(self, region: int, offset: int, count: int) -> bytes:
         acc = self._call(vp.Command.REGION_READ, vp.RegionAccess(offset, region, count))

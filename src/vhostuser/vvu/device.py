@@ -20,7 +20,7 @@ from ..virtq.iov import iov_write
 from ..virtq.split import RingError, RingLayout, SplitQueue
 from .msix import MsixTable
 from .pci import Bar, PciAccessError, PciConfig, msix_cap, virtio_cap, virtio_cap64
-from .relay import Relay, RxResult
+from .relay import Relay, RxResult, WindowFile
 from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciState
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ DOORBELL_MULT = 4
 NOTIFICATION_OFFSET, DOORBELL_BAR_SIZE = 0x1000, 0x2000
 CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
 SHMID_MEMORY = 0
+FIRST_FILE_REGION = 9  # vfio-user regions 9, 10, ...: the window's memory files, one each
 
 S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 RXQ, TXQ = 0, 1
@@ -85,7 +86,7 @@ class VvuDevice:
         self.uuid = uuid or uuidlib.uuid4()
         self.nvec = 3 + max_queues  # config, rxq, txq, one per vring notification
         self.window_bar = _pow2_at_least(window_size)
-        self.relay = Relay(self, max_queues)
+        self.relay = Relay(self, max_queues, self.window_bar)
         self.config = VvuConfig(self)
         self.virtio = VirtioPciState(FEATURES, 2, QUEUE_SIZE, self.config, nvec=self.nvec,
                                      on_reset=self._on_reset, on_notify=self._on_notify)
@@ -260,14 +261,17 @@ class VvuDevice:
     # -- regions -------------------------------------------------------------------------------
 
     def region_size(self, index: int) -> int:
+        if index >= FIRST_FILE_REGION:
+            f = self.window_file(index)
+            return f.size if f is not None else 0
         return 256 if index == 7 else self.bars.get(index, 0)
 
-    def window_mmap(self) -> tuple[int, int] | None:
-        """(fd, mmappable length) of the shared-memory window, if the consumer sent one."""
-        w = self.relay.window
-        if w is None:
-            return None
-        return w.fd, min(self.window_bar, w.size)  # mmap rounds up; the file may not
+    def window_file(self, index: int) -> WindowFile | None:
+        """The consumer memory file behind vfio-user region `index` (BAR 4: the first;
+        9 + k: the k-th, for clients that map each file where it sits in the window)."""
+        files = self.relay.files
+        k = 0 if index == BAR_WINDOW else index - FIRST_FILE_REGION
+        return files[k] if 0 <= k < len(files) else None
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         self._check(index, offset, count)
@@ -284,7 +288,7 @@ class VvuDevice:
                 regs = struct.pack("<HH", self.notify_select, self._notify_vector())
                 return regs[offset - NOTIFICATION_OFFSET:][:count].ljust(count, b"\0")
             return bytes(count)
-        return self._window_read(offset, count)
+        return self._window_read(self._window_offset(index, offset), count)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         self._check(index, offset, len(data))
@@ -302,7 +306,7 @@ class VvuDevice:
             else:
                 self._notification_write(offset - NOTIFICATION_OFFSET, data)
         else:
-            self._window_write(offset, data)
+            self._window_write(self._window_offset(index, offset), data)
 
     def _check(self, index: int, offset: int, count: int) -> None:
         size = self.region_size(index)
@@ -331,16 +335,22 @@ class VvuDevice:
             ok = value < self.nvec or value == NO_VECTOR
             self.notify_vectors[self.notify_select] = value if ok else NO_VECTOR
 
+    def _window_offset(self, index: int, offset: int) -> int:
+        f = self.window_file(index) if index >= FIRST_FILE_REGION else None
+        return offset + (f.base if f is not None else 0)
+
     def _window_read(self, offset: int, count: int) -> bytes:
-        w = self.relay.window
-        if w is None or offset >= w.size:
+        """The trapped path (a client that could not mmap the window): from the file."""
+        f = self.relay.file_at(offset)
+        if f is None:
             return bytes(count)
-        return os.pread(w.fd, min(count, w.size - offset), offset).ljust(count, b"\0")
+        n = min(count, f.base + f.size - offset)
+        return os.pread(f.fd, n, offset - f.base).ljust(count, b"\0")
 
     def _window_write(self, offset: int, data: bytes) -> None:
-        w = self.relay.window
-        if w is not None and offset < w.size:
-            os.pwrite(w.fd, data[: w.size - offset], offset)
+        f = self.relay.file_at(offset)
+        if f is not None:
+            os.pwrite(f.fd, data[: f.base + f.size - offset], offset - f.base)
 
     def close(self) -> None:
         self._drop_queues()

@@ -82,24 +82,29 @@ class RelayError(Exception):
     """A side broke the rules; the session ends."""
 
 
+FILE_ALIGN = 2 << 20  # each memory file starts on a 2 MiB boundary of the window
+
+
 @dataclass
-class Window:
-    """The consumer's memory file, as the shared-memory BAR exposes it."""
+class WindowFile:
+    """One of the consumer's memory files, placed in the shared-memory window at `base`."""
 
     fd: int
-    size: int  # largest mmap_offset + size of the current regions
     file_id: tuple[int, int]
+    base: int
+    size: int  # the file's size: all of it is placed, whatever the regions use
 
 
 class Relay:
-    def __init__(self, driver: DriverSide, max_queues: int) -> None:
+    def __init__(self, driver: DriverSide, max_queues: int, window_size: int = 1 << 40) -> None:
         self.driver = driver
         self.max_queues = max_queues
+        self.window_size = window_size
         self.conn: UnixChannel | None = None
         self.backend_up = False
         self.protocol_features = 0  # as the consumer set them (masked)
-        self.regions: list[p.MemRegion] = []
-        self.window: Window | None = None
+        self.regions: list[p.MemRegion] = []  # as relayed: mmap_offset = window offset
+        self.files: list[WindowFile] = []
         self.calls: dict[int, int] = {}
         self.errs: dict[int, int] = {}
         self.kicks: dict[int, int] = {}  # vring -> the consumer's kick eventfd
@@ -154,10 +159,7 @@ class Relay:
         self.protocol_features = 0
         # The next consumer brings its own memory: forget this one's (the appliance's
         # mappings stay valid until it drops them; it re-reads the window on the next table).
-        self.regions = []
-        if self.window is not None:
-            os.close(self.window.fd)
-            self.window = None
+        self._drop_files()
         if was and notify:
             self.driver.frontend_changed()
 
@@ -235,7 +237,7 @@ class Relay:
             self.protocol_features = masked
             msg = Message(code, p.U64(masked), msg.flags)
         elif code in (F.SET_MEM_TABLE, F.ADD_MEM_REG, F.REM_MEM_REG):
-            self._memory(msg, fds)
+            msg = self._memory(msg, fds)
         elif code in (F.SET_VRING_CALL, F.SET_VRING_ERR, F.SET_VRING_KICK):
             self._vring_fd(msg, fds)
         elif code == F.GET_VRING_BASE:
@@ -268,45 +270,72 @@ class Relay:
             if fd is not None:
                 os.close(fd)
 
-    def _memory(self, msg: Message, fds: list[int]) -> None:
+    def _memory(self, msg: Message, fds: list[int]) -> Message:
+        """Place the regions' files in the window and relay the regions with mmap_offset
+        rewritten to their offset in the window (the fd it was relative to is gone)."""
         code = msg.request
+        pl = msg.payload
         if code == F.REM_MEM_REG:
             for fd in fds:
                 os.close(fd)
-            assert isinstance(msg.payload, p.SingleMemRegion)
-            r = msg.payload.region
-            self.regions = [x for x in self.regions
-                            if (x.guest_addr, x.user_addr, x.size) != (r.guest_addr,
-                                                                       r.user_addr, r.size)]
-            return
+            fds.clear()
+            assert isinstance(pl, p.SingleMemRegion)
+            key = (pl.region.guest_addr, pl.region.user_addr, pl.region.size)
+            placed = [x for x in self.regions if (x.guest_addr, x.user_addr, x.size) == key]
+            self.regions = [x for x in self.regions if x not in placed]
+            region = placed[0] if placed else pl.region
+            return Message(code, p.SingleMemRegion(region), msg.flags)
         if code == F.SET_MEM_TABLE:
-            assert isinstance(msg.payload, p.MemTable)
-            regions = list(msg.payload.regions)
+            assert isinstance(pl, p.MemTable)
+            self._drop_files()
+            wanted = list(pl.regions)
         else:
-            assert isinstance(msg.payload, p.SingleMemRegion)
-            regions = [*self.regions, msg.payload.region]
+            assert isinstance(pl, p.SingleMemRegion)
+            wanted = [pl.region]
+        if len(fds) != len(wanted):
+            raise RelayError("a memory region without a file descriptor")
+        placed = [self._place(r, fd) for r, fd in zip(wanted, fds, strict=True)]
+        for fd in fds:  # placed files hold dups; on an error the caller closes them
+            os.close(fd)
+        fds.clear()
+        self.regions += placed
+        self.window_changed = True
+        if code == F.SET_MEM_TABLE:
+            return Message(code, p.MemTable(tuple(placed)), msg.flags)
+        return Message(code, p.SingleMemRegion(placed[0]), msg.flags)
+
+    def _place(self, r: p.MemRegion, fd: int) -> p.MemRegion:
         try:
-            if not fds:
-                raise RelayError("a memory table without file descriptors")
-            ids = {self._file_id(fd) for fd in fds}
-            if code == F.ADD_MEM_REG and self.window is not None:
-                ids.add(self.window.file_id)
-            if len(ids) > 1:
-                raise RelayError("the consumer's memory spans several files; the window "
-                                 "can expose one (use one memory backend, share=on)")
-            size = max(r.mmap_offset + r.size for r in regions)
-            if os.fstat(fds[0]).st_size < size:
-                raise RelayError(f"regions reach {size:#x}, past the end of their file")
-            fd = os.dup(fds[0])
+            st = os.fstat(fd)
         except OSError as e:
             raise RelayError(f"unusable memory fd: {e}") from e
-        for x in fds:
-            os.close(x)
-        old, self.window = self.window, Window(fd, size, ids.pop())
-        if old is not None:
-            os.close(old.fd)
-        self.regions = regions
-        self.window_changed = True
+        if r.mmap_offset + r.size > st.st_size:
+            raise RelayError(f"region {r} runs past the end of its file")
+        fid = (st.st_dev, st.st_ino)
+        f = next((x for x in self.files if x.file_id == fid), None)
+        if f is None:
+            end = self.files[-1].base + self.files[-1].size if self.files else 0
+            base = -(-end // FILE_ALIGN) * FILE_ALIGN
+            if base + st.st_size > self.window_size:
+                raise RelayError(f"the consumer's memory needs {base + st.st_size:#x} bytes "
+                                 f"of window, the BAR has {self.window_size:#x} "
+                                 "(--window-size)")
+            f = WindowFile(os.dup(fd), fid, base, st.st_size)
+            self.files.append(f)
+        return p.MemRegion(r.guest_addr, r.size, r.user_addr, f.base + r.mmap_offset)
+
+    def _drop_files(self) -> None:
+        for f in self.files:
+            os.close(f.fd)
+        self.files = []
+        self.regions = []
+
+    def file_at(self, offset: int) -> WindowFile | None:
+        """The memory file holding window byte `offset`."""
+        for f in self.files:
+            if f.base <= offset < f.base + f.size:
+                return f
+        return None
 
     @staticmethod
     def _file_id(fd: int) -> tuple[int, int]:

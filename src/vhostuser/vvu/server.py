@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 
 from ..memory import MemoryTableError
@@ -17,7 +18,7 @@ from ..shutdown import StopSignal, Watch
 from ..transport.unix import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import VfioUserChannel, close_fds
-from .device import BAR_DOORBELL, BAR_WINDOW, VvuDevice
+from .device import BAR_DOORBELL, BAR_WINDOW, FIRST_FILE_REGION, VvuDevice
 from .pci import PciAccessError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ C = vp.Command
 NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA: the VFIO PCI layout
 NUM_IRQS = 5  # INTx, MSI, MSI-X, ERR, REQ
 MAX_DATA = 1 << 20
+WINDOW_FILE_TYPE = 0x1AF40001  # region type cap of a window-file region (vendor-specific)
+WINDOW_BASE_CAP = 0x1AF4  # capability id: u64 offset of that file in the window
 
 
 class VvuServer:
@@ -99,12 +102,15 @@ class VvuServer:
         flags = vp.RegionFlag.READ | vp.RegionFlag.WRITE if size else 0
         caps: tuple[vp.RegionCap, ...] = ()
         fds: list[int] = []
-        window = self.dev.window_mmap() if pl.index == BAR_WINDOW else None
-        if window is not None:
-            fd, length = window
+        f = self.dev.window_file(pl.index) if pl.index in (BAR_WINDOW,) or (
+            pl.index >= FIRST_FILE_REGION) else None
+        if f is not None:  # mmap-able: the consumer's file, as far as it goes
             flags |= vp.RegionFlag.MMAP
-            caps = (vp.SparseMmapCap(((0, length),)),)
-            fds = [fd]
+            caps = (vp.SparseMmapCap(((0, f.size),)),)
+            if pl.index >= FIRST_FILE_REGION:  # where this file sits in the window
+                caps += (vp.RegionTypeCap(WINDOW_FILE_TYPE, 1),
+                         vp.RawCap(WINDOW_BASE_CAP, 1, struct.pack("<Q", f.base)))
+            fds = [f.fd]
         info = vp.RegionInfo.reply(pl.index, flags, size, 0, caps, max_argsz=pl.argsz)
         return vp.reply_to(msg, info), fds if info.caps or not caps else []
 
