@@ -11,10 +11,18 @@ blk="" dev=""
 py=${PYTHON:-python3}
 "$py" -m vhostuser.cli.vvu_device --socket-path "$sock.tmp" --vfio-user-socket "$vfu" &
 dev=$!
-trap 'kill -TERM ${blk:-} ${dev:-} 2>/dev/null; wait 2>/dev/null; rm -f "$sock"' EXIT TERM INT
+stop() {  # exit 0 when both stopped cleanly, 1 otherwise
+  kill -TERM ${blk:-} ${dev:-} 2>/dev/null
+  rc=0
+  for p in ${blk:-} ${dev:-}; do wait "$p" || rc=1; done
+  rm -f "$sock"
+  exit $rc
+}
+trap stop TERM INT
 while [ ! -S "$vfu" ]; do sleep 0.05; done
 "$py" -m vhostuser.cli.blk --vvu "$vfu" --blk-file "$img" "$@" &
 blk=$!
 sleep 1  # let the appliance bring the device up (BACKEND_UP) before fio connects
 ln -sf "$sock.tmp" "$sock"  # the socket appears for the benchmark only now
-wait $dev
+wait $dev || true
+stop
