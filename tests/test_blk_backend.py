@@ -310,8 +310,6 @@ def test_inherited_listening_fd(tmp_path: Path, image: Path) -> None:
 def test_client_mode_connects_to_a_listening_front_end(tmp_path: Path, image: Path) -> None:
     import socket
 
-    from vhostuser.transport.unix import UnixChannel
-
     path = str(tmp_path / "fe.sock")
     lsock = socket.socket(socket.AF_UNIX)
     lsock.bind(path)
@@ -322,9 +320,7 @@ def test_client_mode_connects_to_a_listening_front_end(tmp_path: Path, image: Pa
         for _ in range(2):  # it reconnects after we hang up
             lsock.settimeout(10)
             conn, _ = lsock.accept()
-            fe = Frontend.__new__(Frontend)
-            fe.path, fe.features, fe.protocol_features, fe.queues = path, 0, 0, {}
-            fe.sock, fe.ram = UnixChannel(conn), GuestRam(64 << 20)
+            fe = Frontend(path, conn=conn)
             fe.negotiate(BLK_FEATURES)
             fe.set_mem_table()
             fe.setup_queue(0)

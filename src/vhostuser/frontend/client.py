@@ -50,8 +50,10 @@ class Frontend:
     protocol_features: int = 0
     queues: dict[int, QueueState] = field(default_factory=dict)
 
+    conn: socket.socket | None = None  # a connection made elsewhere (a listening front-end)
+
     def __post_init__(self) -> None:
-        sock = connect(self.path, retry_for=self.connect_timeout)
+        sock = self.conn or connect(self.path, retry_for=self.connect_timeout)
         sock.settimeout(self.reply_timeout)  # a back-end that never answers fails, not hangs
         self.sock = UnixChannel(sock)
         self.ram = GuestRam(self.ram_size)

@@ -110,7 +110,6 @@ class Relay:
         self.kicks: dict[int, int] = {}  # vring -> the consumer's kick eventfd
         self.parked: bytes | None = None  # a message waiting for an rxq buffer
         self.awaiting: int | None = None  # the request whose reply the consumer waits for
-        self.window_changed = False  # set when the window was replaced; the device reads it
 
     # -- session ---------------------------------------------------------------------------
 
@@ -299,7 +298,6 @@ class Relay:
             os.close(fd)
         fds.clear()
         self.regions += placed
-        self.window_changed = True
         if code == F.SET_MEM_TABLE:
             return Message(code, p.MemTable(tuple(placed)), msg.flags)
         return Message(code, p.SingleMemRegion(placed[0]), msg.flags)
@@ -337,10 +335,6 @@ class Relay:
                 return f
         return None
 
-    @staticmethod
-    def _file_id(fd: int) -> tuple[int, int]:
-        st = os.fstat(fd)
-        return st.st_dev, st.st_ino
 
     # -- driver -> consumer ------------------------------------------------------------------
 
