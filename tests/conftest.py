@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The project's programs (vhost-user-switch, ...) are looked up in PATH by some tests: take
+# them from this interpreter's environment (the checkout's .venv), never from another install.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 from daemon import Daemon
 

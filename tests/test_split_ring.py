@@ -259,6 +259,36 @@ def test_event_idx_notification(ram: GuestRam, mem: GuestMemory) -> None:
     assert q.publish() is False
 
 
+def test_driver_never_strands_a_completion_with_event_idx(ram: GuestRam, mem: GuestMemory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device publishes a completion just after the driver read used idx and before it
+    moved used_event on: the device's decision (against the old used_event) raises no call,
+    so the driver must look again after arming, or the completion waits forever (this hung
+    a vhost-user session relayed through rxq)."""
+    drv, q = make(ram, mem, event_idx=True)
+    for _ in range(3):
+        drv.add([(ram.alloc(8), 8, True)])
+    q.push(q.pop().head, 1)
+    assert q.publish() is True
+    assert [n for _, n in drv.take_used()] == [1]  # used_event = 1 now
+    q.push(q.pop().head, 2)
+    assert q.publish() is True  # crosses used_event 1: the call that wakes the driver
+
+    real, raced = DriverRing.used_idx, []
+
+    def used_idx_then_device_races(self: DriverRing) -> int:
+        idx = real(self)
+        if not raced:  # the device completes one more right after this read
+            raced.append(True)
+            q.push(q.pop().head, 3)
+            assert q.publish() is False  # used_event is still 1: no call for this one
+        return idx
+
+    monkeypatch.setattr(DriverRing, "used_idx", used_idx_then_device_races)
+    assert [n for _, n in drv.take_used()] == [2, 3]  # found by the look after arming
+    assert drv.last_used == real(drv) == 3
+
+
 def test_kick_suppression(ram: GuestRam, mem: GuestMemory) -> None:
     drv, q = make(ram, mem)
     q.disable_kicks()

@@ -131,15 +131,21 @@ class DriverRing:
         """Completed (head, written) pairs since the last call. Their descriptors are freed
         at once, so read every buffer before adding new chains (which may reuse the ids)."""
         out = []
-        end = self.used_idx()
-        while self.last_used != end:
-            head, written = _USED.unpack_from(self.used, 4 + 8 * (self.last_used % self.size))
-            out.append((head, written))
-            self.free.extend(self.chains.pop(head, ()))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-        if self.event_idx:  # ask for a call at the next completion
+        while True:
+            end = self.used_idx()
+            while self.last_used != end:
+                head, written = _USED.unpack_from(self.used, 4 + 8 * (self.last_used % self.size))
+                out.append((head, written))
+                self.free.extend(self.chains.pop(head, ()))
+                self.last_used = (self.last_used + 1) & 0xFFFF
+            if not self.event_idx:
+                return out
+            # ask for a call at the next completion, then look again: one the device
+            # published before it could see the new used_event raised no call
             self.avail16.store(2 + self.size, self.last_used)
-        return out
+            full_barrier()
+            if self.used_idx() == self.last_used:
+                return out
 
     def release(self) -> None:
         for v in (self.avail16, self.used16):
