@@ -3,6 +3,7 @@ config space, features, rings in all modes, multi-queue workers, reconnects."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -380,3 +381,51 @@ def test_unusable_socket_path(tmp_path: Path, image: Path, sock: str, message: s
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "regular-file").read_text() == "keep me"
+
+
+def test_file_io_bounces_on_efault_and_resumes_short_transfers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guest memory the kernel cannot pin (a device BAR inside an appliance VM, read from a
+    9p file: EFAULT) goes through a bounce buffer; short reads and writes are resumed."""
+    from vhostuser.devices import blk as blkmod
+
+    path = tmp_path / "f"
+    content = os.urandom(3 * 4096)
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        real_preadv, real_pwritev = os.preadv, os.pwritev
+        calls = []
+
+        def efault_preadv(f: int, bufs: list, off: int) -> int:
+            calls.append(("preadv", off))
+            raise OSError(errno.EFAULT, "Bad address")
+
+        monkeypatch.setattr(os, "preadv", efault_preadv)
+        bufs = [memoryview(bytearray(5000)), memoryview(bytearray(3 * 4096 - 5000))]
+        assert blkmod.read_into(fd, bufs, 0, 3 * 4096) == 3 * 4096
+        assert b"".join(bytes(b) for b in bufs) == content and calls == [("preadv", 0)]
+
+        def short_preadv(f: int, bufs: list, off: int) -> int:  # at most 4 KiB per call
+            return real_preadv(f, blkmod.iov_slice(bufs, 0, 4096), off)
+
+        monkeypatch.setattr(os, "preadv", short_preadv)
+        bufs = [memoryview(bytearray(3 * 4096))]
+        assert blkmod.read_into(fd, bufs, 0, 3 * 4096) == 3 * 4096
+        assert bytes(bufs[0]) == content
+        assert blkmod.read_into(fd, [memoryview(bytearray(8192))], 2 * 4096, 8192) == 4096  # EOF
+
+        def efault_pwritev(f: int, bufs: list, off: int) -> int:
+            raise OSError(errno.EFAULT, "Bad address")
+
+        monkeypatch.setattr(os, "pwritev", efault_pwritev)
+        blkmod.write_from(fd, [memoryview(b"A" * 100), memoryview(b"B" * 100)], 10, 200)
+        monkeypatch.setattr(os, "pwritev",
+                            lambda f, bufs, off: real_pwritev(f, blkmod.iov_slice(bufs, 0, 7), off))
+        blkmod.write_from(fd, [memoryview(b"C" * 50)], 300, 50)
+        assert path.read_bytes()[10:350] == b"A" * 100 + b"B" * 100 + content[210:300] + b"C" * 50
+        monkeypatch.setattr(os, "pwritev", lambda f, bufs, off: 0)
+        with pytest.raises(OSError, match="short write"):
+            blkmod.write_from(fd, [memoryview(b"D")], 0, 1)
+    finally:
+        os.close(fd)

@@ -7,6 +7,7 @@ malformed input gets a clean error. Then vhost-user-blk served through the devic
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import select
 import signal
@@ -427,3 +428,56 @@ def test_consumer_memory_in_several_files(device: Device,
         assert bytes(extra.at(region.guest_addr + 4096, 512)) == sector(9)
         assert blk.read(3, 512) == (OK, sector(3))  # the first file still works
         extra.close()
+
+
+def test_window_file_is_mapped_before_any_consumer(tmp_path: Path) -> None:
+    """--window-file: BAR 4 is mmap-able from the first GET_REGION_INFO (what QEMU reads
+    when it attaches the device), and a consumer whose RAM is in that file has its regions
+    relayed at their own offsets: the mapping made before it came is its memory."""
+    win = tmp_path / "window.mem"
+    d = Device(tmp_path, "--max-queues", "4", "--window-size", "4M", "--window-file", str(win))
+    try:
+        assert win.stat().st_size == 4 << 20  # created, sparse
+        link = VvuLink(d.vfu)
+        bar4 = link.client.region(4)
+        assert bar4.flags & vp.RegionFlag.MMAP and bar4.fd is not None
+        assert bar4.mmap_areas == ((0, 4 << 20),)
+        early = link.client.map_region(bar4)  # as the appliance's QEMU does at attach
+        os.close(bar4.fd)
+        fd = os.open(win, os.O_RDWR)  # the consumer's VMM: guest RAM in the window file
+        ram = memoryview(mmap_file(fd, 4 << 20))
+        ram[0x30000:0x30008] = b"CONSUMER"
+        assert early[0x30000:0x30008] == b"CONSUMER"
+        fe = consumer(d.vhost)
+        link.wait_frontend(None)
+        chan = VvuChannel(link)
+        region = p.MemRegion(0x10000, 0x3F0000, 0x7F0000000000, 0x10000)
+        fe.send(request(F.SET_MEM_TABLE, p.MemTable((region,))), (fd,))
+        header, body, _ = chan.recv_raw()
+        relayed = p.MemTable.unpack(body).regions
+        assert header.request == F.SET_MEM_TABLE and relayed == (region,)  # offsets kept
+        early[0x30000:0x30004] = b"APPL"  # the early mapping writes the consumer's RAM
+        assert bytes(ram[0x30000:0x30008]) == b"APPLUMER"
+        assert "window access trapped" not in d.log()
+        ram.release()
+        early.close()
+        fe.close()
+        link.close()
+        os.close(fd)
+    finally:
+        d.stop()
+
+
+def test_window_file_larger_than_the_window_is_refused(tmp_path: Path) -> None:
+    win = tmp_path / "window.mem"
+    with open(win, "wb") as f:
+        f.truncate(8 << 20)
+    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.vvu_device", "--vfio-user-socket",
+                        str(tmp_path / "vfu.sock"), "--socket-path", str(tmp_path / "v.sock"),
+                        "--window-size", "4M", "--window-file", str(win)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "more than the window" in r.stderr, r.stderr
+
+
+def mmap_file(fd: int, size: int) -> mmap.mmap:
+    return mmap.mmap(fd, size, mmap.MAP_SHARED)

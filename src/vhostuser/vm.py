@@ -399,6 +399,7 @@ class GuestVM:
         errexit: bool = False,
         files: Mapping[str, bytes | Path] | None = None,
         append: str = "",
+        mem_path: str | None = None,
     ) -> None:
         self.script = script
         self.modules = list(modules)
@@ -409,6 +410,7 @@ class GuestVM:
         self.errexit = errexit
         self.files = dict(files or {})
         self.append = append
+        self.mem_path = mem_path  # guest RAM in this file instead of a memfd
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: Path | None = None
         self._buf: list[str] = []
@@ -442,11 +444,17 @@ class GuestVM:
             "-accel", "tcg", "-nodefaults", "-nographic", "-no-reboot",
             "-serial", "stdio", "-monitor", "none",
             "-m", f"{self.mem_mb}M",
-            "-object", f"memory-backend-memfd,id=vm-mem,size={self.mem_mb}M,share=on",
+            "-object", self._memory_backend(),
             "-numa", "node,memdev=vm-mem",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
             *self.qemu_args,
         ]  # fmt: skip
+
+    def _memory_backend(self) -> str:
+        if self.mem_path is not None:
+            return (f"memory-backend-file,id=vm-mem,size={self.mem_mb}M,share=on,"
+                    f"mem-path={self.mem_path}")
+        return f"memory-backend-memfd,id=vm-mem,size={self.mem_mb}M,share=on"
 
     def start(self) -> GuestVM:
         """Build the initramfs and launch QEMU; returns immediately."""

@@ -27,12 +27,14 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
                         help="UNIX socket to listen on (or to connect to, with --client)")
     parser.add_argument("--fd", type=int, metavar="FD",
                         help="an inherited socket fd (listening or connected)")
-    parser.add_argument("--vvu", metavar="PATH",
-                        help="serve through a virtio-vhost-user device: PATH is its vfio-user "
-                             "socket (instead of --socket-path/--fd)")
+    parser.add_argument("--vvu", metavar="DEVICE",
+                        help="serve through a virtio-vhost-user device (instead of "
+                             "--socket-path/--fd): its vfio-user socket, or pci:ADDRESS for "
+                             "the device on this machine's PCI bus (in the appliance VM, "
+                             "e.g. pci:0000:00:04.0; needs root and a free huge page)")
     parser.add_argument("--poll", action="store_true",
                         help="with --vvu: poll the rings instead of taking kicks as "
-                             "interrupts (the exitless mode)")
+                             "interrupts (the exitless mode; always so with pci:)")
     parser.add_argument("--client", action="store_true",
                         help="connect to a front-end listening on --socket-path, and "
                              "reconnect after each disconnect")
@@ -128,7 +130,7 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal) -> int:
     link = None
     try:
         link = VvuLink(args.vvu)
-        parent_only_fds.add(link.client.chan.fileno())
+        parent_only_fds.update(link.parent_fds())
         while True:
             link.wait_frontend(stop)
             log.info("consumer connected through the virtio-vhost-user device")

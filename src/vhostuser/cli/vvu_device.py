@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-size", type=size, default=1 << 30, metavar="SIZE",
                     help="size of the shared-memory BAR; at least the consumer's RAM "
                          "(default 1G)")
+    ap.add_argument("--window-file", metavar="PATH",
+                    help="a memory file for the consumer's guest RAM (QEMU: -object "
+                         "memory-backend-file,mem-path=PATH,share=on,...): BAR 4 maps it "
+                         "from the start, so an appliance VM sees the consumer's memory "
+                         "without trapping. Created sparse (--window-size bytes) if missing"
+                    )
     ap.add_argument("--uuid", type=uuid.UUID, help="the device's uuid (default: random)")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--vfio-user-socket and --socket-path must differ")
     setup_logging(args.verbose)
     try:
-        dev = VvuDevice(args.max_queues, args.uuid, args.window_size)
+        dev = VvuDevice(args.max_queues, args.uuid, args.window_size, args.window_file)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -181,7 +181,7 @@ class BlkQueue:
             w[-1][0] = S_IOERR
             return 1
         try:
-            got = os.preadv(self.fd, data, sector * SECTOR)
+            got = read_into(self.fd, data, sector * SECTOR, n)
         except OSError as e:
             log.error("read at sector %d: %s", sector, e)
             w[-1][0] = S_IOERR
@@ -198,8 +198,7 @@ class BlkQueue:
             status[0] = S_IOERR
             return 1
         try:
-            if os.pwritev(self.fd, data, sector * SECTOR) != n:
-                raise OSError(errno.EIO, "short write")
+            write_from(self.fd, data, sector * SECTOR, n)
             if not self.dev.writeback:
                 os.fdatasync(self.fd)
         except OSError as e:
@@ -234,7 +233,7 @@ class BlkQueue:
             n = iov_len(data_in)
             if not self._in_range(sector, n):
                 return S_IOERR, 0
-            got = os.preadv(self.fd, data_in, sector * SECTOR)
+            got = read_into(self.fd, data_in, sector * SECTOR, n)
             if got < n:  # the file shrank under us: never hand stale guest bytes back
                 iov_write(data_in, bytes(n - got), got)
             return S_OK, n
@@ -243,9 +242,7 @@ class BlkQueue:
             n = iov_len(data)
             if self.read_only or not self._in_range(sector, n):
                 return S_IOERR, 0
-            done = os.pwritev(self.fd, data, sector * SECTOR)
-            if done != n:
-                raise OSError(errno.EIO, f"short write ({done} of {n} bytes)")
+            write_from(self.fd, data, sector * SECTOR, n)
             if not self.dev.writeback:
                 os.fdatasync(self.fd)
             return S_OK, 0
@@ -309,3 +306,40 @@ class BlkQueue:
             n = os.pwrite(self.fd, chunk[: min(length, len(chunk))], off)
             off += n
             length -= n
+
+
+def read_into(fd: int, bufs: list[memoryview], offset: int, n: int) -> int:
+    """preadv of `n` bytes straight into guest memory, resumed after a short read; returns
+    the bytes read (fewer only at the end of the file). Memory the kernel cannot pin for a
+    zero-copy read (a device BAR: the virtio-vhost-user window inside an appliance VM, read
+    from a 9p or O_DIRECT file) fails with EFAULT: then the bytes bounce through a buffer."""
+    got = 0
+    while got < n:
+        part = bufs if not got else iov_slice(bufs, got)
+        try:
+            k = os.preadv(fd, part, offset + got)
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            data = os.pread(fd, n - got, offset + got)
+            k = iov_write(part, data)
+        if not k:
+            break
+        got += k
+    return got
+
+
+def write_from(fd: int, bufs: list[memoryview], offset: int, n: int) -> None:
+    """pwritev of `n` bytes straight from guest memory (bouncing on EFAULT, as above)."""
+    done = 0
+    while done < n:
+        part = bufs if not done else iov_slice(bufs, done)
+        try:
+            k = os.pwritev(fd, part, offset + done)
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            k = os.pwrite(fd, b"".join(part), offset + done)
+        if not k:
+            raise OSError(errno.EIO, f"short write ({done} of {n} bytes)")
+        done += k

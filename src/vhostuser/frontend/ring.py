@@ -25,13 +25,19 @@ class GuestRam:
     """A memfd standing in for guest RAM, with a bump allocator."""
 
     def __init__(self, size: int, guest_addr: int = 0, user_addr: int = 0x7F00_0000_0000) -> None:
-        self.fd = os.memfd_create("vhostuser-guest-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.size = size
+        fd = os.memfd_create("vhostuser-guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self._adopt(mmap.mmap(fd, size, mmap.MAP_SHARED), fd, guest_addr, user_addr)
+
+    def _adopt(self, mapping: mmap.mmap, fd: int, guest_addr: int,
+               user_addr: int = 0x7F00_0000_0000) -> None:
+        """Serve allocations from `mapping` (of file `fd`, -1 for none) at `guest_addr`."""
+        self.fd = fd
+        self.size = len(mapping)
         self.guest_addr = guest_addr
         self.user_addr = user_addr
-        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
-        self.view = memoryview(self.map)
+        self.map = mapping
+        self.view = memoryview(mapping)
         self._next = 0x1000
 
     def region(self) -> MemRegion:
@@ -55,7 +61,8 @@ class GuestRam:
     def close(self) -> None:
         self.view.release()
         self.map.close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 class DriverRing:

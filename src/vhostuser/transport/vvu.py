@@ -12,6 +12,11 @@ and in place of each fd a token that `VvuResources` turns into the device's equi
   nothing: the worker polls the ring (`poll=True`, the exitless mode).
 
 The engine, the workers and the devices are unchanged.
+
+The device is reached either over its vfio-user socket (a process driving it as a guest
+would) or, inside the appliance VM, on the VM's own PCI bus through sysfs
+(``pci:0000:00:04.0``): BARs mmap-ed, rings in a huge page, no interrupts (poll mode), a
+doorbell is an MMIO write, and the window is BAR 4 itself.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import logging
 import os
 import select
 import struct
+import time
 from dataclasses import dataclass
 
+from ..appliance.sysfs_pci import HugePageRam, MmioNotifier, SysfsPciFunction
 from ..appliance.virtio_pci import NO_VECTOR, VirtioPciDriver
 from ..engine.notify import EventfdNotifier, Notifier
 from ..frontend.ring import GuestRam
@@ -51,6 +58,9 @@ S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 V_CONFIG, V_RXQ, V_TXQ, V_FIRST_VRING = 0, 1, 2, 3
 FIRST_FILE_REGION, WINDOW_BASE_CAP = 9, 0x1AF4  # the device's window-file regions
 RX_BUFFERS, BUFFER_SIZE = 32, 8192  # a message is at most 12 + 4096 bytes
+RAM_SIZE = 2 << 20  # the driver's rings and buffers
+POLL_INTERVAL = 0.0005  # seconds between looks at rxq and status with no interrupts
+PCI_PREFIX = "pci:"
 FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_IDX
 
 
@@ -63,18 +73,28 @@ class Token:
 
 
 class VvuLink:
-    def __init__(self, path: str, ram_size: int = 8 << 20) -> None:
-        self.client = VfioUserClient(path)
-        self.ram = GuestRam(ram_size, guest_addr=0x1_0000_0000)
+    def __init__(self, device: str) -> None:
+        """`device`: the device's vfio-user socket, or ``pci:`` and its PCI address on this
+        machine's bus (inside the appliance VM)."""
+        self.client: VfioUserClient | SysfsPciFunction
+        if device.startswith(PCI_PREFIX):
+            self.client = SysfsPciFunction(device[len(PCI_PREFIX):])
+            self.ram: GuestRam = HugePageRam(RAM_SIZE)
+        else:
+            self.client = VfioUserClient(device)
+            self.ram = GuestRam(RAM_SIZE, guest_addr=0x1_0000_0000)
+        self.interrupts = isinstance(self.client, VfioUserClient)
         self.pci = pci = VirtioPciDriver(self.client, self.ram)
         for need in (CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY):
             if need not in pci.caps:
                 raise MemoryTableError(f"not a virtio-vhost-user device: no cfg_type {need}")
         self.max_queues = struct.unpack("<I", pci.config_read(4, 4))[0]
-        pci.setup_vectors(V_FIRST_VRING + self.max_queues)
-        pci.init(FEATURES, V_CONFIG)
-        self.rxq = pci.setup_queue(0, 64, V_RXQ)
-        self.txq = pci.setup_queue(1, 64, V_TXQ)
+        irq = (lambda v: v) if self.interrupts else (lambda v: NO_VECTOR)
+        if self.interrupts:
+            pci.setup_vectors(V_FIRST_VRING + self.max_queues)
+        pci.init(FEATURES, irq(V_CONFIG))
+        self.rxq = pci.setup_queue(0, 64, irq(V_RXQ))
+        self.txq = pci.setup_queue(1, 64, irq(V_TXQ))
         self.rx_bufs: dict[int, int] = {}
         for _ in range(RX_BUFFERS):
             gpa = self.ram.alloc(BUFFER_SIZE)
@@ -116,8 +136,16 @@ class VvuLink:
             self._wait([V_CONFIG], stop, None)
 
     def event_fds(self) -> list[int]:
-        """Eventfds that fire when a message arrives or the session changes."""
+        """Eventfds that fire when a message arrives or the session changes (none with no
+        interrupts: then call `take_messages` and `in_session` from time to time)."""
+        if not self.interrupts:
+            return []
         return [self.pci.vectors[V_RXQ], self.pci.vectors[V_CONFIG]]
+
+    def parent_fds(self) -> list[int]:
+        """The link's own fds, which no forked worker needs."""
+        chan = getattr(self.client, "chan", None)
+        return [chan.fileno()] if chan is not None else []
 
     def take_messages(self) -> list[bytes]:
         """Non-blocking: the messages that have arrived (their vectors' counts cleared)."""
@@ -132,6 +160,15 @@ class VvuLink:
 
     def _wait(self, vectors: list[int], stop: StopSignal | None,
               timeout: float | None) -> list[int]:
+        if not self.interrupts:  # no interrupts: pause briefly, the caller looks again
+            pause = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
+            if stop is None:
+                time.sleep(pause)
+                return vectors
+            ready, _, _ = select.select([stop.fds()[0]], [], [], pause)
+            if ready or stop.signum is not None:
+                stop.wait(stop.fds()[0], 0)  # raises Shutdown
+            return vectors
         fds = {self.pci.vectors[v]: v for v in vectors}
         watch = list(fds) + ([stop.fds()[0]] if stop is not None else [])
         ready, _, _ = select.select(watch, [], [], timeout)
@@ -190,6 +227,12 @@ class VvuLink:
         consumer's memory file that holds it: vfio-user regions 9, 10, ... are the
         window's files, each with its window base (the device re-reads them per table)."""
         start, end = desc.mmap_offset, desc.mmap_offset + desc.size
+        if isinstance(self.client, SysfsPciFunction):  # the BAR is the window
+            cap = self.pci.caps[CFG_SHARED_MEMORY]
+            if end > cap.length:
+                raise MemoryTableError(f"region {desc} lies outside the window")
+            bar = self.client.map_bar(cap.bar)
+            return memoryview(bar)[cap.offset + start : cap.offset + end]
         for index in range(FIRST_FILE_REGION, FIRST_FILE_REGION + 64):
             region = self.client.region(index)
             if not region.size:
@@ -204,6 +247,17 @@ class VvuLink:
                 if region.fd is not None:
                     os.close(region.fd)
         raise MemoryTableError(f"region {desc} is in none of the window's memory files")
+
+    def doorbell(self, offset: int) -> Notifier:
+        """What rings the doorbell at `offset`: its ioeventfd (vfio-user), or an MMIO write
+        (on the PCI bus, where the hypervisor forwards it to the device)."""
+        cap = self.pci.caps[CFG_DOORBELL]
+        if isinstance(self.client, SysfsPciFunction):
+            return MmioNotifier(self.client.map_bar(cap.bar), cap.offset + offset)
+        fd = self.doorbell_fd(offset)
+        if fd is None:
+            raise MemoryTableError(f"the device has no doorbell eventfd at {offset:#x}")
+        return EventfdNotifier(fd)
 
     def doorbell_fd(self, offset: int) -> int | None:
         """A dup of the ioeventfd behind the doorbell at `offset`, if the device has one."""
@@ -279,7 +333,7 @@ class VvuResources:
 
     def __init__(self, link: VvuLink, poll: bool = False) -> None:
         self.link = link
-        self.poll = poll
+        self.poll = poll or not link.interrupts
 
     def map_region(self, desc: MemRegion, res: Token) -> memoryview:
         return self.link.window_view(desc)
@@ -295,11 +349,7 @@ class VvuResources:
 
     def notifier(self, res: Token) -> Notifier:
         n = self.link.max_queues
-        offset = 4 * (res.vring if res.kind == "call" else n + res.vring)
-        fd = self.link.doorbell_fd(offset)
-        if fd is None:
-            raise MemoryTableError(f"the device has no doorbell eventfd for vring {res.vring}")
-        return EventfdNotifier(fd)
+        return self.link.doorbell(4 * (res.vring if res.kind == "call" else n + res.vring))
 
     def close(self, res: Token) -> None:
         pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import struct
 import uuid as uuidlib
 
@@ -78,15 +79,38 @@ class VvuConfig:
         self.dev.relay.set_backend_up(bool(value & S_BACKEND_UP))
 
 
+def open_window_file(path: str, size: int) -> WindowFile:
+    """The device's own window file: the consumer's VMM keeps its guest RAM in it, and BAR 4
+    maps it at window offset 0 from the start (docs/vvu-design.md). Created sparse with
+    `size` bytes if missing; an existing one keeps its size, which must fit the window."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ValueError(f"window file {path}: {e.strerror}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"window file {path}: not a regular file")
+    if st.st_size == 0:
+        os.ftruncate(fd, size)
+    elif st.st_size > size:
+        os.close(fd)
+        raise ValueError(f"window file {path} has {st.st_size:#x} bytes, more than the "
+                         f"window ({size:#x}, --window-size)")
+    return WindowFile(fd, (st.st_dev, st.st_ino), 0, os.fstat(fd).st_size)
+
+
 class VvuDevice:
     def __init__(self, max_queues: int = 64, uuid: uuidlib.UUID | None = None,
-                 window_size: int = 1 << 30) -> None:
+                 window_size: int = 1 << 30, window_file: str | None = None) -> None:
         if not 1 <= max_queues <= 1024:
             raise ValueError(f"max queues must be 1..1024, not {max_queues}")
         self.uuid = uuid or uuidlib.uuid4()
         self.nvec = 3 + max_queues  # config, rxq, txq, one per vring notification
         self.window_bar = _pow2_at_least(window_size)
-        self.relay = Relay(self, max_queues, self.window_bar)
+        pinned = open_window_file(window_file, window_size) if window_file else None
+        self.relay = Relay(self, max_queues, self.window_bar, pinned)
+        self.trapped = 0  # window accesses served by message (the client did not map them)
         self.config = VvuConfig(self)
         self.virtio = VirtioPciState(FEATURES, 2, QUEUE_SIZE, self.config, nvec=self.nvec,
                                      on_reset=self._on_reset, on_notify=self._on_notify)
@@ -339,8 +363,15 @@ class VvuDevice:
         f = self.window_file(index) if index >= FIRST_FILE_REGION else None
         return offset + (f.base if f is not None else 0)
 
+    def _trapped(self, offset: int) -> None:
+        if not self.trapped:
+            log.warning("window access trapped at %#x: the client has not mapped that part "
+                        "of the window (every access is a message)", offset)
+        self.trapped += 1
+
     def _window_read(self, offset: int, count: int) -> bytes:
         """The trapped path (a client that could not mmap the window): from the file."""
+        self._trapped(offset)
         f = self.relay.file_at(offset)
         if f is None:
             return bytes(count)
@@ -348,6 +379,7 @@ class VvuDevice:
         return os.pread(f.fd, n, offset - f.base).ljust(count, b"\0")
 
     def _window_write(self, offset: int, data: bytes) -> None:
+        self._trapped(offset)
         f = self.relay.file_at(offset)
         if f is not None:
             os.pwrite(f.fd, data[: f.base + f.size - offset], offset - f.base)

@@ -96,15 +96,17 @@ class WindowFile:
 
 
 class Relay:
-    def __init__(self, driver: DriverSide, max_queues: int, window_size: int = 1 << 40) -> None:
+    def __init__(self, driver: DriverSide, max_queues: int, window_size: int = 1 << 40,
+                 pinned: WindowFile | None = None) -> None:
         self.driver = driver
         self.max_queues = max_queues
         self.window_size = window_size
+        self.pinned = pinned  # the device's own window file (--window-file), at base 0
         self.conn: UnixChannel | None = None
         self.backend_up = False
         self.protocol_features = 0  # as the consumer set them (masked)
         self.regions: list[p.MemRegion] = []  # as relayed: mmap_offset = window offset
-        self.files: list[WindowFile] = []
+        self.files: list[WindowFile] = [pinned] if pinned is not None else []
         self.calls: dict[int, int] = {}
         self.errs: dict[int, int] = {}
         self.kicks: dict[int, int] = {}  # vring -> the consumer's kick eventfd
@@ -132,6 +134,7 @@ class Relay:
         if up == self.backend_up:
             return
         self.backend_up = up
+        log.info("driver %s BACKEND_UP", "set" if up else "cleared")
         if up:
             if self.connected:  # a consumer was already waiting
                 self.driver.frontend_changed()
@@ -165,6 +168,10 @@ class Relay:
     def close(self) -> None:
         self.end_session("device closed", notify=False)
         self.backend_up = False
+        if self.pinned is not None:
+            os.close(self.pinned.fd)
+            self.pinned = None
+            self.files = []
 
     # -- consumer -> driver ----------------------------------------------------------------
 
@@ -324,8 +331,9 @@ class Relay:
 
     def _drop_files(self) -> None:
         for f in self.files:
-            os.close(f.fd)
-        self.files = []
+            if f is not self.pinned:
+                os.close(f.fd)
+        self.files = [self.pinned] if self.pinned is not None else []
         self.regions = []
 
     def file_at(self, offset: int) -> WindowFile | None:

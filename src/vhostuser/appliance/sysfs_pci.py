@@ -1,0 +1,186 @@
+"""A PCI function on this machine's own bus, driven from user space through sysfs: the
+appliance VM's view of the virtio-vhost-user device (`--vvu pci:0000:00:04.0`).
+
+It offers what `VirtioPciDriver` and `VvuLink` use of a vfio-user client — config space
+and BAR accesses, BAR mappings, DMA memory — with these differences:
+
+- BARs are the ``resourceN`` files, mmap-ed; every register access is one aligned load or
+  store of its size (a guest MMIO access that QEMU forwards to the device as is);
+- DMA memory is one huge page (physically contiguous, never swapped or moved), and its
+  bus address is read from /proc/self/pagemap (no IOMMU in the appliance VM: bus address =
+  guest-physical address);
+- there are no interrupts (that would take VFIO or UIO): the driver polls, which is the
+  exitless mode the appliance wants anyway. Doorbells are plain MMIO writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+
+from ..frontend.ring import GuestRam
+
+log = logging.getLogger(__name__)
+
+CONFIG_REGION = 7  # the vfio-user region index of config space, kept for the same API
+SYSFS = Path("/sys/bus/pci/devices")
+BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+MAP_HUGETLB = 0x40000  # not exported by Python's mmap module
+HUGE_PAGE = 2 << 20
+_FMT = {1: "B", 2: "H", 4: "I"}
+
+
+class SysfsPciError(OSError):
+    pass
+
+
+class SysfsPciFunction:
+    """One PCI function, by its address (``0000:00:04.0``)."""
+
+    def __init__(self, bdf: str, root: Path = SYSFS) -> None:
+        if not BDF.match(bdf):
+            raise SysfsPciError(f"{bdf!r} is not a PCI address (domain:bus:device.function)")
+        self.bdf = bdf
+        self.path = root / bdf
+        if not self.path.is_dir():
+            raise SysfsPciError(f"no PCI device {bdf} ({self.path} does not exist)")
+        self._unbind()
+        (self.path / "enable").write_text("1")  # memory decoding on
+        self.bars: dict[int, mmap.mmap] = {}
+        self.views: dict[int, memoryview] = {}  # BAR -> bytes
+        self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size
+
+    def _unbind(self) -> None:
+        driver = self.path / "driver"
+        if driver.exists():
+            name = driver.resolve().name
+            log.info("%s: unbinding the kernel driver %s", self.bdf, name)
+            (driver / "unbind").write_text(self.bdf)
+
+    # -- the vfio-user client's API, as VirtioPciDriver uses it ----------------------------
+
+    def dma_map(self, iova: int, size: int, fd: int) -> None:
+        """Nothing to do: the device reaches this VM's memory by its physical address."""
+
+    def irq_count(self, index: int) -> int:
+        return 0
+
+    def map_bar(self, index: int) -> mmap.mmap:
+        m = self.bars.get(index)
+        if m is None:
+            path = self.path / f"resource{index}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_SYNC | os.O_CLOEXEC)
+            except OSError as e:
+                raise SysfsPciError(f"{self.bdf}: BAR {index} cannot be opened: {e}") from e
+            try:
+                m = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            self.bars[index] = m
+        return m
+
+    def read(self, region: int, offset: int, count: int) -> bytes:
+        if region == CONFIG_REGION:
+            with open(self.path / "config", "rb", buffering=0) as f:
+                f.seek(offset)
+                return f.read(count).ljust(count, b"\xff")
+        if count in _FMT and offset % count == 0:
+            return self.read_u(region, offset, count).to_bytes(count, "little")
+        return bytes(self._bar(region)[offset : offset + count])
+
+    def write(self, region: int, offset: int, data: bytes) -> None:
+        if region == CONFIG_REGION:
+            with open(self.path / "config", "r+b", buffering=0) as f:
+                f.seek(offset)
+                f.write(data)
+        elif len(data) in _FMT and offset % len(data) == 0:
+            self.write_u(region, offset, len(data), int.from_bytes(data, "little"))
+        else:
+            self._bar(region)[offset : offset + len(data)] = data
+
+    def read_u(self, region: int, offset: int, size: int) -> int:
+        if size == 8:
+            return self.read_u(region, offset, 4) | self.read_u(region, offset + 4, 4) << 32
+        return self._typed(region, size)[offset // size]
+
+    def write_u(self, region: int, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self.write_u(region, offset, 4, value & 0xFFFFFFFF)
+            self.write_u(region, offset + 4, 4, value >> 32)
+            return
+        self._typed(region, size)[offset // size] = value  # one store of `size` bytes
+
+    def _bar(self, region: int) -> memoryview:
+        v = self.views.get(region)
+        if v is None:
+            v = self.views[region] = memoryview(self.map_bar(region))
+        return v
+
+    def _typed(self, region: int, size: int) -> memoryview:
+        v = self.typed.get((region, size))
+        if v is None:
+            v = self.typed[region, size] = self._bar(region).cast(_FMT[size])
+        return v
+
+    def close(self) -> None:
+        for v in (*self.typed.values(), *self.views.values()):
+            v.release()
+        self.typed.clear()
+        self.views.clear()
+        for m in self.bars.values():
+            m.close()
+        self.bars.clear()
+
+
+class MmioNotifier:
+    """A doorbell: a 16-bit write to a mapped BAR (the device turns it into the consumer's
+    call). Works in forked workers: the mapping is shared."""
+
+    __slots__ = ("index", "view")
+
+    def __init__(self, bar: mmap.mmap, offset: int) -> None:
+        self.view = memoryview(bar).cast("H")
+        self.index = offset // 2
+
+    def notify(self) -> None:
+        self.view[self.index] = 1
+
+    def close(self) -> None:
+        self.view.release()
+
+
+def physical_address(mapping: mmap.mmap) -> int:
+    """The physical address of the first byte of `mapping` (root only)."""
+    obj = ctypes.c_char.from_buffer(mapping)
+    vaddr = ctypes.addressof(obj)
+    del obj
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        f.seek(vaddr // page * 8)
+        (entry,) = struct.unpack("<Q", f.read(8))
+    pfn = entry & ((1 << 55) - 1)
+    if not entry >> 63 or not pfn:
+        raise SysfsPciError("no physical address for DMA memory (not root, or not present)")
+    return pfn * page + vaddr % page
+
+
+class HugePageRam(GuestRam):
+    """`GuestRam` over one huge page: the driver's rings and buffers, at their physical
+    address. Needs a free huge page (``echo 1 > /proc/sys/vm/nr_hugepages``)."""
+
+    def __init__(self, size: int = HUGE_PAGE) -> None:
+        if size > HUGE_PAGE:
+            raise ValueError("one huge page is all that is physically contiguous")
+        try:
+            m = mmap.mmap(-1, HUGE_PAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB
+                          | mmap.MAP_POPULATE)
+        except OSError as e:
+            raise SysfsPciError(f"no huge page for DMA memory ({e}): "
+                                "echo 1 > /proc/sys/vm/nr_hugepages") from e
+        self._adopt(m, -1, physical_address(m))

@@ -1,0 +1,124 @@
+"""The seeds' diagram with both sides in VMs: the appliance is a Linux guest under stock
+QEMU 11.1 with the virtio-vhost-user device attached over vfio-user, and our unchanged
+vhost-user-blk runs *inside it* (`--vvu pci:ADDRESS`: the device on the guest's own PCI
+bus, driven from user space through sysfs, poll mode). A QEMU 7.2 consumer guest's
+virtio-blk disk is served by it.
+
+    consumer guest --> QEMU 7.2 --vhost-user--> vhost-user-vvu-device --vfio-user-->
+        QEMU 11.1 --PCI--> appliance guest: vhost-user-blk --vvu pci:...
+
+The consumer keeps its RAM in the device's window file (--window-file), which the
+appliance's QEMU maps into BAR 4 when it attaches the device: the appliance reads the
+consumer's rings and buffers with no exit and no message. The device log proves it: no
+window access is trapped. The appliance runs the host's Python and this checkout from a
+read-only 9p share of the host's root; the disk image is on a second, writable share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_qemu_vvu import PATTERN_AT, SCRIPT, start, wait_for
+from test_vvu_qemu import SID_QEMU, qemu11  # noqa: F401  (fixture)
+
+from vhostuser.vm import GuestVM
+
+MB = 1 << 20
+CONSUMER_MB = 256
+
+APPLIANCE = r"""
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
+mount -t 9p -o trans=virtio,version=9p2000.L data /host/mnt
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs dev /host/dev
+mount -t tmpfs tmp /host/tmp
+echo 1 > /proc/sys/vm/nr_hugepages
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1af4 0x107f" ] && bdf=${d##*/}
+done
+echo "APPLIANCE pci:$bdf"
+exec chroot /host @PYTHON@ -m vhostuser.cli.blk --vvu pci:$bdf --blk-file /mnt/disk.img -v
+"""
+
+
+@pytest.fixture
+def qemu11_host_root(qemu11: str, tmp_path: Path) -> str:  # noqa: F811
+    """sid QEMU 11.1 that also sees the host's root file system at /run/host (-H)."""
+    wrapper = tmp_path / "qemu-system-x86_64"
+    wrapper.write_text(f'#!/bin/sh\nexec {SID_QEMU} run -H -- "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
+                                                   tmp_path: Path) -> None:
+    img, vfu, vhost = tmp_path / "disk.img", tmp_path / "vfu.sock", tmp_path / "vhost.sock"
+    window = tmp_path / "window.mem"
+    with open(img, "wb") as f:
+        f.truncate(32 * MB)
+    pattern = os.urandom(MB)
+    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
+                 str(vhost), "--window-size", "512M", "--window-file", str(window), "-vv"],
+                tmp_path / "device.log")
+    try:
+        deadline = time.monotonic() + 20
+        while not vhost.exists():
+            assert dev.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        device = json.dumps({"driver": "vfio-user-pci",
+                             "socket": {"type": "unix", "path": str(vfu)}})
+        appliance = GuestVM(
+            APPLIANCE.replace("@PYTHON@", sys.executable), qemu_binary=qemu11_host_root,
+            modules=["virtio_pci", "9pnet_virtio", "9p"], mem_mb=384, timeout=300,
+            qemu_args=["-device", device,
+                       "-virtfs", "local,path=/run/host,mount_tag=host,security_model=none,"
+                                  "readonly=on",
+                       "-virtfs", f"local,path={tmp_path},mount_tag=data,"
+                                  "security_model=none"])
+        consumer = GuestVM(SCRIPT, modules=["virtio_pci", "virtio_blk", "ext4"], timeout=200,
+                           errexit=True, files={"/pattern": pattern}, mem_mb=CONSUMER_MB,
+                           mem_path=str(window),
+                           qemu_args=["-chardev", f"socket,id=c0,path={vhost}",
+                                      "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for("APPLIANCE pci:0000:", 120)
+                wait_for(tmp_path / "device.log", "driver set BACKEND_UP", dev, timeout=120)
+                result = consumer.run()
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        out = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in result.lines if " " in ln}
+        digest = hashlib.sha256(pattern).hexdigest()
+        assert out["SIZE"] == str(32 * MB // 512)
+        assert out["READBACK"].split()[0] == digest
+        assert out["COPY"].split()[0] == digest
+        assert out["FILE"] == "through virtio-vhost-user"
+        data = img.read_bytes()  # written by the appliance VM, checked on the host
+        assert data[PATTERN_AT : PATTERN_AT + MB] == pattern
+        fs = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+        assert fs.returncode == 0, fs.stdout + fs.stderr
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "consumer connected" in log
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-v"]))
