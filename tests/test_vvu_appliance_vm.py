@@ -17,7 +17,6 @@ read-only 9p share of the host's root; the disk image is on a second, writable s
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -27,37 +26,19 @@ from pathlib import Path
 
 import pytest
 from test_qemu_vvu import PATTERN_AT, SCRIPT, start, wait_for
-from test_vvu_qemu import SID_QEMU, qemu11  # noqa: F401  (fixture)
+from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
+from vhostuser.appliance.vm import READY, appliance_vm, qemu_wrapper
 from vhostuser.vm import GuestVM
 
 MB = 1 << 20
 CONSUMER_MB = 256
 
-APPLIANCE = r"""
-mkdir -p /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
-mount -t 9p -o trans=virtio,version=9p2000.L data /host/mnt
-mount -t proc proc /host/proc
-mount -t sysfs sysfs /host/sys
-mount -t devtmpfs dev /host/dev
-mount -t tmpfs tmp /host/tmp
-echo 1 > /proc/sys/vm/nr_hugepages
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1af4 0x107f" ] && bdf=${d##*/}
-done
-echo "APPLIANCE pci:$bdf"
-exec chroot /host @PYTHON@ -m vhostuser.cli.blk --vvu pci:$bdf --blk-file /mnt/disk.img -v
-"""
-
 
 @pytest.fixture
-def qemu11_host_root(qemu11: str, tmp_path: Path) -> str:  # noqa: F811
-    """sid QEMU 11.1 that also sees the host's root file system at /run/host (-H)."""
-    wrapper = tmp_path / "qemu-system-x86_64"
-    wrapper.write_text(f'#!/bin/sh\nexec {SID_QEMU} run -H -- "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
+def qemu11_host_root(qemu11: str, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
+    """sid QEMU 11.1 (set up by the qemu11 fixture) that also sees the host's root."""
+    return qemu_wrapper(tmp_path_factory.mktemp("qemu11-host"))
 
 
 def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
@@ -75,16 +56,8 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
         while not vhost.exists():
             assert dev.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        device = json.dumps({"driver": "vfio-user-pci",
-                             "socket": {"type": "unix", "path": str(vfu)}})
-        appliance = GuestVM(
-            APPLIANCE.replace("@PYTHON@", sys.executable), qemu_binary=qemu11_host_root,
-            modules=["virtio_pci", "9pnet_virtio", "9p"], mem_mb=384, timeout=300,
-            qemu_args=["-device", device,
-                       "-virtfs", "local,path=/run/host,mount_tag=host,security_model=none,"
-                                  "readonly=on",
-                       "-virtfs", f"local,path={tmp_path},mount_tag=data,"
-                                  "security_model=none"])
+        appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.blk", "--blk-file",
+                                                 "/mnt/disk.img", "-v"], qemu11_host_root)
         consumer = GuestVM(SCRIPT, modules=["virtio_pci", "virtio_blk", "ext4"], timeout=200,
                            errexit=True, files={"/pattern": pattern}, mem_mb=CONSUMER_MB,
                            mem_path=str(window),
@@ -93,7 +66,7 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
         with appliance, consumer:
             try:
                 appliance.start()
-                appliance.wait_for("APPLIANCE pci:0000:", 120)
+                appliance.wait_for(READY, 120)
                 wait_for(tmp_path / "device.log", "driver set BACKEND_UP", dev, timeout=120)
                 result = consumer.run()
             finally:
@@ -122,3 +95,13 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-v"]))
+
+
+def test_the_readme_demo(qemu11: str, tmp_path: Path) -> None:  # noqa: F811
+    """`scripts/demo`'s program, as the README runs it (default: the appliance VM)."""
+    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--keep", str(tmp_path)],
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "appliance: the device is pci:0000:" in r.stdout
+    assert "host: debugfs reads /hello.txt from disk.img: written by the guest" in r.stdout
+    assert "in an appliance VM, through the virtio-vhost-user device" in r.stdout

@@ -1,20 +1,25 @@
 """vhost-user-demo: boot a throw-away consumer VM whose disk is served by our Python
-vhost-user-blk *through the virtio-vhost-user device*, let the guest make a filesystem and
-write to it, then read the result back from the image file on the host.
+vhost-user-blk running *in an appliance VM*, through the virtio-vhost-user device; let the
+consumer make a filesystem and write to it, then read the result back from the image file
+on the host.
 
   consumer guest /dev/vda
     -> QEMU 7.2 (vhost-user-blk-pci)  --vhost-user socket-->  vhost-user-vvu-device
     -> the device tunnels every message over its rxq/txq, exposes the consumer's RAM in a
-       BAR, turns doorbells into call eventfds and kicks into MSI-X interrupts
-    -> vfio-user socket -> the appliance: vhost-user-blk --vvu (our Python back-end, driving
-       the device exactly as a guest driver would; no host back-end in the data path)
+       BAR (the consumer's RAM file, --window-file), turns doorbells into call eventfds
+    -> vfio-user socket -> QEMU 11.1 -> the appliance guest's PCI bus -> inside it:
+       vhost-user-blk --vvu pci:ADDRESS (our Python back-end, polling the rings; no host
+       back-end in the data path)
 
-With --direct the back-end listens on the vhost-user socket itself (plain vhost-user).
+--appliance process: the appliance is a host process driving the device over vfio-user
+exactly as a guest driver would (add --poll for poll mode; interrupts otherwise).
+--direct: the back-end listens on the vhost-user socket itself (plain vhost-user).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -22,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from ..appliance.vm import READY, SID_QEMU, appliance_vm, qemu_wrapper
 from ..vm import GuestError, GuestVM
 
 GUEST_SCRIPT = r"""
@@ -54,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", metavar="DIR", help="keep the image and logs in DIR")
     ap.add_argument("--direct", action="store_true",
                     help="plain vhost-user: no virtio-vhost-user device in between")
+    ap.add_argument("--appliance", choices=("vm", "process"), default="vm",
+                    help="the appliance is a VM (default; QEMU 11.1 from the sid chroot) "
+                         "or a host process")
     ap.add_argument("--poll", action="store_true",
-                    help="the appliance polls the rings (exitless mode) instead of "
-                         "taking interrupts")
+                    help="with --appliance process: poll the rings (exitless mode) instead "
+                         "of taking interrupts (an appliance VM always polls)")
     args = ap.parse_args(argv)
     if args.size_mb < 16:
         ap.error("--size-mb must be at least 16")
@@ -67,35 +77,42 @@ def main(argv: list[str] | None = None) -> int:
         f.truncate(args.size_mb << 20)
     say(f"disk image {image} ({args.size_mb} MiB, empty)")
     procs: list[subprocess.Popen[bytes]] = []
+    vm_appliance = not args.direct and args.appliance == "vm"
+    stack = contextlib.ExitStack()
     try:
-        blk = [sys.executable, "-m", "vhostuser.cli.blk", "--blk-file", str(image),
-               "--serial", "python-vhost", "-v"]
+        blk = ["vhostuser.cli.blk", "--blk-file", str(image), "--serial", "python-vhost", "-v"]
+        mem_path = None
         if args.direct:
             say("starting the back-end: vhost-user-blk --socket-path blk.sock --blk-file ...")
-            procs.append(_spawn([*blk, "--socket-path", str(sock)], log))
+            procs.append(_spawn([sys.executable, "-m", *blk, "--socket-path", str(sock)], log))
             _wait_path(sock, procs[-1], log)
         else:
-            vfu = work / "vvu.sock"
+            vfu, dev_log = work / "vvu.sock", work / "vvu-device.log"
+            window = ["--window-file", str(work / "consumer-ram")] if vm_appliance else []
             say("starting the virtio-vhost-user device: vhost-user-vvu-device "
-                "--socket-path blk.sock --vfio-user-socket vvu.sock")
+                f"--socket-path blk.sock --vfio-user-socket vvu.sock {' '.join(window[:1])}")
             procs.append(_spawn([sys.executable, "-m", "vhostuser.cli.vvu_device",
                                  "--socket-path", str(sock), "--vfio-user-socket", str(vfu),
-                                 "-v"], work / "vvu-device.log"))
-            _wait_path(sock, procs[-1], work / "vvu-device.log")
-            mode = ["--poll"] if args.poll else []
-            say("starting the appliance's back-end: vhost-user-blk --vvu vvu.sock --blk-file "
-                f"... {' '.join(mode)}")
-            procs.append(_spawn([*blk, "--vvu", str(vfu), *mode], log))
-            deadline = time.monotonic() + 15  # until the appliance has attached the device
-            while "vfio-user client connected" not in (work / "vvu-device.log").read_text():
-                if procs[-1].poll() is not None or time.monotonic() > deadline:
-                    raise GuestError(f"the appliance did not attach:\n{log.read_text()}")
-                time.sleep(0.05)
-        say("booting the consumer: a Linux guest under QEMU (TCG), -device vhost-user-blk-pci")
+                                 *window, "-v"], dev_log))
+            _wait_path(sock, procs[-1], dev_log)
+            if vm_appliance:
+                mem_path = window[1]
+                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log,
+                                                        procs[-1]))
+            else:
+                mode = ["--poll"] if args.poll else []
+                say("starting the appliance's back-end: vhost-user-blk --vvu vvu.sock "
+                    f"--blk-file ... {' '.join(mode)}")
+                procs.append(_spawn([sys.executable, "-m", *blk, "--vvu", str(vfu), *mode],
+                                    log))
+                _wait_log(dev_log, "driver set BACKEND_UP", procs[-1], log, 15)
+        say("booting the consumer: a Linux guest under QEMU 7.2 (TCG), "
+            "-device vhost-user-blk-pci" + (", RAM in the device's window file"
+                                            if mem_path else ""))
         qemu = ["-chardev", f"socket,id=c0,path={sock}",
                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
         with GuestVM(GUEST_SCRIPT, modules=["virtio_pci", "virtio_blk", "ext4"],
-                     qemu_args=qemu, timeout=180, errexit=True) as vm:
+                     qemu_args=qemu, timeout=240, errexit=True, mem_path=mem_path) as vm:
             result = vm.run()
         for line in result.lines:
             print(f"    {line}")
@@ -110,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             say(f"host could not read the file back: {out.stderr.strip()}")
             return 1
         print(f"    host: debugfs reads /hello.txt from {image.name}: {out.stdout.strip()}")
-        how = "" if args.direct else " through the virtio-vhost-user device"
+        how = ("" if args.direct else " in an appliance VM" if vm_appliance
+               else " in an appliance process")
+        how += "" if args.direct else ", through the virtio-vhost-user device"
         say(f"done: the guest's filesystem lives in the image file, written by Python{how}")
         return 0
-    except GuestError as e:
+    except (GuestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        stack.close()
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
@@ -125,6 +145,38 @@ def main(argv: list[str] | None = None) -> int:
         elif os.path.exists(log):
             say(f"back-end log: {log}")
 
+
+
+@contextlib.contextmanager
+def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path, dev_log: Path,
+                        dev: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Boot the appliance guest (QEMU 11.1, the device attached over vfio-user) and wait
+    until vhost-user-blk inside it has brought the device up; its console goes to `log`."""
+    say("booting the appliance: a Linux guest under QEMU 11.1 (sid chroot, TCG) with the "
+        "device attached over vfio-user; inside it: vhost-user-blk --vvu pci:... "
+        f"--blk-file /mnt/{image.name} (a 9p share of {work})")
+    subprocess.run([str(SID_QEMU), "setup"], check=True, capture_output=True)
+    with appliance_vm(vfu, work, ["vhostuser.cli.blk", "--blk-file", f"/mnt/{image.name}",
+                                  "--serial", "python-vhost", "-v"],
+                      qemu_wrapper(work)) as vm:
+        try:
+            vm.start()
+            vm.wait_for(READY, 120)
+            _wait_log(dev_log, "driver set BACKEND_UP", dev, dev_log, 120)
+            bdf = vm.console.split(READY, 1)[1].split()[0]
+            say(f"appliance: the device is pci:{bdf} on its bus; vhost-user-blk drives it")
+            yield
+        finally:
+            log.write_text(vm.console)
+
+
+def _wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], log: Path,
+              timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise GuestError(f"waiting for {text!r} in {path.name}:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:

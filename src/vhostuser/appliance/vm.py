@@ -1,0 +1,67 @@
+"""The appliance as a VM: a Linux guest under stock QEMU (≥ 10.1: Debian sid's, from the
+chroot of ``scripts/sid-qemu``) with the virtio-vhost-user device attached over vfio-user,
+running one of our back-ends *inside* it with ``--vvu pci:ADDRESS``.
+
+The guest is the usual throw-away busybox initramfs (`vhostuser.vm.GuestVM`). It runs the
+host's Python and this package from a read-only 9p share of the host's root file system
+(chroot), so nothing is installed into it; a second, writable share (`share`, seen as /mnt
+inside) holds the back-end's files, e.g. the disk image.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..vm import GuestVM
+
+SID_QEMU = Path(__file__).resolve().parents[3] / "scripts" / "sid-qemu"
+MODULES = ["virtio_pci", "9pnet_virtio", "9p"]
+READY = "APPLIANCE pci:"  # printed with the device's address before the back-end starts
+
+SCRIPT = r"""
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
+mount -t 9p -o trans=virtio,version=9p2000.L share /host/mnt
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs dev /host/dev
+mount -t tmpfs tmp /host/tmp
+echo 1 > /proc/sys/vm/nr_hugepages
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1af4 0x107f" ] && bdf=${d##*/}
+done
+[ -n "$bdf" ] || { echo "appliance: no virtio-vhost-user device on the PCI bus"; exit 1; }
+echo "@READY@$bdf"
+exec chroot /host @PYTHON@ -m @BACKEND@ --vvu pci:$bdf
+"""
+
+
+def qemu_wrapper(directory: Path) -> str:
+    """A ``qemu-system-x86_64`` for `GuestVM`: sid's QEMU, seeing the host root (-H)."""
+    if not SID_QEMU.exists():
+        raise FileNotFoundError(f"{SID_QEMU} not found: the appliance VM needs the "
+                                "project's checkout (scripts/sid-qemu)")
+    wrapper = directory / "qemu-system-x86_64"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(str(SID_QEMU))} run -H -- "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qemu: str,
+                 *, mem_mb: int = 384, timeout: float = 300) -> GuestVM:
+    """The appliance guest, not started. `backend`: a module and its arguments, without
+    the transport (``["vhostuser.cli.blk", "--blk-file", "/mnt/disk.img"]``)."""
+    script = (SCRIPT.replace("@READY@", READY).replace("@PYTHON@", shlex.quote(sys.executable))
+              .replace("@BACKEND@", " ".join(shlex.quote(a) for a in backend)))
+    device = json.dumps({"driver": "vfio-user-pci",
+                         "socket": {"type": "unix", "path": str(vfio_user_socket)}})
+    return GuestVM(script, qemu_binary=qemu, modules=MODULES, mem_mb=mem_mb, timeout=timeout,
+                   qemu_args=["-device", device,
+                              "-virtfs", "local,path=/run/host,mount_tag=host,"
+                                         "security_model=none,readonly=on",
+                              "-virtfs", f"local,path={share},mount_tag=share,"
+                                         "security_model=none"])
