@@ -105,3 +105,59 @@ def test_the_readme_demo(qemu11: str, tmp_path: Path) -> None:  # noqa: F811
     assert "appliance: the device is pci:0000:" in r.stdout
     assert "host: debugfs reads /hello.txt from disk.img: written by the guest" in r.stdout
     assert "in an appliance VM, through the virtio-vhost-user device" in r.stdout
+
+
+def test_consumer_nic_served_from_an_appliance_vm(qemu11_host_root: str,
+                                                  tmp_path: Path) -> None:
+    """Network: the consumer guest's NIC is a port of our switch running inside the
+    appliance VM (`vhost-user-switch --port vvu=pci:ADDRESS --tap vtap0`); the appliance's
+    own kernel is at the far end of the TAP uplink. The consumer pings it and sends it a
+    file whose checksum must match on arrival."""
+    from qemu_net_helpers import NET_MODULES, mac, net_qemu_args
+    from test_qemu_net import B_IP, SENDER
+
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
+                 str(vhost), "--window-size", "512M", "--window-file", str(window), "-v"],
+                tmp_path / "device.log")
+    receiver = f"""
+i=0
+until ip link show vtap0 >/dev/null 2>&1 || [ $i -ge 300 ]; do i=$((i+1)); sleep 0.2; done
+ip addr add {B_IP}/24 dev vtap0
+ip link set vtap0 up
+echo TAP-UP
+timeout 100 nc -l -p 5000 > /tmp/f
+echo "DST $(sha256sum < /tmp/f)"
+echo RECEIVED
+kill $backend
+"""
+    try:
+        deadline = time.monotonic() + 20
+        while not vhost.exists():
+            assert dev.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.switch", "--port",
+                                                 "vvu={vvu}", "--tap", "vtap0", "-v"],
+                                 qemu11_host_root, after=receiver)
+        consumer = GuestVM(SENDER, modules=NET_MODULES, timeout=200, mem_mb=CONSUMER_MB,
+                           mem_path=str(window), qemu_args=net_qemu_args(vhost, mac(1)))
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for("TAP-UP", 120)
+                result = consumer.run()
+                appliance.wait_for("RECEIVED", 60)
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, result.console[-3000:]
+        out = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in result.lines if " " in ln}
+        assert out["PING_RC"] == "0" and " 0% packet loss" in out["PING"], out
+        dst = [ln for ln in appliance.console.splitlines() if ln.startswith("DST ")]
+        assert dst and dst[0].split()[1] == out["SRC"].split()[0], (dst, out["SRC"])
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..vm import GuestVM
 
 SID_QEMU = Path(__file__).resolve().parents[3] / "scripts" / "sid-qemu"
-MODULES = ["virtio_pci", "9pnet_virtio", "9p"]
+MODULES = ["virtio_pci", "9pnet_virtio", "9p", "tun"]
 READY = "APPLIANCE pci:"  # printed with the device's address before the back-end starts
 
 SCRIPT = r"""
@@ -35,8 +35,12 @@ for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor) $(cat $d/device)" = "0x1af4 0x107f" ] && bdf=${d##*/}
 done
 [ -n "$bdf" ] || { echo "appliance: no virtio-vhost-user device on the PCI bus"; exit 1; }
+vvu=pci:$bdf
 echo "@READY@$bdf"
-exec chroot /host @PYTHON@ -m @BACKEND@ --vvu pci:$bdf
+chroot /host @PYTHON@ -m @BACKEND@ &
+backend=$!
+@AFTER@
+wait $backend
 """
 
 
@@ -52,11 +56,18 @@ def qemu_wrapper(directory: Path) -> str:
 
 
 def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qemu: str,
-                 *, mem_mb: int = 384, timeout: float = 300) -> GuestVM:
-    """The appliance guest, not started. `backend`: a module and its arguments, without
-    the transport (``["vhostuser.cli.blk", "--blk-file", "/mnt/disk.img"]``)."""
+                 *, after: str = "", mem_mb: int = 384, timeout: float = 300) -> GuestVM:
+    """The appliance guest, not started. `backend`: a module and its arguments, where
+    ``{vvu}`` stands for the device (``pci:ADDRESS``); without it, ``--vvu pci:ADDRESS`` is
+    appended (``["vhostuser.cli.blk", "--blk-file", "/mnt/disk.img"]``). `after`: shell
+    run in the guest once the back-end has started (e.g. to configure its TAP device); the
+    guest's script ends when the back-end does."""
+    args = [f'"{a.replace("{vvu}", "$vvu")}"' if "{vvu}" in a else shlex.quote(a)
+            for a in backend]
+    if not any("{vvu}" in a for a in backend):
+        args += ["--vvu", '"$vvu"']
     script = (SCRIPT.replace("@READY@", READY).replace("@PYTHON@", shlex.quote(sys.executable))
-              .replace("@BACKEND@", " ".join(shlex.quote(a) for a in backend)))
+              .replace("@BACKEND@", " ".join(args)).replace("@AFTER@", after))
     device = json.dumps({"driver": "vfio-user-pci",
                          "socket": {"type": "unix", "path": str(vfio_user_socket)}})
     return GuestVM(script, qemu_binary=qemu, modules=MODULES, mem_mb=mem_mb, timeout=timeout,

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(or to connect to, with --client)")
     ap.add_argument("--fd", type=int, metavar="FD",
                     help="an inherited socket fd (listening or connected)")
-    ap.add_argument("--vvu", metavar="PATH",
-                    help="serve through a virtio-vhost-user device (its vfio-user socket)")
+    ap.add_argument("--vvu", metavar="DEVICE",
+                    help="serve through a virtio-vhost-user device: its vfio-user socket, "
+                         "or pci:ADDRESS on this machine's PCI bus (in the appliance VM)")
     ap.add_argument("--poll", action="store_true", help="with --vvu: poll the rings")
     ap.add_argument("--client", action="store_true", help="connect to a listening front-end")
     ap.add_argument("--tap", metavar="NAME", help="TAP interface to bridge the port to")

@@ -8,7 +8,8 @@ optional TAP uplink, with MAC learning and per-port counters.
 A port is PATH[,client][,mac=XX:XX:XX:XX:XX:XX][,queues=N][,mtu=N]: by default the switch
 listens on PATH; with `client` it connects to a front-end listening there (and reconnects).
 A port vvu=VFU[,poll][,...] is served through the virtio-vhost-user device whose vfio-user
-socket is VFU (with `poll`, its rings are polled rather than kicked).
+socket is VFU (with `poll`, its rings are polled rather than kicked); inside the appliance
+VM, vvu=pci:ADDRESS is the device on the VM's own PCI bus (always polled).
 """
 
 from __future__ import annotations

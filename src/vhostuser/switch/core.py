@@ -24,6 +24,7 @@ from .vhost_port import VhostPort
 log = logging.getLogger(__name__)
 
 MAX_MACS = 65536
+VVU_LOOK = 0.001  # s between looks at an interrupt-less virtio-vhost-user device
 
 
 class Switch:
@@ -165,13 +166,21 @@ class Switch:
     def _loop(self, stop: StopSignal) -> None:
         watch = self._watch(stop)
         busy_until = 0.0
-        next_age = next_connect = time.monotonic()
+        next_age = next_connect = next_look = time.monotonic()
+        # ports on a virtio-vhost-user device with no interrupts (in an appliance VM): their
+        # messages and session changes are looked for every VVU_LOOK seconds
+        unwired = [p for p in self.vports if p.link is not None and not p.link.event_fds()]
         while True:
             if self._dirty:
                 self._dirty = False
                 watch = self._watch(stop)
             now = time.monotonic()
-            polling = any(iq.kick_fd is None for p in self.vports for iq in p.tx_queues())
+            if unwired and now >= next_look:
+                for p in unwired:
+                    p.on_vvu_event()
+                next_look = now + VVU_LOOK
+            polling = bool(unwired) or any(iq.kick_fd is None for p in self.vports
+                                           for iq in p.tx_queues())
             if now < busy_until or polling:
                 timeout = 0
             else:
