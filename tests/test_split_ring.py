@@ -302,3 +302,60 @@ def test_kick_suppression(ram: GuestRam, mem: GuestMemory) -> None:
     q2.pop()
     assert q2.enable_kicks() is False
     assert drv2.used16.load(2 + 4 * SIZE) == 1  # avail_event = next avail index we want
+
+
+def test_direct_burst_matches_the_chain_walk_and_refuses_anything_odd(
+        ram: GuestRam, mem: GuestMemory) -> None:
+    """burst.pop_direct takes a burst of one-descriptor readable chains with array
+    operations; every chain it would get wrong (NEXT/WRITE/INDIRECT, head out of range, a
+    buffer leaving guest memory, an address that wraps 2^64) makes it pop nothing, so the
+    chain walk reports the error."""
+    from vhostuser.virtq.burst import pop_direct, push_heads
+
+    drv, q = make(ram, mem)
+    bufs = [buf(ram, bytes([i]) * (10 + i)) for i in range(5)]
+    heads = [drv.add([(g, 10 + i, False)]) for i, g in enumerate(bufs)]
+    b = pop_direct(q, 5)
+    assert b is not None and b.heads.tolist() == heads and q.last_avail == 5
+    assert [bytes(b.view[o : o + n]) for o, n in zip(b.offsets.tolist(), b.lengths.tolist(),
+                                                      strict=True)] == [
+        bytes([i]) * (10 + i) for i in range(5)]
+    push_heads(q, b.heads)
+    assert q.publish() and drv.take_used() == [(h, 0) for h in heads]
+
+    lo, hi = ram.guest_addr, ram.guest_addr + ram.size
+    odd = {
+        "a chain of two": [(bufs[0], 4, False), (bufs[1], 4, False)],
+        "writable": [(bufs[0], 4, True)],
+        "past the end of memory": [(hi - 8, 16, False)],
+        "wrapping 2^64": [((1 << 64) - 8, 16, False)],
+        "below memory": [(lo - 16, 8, False)],
+    }
+    for what, chain in odd.items():
+        drv2, q2 = make(ram, mem)
+        drv2.add([(bufs[2], 4, False)])
+        drv2.add(chain)
+        assert pop_direct(q2, 2) is None, what
+        assert q2.last_avail == 0, what
+        chains, error = q2.pop_batch(2)
+        if what in ("a chain of two", "writable"):
+            assert error is None and len(chains) == 2, what  # legal, just not this path
+        else:
+            assert isinstance(error, RingError) and len(chains) == 1, what
+    drv3, q3 = make(ram, mem)
+    drv3.publish(SIZE + 3)  # a head beyond the queue size
+    assert pop_direct(q3, 1) is None
+    with pytest.raises(RingError, match="head"):
+        q3.pop()
+
+    # used elements written across the end of the ring
+    drv4, q4 = make(ram, mem)
+    for _ in range(2):
+        for _ in range(SIZE - 2):
+            drv4.add([(bufs[0], 4, False)])
+        burst = pop_direct(q4, SIZE - 2)
+        assert burst is not None
+        push_heads(q4, burst.heads, 7)
+        q4.publish()
+        assert [n for _, n in drv4.take_used()] == [7] * (SIZE - 2)
+    assert q4.used_idx == 2 * (SIZE - 2)

@@ -64,12 +64,19 @@ class StopSignal:
 
 class Watch:
     """The fds an event loop waits on and what to do when each is readable, the stop
-    signal's pipe among them. Loops build a new one whenever the set changes."""
+    signal's pipe among them. Loops build a new one whenever the set changes, and a
+    handler that changes it (closes an fd) calls `invalidate`: the rest of that round is
+    skipped, so no handler runs for an fd that was closed, or reused, meanwhile (the fds
+    are level-triggered: what was skipped is seen again by the next watch)."""
 
     def __init__(self, stop: StopSignal) -> None:
         self.poller = select.poll()
         self.handlers: dict[int, Callable[[], None]] = {}
+        self.stale = False
         self.add(stop.fds()[0], stop.check)
+
+    def invalidate(self) -> None:
+        self.stale = True
 
     def add(self, fd: int, fn: Callable[[], None]) -> None:
         self.poller.register(fd, select.POLLIN)
@@ -78,6 +85,8 @@ class Watch:
     def dispatch(self, timeout_ms: int) -> None:
         """Wait up to `timeout_ms` (-1: forever) and run the handlers of ready fds."""
         for fd, _ev in self.poller.poll(timeout_ms):
+            if self.stale:
+                return
             fn = self.handlers.get(fd)
             if fn is not None:
                 fn()

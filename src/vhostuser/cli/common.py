@@ -76,6 +76,7 @@ def until_stopped(run: Callable[[StopSignal], None]) -> int:
     except Shutdown:
         log.info("exiting")
     except OSError as e:
+        log.debug("the loop failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

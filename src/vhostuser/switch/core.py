@@ -45,9 +45,12 @@ class Switch:
         for p in ports:
             p.changed = self._changed
         self._control: socket.socket | None = None
+        self._current: Watch | None = None  # what the loop watches now
 
     def _changed(self) -> None:
         self._dirty = True
+        if self._current is not None:  # the fds it watches may be closed now
+            self._current.invalidate()
 
     # -- forwarding ----------------------------------------------------------------------------
 
@@ -145,7 +148,7 @@ class Switch:
                     pass
 
     def _watch(self, stop: StopSignal) -> Watch:
-        w = Watch(stop)
+        w = self._current = Watch(stop)
         if self._control is not None:
             w.add(self._control.fileno(), self._serve_control)
         if self.tap is not None:

@@ -12,7 +12,16 @@ import os
 import socket
 from collections.abc import Callable
 
-from ..devices.net import F_MRG_RXBUF, NetPort, rx_header, tx_header_ok
+import numpy as np
+
+from ..devices.net import (
+    F_MRG_RXBUF,
+    GSO_NONE,
+    HDR_F_NEEDS_CSUM,
+    NetPort,
+    rx_header,
+    tx_header_ok,
+)
 from ..engine.backend import Backend
 from ..engine.device import Device
 from ..engine.notify import Notifier
@@ -21,6 +30,7 @@ from ..memory import GuestMemory, MemoryTableError
 from ..protocol import ProtocolError, encode
 from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connect, listen
 from ..transport.vvu import VvuLink, VvuResources, split_message
+from ..virtq.burst import DirectBurst, pop_direct, push_heads
 from ..virtq.iov import iov_write
 from ..virtq.split import RingError, SplitQueue
 from .port import Port
@@ -216,7 +226,7 @@ class VhostPort(Port):
     def take_tx(self, iq: InlineQueue) -> list[bytes]:
         """Frames the guest transmitted on `iq` (at most a burst); the buffers go back to
         the guest at once. Invalid frames are dropped and counted."""
-        q = iq.q
+        q, dev = iq.q, self.device
         try:
             n = q.available()
         except RingError as e:
@@ -224,8 +234,15 @@ class VhostPort(Port):
             return []
         if not n:
             return []
+        burst = pop_direct(q, min(n, MAX_BURST))
+        if burst is not None:
+            frames = self._take_direct(iq, burst)
+            if dev.announce:
+                frames += dev.announce
+                dev.announce.clear()
+            return frames
         chains, error = q.pop_batch(min(n, MAX_BURST))
-        dev, c = self.device, self.counters
+        c = self.counters
         hl, max_frame = dev.hdr_len, dev.max_frame()
         frames = []
         for chain in chains:
@@ -253,6 +270,37 @@ class VhostPort(Port):
         if dev.announce:
             frames += dev.announce
             dev.announce.clear()
+        return frames
+
+    def _take_direct(self, iq: InlineQueue, b: DirectBurst) -> list[bytes]:
+        """`take_tx` for a burst of one-descriptor chains: the same checks, as array
+        operations over the whole burst; then one copy per valid frame."""
+        dev, c, u8 = self.device, self.counters, b.u8
+        hl, max_frame = dev.hdr_len, dev.max_frame()
+        size = b.lengths - hl
+        has_hdr = size >= 0
+        at = np.where(has_hdr, b.offsets, 0)  # in bounds whatever the buffer's length
+        bad = ~has_hdr | (u8[at] & HDR_F_NEEDS_CSUM != 0) | (u8[at + 1] != GSO_NONE)
+        runt = ~bad & (size < 14)
+        over = ~bad & ~runt & (size > max_frame)
+        ok = ~(bad | runt | over)
+        src_mc = ok & (u8[np.where(ok, b.offsets + hl + 6, 0)] & 1 != 0)
+        ok &= ~src_mc
+        for reason, mask in (("bad_header", bad), ("runt", runt), ("oversize", over),
+                             ("bad_source_mac", src_mc)):
+            k = int(np.count_nonzero(mask))
+            if k:
+                c.drops[reason] += k
+        view = b.view
+        starts = b.offsets[ok] + hl
+        frames = [bytes(view[s:e]) for s, e in zip(starts.tolist(),
+                                                   (b.offsets + b.lengths)[ok].tolist(),
+                                                   strict=True)]
+        c.rx_packets += len(frames)
+        c.rx_bytes += int(size[ok].sum())
+        push_heads(iq.q, b.heads)
+        if iq.q.publish():
+            iq.call.notify()
         return frames
 
     def deliver(self, frames: list[bytes]) -> None:

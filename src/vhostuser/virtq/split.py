@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
+from .burst import BurstArrays
+from .burst import arrays as burst_arrays
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -103,6 +105,12 @@ class SplitQueue:
         # so the regions are snapshotted for the fast translation path.
         self._regions = tuple((r.desc.guest_addr, r.gpa_end, r.view) for r in mem.regions)
         self._hit = self._regions[0] if self._regions else (0, 0, memoryview(b""))
+        self._burst: BurstArrays | None = None  # numpy views for burst.py, made on demand
+
+    def burst_arrays(self) -> BurstArrays:
+        if self._burst is None:
+            self._burst = burst_arrays(self)
+        return self._burst
 
     # -- available side -----------------------------------------------------------------
 
@@ -265,6 +273,7 @@ class SplitQueue:
 
     def release(self) -> None:
         """Let go of every view of guest memory this queue holds."""
+        self._burst = None  # the numpy views first: they hold exports of the memoryviews
         self.avail_ring.release()
         self.avail16.release()
         self.used16.release()
