@@ -359,3 +359,24 @@ def test_direct_burst_matches_the_chain_walk_and_refuses_anything_odd(
         q4.publish()
         assert [n for _, n in drv4.take_used()] == [7] * (SIZE - 2)
     assert q4.used_idx == 2 * (SIZE - 2)
+
+
+def test_scatter_frames_into_a_writable_burst(ram: GuestRam, mem: GuestMemory) -> None:
+    from vhostuser.virtq.burst import pop_direct, push_heads, scatter_frames
+
+    drv, q = make(ram, mem)
+    bufs = [ram.alloc(32) for _ in range(3)]
+    heads = [drv.add([(g, 32, True)]) for g in bufs]
+    assert pop_direct(q, 3) is None  # writable buffers are not a transmit burst
+    b = pop_direct(q, 3, DESC_F_WRITE)
+    assert b is not None
+    frames = [b"a" * 20, b"bb" * 10, b"c" * 27]
+    assert scatter_frames(b, b"HDR!", [*frames[:2], b"x" * 29]) is None  # 4 + 29 > 32
+    assert bytes(ram.at(bufs[0], 4)) != b"HDR!"  # nothing written
+    written = scatter_frames(b, b"HDR!", frames)
+    assert written is not None and written.tolist() == [24, 24, 31]
+    for g, f in zip(bufs, frames, strict=True):
+        assert bytes(ram.at(g, 4 + len(f))) == b"HDR!" + f
+    push_heads(q, b.heads, written)
+    q.publish()
+    assert drv.take_used() == list(zip(heads, (24, 24, 31), strict=True))
