@@ -263,3 +263,37 @@ def test_bad_command_lines(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "vhostuser.cli.net", "--print-capabilities"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == {"type": "net", "features": []}
+
+
+def test_forwarding_a_mixed_burst_matches_frame_by_frame_rules() -> None:
+    """One burst with known, unknown, broadcast and hairpin destinations: each frame goes
+    exactly where the rules say, in burst order per port (forward() groups by MAC)."""
+    from vhostuser.switch.core import Switch
+    from vhostuser.switch.port import Port
+    from vhostuser.switch.vhost_port import VhostPort
+
+    class Sink(Port):
+        def __init__(self, name: str) -> None:
+            super().__init__(name)
+            self.got: list[bytes] = []
+
+        def deliver(self, frames: list[bytes]) -> None:
+            self.got += frames
+
+    a, b, c = Sink("a"), Sink("b"), Sink("c")
+    sw = Switch([VhostPort("v", "/nonexistent", bytes([2, 0, 0, 0, 0, 9]))])
+    sw.ports = [a, b, c]
+    mb, mc, ma, unknown = (bytes([2, 0, 0, 0, 0, k]) for k in (0xB, 0xC, 0xA, 0xD))
+    sw.forward(b, [frame(BCAST, mb)])
+    sw.forward(c, [frame(BCAST, mc)])
+    assert a.got == [frame(BCAST, mb), frame(BCAST, mc)] and not b.got[1:]
+    a.got.clear(), b.got.clear(), c.got.clear()
+    burst = [frame(mb, ma, b"1" * 46), frame(unknown, ma, b"2" * 46),
+             frame(mc, ma, b"3" * 46), frame(BCAST, ma, b"4" * 46),
+             frame(ma, ma, b"5" * 46),  # to itself: learned at a just now, so a hairpin
+             frame(mb, ma, b"6" * 46)]
+    sw.forward(a, burst)
+    assert b.got == [burst[0], burst[1], burst[3], burst[5]]
+    assert c.got == [burst[1], burst[2], burst[3]]
+    assert a.got == [] and a.counters.drops == {"to_ingress_port": 1}
+    assert sw.macs[ma][0] is a and sw.macs[mb][0] is b
