@@ -347,8 +347,11 @@ def test_print_capabilities() -> None:
     (["--socket-path", "s", "--blk-file", "x", "--serial", "a" * 21], "--serial"),
     (["--socket-path", "s", "--blk-file", "/nonexistent/disk.img"], "No such file"),
     (["--bogus"], "unrecognized arguments"),
+    (["--vvu", "pci:00:04.0", "--blk-file", "x.img"], "is not a PCI address"),
+    (["--vvu", "pci:0000:7f:1f.7", "--blk-file", "x.img"], "no PCI device 0000:7f:1f.7"),
 ])
 def test_bad_command_lines(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "x.img").write_bytes(bytes(1 << 20))
     r = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", *args], cwd=tmp_path,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
