@@ -71,7 +71,8 @@ def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qe
     device = json.dumps({"driver": "vfio-user-pci",
                          "socket": {"type": "unix", "path": str(vfio_user_socket)}})
     return GuestVM(script, qemu_binary=qemu, modules=MODULES, mem_mb=mem_mb, timeout=timeout,
-                   qemu_args=["-device", device,
+                   qemu_args=["-cpu", "max",  # numpy needs more than TCG's qemu64 (SSE4.2)
+                              "-device", device,
                               "-virtfs", "local,path=/run/host,mount_tag=host,"
                                          "security_model=none,readonly=on",
                               "-virtfs", f"local,path={share},mount_tag=share,"
