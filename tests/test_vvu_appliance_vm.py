@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_qemu_vvu import PATTERN_AT, SCRIPT, start, wait_for
+from test_qemu_vvu import PATTERN_AT, SCRIPT, start
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
-from vhostuser.appliance.vm import READY, appliance_vm, qemu_wrapper
+from vhostuser.appliance.vm import READY, appliance_vm, qemu_wrapper, wait_backend_up
 from vhostuser.vm import GuestVM
 
 MB = 1 << 20
@@ -70,7 +70,7 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
             try:
                 appliance.start()
                 appliance.wait_for(READY, 120)
-                wait_for(tmp_path / "device.log", "driver set BACKEND_UP", dev, timeout=120)
+                wait_backend_up(appliance, tmp_path / "device.log")
                 result = consumer.run()
                 # the consumer restarts (same RAM file): the appliance serves it again
                 # without its QEMU remapping anything
@@ -157,7 +157,8 @@ kill $backend
         with appliance, consumer:
             try:
                 appliance.start()
-                appliance.wait_for("TAP-UP", 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                appliance.wait_for("TAP-UP", 60)
                 result = consumer.run()
                 appliance.wait_for("RECEIVED", 60)
             finally:

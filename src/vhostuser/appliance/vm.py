@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..vm import GuestVM
+from ..vm import GuestError, GuestVM
 
 SID_QEMU = Path(__file__).resolve().parents[3] / "scripts" / "sid-qemu"
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "tun"]
@@ -42,6 +43,18 @@ backend=$!
 @AFTER@
 wait $backend
 """
+
+
+def wait_backend_up(vm: GuestVM, device_log: Path, timeout: float = 120) -> None:
+    """Wait until the back-end in the appliance has brought the device up (the device logs
+    BACKEND_UP); fail at once, with the appliance's console, if the appliance ends first."""
+    deadline = time.monotonic() + timeout
+    while "driver set BACKEND_UP" not in device_log.read_text(errors="replace"):
+        if vm.proc is None or vm.proc.poll() is not None or time.monotonic() > deadline:
+            what = "timed out" if time.monotonic() > deadline else "ended"
+            raise GuestError(f"the appliance {what} before its back-end brought the device "
+                             f"up:\n{vm.console[-3000:]}")
+        time.sleep(0.05)
 
 
 def qemu_wrapper(directory: Path) -> str:

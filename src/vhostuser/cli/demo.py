@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..appliance.vm import READY, SID_QEMU, appliance_vm, qemu_wrapper
+from ..appliance.vm import READY, SID_QEMU, appliance_vm, qemu_wrapper, wait_backend_up
 from ..vm import GuestError, GuestVM
 
 GUEST_SCRIPT = r"""
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             _wait_path(sock, procs[-1], dev_log)
             if vm_appliance:
                 mem_path = window[1]
-                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log,
-                                                        procs[-1]))
+                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log))
             else:
                 mode = ["--poll"] if args.poll else []
                 say("starting the appliance's back-end: vhost-user-blk --vvu vvu.sock "
@@ -148,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path, dev_log: Path,
-                        dev: subprocess.Popen[bytes]) -> Iterator[None]:
+def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path,
+                        dev_log: Path) -> Iterator[None]:
     """Boot the appliance guest (QEMU 11.1, the device attached over vfio-user) and wait
     until vhost-user-blk inside it has brought the device up; its console goes to `log`."""
     say("booting the appliance: a Linux guest under QEMU 11.1 (sid chroot, TCG) with the "
@@ -162,7 +161,7 @@ def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path, dev_log: 
         try:
             vm.start()
             vm.wait_for(READY, 120)
-            _wait_log(dev_log, "driver set BACKEND_UP", dev, dev_log, 120)
+            wait_backend_up(vm, dev_log)
             bdf = vm.console.split(READY, 1)[1].split()[0]
             say(f"appliance: the device is pci:{bdf} on its bus; vhost-user-blk drives it")
             yield
