@@ -271,6 +271,12 @@ def test_every_message_kind_crosses(device: Device) -> None:
             fds = [os.eventfd(0)]
         else:
             fds = []
+        if code == F.SET_PROTOCOL_FEATURES:  # BACKEND_REQ, so that SET_BACKEND_REQ_FD may
+            payload = p.U64(ALLOWED_PROTOCOL_FEATURES)
+        if code == F.SET_BACKEND_REQ_FD:  # the consumer's end of a back-end channel
+            backend_ends = socket.socketpair()
+            os.close(fds[0])
+            fds = [backend_ends[1].detach()]
         msg = request(code, payload)
         fe.send(msg, fds)
         header, body, tokens = VvuChannel(link).recv_raw()
@@ -481,3 +487,35 @@ def test_window_file_larger_than_the_window_is_refused(tmp_path: Path) -> None:
 
 def mmap_file(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED)
+
+
+def test_backend_request_through_the_device(device: Device) -> None:
+    """A back-end request from the appliance (CONFIG_CHANGE_MSG on txq) reaches the
+    consumer's back-end channel, and the consumer's ack comes back on rxq."""
+    from vhostuser.protocol import BackendReq, Channel, decode_header, decode_reply
+    from vhostuser.protocol.constants import ProtocolFeature as PF
+
+    link = VvuLink(device.vfu)
+    fe = consumer(device.vhost)
+    link.wait_frontend(None)
+    chan = VvuChannel(link)
+    fe.send(request(F.SET_PROTOCOL_FEATURES, p.U64(PF.BACKEND_REQ | PF.REPLY_ACK)))
+    assert chan.recv_raw()[0].request == F.SET_PROTOCOL_FEATURES
+    ours, theirs = socket.socketpair()
+    fe.send(request(F.SET_BACKEND_REQ_FD), (theirs.fileno(),))
+    theirs.close()
+    header, _, tokens = chan.recv_raw()
+    assert header.request == F.SET_BACKEND_REQ_FD and tokens == [Token("backend")]
+    link.send(encode(request(BackendReq.CONFIG_CHANGE_MSG, need_reply=True)))
+    be = UnixChannel(ours)
+    h, _, _ = be.recv_raw()
+    assert h.request == BackendReq.CONFIG_CHANGE_MSG and h.need_reply
+    be.send(reply_to(request(BackendReq.CONFIG_CHANGE_MSG), p.U64(0)))
+    data = link.recv(None)
+    ack = decode_header(data[:12])
+    assert ack.is_reply and ack.request == BackendReq.CONFIG_CHANGE_MSG
+    assert decode_reply(Channel.BACKEND, ack.request, ack, data[12:]).payload == p.U64(0)
+    assert link.status() == 3  # the session goes on
+    be.close()
+    fe.close()
+    link.close()

@@ -120,11 +120,11 @@ def test_protocol_features_masked_both_ways(setup: tuple[Relay, Driver, UnixChan
     relay.from_driver(encode(reply_to(request(F.GET_PROTOCOL_FEATURES), p.U64(everything))))
     offered = consumer_gets(fe, F.GET_PROTOCOL_FEATURES).payload.value
     assert offered == ALLOWED_PROTOCOL_FEATURES
-    for bad in (PF.LOG_SHMFD, PF.BACKEND_REQ, PF.INFLIGHT_SHMFD, PF.HOST_NOTIFIER,
+    for bad in (PF.LOG_SHMFD, PF.BACKEND_SEND_FD, PF.INFLIGHT_SHMFD, PF.HOST_NOTIFIER,
                 PF.PAGEFAULT, PF.DEVICE_STATE, PF.SHARED_OBJECT, PF.INBAND_NOTIFICATIONS):
         assert not offered & bad
     for good in (PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.STATUS, PF.RESET_DEVICE,
-                 PF.CONFIGURE_MEM_SLOTS):
+                 PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ):
         assert offered & good
     send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(everything)))
     assert delivered(drv).payload == p.U64(ALLOWED_PROTOCOL_FEATURES)
@@ -283,3 +283,75 @@ def test_consumer_disconnect_and_reconnect(setup: tuple[Relay, Driver, UnixChann
     assert delivered(drv).request == F.GET_FEATURES
     os.close(call)
     b.close()
+
+
+def backend_channel(fe: UnixChannel, relay: Relay, drv: Driver,
+                    features: int = PF.BACKEND_REQ | PF.REPLY_ACK) -> UnixChannel:
+    """Negotiate `features`, hand the device a back-end channel; returns the consumer's
+    end of it."""
+    send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(features)))
+    delivered(drv)
+    ours, theirs = socket.socketpair()
+    send(fe, relay, request(F.SET_BACKEND_REQ_FD), (theirs.fileno(),))
+    theirs.close()
+    assert delivered(drv).request == F.SET_BACKEND_REQ_FD and relay.backend is not None
+    return UnixChannel(ours)
+
+
+def test_backend_requests_cross_over_txq(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    """BACKEND_REQ crosses: the device keeps the consumer's back-end channel, relays a
+    back-end request the driver puts on txq (no REPLY flag) and the consumer's ack back
+    into rxq (REPLY set)."""
+    from vhostuser.protocol import BackendReq
+
+    relay, drv, fe = setup
+    be = backend_channel(fe, relay, drv)
+    relay.from_driver(encode(request(BackendReq.CONFIG_CHANGE_MSG, need_reply=True)))
+    h, body, fds = be.recv_raw()
+    msg = decode_request(Channel.BACKEND, h, body, len(fds))
+    assert msg.request == BackendReq.CONFIG_CHANGE_MSG and h.need_reply
+    assert relay.wants_backend() and not drv.rx
+    be.send(reply_to(msg, p.U64(0)))
+    relay.on_backend()
+    data = drv.rx.pop(0)
+    ack = decode_header(data[:HEADER_SIZE])
+    assert ack.is_reply and ack.request == BackendReq.CONFIG_CHANGE_MSG
+    assert decode_reply(Channel.BACKEND, ack.request, ack, data[HEADER_SIZE:]).payload == \
+        p.U64(0)
+    assert not relay.wants_backend()
+    relay.from_driver(encode(request(BackendReq.CONFIG_CHANGE_MSG)))  # no ack wanted
+    h, _, _ = be.recv_raw()
+    assert h.request == BackendReq.CONFIG_CHANGE_MSG and not relay.wants_backend()
+    assert relay.connected
+
+
+@pytest.mark.parametrize("case", ["needs an fd", "masked feature", "no channel", "two acks"])
+def test_bad_backend_requests_end_the_session(setup: tuple[Relay, Driver, UnixChannel],
+                                              case: str) -> None:
+    from vhostuser.protocol import BackendReq
+
+    relay, drv, fe = setup
+    if case != "no channel":
+        be = backend_channel(fe, relay, drv)
+    if case == "needs an fd":
+        bad = request(BackendReq.VRING_HOST_NOTIFIER_MSG, p.VringArea(0, 0x1000, 0))
+    elif case == "masked feature":
+        bad = request(BackendReq.IOTLB_MSG, p.IotlbMsg(0, 0x1000, 0, 3, 2))
+    elif case == "two acks":
+        relay.from_driver(encode(request(BackendReq.CONFIG_CHANGE_MSG, need_reply=True)))
+        bad = request(BackendReq.CONFIG_CHANGE_MSG, need_reply=True)
+    else:
+        bad = request(BackendReq.CONFIG_CHANGE_MSG)
+    relay.from_driver(encode(bad))
+    assert closed(fe) and relay.backend is None and not relay.connected
+    if case != "no channel":
+        be.close()
+
+
+def test_backend_channel_needs_backend_req(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    relay, _, fe = setup
+    ours, theirs = socket.socketpair()
+    send(fe, relay, request(F.SET_BACKEND_REQ_FD), (theirs.fileno(),))
+    theirs.close()
+    ours.close()
+    assert closed(fe) and relay.backend is None

@@ -68,7 +68,7 @@ FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_
 class Token:
     """Stands where the consumer's message carried an fd (the device consumed it)."""
 
-    kind: str  # "memory", "call", "err" or "kick"
+    kind: str  # "memory", "call", "err", "kick" or "backend"
     vring: int = 0
 
 
@@ -319,7 +319,8 @@ def tokens_for(header: Header, body: bytes) -> list[Token]:
         return []  # the engine's own decoding reports the error
     n = expected_fds(Channel.FRONTEND, msg)
     kind = {F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err", F.SET_VRING_KICK: "kick",
-            F.SET_MEM_TABLE: "memory", F.ADD_MEM_REG: "memory"}.get(FrontendReq(msg.request))
+            F.SET_MEM_TABLE: "memory", F.ADD_MEM_REG: "memory",
+            F.SET_BACKEND_REQ_FD: "backend"}.get(FrontendReq(msg.request))
     if kind is None or not n:
         return []
     vring = getattr(msg.payload, "index", 0)

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from ..protocol import (
     HEADER_SIZE,
+    BackendReq,
     Channel,
     FrontendReq,
     Header,
@@ -39,16 +40,24 @@ from ..transport.unix import PeerClosed, UnixChannel
 log = logging.getLogger(__name__)
 
 F = FrontendReq
+B = BackendReq
 PF = ProtocolFeature
 
 # Protocol features that need no fd to cross the device, in either direction.
-ALLOWED_PROTOCOL_FEATURES = int(PF.MQ | PF.RARP | PF.REPLY_ACK | PF.MTU | PF.CROSS_ENDIAN
-                                | PF.CRYPTO_SESSION | PF.CONFIG | PF.RESET_DEVICE
-                                | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
+# BACKEND_REQ crosses: the device keeps the consumer's back-end channel (the fd of
+# SET_BACKEND_REQ_FD) and relays the back-end requests that carry no fd.
+ALLOWED_PROTOCOL_FEATURES = int(PF.MQ | PF.RARP | PF.REPLY_ACK | PF.MTU | PF.BACKEND_REQ
+                                | PF.CROSS_ENDIAN | PF.CRYPTO_SESSION | PF.CONFIG
+                                | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
+
+# Back-end requests the driver may send on txq: those with no fd whose protocol feature can
+# be negotiated through the device (VRING_HOST_NOTIFIER_MSG and SHMEM_MAP need fds; IOTLB,
+# in-band notifications and shared objects need features that are masked).
+BACKEND_ALLOWED = frozenset({B.CONFIG_CHANGE_MSG})
 
 # Requests that would need fds to travel further than the device (or back).
 FORBIDDEN = frozenset({
-    F.SET_LOG_BASE, F.SET_LOG_FD, F.SET_BACKEND_REQ_FD, F.POSTCOPY_ADVISE,
+    F.SET_LOG_BASE, F.SET_LOG_FD, F.POSTCOPY_ADVISE,
     F.POSTCOPY_LISTEN, F.POSTCOPY_END, F.GET_INFLIGHT_FD, F.SET_INFLIGHT_FD,
     F.GPU_SET_SOCKET, F.IOTLB_MSG, F.GET_SHARED_OBJECT, F.SET_DEVICE_STATE_FD,
     F.CHECK_DEVICE_STATE, F.GET_SHMEM_CONFIG,
@@ -112,6 +121,8 @@ class Relay:
         self.kicks: dict[int, int] = {}  # vring -> the consumer's kick eventfd
         self.parked: bytes | None = None  # a message waiting for an rxq buffer
         self.awaiting: int | None = None  # the request whose reply the consumer waits for
+        self.backend: UnixChannel | None = None  # the consumer's back-end request channel
+        self.backend_awaiting: int | None = None  # a back-end request awaiting its ack
 
     # -- session ---------------------------------------------------------------------------
 
@@ -158,6 +169,7 @@ class Relay:
             table.clear()
         self.parked = None
         self.awaiting = None
+        self._drop_backend()
         self.protocol_features = 0
         # The next consumer brings its own memory: forget this one's (the appliance's
         # mappings stay valid until it drops them; it re-reads the window on the next table).
@@ -249,6 +261,17 @@ class Relay:
         elif code == F.GET_VRING_BASE:
             assert isinstance(msg.payload, p.VringState)
             self._drop_vring(msg.payload.index)
+        elif code == F.SET_BACKEND_REQ_FD:
+            if not self.protocol_features & PF.BACKEND_REQ:
+                raise RelayError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
+            self._drop_backend()
+            fd = fds.pop()
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as e:
+                os.close(fd)
+                raise RelayError(f"the back-end channel is not a socket: {e}") from e
+            self.backend = UnixChannel(sock)
         else:
             for fd in fds:  # only REM_MEM_REG may carry a stray one; it is handled above
                 os.close(fd)
@@ -343,13 +366,69 @@ class Relay:
                 return f
         return None
 
+    # -- back-end requests ------------------------------------------------------------------
+
+    def _drop_backend(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        self.backend_awaiting = None
+
+    def wants_backend(self) -> bool:
+        """Whether the device should read the consumer's back-end channel (an ack is due
+        and rxq has room for it)."""
+        return (self.backend is not None and self.backend_awaiting is not None
+                and self.connected and self.parked is None)
+
+    def on_backend(self) -> None:
+        """The consumer acknowledged a back-end request: the ack goes into rxq (REPLY set:
+        the driver tells it from the consumer's requests, which never have it)."""
+        if self.backend is None or not self.wants_backend():
+            return
+        awaited = self.backend_awaiting
+        assert awaited is not None
+        try:
+            header, body, fds = self.backend.recv_raw()
+            for fd in fds:
+                os.close(fd)
+            msg = decode_reply(Channel.BACKEND, awaited, header, body, len(fds))
+        except (PeerClosed, ProtocolError, OSError) as e:
+            self.end_session(f"the consumer's back-end channel failed: {e}")
+            return
+        self.backend_awaiting = None
+        log.debug("consumer -> driver: %s ack", Channel.BACKEND.name_of(awaited))
+        self.parked = encode(msg)
+        self.retry_rx()
+
+    def _backend_request(self, header: Header, body: bytes) -> None:
+        msg = decode_request(Channel.BACKEND, header, body, 0)
+        if msg.request not in BACKEND_ALLOWED:
+            raise ProtocolError(f"back-end request {Channel.BACKEND.name_of(msg.request)} "
+                                "cannot cross the device")
+        if self.backend is None:
+            raise ProtocolError("a back-end request, but the consumer gave no back-end "
+                                "channel (SET_BACKEND_REQ_FD)")
+        if self.backend_awaiting is not None:
+            raise ProtocolError("a back-end request while the last one awaits its ack")
+        if header.need_reply and self.protocol_features & PF.REPLY_ACK:
+            self.backend_awaiting = msg.request
+        log.debug("driver -> consumer: %s", Channel.BACKEND.name_of(msg.request))
+        try:
+            self.backend.send(msg)
+        except OSError as e:
+            self.end_session(f"cannot write to the consumer's back-end channel: {e}")
 
     # -- driver -> consumer ------------------------------------------------------------------
 
     def from_driver(self, data: bytes) -> None:
-        """One txq message from the driver: a reply the consumer waits for."""
+        """One txq message from the driver: a reply the consumer waits for, or a back-end
+        request (no REPLY flag) for the consumer's back-end channel."""
         try:
-            msg = self._check_reply(data)
+            header = self._check_size(data)
+            if not header.is_reply:
+                self._backend_request(header, data[HEADER_SIZE:])
+                return
+            msg = self._check_reply(header, data)
         except ProtocolError as e:
             log.error("bad txq message from the driver: %s", e)
             self.end_session(f"driver protocol violation: {e}")
@@ -362,15 +441,17 @@ class Relay:
         except OSError as e:
             self.end_session(f"cannot write to the consumer: {e}")
 
-    def _check_reply(self, data: bytes) -> Message:
+    @staticmethod
+    def _check_size(data: bytes) -> Header:
         if len(data) < HEADER_SIZE:
             raise ProtocolError(f"txq message of {len(data)} bytes, shorter than a header")
         header = decode_header(data[:HEADER_SIZE])
         if HEADER_SIZE + header.size != len(data):
             raise ProtocolError(f"txq buffer holds {len(data)} bytes, the header says "
                                 f"{HEADER_SIZE + header.size}")
-        if not header.is_reply:
-            raise ProtocolError("back-end requests are not relayed (BACKEND_REQ is masked)")
+        return header
+
+    def _check_reply(self, header: Header, data: bytes) -> Message:
         if self.awaiting is None or header.request != self.awaiting:
             raise ProtocolError(f"reply to request {header.request}, but the consumer "
                                 f"waits for {self.awaiting}")

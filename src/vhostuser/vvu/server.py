@@ -244,6 +244,9 @@ class VvuServer:
         if relay.wants_consumer():
             assert relay.conn is not None
             w.add(relay.conn.fileno(), relay.on_consumer)
+        if relay.wants_backend():
+            assert relay.backend is not None
+            w.add(relay.backend.fileno(), relay.on_backend)
         for vring, fd in list(relay.kicks.items()):
             w.add(fd, lambda v=vring: relay.on_kick(v))
         return w
