@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from ..fixed_struct import FixedStruct
 from .constants import MAX_CONFIG_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK
 from .errors import BadPayload, BadPayloadSize
 
@@ -35,18 +36,12 @@ def _exact(cls: type, data: bytes, size: int) -> None:
         raise BadPayloadSize(f"{cls.__name__} payload must be {size} bytes, got {len(data)}")
 
 
-class _Fixed:
+class _Fixed(FixedStruct):
     """Base for payloads with one fixed struct layout; fields in declaration order."""
 
-    FMT: ClassVar[struct.Struct]
-
-    def pack(self) -> bytes:
-        return self.FMT.pack(*self.__dict__.values())
-
     @classmethod
-    def unpack(cls, data: bytes):  # type: ignore[no-untyped-def]
-        _exact(cls, data, cls.FMT.size)
-        return cls(*cls.FMT.unpack(data))
+    def check_size(cls, data: bytes, size: int) -> None:
+        _exact(cls, data, size)
 
 
 @dataclass(frozen=True)

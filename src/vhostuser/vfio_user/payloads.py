@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from ..fixed_struct import FixedStruct
 from .constants import (
     DEVICE_FEATURE_MASK,
     IRQ_SET_ACTION_MASK,
@@ -51,18 +52,12 @@ class Empty:
         return cls()
 
 
-class _Fixed:
+class _Fixed(FixedStruct):
     """Base for payloads with one fixed struct layout; fields in declaration order."""
 
-    FMT: ClassVar[struct.Struct]
-
-    def pack(self) -> bytes:
-        return self.FMT.pack(*self.__dict__.values())
-
     @classmethod
-    def unpack(cls, data: bytes):  # type: ignore[no-untyped-def]
-        _exact(cls, data, cls.FMT.size)
-        return cls(*cls.FMT.unpack(data))
+    def check_size(cls, data: bytes, size: int) -> None:
+        _exact(cls, data, size)
 
 
 @dataclass(frozen=True)
