@@ -268,6 +268,53 @@ def test_read_only(tmp_path: Path) -> None:
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
+# --------------------------------------------------------------------------- resize
+
+
+RESIZE_SCRIPT = """
+before=$(cat /sys/block/vda/size)
+echo "BEFORE $before"
+echo RESIZE-NOW
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 200 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+echo "AFTER $(cat /sys/block/vda/size)"
+dd if=/dev/vda bs=512 skip=$(( $(cat /sys/block/vda/size) - 8 )) count=8 iflag=direct \
+    2>/dev/null | sha256sum | sed 's/^/TAIL /'
+"""
+
+
+def resize_while_the_guest_runs(vm: GuestVM, img: Path, new_size: int) -> GuestResult:
+    """Boot, wait until the guest has read its size, grow the image, let it finish."""
+    vm.start()
+    vm.wait_for("RESIZE-NOW", 60)
+    with open(img, "r+b") as f:
+        f.truncate(new_size)
+        f.seek(new_size - 4096)
+        f.write(b"T" * 4096)  # the new end of the disk, for the guest to read
+    return vm.wait()
+
+
+def test_resize_reaches_the_guest(tmp_path: Path) -> None:
+    """The image grows on the host: the back-end sees it, sends CONFIG_CHANGE_MSG on the
+    back-end channel QEMU gave it (SET_BACKEND_REQ_FD), QEMU re-reads the config and the
+    guest kernel picks up the new capacity, and can read the new end of the disk."""
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * MiB)
+    with BlkDaemon(tmp_path, img) as daemon, guest(RESIZE_SCRIPT, daemon) as vm:
+        with watchdog(daemon, vm):
+            result = resize_while_the_guest_runs(vm, img, 24 * MiB)
+        check_guest(result, daemon)
+        assert daemon.stop() == 0, daemon.describe()
+    check_log(daemon)
+    assert tagged(result.lines, "BEFORE") == str(16 * MiB // 512)
+    assert tagged(result.lines, "AFTER") == str(24 * MiB // 512)
+    assert tagged(result.lines, "TAIL") == sha(b"T" * 4096)
+    assert "CONFIG_CHANGE_MSG to the front-end" in daemon.log
+
+
 # --------------------------------------------------------------------------- multiqueue
 
 

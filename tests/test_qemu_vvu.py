@@ -209,3 +209,43 @@ def test_consumer_and_appliance_restarts(tmp_path: Path) -> None:
         codes = [p.wait(15) for p in procs]
     assert codes[0] == 0 and all(c == 0 for c in codes)
     assert img.read_bytes()[:3] == b"one" and img.read_bytes()[512:515] == b"two"
+
+
+def test_resize_crosses_the_device(tmp_path: Path) -> None:
+    """A back-end request through the device with a real consumer: the appliance's
+    vhost-user-blk sees its image grow and sends CONFIG_CHANGE_MSG on txq; the device
+    relays it to QEMU's back-end channel; QEMU re-reads the config (GET_CONFIG through the
+    device) and the consumer guest sees the new size."""
+    from test_qemu_blk import RESIZE_SCRIPT, resize_while_the_guest_runs, sha, tagged
+
+    img, vfu, vhost = tmp_path / "disk.img", tmp_path / "vfu.sock", tmp_path / "vhost.sock"
+    with open(img, "wb") as f:
+        f.truncate(16 * MB)
+    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
+                 str(vhost), "-vv"], tmp_path / "device.log")
+    blk = None
+    try:
+        deadline = time.monotonic() + 20
+        while not vhost.exists():
+            assert dev.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        blk = start(["vhostuser.cli.blk", "--vvu", str(vfu), "--blk-file", str(img), "-v"],
+                    tmp_path / "blk.log")
+        wait_for(tmp_path / "device.log", "driver set BACKEND_UP", dev)
+        qemu = ["-chardev", f"socket,id=c0,path={vhost}",
+                "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+        with GuestVM(RESIZE_SCRIPT, modules=["virtio_pci", "virtio_blk"], qemu_args=qemu,
+                     timeout=120) as vm:
+            result = resize_while_the_guest_runs(vm, img, 24 * MB)
+        assert result.status == 0, result.console[-3000:]
+        assert tagged(result.lines, "BEFORE") == str(16 * MB // 512)
+        assert tagged(result.lines, "AFTER") == str(24 * MB // 512)
+        assert tagged(result.lines, "TAIL") == sha(b"T" * 4096)
+    finally:
+        for proc in (blk, dev):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = [p.wait(15) for p in (blk, dev) if p is not None]
+    assert codes == [0] * len(codes)
+    log = (tmp_path / "device.log").read_text()
+    assert "driver -> consumer: CONFIG_CHANGE_MSG" in log and "Traceback" not in log

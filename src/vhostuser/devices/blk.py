@@ -73,7 +73,7 @@ class BlkOptions:
 
 class BlkDevice(Device):
     name = "vhost-user-blk"
-    protocol_features = int(ProtocolFeature.CONFIG)
+    protocol_features = int(ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ)
 
     def __init__(self, opts: BlkOptions) -> None:
         if opts.num_queues < 1 or opts.num_queues > 256:
@@ -83,12 +83,13 @@ class BlkDevice(Device):
         self.opts = opts
         self.num_queues = opts.num_queues
         self.fd = os.open(opts.path, os.O_RDONLY if opts.read_only else os.O_RDWR)
-        size = os.fstat(self.fd).st_size
-        self.capacity = size // SECTOR  # in 512-byte sectors whatever blk_size is
         self.serial = (opts.serial if opts.serial is not None
                        else os.path.basename(opts.path)).encode()[:ID_BYTES]
-        # Written by SET_CONFIG in the engine's process, read by every queue worker.
+        # Written in the engine's process (SET_CONFIG, a resize), read by every queue
+        # worker: [0] writeback, [1] capacity in 512-byte sectors whatever blk_size is.
         self._shared = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
+        self.shared = memoryview(self._shared).cast("Q")
+        self.capacity = os.fstat(self.fd).st_size // SECTOR
         self.writeback = True
         self.negotiated = 0
 
@@ -108,11 +109,29 @@ class BlkDevice(Device):
 
     @property
     def writeback(self) -> bool:
-        return bool(self._shared[0])
+        return bool(self.shared[0])
 
     @writeback.setter
     def writeback(self, on: bool) -> None:
-        self._shared[0] = int(on)
+        self.shared[0] = int(on)
+
+    @property
+    def capacity(self) -> int:
+        return self.shared[1]
+
+    @capacity.setter
+    def capacity(self, sectors: int) -> None:
+        self.shared[1] = sectors
+
+    def config_changed(self) -> bool:
+        """The image file was resized (e.g. `truncate -s`): the new capacity holds for
+        every queue at once, and the engine tells the front-end."""
+        sectors = os.fstat(self.fd).st_size // SECTOR
+        if sectors == self.capacity:
+            return False
+        log.info("image resized: %d -> %d sectors", self.capacity, sectors)
+        self.capacity = sectors
+        return True
 
     def get_config(self) -> bytes:
         o = self.opts
@@ -146,6 +165,7 @@ class BlkDevice(Device):
 
     def close(self) -> None:
         os.close(self.fd)
+        self.shared.release()
         self._shared.close()
 
 
@@ -155,8 +175,12 @@ class BlkQueue:
     def __init__(self, dev: BlkDevice) -> None:
         self.dev = dev
         self.fd = dev.fd
-        self.capacity = dev.capacity
+        self.shared = dev.shared
         self.read_only = dev.opts.read_only
+
+    @property
+    def capacity(self) -> int:
+        return self.shared[1]  # follows a resize
 
     def handle(self, chains: list[Chain]) -> list[int]:
         out = []

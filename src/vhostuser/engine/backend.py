@@ -25,10 +25,12 @@ from ..protocol import (
     expects_reply,
     has_own_reply,
     reply_to,
+    request,
 )
 from ..protocol import payloads as p
 from ..protocol.constants import (
     VRING_F_LOG,
+    BackendReq,
     FrontendReq,
     ProtocolFeature,
     VirtioFeature,
@@ -63,6 +65,7 @@ _GATES = {
     FrontendReq.GET_STATUS: ProtocolFeature.STATUS,
     FrontendReq.NET_SET_MTU: ProtocolFeature.MTU,
     FrontendReq.SEND_RARP: ProtocolFeature.RARP,
+    FrontendReq.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
 }
 
 
@@ -81,7 +84,17 @@ class Resources(Protocol):
 
     def notifier(self, res: Resource) -> Notifier: ...
 
+    def backend_channel(self, res: Resource) -> BackendChannel:
+        """The front-end's channel for back-end requests (SET_BACKEND_REQ_FD)."""
+        ...
+
     def close(self, res: Resource) -> None: ...
+
+
+class BackendChannel(Protocol):
+    def send(self, msg: Message) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -113,6 +126,7 @@ class Backend:
         self.protocol_features = 0
         self.status = 0
         self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.backend_req: BackendChannel | None = None
         H = FrontendReq
         self._handlers: dict[int, Callable[[Any, list[Resource]], Any]] = {
             H.GET_FEATURES: self._get_features,
@@ -141,6 +155,7 @@ class Backend:
             H.GET_STATUS: lambda _p, _f: p.U64(self.status),
             H.NET_SET_MTU: self._net_set_mtu,
             H.SEND_RARP: self._send_rarp,
+            H.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
 
     # -- dispatch --------------------------------------------------------------------------
@@ -205,6 +220,24 @@ class Backend:
         return handler(msg.payload, fds)
 
     # -- features and ownership ------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Called about once a second while the front-end is quiet: a device whose config
+        changed (a resized disk) tells the front-end with CONFIG_CHANGE_MSG, which has it
+        read the config again (no ack asked: the front-end answers with GET_CONFIG on this
+        connection, which must stay free to serve it)."""
+        if not self.device.config_changed() or self.backend_req is None:
+            return
+        log.info("config changed: CONFIG_CHANGE_MSG to the front-end")
+        try:
+            self.backend_req.send(request(BackendReq.CONFIG_CHANGE_MSG))
+        except OSError as e:
+            log.error("cannot send a back-end request: %s", e)
+
+    def _set_backend_req_fd(self, _pl: p.Empty, fds: list[Resource]) -> None:
+        if self.backend_req is not None:
+            self.backend_req.close()
+        self.backend_req = self.res.backend_channel(fds.pop())
 
     def _get_features(self, _pl: p.Empty, _fds: list[Resource]) -> p.U64:
         return p.U64(self.offered_features())
@@ -465,6 +498,9 @@ class Backend:
         self._reset_rings()
         self.mem.clear()
         self._region_refs.clear()
+        if self.backend_req is not None:
+            self.backend_req.close()
+            self.backend_req = None
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self.device.reset()

@@ -52,6 +52,11 @@ class Device(ABC):
         """SEND_RARP: announce `mac` (offered with the RARP protocol feature)."""
         raise ConfigError("this device does not send RARP announcements")
 
+    def config_changed(self) -> bool:
+        """Whether the config space changed on the device's own account since last asked
+        (e.g. a resized disk); polled about once a second while the front-end is quiet."""
+        return False
+
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from ..protocol import Header, Message, ProtocolError
@@ -12,11 +13,16 @@ from .worker import DEFAULT_SPIN_US
 
 log = logging.getLogger(__name__)
 
+TICK = 1.0  # seconds between the engine's looks at the device while the front-end is quiet
+
 
 class Channel(Protocol):
     """A transport's message stream (AF_UNIX socket, or virtio-vhost-user queues)."""
 
-    def recv_raw(self) -> tuple[Header, bytes, list[Resource]]: ...
+    def recv_raw(self, idle: tuple[float, Callable[[], None]] | None = None
+                 ) -> tuple[Header, bytes, list[Resource]]:
+        """The next message; while none comes, call idle[1] every idle[0] seconds."""
+        ...
 
     def send(self, msg: Message) -> None: ...
 
@@ -31,7 +37,7 @@ def serve_connection(channel: Channel, resources: Resources, device: Device,
     backend = Backend(device, resources, poll_us)
     try:
         while True:
-            header, body, fds = channel.recv_raw()
+            header, body, fds = channel.recv_raw(idle=(TICK, backend.tick))
             reply = backend.receive(header, body, fds)
             if reply is not None:
                 channel.send(reply)

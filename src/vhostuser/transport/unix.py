@@ -9,18 +9,21 @@ from __future__ import annotations
 import array
 import logging
 import os
+import select
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..engine.notify import EventfdNotifier, Notifier
-from ..memory import mmap_region
+from ..memory import MemoryTableError, mmap_region
 from ..protocol import HEADER_SIZE, MAX_FDS, Header, Message, ProtocolError, decode_header, encode
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
 
 log = logging.getLogger(__name__)
+
+Idle = tuple[float, Callable[[], None]]  # (seconds, what to call when that long idle)
 
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
@@ -76,10 +79,15 @@ class UnixChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def recv_raw(self) -> tuple[Header, bytes, list[int]]:
+    def recv_raw(self, idle: Idle | None = None) -> tuple[Header, bytes, list[int]]:
         """One message as (validated header, body, fds). Raises PeerClosed at EOF and
-        ProtocolError on a bad header (its fds are closed)."""
-        if self.stop is not None:
+        ProtocolError on a bad header (its fds are closed). `idle` = (seconds, fn): call
+        fn every that many seconds while no message comes."""
+        if idle is not None:
+            interval, fn = idle
+            while not self._readable(interval):
+                fn()
+        elif self.stop is not None:
             self.stop.wait(self.sock.fileno())
         data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE, _FD_SPACE)
         fds = _take_fds(anc, flags)
@@ -101,6 +109,11 @@ class UnixChannel:
 
     def _recv_exact(self, n: int) -> bytes:
         return recv_exact(self.sock, n)
+
+    def _readable(self, timeout: float) -> bool:
+        if self.stop is not None:
+            return self.stop.wait(self.sock.fileno(), timeout)
+        return bool(select.select([self.sock], [], [], timeout)[0])
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         send_with_fds(self.sock, encode(msg), fds)
@@ -124,6 +137,13 @@ class UnixResources:
 
     def notifier(self, res: int) -> Notifier:
         return EventfdNotifier(res)
+
+    def backend_channel(self, res: int) -> UnixChannel:
+        try:
+            return UnixChannel(socket.socket(fileno=res))
+        except OSError as e:
+            os.close(res)
+            raise MemoryTableError(f"the back-end channel is not a socket: {e}") from e
 
     def close(self, res: int) -> None:
         try:

@@ -48,7 +48,7 @@ from ..protocol import (
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
 from ..vfio_user.client import VfioUserClient
-from .unix import PeerClosed
+from .unix import Idle, PeerClosed
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,10 @@ class VvuLink:
 
     # -- messages --------------------------------------------------------------------------
 
-    def recv(self, stop: StopSignal | None) -> bytes:
-        """The next message from rxq; PeerClosed when the consumer's session ends."""
+    def recv(self, stop: StopSignal | None, idle: Idle | None = None) -> bytes:
+        """The next message from rxq; PeerClosed when the consumer's session ends.
+        `idle` = (seconds, fn): call fn every that many seconds while nothing comes."""
+        last = time.monotonic()
         while True:
             if self.pending:
                 return self.pending.pop(0)
@@ -195,7 +197,10 @@ class VvuLink:
                 continue
             if self.status() != S_BACKEND_UP | S_FRONTEND_UP:  # the session is over
                 raise PeerClosed()
-            self._wait([V_RXQ, V_CONFIG], stop, None)
+            if idle is not None and time.monotonic() - last >= idle[0]:
+                idle[1]()
+                last = time.monotonic()
+            self._wait([V_RXQ, V_CONFIG], stop, idle[0] if idle is not None else None)
 
     def _take_rx(self) -> bool:
         """Move completed rxq buffers into `pending` and post them again."""
@@ -289,8 +294,8 @@ class VvuChannel:
         self.link = link
         self.stop = stop
 
-    def recv_raw(self) -> tuple[Header, bytes, list[Token]]:
-        return split_message(self.link.recv(self.stop))
+    def recv_raw(self, idle: Idle | None = None) -> tuple[Header, bytes, list[Token]]:
+        return split_message(self.link.recv(self.stop, idle))
 
     def send(self, msg: Message) -> None:
         log.debug("txq: reply to %d", msg.request)
@@ -352,5 +357,23 @@ class VvuResources:
         n = self.link.max_queues
         return self.link.doorbell(4 * (res.vring if res.kind == "call" else n + res.vring))
 
+    def backend_channel(self, res: Token) -> VvuBackendChannel:
+        return VvuBackendChannel(self.link)
+
     def close(self, res: Token) -> None:
+        pass
+
+
+class VvuBackendChannel:
+    """Back-end requests go on txq like replies, without the REPLY flag; the device relays
+    them to the consumer's back-end channel (docs/vvu-design.md)."""
+
+    def __init__(self, link: VvuLink) -> None:
+        self.link = link
+
+    def send(self, msg: Message) -> None:
+        log.debug("txq: back-end request %d", msg.request)
+        self.link.send(encode(msg))
+
+    def close(self) -> None:
         pass
