@@ -113,6 +113,21 @@ def test_config_space(blk_daemon: Callable[..., Daemon]) -> None:
             fe.get_config(16, offset=96)
 
 
+def test_resize_without_a_backend_channel(blk_daemon: Callable[..., Daemon],
+                                         image: Path) -> None:
+    """A front-end that gave no back-end channel still reads the new size from the config
+    (GET_CONFIG looks at the file), and I/O beyond the old end works at once."""
+    fe, (blk,) = blk_session(blk_daemon().sock)
+    with fe:
+        assert struct.unpack_from("<Q", fe.get_config(8))[0] == 16 * 2048
+        with open(image, "r+b") as f:
+            f.truncate(20 << 20)
+            f.seek(18 << 20)
+            f.write(b"NEW!" * 128)
+        assert struct.unpack_from("<Q", fe.get_config(8))[0] == 20 * 2048
+        assert blk.read(18 * 2048, 512) == (0, b"NEW!" * 128)  # status OK
+
+
 def test_writethrough_still_correct(blk_daemon: Callable[..., Daemon], image: Path) -> None:
     fe, (blk,) = blk_session(blk_daemon().sock)
     with fe:

@@ -325,15 +325,20 @@ def test_backend_requests_cross_over_txq(setup: tuple[Relay, Driver, UnixChannel
     assert relay.connected
 
 
-@pytest.mark.parametrize("case", ["needs an fd", "masked feature", "no channel", "two acks"])
+@pytest.mark.parametrize("case", ["needs an fd", "masked feature", "no channel", "two acks",
+                                  "ack without REPLY_ACK"])
 def test_bad_backend_requests_end_the_session(setup: tuple[Relay, Driver, UnixChannel],
                                               case: str) -> None:
     from vhostuser.protocol import BackendReq
 
     relay, drv, fe = setup
-    if case != "no channel":
+    if case == "ack without REPLY_ACK":
+        be = backend_channel(fe, relay, drv, PF.BACKEND_REQ)
+    elif case != "no channel":
         be = backend_channel(fe, relay, drv)
-    if case == "needs an fd":
+    if case == "ack without REPLY_ACK":
+        bad = request(BackendReq.CONFIG_CHANGE_MSG, need_reply=True)
+    elif case == "needs an fd":
         bad = request(BackendReq.VRING_HOST_NOTIFIER_MSG, p.VringArea(0, 0x1000, 0))
     elif case == "masked feature":
         bad = request(BackendReq.IOTLB_MSG, p.IotlbMsg(0, 0x1000, 0, 3, 2))

@@ -6,9 +6,10 @@ and BAR accesses, BAR mappings, DMA memory — with these differences:
 
 - BARs are the ``resourceN`` files, mmap-ed; every register access is one aligned load or
   store of its size (a guest MMIO access that QEMU forwards to the device as is);
-- DMA memory is one huge page (physically contiguous, never swapped or moved), and its
-  bus address is read from /proc/self/pagemap (no IOMMU in the appliance VM: bus address =
-  guest-physical address);
+- DMA memory is one huge page (physically contiguous and never swapped; the kernel moves
+  a huge page only on memory offlining or an explicit move_pages, which an appliance VM
+  does not do), and its bus address is read once from /proc/self/pagemap (no IOMMU in the
+  appliance VM: bus address = guest-physical address);
 - there are no interrupts (that would take VFIO or UIO): the driver polls, which is the
   exitless mode the appliance wants anyway. Doorbells are plain MMIO writes.
 """
@@ -33,6 +34,7 @@ BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 MAP_HUGETLB = 0x40000  # not exported by Python's mmap module
 HUGE_PAGE = 2 << 20
 _FMT = {1: "B", 2: "H", 4: "I"}
+PCI_COMMAND, CMD_MEMORY, CMD_BUS_MASTER = 0x04, 0x2, 0x4
 
 
 class SysfsPciError(OSError):
@@ -51,6 +53,12 @@ class SysfsPciFunction:
             raise SysfsPciError(f"no PCI device {bdf} ({self.path} does not exist)")
         self._unbind()
         (self.path / "enable").write_text("1")  # memory decoding on
+        with open(self.path / "config", "r+b", buffering=0) as f:  # and bus mastering
+            f.seek(PCI_COMMAND)
+            command = int.from_bytes(f.read(2), "little")
+            if not command & CMD_BUS_MASTER:
+                f.seek(PCI_COMMAND)
+                f.write((command | CMD_MEMORY | CMD_BUS_MASTER).to_bytes(2, "little"))
         self.bars: dict[int, mmap.mmap] = {}
         self.views: dict[int, memoryview] = {}  # BAR -> bytes
         self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size
@@ -105,11 +113,15 @@ class SysfsPciFunction:
             self._bar(region)[offset : offset + len(data)] = data
 
     def read_u(self, region: int, offset: int, size: int) -> int:
+        if offset % size:
+            raise ValueError(f"unaligned {size}-byte register access at {offset:#x}")
         if size == 8:
             return self.read_u(region, offset, 4) | self.read_u(region, offset + 4, 4) << 32
         return self._typed(region, size)[offset // size]
 
     def write_u(self, region: int, offset: int, size: int, value: int) -> None:
+        if offset % size:
+            raise ValueError(f"unaligned {size}-byte register access at {offset:#x}")
         if size == 8:
             self.write_u(region, offset, 4, value & 0xFFFFFFFF)
             self.write_u(region, offset + 4, 4, value >> 32)
@@ -171,12 +183,11 @@ def physical_address(mapping: mmap.mmap) -> int:
 
 
 class HugePageRam(GuestRam):
-    """`GuestRam` over one huge page: the driver's rings and buffers, at their physical
-    address. Needs a free huge page (``echo 1 > /proc/sys/vm/nr_hugepages``)."""
+    """`GuestRam` over one 2 MiB huge page (all that is sure to be physically
+    contiguous): the driver's rings and buffers, at their physical address. Needs a free
+    huge page (``echo 1 > /proc/sys/vm/nr_hugepages``)."""
 
-    def __init__(self, size: int = HUGE_PAGE) -> None:
-        if size > HUGE_PAGE:
-            raise ValueError("one huge page is all that is physically contiguous")
+    def __init__(self) -> None:
         try:
             m = mmap.mmap(-1, HUGE_PAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB
                           | mmap.MAP_POPULATE)

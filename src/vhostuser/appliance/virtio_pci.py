@@ -69,6 +69,7 @@ class VirtioPciDriver:
         self.notify_mult = struct.unpack_from("<I", self.caps[NOTIFY].raw, 16)[0]
         self.vectors: list[int] = []  # eventfd per MSI-X vector
         self.rings: dict[int, DriverRing] = {}
+        self.notify_at: dict[int, int] = {}  # queue -> its notify register's BAR offset
         self.features = 0
 
     @property
@@ -138,6 +139,8 @@ class VirtioPciDriver:
         if self._common(Q_MSIX, 2, vector) != vector or self._common(Q_MSIX, 2) != vector:
             raise DriverError(f"queue {index}: vector {vector} refused")
         self._common(Q_ENABLE, 2, 1)
+        n = self.caps[NOTIFY]
+        self.notify_at[index] = n.offset + self._common(Q_NOTIFY_OFF, 2) * self.notify_mult
         self.rings[index] = ring
         return ring
 
@@ -147,10 +150,9 @@ class VirtioPciDriver:
     # -- data path -------------------------------------------------------------------------
 
     def notify(self, index: int) -> None:
-        self._common(Q_SELECT, 2, index)
-        off = self._common(Q_NOTIFY_OFF, 2)
-        n = self.caps[NOTIFY]
-        self.dev.write_u(n.bar, n.offset + off * self.notify_mult, 2, index)
+        """One register write (the queue's notify address is learned at set-up: on a PCI
+        bus every access is a trap)."""
+        self.dev.write_u(self.caps[NOTIFY].bar, self.notify_at[index], 2, index)
 
     def kick(self, index: int) -> None:
         if self.rings[index].needs_kick():

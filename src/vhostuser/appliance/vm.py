@@ -68,6 +68,12 @@ def qemu_wrapper(directory: Path) -> str:
     return str(wrapper)
 
 
+def _with_vvu(arg: str) -> str:
+    """`arg` for the shell, double-quoted so that {vvu} becomes the device's $vvu."""
+    safe = "".join("\\" + c if c in '"$`\\' else c for c in arg)
+    return '"' + safe.replace("{vvu}", "$vvu") + '"'
+
+
 def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qemu: str,
                  *, after: str = "", mem_mb: int = 384, timeout: float = 300) -> GuestVM:
     """The appliance guest, not started. `backend`: a module and its arguments, where
@@ -75,8 +81,7 @@ def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qe
     appended (``["vhostuser.cli.blk", "--blk-file", "/mnt/disk.img"]``). `after`: shell
     run in the guest once the back-end has started (e.g. to configure its TAP device); the
     guest's script ends when the back-end does."""
-    args = [f'"{a.replace("{vvu}", "$vvu")}"' if "{vvu}" in a else shlex.quote(a)
-            for a in backend]
+    args = [_with_vvu(a) if "{vvu}" in a else shlex.quote(a) for a in backend]
     if not any("{vvu}" in a for a in backend):
         args += ["--vvu", '"$vvu"']
     script = (SCRIPT.replace("@READY@", READY).replace("@PYTHON@", shlex.quote(sys.executable))

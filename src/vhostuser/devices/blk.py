@@ -124,8 +124,9 @@ class BlkDevice(Device):
         self.shared[1] = sectors
 
     def config_changed(self) -> bool:
-        """The image file was resized (e.g. `truncate -s`): the new capacity holds for
-        every queue at once, and the engine tells the front-end."""
+        """Look at the image's size: if the file was resized (e.g. `truncate -s`), take
+        the new capacity (for every queue at once) and say so, for the engine to tell the
+        front-end. Also called by GET_CONFIG, so the config never reports a stale size."""
         sectors = os.fstat(self.fd).st_size // SECTOR
         if sectors == self.capacity:
             return False
@@ -134,6 +135,7 @@ class BlkDevice(Device):
         return True
 
     def get_config(self) -> bytes:
+        self.config_changed()  # a resize is reported however the front-end asks
         o = self.opts
         align = o.blk_size // SECTOR
         cfg = _CONFIG.pack(

@@ -226,12 +226,12 @@ class Backend:
         changed (a resized disk) tells the front-end with CONFIG_CHANGE_MSG, which has it
         read the config again (no ack asked: the front-end answers with GET_CONFIG on this
         connection, which must stay free to serve it)."""
-        if not self.device.config_changed() or self.backend_req is None:
-            return
+        if self.backend_req is None or not self.device.config_changed():
+            return  # without a channel the change waits for the front-end's GET_CONFIG
         log.info("config changed: CONFIG_CHANGE_MSG to the front-end")
         try:
             self.backend_req.send(request(BackendReq.CONFIG_CHANGE_MSG))
-        except OSError as e:
+        except (OSError, MemoryTableError) as e:  # MemoryTableError: txq full (vvu)
             log.error("cannot send a back-end request: %s", e)
 
     def _set_backend_req_fd(self, _pl: p.Empty, fds: list[Resource]) -> None:

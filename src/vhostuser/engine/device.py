@@ -54,7 +54,8 @@ class Device(ABC):
 
     def config_changed(self) -> bool:
         """Whether the config space changed on the device's own account since last asked
-        (e.g. a resized disk); polled about once a second while the front-end is quiet."""
+        (e.g. a resized disk: the device takes the change as it answers); polled about once
+        a second while the front-end is quiet and has given a back-end channel."""
         return False
 
     def reset(self) -> None:  # noqa: B027 - optional hook

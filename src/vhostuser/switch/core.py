@@ -59,44 +59,64 @@ class Switch:
     # -- forwarding ----------------------------------------------------------------------------
 
     def forward(self, ingress: Port, frames: list[bytes]) -> None:
-        """Learn the burst's source MACs at `ingress`, then send each frame where its
-        destination says. Per distinct MAC, not per frame: the MACs of the whole burst are
-        gathered into arrays and grouped (a burst rarely holds more than a few)."""
+        """Learn the burst's source MACs at `ingress` and send each frame where its
+        destination says, with the outcome of frame-by-frame processing, but per distinct
+        MAC: the burst's MACs are gathered into arrays and grouped (a burst rarely holds
+        more than a few). Frame by frame, a destination learned from an earlier frame of
+        the same burst is at the ingress port from then on: those later frames are
+        hairpins; earlier ones go where the table said before the burst."""
         if not frames:
             return
         now = time.monotonic()
-        expiry = now + self.aging
         macs = self.macs
         n = len(frames)
         head = np.frombuffer(b"".join([f[:12] for f in frames]), np.uint8).reshape(n, 12)
         keys = head.astype(np.uint64) @ _MAC_WEIGHTS  # (dst, src) as 48-bit integers
-        _, first = np.unique(keys[:, 1], return_index=True)
-        for i in first.tolist():  # learned before any lookup, as frame by frame would
-            src = frames[i][6:12]
-            if len(macs) < MAX_MACS or src in macs:
-                macs[src] = (ingress, expiry)
         dsts, where, inverse = np.unique(keys[:, 0], return_index=True, return_inverse=True)
         others = [p for p in self.ports if p is not ingress]
-        sends: dict[Port, list[int]] = {}  # port -> indices of the distinct destinations
-        for j, i in enumerate(where.tolist()):
+        plan: list[list[Port] | None] = []  # per distinct destination, None: to ingress
+        for i in where.tolist():  # the table as it was before this burst
             dst = frames[i][:6]
             entry = None if dst[0] & 1 else macs.get(dst)
             if entry is None or entry[1] < now:
-                targets = others
-            elif entry[0] is ingress:
-                ingress.counters.drops["to_ingress_port"] += int(np.count_nonzero(
-                    inverse == j))
-                continue
+                plan.append(others)
             else:
-                targets = [entry[0]]
-            for p in targets:
+                plan.append(None if entry[0] is ingress else [entry[0]])
+        srcs, first = np.unique(keys[:, 1], return_index=True)
+        expiry = now + self.aging
+        learned_at: dict[int, int] = {}  # source key -> index of its first frame
+        for key, i in zip(srcs.tolist(), first.tolist(), strict=True):
+            src = frames[i][6:12]
+            if len(macs) < MAX_MACS or src in macs:
+                macs[src] = (ingress, expiry)
+                if not src[0] & 1:
+                    learned_at[key] = i
+        hairpin = None  # frames dropped as hairpins (None: none)
+        for j, key in enumerate(dsts.tolist()):
+            if plan[j] is None:
+                cut = inverse == j
+            elif key in learned_at:  # learned here, mid-burst: hairpins from then on
+                cut = (inverse == j) & (np.arange(n) >= learned_at[key])
+            else:
+                continue
+            hairpin = cut if hairpin is None else hairpin | cut
+        drops = 0 if hairpin is None else int(np.count_nonzero(hairpin))
+        if drops:
+            ingress.counters.drops["to_ingress_port"] += drops
+        sends: dict[Port, list[int]] = {}
+        for j, ports in enumerate(plan):
+            for p in ports or ():
                 sends.setdefault(p, []).append(j)
         for p, js in sends.items():
-            if len(js) == len(dsts):  # every frame (the usual case): no selection
+            if len(js) == len(dsts) and not drops:  # every frame (the usual case)
                 p.deliver(frames)
                 continue
-            picked = np.flatnonzero(np.isin(inverse, js)).tolist()  # in burst order
-            p.deliver([frames[i] for i in picked])
+            chosen = np.isin(inverse, js)
+            if hairpin is not None:
+                chosen &= ~hairpin
+            picked = np.flatnonzero(chosen).tolist()  # in burst order
+            if picked:
+                p.deliver([frames[i] for i in picked])
 
     def age(self) -> None:
         now = time.monotonic()

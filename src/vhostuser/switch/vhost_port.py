@@ -376,8 +376,9 @@ class VhostPort(Port):
 
     def _fill_direct(self, iq: InlineQueue, frames: list[bytes], hdr: bytes, avail: int,
                      max_frame: int) -> bool:
-        """`_fill` when every frame fits the one-descriptor buffer it gets: all of them
-        written with array stores (burst.py). False, and nothing done, otherwise."""
+        """`_fill` when every frame fits the one-descriptor buffer it gets: buffers taken,
+        headers written and buffers returned with array operations (burst.py), one copy
+        per frame. False, and nothing done, otherwise."""
         q, c = iq.q, self.counters
         fit = [f for f in frames if len(f) <= max_frame]
         n = min(len(fit), avail)

@@ -59,7 +59,8 @@ V_CONFIG, V_RXQ, V_TXQ, V_FIRST_VRING = 0, 1, 2, 3
 FIRST_FILE_REGION, WINDOW_BASE_CAP = 9, 0x1AF4  # the device's window-file regions
 RX_BUFFERS, BUFFER_SIZE = 32, 8192  # a message is at most 12 + 4096 bytes
 RAM_SIZE = 2 << 20  # the driver's rings and buffers
-POLL_INTERVAL = 0.0005  # seconds between looks at rxq and status with no interrupts
+POLL_INTERVAL = 0.0005  # seconds between looks at rxq with no interrupts
+STATUS_POLL = 0.05  # seconds between reads of the status register with no interrupts
 PCI_PREFIX = "pci:"
 FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_IDX
 
@@ -79,22 +80,22 @@ class VvuLink:
         self.client: VfioUserClient | SysfsPciFunction
         if device.startswith(PCI_PREFIX):
             self.client = SysfsPciFunction(device[len(PCI_PREFIX):])
-            self.ram: GuestRam = HugePageRam(RAM_SIZE)
+            self.ram: GuestRam = HugePageRam()
         else:
             self.client = VfioUserClient(device)
             self.ram = GuestRam(RAM_SIZE, guest_addr=0x1_0000_0000)
         self.interrupts = isinstance(self.client, VfioUserClient)
+        self._status, self._status_until = 0, 0.0
         self.pci = pci = VirtioPciDriver(self.client, self.ram)
         for need in (CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY):
             if need not in pci.caps:
                 raise MemoryTableError(f"not a virtio-vhost-user device: no cfg_type {need}")
         self.max_queues = struct.unpack("<I", pci.config_read(4, 4))[0]
-        irq = (lambda v: v) if self.interrupts else (lambda v: NO_VECTOR)
         if self.interrupts:
             pci.setup_vectors(V_FIRST_VRING + self.max_queues)
-        pci.init(FEATURES, irq(V_CONFIG))
-        self.rxq = pci.setup_queue(0, 64, irq(V_RXQ))
-        self.txq = pci.setup_queue(1, 64, irq(V_TXQ))
+        pci.init(FEATURES, self._vector(V_CONFIG))
+        self.rxq = pci.setup_queue(0, 64, self._vector(V_RXQ))
+        self.txq = pci.setup_queue(1, 64, self._vector(V_TXQ))
         self.rx_bufs: dict[int, int] = {}
         for _ in range(RX_BUFFERS):
             gpa = self.ram.alloc(BUFFER_SIZE)
@@ -105,13 +106,23 @@ class VvuLink:
         pci.driver_ok()
         pci.kick(0)
 
+    def _vector(self, v: int) -> int:
+        return v if self.interrupts else NO_VECTOR
+
     # -- status ----------------------------------------------------------------------------
 
-    def status(self) -> int:
-        return struct.unpack("<I", self.pci.config_read(0, 4))[0]
+    def status(self, fresh: bool = False) -> int:
+        """The device's status register. Without interrupts nothing says when it changes,
+        and on a PCI bus each read is a trapped access that the hypervisor turns into a
+        message to the device: polled, it is read at most every STATUS_POLL seconds."""
+        if self.interrupts or fresh or time.monotonic() >= self._status_until:
+            self._status = struct.unpack("<I", self.pci.config_read(0, 4))[0]
+            self._status_until = time.monotonic() + STATUS_POLL
+        return self._status
 
     def set_backend_up(self, up: bool) -> None:
         self.pci.config_write(0, struct.pack("<I", S_BACKEND_UP if up else 0))
+        self._status_until = 0.0  # read it again next time
 
     def frontend_up(self) -> bool:
         return bool(self.status() & S_FRONTEND_UP)
@@ -119,7 +130,7 @@ class VvuLink:
     def begin_session(self) -> None:
         """Get ready for the next consumer: end any session the device still holds, drop
         what is left of it, set BACKEND_UP (the device clears it when a session ends)."""
-        if self.status() & S_BACKEND_UP:  # the engine gave up on a session the device kept
+        if self.status(fresh=True) & S_BACKEND_UP:  # the engine gave up on a session
             self.set_backend_up(False)
         # BACKEND_UP is clear, so nothing new can arrive: what is in rxq is stale
         self._take_rx()
@@ -234,9 +245,9 @@ class VvuLink:
         start, end = desc.mmap_offset, desc.mmap_offset + desc.size
         if isinstance(self.client, SysfsPciFunction):  # the BAR is the window
             cap = self.pci.caps[CFG_SHARED_MEMORY]
-            if end > cap.length:
-                raise MemoryTableError(f"region {desc} lies outside the window")
             bar = self.client.map_bar(cap.bar)
+            if end > min(cap.length, len(bar) - cap.offset):
+                raise MemoryTableError(f"region {desc} lies outside the window")
             return memoryview(bar)[cap.offset + start : cap.offset + end]
         for index in range(FIRST_FILE_REGION, FIRST_FILE_REGION + 64):
             region = self.client.region(index)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
-from .burst import BurstArrays
-from .burst import arrays as burst_arrays
+
+if TYPE_CHECKING:
+    from .burst import BurstArrays
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -109,7 +111,9 @@ class SplitQueue:
 
     def burst_arrays(self) -> BurstArrays:
         if self._burst is None:
-            self._burst = burst_arrays(self)
+            from .burst import arrays  # numpy only where bursts are used (the switch)
+
+            self._burst = arrays(self)
         return self._burst
 
     # -- available side -----------------------------------------------------------------

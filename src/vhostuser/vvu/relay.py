@@ -40,7 +40,6 @@ from ..transport.unix import PeerClosed, UnixChannel
 log = logging.getLogger(__name__)
 
 F = FrontendReq
-B = BackendReq
 PF = ProtocolFeature
 
 # Protocol features that need no fd to cross the device, in either direction.
@@ -53,7 +52,7 @@ ALLOWED_PROTOCOL_FEATURES = int(PF.MQ | PF.RARP | PF.REPLY_ACK | PF.MTU | PF.BAC
 # Back-end requests the driver may send on txq: those with no fd whose protocol feature can
 # be negotiated through the device (VRING_HOST_NOTIFIER_MSG and SHMEM_MAP need fds; IOTLB,
 # in-band notifications and shared objects need features that are masked).
-BACKEND_ALLOWED = frozenset({B.CONFIG_CHANGE_MSG})
+BACKEND_ALLOWED = frozenset({BackendReq.CONFIG_CHANGE_MSG})
 
 # Requests that would need fds to travel further than the device (or back).
 FORBIDDEN = frozenset({
@@ -410,7 +409,10 @@ class Relay:
                                 "channel (SET_BACKEND_REQ_FD)")
         if self.backend_awaiting is not None:
             raise ProtocolError("a back-end request while the last one awaits its ack")
-        if header.need_reply and self.protocol_features & PF.REPLY_ACK:
+        if header.need_reply:
+            if not self.protocol_features & PF.REPLY_ACK:
+                raise ProtocolError("a back-end request with NEED_REPLY, but REPLY_ACK was "
+                                    "not negotiated")
             self.backend_awaiting = msg.request
         log.debug("driver -> consumer: %s", Channel.BACKEND.name_of(msg.request))
         try:
