@@ -307,9 +307,9 @@ def test_kick_suppression(ram: GuestRam, mem: GuestMemory) -> None:
 def test_direct_burst_matches_the_chain_walk_and_refuses_anything_odd(
         ram: GuestRam, mem: GuestMemory) -> None:
     """burst.pop_direct takes a burst of one-descriptor readable chains with array
-    operations; every chain it would get wrong (NEXT/WRITE/INDIRECT, head out of range, a
-    buffer leaving guest memory, an address that wraps 2^64) makes it pop nothing, so the
-    chain walk reports the error."""
+    operations; it stops before the first chain it would get wrong (NEXT/WRITE/INDIRECT,
+    head out of range, a buffer leaving guest memory, an address that wraps 2^64, another
+    region) and pops nothing when that is the first, so the chain walk reports it."""
     from vhostuser.virtq.burst import pop_direct, push_heads
 
     drv, q = make(ram, mem)
@@ -335,13 +335,15 @@ def test_direct_burst_matches_the_chain_walk_and_refuses_anything_odd(
         drv2, q2 = make(ram, mem)
         drv2.add([(bufs[2], 4, False)])
         drv2.add(chain)
-        assert pop_direct(q2, 2) is None, what
-        assert q2.last_avail == 0, what
+        drv2.add([(bufs[3], 4, False)])
+        b2 = pop_direct(q2, 3)  # the run before the odd chain only
+        assert b2 is not None and len(b2.heads) == 1 and q2.last_avail == 1, what
+        assert pop_direct(q2, 2) is None and q2.last_avail == 1, what  # odd chain first
         chains, error = q2.pop_batch(2)
         if what in ("a chain of two", "writable"):
             assert error is None and len(chains) == 2, what  # legal, just not this path
         else:
-            assert isinstance(error, RingError) and len(chains) == 1, what
+            assert isinstance(error, RingError) and not chains, what
     drv3, q3 = make(ram, mem)
     drv3.publish(SIZE + 3)  # a head beyond the queue size
     assert pop_direct(q3, 1) is None
@@ -380,3 +382,28 @@ def test_scatter_frames_into_a_writable_burst(ram: GuestRam, mem: GuestMemory) -
     push_heads(q, b.heads, written)
     q.publish()
     assert drv.take_used() == list(zip(heads, (24, 24, 31), strict=True))
+
+
+def test_direct_bursts_split_at_region_boundaries(ram: GuestRam, mem: GuestMemory) -> None:
+    """Buffers in two memory regions (guest RAM below and above 4 GiB): each run of
+    chains in one region is one burst, with offsets into that region."""
+    from vhostuser.virtq.burst import pop_direct
+
+    high = GuestRam(1 << 20, guest_addr=0x1_0000_0000, user_addr=0x7E00_0000_0000)
+    mem.add(high.region(), mmap_region(high.region(), high.fd))
+    drv, q = make(ram, mem)
+    where = [ram, ram, high, high, ram]
+    for i, r in enumerate(where):
+        g = r.alloc(8)
+        r.at(g, 8)[:] = bytes([i]) * 8
+        drv.add([(g, 8, False)])
+    runs = []
+    while q.available():
+        b = pop_direct(q, q.available())
+        assert b is not None
+        runs.append([bytes(b.view[o : o + 8]) for o in b.offsets.tolist()])
+    assert runs == [[bytes([0]) * 8, bytes([1]) * 8], [bytes([2]) * 8, bytes([3]) * 8],
+                    [bytes([4]) * 8]]
+    q.release()
+    mem.clear()
+    high.close()

@@ -36,7 +36,8 @@ class BurstArrays:
 
 @dataclass
 class DirectBurst:
-    """A burst of single-descriptor chains, all in the region `view`/`u8`."""
+    """A burst of single-descriptor chains, all in the region `view`/`u8` (maybe fewer
+    than asked for: see `pop_direct`)."""
 
     heads: np.ndarray  # u16
     offsets: np.ndarray  # i64: each buffer's offset in the region
@@ -56,9 +57,10 @@ def arrays(q: SplitQueue) -> BurstArrays:
 
 
 def pop_direct(q: SplitQueue, n: int, flags: int = 0) -> DirectBurst | None:
-    """Pop `n` available chains if every one is a single direct descriptor with exactly
-    `flags` (0: readable; DESC_F_WRITE: writable) in the same region; otherwise pop
-    nothing and return None."""
+    """Pop the longest run, from the front of the next `n` available chains, of single
+    direct descriptors with exactly `flags` (0: readable; DESC_F_WRITE: writable) inside
+    the memory region of the first one. None (nothing popped) if the first chain is not
+    such: the chain walk then takes it, and reports it if it is broken."""
     a = q.burst_arrays()
     size = q.size
     start = q.last_avail % size
@@ -66,21 +68,45 @@ def pop_direct(q: SplitQueue, n: int, flags: int = 0) -> DirectBurst | None:
         heads = a.avail[start : start + n].copy()  # a snapshot: the driver may write on
     else:
         heads = np.concatenate((a.avail[start:], a.avail[: start + n - size]))
-    if int(heads.max()) >= size:
+    if int(heads.max()) < size:  # the usual case first: the whole burst qualifies
+        d = a.desc[heads]  # gathered copies: checked and used values agree
+        if not (d["flags"] != flags).any():
+            addr, lengths = d["addr"], d["len"].astype(np.uint64)
+            lo_addr, hi_addr = int(addr.min()), int(addr.max())
+            for lo, hi, u8, view in a.regions:
+                if lo <= lo_addr and hi_addr <= hi:  # addr <= hi: hi - addr cannot wrap
+                    if (lengths > np.uint64(hi) - addr).any():
+                        break
+                    return _take(q, n, heads, addr - np.uint64(lo), lengths, u8, view)
+    return _pop_run(q, a, heads, flags)
+
+
+def _pop_run(q: SplitQueue, a: BurstArrays, heads: np.ndarray,
+             flags: int) -> DirectBurst | None:
+    """`pop_direct` when not every chain qualifies: the leading run that does."""
+    ok = heads < q.size
+    d = a.desc[np.where(ok, heads, 0)]
+    ok &= d["flags"] == flags
+    if not ok[0]:
         return None
-    d = a.desc[heads]  # gathered copies: checked and used values are the same
-    if (d["flags"] != flags).any():
-        return None
-    addr = d["addr"]
-    lengths = d["len"].astype(np.int64)
-    lo_addr, hi_addr = int(addr.min()), int(addr.max())
+    addr, lengths = d["addr"], d["len"].astype(np.uint64)
+    first = int(addr[0])
     for lo, hi, u8, view in a.regions:
-        if lo <= lo_addr and hi_addr <= hi:
-            if (lengths > (hi - addr).astype(np.int64)).any():  # addr <= hi: no wrap
+        if lo <= first <= hi:
+            top = np.uint64(hi)
+            # addr <= hi first, so that hi - addr cannot wrap (nor addr + len pass 2^64)
+            ok &= (addr >= np.uint64(lo)) & (addr <= top) & (lengths <= top - addr)
+            k = len(ok) if ok.all() else int(np.argmin(ok))
+            if not k:
                 return None
-            q.last_avail = (q.last_avail + n) & 0xFFFF
-            return DirectBurst(heads, (addr - lo).astype(np.int64), lengths, u8, view)
+            return _take(q, k, heads[:k], addr[:k] - np.uint64(lo), lengths[:k], u8, view)
     return None
+
+
+def _take(q: SplitQueue, k: int, heads: np.ndarray, offsets: np.ndarray,
+          lengths: np.ndarray, u8: np.ndarray, view: memoryview) -> DirectBurst:
+    q.last_avail = (q.last_avail + k) & 0xFFFF
+    return DirectBurst(heads, offsets.astype(np.int64), lengths.astype(np.int64), u8, view)
 
 
 def scatter_frames(b: DirectBurst, header: bytes, frames: list[bytes]) -> np.ndarray | None:
