@@ -1,7 +1,7 @@
 """The switch: MAC learning with aging, flooding, and the one loop that runs everything
 (vhost-user control messages, every port's queues, the TAP uplink, the control socket).
 
-Forwarding rules: the source MAC of every frame is learned at its ingress port; a unicast
+Forwarding rules: every unicast source MAC is learned at its ingress port; a unicast
 destination that is known goes to its port (never back out of the ingress port); broadcast,
 multicast and unknown unicast are flooded to every port except the ingress one.
 """
@@ -87,10 +87,11 @@ class Switch:
         learned_at: dict[int, int] = {}  # source key -> index of its first frame
         for key, i in zip(srcs.tolist(), first.tolist(), strict=True):
             src = frames[i][6:12]
+            if src[0] & 1:  # never a station (ports drop such frames; the TAP may not)
+                continue
             if len(macs) < MAX_MACS or src in macs:
                 macs[src] = (ingress, expiry)
-                if not src[0] & 1:
-                    learned_at[key] = i
+                learned_at[key] = i
         hairpin = None  # frames dropped as hairpins (None: none)
         for j, key in enumerate(dsts.tolist()):
             if plan[j] is None:
