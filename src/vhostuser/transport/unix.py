@@ -25,25 +25,38 @@ log = logging.getLogger(__name__)
 
 Idle = tuple[float, Callable[[], None]]  # (seconds, what to call when that long idle)
 
-_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_INT_SIZE = array.array("i").itemsize
 
 
 class PeerClosed(Exception):
     """The peer closed the connection."""
 
 
-def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+def recv_with_fds(sock: socket.socket, n: int, max_fds: int,
+                  too_many: type[ProtocolError] = ProtocolError) -> tuple[bytes, list[int]]:
+    """The first `n` bytes of a message (its header) and the fds attached to them, with
+    room for `max_fds` (both vhost-user and vfio-user attach them to the first byte).
+    PeerClosed at EOF; `too_many` if the kernel had to drop fds (those that came are
+    closed, as they are on any error here)."""
+    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(max_fds * _INT_SIZE))
     fds: list[int] = []
-    for level, kind, data in ancdata:
+    for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            arr.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
             fds.extend(arr)
-    if flags & socket.MSG_CTRUNC:
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise too_many(f"more than {max_fds} fds attached to one message")
+        if not data:
+            raise PeerClosed()
+        if len(data) < n:
+            data += recv_exact(sock, n - len(data))
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
-    return fds
+        raise
+    return data, fds
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...]) -> None:
@@ -89,16 +102,8 @@ class UnixChannel:
                 fn()
         elif self.stop is not None:
             self.stop.wait(self.sock.fileno())
-        data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE, _FD_SPACE)
-        fds = _take_fds(anc, flags)
+        data, fds = recv_with_fds(self.sock, HEADER_SIZE, MAX_FDS)
         try:
-            if not data:
-                raise PeerClosed()
-            while len(data) < HEADER_SIZE:
-                more = self.sock.recv(HEADER_SIZE - len(data))
-                if not more:
-                    raise PeerClosed()
-                data += more
             header = decode_header(data)
             body = self._recv_exact(header.size)
         except BaseException:

@@ -8,13 +8,12 @@ payload beyond what `protocol` does.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 from itertools import count
 
 from ..shutdown import StopSignal
-from ..transport.unix import PeerClosed, connect, listen, recv_exact, send_with_fds
+from ..transport.unix import PeerClosed, connect, listen, recv_exact, recv_with_fds, send_with_fds
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -30,9 +29,7 @@ from .protocol import (
     encode,
 )
 
-__all__ = ["PeerClosed", "VfioUserChannel", "close_fds", "connect", "listen", "take_fds"]
-
-_INT_SIZE = array.array("i").itemsize
+__all__ = ["PeerClosed", "VfioUserChannel", "close_fds", "connect", "listen"]
 
 
 def close_fds(fds: list[int] | tuple[int, ...]) -> None:
@@ -41,21 +38,6 @@ def close_fds(fds: list[int] | tuple[int, ...]) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int) -> list[int]:
-    """The fds of a recvmsg's ancillary data. If the kernel had to drop some (more were
-    sent than there was room for), close the ones that came and raise BadFdCount."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
-            fds.extend(arr)
-    if flags & socket.MSG_CTRUNC:
-        close_fds(fds)
-        raise BadFdCount(f"more than {max_fds} fds attached to one message")
-    return fds
 
 
 class VfioUserChannel:
@@ -79,7 +61,6 @@ class VfioUserChannel:
         self.max_fds = max_fds
         self.max_size = max_size
         self.stop = stop
-        self._fd_space = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         self._ids = count()
 
     def fileno(self) -> int:
@@ -96,16 +77,8 @@ class VfioUserChannel:
         the middle of a message) and VfioUserError on a bad header (its fds are closed)."""
         if self.stop is not None:
             self.stop.wait(self.sock.fileno())
-        data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE, self._fd_space)
-        fds = take_fds(anc, flags, self.max_fds)
+        data, fds = recv_with_fds(self.sock, HEADER_SIZE, self.max_fds, BadFdCount)
         try:
-            if not data:
-                raise PeerClosed()
-            while len(data) < HEADER_SIZE:
-                more = self.sock.recv(HEADER_SIZE - len(data))
-                if not more:
-                    raise PeerClosed()
-                data += more
             header = decode_header(data, self.max_size)
             body = self._recv_exact(header.body_size)
         except BaseException:
