@@ -236,11 +236,7 @@ class VhostPort(Port):
             return []
         burst = pop_direct(q, min(n, MAX_BURST))
         if burst is not None:
-            frames = self._take_direct(iq, burst)
-            if dev.announce:
-                frames += dev.announce
-                dev.announce.clear()
-            return frames
+            return self._take_direct(iq, burst)
         chains, error = q.pop_batch(min(n, MAX_BURST))
         c = self.counters
         hl, max_frame = dev.hdr_len, dev.max_frame()
@@ -267,9 +263,6 @@ class VhostPort(Port):
                 iq.call.notify()
         if error is not None:
             iq.fail(error)
-        if dev.announce:
-            frames += dev.announce
-            dev.announce.clear()
         return frames
 
     def _take_direct(self, iq: InlineQueue, b: DirectBurst) -> list[bytes]:
