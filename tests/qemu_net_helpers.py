@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -24,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from vhostuser.vm import GuestError, find_busybox, find_kernel, find_qemu
+from qemu_helpers import require_guest_prerequisites, require_tool
 
 NET_MODULES = ["virtio_pci", "virtio_net"]
 NET_PREFIX = "192.0.2."  # TEST-NET-1: the only addresses these tests use
@@ -33,22 +31,10 @@ NET_PREFIX = "192.0.2."  # TEST-NET-1: the only addresses these tests use
 FORMAT_DROPS = ("bad_header", "runt", "oversize", "bad_source_mac", "rx_buffer_too_small")
 
 
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found in PATH: apt-get install {package}")
-    return path
-
-
 def require_net_prerequisites() -> None:
     """Fail (never skip) when QEMU, a kernel, a static busybox, ``ip`` or the switch is
     missing."""
-    try:
-        find_qemu()
-        find_busybox()
-        find_kernel()
-    except GuestError as e:
-        pytest.fail(f"guest VM prerequisites missing: {e}")
+    require_guest_prerequisites()
     require_tool("ip", "iproute2")
     require_tool("vhost-user-switch", "the project: pip install -e .")
 

@@ -46,6 +46,22 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT)
 
 
+def start_device(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``vhost-user-vvu-device`` on tmp_path/vfu.sock (appliance) and tmp_path/vhost.sock
+    (consumer), logging to device.log; returns once both sockets exist."""
+    vfu, vhost = tmp_path / "vfu.sock", tmp_path / "vhost.sock"
+    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
+                 str(vhost), *extra, "-vv"], tmp_path / "device.log")
+    deadline = time.monotonic() + 20
+    while not (vhost.exists() and vfu.exists()):
+        if dev.poll() is not None or time.monotonic() > deadline:
+            dev.kill()
+            dev.wait()
+            pytest.fail("the device did not start:\n" + (tmp_path / "device.log").read_text())
+        time.sleep(0.05)
+    return dev
+
+
 def wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not (path.exists() and text in path.read_text(errors="replace")):
@@ -59,14 +75,9 @@ def test_consumer_guest_disk_served_through_the_device(tmp_path: Path, mode: lis
     with open(img, "wb") as f:
         f.truncate(32 * MB)
     pattern = os.urandom(MB)
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), "-v"], tmp_path / "device.log")
+    dev = start_device(tmp_path)
     blk = None
     try:
-        deadline = time.monotonic() + 20
-        while not vhost.exists():
-            assert dev.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         blk = start(["vhostuser.cli.blk", "--vvu", str(vfu), "--blk-file", str(img), "-v",
                      *mode], tmp_path / "blk.log")
         wait_for(tmp_path / "device.log", "vfio-user client connected", dev)
@@ -119,13 +130,8 @@ def test_two_guests_through_the_switch_one_port_over_vvu(tmp_path: Path, opts: s
     )
 
     vfu, vhost, sock_a = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "a.sock"
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), "-v"], tmp_path / "device.log")
+    dev = start_device(tmp_path)
     try:
-        deadline = time.monotonic() + 20
-        while not (vhost.exists() and vfu.exists()):
-            assert dev.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         mac_a, mac_b = mac(1), mac(2)
         with SwitchDaemon(tmp_path, [f"{sock_a},mac={mac_a}", f"vvu={vfu}{opts}"]) as switch:
             wait_for(tmp_path / "device.log", "vfio-user client connected", dev)
@@ -163,8 +169,7 @@ def test_consumer_and_appliance_restarts(tmp_path: Path) -> None:
     img, vfu, vhost = tmp_path / "disk.img", tmp_path / "vfu.sock", tmp_path / "vhost.sock"
     with open(img, "wb") as f:
         f.truncate(16 * MB)
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), "-v"], tmp_path / "device.log")
+    dev = start_device(tmp_path)
     procs = [dev]
 
     def appliance(n: int) -> subprocess.Popen[bytes]:
@@ -187,10 +192,6 @@ def test_consumer_and_appliance_restarts(tmp_path: Path) -> None:
         return result.lines
 
     try:
-        deadline = time.monotonic() + 20
-        while not vhost.exists():
-            assert dev.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         first = appliance(1)
         consumer("echo one > /tmp/m; dd if=/tmp/m of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null")
         lines = consumer("dd if=/dev/vda bs=4 count=1 2>/dev/null | head -c3; echo;"
@@ -221,14 +222,9 @@ def test_resize_crosses_the_device(tmp_path: Path) -> None:
     img, vfu, vhost = tmp_path / "disk.img", tmp_path / "vfu.sock", tmp_path / "vhost.sock"
     with open(img, "wb") as f:
         f.truncate(16 * MB)
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), "-vv"], tmp_path / "device.log")
+    dev = start_device(tmp_path)
     blk = None
     try:
-        deadline = time.monotonic() + 20
-        while not vhost.exists():
-            assert dev.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         blk = start(["vhostuser.cli.blk", "--vvu", str(vfu), "--blk-file", str(img), "-v"],
                     tmp_path / "blk.log")
         wait_for(tmp_path / "device.log", "driver set BACKEND_UP", dev)

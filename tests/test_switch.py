@@ -19,6 +19,7 @@ from vhostuser.frontend.client import Frontend
 from vhostuser.frontend.net import NetClient
 from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
 from vhostuser.protocol import payloads as p
+from vhostuser.switch.port import Port
 
 VF = VirtioFeature
 NET = VF.VERSION_1 | VF.RING_EVENT_IDX | VF.RING_INDIRECT_DESC | F_MRG_RXBUF
@@ -265,20 +266,22 @@ def test_bad_command_lines(tmp_path: Path) -> None:
     assert json.loads(out) == {"type": "net", "features": []}
 
 
+class Sink(Port):
+    """A switch port that keeps what it is given."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.got: list[bytes] = []
+
+    def deliver(self, frames: list[bytes]) -> None:
+        self.got += frames
+
+
 def test_forwarding_a_mixed_burst_matches_frame_by_frame_rules() -> None:
     """One burst with known, unknown, broadcast and hairpin destinations: each frame goes
     exactly where the rules say, in burst order per port (forward() groups by MAC)."""
     from vhostuser.switch.core import Switch
-    from vhostuser.switch.port import Port
     from vhostuser.switch.vhost_port import VhostPort
-
-    class Sink(Port):
-        def __init__(self, name: str) -> None:
-            super().__init__(name)
-            self.got: list[bytes] = []
-
-        def deliver(self, frames: list[bytes]) -> None:
-            self.got += frames
 
     a, b, c = Sink("a"), Sink("b"), Sink("c")
     sw = Switch([VhostPort("v", "/nonexistent", bytes([2, 0, 0, 0, 0, 9]))])
@@ -306,16 +309,7 @@ def test_forward_equals_frame_by_frame_on_random_bursts() -> None:
     import random
 
     from vhostuser.switch.core import Switch
-    from vhostuser.switch.port import Port
     from vhostuser.switch.vhost_port import VhostPort
-
-    class Sink(Port):
-        def __init__(self, name: str) -> None:
-            super().__init__(name)
-            self.got: list[bytes] = []
-
-        def deliver(self, frames: list[bytes]) -> None:
-            self.got += frames
 
     def reference(macs: dict, ports: list, ingress: Port, frames: list[bytes],
                   now: float, aging: float) -> tuple[dict, int]:

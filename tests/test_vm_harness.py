@@ -16,14 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu_helpers import require_guest_prerequisites
 
 from vhostuser.vm import (
     GuestError,
     GuestVM,
     build_initramfs,
-    find_busybox,
-    find_kernel,
-    find_qemu,
     resolve_modules,
 )
 
@@ -33,12 +31,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def kver() -> str:
-    try:
-        find_qemu()
-        find_busybox()
-        return find_kernel()[1]
-    except GuestError as e:
-        pytest.fail(f"guest VM prerequisites missing: {e}")
+    return require_guest_prerequisites()
 
 
 def _parse_newc(data: bytes) -> dict[str, tuple[int, bytes]]:

@@ -21,11 +21,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_qemu_vvu import PATTERN_AT, SCRIPT, start
+from test_qemu_vvu import PATTERN_AT, SCRIPT, start_device
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
 from vhostuser.appliance.vm import READY, appliance_vm, qemu_wrapper, wait_backend_up
@@ -51,14 +50,8 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
     with open(img, "wb") as f:
         f.truncate(32 * MB)
     pattern = os.urandom(MB)
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), "--window-size", "512M", "--window-file", str(window), "-vv"],
-                tmp_path / "device.log")
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
     try:
-        deadline = time.monotonic() + 20
-        while not vhost.exists():
-            assert dev.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.blk", "--blk-file",
                                                  "/mnt/disk.img", "-v"], qemu11_host_root)
         consumer = GuestVM(SCRIPT, modules=["virtio_pci", "virtio_blk", "ext4"], timeout=200,
@@ -130,9 +123,7 @@ def test_consumer_nic_served_from_an_appliance_vm(qemu11_host_root: str,
     from test_qemu_net import B_IP, SENDER
 
     vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), "--window-size", "512M", "--window-file", str(window), "-v"],
-                tmp_path / "device.log")
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
     receiver = f"""
 i=0
 until ip link show vtap0 >/dev/null 2>&1 || [ $i -ge 300 ]; do i=$((i+1)); sleep 0.2; done
@@ -145,10 +136,6 @@ echo RECEIVED
 kill $backend
 """
     try:
-        deadline = time.monotonic() + 20
-        while not vhost.exists():
-            assert dev.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.switch", "--port",
                                                  "vvu={vvu}", "--tap", "vtap0", "-v"],
                                  qemu11_host_root, after=receiver)
