@@ -75,9 +75,6 @@ class SysfsPciFunction:
     def dma_map(self, iova: int, size: int, fd: int) -> None:
         """Nothing to do: the device reaches this VM's memory by its physical address."""
 
-    def irq_count(self, index: int) -> int:
-        return 0
-
     def map_bar(self, index: int) -> mmap.mmap:
         m = self.bars.get(index)
         if m is None:
