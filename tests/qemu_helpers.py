@@ -125,9 +125,9 @@ class BlkDaemon:
     """``vhost-user-blk --socket-path SOCK --blk-file IMG -v [extra]`` as a subprocess."""
 
     def __init__(self, tmp_path: Path, image: Path, extra: Sequence[str] = (),
-                 name: str = "blk") -> None:
+                 name: str = "blk", sock: Path | None = None) -> None:
         self.binary = require_tool("vhost-user-blk", "the project: pip install -e .")
-        self.sock = tmp_path / f"{name}.sock"
+        self.sock = sock if sock is not None else tmp_path / f"{name}.sock"
         self.log_path = tmp_path / f"{name}.log"
         self.cmd = [self.binary, "--socket-path", str(self.sock), "--blk-file", str(image),
                     "-v", *extra]

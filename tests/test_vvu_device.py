@@ -188,7 +188,7 @@ def appliance(device: Device, tmp_path: Path) -> Iterator[Callable[..., subproce
         n = device.log().count("vfio-user client connected")
         proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--vvu",
                                  device.vfu, "--blk-file", str(tmp_path / "disk.img"), "-v",
-                                 *extra])
+                                 *extra], start_new_session=True)
         procs.append(proc)
         deadline = time.monotonic() + 15
         while device.log().count("vfio-user client connected") == n:
@@ -203,7 +203,7 @@ def appliance(device: Device, tmp_path: Path) -> Iterator[Callable[..., subproce
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert proc.wait(15) in (0, -signal.SIGKILL)  # 0 unless a test killed it
 
 
 def sector(s: int) -> bytes:
@@ -241,6 +241,31 @@ def test_consumer_and_appliance_come_back(device: Device,
     fe, (blk,) = blk_session(device.vhost)
     with fe:
         assert blk.read(7, 512) == (OK, bytes([2]) * 512)
+
+
+@pytest.mark.parametrize("mode", [[], ["--poll"]], ids=["interrupt", "poll"])
+def test_killed_appliance_ends_the_session_after_its_last_worker(
+        device: Device, appliance: Callable[..., subprocess.Popen], mode: list[str]) -> None:
+    """SIGKILL to the appliance's main process while its two queues are busy: the device
+    ends the consumer's session (the consumer's socket reads EOF) only once no process of
+    the appliance maps the consumer's memory (its workers hold the vfio-user socket)."""
+    from test_worker_lifetime import _eof, _mapping_guest_ram
+
+    from vhostuser.frontend.blk import T_IN
+
+    for _ in range(3):
+        proc = appliance("--num-queues", "2", *mode)
+        fe, clients = blk_session(device.vhost, queues=2, size=256)
+        for blk in clients:
+            for i in range(80):
+                blk.submit(T_IN, 8 * i, in_len=4096, kick=False)
+            fe.kick(blk.queue)
+        assert _mapping_guest_ram(proc.pid), "the appliance does not map consumer memory"
+        os.kill(proc.pid, signal.SIGKILL)
+        _eof(fe)
+        holders = _mapping_guest_ram(proc.pid)
+        assert not holders, f"session ended while {holders} mapped its memory\n{device.log()}"
+        fe.close()
 
 
 def test_every_message_kind_crosses(device: Device) -> None:

@@ -17,11 +17,13 @@ and BAR accesses, BAR mappings, DMA memory — with these differences:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
 import re
 import struct
+import time
 from pathlib import Path
 
 from ..frontend.ring import GuestRam
@@ -35,6 +37,7 @@ MAP_HUGETLB = 0x40000  # not exported by Python's mmap module
 HUGE_PAGE = 2 << 20
 _FMT = {1: "B", 2: "H", 4: "I"}
 PCI_COMMAND, CMD_MEMORY, CMD_BUS_MASTER = 0x04, 0x2, 0x4
+LOCK_WAIT = 10.0  # s to wait for the processes of a back-end that ended to be gone
 
 
 class SysfsPciError(OSError):
@@ -44,13 +47,14 @@ class SysfsPciError(OSError):
 class SysfsPciFunction:
     """One PCI function, by its address (``0000:00:04.0``)."""
 
-    def __init__(self, bdf: str, root: Path = SYSFS) -> None:
+    def __init__(self, bdf: str, root: Path = SYSFS, lock_wait: float = LOCK_WAIT) -> None:
         if not BDF.match(bdf):
             raise SysfsPciError(f"{bdf!r} is not a PCI address (domain:bus:device.function)")
         self.bdf = bdf
         self.path = root / bdf
         if not self.path.is_dir():
             raise SysfsPciError(f"no PCI device {bdf} ({self.path} does not exist)")
+        self._lock = self._take_lock(lock_wait)
         self._unbind()
         (self.path / "enable").write_text("1")  # memory decoding on
         with open(self.path / "config", "r+b", buffering=0) as f:  # and bus mastering
@@ -62,6 +66,26 @@ class SysfsPciFunction:
         self.bars: dict[int, mmap.mmap] = {}
         self.views: dict[int, memoryview] = {}  # BAR -> bytes
         self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size
+
+    def _take_lock(self, wait: float) -> int:
+        """An exclusive flock on the function's config file, taken before touching the
+        device and held, through the inherited open file, by every process of this
+        back-end (its forked queue workers too): the lock is free again only once the last
+        of them is gone. A back-end restarted after a crash waits here until no process of
+        the old one can touch the consumer's rings (resetting the device ends the
+        consumer's session, whose resume point must be final by then)."""
+        fd = os.open(self.path / "config", os.O_RDONLY | os.O_CLOEXEC)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise SysfsPciError(f"{self.bdf} is in use by another back-end (still "
+                                        f"locked after {wait:g} s)") from None
+                time.sleep(0.01)
 
     def _unbind(self) -> None:
         driver = self.path / "driver"
@@ -145,6 +169,9 @@ class SysfsPciFunction:
         for m in self.bars.values():
             m.close()
         self.bars.clear()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 class MmioNotifier:

@@ -105,12 +105,9 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
         for sock in connections(path=args.socket_path, fd=args.fd, client=args.client,
                                 stop=stop):
             log.info("front-end connected")
-            parent_only_fds.add(sock.fileno())
-            try:
-                serve_connection(UnixChannel(sock, stop), UnixResources(), device,
-                                 closed=(PeerClosed,), poll_us=args.poll_us)
-            finally:
-                parent_only_fds.discard(sock.fileno())
+            # workers hold the connection too (engine/worker.py): it closes after the last
+            serve_connection(UnixChannel(sock, stop), UnixResources(), device,
+                             closed=(PeerClosed,), poll_us=args.poll_us)
     except Shutdown as e:
         log.info("%s: exiting", e)
     except OSError as e:
@@ -130,8 +127,9 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal) -> int:
 
     link = None
     try:
+        # Workers keep the link's vfio-user socket open (as they keep an AF_UNIX
+        # connection): the device ends the consumer's session only after the last of them.
         link = VvuLink(args.vvu)
-        parent_only_fds.update(link.parent_fds())
         while True:
             link.wait_frontend(stop)
             log.info("consumer connected through the virtio-vhost-user device")

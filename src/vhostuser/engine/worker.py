@@ -8,6 +8,16 @@ the child over a SEQPACKET pair: it sends STOP, the child finishes the batch in 
 
 A worker's configuration never changes while it runs: any change (memory table, call fd,
 enable, features) is a stop and a fresh start from the returned index.
+
+However the back-end ends, the front-end must not see the connection close while any of
+its processes can still store into a used ring: the front-end then reads the used index as
+its resume point, and a completion after that would be replayed by the next back-end (a
+duplicate completion, a stale block). So a worker keeps the connection open: the kernel
+closes it only when the last process holding it is gone. The parent stops its workers
+before any orderly close; if the parent dies, the kernel kills its workers (PDEATHSIG), and
+a worker that finds its parent gone anyway (no PDEATHSIG, or it came late) stops before its
+next store into the used ring. Workers ignore SIGTERM and SIGINT: the parent stops them in
+order, each finishing the batch in hand.
 """
 
 from __future__ import annotations
@@ -33,14 +43,18 @@ from .notify import Notifier
 log = logging.getLogger(__name__)
 
 _STOP = b"S"
-_REPORT = struct.Struct("=HB")  # last avail index, broken flag
+_REPORT = struct.Struct("<HB")  # last avail index, broken flag
 _PR_SET_PDEATHSIG = 1
 _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
 DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
 
-# fds of the parent's sockets (listener, connection) that a worker must not hold open,
-# or the front-end would not see the connection close when the parent closes it.
+# fds of the parent's that a worker must not hold open: a listening socket (a restarted
+# back-end binds the path anew), the stop-signal pipe. Never the connection: see above.
 parent_only_fds: set[int] = set()
+
+
+class ParentGone(Exception):
+    """The worker's parent died: nothing more may reach the used ring."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class Worker:
 def start_worker(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int | None,
                  call: Notifier, err: Notifier) -> Worker:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ppid = os.getpid()
     pid = os.fork()
     if pid:
         child.close()
@@ -104,15 +119,15 @@ def start_worker(params: QueueParams, mem: GuestMemory, device: Device, kick_fd:
     status = 1
     try:
         parent.close()
-        _become_worker()
-        status = _serve(params, mem, device, kick_fd, call, err, child)
+        _become_worker(ppid)
+        status = _serve(params, mem, device, kick_fd, call, err, child, ppid)
     except BaseException:  # never let a child unwind into the parent's stack
         traceback.print_exc()
     finally:
         os._exit(status)
 
 
-def _become_worker() -> None:
+def _become_worker(ppid: int) -> None:
     for fd in parent_only_fds:
         try:
             os.close(fd)
@@ -120,15 +135,17 @@ def _become_worker() -> None:
             pass
     signal.set_wakeup_fd(-1)  # the parent's stop pipe is the parent's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent stops us, in order
     try:  # die with the parent
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != ppid:  # it died before PDEATHSIG was armed
+        os._exit(0)
 
 
 def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int | None,
-           call: Notifier, err: Notifier, ctrl: socket.socket) -> int:
+           call: Notifier, err: Notifier, ctrl: socket.socket, ppid: int) -> int:
     name = f"{device.name} queue {params.index}"
     broken = False
     q: SplitQueue | None = None
@@ -169,7 +186,10 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
         if broken or q is None:
             continue
         try:
-            idle = 0 if _drain(q, handler, call, spin) else idle + 1
+            idle = 0 if _drain(q, handler, call, spin, ppid) else idle + 1
+        except ParentGone:
+            log.error("%s: the back-end's main process is gone; stopping", name)
+            return 1
         except RingError as e:
             log.error("%s: stopped: %s", name, e)
             broken = True
@@ -180,12 +200,15 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
             err.notify()
 
 
-def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float) -> bool:
+def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float,
+           ppid: int) -> bool:
     """Serve every available chain, a batch at a time: one used-index update and at most
     one notification per batch. Once the ring is empty, keep looking for `spin` seconds
     with kicks still suppressed (as QEMU's AioContext polling does) before asking for
-    kicks again. Returns whether there was any work."""
+    kicks again. Returns whether there was any work. Raises ParentGone, before storing
+    anything into the used ring, once the parent is gone."""
     handle, available, clock = handler.handle, q.available, time.perf_counter
+    getppid = os.getppid
     did = False
     idle_since = 0.0
     q.disable_kicks()
@@ -196,7 +219,10 @@ def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float) ->
             idle_since = 0.0
             chains, error = q.pop_batch(n)
             if chains:
-                q.push_batch(chains, handle(chains))
+                lengths = handle(chains)
+                if getppid() != ppid:
+                    raise ParentGone()
+                q.push_batch(chains, lengths)
                 if q.publish():
                     call.notify()
             if error is not None:

@@ -32,7 +32,7 @@ from .errors import (
     UnknownRequest,
 )
 
-_HEADER = struct.Struct("=III")
+_HEADER = struct.Struct("<III")
 
 
 class Fds(Enum):

@@ -47,7 +47,7 @@ class _Fixed(FixedStruct):
 @dataclass(frozen=True)
 class U64(_Fixed):
     value: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=Q")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class VringFile(_Fixed):
     """u64 of SET_VRING_KICK/CALL/ERR: ring index in bits 0-7, NOFD in bit 8."""
 
     value: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=Q")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
     @classmethod
     def make(cls, index: int, nofd: bool = False) -> VringFile:
@@ -74,7 +74,7 @@ class VringFile(_Fixed):
 class VringState(_Fixed):
     index: int
     num: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=II")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class VringAddr(_Fixed):
     used: int
     avail: int
     log: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=IIQQQQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,13 @@ class MemRegion(_Fixed):
     size: int
     user_addr: int
     mmap_offset: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQQQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQQQ")
 
 
 @dataclass(frozen=True)
 class MemTable:
     regions: tuple[MemRegion, ...]
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def pack(self) -> bytes:
         return self.HEAD.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
@@ -140,7 +140,7 @@ class SingleMemRegion:
 class LogBase(_Fixed):
     mmap_size: int
     mmap_offset: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQ")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class IotlbMsg(_Fixed):
     uaddr: int
     perm: int
     type: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQQBB6x")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQQBB6x")
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Config:
     size: int
     flags: int
     data: bytes = field(default=b"")
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=III")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<III")
 
     def pack(self) -> bytes:
         return self.HEAD.pack(self.offset, self.size, self.flags) + self.data
@@ -181,7 +181,7 @@ class VringArea(_Fixed):
     u64: int
     size: int
     offset: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQQ")
 
     @property
     def index(self) -> int:
@@ -198,20 +198,20 @@ class Inflight(_Fixed):
     mmap_offset: int
     num_queues: int
     queue_size: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQHH4x")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQHH4x")
 
 
 @dataclass(frozen=True)
 class SharedObject(_Fixed):
     uuid: bytes
-    FMT: ClassVar[struct.Struct] = struct.Struct("=16s")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<16s")
 
 
 @dataclass(frozen=True)
 class DeviceStateParams(_Fixed):
     direction: int
     phase: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=II")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -221,14 +221,14 @@ class ShmemMap(_Fixed):
     shm_offset: int
     len: int
     flags: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=B7xQQQQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<B7xQQQQ")
 
 
 @dataclass(frozen=True)
 class ShmemConfig:
     sizes: tuple[int, ...]
     MAX: ClassVar[int] = 256
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def pack(self) -> bytes:
         padded = list(self.sizes) + [0] * (self.MAX - len(self.sizes))

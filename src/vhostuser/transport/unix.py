@@ -212,10 +212,10 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
 
     if fd is not None:
         sock = socket.socket(fileno=fd)
-        parent_only_fds.add(fd)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            parent_only_fds.add(fd)
             yield from _accepting(sock, once, stop)
-        else:
+        else:  # a connection: workers hold it too (engine/worker.py)
             yield sock
         return
     if path is None:

@@ -153,11 +153,6 @@ class VvuLink:
             return []
         return [self.pci.vectors[V_RXQ], self.pci.vectors[V_CONFIG]]
 
-    def parent_fds(self) -> list[int]:
-        """The link's own fds, which no forked worker needs."""
-        chan = getattr(self.client, "chan", None)
-        return [chan.fileno()] if chan is not None else []
-
     def take_messages(self) -> list[bytes]:
         """Non-blocking: the messages that have arrived (their vectors' counts cleared)."""
         for fd in self.event_fds():

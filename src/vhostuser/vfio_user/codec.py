@@ -41,7 +41,7 @@ from .specs import SPECS, _argsz_covers
 # --------------------------------------------------------------------------- header
 
 
-_HEADER = struct.Struct("=HHIII")
+_HEADER = struct.Struct("<HHIII")
 
 
 @dataclass(frozen=True)

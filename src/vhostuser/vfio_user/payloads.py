@@ -63,7 +63,7 @@ class _Fixed(FixedStruct):
 @dataclass(frozen=True)
 class U64(_Fixed):
     value: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=Q")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
 
 # ---- DMA_MAP / DMA_UNMAP
@@ -78,7 +78,7 @@ class DmaMap(_Fixed):
     offset: int  # in the fd; 0 without one
     address: int
     size: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=IIQQQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<IIQQQ")
 
     @classmethod
     def make(
@@ -97,7 +97,7 @@ class Bitmap(_Fixed):
 
     pgsize: int
     size: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQ")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class DmaUnmap:
     size: int
     bitmap: Bitmap | None = None  # present iff flags has GET_DIRTY_BITMAP
     data: bytes = b""  # the dirty bitmap itself (reply only)
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=IIQQ")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<IIQQ")
 
     @classmethod
     def make(cls, address: int, size: int, flags: int = 0) -> DmaUnmap:
@@ -143,7 +143,7 @@ class DeviceInfo(_Fixed):
     flags: int
     num_regions: int
     num_irqs: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=IIII")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<IIII")
 
     @classmethod
     def request(cls) -> DeviceInfo:
@@ -168,7 +168,7 @@ class IoFdSubRegion(_Fixed):
     type: int
     flags: int
     data: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQIII4xQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQIII4xQ")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class RegionIoFds:
     index: int
     count: int
     subregions: tuple[IoFdSubRegion, ...] = ()
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=IIII")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<IIII")
 
     @classmethod
     def request(cls, index: int, argsz: int = 16) -> RegionIoFds:
@@ -221,7 +221,7 @@ class IrqInfo(_Fixed):
     flags: int
     index: int
     count: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=IIII")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<IIII")
 
     @classmethod
     def request(cls, index: int) -> IrqInfo:
@@ -244,7 +244,7 @@ class IrqSet:
     start: int
     count: int
     data: bytes = b""
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=IIIII")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<IIIII")
 
     @classmethod
     def make(cls, flags: int, index: int, start: int, count: int, data: bytes = b"") -> IrqSet:
@@ -285,7 +285,7 @@ class RegionAccess:
     region: int
     count: int
     data: bytes = b""
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=QII")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<QII")
 
     def pack(self) -> bytes:
         return self.HEAD.pack(self.offset, self.region, self.count) + self.data
@@ -304,7 +304,7 @@ class DmaAccess:
     address: int
     count: int
     data: bytes = b""
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<QQ")
 
     def pack(self) -> bytes:
         return self.HEAD.pack(self.address, self.count) + self.data
@@ -325,16 +325,16 @@ class DmaWriteReply:
     count: int
 
     def pack(self) -> bytes:
-        return struct.pack("=QQ", self.address, self.count)
+        return struct.pack("<QQ", self.address, self.count)
 
     @classmethod
     def unpack(cls, data: bytes) -> DmaWriteReply | Empty:
         if len(data) == 0:
             return Empty()
         if len(data) == 12:
-            return cls(*struct.unpack("=QI", data))
+            return cls(*struct.unpack("<QI", data))
         if len(data) == 16:
-            return cls(*struct.unpack("=QQ", data))
+            return cls(*struct.unpack("<QQ", data))
         if len(data) < 12:
             raise Truncated(f"DMA_WRITE reply truncated: {len(data)} bytes")
         raise BadPayloadSize(f"DMA_WRITE reply must be 0, 12 or 16 bytes, got {len(data)}")
@@ -349,7 +349,7 @@ class BitmapRange(_Fixed):
     size: int
     pgsize: int
     bitmap_size: int
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QQQQ")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QQQQ")
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,7 @@ class DirtyPages:
     flags: int
     range: BitmapRange | None = None
     data: bytes = b""
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def pack(self) -> bytes:
         tail = b"" if self.range is None else self.range.pack() + self.data
@@ -391,7 +391,7 @@ class MultiWrite:
     region: int
     count: int
     data: bytes
-    FMT: ClassVar[struct.Struct] = struct.Struct("=QII8s")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<QII8s")
 
     def pack(self) -> bytes:
         return self.FMT.pack(self.offset, self.region, self.count, self.data)
@@ -408,7 +408,7 @@ class MultiWrite:
 @dataclass(frozen=True)
 class RegionWriteMulti:
     writes: tuple[MultiWrite, ...]
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=Q")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<Q")
 
     def pack(self) -> bytes:
         return self.HEAD.pack(len(self.writes)) + b"".join(w.pack() for w in self.writes)
@@ -431,7 +431,7 @@ class DeviceFeature:
     argsz: int
     flags: int
     data: bytes = b""
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<II")
 
     @property
     def feature(self) -> int:
@@ -453,7 +453,7 @@ class MigData:
     argsz: int
     size: int
     data: bytes = b""
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=II")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def pack(self) -> bytes:
         return self.HEAD.pack(self.argsz, self.size) + self.data

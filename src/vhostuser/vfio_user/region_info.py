@@ -14,7 +14,7 @@ from .constants import RegionCapId, RegionFlag
 from .errors import BadPayload, BadPayloadSize, Truncated
 from .payloads import _at_least
 
-_CAP_HEADER = struct.Struct("=HHI")  # struct vfio_info_cap_header: id, version, next
+_CAP_HEADER = struct.Struct("<HHI")  # struct vfio_info_cap_header: id, version, next
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class SparseMmapCap:
     areas: tuple[tuple[int, int], ...]
     ID: ClassVar[int] = RegionCapId.SPARSE_MMAP
     VERSION: ClassVar[int] = 1
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=II")  # nr_areas, reserved
-    AREA: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<II")  # nr_areas, reserved
+    AREA: ClassVar[struct.Struct] = struct.Struct("<QQ")
 
     def body(self) -> bytes:
         return self.HEAD.pack(len(self.areas), 0) + b"".join(
@@ -56,7 +56,7 @@ class RegionTypeCap:
     subtype: int
     ID: ClassVar[int] = RegionCapId.TYPE
     VERSION: ClassVar[int] = 1
-    FMT: ClassVar[struct.Struct] = struct.Struct("=II")
+    FMT: ClassVar[struct.Struct] = struct.Struct("<II")
 
     def body(self) -> bytes:
         return self.FMT.pack(self.type, self.subtype)
@@ -133,7 +133,7 @@ class RegionInfo:
     size: int
     offset: int
     caps: tuple[RegionCap, ...] = ()
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=IIIIQQ")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<IIIIQQ")
 
     @classmethod
     def request(cls, index: int, argsz: int = 32) -> RegionInfo:

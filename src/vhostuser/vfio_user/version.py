@@ -156,7 +156,7 @@ class Version:
     minor: int
     capabilities: Capabilities | None = None
     extra: tuple[tuple[str, str], ...] = ()  # unknown top-level members (JSON text)
-    HEAD: ClassVar[struct.Struct] = struct.Struct("=HH")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("<HH")
 
     def json_text(self) -> str | None:
         if self.capabilities is None and not self.extra:
