@@ -78,8 +78,11 @@ class Watch:
     def invalidate(self) -> None:
         self.stale = True
 
-    def add(self, fd: int, fn: Callable[[], None]) -> None:
-        self.poller.register(fd, select.POLLIN)
+    def add(self, fd: int, fn: Callable[[], None], write: bool = False,
+            read: bool = True) -> None:
+        """Call `fn` when `fd` is readable (if `read`), writable (if `write`) or hung up."""
+        self.poller.register(fd, (select.POLLIN if read else 0)
+                             | (select.POLLOUT if write else 0))
         self.handlers[fd] = fn
 
     def dispatch(self, timeout_ms: int) -> None:

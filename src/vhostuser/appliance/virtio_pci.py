@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import time
 from dataclasses import dataclass
 
 from ..frontend.ring import DriverRing, GuestRam
@@ -23,6 +24,9 @@ DFSELECT, DF, GFSELECT, GF, MSIX_CONFIG, NUM_QUEUES, STATUS = 0, 4, 8, 12, 16, 1
 Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOTIFY_OFF = 22, 24, 26, 28, 30
 Q_DESC, Q_DRIVER, Q_DEVICE = 32, 40, 48
 S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET = 1, 2, 4, 8, 64
+
+
+RESET_TIMEOUT = 5.0  # s a device may take to complete a reset
 
 
 class DriverError(Exception):
@@ -109,8 +113,11 @@ class VirtioPciDriver:
     def init(self, wanted: int, config_vector: int = NO_VECTOR) -> int:
         """Reset, acknowledge, negotiate; returns the features both sides have."""
         self._common(STATUS, 1, 0)
-        while self.status() != 0:
-            pass
+        deadline = time.monotonic() + RESET_TIMEOUT
+        while self.status() != 0:  # virtio 1.x 4.1.4.3.2: wait until the reset completes
+            if time.monotonic() > deadline:
+                raise DriverError(f"the device did not complete its reset within "
+                                  f"{RESET_TIMEOUT:g} s (status {self.status():#x})")
         self._common(STATUS, 1, S_ACK | S_DRIVER)
         offered = 0
         for word in (0, 1):

@@ -17,6 +17,7 @@ from ..engine.device import Device
 from ..engine.session import serve_connection
 from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
 from ..shutdown import Shutdown, StopSignal
+from ..sockets import MESSAGE_TIMEOUT, set_message_timeout
 from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections
 
 log = logging.getLogger("vhostuser")
@@ -43,8 +44,22 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
                         help="after a queue runs dry, keep polling it this many µs before "
                              f"waiting for a kick (default {DEFAULT_SPIN_US}; 0: never)")
+    add_message_timeout(parser)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
+
+
+def add_message_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--message-timeout", type=float, default=MESSAGE_TIMEOUT,
+                        metavar="S",
+                        help="drop a peer that leaves a message half sent, or stops reading "
+                             f"ours, for S seconds (default {MESSAGE_TIMEOUT:g})")
+
+
+def apply_message_timeout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 < args.message_timeout <= 3600:
+        parser.error("--message-timeout must be more than 0 and at most 3600 seconds")
+    set_message_timeout(args.message_timeout)
 
 
 def check_transport_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -60,6 +75,7 @@ def check_transport_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--poll-us must be between 0 and 1000000")
     if args.fd is not None and args.fd < 0:
         parser.error("--fd must be a non-negative file descriptor")
+    apply_message_timeout(parser, args)
 
 
 def print_capabilities(kind: str, features: list[str]) -> NoReturn:

@@ -11,7 +11,12 @@ from ..engine.worker import DEFAULT_SPIN_US
 from ..switch.core import Switch
 from ..switch.tap import TapPort
 from ..switch.vhost_port import VhostPort
-from .common import print_capabilities, setup_logging
+from .common import (
+    add_message_timeout,
+    apply_message_timeout,
+    print_capabilities,
+    setup_logging,
+)
 from .switch import serve
 
 
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control", metavar="PATH", help="serve counters as JSON on this socket")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US")
     ap.add_argument("--print-capabilities", action="store_true")
+    add_message_timeout(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     if args.print_capabilities:
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--client needs --socket-path")
     if not 0 <= args.poll_us <= 1_000_000:
         ap.error("--poll-us must be between 0 and 1000000")
+    apply_message_timeout(ap, args)
     setup_logging(args.verbose)
     try:
         port = VhostPort("port0", args.socket_path, parse_mac(args.mac), client=args.client,

@@ -24,7 +24,7 @@ from ..engine.worker import DEFAULT_SPIN_US
 from ..switch.core import Switch
 from ..switch.tap import TapPort
 from ..switch.vhost_port import VhostPort
-from .common import setup_logging, until_stopped
+from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
 
 
 def parse_port(spec: str, index: int) -> VhostPort:
@@ -80,6 +80,7 @@ def build_parser(prog: str = "vhost-user-switch") -> argparse.ArgumentParser:
                     help="forget a learned MAC after S seconds (default 300)")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
                     help="keep polling this long after traffic stops before sleeping")
+    add_message_timeout(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     return ap
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--aging must be positive")
     if not 0 <= args.poll_us <= 1_000_000:
         ap.error("--poll-us must be between 0 and 1000000")
+    apply_message_timeout(ap, args)
     setup_logging(args.verbose)
     try:
         ports = [parse_port(spec, i) for i, spec in enumerate(args.port)]

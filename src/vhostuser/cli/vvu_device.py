@@ -14,7 +14,7 @@ import uuid
 
 from ..vvu.device import VvuDevice
 from ..vvu.server import VvuServer
-from .common import setup_logging, until_stopped
+from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
 
 
 def size(text: str) -> int:
@@ -49,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
                          "without trapping. Created sparse (--window-size bytes) if missing"
                     )
     ap.add_argument("--uuid", type=uuid.UUID, help="the device's uuid (default: random)")
+    add_message_timeout(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     if args.vfio_user_socket == args.socket_path:
         ap.error("--vfio-user-socket and --socket-path must differ")
+    apply_message_timeout(ap, args)
     setup_logging(args.verbose)
     try:
         dev = VvuDevice(args.max_queues, args.uuid, args.window_size, args.window_file)

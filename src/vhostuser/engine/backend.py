@@ -80,6 +80,10 @@ class Resources(Protocol):
 
     def map_region(self, desc: p.MemRegion, res: Resource) -> Buffer: ...
 
+    def check_kick(self, res: Resource) -> None:
+        """Raise MemoryTableError unless `res` can serve as a kick."""
+        ...
+
     def kick_fd(self, res: Resource) -> int | None: ...
 
     def notifier(self, res: Resource) -> Notifier: ...
@@ -363,6 +367,8 @@ class Backend:
 
     def _set_vring_kick(self, pl: p.VringFile, fds: list[Resource]) -> None:
         v = self._vring(pl.index)
+        if not pl.nofd:
+            self.res.check_kick(fds[0])  # still in fds: closed by handle() if refused
         self._stop(v)
         if v.kick is not None:
             self.res.close(v.kick)

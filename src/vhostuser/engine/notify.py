@@ -27,6 +27,8 @@ class EventfdNotifier:
             os.write(self.fd, _ONE)
         except BlockingIOError:  # counter saturated: the peer has a wake-up pending anyway
             pass
+        except OSError:  # not ours to fix (the front-end closed or broke its end): the
+            pass  # ring still completes; the front-end just is not woken
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..protocol import Header, Message, ProtocolError
+from ..shutdown import Shutdown
 from .backend import Backend, Resource, Resources
 from .device import Device
 from .worker import DEFAULT_SPIN_US
@@ -47,6 +48,10 @@ def serve_connection(channel: Channel, resources: Resources, device: Device,
         log.error("protocol error, dropping the connection: %s", e)
     except OSError as e:
         log.error("connection failed: %s", e)
+    except Shutdown:
+        raise
+    except Exception:  # a bug ends this connection, not the daemon
+        log.exception("internal error, dropping the connection")
     finally:
         backend.close()
         channel.close()

@@ -54,8 +54,8 @@ class Frontend:
 
     def __post_init__(self) -> None:
         sock = self.conn or connect(self.path, retry_for=self.connect_timeout)
-        sock.settimeout(self.reply_timeout)  # a back-end that never answers fails, not hangs
-        self.sock = UnixChannel(sock)
+        # a back-end that never answers fails, not hangs
+        self.sock = UnixChannel(sock, timeout=self.reply_timeout)
         self.ram = GuestRam(self.ram_size)
 
     # -- messages ----------------------------------------------------------------------------

@@ -29,6 +29,8 @@ MAX_MACS = 65536
 _MAC_WEIGHTS = np.array([[1 << (8 * (5 - k)), 0] for k in range(6)]
                         + [[0, 1 << (8 * (5 - k))] for k in range(6)], dtype=np.uint64)
 VVU_LOOK = 0.001  # s between looks at an interrupt-less virtio-vhost-user device
+CONTROL_TIMEOUT = 5.0  # s a control client has to read the status
+PEER_CHECK = 0.25  # s between looks for front-ends that stalled mid-message
 
 
 class Switch:
@@ -49,6 +51,7 @@ class Switch:
         for p in ports:
             p.changed = self._changed
         self._control: socket.socket | None = None
+        self._readers: dict[socket.socket, tuple[memoryview, float]] = {}  # control clients
         self._current: Watch | None = None  # what the loop watches now
 
     def _changed(self) -> None:
@@ -155,17 +158,33 @@ class Switch:
         }
 
     def _serve_control(self) -> None:
+        """A control client connected: it gets the status as one JSON line, sent as its
+        socket takes it (a client that does not read is dropped after CONTROL_TIMEOUT)."""
         assert self._control is not None
         try:
             conn, _ = self._control.accept()
         except BlockingIOError:
             return
-        with conn:
-            conn.settimeout(2)
-            try:
-                conn.sendall(json.dumps(self.status()).encode() + b"\n")
-            except OSError:
-                pass
+        conn.setblocking(False)
+        data = memoryview(json.dumps(self.status()).encode() + b"\n")
+        self._readers[conn] = (data, time.monotonic() + CONTROL_TIMEOUT)
+        self._write_status(conn)
+
+    def _write_status(self, conn: socket.socket) -> None:
+        data, deadline = self._readers[conn]
+        try:
+            n = conn.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = len(data)  # gone: nothing more to send
+        if n == len(data) or time.monotonic() > deadline:
+            del self._readers[conn]
+            conn.close()
+            self._changed()
+        elif n:
+            self._readers[conn] = (data[n:], deadline)
+            self._changed()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -182,6 +201,9 @@ class Switch:
                 p.close()
             if self.tap is not None:
                 self.tap.close()
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
             if self._control is not None:
                 self._control.close()
                 try:
@@ -193,13 +215,15 @@ class Switch:
         w = self._current = Watch(stop)
         if self._control is not None:
             w.add(self._control.fileno(), self._serve_control)
+        for conn in self._readers:
+            w.add(conn.fileno(), lambda c=conn: self._write_status(c), write=True, read=False)
         if self.tap is not None:
             w.add(self.tap.fileno(), lambda: None)
         for p in self.vports:
             if p.listener is not None and p.conn is None:  # a newcomer waits in the backlog
                 w.add(p.listener.fileno(), p.accept)
             if p.conn is not None:
-                w.add(p.conn.fileno(), p.on_message)
+                w.add(p.conn.fileno(), p.on_message, p.conn.wants_write)
             if p.link is not None:
                 for fd in p.link.event_fds():
                     w.add(fd, p.on_vvu_event)
@@ -211,7 +235,7 @@ class Switch:
     def _loop(self, stop: StopSignal) -> None:
         watch = self._watch(stop)
         busy_until = 0.0
-        next_age = next_connect = next_look = time.monotonic()
+        next_age = next_connect = next_look = next_check = time.monotonic()
         # ports on a virtio-vhost-user device with no interrupts (in an appliance VM): their
         # messages and session changes are looked for every VVU_LOOK seconds
         unwired = [p for p in self.vports if p.link is not None and not p.link.event_fds()]
@@ -244,6 +268,13 @@ class Switch:
             if now >= next_age:
                 self.age()
                 next_age = now + 1.0
+            if now >= next_check:  # front-ends that hold back half a message, or ours
+                for p in self.vports:
+                    p.check_peer(now)
+                for conn, (_, deadline) in list(self._readers.items()):
+                    if now > deadline:
+                        self._write_status(conn)
+                next_check = now + PEER_CHECK
             if now >= next_connect:
                 for p in self.vports:
                     if p.client and p.conn is None:

@@ -25,10 +25,17 @@ from ..devices.net import (
 from ..engine.backend import Backend
 from ..engine.device import Device
 from ..engine.notify import Notifier
-from ..engine.worker import QueueParams, parent_only_fds
+from ..engine.worker import QueueParams, Running, parent_only_fds
 from ..memory import GuestMemory, MemoryTableError
 from ..protocol import ProtocolError, encode
-from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connect, listen
+from ..transport.unix import (
+    PeerClosed,
+    PeerStalled,
+    UnixChannel,
+    UnixResources,
+    connect,
+    listen,
+)
 from ..transport.vvu import VvuLink, VvuResources, split_message
 from ..virtq.burst import DirectBurst, pop_direct, push_heads, scatter_frames
 from ..virtq.iov import iov_write
@@ -66,11 +73,23 @@ class InlineQueue:
         return last, self.broken
 
 
+class BrokenQueue:
+    """A queue that could not start (its ring lies outside guest memory): nothing runs;
+    GET_VRING_BASE gets its index back, and the front-end must set it up again."""
+
+    def __init__(self, last_avail: int) -> None:
+        self.last_avail = last_avail
+
+    def stop(self) -> tuple[int | None, bool]:
+        return self.last_avail, True
+
+
 class VhostPort(Port):
     def __init__(self, name: str, path: str | None, mac: bytes, *, client: bool = False,
                  fd: int | None = None, vvu: str | None = None, poll: bool = False,
                  queue_pairs: int = 1, mtu: int = 1500,
-                 changed: Callable[[], None] = lambda: None) -> None:
+                 changed: Callable[[], None] = lambda: None,
+                 message_timeout: float | None = None) -> None:
         super().__init__(name)
         if sum(x is not None for x in (path, fd, vvu)) != 1:
             raise ValueError(f"{name}: one of a socket path, an inherited fd or a vvu device")
@@ -86,6 +105,7 @@ class VhostPort(Port):
         self.conn: UnixChannel | None = None
         self.backend: Backend | None = None
         self.changed = changed  # tell the loop to rebuild what it watches
+        self.message_timeout = message_timeout
         self._rr = 0
 
     # -- connection ----------------------------------------------------------------------------
@@ -131,24 +151,48 @@ class VhostPort(Port):
         self._attach(sock)
 
     def _attach(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
         parent_only_fds.add(sock.fileno())
-        self.conn = UnixChannel(sock)
+        self.conn = UnixChannel(sock, message_timeout=self.message_timeout)
         self.backend = Backend(self.device, UnixResources(), runner=self._run_queue)
         log.info("%s: front-end connected", self.name)
         self.changed()
 
     def on_message(self) -> None:
-        assert self.conn is not None and self.backend is not None
+        """The front-end's socket is ready: send what waits for it, serve the messages
+        that have arrived. Never blocks on the front-end; whatever goes wrong ends this
+        port's connection only."""
+        conn, backend = self.conn, self.backend
+        if conn is None or backend is None:
+            return  # disconnected earlier in this round of events
+        wanted_write = conn.wants_write
         try:
-            header, body, fds = self.conn.recv_raw()
-            reply = self.backend.receive(header, body, fds)
-            if reply is not None:
-                self.conn.send(reply)
+            conn.flush()
+            for header, body, fds in conn.poll():
+                reply = backend.receive(header, body, fds)
+                if reply is not None:
+                    conn.send_nowait(reply)
         except PeerClosed:
             log.info("%s: front-end disconnected", self.name)
             self.disconnect()
+            return
         except (ProtocolError, OSError) as e:
+            log.error("%s: dropping the front-end: %s", self.name, e)
+            self.disconnect()
+            return
+        except Exception:  # a bug must not take down the switch and its other ports
+            log.exception("%s: dropping the front-end after an internal error", self.name)
+            self.disconnect()
+            return
+        if conn.wants_write != wanted_write:
+            self.changed()  # watch for writability, or stop watching
+
+    def check_peer(self, now: float) -> None:
+        """Drop a front-end that left a message half sent, or ours unread, too long."""
+        if self.conn is None:
+            return
+        try:
+            self.conn.check(now)
+        except PeerStalled as e:
             log.error("%s: dropping the front-end: %s", self.name, e)
             self.disconnect()
 
@@ -175,12 +219,18 @@ class VhostPort(Port):
                 reply = self.backend.receive(*split_message(data))
                 if reply is not None:
                     link.send(encode(reply))
-        except (ProtocolError, OSError, MemoryTableError) as e:
-            log.error("%s: dropping the consumer: %s", self.name, e)
+        except Exception as e:  # whatever it is, it ends this port's session only
+            if isinstance(e, ProtocolError | OSError | MemoryTableError):
+                log.error("%s: dropping the consumer: %s", self.name, e)
+            else:
+                log.exception("%s: dropping the consumer after an internal error", self.name)
             if self.backend is not None:
                 self.backend.close()
                 self.backend = None
-            link.begin_session()
+            try:
+                link.begin_session()
+            except OSError as e2:
+                log.error("%s: the virtio-vhost-user device failed: %s", self.name, e2)
             self.changed()
 
     def disconnect(self) -> None:
@@ -209,8 +259,14 @@ class VhostPort(Port):
                     pass
 
     def _run_queue(self, params: QueueParams, mem: GuestMemory, device: Device,
-                   kick_fd: int | None, call: Notifier, err: Notifier) -> InlineQueue:
-        q = SplitQueue(mem, params.layout, params.last_avail, params.event_idx, params.indirect)
+                   kick_fd: int | None, call: Notifier, err: Notifier) -> Running:
+        try:
+            q = SplitQueue(mem, params.layout, params.last_avail, params.event_idx,
+                           params.indirect)
+        except RingError as e:  # a ring outside guest memory: this queue stays stopped
+            log.error("%s queue %d: cannot start: %s", self.name, params.index, e)
+            err.notify()
+            return BrokenQueue(params.last_avail)
         iq = InlineQueue(self, q, params.index, kick_fd, call, err)
         if not iq.is_tx:
             q.disable_kicks()  # buffers posted to rx need no kick: we look when a frame comes

@@ -1,130 +1,143 @@
 """vhost-user over an AF_UNIX stream socket, fds passed with SCM_RIGHTS.
 
-The sender attaches fds to the sendmsg carrying the first header byte, so a reader
-receives the 12-byte header with room for MAX_FDS fds, then exactly `size` bytes more.
+The sender attaches fds to the sendmsg carrying the first header byte; the framing is
+`vhost_user_framer` (a 12-byte header, then exactly `size` bytes), the non-blocking socket
+work `sockets.FramedSocket`.
 """
 
 from __future__ import annotations
 
-import array
 import logging
 import os
-import select
 import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
 
 from ..engine.notify import EventfdNotifier, Notifier
+from ..framer import Framer
 from ..memory import MemoryTableError, mmap_region
 from ..protocol import HEADER_SIZE, MAX_FDS, Header, Message, ProtocolError, decode_header, encode
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
+from ..sockets import (
+    FramedSocket,
+    PeerClosed,
+    PeerStalled,
+    recv_some,
+    send_with_fds,
+)
 
 log = logging.getLogger(__name__)
 
 Idle = tuple[float, Callable[[], None]]  # (seconds, what to call when that long idle)
 
-_INT_SIZE = array.array("i").itemsize
+__all__ = ["PeerClosed", "PeerStalled", "UnixChannel", "UnixResources", "connect",
+           "connections", "listen", "recv_some", "send_with_fds", "vhost_user_framer"]
 
 
-class PeerClosed(Exception):
-    """The peer closed the connection."""
-
-
-def recv_with_fds(sock: socket.socket, n: int, max_fds: int,
-                  too_many: type[ProtocolError] = ProtocolError) -> tuple[bytes, list[int]]:
-    """The first `n` bytes of a message (its header) and the fds attached to them, with
-    room for `max_fds` (both vhost-user and vfio-user attach them to the first byte).
-    PeerClosed at EOF; `too_many` if the kernel had to drop fds (those that came are
-    closed, as they are on any error here)."""
-    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(max_fds * _INT_SIZE))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
-            fds.extend(arr)
-    try:
-        if flags & socket.MSG_CTRUNC:
-            raise too_many(f"more than {max_fds} fds attached to one message")
-        if not data:
-            raise PeerClosed()
-        if len(data) < n:
-            data += recv_exact(sock, n - len(data))
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return data, fds
-
-
-def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...]) -> None:
-    """Send `data` with `fds` attached to its first byte (SCM_RIGHTS)."""
-    anc = []
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    sent = sock.sendmsg([data], anc)
-    if sent < len(data):
-        sock.sendall(data[sent:])
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly `n` bytes from a stream socket; PeerClosed if it ends first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise PeerClosed()
-        got += k
-    return bytes(buf)
+def vhost_user_framer() -> Framer[Header]:
+    """The framing of vhost-user messages: a 12-byte header giving the body's size, up to
+    MAX_FDS fds on the first byte."""
+    def parse(data: bytes) -> tuple[Header, int]:
+        header = decode_header(data)
+        return header, header.size
+    return Framer(HEADER_SIZE, parse, MAX_FDS, ProtocolError)
 
 
 class UnixChannel:
-    """Framed vhost-user messages over a connected stream socket."""
+    """Framed vhost-user messages over a connected stream socket, which it makes
+    non-blocking. Event loops call `poll` when the socket is readable, `flush` when it is
+    writable (while `wants_write`), and `check` now and then; a loop that serves this
+    connection alone uses `recv_raw` and `send`, which wait, on this socket and the stop
+    signal only, within the message timeout."""
 
-    def __init__(self, sock: socket.socket, stop: StopSignal | None = None) -> None:
+    def __init__(self, sock: socket.socket, stop: StopSignal | None = None, *,
+                 timeout: float | None = None,
+                 message_timeout: float | None = None) -> None:
+        """`timeout`: how long `recv_raw` waits for a message (None: forever)."""
         self.sock = sock
+        self.stream = FramedSocket(sock, vhost_user_framer(), message_timeout=message_timeout)
         self.stop = stop
+        self.timeout = timeout
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def poll(self, limit: int = 64) -> list[tuple[Header, bytes, list[int]]]:
+        """The messages that have arrived, without blocking (at most `limit`). PeerClosed
+        at EOF, ProtocolError on a bad header (the connection must go)."""
+        self.stream.read(limit)
+        out = []
+        while (frame := self.stream.pop()) is not None:
+            out.append((frame.header, frame.body, frame.fds))
+        return out
+
     def recv_raw(self, idle: Idle | None = None) -> tuple[Header, bytes, list[int]]:
-        """One message as (validated header, body, fds). Raises PeerClosed at EOF and
-        ProtocolError on a bad header (its fds are closed). `idle` = (seconds, fn): call
-        fn every that many seconds while no message comes."""
-        if idle is not None:
-            interval, fn = idle
-            while not self._readable(interval):
-                fn()
-        elif self.stop is not None:
-            self.stop.wait(self.sock.fileno())
-        data, fds = recv_with_fds(self.sock, HEADER_SIZE, MAX_FDS)
-        try:
-            header = decode_header(data)
-            body = self._recv_exact(header.size)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return header, body, fds
-
-    def _recv_exact(self, n: int) -> bytes:
-        return recv_exact(self.sock, n)
-
-    def _readable(self, timeout: float) -> bool:
-        if self.stop is not None:
-            return self.stop.wait(self.sock.fileno(), timeout)
-        return bool(select.select([self.sock], [], [], timeout)[0])
+        """One message as (validated header, body, fds). Raises PeerClosed at EOF,
+        ProtocolError on a bad header, PeerStalled when the peer leaves a message half sent
+        for longer than the message timeout, TimeoutError after `timeout` with no message.
+        `idle` = (seconds, fn): call fn every that many seconds while no message comes."""
+        stream = self.stream
+        start = time.monotonic()
+        next_idle = start + idle[0] if idle is not None else None
+        while True:
+            if stream.read(1):
+                frame = stream.pop()
+                assert frame is not None
+                return frame.header, frame.body, frame.fds
+            now = time.monotonic()
+            stream.check(now)
+            waits = [t for t in (next_idle, stream.deadline(),
+                                 None if self.timeout is None else start + self.timeout)
+                     if t is not None]
+            if stream.wait(max(0.0, min(waits) - now) if waits else None, self.stop):
+                continue
+            now = time.monotonic()
+            if self.timeout is not None and now - start >= self.timeout:
+                raise TimeoutError(f"no message within {self.timeout:g} s")
+            if idle is not None and next_idle is not None and now >= next_idle:
+                idle[1]()
+                next_idle = now + idle[0]
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        send_with_fds(self.sock, encode(msg), fds)
+        """Send `msg`, waiting (within the message timeout) until the peer has taken it."""
+        self.stream.send_waiting(encode(msg), fds, self.stop)
+
+    def send_nowait(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send `msg` as far as the socket takes it; the rest waits for `flush`."""
+        self.stream.send(encode(msg), fds)
+
+    def send_bytes(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """An already encoded (or deliberately broken) message, waiting as `send` does."""
+        self.stream.send_waiting(data, fds, self.stop)
+
+    @property
+    def wants_write(self) -> bool:
+        return self.stream.wants_write
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def check(self, now: float | None = None) -> None:
+        self.stream.check(now)
+
+    def deadline(self) -> float | None:
+        return self.stream.deadline()
 
     def close(self) -> None:
-        self.sock.close()
+        self.stream.close()
+
+
+def _require_eventfd(fd: int, what: str) -> None:
+    """A kick or call fd must be an eventfd: anything else could block us, or be always
+    readable (a busy loop)."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = "?"
+    if kind != "anon_inode:[eventfd]":
+        raise MemoryTableError(f"the {what} fd is not an eventfd ({kind})")
 
 
 class UnixResources:
@@ -135,12 +148,21 @@ class UnixResources:
     def map_region(self, desc: MemRegion, res: int) -> object:
         return mmap_region(desc, res)
 
+    def check_kick(self, res: int) -> None:
+        _require_eventfd(res, "kick")
+
     def kick_fd(self, res: int | None) -> int | None:
         if res is not None:
             os.set_blocking(res, False)
         return res
 
     def notifier(self, res: int) -> Notifier:
+        try:
+            _require_eventfd(res, "call/err")
+            os.set_blocking(res, False)  # never block on a counter the front-end keeps full
+        except (MemoryTableError, OSError):
+            os.close(res)
+            raise
         return EventfdNotifier(res)
 
     def backend_channel(self, res: int) -> UnixChannel:

@@ -350,6 +350,9 @@ class VvuResources:
     def map_region(self, desc: MemRegion, res: Token) -> memoryview:
         return self.link.window_view(desc)
 
+    def check_kick(self, res: Token) -> None:
+        pass  # the device took the consumer's kick fd; the token stands for a vector
+
     def kick_fd(self, res: Token | None) -> int | None:
         if res is None or self.poll or res.vring >= self.link.max_queues:
             if res is not None:

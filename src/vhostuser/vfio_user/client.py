@@ -7,6 +7,7 @@ the device allows, mmap; interrupts arrive on eventfds given with SET_IRQS.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -38,9 +39,13 @@ class Region:
     caps: tuple[object, ...] = ()
 
 
+REPLY_TIMEOUT = 30.0  # s: a device that does not answer a command fails the caller
+
+
 class VfioUserClient:
-    def __init__(self, path: str, retry_for: float = 10.0) -> None:
-        self.chan = VfioUserChannel(connect(path, retry_for=retry_for))
+    def __init__(self, path: str, retry_for: float = 10.0,
+                 reply_timeout: float = REPLY_TIMEOUT) -> None:
+        self.chan = VfioUserChannel(connect(path, retry_for=retry_for), timeout=reply_timeout)
         self.version = self._call(vp.Command.VERSION, vp.Version(0, 0, vp.Capabilities(
             max_msg_fds=MAX_FDS_PER_MESSAGE, max_data_xfer_size=1 << 20)))
 
@@ -66,7 +71,7 @@ class VfioUserClient:
         """GET_REGION_INFO (asking again with room for the capability chain if needed);
         the region's fd, if any, is the caller's to close."""
         argsz = 32
-        while True:
+        for _ in range(4):  # a device that keeps asking for more room is refused below
             info = self._call(vp.Command.DEVICE_GET_REGION_INFO,
                               vp.RegionInfo.request(index, argsz))
             assert isinstance(info, vp.RegionInfo)
@@ -74,6 +79,10 @@ class VfioUserClient:
                 break
             close_fds(self._last_fds)
             argsz = info.argsz
+        else:
+            close_fds(self._last_fds)
+            raise DeviceError(f"region {index}: the device keeps asking for more room for "
+                              "its capabilities", errno.EPROTO)
         areas: tuple[tuple[int, int], ...] = ()
         for cap in info.caps:
             if isinstance(cap, vp.SparseMmapCap):
@@ -114,7 +123,7 @@ class VfioUserClient:
         """GET_REGION_IO_FDS: (offset in the region, eventfd) pairs; the fds are the
         caller's to close."""
         argsz = vp.RegionIoFds.HEAD.size
-        while True:
+        for _ in range(4):
             reply = self._call(vp.Command.DEVICE_GET_REGION_IO_FDS,
                                vp.RegionIoFds.request(index, argsz))
             assert isinstance(reply, vp.RegionIoFds)
@@ -122,6 +131,10 @@ class VfioUserClient:
                 break
             close_fds(self._last_fds)
             argsz = reply.argsz
+        else:
+            close_fds(self._last_fds)
+            raise DeviceError(f"region {index}: the device keeps asking for more room for "
+                              "its io fds", errno.EPROTO)
         return [(s.offset, self._last_fds[s.fd_index]) for s in reply.subregions]
 
     def reset(self) -> None:

@@ -1,19 +1,21 @@
 """vfio-user messages over an AF_UNIX stream socket, fds passed with SCM_RIGHTS.
 
 The sender attaches the fds to the sendmsg that carries the first byte of the header (as
-QEMU and libvfio-user do), so a reader receives the 16-byte header with room for
-`max_fds` fds, then exactly ``header.size - 16`` more bytes. Nothing here interprets a
-payload beyond what `protocol` does.
+QEMU and libvfio-user do); the framing is a 16-byte header whose size field gives the
+whole message's length (`vfio_user_framer`), the non-blocking socket work
+`sockets.FramedSocket`. Nothing here interprets a payload beyond what `protocol` does.
 """
 
 from __future__ import annotations
 
-import os
 import socket
+import time
 from itertools import count
 
+from ..framer import Framer, close_fds
 from ..shutdown import StopSignal
-from ..transport.unix import PeerClosed, connect, listen, recv_exact, recv_with_fds, send_with_fds
+from ..sockets import FramedSocket, PeerClosed, PeerStalled
+from ..transport.unix import connect, listen
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -29,15 +31,16 @@ from .protocol import (
     encode,
 )
 
-__all__ = ["PeerClosed", "VfioUserChannel", "close_fds", "connect", "listen"]
+__all__ = ["PeerClosed", "PeerStalled", "VfioUserChannel", "close_fds", "connect", "listen",
+           "vfio_user_framer"]
 
 
-def close_fds(fds: list[int] | tuple[int, ...]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def vfio_user_framer(max_fds: int = MAX_MSG_FDS,
+                     max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Framer[Header]:
+    def parse(data: bytes) -> tuple[Header, int]:
+        header = decode_header(data, max_size)
+        return header, header.body_size
+    return Framer(HEADER_SIZE, parse, max_fds, BadFdCount)
 
 
 class VfioUserChannel:
@@ -56,11 +59,16 @@ class VfioUserChannel:
         max_fds: int = MAX_MSG_FDS,
         max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         stop: StopSignal | None = None,
+        timeout: float | None = None,
+        message_timeout: float | None = None,
     ) -> None:
         self.sock = sock
         self.max_fds = max_fds
         self.max_size = max_size
         self.stop = stop
+        self.timeout = timeout  # how long recv_raw waits for a message (None: forever)
+        self.stream = FramedSocket(sock, vfio_user_framer(max_fds, max_size),
+                                   message_timeout=message_timeout)
         self._ids = count()
 
     def fileno(self) -> int:
@@ -72,22 +80,33 @@ class VfioUserChannel:
 
     # -- receiving
 
+    def poll(self) -> tuple[Header, bytes, list[int]] | None:
+        """The next message if one has arrived, without blocking. PeerClosed at EOF,
+        VfioUserError on a bad header (the connection must go)."""
+        self.stream.read(1)
+        frame = self.stream.pop()
+        return None if frame is None else (frame.header, frame.body, frame.fds)
+
     def recv_raw(self) -> tuple[Header, bytes, list[int]]:
         """One message as (validated header, body, fds). Raises PeerClosed at EOF (also in
-        the middle of a message) and VfioUserError on a bad header (its fds are closed)."""
-        if self.stop is not None:
-            self.stop.wait(self.sock.fileno())
-        data, fds = recv_with_fds(self.sock, HEADER_SIZE, self.max_fds, BadFdCount)
-        try:
-            header = decode_header(data, self.max_size)
-            body = self._recv_exact(header.body_size)
-        except BaseException:
-            close_fds(fds)
-            raise
-        return header, body, fds
-
-    def _recv_exact(self, n: int) -> bytes:
-        return recv_exact(self.sock, n)
+        the middle of a message), VfioUserError on a bad header (its fds are closed),
+        PeerStalled if the peer leaves a message half sent for too long, TimeoutError after
+        `timeout` with no message."""
+        stream = self.stream
+        start = time.monotonic()
+        while True:
+            got = self.poll()
+            if got is not None:
+                return got
+            now = time.monotonic()
+            stream.check(now)
+            waits = [t for t in (stream.deadline(),
+                                 None if self.timeout is None else start + self.timeout)
+                     if t is not None]
+            ready = stream.wait(max(0.0, min(waits) - now) if waits else None, self.stop)
+            if (not ready and self.timeout is not None
+                    and time.monotonic() - start >= self.timeout):
+                raise TimeoutError(f"no vfio-user message within {self.timeout:g} s")
 
     def recv_command(
         self, *, sender: Peer = Peer.CLIENT, max_data_xfer_size: int | None = None
@@ -122,14 +141,34 @@ class VfioUserChannel:
     # -- sending
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Send ``msg`` with ``fds`` attached to its first byte."""
+        """Send ``msg`` with ``fds`` attached to its first byte, waiting (within the message
+        timeout) until the peer has taken it."""
         if len(fds) > self.max_fds:
             raise ValueError(f"{len(fds)} fds in one message, at most {self.max_fds}")
         self.send_bytes(encode(msg), fds)
 
     def send_bytes(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send an already encoded message (or a deliberately broken one, in tests)."""
-        send_with_fds(self.sock, data, fds)
+        self.stream.send_waiting(data, fds, self.stop)
+
+    def send_nowait(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send as far as the socket takes it; the rest waits for `flush` (event loops)."""
+        if len(fds) > self.max_fds:
+            raise ValueError(f"{len(fds)} fds in one message, at most {self.max_fds}")
+        self.stream.send(encode(msg), fds)
+
+    @property
+    def wants_write(self) -> bool:
+        return self.stream.wants_write
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def check(self, now: float | None = None) -> None:
+        self.stream.check(now)
+
+    def deadline(self) -> float | None:
+        return self.stream.deadline()
 
     def close(self) -> None:
-        self.sock.close()
+        self.stream.close()

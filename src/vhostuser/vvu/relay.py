@@ -35,7 +35,7 @@ from ..protocol import (
 )
 from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL, VERSION
-from ..transport.unix import PeerClosed, UnixChannel
+from ..transport.unix import PeerClosed, PeerStalled, UnixChannel
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +190,39 @@ class Relay:
         """Whether the device should read the consumer's socket now."""
         return self.connected and self.parked is None
 
+    def channels(self) -> list[UnixChannel]:
+        """The consumer's sockets (its connection, its back-end channel)."""
+        return [c for c in (self.conn, self.backend) if c is not None]
+
+    def check_peers(self) -> None:
+        """End the session of a consumer that stalled (half a message, or ours unread, for
+        longer than the message timeout)."""
+        for chan in self.channels():
+            try:
+                chan.check()
+            except PeerStalled as e:
+                self.end_session(f"the consumer stalled: {e}")
+                return
+
     def on_consumer(self) -> None:
-        """The consumer's socket is readable: relay one message (or end the session)."""
-        if self.conn is None or not self.wants_consumer():
-            return  # the session ended (or filled rxq) earlier in this round of events
+        """The consumer's socket is ready: send what waits for it, then relay one message
+        (or end the session). Never blocks on the consumer."""
+        if self.conn is None:
+            return  # the session ended earlier in this round of events
         try:
-            header, body, fds = self.conn.recv_raw()
+            self.conn.flush()
+            if not self.wants_consumer():
+                return  # rxq is full: the message waits in the socket
+            got = self.conn.poll(limit=1)
         except PeerClosed:
             self.end_session("the consumer disconnected")
             return
         except (ProtocolError, OSError) as e:
             self.end_session(f"bad message from the consumer: {e}")
             return
+        if not got:
+            return
+        ((header, body, fds),) = got
         try:
             data = self._from_consumer(header, body, fds)
         except (ProtocolError, RelayError) as e:
@@ -239,7 +260,7 @@ class Relay:
             pass
         if ack and not own and self.conn is not None:
             log.error("refused consumer request %d: %s", header.request, why)
-            self.conn.send(reply_to(bare, p.U64(1)))
+            self._to_consumer(reply_to(bare, p.U64(1)))
             return
         self.end_session(f"consumer request {header.request} refused: {why}")
 
@@ -382,17 +403,23 @@ class Relay:
     def on_backend(self) -> None:
         """The consumer acknowledged a back-end request: the ack goes into rxq (REPLY set:
         the driver tells it from the consumer's requests, which never have it)."""
-        if self.backend is None or not self.wants_backend():
+        if self.backend is None:
             return
-        awaited = self.backend_awaiting
-        assert awaited is not None
         try:
-            header, body, fds = self.backend.recv_raw()
+            self.backend.flush()
+            if not self.wants_backend():
+                return
+            awaited = self.backend_awaiting
+            assert awaited is not None
+            got = self.backend.poll(limit=1)
+            if not got:
+                return
+            ((header, body, fds),) = got
             for fd in fds:
                 os.close(fd)
             msg = decode_reply(Channel.BACKEND, awaited, header, body, len(fds))
         except (PeerClosed, ProtocolError, OSError) as e:
-            self.end_session(f"the consumer's back-end channel failed: {e}")
+            self.end_session(f"the consumer's back-end channel failed: {e or 'closed'}")
             return
         self.backend_awaiting = None
         log.debug("consumer -> driver: %s ack", Channel.BACKEND.name_of(awaited))
@@ -416,8 +443,8 @@ class Relay:
             self.backend_awaiting = msg.request
         log.debug("driver -> consumer: %s", Channel.BACKEND.name_of(msg.request))
         try:
-            self.backend.send(msg)
-        except OSError as e:
+            self.backend.send_nowait(msg)
+        except (OSError, PeerClosed) as e:
             self.end_session(f"cannot write to the consumer's back-end channel: {e}")
 
     # -- driver -> consumer ------------------------------------------------------------------
@@ -438,10 +465,17 @@ class Relay:
         if self.conn is None:
             return  # the consumer has gone; nothing to answer
         log.debug("driver -> consumer: %s reply", Channel.FRONTEND.name_of(msg.request))
+        self._to_consumer(msg)
+
+    def _to_consumer(self, msg: Message) -> None:
+        """Send to the consumer without waiting (what it does not take yet is flushed when
+        its socket is writable; a consumer that stops reading stalls only its session)."""
+        if self.conn is None:
+            return
         try:
-            self.conn.send(msg)
-        except OSError as e:
-            self.end_session(f"cannot write to the consumer: {e}")
+            self.conn.send_nowait(msg)
+        except (OSError, PeerClosed) as e:
+            self.end_session(f"cannot write to the consumer: {e or 'it disconnected'}")
 
     @staticmethod
     def _check_size(data: bytes) -> Header:

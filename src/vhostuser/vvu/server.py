@@ -17,7 +17,7 @@ from ..memory import MemoryTableError
 from ..shutdown import StopSignal, Watch
 from ..transport.unix import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
-from ..vfio_user.socket import VfioUserChannel, close_fds
+from ..vfio_user.socket import PeerStalled, VfioUserChannel, close_fds
 from .device import BAR_DOORBELL, BAR_WINDOW, FIRST_FILE_REGION, VvuDevice
 from .pci import PciAccessError
 
@@ -148,25 +148,38 @@ class VvuServer:
     # -- the loop ------------------------------------------------------------------------------
 
     def serve_client(self) -> None:
-        """One command from the vfio-user client (or its departure)."""
-        if self.client is None:
+        """The vfio-user client's socket is ready: send what waits for it, then serve one
+        command (or its departure). Never blocks on the client."""
+        client = self.client
+        if client is None:
             return  # dropped earlier in this round of events
         try:
-            msg, fds = self.client.recv_command(max_data_xfer_size=MAX_DATA)
+            client.flush()
+            got = client.poll()
         except PeerClosed:
             log.info("vfio-user client disconnected")
             self._drop_client()
             return
-        except vp.VfioUserError as e:
-            log.error("bad vfio-user message: %s", e)
-            if e.header is None:
-                self._drop_client()
-            else:
+        except vp.VfioUserError as e:  # a bad header: the stream cannot be followed further
+            log.error("bad vfio-user message header, dropping the client: %s", e)
+            if e.header is not None:
                 self._reply(vp.error_reply(e.header, e.errno), [])
+            self._drop_client()
             return
         except OSError as e:
             log.error("vfio-user connection failed: %s", e)
             self._drop_client()
+            return
+        if got is None:
+            return
+        header, body, fds = got
+        try:
+            msg = vp.decode_command(header, body, len(fds), sender=vp.Peer.CLIENT,
+                                    max_data_xfer_size=MAX_DATA)
+        except vp.VfioUserError as e:
+            close_fds(fds)
+            log.error("bad vfio-user message: %s", e)
+            self._reply(vp.error_reply(header, e.errno), [])
             return
         try:
             reply, rfds = self.handle(msg, fds)
@@ -185,11 +198,12 @@ class VvuServer:
             self._reply(reply, rfds)
 
     def _reply(self, reply: vp.Message, fds: list[int]) -> None:
-        assert self.client is not None
+        if self.client is None:
+            return
         try:
-            self.client.send(reply, fds)
-        except OSError as e:  # the client went away meanwhile
-            log.error("cannot answer the vfio-user client: %s", e)
+            self.client.send_nowait(reply, fds)
+        except (OSError, PeerClosed) as e:  # gone meanwhile, or does not read (PeerStalled)
+            log.error("cannot answer the vfio-user client: %s", e or "it disconnected")
             self._drop_client()
 
     def _drop_client(self) -> None:
@@ -222,7 +236,12 @@ class VvuServer:
         try:
             while True:
                 timeout = 500 if self.consumer_client and self.dev.relay.conn is None else -1
+                deadline = self._deadline()
+                if deadline is not None:
+                    wait = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+                    timeout = wait if timeout < 0 else min(timeout, wait)
                 self._watch(stop).dispatch(timeout)
+                self._check_peers()
                 if (self.consumer_client and self.dev.relay.conn is None
                         and time.monotonic() >= next_connect):
                     try:
@@ -232,21 +251,37 @@ class VvuServer:
         finally:
             self.close()
 
+    def _deadline(self) -> float | None:
+        """The earliest moment a peer's half message or unread backlog times out."""
+        times = [c.deadline() for c in (self.client, *self.dev.relay.channels())
+                 if c is not None]
+        return min((t for t in times if t is not None), default=None)
+
+    def _check_peers(self) -> None:
+        """Drop a peer that stalled (half a message, or ours unread, for too long)."""
+        if self.client is not None:
+            try:
+                self.client.check()
+            except PeerStalled as e:
+                log.error("vfio-user client: %s; dropping it", e)
+                self._drop_client()
+        self.dev.relay.check_peers()
+
     def _watch(self, stop: StopSignal) -> Watch:
         w = Watch(stop)
         if self.client is None and self.vfio_listener is not None:
             w.add(self.vfio_listener.fileno(), self._accept_client)
         if self.client is not None:
-            w.add(self.client.fileno(), self.serve_client)
+            w.add(self.client.fileno(), self.serve_client, self.client.wants_write)
         relay = self.dev.relay
         if relay.conn is None and self.vhost_listener is not None:
             w.add(self.vhost_listener.fileno(), self._accept_consumer)
-        if relay.wants_consumer():
-            assert relay.conn is not None
-            w.add(relay.conn.fileno(), relay.on_consumer)
-        if relay.wants_backend():
-            assert relay.backend is not None
-            w.add(relay.backend.fileno(), relay.on_backend)
+        if relay.conn is not None and (relay.wants_consumer() or relay.conn.wants_write):
+            w.add(relay.conn.fileno(), relay.on_consumer, relay.conn.wants_write,
+                  read=relay.wants_consumer())
+        if relay.backend is not None and (relay.wants_backend() or relay.backend.wants_write):
+            w.add(relay.backend.fileno(), relay.on_backend, relay.backend.wants_write,
+                  read=relay.wants_backend())
         for vring, fd in list(relay.kicks.items()):
             w.add(fd, lambda v=vring: relay.on_kick(v))
         return w

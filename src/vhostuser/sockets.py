@@ -1,0 +1,209 @@
+"""Framed messages over a non-blocking AF_UNIX stream socket, fds passed with SCM_RIGHTS:
+what the vhost-user and vfio-user transports share.
+
+`FramedSocket` never blocks on its peer. Reads take at most what the framer wants (so the
+fds that come with a read belong to the message in progress) and hand over complete
+messages; writes go out as far as the socket takes them and the rest waits in a bounded
+backlog. A peer that holds back the rest of a message, or stops reading what we send, only
+stalls itself: `check` raises PeerStalled once it has done so for longer than its timeout,
+and the owner drops that connection. Loops that serve one connection and have nothing else
+to do use the waiting helpers, which wait on the socket and the stop signal's pipe only.
+"""
+
+from __future__ import annotations
+
+import array
+import select
+import socket
+import time
+from collections import deque
+from typing import Generic, TypeVar
+
+from .framer import Frame, Framer, close_fds
+from .shutdown import StopSignal
+
+H = TypeVar("H")
+
+MESSAGE_TIMEOUT = 5.0  # s a peer may take to finish a message it started, or to read ours
+MAX_BACKLOG = 1 << 20  # bytes we keep for a peer that does not read them
+_INT_SIZE = array.array("i").itemsize
+
+
+def set_message_timeout(seconds: float) -> None:
+    """The default message timeout of sockets made from now on (--message-timeout)."""
+    global MESSAGE_TIMEOUT
+    if not seconds > 0:
+        raise ValueError("the message timeout must be positive")
+    MESSAGE_TIMEOUT = seconds
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection."""
+
+
+class PeerStalled(ConnectionError):
+    """The peer left a message half sent, or stopped reading ours, for too long."""
+
+
+def recv_some(sock: socket.socket, n: int, max_fds: int) -> tuple[bytes, list[int], bool]:
+    """Up to `n` bytes and the fds that came with them, and whether the kernel dropped
+    fds for lack of room (those that came are returned: the caller closes them). Raises
+    BlockingIOError when nothing is there, PeerClosed at EOF."""
+    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(max_fds * _INT_SIZE))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
+            fds.extend(arr)
+    if not data:
+        close_fds(fds)
+        raise PeerClosed()
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
+def send_with_fds(sock: socket.socket, data: bytes | memoryview,
+                  fds: list[int] | tuple[int, ...] = ()) -> int:
+    """One sendmsg of `data` with `fds` attached to its first byte; returns bytes sent."""
+    anc = []
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return sock.sendmsg([data], anc)
+
+
+class FramedSocket(Generic[H]):
+    def __init__(self, sock: socket.socket, framer: Framer[H], *,
+                 message_timeout: float | None = None,
+                 max_backlog: int = MAX_BACKLOG) -> None:
+        """`message_timeout`: None for the default (`set_message_timeout`)."""
+        sock.setblocking(False)
+        self.sock = sock
+        self.framer = framer
+        self.message_timeout = MESSAGE_TIMEOUT if message_timeout is None else message_timeout
+        self.max_backlog = max_backlog
+        self._frames: deque[Frame[H]] = deque()
+        self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self._backlog = 0
+        self._partial_since: float | None = None
+        self._out_since: float | None = None  # when the backlog last made no progress
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def read(self, limit: int = 64) -> int:
+        """Read what the socket holds, without blocking, until `limit` messages are
+        complete and waiting; returns how many are. PeerClosed at EOF (also mid-message),
+        the framer's error on a bad header or too many fds."""
+        framer = self.framer
+        while len(self._frames) < limit:
+            try:
+                data, fds, truncated = recv_some(self.sock, framer.want(), framer.max_fds)
+            except BlockingIOError:
+                break
+            if truncated:
+                close_fds(fds)
+                framer.close()
+                raise framer.too_many_fds(f"more than {framer.max_fds} fds attached to one "
+                                          "message")
+            framer.feed(data, fds)
+            while (frame := framer.pop()) is not None:
+                self._frames.append(frame)
+        if framer.partial:
+            if self._partial_since is None:
+                self._partial_since = time.monotonic()
+        else:
+            self._partial_since = None
+        return len(self._frames)
+
+    def pop(self) -> Frame[H] | None:
+        return self._frames.popleft() if self._frames else None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Queue `data` (fds on its first byte) and send what the socket takes now.
+        PeerStalled if the peer has left more than `max_backlog` bytes unread."""
+        if self._backlog + len(data) > self.max_backlog:
+            raise PeerStalled(f"the peer does not read: {self._backlog} bytes wait for it")
+        if not self._out:
+            self._out_since = time.monotonic()
+        self._out.append((memoryview(data), list(fds)))
+        self._backlog += len(data)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send as much of the backlog as the socket takes, without blocking."""
+        while self._out:
+            view, fds = self._out[0]
+            try:
+                n = send_with_fds(self.sock, view, fds)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError) as e:
+                raise PeerClosed() from e
+            self._backlog -= n
+            self._out_since = time.monotonic()
+            if n < len(view):
+                self._out[0] = (view[n:], [])  # the fds went with the first byte
+            else:
+                self._out.popleft()
+        self._out_since = None
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._out)
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def deadline(self) -> float | None:
+        """When `check` will raise if the peer does nothing more (None: never)."""
+        times = [t for t in (self._partial_since, self._out_since) if t is not None]
+        return min(times) + self.message_timeout if times else None
+
+    def check(self, now: float | None = None) -> None:
+        """PeerStalled if the peer has left a message half sent, or ours unread, for
+        longer than `message_timeout`."""
+        now = time.monotonic() if now is None else now
+        t = self.message_timeout
+        if self._partial_since is not None and now - self._partial_since > t:
+            raise PeerStalled(f"the peer left a message incomplete for more than {t:g} s")
+        if self._out_since is not None and now - self._out_since > t:
+            raise PeerStalled(f"the peer has not read our messages for more than {t:g} s")
+
+    # -- waiting, for loops that serve this connection alone -------------------------------
+
+    def wait(self, timeout: float | None, stop: StopSignal | None = None,
+             write: bool = False) -> bool:
+        """Wait until the socket is readable (or writable, with `write`), at most
+        `timeout` seconds (None: no limit); raise Shutdown if a stop signal comes."""
+        rl = [self.sock] if not write else []
+        wl = [self.sock] if write else []
+        if stop is not None:
+            rl.append(stop.fds()[0])  # type: ignore[arg-type]
+        r, w, _ = select.select(rl, wl, [], timeout)
+        if stop is not None and (stop.fds()[0] in r or stop.signum is not None):
+            stop.check()
+            stop.wait(stop.fds()[0], 0)
+        return bool(w) if write else self.sock in r
+
+    def send_waiting(self, data: bytes, fds: list[int] | tuple[int, ...] = (),
+                     stop: StopSignal | None = None) -> None:
+        """`send`, then wait (up to the message timeout) until the peer took it all."""
+        self.send(data, fds)
+        while self._out:
+            dl = self.deadline()
+            left = None if dl is None else max(0.0, dl - time.monotonic())
+            if self.wait(left, stop, write=True):
+                self.flush()
+            else:
+                self.check()
+
+    def close(self) -> None:
+        self.framer.close()
+        while self._frames:
+            close_fds(self._frames.popleft().fds)
+        self._out.clear()
+        self._backlog = 0
+        self.sock.close()
