@@ -36,6 +36,7 @@ class Driver:
     """A fake driver side that records what the device does."""
 
     def __init__(self) -> None:
+        self.discards = 0
         self.rx: list[bytes] = []
         self.buffers = 8
         self.buffer_size = 1024
@@ -54,6 +55,9 @@ class Driver:
 
     def kick_arrived(self, vring: int) -> None:
         self.kicks.append(vring)
+
+    def discard_txq(self) -> None:
+        self.discards += 1
 
     def frontend_changed(self) -> None:
         self.config_irqs += 1
@@ -225,7 +229,11 @@ def test_no_rx_buffer_parks_the_message(setup: tuple[Relay, Driver, UnixChannel]
     assert not drv.rx and not relay.wants_consumer()  # parked; the socket is not read
     drv.buffers = 1
     relay.retry_rx()
-    assert delivered(drv) == request(F.GET_FEATURES) and relay.wants_consumer()
+    assert delivered(drv) == request(F.GET_FEATURES)
+    # the consumer waits for the reply: nothing more is read from it until it crosses
+    assert not relay.wants_consumer()
+    relay.from_driver(encode(reply_to(request(F.GET_FEATURES), p.U64(0))))
+    assert relay.wants_consumer()
 
 
 def test_message_larger_than_the_rx_buffer(setup: tuple[Relay, Driver, UnixChannel]) -> None:

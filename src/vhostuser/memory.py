@@ -8,6 +8,7 @@ never an access outside guest memory.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -81,12 +82,25 @@ def mmap_region(desc: MemRegion, fd: int | None) -> mmap.mmap:
     if stat.S_ISREG(st.st_mode) and desc.mmap_offset + desc.size > st.st_size:
         raise MemoryTableError(f"region {desc} runs past the end of its file "
                                f"({st.st_size} bytes)")
+    _seal_against_shrinking(fd)
     base = desc.mmap_offset - desc.mmap_offset % page
     try:
         return mmap.mmap(fd, desc.mmap_offset - base + desc.size, mmap.MAP_SHARED,
                          mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
     except (OSError, ValueError, OverflowError) as e:
         raise MemoryTableError(f"cannot map region {desc}: {e}") from e
+
+
+def _seal_against_shrinking(fd: int) -> None:
+    """A front-end that shrinks a memory file after we mapped it makes our next access
+    SIGBUS. QEMU's memfds come sealed (memory-backend-memfd seal=on); a memfd that still
+    takes seals gets F_SEAL_SHRINK here. Other files (hugetlbfs, tmpfs, a window file) take
+    no seals: the front-end that owns them is trusted not to truncate them (docs/design.md,
+    trust model)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        pass  # not a memfd, or sealed already (F_SEAL_SEAL)
 
 
 class GuestMemory:

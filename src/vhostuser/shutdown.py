@@ -17,6 +17,15 @@ class Shutdown(Exception):
     pass
 
 
+def readable(fds: list[int], timeout: float | None) -> list[int]:
+    """Those of `fds` that are readable (or hung up) within `timeout` seconds (None: no
+    limit). poll, not select: fds may be numbered past FD_SETSIZE."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(None if timeout is None else max(0.0, timeout) * 1000)]
+
+
 class StopSignal:
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -34,7 +43,10 @@ class StopSignal:
     def wait(self, fd: int, timeout: float | None = None) -> bool:
         """Wait until `fd` is readable (True) or `timeout` passes (False); raise Shutdown
         if a stop signal came first."""
-        ready, _, _ = select.select([fd, self._r], [], [], timeout)
+        poller = select.poll()  # not select(): fds may be numbered past FD_SETSIZE
+        poller.register(fd, select.POLLIN)
+        poller.register(self._r, select.POLLIN)
+        ready = dict(poller.poll(None if timeout is None else timeout * 1000))
         if self._r in ready or self.signum is not None:
             name = signal.Signals(self.signum).name if self.signum else "signal"
             raise Shutdown(name)
@@ -52,7 +64,7 @@ class StopSignal:
             raise Shutdown(signal.Signals(signum).name)
 
     def sleep(self, seconds: float) -> None:
-        ready, _, _ = select.select([self._r], [], [], seconds)
+        ready = readable([self._r], seconds)
         if ready or self.signum is not None:
             raise Shutdown(signal.Signals(self.signum).name if self.signum else "signal")
 

@@ -82,6 +82,7 @@ class FramedSocket(Generic[H]):
         self.message_timeout = MESSAGE_TIMEOUT if message_timeout is None else message_timeout
         self.max_backlog = max_backlog
         self._frames: deque[Frame[H]] = deque()
+        self._eof = False
         self._out: deque[tuple[memoryview, list[int]]] = deque()
         self._backlog = 0
         self._partial_since: float | None = None
@@ -98,10 +99,17 @@ class FramedSocket(Generic[H]):
         the framer's error on a bad header or too many fds."""
         framer = self.framer
         while len(self._frames) < limit:
+            if self._eof:
+                if self._frames:
+                    break  # what came before the end is served first
+                raise PeerClosed()
             try:
                 data, fds, truncated = recv_some(self.sock, framer.want(), framer.max_fds)
             except BlockingIOError:
                 break
+            except PeerClosed:
+                self._eof = True
+                continue
             if truncated:
                 close_fds(fds)
                 framer.close()
@@ -178,15 +186,14 @@ class FramedSocket(Generic[H]):
              write: bool = False) -> bool:
         """Wait until the socket is readable (or writable, with `write`), at most
         `timeout` seconds (None: no limit); raise Shutdown if a stop signal comes."""
-        rl = [self.sock] if not write else []
-        wl = [self.sock] if write else []
+        poller = select.poll()  # not select(): fds may be numbered past FD_SETSIZE
+        poller.register(self.sock, select.POLLOUT if write else select.POLLIN)
         if stop is not None:
-            rl.append(stop.fds()[0])  # type: ignore[arg-type]
-        r, w, _ = select.select(rl, wl, [], timeout)
-        if stop is not None and (stop.fds()[0] in r or stop.signum is not None):
+            poller.register(stop.fds()[0], select.POLLIN)
+        ready = dict(poller.poll(None if timeout is None else timeout * 1000))
+        if stop is not None and (stop.fds()[0] in ready or stop.signum is not None):
             stop.check()
-            stop.wait(stop.fds()[0], 0)
-        return bool(w) if write else self.sock in r
+        return self.sock.fileno() in ready
 
     def send_waiting(self, data: bytes, fds: list[int] | tuple[int, ...] = (),
                      stop: StopSignal | None = None) -> None:

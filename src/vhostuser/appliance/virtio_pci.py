@@ -5,12 +5,12 @@ eventfds. Enough to drive any modern virtio device from a process with no VM."""
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 from dataclasses import dataclass
 
 from ..frontend.ring import DriverRing, GuestRam
+from ..shutdown import readable
 from ..vfio_user.client import VfioUserClient
 from ..vfio_user.protocol import PciIrq
 
@@ -168,7 +168,7 @@ class VirtioPciDriver:
     def wait(self, vectors: list[int], timeout: float | None) -> list[int]:
         """Wait for any of `vectors`; returns those that fired (their counters cleared)."""
         fds = {self.vectors[v]: v for v in vectors}
-        ready, _, _ = select.select(list(fds), [], [], timeout)
+        ready = readable(list(fds), timeout)
         fired = []
         for fd in ready:
             try:

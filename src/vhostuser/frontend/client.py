@@ -146,9 +146,10 @@ class Frontend:
         """Wait until `count` chains of queue `index` are used; returns (head, len) pairs."""
         q = self.queues[index]
         out = q.ring.take_used()
+        poller = select.poll()
+        poller.register(q.call, select.POLLIN)
         while len(out) < count:
-            ready, _, _ = select.select([q.call], [], [], timeout)
-            if not ready:
+            if not poller.poll(timeout * 1000):
                 raise TimeoutError(f"queue {index}: {len(out)} of {count} requests completed")
             try:
                 os.eventfd_read(q.call)

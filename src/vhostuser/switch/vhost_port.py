@@ -36,7 +36,7 @@ from ..transport.unix import (
     connect,
     listen,
 )
-from ..transport.vvu import VvuLink, VvuResources, split_message
+from ..transport.vvu import S_BACKEND_UP, VvuLink, VvuResources, split_message
 from ..virtq.burst import DirectBurst, pop_direct, push_heads, scatter_frames
 from ..virtq.iov import iov_write
 from ..virtq.split import DESC_F_WRITE, RingError, SplitQueue
@@ -209,6 +209,8 @@ class VhostPort(Port):
                 self.changed()
                 link.begin_session()
                 messages = []
+            if self.backend is None and not link.status() & S_BACKEND_UP:
+                link.begin_session()  # a consumer came and went before we looked
             if self.backend is None and link.in_session():
                 log.info("%s: consumer connected through virtio-vhost-user", self.name)
                 self.backend = Backend(self.device, VvuResources(link, self.poll),

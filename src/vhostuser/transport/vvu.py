@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import struct
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from ..protocol import (
     expected_fds,
 )
 from ..protocol.payloads import MemRegion
-from ..shutdown import StopSignal
+from ..shutdown import StopSignal, readable
 from ..vfio_user.client import VfioUserClient
 from .unix import Idle, PeerClosed
 
@@ -144,7 +143,9 @@ class VvuLink:
         """Start a session and block until a consumer is connected."""
         self.begin_session()
         while not self.frontend_up():
-            self._wait([V_CONFIG], stop, None)
+            if not self.status() & S_BACKEND_UP:  # a consumer came and went before we
+                self.begin_session()  # looked: the device ended that session
+            self._wait([V_CONFIG], stop, STATUS_POLL)
 
     def event_fds(self) -> list[int]:
         """Eventfds that fire when a message arrives or the session changes (none with no
@@ -171,13 +172,13 @@ class VvuLink:
             if stop is None:
                 time.sleep(pause)
                 return vectors
-            ready, _, _ = select.select([stop.fds()[0]], [], [], pause)
+            ready = readable([stop.fds()[0]], pause)
             if ready or stop.signum is not None:
                 stop.wait(stop.fds()[0], 0)  # raises Shutdown
             return vectors
         fds = {self.pci.vectors[v]: v for v in vectors}
         watch = list(fds) + ([stop.fds()[0]] if stop is not None else [])
-        ready, _, _ = select.select(watch, [], [], timeout)
+        ready = readable(watch, timeout)
         if stop is not None and (stop.fds()[0] in ready or stop.signum is not None):
             stop.wait(stop.fds()[0], 0)  # raises Shutdown
         fired = []

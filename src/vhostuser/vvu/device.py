@@ -240,6 +240,22 @@ class VvuDevice:
             self.driver_error(f"txq: {e}")
         self._publish(TXQ, q)
 
+    def discard_txq(self) -> None:
+        q = self._queue(TXQ)
+        if q is None:
+            return
+        try:
+            n = 0
+            while q.available():
+                q.push(q.pop().head, 0)
+                n += 1
+        except RingError as e:
+            self.driver_error(f"txq: {e}")
+            return
+        if n:
+            log.info("dropped %d txq message(s) of an ended session", n)
+            self._publish(TXQ, q)
+
     def _drop_queues(self) -> None:
         for q in self.queues.values():
             q.release()

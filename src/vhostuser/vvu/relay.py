@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -81,6 +82,10 @@ class DriverSide(Protocol):
         """FRONTEND_UP changed by the device: send a config-change interrupt."""
         ...
 
+    def discard_txq(self) -> None:
+        """Consume what the driver has put in txq, unread (a session boundary)."""
+        ...
+
     def device_error(self) -> None:
         """Set DEVICE_NEEDS_RESET and tell the driver."""
         ...
@@ -101,6 +106,13 @@ class WindowFile:
     file_id: tuple[int, int]
     base: int
     size: int  # the file's size: all of it is placed, whatever the regions use
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the peer of socket `fd` has closed it (POLLHUP), without reading."""
+    p = select.poll()
+    p.register(fd, 0)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 class Relay:
@@ -143,8 +155,10 @@ class Relay:
     def set_backend_up(self, up: bool) -> None:
         if up == self.backend_up:
             return
-        self.backend_up = up
         log.info("driver %s BACKEND_UP", "set" if up else "cleared")
+        if up:  # whatever the driver left in txq was for an earlier session
+            self.driver.discard_txq()
+        self.backend_up = up
         if up:
             if self.connected:  # a consumer was already waiting
                 self.driver.frontend_changed()
@@ -188,7 +202,7 @@ class Relay:
 
     def wants_consumer(self) -> bool:
         """Whether the device should read the consumer's socket now."""
-        return self.connected and self.parked is None
+        return self.connected and self.parked is None and self.awaiting is None
 
     def channels(self) -> list[UnixChannel]:
         """The consumer's sockets (its connection, its back-end channel)."""
@@ -211,8 +225,10 @@ class Relay:
             return  # the session ended earlier in this round of events
         try:
             self.conn.flush()
-            if not self.wants_consumer():
-                return  # rxq is full: the message waits in the socket
+            if not self.wants_consumer():  # rxq is full, or a reply is due: the message
+                if _hung_up(self.conn.fileno()):  # waits in the socket, unless the
+                    raise PeerClosed()  # consumer has gone
+                return
             got = self.conn.poll(limit=1)
         except PeerClosed:
             self.end_session("the consumer disconnected")
@@ -452,6 +468,9 @@ class Relay:
     def from_driver(self, data: bytes) -> None:
         """One txq message from the driver: a reply the consumer waits for, or a back-end
         request (no REPLY flag) for the consumer's back-end channel."""
+        if not self.backend_up:  # the session it answered has ended: nobody waits for it
+            log.debug("txq message after the session ended: dropped")
+            return
         try:
             header = self._check_size(data)
             if not header.is_reply:

@@ -276,7 +276,7 @@ class VvuServer:
         relay = self.dev.relay
         if relay.conn is None and self.vhost_listener is not None:
             w.add(self.vhost_listener.fileno(), self._accept_consumer)
-        if relay.conn is not None and (relay.wants_consumer() or relay.conn.wants_write):
+        if relay.conn is not None:  # hang-ups are reported even when it is not read
             w.add(relay.conn.fileno(), relay.on_consumer, relay.conn.wants_write,
                   read=relay.wants_consumer())
         if relay.backend is not None and (relay.wants_backend() or relay.backend.wants_write):
