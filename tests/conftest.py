@@ -17,6 +17,44 @@ from daemon import Daemon
 
 IMAGE_MB = 16
 
+# Each test module's markers (pyproject.toml lists them): `pytest -m unit` runs the
+# in-process part alone, `-m "not guest"` leaves out the VMs. A new module must be listed.
+MODULE_MARKERS = {
+    "test_atomic": ["unit"],
+    "test_codec": ["unit"],
+    "test_engine_parallel": ["unit"],
+    "test_split_ring": ["unit"],
+    "test_sysfs_lock": ["unit"],
+    "test_vfio_user_protocol": ["unit"],
+    "test_vvu_pci": ["unit"],
+    "test_vvu_relay": ["unit"],
+    "test_blk_backend": ["daemon"],
+    "test_hostile_peers": ["daemon"],
+    "test_malformed": ["daemon"],
+    "test_switch": ["daemon"],
+    "test_vvu_device": ["daemon"],
+    "test_worker_lifetime": ["daemon"],
+    "test_blk_kill": ["guest"],
+    "test_qemu_blk": ["guest"],
+    "test_qemu_net": ["guest"],
+    "test_qemu_vvu": ["guest"],
+    "test_vm_harness": ["guest"],
+    "test_vvu_appliance_vm": ["guest", "appliance"],
+    "test_vvu_qemu": ["guest", "appliance"],
+    "test_dpdk_harness": ["dpdk"],
+    "test_switch_dpdk": ["dpdk"],
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""  # type: ignore[attr-defined]
+        names = MODULE_MARKERS.get(module)
+        if names is None:
+            raise pytest.UsageError(f"{module}: list it in MODULE_MARKERS (tests/conftest.py)")
+        for name in names:
+            item.add_marker(name)
+
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:

@@ -36,8 +36,6 @@ from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
 from vhostuser.vm import GuestError, GuestVM
 
-pytestmark = pytest.mark.guest
-
 BLOCK = 64 << 10
 PATTERN_BLOCKS = 32  # /P: 2 MiB of random data; round r writes P[r % 16 : r % 16 + 16]
 REGION_BLOCKS = 16  # each writer owns 16 blocks (1 MiB) of the disk

@@ -23,6 +23,7 @@ from vhostuser.frontend.client import Frontend
 from vhostuser.frontend.net import NetClient
 from vhostuser.protocol import FRONTEND_SPECS, FrontendReq, encode, request
 from vhostuser.protocol import payloads as p
+from vhostuser.vfio_user.client import VfioUserClient
 
 F = FrontendReq
 TIMEOUT = "1"  # --message-timeout for these tests, in seconds
@@ -406,3 +407,71 @@ class _ProcAlive:
 
     def log(self) -> str:
         return self.dev.log()  # type: ignore[attr-defined]
+
+
+def test_driver_gives_up_on_a_device_that_never_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The appliance's driver waits for a reset to complete (status reads 0) for a bounded
+    time, then fails clearly, instead of spinning forever on a device that never does."""
+    from vhostuser.appliance import virtio_pci as vpci
+
+    class StuckDevice:  # status stays DRIVER_OK whatever is written
+        def read_u(self, bar: int, offset: int, size: int) -> int:
+            return 0x0F
+
+        def write_u(self, bar: int, offset: int, size: int, value: int) -> None:
+            pass
+
+    monkeypatch.setattr(vpci, "RESET_TIMEOUT", 0.2)
+    drv = vpci.VirtioPciDriver.__new__(vpci.VirtioPciDriver)
+    drv.dev = StuckDevice()  # type: ignore[assignment]
+    drv.caps = {vpci.COMMON: vpci.Cap(vpci.COMMON, 0, 0, 0x38, b"")}
+    t0 = time.monotonic()
+    with pytest.raises(vpci.DriverError, match="did not complete its reset"):
+        drv.init(0)
+    assert 0.2 <= time.monotonic() - t0 < 5
+
+
+def _random_vfio_user(rng: random.Random, seq: int) -> bytes:
+    """One vfio-user message: a plausible header (command, size) over random payloads,
+    aimed at the region and irq handlers of the device."""
+    cmd = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 15, 16, 0, 99])
+    if cmd in (9, 10) and rng.random() < 0.7:  # REGION_READ/WRITE of a real region
+        count = rng.choice([1, 2, 4, 8, 3, 4096, 1 << 20])
+        body = struct.pack("<QII", rng.choice([0, 4, 0x14, 0x1000, 0x3FFE, 1 << 40]),
+                           rng.randrange(10), count)
+        if cmd == 10:
+            body += os.urandom(min(count, 64))
+    else:
+        body = os.urandom(rng.choice([0, 4, 8, 16, 24, 32, rng.randrange(200)]))
+    size = 16 + len(body)
+    if rng.random() < 0.1:
+        size = rng.choice([0, 8, 15, 1 << 31, size + 100])
+    flags = rng.choice([0, 0, 0, 1, 0x10, rng.randrange(1 << 32)])
+    return struct.pack("<HHIII", seq & 0xFFFF, cmd, size, flags, 0) + body
+
+
+def test_fuzz_vvu_device_vfio_user_socket(tmp_path: Path) -> None:
+    from test_vvu_device import Device
+
+    seed = _seed()
+    rng = random.Random(seed)
+    dev = Device(tmp_path, "--max-queues", "8", "--message-timeout", TIMEOUT)
+    try:
+        for r in range(FUZZ_ROUNDS):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(dev.vfu)
+            s.settimeout(2)
+            try:
+                for i in range(rng.randrange(1, 10)):
+                    s.sendall(_random_vfio_user(rng, i))
+            except OSError:
+                pass  # dropped: fine
+            finally:
+                s.close()
+            assert dev.proc.poll() is None, f"seed {seed} round {r}\n{dev.log()[-3000:]}"
+            if r % 10 == 9:  # a well-behaved client is served
+                c = VfioUserClient(dev.vfu)
+                assert c.read(7, 0, 4) == bytes.fromhex("f41a7f10"), f"seed {seed}"
+                c.close()
+    finally:
+        dev.stop()

@@ -40,6 +40,9 @@ def set_message_timeout(seconds: float) -> None:
 class PeerClosed(ConnectionError):
     """The peer closed the connection."""
 
+    def __init__(self, message: str = "the peer closed the connection") -> None:
+        super().__init__(message)
+
 
 class PeerStalled(ConnectionError):
     """The peer left a message half sent, or stopped reading ours, for too long."""

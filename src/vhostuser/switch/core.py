@@ -131,14 +131,19 @@ class Switch:
         """Move one burst from every port that has frames; returns whether any moved."""
         did = False
         for port in self.vports:
-            for iq in port.tx_queues():
-                frames = port.take_tx(iq)
-                if frames:
-                    did = True
+            try:
+                for iq in port.tx_queues():
+                    frames = port.take_tx(iq)
+                    if frames:
+                        did = True
+                        self.forward(port, frames)
+                if port.device.announce:
+                    frames, port.device.announce = port.device.announce, []
                     self.forward(port, frames)
-            if port.device.announce:
-                frames, port.device.announce = port.device.announce, []
-                self.forward(port, frames)
+            except Exception:  # a bug on one port's data path ends that port's connection
+                log.exception("%s: internal error on the data path; dropping the front-end",
+                              port.name)
+                port.disconnect()
         if self.tap is not None:
             frames = self.tap.take()
             if frames:

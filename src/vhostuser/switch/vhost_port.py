@@ -236,9 +236,15 @@ class VhostPort(Port):
             self.changed()
 
     def disconnect(self) -> None:
+        """End the front-end's connection (or, through a device, the consumer's session)."""
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+            if self.link is not None:
+                try:
+                    self.link.begin_session()
+                except OSError as e:
+                    log.error("%s: the virtio-vhost-user device failed: %s", self.name, e)
         if self.conn is not None:
             parent_only_fds.discard(self.conn.fileno())
             self.conn.close()

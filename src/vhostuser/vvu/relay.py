@@ -435,7 +435,7 @@ class Relay:
                 os.close(fd)
             msg = decode_reply(Channel.BACKEND, awaited, header, body, len(fds))
         except (PeerClosed, ProtocolError, OSError) as e:
-            self.end_session(f"the consumer's back-end channel failed: {e or 'closed'}")
+            self.end_session(f"the consumer's back-end channel failed: {str(e) or 'closed'}")
             return
         self.backend_awaiting = None
         log.debug("consumer -> driver: %s ack", Channel.BACKEND.name_of(awaited))
@@ -494,7 +494,7 @@ class Relay:
         try:
             self.conn.send_nowait(msg)
         except (OSError, PeerClosed) as e:
-            self.end_session(f"cannot write to the consumer: {e or 'it disconnected'}")
+            self.end_session(f"cannot write to the consumer: {str(e) or 'it disconnected'}")
 
     @staticmethod
     def _check_size(data: bytes) -> Header:

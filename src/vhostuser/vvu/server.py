@@ -12,9 +12,10 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from ..memory import MemoryTableError
-from ..shutdown import StopSignal, Watch
+from ..shutdown import Shutdown, StopSignal, Watch
 from ..transport.unix import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import PeerStalled, VfioUserChannel, close_fds
@@ -203,7 +204,7 @@ class VvuServer:
         try:
             self.client.send_nowait(reply, fds)
         except (OSError, PeerClosed) as e:  # gone meanwhile, or does not read (PeerStalled)
-            log.error("cannot answer the vfio-user client: %s", e or "it disconnected")
+            log.error("cannot answer the vfio-user client: %s", str(e) or "it disconnected")
             self._drop_client()
 
     def _drop_client(self) -> None:
@@ -267,23 +268,40 @@ class VvuServer:
                 self._drop_client()
         self.dev.relay.check_peers()
 
+    def _guard(self, handler: Callable[[], None]) -> Callable[[], None]:
+        """`handler`, but an error it did not expect (a bug) ends the consumer's session
+        and drops the vfio-user client, with the traceback logged: the device goes on."""
+        def guarded() -> None:
+            try:
+                handler()
+            except Shutdown:
+                raise
+            except Exception:
+                log.exception("internal error: ending the session")
+                self.dev.relay.end_session("internal error")
+                if self.client is not None:
+                    self._drop_client()
+        return guarded
+
     def _watch(self, stop: StopSignal) -> Watch:
         w = Watch(stop)
         if self.client is None and self.vfio_listener is not None:
             w.add(self.vfio_listener.fileno(), self._accept_client)
         if self.client is not None:
-            w.add(self.client.fileno(), self.serve_client, self.client.wants_write)
+            w.add(self.client.fileno(), self._guard(self.serve_client),
+                  self.client.wants_write)
         relay = self.dev.relay
         if relay.conn is None and self.vhost_listener is not None:
             w.add(self.vhost_listener.fileno(), self._accept_consumer)
         if relay.conn is not None:  # hang-ups are reported even when it is not read
-            w.add(relay.conn.fileno(), relay.on_consumer, relay.conn.wants_write,
+            w.add(relay.conn.fileno(), self._guard(relay.on_consumer), relay.conn.wants_write,
                   read=relay.wants_consumer())
         if relay.backend is not None and (relay.wants_backend() or relay.backend.wants_write):
-            w.add(relay.backend.fileno(), relay.on_backend, relay.backend.wants_write,
+            w.add(relay.backend.fileno(), self._guard(relay.on_backend),
+                  relay.backend.wants_write,
                   read=relay.wants_backend())
         for vring, fd in list(relay.kicks.items()):
-            w.add(fd, lambda v=vring: relay.on_kick(v))
+            w.add(fd, self._guard(lambda v=vring: relay.on_kick(v)))
         return w
 
     def close(self) -> None:
