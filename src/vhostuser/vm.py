@@ -19,6 +19,7 @@ import codecs
 import contextlib
 import functools
 import gzip
+import io
 import lzma
 import os
 import re
@@ -34,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 __all__ = [
     "EXIT_MARKER",
@@ -478,7 +480,7 @@ class GuestVM:
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        out = self.proc.stdout
+        out = cast(io.BufferedReader, self.proc.stdout)  # Popen's pipes are buffered readers
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while chunk := out.read1(65536):
             text = decoder.decode(chunk).replace("\r", "")

@@ -25,6 +25,7 @@ import re
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 from ..frontend.ring import GuestRam
 
@@ -158,7 +159,8 @@ class SysfsPciFunction:
     def _typed(self, region: int, size: int) -> memoryview:
         v = self.typed.get((region, size))
         if v is None:
-            v = self.typed[region, size] = self._bar(region).cast(_FMT[size])
+            fmt: Any = _FMT[size]  # "B", "H" or "I"
+            v = self.typed[region, size] = self._bar(region).cast(fmt)
         return v
 
     def close(self) -> None:

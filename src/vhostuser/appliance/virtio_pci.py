@@ -8,6 +8,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..frontend.ring import DriverRing, GuestRam
 from ..shutdown import readable
@@ -60,8 +61,23 @@ def find_caps(config: bytes) -> dict[int, Cap]:
     return caps
 
 
+class PciFunction(Protocol):
+    """What the driver needs of a PCI function: the vfio-user client, or the function on
+    this machine's bus through sysfs (appliance/sysfs_pci.py)."""
+
+    def dma_map(self, iova: int, size: int, fd: int) -> None: ...
+
+    def read(self, region: int, offset: int, count: int) -> bytes: ...
+
+    def write(self, region: int, offset: int, data: bytes) -> None: ...
+
+    def read_u(self, region: int, offset: int, size: int) -> int: ...
+
+    def write_u(self, region: int, offset: int, size: int, value: int) -> None: ...
+
+
 class VirtioPciDriver:
-    def __init__(self, dev: VfioUserClient, ram: GuestRam) -> None:
+    def __init__(self, dev: PciFunction, ram: GuestRam) -> None:
         self.dev = dev
         self.ram = ram
         dev.dma_map(ram.guest_addr, ram.size, ram.fd)
@@ -103,6 +119,8 @@ class VirtioPciDriver:
     # -- initialisation --------------------------------------------------------------------
 
     def setup_vectors(self, count: int) -> list[int]:
+        if not isinstance(self.dev, VfioUserClient):
+            raise DriverError("interrupt vectors need the device over vfio-user")
         have = self.dev.irq_count(PciIrq.MSIX)
         if have < count:
             raise DriverError(f"device has {have} MSI-X vectors, {count} wanted")

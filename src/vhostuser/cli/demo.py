@@ -187,7 +187,7 @@ def _wait_path(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 15
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise GuestError(f"{proc.args[2]} did not start:\n{log.read_text()}")
+            raise GuestError(f"{path} did not appear:\n{log.read_text()}")
         time.sleep(0.05)
 
 

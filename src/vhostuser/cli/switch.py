@@ -28,12 +28,13 @@ from .common import add_message_timeout, apply_message_timeout, setup_logging, u
 
 
 def parse_port(spec: str, index: int) -> VhostPort:
-    path, *opts = spec.split(",")
-    if not path:
+    first, *opts = spec.split(",")
+    path: str | None = first
+    if not first:
         raise ValueError(f"port {spec!r}: no socket path")
     kw: dict[str, object] = {"mac": bytes([0x52, 0x54, 0x00, 0x5C, 0, index + 1])}
-    if path.startswith("vvu="):  # served through a virtio-vhost-user device
-        kw["vvu"], path = path[4:], None
+    if first.startswith("vvu="):  # served through a virtio-vhost-user device
+        kw["vvu"], path = first[4:], None
     for opt in opts:
         key, _, val = opt.partition("=")
         if key == "client" and not val and "vvu" not in kw:

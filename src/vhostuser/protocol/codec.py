@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Any
 
 from . import payloads as p
 from .constants import (
@@ -56,8 +57,8 @@ class Reply(Enum):
 
 @dataclass(frozen=True)
 class Spec:
-    payload: type
-    reply: type | None = None  # None: answered only by an ack (u64)
+    payload: Any  # a payload class (its unpack makes one from bytes)
+    reply: Any = None  # the reply's payload class; None: answered only by an ack (u64)
     fds: Fds = Fds.NONE
     reply_fds: Fds = Fds.NONE
     when: Reply = Reply.ACK

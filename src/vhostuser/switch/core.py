@@ -8,6 +8,7 @@ multicast and unknown unicast are flooded to every port except the ingress one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -221,7 +222,8 @@ class Switch:
         if self._control is not None:
             w.add(self._control.fileno(), self._serve_control)
         for conn in self._readers:
-            w.add(conn.fileno(), lambda c=conn: self._write_status(c), write=True, read=False)
+            w.add(conn.fileno(), functools.partial(self._write_status, conn), write=True,
+                  read=False)
         if self.tap is not None:
             w.add(self.tap.fileno(), lambda: None)
         for p in self.vports:
@@ -234,7 +236,7 @@ class Switch:
                     w.add(fd, p.on_vvu_event)
             for iq in p.tx_queues():
                 if iq.kick_fd is not None:
-                    w.add(iq.kick_fd, lambda fd=iq.kick_fd: _drain_eventfd(fd))
+                    w.add(iq.kick_fd, functools.partial(_drain_eventfd, iq.kick_fd))
         return w
 
     def _loop(self, stop: StopSignal) -> None:

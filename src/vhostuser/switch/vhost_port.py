@@ -39,7 +39,7 @@ from ..transport.unix import (
 from ..transport.vvu import S_BACKEND_UP, VvuLink, VvuResources, split_message
 from ..virtq.burst import DirectBurst, pop_direct, push_heads, scatter_frames
 from ..virtq.iov import iov_write
-from ..virtq.split import DESC_F_WRITE, RingError, SplitQueue
+from ..virtq.split import DESC_F_WRITE, Chain, RingError, SplitQueue
 from .port import Port
 
 log = logging.getLogger(__name__)
@@ -217,10 +217,12 @@ class VhostPort(Port):
                                        runner=self._run_queue)
                 self.changed()
                 messages += link.take_messages()
-            for data in messages if self.backend is not None else []:
-                reply = self.backend.receive(*split_message(data))
-                if reply is not None:
-                    link.send(encode(reply))
+            backend = self.backend
+            if backend is not None:
+                for data in messages:
+                    reply = backend.receive(*split_message(data))
+                    if reply is not None:
+                        link.send(encode(reply))
         except Exception as e:  # whatever it is, it ends this port's session only
             if isinstance(e, ProtocolError | OSError | MemoryTableError):
                 log.error("%s: dropping the consumer: %s", self.name, e)
@@ -462,13 +464,13 @@ class VhostPort(Port):
         return k
 
     @staticmethod
-    def _spread(q: SplitQueue, first: object, frame: bytes, hl: int, avail: int,
-                used: list, lens: list) -> int:
+    def _spread(q: SplitQueue, first: Chain, frame: bytes, hl: int, avail: int,
+                used: list[Chain], lens: list[int]) -> int:
         """MRG_RXBUF: lay one frame over as many chains as it takes; the header of the
         first says how many. Returns the chains still available, -1 if they ran out."""
         data = bytearray(rx_header(hl, 1) + frame)
         chains = [first]
-        room = sum(map(len, first.writable))  # type: ignore[attr-defined]
+        room = sum(len(v) for v in first.writable)
         while room < len(data):
             if not avail:
                 used.append(first)  # return what we took, empty
@@ -480,11 +482,11 @@ class VhostPort(Port):
             chain = q.pop()
             avail -= 1
             chains.append(chain)
-            room += sum(map(len, chain.writable))
+            room += sum(len(v) for v in chain.writable)
         data[hl - 2 : hl] = len(chains).to_bytes(2, "little")  # num_buffers
         off = 0
         for chain in chains:
-            n = iov_write(chain.writable, memoryview(data)[off:])  # type: ignore[attr-defined]
+            n = iov_write(chain.writable, memoryview(data)[off:])
             used.append(chain)
             lens.append(n)
             off += n

@@ -8,6 +8,7 @@ work `sockets.FramedSocket`.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -145,7 +146,7 @@ class UnixResources:
 
     max_mem_slots = 509
 
-    def map_region(self, desc: MemRegion, res: int) -> object:
+    def map_region(self, desc: MemRegion, res: int) -> mmap.mmap:
         return mmap_region(desc, res)
 
     def check_kick(self, res: int) -> None:

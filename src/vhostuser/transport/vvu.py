@@ -249,7 +249,8 @@ class VvuLink:
             region = self.client.region(index)
             if not region.size:
                 break
-            base = next((int.from_bytes(c.data[:8], "little") for c in region.caps
+            base = next((int.from_bytes(getattr(c, "data", b"")[:8], "little")
+                         for c in region.caps
                          if getattr(c, "id", None) == WINDOW_BASE_CAP), None)
             try:
                 if base is not None and base <= start and end <= base + region.size:
@@ -274,6 +275,8 @@ class VvuLink:
     def doorbell_fd(self, offset: int) -> int | None:
         """A dup of the ioeventfd behind the doorbell at `offset`, if the device has one."""
         found = None
+        if not isinstance(self.client, VfioUserClient):
+            return None  # on a PCI bus a doorbell is an MMIO write, with no eventfd
         for off, fd in self.client.io_fds(self.pci.caps[CFG_DOORBELL].bar):
             if off == offset and found is None:
                 found = os.dup(fd)

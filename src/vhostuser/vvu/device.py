@@ -60,12 +60,12 @@ class VvuConfig:
     def __init__(self, dev: VvuDevice) -> None:
         self.dev = dev
 
-    def bytes(self) -> bytes:
+    def space(self) -> bytes:
         d = self.dev
         return struct.pack("<II16s", d.relay.status(), d.relay.max_queues, d.uuid.bytes)
 
     def read(self, offset: int, size: int) -> bytes:
-        return self.bytes()[offset : offset + size].ljust(size, b"\0")
+        return self.space()[offset : offset + size].ljust(size, b"\0")
 
     def write(self, offset: int, data: bytes) -> None:
         if offset != 0 or len(data) not in (1, 2, 4):

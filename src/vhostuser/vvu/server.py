@@ -7,6 +7,7 @@ consumer's vhost-user connection, the consumer's kick eventfds, and the stop sig
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -76,8 +77,8 @@ class VvuServer:
         if msg.command == C.DEVICE_GET_IRQ_INFO:
             assert isinstance(pl, vp.IrqInfo)
             count = dev.nvec if pl.index == vp.PciIrq.MSIX else 0
-            flags = vp.IrqInfoFlag.EVENTFD | vp.IrqInfoFlag.NORESIZE if count else 0
-            return vp.reply_to(msg, vp.IrqInfo.reply(pl.index, flags, count)), []
+            irq_flags = vp.IrqInfoFlag.EVENTFD | vp.IrqInfoFlag.NORESIZE if count else 0
+            return vp.reply_to(msg, vp.IrqInfo.reply(pl.index, irq_flags, count)), []
         if msg.command == C.DEVICE_SET_IRQS:
             self._set_irqs(pl, fds)  # type: ignore[arg-type]
             return vp.reply_to(msg), []
@@ -301,7 +302,7 @@ class VvuServer:
                   relay.backend.wants_write,
                   read=relay.wants_backend())
         for vring, fd in list(relay.kicks.items()):
-            w.add(fd, self._guard(lambda v=vring: relay.on_kick(v)))
+            w.add(fd, self._guard(functools.partial(relay.on_kick, vring)))
         return w
 
     def close(self) -> None:

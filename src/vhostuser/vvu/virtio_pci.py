@@ -103,7 +103,7 @@ assert _COMMON.size == COMMON_CFG_SIZE
 _RING_FIELDS = {Common.QUEUE_DESC: "desc", Common.QUEUE_DRIVER: "driver",
                 Common.QUEUE_DEVICE: "device"}
 # The writable fields other than the ring addresses, with their widths.
-_WRITABLE = {Common.DEVICE_FEATURE_SELECT: 4, Common.DRIVER_FEATURE_SELECT: 4,
+_WRITABLE: dict[int, int] = {Common.DEVICE_FEATURE_SELECT: 4, Common.DRIVER_FEATURE_SELECT: 4,
              Common.DRIVER_FEATURE: 4, Common.CONFIG_MSIX_VECTOR: 2, Common.DEVICE_STATUS: 1,
              Common.QUEUE_SELECT: 2, Common.QUEUE_SIZE: 2, Common.QUEUE_MSIX_VECTOR: 2,
              Common.QUEUE_ENABLE: 2, Common.QUEUE_RESET: 2}
