@@ -368,3 +368,17 @@ def test_backend_channel_needs_backend_req(setup: tuple[Relay, Driver, UnixChann
     theirs.close()
     ours.close()
     assert closed(fe) and relay.backend is None
+
+
+@pytest.mark.parametrize("code", [F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR])
+def test_vring_fd_that_is_not_an_eventfd_is_refused(setup: tuple[Relay, Driver, UnixChannel],
+                                                    code: int) -> None:
+    """A pipe in place of an eventfd could be readable forever (a busy device) or be
+    handed to the appliance's VMM as a doorbell: the device refuses it, and keeps none."""
+    relay, drv, fe = setup
+    r, w = os.pipe()
+    os.close(w)  # a kick that hangs up forever
+    send(fe, relay, request(code, p.VringFile.make(1)), (r,))
+    os.close(r)
+    assert not drv.rx and closed(fe)  # no REPLY_ACK: the session ends
+    assert not relay.kicks and not relay.calls and not relay.errs

@@ -148,5 +148,41 @@ def test_worker_stores_nothing_once_its_parent_is_gone() -> None:
         mem.clear()
 
 
+def test_worker_answers_stop_while_the_guest_keeps_the_ring_full() -> None:
+    """A guest that refills the ring as fast as it empties must not delay a STOP (and so
+    GET_VRING_BASE) until the worker is killed: the worker looks at its control channel
+    between batches."""
+    ram = GuestRam(1 << 20, guest_addr=0x10000)
+    mem = GuestMemory()
+    mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    try:
+        drv = DriverRing(ram, 8, False)
+        q = SplitQueue(mem, drv.layout(), 0, False, True)
+        buf = ram.alloc(16)
+
+        class Refill:  # every batch served, the guest makes as many new ones available
+            seen = 0
+
+            def handle(self, chains: list) -> list[int]:
+                self.seen += len(chains)
+                drv.take_used()
+                for _ in chains:
+                    drv.add([(buf, 16, False)])
+                return [0] * len(chains)
+
+        for _ in range(4):
+            drv.add([(buf, 16, False)])
+        handler, looks = Refill(), []
+
+        def stop_asked() -> bool:
+            looks.append(1)
+            return len(looks) >= 3  # the parent's STOP arrives on the third look
+
+        assert _drain(q, handler, _Calls(), 0.0, os.getppid(), stop_asked)
+        assert len(looks) == 3 and handler.seen > 0
+    finally:
+        mem.clear()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

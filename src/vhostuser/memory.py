@@ -73,6 +73,7 @@ def mmap_region(desc: MemRegion, fd: int | None) -> mmap.mmap:
         raise MemoryTableError("memory region without a file descriptor")
     # mmap offsets must be page-aligned (hugepage-aligned on hugetlbfs): map from the
     # aligned offset below and let MappedRegion skip the remainder.
+    _seal_against_shrinking(fd)  # before the size check: it cannot shrink after it
     try:
         page = max(os.fstatvfs(fd).f_bsize, mmap.ALLOCATIONGRANULARITY)
         st = os.fstat(fd)
@@ -82,7 +83,6 @@ def mmap_region(desc: MemRegion, fd: int | None) -> mmap.mmap:
     if stat.S_ISREG(st.st_mode) and desc.mmap_offset + desc.size > st.st_size:
         raise MemoryTableError(f"region {desc} runs past the end of its file "
                                f"({st.st_size} bytes)")
-    _seal_against_shrinking(fd)
     base = desc.mmap_offset - desc.mmap_offset % page
     try:
         return mmap.mmap(fd, desc.mmap_offset - base + desc.size, mmap.MAP_SHARED,

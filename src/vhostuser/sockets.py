@@ -13,6 +13,7 @@ to do use the waiting helpers, which wait on the socket and the stop signal's pi
 from __future__ import annotations
 
 import array
+import os
 import select
 import socket
 import time
@@ -110,7 +111,7 @@ class FramedSocket(Generic[H]):
                 data, fds, truncated = recv_some(self.sock, framer.want(), framer.max_fds)
             except BlockingIOError:
                 break
-            except PeerClosed:
+            except (PeerClosed, ConnectionResetError):  # a reset ends the stream as EOF does
                 self._eof = True
                 continue
             if truncated:
@@ -134,13 +135,15 @@ class FramedSocket(Generic[H]):
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Queue `data` (fds on its first byte) and send what the socket takes now.
-        PeerStalled if the peer has left more than `max_backlog` bytes unread."""
-        if self._backlog + len(data) > self.max_backlog:
+        """Queue `data` (fds on its first byte) and send what the socket takes now. The
+        fds are duplicated: the caller may close its own at once (a number closed and
+        reused meanwhile can never go out in their place). PeerStalled if the peer has left
+        more than `max_backlog` bytes unread (one message of any size is always taken)."""
+        if self._out and self._backlog + len(data) > self.max_backlog:
             raise PeerStalled(f"the peer does not read: {self._backlog} bytes wait for it")
         if not self._out:
             self._out_since = time.monotonic()
-        self._out.append((memoryview(data), list(fds)))
+        self._out.append((memoryview(data), [os.dup(fd) for fd in fds]))
         self._backlog += len(data)
         self.flush()
 
@@ -156,8 +159,9 @@ class FramedSocket(Generic[H]):
                 raise PeerClosed() from e
             self._backlog -= n
             self._out_since = time.monotonic()
+            close_fds(fds)  # our duplicates: they went with the first byte
             if n < len(view):
-                self._out[0] = (view[n:], [])  # the fds went with the first byte
+                self._out[0] = (view[n:], [])
             else:
                 self._out.popleft()
         self._out_since = None
@@ -173,11 +177,13 @@ class FramedSocket(Generic[H]):
         times = [t for t in (self._partial_since, self._out_since) if t is not None]
         return min(times) + self.message_timeout if times else None
 
-    def check(self, now: float | None = None) -> None:
-        """PeerStalled if the peer has left a message half sent, or ours unread, for
-        longer than `message_timeout`."""
+    def check(self, now: float | None = None, reading: bool = True) -> None:
+        """PeerStalled if the peer has left a message half sent (while we were reading:
+        `reading`), or ours unread, for longer than `message_timeout`."""
         now = time.monotonic() if now is None else now
         t = self.message_timeout
+        if not reading and self._partial_since is not None:
+            self._partial_since = now  # we are not reading: the peer is not late
         if self._partial_since is not None and now - self._partial_since > t:
             raise PeerStalled(f"the peer left a message incomplete for more than {t:g} s")
         if self._out_since is not None and now - self._out_since > t:
@@ -214,6 +220,7 @@ class FramedSocket(Generic[H]):
         self.framer.close()
         while self._frames:
             close_fds(self._frames.popleft().fds)
-        self._out.clear()
+        while self._out:
+            close_fds(self._out.popleft()[1])
         self._backlog = 0
         self.sock.close()

@@ -47,6 +47,7 @@ _REPORT = struct.Struct("<HB")  # last avail index, broken flag
 _PR_SET_PDEATHSIG = 1
 _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
 DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
+CTRL_LOOK = 0.001  # s between looks at the control channel while the ring stays busy
 
 # fds of the parent's that a worker must not hold open: a listening socket (a restarted
 # back-end binds the path anew), the stop-signal pipe. Never the connection: see above.
@@ -163,6 +164,12 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
         poller.register(kick_fd, select.POLLIN)
     spin = params.spin_us / 1e6
     idle = 0
+    ctrl_poll = select.poll()
+    ctrl_poll.register(ctrl, select.POLLIN)
+
+    def stop_asked() -> bool:  # a STOP (or the parent's end) waits on the control channel
+        return bool(ctrl_poll.poll(0))
+
     while True:
         if kick_fd is None and not broken:  # poll mode: nobody kicks, look again soon
             events = poller.poll(0 if idle < _POLL_IDLE_ROUNDS else 1)
@@ -186,7 +193,7 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
         if broken or q is None:
             continue
         try:
-            idle = 0 if _drain(q, handler, call, spin, ppid) else idle + 1
+            idle = 0 if _drain(q, handler, call, spin, ppid, stop_asked) else idle + 1
         except ParentGone:
             log.error("%s: the back-end's main process is gone; stopping", name)
             return 1
@@ -201,14 +208,17 @@ def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int |
 
 
 def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float,
-           ppid: int) -> bool:
+           ppid: int, stop_asked: Callable[[], bool] = lambda: False) -> bool:
     """Serve every available chain, a batch at a time: one used-index update and at most
     one notification per batch. Once the ring is empty, keep looking for `spin` seconds
     with kicks still suppressed (as QEMU's AioContext polling does) before asking for
     kicks again. Returns whether there was any work. Raises ParentGone, before storing
-    anything into the used ring, once the parent is gone."""
+    anything into the used ring, once the parent is gone. Between batches, at most every
+    CTRL_LOOK seconds, it returns early if `stop_asked()`: a STOP is answered within a
+    batch even while the guest keeps the ring full."""
     handle, available, clock = handler.handle, q.available, time.perf_counter
     getppid = os.getppid
+    next_look = clock() + CTRL_LOOK
     did = False
     idle_since = 0.0
     q.disable_kicks()
@@ -227,6 +237,11 @@ def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float,
                     call.notify()
             if error is not None:
                 raise error
+            now = clock()
+            if now >= next_look:
+                next_look = now + CTRL_LOOK
+                if stop_asked():
+                    return True
             continue
         if spin:
             now = clock()

@@ -114,14 +114,14 @@ class Switch:
                 sends.setdefault(p, []).append(j)
         for p, js in sends.items():
             if len(js) == len(dsts) and not drops:  # every frame (the usual case)
-                p.deliver(frames)
+                _deliver(p, frames)
                 continue
             chosen = np.isin(inverse, js)
             if hairpin is not None:
                 chosen &= ~hairpin
             picked = np.flatnonzero(chosen).tolist()  # in burst order
             if picked:
-                p.deliver([frames[i] for i in picked])
+                _deliver(p, [frames[i] for i in picked])
 
     def age(self) -> None:
         now = time.monotonic()
@@ -146,10 +146,13 @@ class Switch:
                               port.name)
                 port.disconnect()
         if self.tap is not None:
-            frames = self.tap.take()
-            if frames:
-                did = True
-                self.forward(self.tap, frames)
+            try:
+                frames = self.tap.take()
+                if frames:
+                    did = True
+                    self.forward(self.tap, frames)
+            except Exception:  # a bug on the uplink's path costs those frames only
+                log.exception("tap: internal error on the data path; frames dropped")
         return did
 
     # -- status --------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ class Switch:
         assert self._control is not None
         try:
             conn, _ = self._control.accept()
-        except BlockingIOError:
+        except OSError:  # nothing waiting, or out of fds
             return
         conn.setblocking(False)
         data = memoryview(json.dumps(self.status()).encode() + b"\n")
@@ -298,6 +301,16 @@ class Switch:
                         iq.q.disable_kicks()
                 except RingError as e:
                     iq.fail(e)
+
+
+def _deliver(port: Port, frames: list[bytes]) -> None:
+    """Frames out of `port`; a bug on its path ends its connection, not the ingress's."""
+    try:
+        port.deliver(frames)
+    except Exception:
+        log.exception("%s: internal error delivering frames; dropping the front-end",
+                      port.name)
+        port.disconnect()
 
 
 def _drain_eventfd(fd: int) -> None:

@@ -33,5 +33,8 @@ class Port(ABC):
     def deliver(self, frames: list[bytes]) -> None:
         """Send `frames` out of this port (dropping, and counting, what cannot go)."""
 
+    def disconnect(self) -> None:  # noqa: B027 - a port with no peer has nothing to end
+        """End this port's connection to its peer (after an internal error on its path)."""
+
     def status(self) -> dict[str, object]:
         return {"name": self.name, **self.counters.as_dict()}

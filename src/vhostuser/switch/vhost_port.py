@@ -26,8 +26,9 @@ from ..engine.backend import Backend
 from ..engine.device import Device
 from ..engine.notify import Notifier
 from ..engine.worker import QueueParams, Running, parent_only_fds
+from ..framer import close_fds
 from ..memory import GuestMemory, MemoryTableError
-from ..protocol import ProtocolError, encode
+from ..protocol import Header, ProtocolError, encode
 from ..transport.unix import (
     PeerClosed,
     PeerStalled,
@@ -142,7 +143,9 @@ class VhostPort(Port):
         assert self.listener is not None
         try:
             sock, _ = self.listener.accept()
-        except BlockingIOError:
+        except OSError as e:  # nothing waiting, or out of fds: the front-end waits
+            if not isinstance(e, BlockingIOError):
+                log.error("%s: cannot accept a front-end: %s", self.name, e)
             return
         if self.conn is not None:  # one front-end per port
             log.warning("%s: refusing a second front-end", self.name)
@@ -165,9 +168,12 @@ class VhostPort(Port):
         if conn is None or backend is None:
             return  # disconnected earlier in this round of events
         wanted_write = conn.wants_write
+        messages: list[tuple[Header, bytes, list[int]]] = []
         try:
             conn.flush()
-            for header, body, fds in conn.poll():
+            messages = conn.poll()
+            while messages:
+                header, body, fds = messages.pop(0)
                 reply = backend.receive(header, body, fds)
                 if reply is not None:
                     conn.send_nowait(reply)
@@ -183,6 +189,9 @@ class VhostPort(Port):
             log.exception("%s: dropping the front-end after an internal error", self.name)
             self.disconnect()
             return
+        finally:
+            for _, _, fds in messages:  # not served: the connection went
+                close_fds(fds)
         if conn.wants_write != wanted_write:
             self.changed()  # watch for writability, or stop watching
 

@@ -120,8 +120,8 @@ class UnixChannel:
     def flush(self) -> None:
         self.stream.flush()
 
-    def check(self, now: float | None = None) -> None:
-        self.stream.check(now)
+    def check(self, now: float | None = None, reading: bool = True) -> None:
+        self.stream.check(now, reading)
 
     def deadline(self) -> float | None:
         return self.stream.deadline()
@@ -209,6 +209,8 @@ def connect(path: str, retry_for: float | None = None, interval: float = 0.1,
     deadline = None if retry_for is None else time.monotonic() + retry_for
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if retry_for == 0:  # one attempt, from an event loop: a full backlog is a no
+            sock.setblocking(False)
         try:
             sock.connect(path)
             return sock

@@ -17,7 +17,7 @@ from ..transport.unix import connect
 from . import protocol as vp
 from .socket import VfioUserChannel, close_fds
 
-MAX_FDS_PER_MESSAGE = 8  # what this client proposes in VERSION
+MAX_FDS_PER_MESSAGE = vp.MAX_MSG_FDS  # what this client proposes in VERSION (and takes)
 
 
 class DeviceError(Exception):

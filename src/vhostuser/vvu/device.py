@@ -159,7 +159,7 @@ class VvuDevice:
         if fd is not None:
             try:
                 os.eventfd_write(fd, 1)
-            except BlockingIOError:
+            except OSError:  # saturated (a wake-up is pending), or the client's to fix
                 pass
 
     # -- DriverSide (called by the relay) ------------------------------------------------------

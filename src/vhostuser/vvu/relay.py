@@ -108,11 +108,21 @@ class WindowFile:
     size: int  # the file's size: all of it is placed, whatever the regions use
 
 
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 def _hung_up(fd: int) -> bool:
     """Whether the peer of socket `fd` has closed it (POLLHUP), without reading."""
     p = select.poll()
     p.register(fd, 0)
     return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+
+MAX_FILES = 64  # memory files of one consumer (vfio-user regions 9, 10, ...)
 
 
 class Relay:
@@ -212,8 +222,9 @@ class Relay:
         """End the session of a consumer that stalled (half a message, or ours unread, for
         longer than the message timeout)."""
         for chan in self.channels():
+            reading = (self.wants_consumer() if chan is self.conn else self.wants_backend())
             try:
-                chan.check()
+                chan.check(reading=reading)
             except PeerStalled as e:
                 self.end_session(f"the consumer stalled: {e}")
                 return
@@ -322,12 +333,14 @@ class Relay:
             raise RelayError(f"vring {pl.index} beyond max_vhost_queues {self.max_queues}")
         table = {F.SET_VRING_CALL: self.calls, F.SET_VRING_ERR: self.errs,
                  F.SET_VRING_KICK: self.kicks}[FrontendReq(msg.request)]
+        if fds and not _is_eventfd(fds[0]):
+            raise RelayError(f"the {F(msg.request).name} fd is not an eventfd")
         old = table.pop(pl.index, None)
         if old is not None:
             os.close(old)
         if fds:
             os.set_blocking(fds[0], False)
-            table[pl.index] = fds[0]
+            table[pl.index] = fds.pop()
 
     def _drop_vring(self, index: int) -> None:
         for table in (self.kicks, self.calls, self.errs):
@@ -378,6 +391,8 @@ class Relay:
         fid = (st.st_dev, st.st_ino)
         f = next((x for x in self.files if x.file_id == fid), None)
         if f is None:
+            if len(self.files) >= MAX_FILES:
+                raise RelayError(f"the consumer's memory is in more than {MAX_FILES} files")
             end = self.files[-1].base + self.files[-1].size if self.files else 0
             base = -(-end // FILE_ALIGN) * FILE_ALIGN
             if base + st.st_size > self.window_size:

@@ -29,6 +29,7 @@ C = vp.Command
 NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA: the VFIO PCI layout
 NUM_IRQS = 5  # INTx, MSI, MSI-X, ERR, REQ
 MAX_DATA = 1 << 20
+ACCEPT_PAUSE = 0.1  # s: out of fds, the listener stays readable; pause between tries
 WINDOW_FILE_TYPE = 0x1AF40001  # region type cap of a window-file region (vendor-specific)
 WINDOW_BASE_CAP = 0x1AF4  # capability id: u64 offset of that file in the window
 
@@ -43,6 +44,7 @@ class VvuServer:
         self.vfio_listener: socket.socket | None = None
         self.vhost_listener: socket.socket | None = None
         self.client: VfioUserChannel | None = None
+        self.client_max_fds = vp.DEFAULT_MAX_MSG_FDS  # what the client takes per message
 
     # -- vfio-user commands --------------------------------------------------------------------
 
@@ -55,6 +57,8 @@ class VvuServer:
             assert isinstance(pl, vp.Version)
             caps = vp.Capabilities(max_msg_fds=8, max_data_xfer_size=MAX_DATA, pgsizes=4096,
                                    max_dma_maps=1024)
+            offered = pl.capabilities.max_msg_fds if pl.capabilities is not None else None
+            self.client_max_fds = offered or vp.DEFAULT_MAX_MSG_FDS
             return vp.reply_to(msg, vp.negotiate_version(pl, caps)), []
         if msg.command == C.DMA_MAP:
             assert isinstance(pl, vp.DmaMap)
@@ -125,6 +129,9 @@ class VvuServer:
         doorbells = self.dev.doorbell_fds() if pl.index == BAR_DOORBELL else []
         subs = tuple(vp.IoFdSubRegion(offset, 2, i, 0, 0, 0)
                      for i, (offset, _fd) in enumerate(doorbells))
+        if len(doorbells) > self.client_max_fds:
+            raise vp.VfioUserError(f"GET_REGION_IO_FDS: {len(doorbells)} doorbell eventfds, "
+                                   f"the client takes {self.client_max_fds} per message")
         need = vp.RegionIoFds.HEAD.size + len(subs) * vp.IoFdSubRegion.FMT.size
         if pl.argsz < need:  # the client asks again with room for them
             return vp.reply_to(msg, vp.RegionIoFds(need, 0, pl.index, len(subs))), []
@@ -212,19 +219,30 @@ class VvuServer:
         if self.client is not None:
             self.client.close()
             self.client = None
+        self.client_max_fds = vp.DEFAULT_MAX_MSG_FDS
         self.dev.reset()
         self.dev.dma_unmap(0, 0, everything=True)
         self.dev.set_irqs(0, [None] * self.dev.nvec)
 
     def _accept_client(self) -> None:
         assert self.vfio_listener is not None
-        sock, _ = self.vfio_listener.accept()
+        try:
+            sock, _ = self.vfio_listener.accept()
+        except OSError as e:  # out of fds: the client waits in the backlog
+            log.error("cannot accept a vfio-user client: %s", e)
+            time.sleep(ACCEPT_PAUSE)
+            return
         self.client = VfioUserChannel(sock)
         log.info("vfio-user client connected")
 
     def _accept_consumer(self) -> None:
         assert self.vhost_listener is not None
-        sock, _ = self.vhost_listener.accept()
+        try:
+            sock, _ = self.vhost_listener.accept()
+        except OSError as e:
+            log.error("cannot accept a consumer: %s", e)
+            time.sleep(ACCEPT_PAUSE)
+            return
         self.dev.relay.attach(sock)
 
     def open(self) -> None:
@@ -243,7 +261,7 @@ class VvuServer:
                     wait = max(0, int((deadline - time.monotonic()) * 1000) + 1)
                     timeout = wait if timeout < 0 else min(timeout, wait)
                 self._watch(stop).dispatch(timeout)
-                self._check_peers()
+                self._guard(self._check_peers)()
                 if (self.consumer_client and self.dev.relay.conn is None
                         and time.monotonic() >= next_connect):
                     try:
@@ -269,9 +287,10 @@ class VvuServer:
                 self._drop_client()
         self.dev.relay.check_peers()
 
-    def _guard(self, handler: Callable[[], None]) -> Callable[[], None]:
-        """`handler`, but an error it did not expect (a bug) ends the consumer's session
-        and drops the vfio-user client, with the traceback logged: the device goes on."""
+    def _guard(self, handler: Callable[[], None], client: bool = False) -> Callable[[], None]:
+        """`handler`, but an error it did not expect (a bug, or out of fds) ends the
+        consumer's session — and drops the vfio-user client if `client` (its handler
+        failed) — with the traceback logged: the device goes on."""
         def guarded() -> None:
             try:
                 handler()
@@ -280,20 +299,20 @@ class VvuServer:
             except Exception:
                 log.exception("internal error: ending the session")
                 self.dev.relay.end_session("internal error")
-                if self.client is not None:
+                if client and self.client is not None:
                     self._drop_client()
         return guarded
 
     def _watch(self, stop: StopSignal) -> Watch:
         w = Watch(stop)
         if self.client is None and self.vfio_listener is not None:
-            w.add(self.vfio_listener.fileno(), self._accept_client)
+            w.add(self.vfio_listener.fileno(), self._guard(self._accept_client))
         if self.client is not None:
-            w.add(self.client.fileno(), self._guard(self.serve_client),
+            w.add(self.client.fileno(), self._guard(self.serve_client, client=True),
                   self.client.wants_write)
         relay = self.dev.relay
         if relay.conn is None and self.vhost_listener is not None:
-            w.add(self.vhost_listener.fileno(), self._accept_consumer)
+            w.add(self.vhost_listener.fileno(), self._guard(self._accept_consumer))
         if relay.conn is not None:  # hang-ups are reported even when it is not read
             w.add(relay.conn.fileno(), self._guard(relay.on_consumer), relay.conn.wants_write,
                   read=relay.wants_consumer())
