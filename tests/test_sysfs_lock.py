@@ -72,3 +72,13 @@ def test_a_waiting_backend_starts_as_soon_as_the_old_one_is_gone(root: Path) -> 
     os.waitpid(pid, 0)
     second.close()
     assert took < 5, took
+
+
+def test_a_failed_set_up_releases_the_lock(root: Path) -> None:
+    (root / BDF / "enable").unlink()
+    (root / BDF / "enable").mkdir()  # writing it fails
+    with pytest.raises(OSError):
+        SysfsPciFunction(BDF, root)
+    (root / BDF / "enable").rmdir()
+    (root / BDF / "enable").write_text("0")
+    SysfsPciFunction(BDF, root, lock_wait=0).close()  # not held by the failed attempt

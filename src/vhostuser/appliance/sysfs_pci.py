@@ -56,14 +56,18 @@ class SysfsPciFunction:
         if not self.path.is_dir():
             raise SysfsPciError(f"no PCI device {bdf} ({self.path} does not exist)")
         self._lock = self._take_lock(lock_wait)
-        self._unbind()
-        (self.path / "enable").write_text("1")  # memory decoding on
-        with open(self.path / "config", "r+b", buffering=0) as f:  # and bus mastering
-            f.seek(PCI_COMMAND)
-            command = int.from_bytes(f.read(2), "little")
-            if not command & CMD_BUS_MASTER:
+        try:
+            self._unbind()
+            (self.path / "enable").write_text("1")  # memory decoding on
+            with open(self.path / "config", "r+b", buffering=0) as f:  # and bus mastering
                 f.seek(PCI_COMMAND)
-                f.write((command | CMD_MEMORY | CMD_BUS_MASTER).to_bytes(2, "little"))
+                command = int.from_bytes(f.read(2), "little")
+                if not command & CMD_BUS_MASTER:
+                    f.seek(PCI_COMMAND)
+                    f.write((command | CMD_MEMORY | CMD_BUS_MASTER).to_bytes(2, "little"))
+        except BaseException:
+            os.close(self._lock)  # the next try must not wait for ourselves
+            raise
         self.bars: dict[int, mmap.mmap] = {}
         self.views: dict[int, memoryview] = {}  # BAR -> bytes
         self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size

@@ -30,7 +30,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L share /host/mnt
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs dev /host/dev
-mount -t tmpfs tmp /host/tmp
+# scratch space on /run, not over /tmp: a checkout under the host's /tmp stays visible
+mount -t tmpfs run /host/run
 echo 1 > /proc/sys/vm/nr_hugepages
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor) $(cat $d/device)" = "0x1af4 0x107f" ] && bdf=${d##*/}
@@ -38,7 +39,7 @@ done
 [ -n "$bdf" ] || { echo "appliance: no virtio-vhost-user device on the PCI bus"; exit 1; }
 vvu=pci:$bdf
 echo "@READY@$bdf"
-chroot /host @PYTHON@ -m @BACKEND@ &
+TMPDIR=/run chroot /host @PYTHON@ -m @BACKEND@ &
 backend=$!
 @AFTER@
 wait $backend
