@@ -475,3 +475,37 @@ def test_fuzz_vvu_device_vfio_user_socket(tmp_path: Path) -> None:
                 c.close()
     finally:
         dev.stop()
+
+
+def test_appliance_config_reads_are_answered_while_a_consumer_holds_back(
+        tmp_path: Path) -> None:
+    """The appliance's driver (in-process here) is up, so the device reads the consumer's
+    socket: a consumer that sends half a message must not hold up the device's answers to
+    the appliance's register reads (in an appliance VM those are vCPU MMIO traps)."""
+    from test_vvu_device import Device
+
+    from vhostuser.transport.vvu import VvuLink
+
+    dev = Device(tmp_path, "--max-queues", "8", "--message-timeout", TIMEOUT)
+    link = None
+    try:
+        link = VvuLink(dev.vfu)
+        link.begin_session()
+        slow = half_message(dev.vhost)
+        deadline = time.monotonic() + 10
+        while "consumer connected" not in dev.log():
+            assert time.monotonic() < deadline, dev.log()
+            time.sleep(0.02)
+        worst = 0.0
+        for _ in range(20):  # while the device holds the consumer's half message
+            t0 = time.monotonic()
+            assert link.status(fresh=True) == 3  # BACKEND_UP | FRONTEND_UP
+            worst = max(worst, time.monotonic() - t0)
+        assert worst < 0.5, f"a register read took {worst:.3f} s\n{dev.log()}"
+        assert _dropped(slow), dev.log()  # and the consumer is dropped after the timeout
+        assert "the consumer stalled" in dev.log()
+        slow.close()
+    finally:
+        if link is not None:
+            link.close()
+        dev.stop()
