@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def qemu11(tmp_path_factory: pytest.TempPathFactory) -> str:
     r = subprocess.run([str(SID_QEMU), "setup"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"sid QEMU chroot setup failed:\n{r.stdout}\n{r.stderr}"
     wrapper = tmp_path_factory.mktemp("qemu11") / "qemu-system-x86_64"
-    wrapper.write_text(f'#!/bin/sh\nexec {SID_QEMU} run -- "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(str(SID_QEMU))} run -- "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 
