@@ -37,10 +37,11 @@ from ..transport.unix import (
     connect,
     listen,
 )
-from ..transport.vvu import S_BACKEND_UP, VvuLink, VvuResources, split_message
+from ..transport.vvu import VvuLink, VvuResources, split_message
 from ..virtq.burst import DirectBurst, pop_direct, push_heads, scatter_frames
 from ..virtq.iov import iov_write
 from ..virtq.split import DESC_F_WRITE, Chain, RingError, SplitQueue
+from ..vvu.abi import S_BACKEND_UP
 from .port import Port
 
 log = logging.getLogger(__name__)

@@ -47,15 +47,21 @@ from ..protocol import (
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal, readable
 from ..vfio_user.client import VfioUserClient
+from ..vvu.abi import (
+    CFG_DOORBELL,
+    CFG_NOTIFICATION,
+    CFG_SHARED_MEMORY,
+    FIRST_FILE_REGION,
+    S_BACKEND_UP,
+    S_FRONTEND_UP,
+    WINDOW_BASE_CAP,
+)
 from .unix import Idle, PeerClosed
 
 log = logging.getLogger(__name__)
 
 F = FrontendReq
-CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
-S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 V_CONFIG, V_RXQ, V_TXQ, V_FIRST_VRING = 0, 1, 2, 3
-FIRST_FILE_REGION, WINDOW_BASE_CAP = 9, 0x1AF4  # the device's window-file regions
 RX_BUFFERS, BUFFER_SIZE = 32, 8192  # a message is at most 12 + 4096 bytes
 RAM_SIZE = 2 << 20  # the driver's rings and buffers
 POLL_INTERVAL = 0.0005  # seconds between looks at rxq with no interrupts

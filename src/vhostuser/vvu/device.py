@@ -19,6 +19,16 @@ from ..memory import GuestMemory, MemoryTableError
 from ..protocol.payloads import MemRegion
 from ..virtq.iov import iov_write
 from ..virtq.split import RingError, RingLayout, SplitQueue
+from .abi import (
+    CFG_DOORBELL,
+    CFG_NOTIFICATION,
+    CFG_SHARED_MEMORY,
+    FIRST_FILE_REGION,
+    PCI_DEVICE,
+    PCI_VENDOR,
+    S_BACKEND_UP,
+    S_FRONTEND_UP,
+)
 from .msix import MsixTable
 from .pci import Bar, PciAccessError, PciConfig, msix_cap, virtio_cap, virtio_cap64
 from .relay import Relay, RxResult, WindowFile
@@ -26,8 +36,6 @@ from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciSt
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID = 63
-PCI_VENDOR, PCI_DEVICE = 0x1AF4, 0x1040 + VIRTIO_ID
 SUBSYS_ID = 0x0040
 CLASS_OTHER = 0xFF0000
 
@@ -35,11 +43,8 @@ BAR_VIRTIO, BAR_MSIX, BAR_DOORBELL, BAR_WINDOW = 0, 1, 2, 4
 MSIX_TABLE, MSIX_PBA, MSIX_BAR_SIZE = 0x0, 0x800, 0x1000
 DOORBELL_MULT = 4
 NOTIFICATION_OFFSET, DOORBELL_BAR_SIZE = 0x1000, 0x2000
-CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
 SHMID_MEMORY = 0
-FIRST_FILE_REGION = 9  # vfio-user regions 9, 10, ...: the window's memory files, one each
 
-S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 RXQ, TXQ = 0, 1
 QUEUE_SIZE = 256
 CONFIG_SIZE = 24

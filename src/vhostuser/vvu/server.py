@@ -20,7 +20,8 @@ from ..shutdown import Shutdown, StopSignal, Watch
 from ..transport.unix import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import PeerStalled, VfioUserChannel, close_fds
-from .device import BAR_DOORBELL, BAR_WINDOW, FIRST_FILE_REGION, VvuDevice
+from .abi import FIRST_FILE_REGION, WINDOW_BASE_CAP, WINDOW_FILE_TYPE
+from .device import BAR_DOORBELL, BAR_WINDOW, VvuDevice
 from .pci import PciAccessError
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA: the VFIO PCI layout
 NUM_IRQS = 5  # INTx, MSI, MSI-X, ERR, REQ
 MAX_DATA = 1 << 20
 ACCEPT_PAUSE = 0.1  # s: out of fds, the listener stays readable; pause between tries
-WINDOW_FILE_TYPE = 0x1AF40001  # region type cap of a window-file region (vendor-specific)
-WINDOW_BASE_CAP = 0x1AF4  # capability id: u64 offset of that file in the window
 
 
 class VvuServer:

@@ -1,0 +1,20 @@
+"""The virtio-vhost-user device's ABI, as the device model and the driver both use it: the
+vendor capabilities it adds to virtio-pci, its status bits, and the vfio-user regions and
+capability that carry the consumer's memory files (docs/vvu-design.md)."""
+
+from __future__ import annotations
+
+VIRTIO_ID = 63  # virtio device id of virtio-vhost-user
+PCI_VENDOR, PCI_DEVICE = 0x1AF4, 0x1040 + VIRTIO_ID
+
+# virtio-pci vendor capability cfg_types beyond the standard 1..5
+CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
+
+# the device config space's status field
+S_BACKEND_UP, S_FRONTEND_UP = 1, 2
+
+# vfio-user regions 9, 10, ...: the window's memory files, one each; each carries a
+# region-type capability and one giving the file's offset (u64) in the window
+FIRST_FILE_REGION = 9
+WINDOW_FILE_TYPE = 0x1AF40001
+WINDOW_BASE_CAP = 0x1AF4
