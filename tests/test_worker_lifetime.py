@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -124,64 +125,67 @@ class _Calls:
         pass
 
 
-def test_worker_stores_nothing_once_its_parent_is_gone() -> None:
-    """A worker that finds its parent gone (PDEATHSIG not armed, or late) stops before it
-    stores into the used ring: the batch in hand is handled but never completed."""
+@pytest.fixture
+def ring() -> Iterator[tuple[GuestRam, GuestMemory, DriverRing]]:
+    """Guest RAM, its mapping as the back-end sees it, and an 8-entry driver-side ring."""
     ram = GuestRam(1 << 20, guest_addr=0x10000)
     mem = GuestMemory()
     mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
-    try:
-        drv = DriverRing(ram, 8, False)
-        q = SplitQueue(mem, drv.layout(), 0, False, True)
-        for _ in range(3):
-            drv.add([(ram.alloc(16), 16, False)])
-        handler, calls = _Handler(), _Calls()
-        with pytest.raises(ParentGone):
-            _drain(q, handler, calls, 0.0, ppid=os.getpid() + 1 if os.getpid() > 1 else 2)
-        assert handler.seen == 3
-        assert drv.take_used() == [] and calls.count == 0
-        # with its parent alive, the same worker completes them
-        q = SplitQueue(mem, drv.layout(), 0, False, True)
-        assert _drain(q, handler, calls, 0.0, ppid=os.getppid())
-        assert sorted(n for _, n in drv.take_used()) == [0, 0, 0] and calls.count == 1
-    finally:
-        mem.clear()
+    drv = DriverRing(ram, 8, False)
+    yield ram, mem, drv
+    mem.clear()
+    drv.release()
+    ram.close()
 
 
-def test_worker_answers_stop_while_the_guest_keeps_the_ring_full() -> None:
+def test_worker_stores_nothing_once_its_parent_is_gone(
+        ring: tuple[GuestRam, GuestMemory, DriverRing]) -> None:
+    """A worker that finds its parent gone (PDEATHSIG not armed, or late) stops before it
+    stores into the used ring: the batch in hand is handled but never completed."""
+    ram, mem, drv = ring
+    q = SplitQueue(mem, drv.layout(), 0, False, True)
+    for _ in range(3):
+        drv.add([(ram.alloc(16), 16, False)])
+    handler, calls = _Handler(), _Calls()
+    with pytest.raises(ParentGone):
+        _drain(q, handler, calls, 0.0, ppid=-1)  # never a parent's pid
+    assert handler.seen == 3
+    assert drv.take_used() == [] and calls.count == 0
+    # with its parent alive, the same worker completes them
+    q = SplitQueue(mem, drv.layout(), 0, False, True)
+    assert _drain(q, handler, calls, 0.0, ppid=os.getppid())
+    assert sorted(n for _, n in drv.take_used()) == [0, 0, 0] and calls.count == 1
+
+
+def test_worker_answers_stop_while_the_guest_keeps_the_ring_full(
+        ring: tuple[GuestRam, GuestMemory, DriverRing]) -> None:
     """A guest that refills the ring as fast as it empties must not delay a STOP (and so
     GET_VRING_BASE) until the worker is killed: the worker looks at its control channel
     between batches."""
-    ram = GuestRam(1 << 20, guest_addr=0x10000)
-    mem = GuestMemory()
-    mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
-    try:
-        drv = DriverRing(ram, 8, False)
-        q = SplitQueue(mem, drv.layout(), 0, False, True)
-        buf = ram.alloc(16)
+    ram, mem, drv = ring
+    q = SplitQueue(mem, drv.layout(), 0, False, True)
+    buf = ram.alloc(16)
 
-        class Refill:  # every batch served, the guest makes as many new ones available
-            seen = 0
+    class Refill:  # every batch served, the guest makes as many new ones available
+        seen = 0
 
-            def handle(self, chains: list) -> list[int]:
-                self.seen += len(chains)
-                drv.take_used()
-                for _ in chains:
-                    drv.add([(buf, 16, False)])
-                return [0] * len(chains)
+        def handle(self, chains: list) -> list[int]:
+            self.seen += len(chains)
+            drv.take_used()
+            for _ in chains:
+                drv.add([(buf, 16, False)])
+            return [0] * len(chains)
 
-        for _ in range(4):
-            drv.add([(buf, 16, False)])
-        handler, looks = Refill(), []
+    for _ in range(4):
+        drv.add([(buf, 16, False)])
+    handler, looks = Refill(), []
 
-        def stop_asked() -> bool:
-            looks.append(1)
-            return len(looks) >= 3  # the parent's STOP arrives on the third look
+    def stop_asked() -> bool:
+        looks.append(1)
+        return len(looks) >= 3  # the parent's STOP arrives on the third look
 
-        assert _drain(q, handler, _Calls(), 0.0, os.getppid(), stop_asked)
-        assert len(looks) == 3 and handler.seen > 0
-    finally:
-        mem.clear()
+    assert _drain(q, handler, _Calls(), 0.0, os.getppid(), stop_asked)
+    assert len(looks) == 3 and handler.seen > 0
 
 
 if __name__ == "__main__":

@@ -43,10 +43,7 @@ class StopSignal:
     def wait(self, fd: int, timeout: float | None = None) -> bool:
         """Wait until `fd` is readable (True) or `timeout` passes (False); raise Shutdown
         if a stop signal came first."""
-        poller = select.poll()  # not select(): fds may be numbered past FD_SETSIZE
-        poller.register(fd, select.POLLIN)
-        poller.register(self._r, select.POLLIN)
-        ready = dict(poller.poll(None if timeout is None else timeout * 1000))
+        ready = readable([fd, self._r], timeout)
         if self._r in ready or self.signum is not None:
             name = signal.Signals(self.signum).name if self.signum else "signal"
             raise Shutdown(name)

@@ -18,6 +18,7 @@ import select
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .framer import Frame, Framer, close_fds
@@ -203,6 +204,32 @@ class FramedSocket(Generic[H]):
         if stop is not None and (stop.fds()[0] in ready or stop.signum is not None):
             stop.check()
         return self.sock.fileno() in ready
+
+    def recv(self, timeout: float | None = None, stop: StopSignal | None = None,
+             idle: tuple[float, Callable[[], None]] | None = None) -> Frame[H]:
+        """The next message, waiting for it. PeerStalled when the peer leaves a message
+        half sent for longer than the message timeout, TimeoutError after `timeout` (None:
+        no limit) with no message; `idle` = (seconds, fn): call fn every that many seconds
+        while no message comes."""
+        start = time.monotonic()
+        next_idle = start + idle[0] if idle is not None else None
+        end = None if timeout is None else start + timeout
+        while True:
+            if self.read(1):
+                frame = self.pop()
+                assert frame is not None
+                return frame
+            now = time.monotonic()
+            self.check(now)
+            waits = [t for t in (next_idle, self.deadline(), end) if t is not None]
+            if self.wait(max(0.0, min(waits) - now) if waits else None, stop):
+                continue
+            now = time.monotonic()
+            if end is not None and now >= end:
+                raise TimeoutError(f"no message within {timeout:g} s")
+            if idle is not None and next_idle is not None and now >= next_idle:
+                idle[1]()
+                next_idle = now + idle[0]
 
     def send_waiting(self, data: bytes, fds: list[int] | tuple[int, ...] = (),
                      stop: StopSignal | None = None) -> None:

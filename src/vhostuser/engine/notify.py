@@ -8,6 +8,15 @@ from typing import Protocol
 _ONE = (1).to_bytes(8, "little")
 
 
+def is_eventfd(fd: int) -> bool:
+    """Whether `fd` is an eventfd (a kick or call fd must be: anything else could block
+    us, or be readable forever)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 class Notifier(Protocol):
     def notify(self) -> None: ...
 

@@ -5,7 +5,6 @@ shares a memfd as guest RAM, sets up split rings and kicks them. No VM needed.
 from __future__ import annotations
 
 import os
-import select
 import socket
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from ..protocol import (
     request,
 )
 from ..protocol import payloads as p
+from ..shutdown import readable
 from ..transport.unix import UnixChannel, connect
 from .ring import DriverRing, GuestRam
 
@@ -146,10 +146,8 @@ class Frontend:
         """Wait until `count` chains of queue `index` are used; returns (head, len) pairs."""
         q = self.queues[index]
         out = q.ring.take_used()
-        poller = select.poll()
-        poller.register(q.call, select.POLLIN)
         while len(out) < count:
-            if not poller.poll(timeout * 1000):
+            if not readable([q.call], timeout):
                 raise TimeoutError(f"queue {index}: {len(out)} of {count} requests completed")
             try:
                 os.eventfd_read(q.call)

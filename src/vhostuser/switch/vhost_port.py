@@ -214,10 +214,7 @@ class VhostPort(Port):
             messages = link.take_messages()
             if self.backend is not None and not link.in_session():
                 log.info("%s: consumer gone", self.name)
-                self.backend.close()
-                self.backend = None
-                self.changed()
-                link.begin_session()
+                self.disconnect()
                 messages = []
             if self.backend is None and not link.status() & S_BACKEND_UP:
                 link.begin_session()  # a consumer came and went before we looked
@@ -238,25 +235,19 @@ class VhostPort(Port):
                 log.error("%s: dropping the consumer: %s", self.name, e)
             else:
                 log.exception("%s: dropping the consumer after an internal error", self.name)
-            if self.backend is not None:
-                self.backend.close()
-                self.backend = None
-            try:
-                link.begin_session()
-            except OSError as e2:
-                log.error("%s: the virtio-vhost-user device failed: %s", self.name, e2)
-            self.changed()
+            self.disconnect()
 
     def disconnect(self) -> None:
-        """End the front-end's connection (or, through a device, the consumer's session)."""
+        """End the front-end's connection (through a device: end the consumer's session
+        and get ready for the next)."""
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-            if self.link is not None:
-                try:
-                    self.link.begin_session()
-                except OSError as e:
-                    log.error("%s: the virtio-vhost-user device failed: %s", self.name, e)
+        if self.link is not None:
+            try:
+                self.link.begin_session()
+            except OSError as e:
+                log.error("%s: the virtio-vhost-user device failed: %s", self.name, e)
         if self.conn is not None:
             parent_only_fds.discard(self.conn.fileno())
             self.conn.close()
@@ -264,10 +255,10 @@ class VhostPort(Port):
         self.changed()
 
     def close(self) -> None:
+        link, self.link = self.link, None  # the port is going: no next session
         self.disconnect()
-        if self.link is not None:
-            self.link.close()
-            self.link = None
+        if link is not None:
+            link.close()
         if self.listener is not None:
             parent_only_fds.discard(self.listener.fileno())
             self.listener.close()

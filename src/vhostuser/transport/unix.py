@@ -15,26 +15,20 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
-from ..engine.notify import EventfdNotifier, Notifier
+from ..engine.notify import EventfdNotifier, Notifier, is_eventfd
 from ..framer import Framer
 from ..memory import MemoryTableError, mmap_region
 from ..protocol import HEADER_SIZE, MAX_FDS, Header, Message, ProtocolError, decode_header, encode
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
-from ..sockets import (
-    FramedSocket,
-    PeerClosed,
-    PeerStalled,
-    recv_some,
-    send_with_fds,
-)
+from ..sockets import FramedSocket, PeerClosed, PeerStalled
 
 log = logging.getLogger(__name__)
 
 Idle = tuple[float, Callable[[], None]]  # (seconds, what to call when that long idle)
 
 __all__ = ["PeerClosed", "PeerStalled", "UnixChannel", "UnixResources", "connect",
-           "connections", "listen", "recv_some", "send_with_fds", "vhost_user_framer"]
+           "connections", "listen", "vhost_user_framer"]
 
 
 def vhost_user_framer() -> Framer[Header]:
@@ -79,27 +73,8 @@ class UnixChannel:
         ProtocolError on a bad header, PeerStalled when the peer leaves a message half sent
         for longer than the message timeout, TimeoutError after `timeout` with no message.
         `idle` = (seconds, fn): call fn every that many seconds while no message comes."""
-        stream = self.stream
-        start = time.monotonic()
-        next_idle = start + idle[0] if idle is not None else None
-        while True:
-            if stream.read(1):
-                frame = stream.pop()
-                assert frame is not None
-                return frame.header, frame.body, frame.fds
-            now = time.monotonic()
-            stream.check(now)
-            waits = [t for t in (next_idle, stream.deadline(),
-                                 None if self.timeout is None else start + self.timeout)
-                     if t is not None]
-            if stream.wait(max(0.0, min(waits) - now) if waits else None, self.stop):
-                continue
-            now = time.monotonic()
-            if self.timeout is not None and now - start >= self.timeout:
-                raise TimeoutError(f"no message within {self.timeout:g} s")
-            if idle is not None and next_idle is not None and now >= next_idle:
-                idle[1]()
-                next_idle = now + idle[0]
+        frame = self.stream.recv(self.timeout, self.stop, idle)
+        return frame.header, frame.body, frame.fds
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send `msg`, waiting (within the message timeout) until the peer has taken it."""
@@ -131,14 +106,8 @@ class UnixChannel:
 
 
 def _require_eventfd(fd: int, what: str) -> None:
-    """A kick or call fd must be an eventfd: anything else could block us, or be always
-    readable (a busy loop)."""
-    try:
-        kind = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        kind = "?"
-    if kind != "anon_inode:[eventfd]":
-        raise MemoryTableError(f"the {what} fd is not an eventfd ({kind})")
+    if not is_eventfd(fd):
+        raise MemoryTableError(f"the {what} fd is not an eventfd")
 
 
 class UnixResources:

@@ -9,7 +9,6 @@ whole message's length (`vfio_user_framer`), the non-blocking socket work
 from __future__ import annotations
 
 import socket
-import time
 from itertools import count
 
 from ..framer import Framer, close_fds
@@ -92,21 +91,8 @@ class VfioUserChannel:
         the middle of a message), VfioUserError on a bad header (its fds are closed),
         PeerStalled if the peer leaves a message half sent for too long, TimeoutError after
         `timeout` with no message."""
-        stream = self.stream
-        start = time.monotonic()
-        while True:
-            got = self.poll()
-            if got is not None:
-                return got
-            now = time.monotonic()
-            stream.check(now)
-            waits = [t for t in (stream.deadline(),
-                                 None if self.timeout is None else start + self.timeout)
-                     if t is not None]
-            ready = stream.wait(max(0.0, min(waits) - now) if waits else None, self.stop)
-            if (not ready and self.timeout is not None
-                    and time.monotonic() - start >= self.timeout):
-                raise TimeoutError(f"no vfio-user message within {self.timeout:g} s")
+        frame = self.stream.recv(self.timeout, self.stop)
+        return frame.header, frame.body, frame.fds
 
     def recv_command(
         self, *, sender: Peer = Peer.CLIENT, max_data_xfer_size: int | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
 
+from ..engine.notify import is_eventfd
 from ..protocol import (
     HEADER_SIZE,
     BackendReq,
@@ -106,13 +107,6 @@ class WindowFile:
     file_id: tuple[int, int]
     base: int
     size: int  # the file's size: all of it is placed, whatever the regions use
-
-
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
 
 
 def _hung_up(fd: int) -> bool:
@@ -333,7 +327,7 @@ class Relay:
             raise RelayError(f"vring {pl.index} beyond max_vhost_queues {self.max_queues}")
         table = {F.SET_VRING_CALL: self.calls, F.SET_VRING_ERR: self.errs,
                  F.SET_VRING_KICK: self.kicks}[FrontendReq(msg.request)]
-        if fds and not _is_eventfd(fds[0]):
+        if fds and not is_eventfd(fds[0]):
             raise RelayError(f"the {F(msg.request).name} fd is not an eventfd")
         old = table.pop(pl.index, None)
         if old is not None:
