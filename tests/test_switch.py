@@ -350,3 +350,45 @@ def test_forward_equals_frame_by_frame_on_random_bursts() -> None:
         for port in ports:
             assert port.got == want[port], (trial, port.name)
         assert ingress.counters.drops.get("to_ingress_port", 0) == drops, trial
+
+
+def test_vvu_port_serves_a_message_that_arrives_before_the_status_says_so() -> None:
+    """Without interrupts a switch port reads the device's status at most every 50 ms; a
+    consumer that connects and sends its first request within that window must be served,
+    not have the request dropped (QEMU then fails with a protocol error)."""
+    from vhostuser.protocol import decode_header, encode, request
+    from vhostuser.switch.vhost_port import VhostPort
+    from vhostuser.vvu.abi import S_BACKEND_UP, S_FRONTEND_UP
+
+    class PolledLink:  # what VhostPort uses of VvuLink, with a status read every 50 ms
+        interrupts = False
+
+        def __init__(self) -> None:
+            self.real = S_BACKEND_UP | S_FRONTEND_UP  # the consumer has just connected
+            self.cached = S_BACKEND_UP  # as read a few ms earlier
+            self.rx = [encode(request(FrontendReq.GET_FEATURES))]
+            self.sent: list[bytes] = []
+
+        def status(self, fresh: bool = False) -> int:
+            return self.real if fresh else self.cached
+
+        def in_session(self, fresh: bool = False) -> bool:
+            return self.status(fresh) == S_BACKEND_UP | S_FRONTEND_UP
+
+        def take_messages(self) -> list[bytes]:
+            out, self.rx = self.rx, []
+            return out
+
+        def send(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def begin_session(self) -> None:
+            raise AssertionError("the session was not over")
+
+    port = VhostPort("port0", None, MAC[1], vvu="pci:0000:00:04.0")
+    link = PolledLink()
+    port.link = link  # type: ignore[assignment]
+    port.on_vvu_event()
+    assert port.backend is not None
+    assert len(link.sent) == 1
+    assert decode_header(link.sent[0][:12]).request == FrontendReq.GET_FEATURES

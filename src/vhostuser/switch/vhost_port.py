@@ -218,7 +218,9 @@ class VhostPort(Port):
                 messages = []
             if self.backend is None and not link.status() & S_BACKEND_UP:
                 link.begin_session()  # a consumer came and went before we looked
-            if self.backend is None and link.in_session():
+            # Messages mean a session has begun, even if the status last read (polled at
+            # most every STATUS_POLL s) does not say so yet: read it again, never drop them.
+            if self.backend is None and link.in_session(fresh=bool(messages)):
                 log.info("%s: consumer connected through virtio-vhost-user", self.name)
                 self.backend = Backend(self.device, VvuResources(link, self.poll),
                                        runner=self._run_queue)

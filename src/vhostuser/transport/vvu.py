@@ -142,8 +142,8 @@ class VvuLink:
         self.pending.clear()
         self.set_backend_up(True)
 
-    def in_session(self) -> bool:
-        return self.status() == S_BACKEND_UP | S_FRONTEND_UP
+    def in_session(self, fresh: bool = False) -> bool:
+        return self.status(fresh) == S_BACKEND_UP | S_FRONTEND_UP
 
     def wait_frontend(self, stop: StopSignal | None) -> None:
         """Start a session and block until a consumer is connected."""
