@@ -16,6 +16,8 @@ import struct
 import time
 
 from vhostuser.devices.blk import BlkDevice, BlkOptions
+from vhostuser.engine.notify import NoNotifier
+from vhostuser.engine.queue import DeviceQueue
 from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq.split import SplitQueue
@@ -35,9 +37,9 @@ def main() -> None:
     mem = GuestMemory()
     mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
     drv = DriverRing(ram, 128)
-    q = SplitQueue(mem, drv.layout(), 0, event_idx=True)
+    q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, event_idx=True), 0, NoNotifier())
     dev = BlkDevice(BlkOptions(path))
-    handler = dev.queue_handler(0)
+    service = dev.serve({0: q}, None)  # type: ignore[arg-type]  # blk watches nothing
     slots = []
     for i in range(args.batch):
         hdr, data, status = ram.alloc(16), ram.alloc(args.bs, 4096), ram.alloc(1)
@@ -54,9 +56,8 @@ def main() -> None:
                 drv.add(s)
             t = clock()
             n = q.available()  # the worker's path: one batch, one publish
-            chains, _ = q.pop_batch(n)
-            q.push_batch(chains, handler.handle(chains))
-            q.publish()
+            service.kicked(q)
+            q.notify()
             device += clock() - t
             drv.take_used()
             done += n

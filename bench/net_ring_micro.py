@@ -15,7 +15,7 @@ import time
 
 from vhostuser.devices.net import F_MRG_RXBUF
 from vhostuser.engine.notify import NoNotifier
-from vhostuser.engine.worker import QueueParams
+from vhostuser.engine.worker import QueueParams, QueueSpec
 from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.protocol import VirtioFeature
@@ -30,12 +30,9 @@ def port(name: str, mac: int, ram: GuestRam, qsize: int) -> tuple[VhostPort, lis
     p.device.set_features(FEATURES)
     mem = GuestMemory()
     mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
-    rings = []
-    for i in range(2):
-        drv = DriverRing(ram, qsize)
-        p._run_queue(QueueParams(i, drv.layout(), 0, False, True), mem, p.device, None,
-                     NoNotifier(), NoNotifier())
-        rings.append(drv)
+    rings = [DriverRing(ram, qsize) for _ in range(2)]
+    p._run_queues([QueueSpec(QueueParams(i, drv.layout(), 0, False, True), None, NoNotifier(),
+                             NoNotifier()) for i, drv in enumerate(rings)], mem, p.device)
     return p, rings
 
 

@@ -121,16 +121,15 @@ def _listening(pid: int, path: Path) -> bool:
     return False
 
 
-class BlkDaemon:
-    """``vhost-user-blk --socket-path SOCK --blk-file IMG -v [extra]`` as a subprocess."""
+class BackendDaemon:
+    """``PROGRAM --socket-path SOCK -v [args]`` as a subprocess (one of our back-ends)."""
 
-    def __init__(self, tmp_path: Path, image: Path, extra: Sequence[str] = (),
-                 name: str = "blk", sock: Path | None = None) -> None:
-        self.binary = require_tool("vhost-user-blk", "the project: pip install -e .")
+    def __init__(self, tmp_path: Path, program: str, args: Sequence[str] = (),
+                 name: str = "backend", sock: Path | None = None) -> None:
+        self.binary = require_tool(program, "the project: pip install -e .")
         self.sock = sock if sock is not None else tmp_path / f"{name}.sock"
         self.log_path = tmp_path / f"{name}.log"
-        self.cmd = [self.binary, "--socket-path", str(self.sock), "--blk-file", str(image),
-                    "-v", *extra]
+        self.cmd = [self.binary, "--socket-path", str(self.sock), "-v", *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -148,7 +147,7 @@ class BlkDaemon:
     def describe(self) -> str:
         return f"{' '.join(self.cmd)}\n--- daemon log ---\n{self.log}"
 
-    def start(self, timeout: float = 10.0) -> BlkDaemon:
+    def start(self, timeout: float = 10.0) -> BackendDaemon:
         with self.log_path.open("wb") as log:
             # Its own session/process group: workers inherit the pgid, so leftovers can be
             # found even after the daemon died and they were re-parented.
@@ -208,16 +207,25 @@ class BlkDaemon:
         if self.proc.poll() is None:
             self.proc.wait()
 
-    def __enter__(self) -> BlkDaemon:
+    def __enter__(self) -> BackendDaemon:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
 
+class BlkDaemon(BackendDaemon):
+    """``vhost-user-blk --socket-path SOCK --blk-file IMG -v [extra]`` as a subprocess."""
+
+    def __init__(self, tmp_path: Path, image: Path, extra: Sequence[str] = (),
+                 name: str = "blk", sock: Path | None = None) -> None:
+        super().__init__(tmp_path, "vhost-user-blk", ["--blk-file", str(image), *extra],
+                         name, sock)
+
+
 
 @contextlib.contextmanager
-def watchdog(daemon: BlkDaemon, vm: GuestVM, interval: float = 0.2) -> Iterator[None]:
+def watchdog(daemon: BackendDaemon, vm: GuestVM, interval: float = 0.2) -> Iterator[None]:
     """Run a guest under watch: if the back-end logs that a queue broke, kill QEMU at once
     (rather than waiting for the guest timeout) and fail with the back-end's log; a
     GuestError (hang, early exit) also fails with that log."""

@@ -241,6 +241,33 @@ def test_disabled_ring_is_not_served(blk_daemon: Callable[..., Daemon]) -> None:
         assert blk.complete()[head][:2] == (OK, sector_pattern(1))
 
 
+def test_a_restarted_queue_serves_what_waits_without_a_kick(
+        blk_daemon: Callable[..., Daemon]) -> None:
+    """Chains made available while no worker ran (their kick taken by a worker stopped
+    before it served them, or never sent) are served by the next worker at once."""
+    fe, (blk,) = blk_session(blk_daemon().sock)
+    with fe:
+        fe.call(FrontendReq.SET_VRING_ENABLE, p.VringState(0, 0))
+        head = blk.submit(0, 1, in_len=512, kick=False)
+        fe.call(FrontendReq.SET_VRING_ENABLE, p.VringState(0, 1))  # and no kick
+        assert blk.complete()[head][:2] == (OK, sector_pattern(1))
+
+
+def test_a_new_call_fd_is_signalled_at_once(blk_daemon: Callable[..., Daemon]) -> None:
+    """A completion signalled on a call fd that the front-end then replaces would be lost
+    (QEMU swaps its masked notifier for the guest's irqfd, unacked, just after starting):
+    the new call fd is signalled as it comes, and the driver looks at the used ring."""
+    fe, _ = blk_session(blk_daemon().sock)
+    with fe:
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            fe.call(FrontendReq.SET_VRING_CALL, p.VringFile.make(0), fds=(call,))
+            assert select.select([call], [], [], 5)[0], "the new call fd was not signalled"
+            assert os.eventfd_read(call) == 1
+        finally:
+            os.close(call)
+
+
 def test_repeated_messages_are_idempotent(blk_daemon: Callable[..., Daemon]) -> None:
     fe, (blk,) = blk_session(blk_daemon().sock)
     with fe:

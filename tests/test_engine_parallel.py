@@ -12,7 +12,8 @@ import select
 import socket
 from pathlib import Path
 
-from vhostuser.engine.device import Device
+from vhostuser.engine.device import Device, Events, InOrderService
+from vhostuser.engine.queue import DeviceQueue
 from vhostuser.engine.session import serve_connection
 from vhostuser.frontend.client import Frontend
 from vhostuser.protocol import VirtioFeature
@@ -30,16 +31,16 @@ class Rendezvous(Device):
     def features(self) -> int:
         return 0
 
-    def queue_handler(self, index: int) -> Handler:
-        return Handler(self, index)
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> Handler:
+        return Handler(self)
 
 
-class Handler:
-    def __init__(self, dev: Rendezvous, index: int) -> None:
-        self.dev, self.index = dev, index
+class Handler(InOrderService):
+    def __init__(self, dev: Rendezvous) -> None:
+        self.dev = dev
 
-    def handle(self, chains: list[Chain]) -> list[int]:
-        mine, other = self.dev.pipes[self.index][1], self.dev.pipes[1 - self.index][0]
+    def handle(self, index: int, chains: list[Chain]) -> list[int]:
+        mine, other = self.dev.pipes[index][1], self.dev.pipes[1 - index][0]
         for chain in chains:
             os.write(mine, b"x")  # I am inside my handler...
             ready, _, _ = select.select([other], [], [], 5)  # ...is the other one too?

@@ -99,10 +99,6 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str,
     assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
 
 
-if __name__ == "__main__":
-    raise SystemExit(pytest.main([__file__, "-v"]))
-
-
 def test_the_readme_demo(qemu11: str, tmp_path: Path) -> None:  # noqa: F811
     """`scripts/demo`'s program, as the README runs it (default: the appliance VM)."""
     r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--keep", str(tmp_path)],
@@ -162,3 +158,49 @@ kill $backend
     log = (tmp_path / "device.log").read_text()
     assert code == 0 and "Traceback" not in log, log[-3000:]
     assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
+
+
+def test_consumer_hwrng_served_from_an_appliance_vm(qemu11_host_root: str,
+                                                   tmp_path: Path) -> None:
+    """Entropy: the consumer's virtio-rng is served by our unchanged vhost-user-rng inside
+    the appliance VM, from a source file on the appliance's share; what the consumer reads
+    from /dev/hwrng is a run of that file."""
+    from test_qemu_rng import SCRIPT as RNG_SCRIPT
+
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    source = os.urandom(1 << 20)
+    (tmp_path / "source").write_bytes(source)
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    try:
+        appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.rng", "--source",
+                                                 "/mnt/source", "-v"], qemu11_host_root)
+        consumer = GuestVM(RNG_SCRIPT, modules=["virtio_pci", "virtio_rng"], timeout=200,
+                           mem_mb=CONSUMER_MB, mem_path=str(window),
+                           append="rng_core.default_quality=0",
+                           qemu_args=["-chardev", f"socket,id=c0,path={vhost}",
+                                      "-device", "vhost-user-rng-pci,chardev=c0"])
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                result = consumer.run()
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+        assert out.get("CURRENT") == "virtio_rng.0", result.console[-3000:]
+        got = bytes.fromhex(out["HEX"])
+        assert len(got) == 4096 and got in source, "the consumer's bytes are not our source's"
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-v"]))

@@ -7,6 +7,7 @@ malformed input gets a clean error. Then vhost-user-blk served through the devic
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import select
@@ -23,7 +24,7 @@ import pytest
 from daemon import blk_session
 
 from vhostuser.frontend.ring import GuestRam
-from vhostuser.protocol import FrontendReq, encode, reply_to, request
+from vhostuser.protocol import FrontendReq, VirtioFeature, encode, reply_to, request
 from vhostuser.protocol import payloads as p
 from vhostuser.transport.unix import PeerClosed, UnixChannel
 from vhostuser.transport.vvu import Token, VvuChannel, VvuLink, VvuResources
@@ -427,14 +428,44 @@ def test_vhost_user_net_through_the_device(device: Device, tmp_path: Path) -> No
         while True:
             out = subprocess.run([sys.executable, "-m", "vhostuser.cli.switch", "stats",
                                   "--control", ctl], capture_output=True, text=True).stdout
-            if '"rx_packets": 10' in out or time.monotonic() > deadline:
+            port = json.loads(out)["ports"][0]
+            if port["rx_packets"] >= 10 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        assert '"rx_packets": 10' in out and '"rx_bytes": 600' in out, out
+        assert (port["rx_packets"], port["rx_bytes"]) == (10, 600), out
         fe.close()
     finally:
         net.send_signal(signal.SIGTERM)
         assert net.wait(15) == 0
+
+
+@pytest.mark.parametrize("mode", [[], ["--poll"]], ids=["interrupt", "poll"])
+def test_rng_through_the_device(device: Device, tmp_path: Path, mode: list[str]) -> None:
+    """vhost-user-rng --vvu, unchanged: the consumer's buffers fill with the source's bytes."""
+    from vhostuser.frontend.client import Frontend
+    from vhostuser.frontend.rng import RngClient
+
+    source = os.urandom(8192)
+    (tmp_path / "source").write_bytes(source)
+    n = device.log().count("vfio-user client connected")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.rng", "--vvu", device.vfu,
+                             "--source", str(tmp_path / "source"), "-v", *mode],
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while device.log().count("vfio-user client connected") == n:
+            assert time.monotonic() < deadline and proc.poll() is None, device.log()
+            time.sleep(0.05)
+        with Frontend(device.vhost) as fe:
+            fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX)
+            fe.set_mem_table()
+            fe.setup_queue(0, 16)
+            rng = RngClient(fe)
+            assert rng.read(100) == source[:100]
+            assert rng.read(4000) == source[100:4100]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
 
 
 def test_consumer_memory_in_several_files(device: Device,

@@ -17,7 +17,8 @@ import pytest
 from daemon import Daemon, blk_session
 from qemu_helpers import group_members, wait_until
 
-from vhostuser.engine.worker import ParentGone, _drain
+from vhostuser.engine.queue import DeviceQueue, ParentGone
+from vhostuser.engine.worker import run_queue
 from vhostuser.frontend.blk import T_IN, T_OUT
 from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
@@ -109,9 +110,10 @@ class _Handler:
     def __init__(self) -> None:
         self.seen = 0
 
-    def handle(self, chains: list) -> list[int]:
+    def kicked(self, q: DeviceQueue) -> None:
+        chains = q.pop_batch()
         self.seen += len(chains)
-        return [0] * len(chains)
+        q.complete_batch(chains, [0] * len(chains))
 
 
 class _Calls:
@@ -143,17 +145,18 @@ def test_worker_stores_nothing_once_its_parent_is_gone(
     """A worker that finds its parent gone (PDEATHSIG not armed, or late) stops before it
     stores into the used ring: the batch in hand is handled but never completed."""
     ram, mem, drv = ring
-    q = SplitQueue(mem, drv.layout(), 0, False, True)
     for _ in range(3):
         drv.add([(ram.alloc(16), 16, False)])
     handler, calls = _Handler(), _Calls()
+    q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, False, True), 0, calls,
+                    ppid=-1)  # never a parent's pid
     with pytest.raises(ParentGone):
-        _drain(q, handler, calls, 0.0, ppid=-1)  # never a parent's pid
+        run_queue(q, handler.kicked, 0.0)
     assert handler.seen == 3
     assert drv.take_used() == [] and calls.count == 0
     # with its parent alive, the same worker completes them
-    q = SplitQueue(mem, drv.layout(), 0, False, True)
-    assert _drain(q, handler, calls, 0.0, ppid=os.getppid())
+    q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, False, True), 0, calls, os.getppid())
+    assert run_queue(q, handler.kicked, 0.0)
     assert sorted(n for _, n in drv.take_used()) == [0, 0, 0] and calls.count == 1
 
 
@@ -163,18 +166,19 @@ def test_worker_answers_stop_while_the_guest_keeps_the_ring_full(
     GET_VRING_BASE) until the worker is killed: the worker looks at its control channel
     between batches."""
     ram, mem, drv = ring
-    q = SplitQueue(mem, drv.layout(), 0, False, True)
+    q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, False, True), 0, _Calls(), os.getppid())
     buf = ram.alloc(16)
 
     class Refill:  # every batch served, the guest makes as many new ones available
         seen = 0
 
-        def handle(self, chains: list) -> list[int]:
+        def kicked(self, q: DeviceQueue) -> None:
+            chains = q.pop_batch()
             self.seen += len(chains)
             drv.take_used()
             for _ in chains:
                 drv.add([(buf, 16, False)])
-            return [0] * len(chains)
+            q.complete_batch(chains, [0] * len(chains))
 
     for _ in range(4):
         drv.add([(buf, 16, False)])
@@ -184,7 +188,7 @@ def test_worker_answers_stop_while_the_guest_keeps_the_ring_full(
         looks.append(1)
         return len(looks) >= 3  # the parent's STOP arrives on the third look
 
-    assert _drain(q, handler, _Calls(), 0.0, os.getppid(), stop_asked)
+    assert run_queue(q, handler.kicked, 0.0, stop_asked)
     assert len(looks) == 3 and handler.seen > 0
 
 

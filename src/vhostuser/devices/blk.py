@@ -14,7 +14,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..engine.device import ConfigError, Device
+from ..engine.device import ConfigError, Device, Events, InOrderService
+from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.split import Chain
@@ -162,7 +163,7 @@ class BlkDevice(Device):
         self.writeback = True
         self.negotiated = 0
 
-    def queue_handler(self, index: int) -> BlkQueue:
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> BlkQueue:
         return BlkQueue(self)
 
     def close(self) -> None:
@@ -171,8 +172,9 @@ class BlkDevice(Device):
         self._shared.close()
 
 
-class BlkQueue:
-    """Serves requests of one queue (runs in that queue's worker process)."""
+class BlkQueue(InOrderService):
+    """Serves requests of one queue (runs in that queue's worker process), each at once:
+    in order, synchronously."""
 
     def __init__(self, dev: BlkDevice) -> None:
         self.dev = dev
@@ -184,7 +186,7 @@ class BlkQueue:
     def capacity(self) -> int:
         return self.shared[1]  # follows a resize
 
-    def handle(self, chains: list[Chain]) -> list[int]:
+    def handle(self, index: int, chains: list[Chain]) -> list[int]:
         out = []
         for c in chains:
             r, w = c.readable, c.writable

@@ -1,6 +1,6 @@
 """virtio-net (virtio 1.x §5.1): feature bits, the per-packet header, config space and the
-RARP announcement. The packet switching itself lives in `vhostuser.switch`; a port of the
-switch is a `NetPort` device.
+RARP announcement. The data path on the queues is in net_rings.py, the packet switching in
+`vhostuser.switch`; a port of the switch is a `NetPort` device.
 
 No checksum or segmentation offload is offered: every frame a guest sends is complete and
 valid as it is, so it can leave any port (another guest, a TAP device) unchanged.
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import struct
 
-from ..engine.device import ConfigError, Device, QueueHandler
+from ..engine.device import ConfigError, Device, Events, QueueService
+from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature, VirtioFeature
 
 F_MTU = 1 << 3
@@ -73,7 +74,8 @@ def rarp_frame(mac: bytes) -> bytes:
 
 class NetPort(Device):
     """One vhost-user port: a virtio-net device with `queue_pairs` rx/tx pairs (rx = 2k,
-    tx = 2k+1). Its queues are served by the switch's loop, not by worker processes."""
+    tx = 2k+1). Its queues are served by the switch's loop, not by worker processes; the
+    data path on them is devices/net_rings.py."""
 
     name = "vhost-user-net"
     protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.RARP | ProtocolFeature.MTU
@@ -125,5 +127,10 @@ class NetPort(Device):
         self.hdr_len = 12
         self.announce.clear()
 
-    def queue_handler(self, index: int) -> QueueHandler:
+    def queue_groups(self) -> list[list[int]]:
+        return [[2 * k, 2 * k + 1] for k in range(self.queue_pairs)]  # rx with its tx
+
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
+        # frames move between the guest memories of different ports, all mapped in the
+        # switch's process: its runner serves the queues there (switch/vhost_port.py)
         raise NotImplementedError("net ports are served by the switch loop")

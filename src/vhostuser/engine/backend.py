@@ -39,7 +39,7 @@ from ..virtq.atomic import U16Array
 from ..virtq.split import RingLayout
 from .device import ConfigError, Device
 from .notify import NoNotifier, Notifier
-from .worker import DEFAULT_SPIN_US, QueueParams, Runner, Running, start_worker
+from .worker import DEFAULT_SPIN_US, QueueParams, QueueSpec, Runner, Running, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,12 @@ class Vring:
     enabled: bool = False
     call: Notifier = field(default_factory=NoNotifier)
     err: Notifier = field(default_factory=NoNotifier)
-    worker: Running | None = None
+    group: int = 0  # which of the device's queue groups (one worker each) it is in
     broken: bool = False
+
+    def ready(self) -> bool:
+        return (self.started and self.enabled and not self.broken and self.size > 0
+                and self.addr is not None)
 
 
 class Backend:
@@ -129,7 +133,10 @@ class Backend:
         self.features = 0
         self.protocol_features = 0
         self.status = 0
-        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.groups = _groups(device)
+        self.vrings = self._new_vrings()
+        # group -> its worker and the queues it serves
+        self.running: dict[int, tuple[Running, frozenset[int]]] = {}
         self.backend_req: BackendChannel | None = None
         H = FrontendReq
         self._handlers: dict[int, Callable[[Any, list[Resource]], Any]] = {
@@ -363,6 +370,7 @@ class Backend:
         v.started = False
         v.broken = False
         self._drop_notifiers(v)
+        self._maybe_start(v)  # the rest of its group goes on
         return p.VringState(v.index, v.base)
 
     def _set_vring_kick(self, pl: p.VringFile, fds: list[Resource]) -> None:
@@ -383,6 +391,11 @@ class Backend:
         self._stop(v)
         v.call.close()
         v.call = notifier
+        # A completion signalled on the old fd may be lost with it: QEMU swaps a masked
+        # notifier for the guest's irqfd right after starting, without asking for an ack,
+        # so a request the worker answered in between would never wake the guest. A
+        # spurious notification costs the driver one look at the used ring.
+        notifier.notify()
         self._maybe_start(v)
 
     def _set_vring_err(self, pl: p.VringFile, fds: list[Resource]) -> None:
@@ -434,32 +447,48 @@ class Backend:
     # -- workers ---------------------------------------------------------------------------
 
     def _change(self, v: Vring, **changes: Any) -> None:
-        """Apply ring changes; a running worker is restarted to pick them up."""
-        running = v.worker is not None
+        """Apply ring changes; a running group is restarted to pick them up."""
         self._stop(v)
         for k, val in changes.items():
             setattr(v, k, val)
-        if running or v.started:
-            self._maybe_start(v)
+        self._maybe_start(v)
 
     def _maybe_start(self, v: Vring) -> None:
-        if (v.worker is not None or not (v.started and v.enabled) or v.broken
-                or v.size == 0 or v.addr is None or len(self.mem) == 0):
+        """Run v's group with every ready queue of it: start it, or restart it if v is
+        ready and not yet served."""
+        g = v.group
+        if g in self.running:
+            if not v.ready() or v.index in self.running[g][1]:
+                return
+            self._stop_group(g)
+        if len(self.mem) == 0:
             return
-        params = QueueParams(v.index, RingLayout(v.size, v.addr.desc, v.addr.avail, v.addr.used),
-                             v.base, bool(self.features & VirtioFeature.RING_EVENT_IDX),
-                             bool(self.features & VirtioFeature.RING_INDIRECT_DESC),
-                             self.poll_us)
-        v.worker = self.runner(params, self.mem, self.device, self.res.kick_fd(v.kick),
-                                v.call, v.err)
+        ready = [self.vrings[i] for i in self.groups[g] if self.vrings[i].ready()]
+        if not ready:
+            return
+        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
+        specs = []
+        for r in ready:
+            assert r.addr is not None
+            layout = RingLayout(r.size, r.addr.desc, r.addr.avail, r.addr.used)
+            params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us)
+            specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err))
+        self.running[g] = (self.runner(specs, self.mem, self.device),
+                           frozenset(r.index for r in ready))
 
     def _stop(self, v: Vring) -> None:
-        if v.worker is None:
-            return
-        worker, v.worker = v.worker, None
-        last, broken = worker.stop()
-        v.broken = broken
-        v.base = last if last is not None else self._used_idx(v)
+        """Stop v's group if it serves v (the whole group: its other queues restart with
+        the next `_maybe_start`)."""
+        if v.group in self.running and v.index in self.running[v.group][1]:
+            self._stop_group(v.group)
+
+    def _stop_group(self, g: int) -> None:
+        running, _ = self.running.pop(g)
+        for index, (last, broken) in running.stop().items():
+            r = self.vrings[index]
+            r.broken = broken
+            r.base = last if last is not None else self._used_idx(r)
 
     def _used_idx(self, v: Vring) -> int:
         """A worker that died completed everything it took: resume from used->idx."""
@@ -474,12 +503,12 @@ class Backend:
             cells.release()
 
     def _stop_all(self) -> None:
-        for v in self.vrings:
-            self._stop(v)
+        for g in list(self.running):
+            self._stop_group(g)
 
     def _start_all(self) -> None:
-        for v in self.vrings:
-            self._maybe_start(v)
+        for members in self.groups:
+            self._maybe_start(self.vrings[members[0]])
 
     def _restart_all(self) -> None:
         self._stop_all()
@@ -497,7 +526,14 @@ class Backend:
         self._stop_all()
         for v in self.vrings:
             self._drop_notifiers(v)
-        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+        self.vrings = self._new_vrings()
+
+    def _new_vrings(self) -> list[Vring]:
+        vrings = [Vring(i) for i in range(self.device.num_queues)]
+        for g, members in enumerate(self.groups):
+            for i in members:
+                vrings[i].group = g
+        return vrings
 
     def close(self) -> None:
         """The front-end went away: stop workers, release every resource."""
@@ -510,6 +546,15 @@ class Backend:
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self.device.reset()
+
+
+def _groups(device: Device) -> list[list[int]]:
+    groups = device.queue_groups()
+    members = sorted(i for g in groups for i in g)
+    if members != list(range(device.num_queues)) or not all(groups):
+        raise ValueError(f"{device.name}: queue groups {groups} do not cover queues "
+                         f"0..{device.num_queues - 1} once each")
+    return groups
 
 
 def _region_key(r: p.MemRegion) -> tuple[int, int, int]:

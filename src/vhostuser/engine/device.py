@@ -1,22 +1,77 @@
-"""What a device implements. Devices see chains of guest buffers and config bytes only:
-never sockets, fds or the transport."""
+"""What a device implements. Devices see chains of guest buffers, config bytes and event
+sources of their own (host sockets, an evdev, a timer): never the transport's sockets or
+fds.
+
+The engine splits a device's queues into groups (`Device.queue_groups`); each group runs in
+a worker process of its own, so groups run in parallel. In its worker a group is served by
+the `QueueService` that `Device.serve` returns: the engine calls `kicked(q)` when queue `q`
+has chains available, and the callbacks the service registered with `Events` when its own
+fds become readable or its timers expire. The service takes chains and completes them when
+it likes (in any order, from any callback); after each callback the engine makes the
+completions visible and notifies the driver if it asked. A service that keeps chains
+(waiting for host data, I/O in flight) finishes them in `quiesce`, called before the
+queues stop (GET_VRING_BASE, a memory table change, a disconnect).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Protocol
 
 from ..virtq.split import Chain
-
-
-class QueueHandler(Protocol):
-    def handle(self, chains: list[Chain]) -> list[int]:
-        """Serve a batch of chains in order; return the bytes written into each."""
-        ...
+from .queue import DeviceQueue
 
 
 class ConfigError(Exception):
     """A GET/SET_CONFIG the device refuses (the front-end gets a NACK or an empty reply)."""
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Events(Protocol):
+    """The worker's event loop, as a queue service sees it."""
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever `fd` is readable (until `unwatch`)."""
+        ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call `callback` once, `delay` seconds from now."""
+        ...
+
+
+class QueueService(ABC):
+    """Serves one group of a device's queues, in that group's worker."""
+
+    @abstractmethod
+    def kicked(self, q: DeviceQueue) -> None:
+        """`q` has chains available: take what the device can serve now. A service that
+        takes nothing (a receive queue with nothing to deliver) is not called again for
+        `q` until the driver kicks it."""
+
+    def quiesce(self) -> None:  # noqa: B027 - nothing in flight by default
+        """The queues stop: complete every chain still held."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The worker ends: release what the service opened."""
+
+
+class InOrderService(QueueService):
+    """For devices that serve each request at once: `handle` gets every available chain of
+    a queue and returns the bytes written into each."""
+
+    def kicked(self, q: DeviceQueue) -> None:
+        chains = q.pop_batch()
+        if chains:
+            q.complete_batch(chains, self.handle(q.index, chains))
+
+    @abstractmethod
+    def handle(self, index: int, chains: list[Chain]) -> list[int]: ...
 
 
 class Device(ABC):
@@ -37,6 +92,10 @@ class Device(ABC):
     def queue_num(self) -> int:
         """What GET_QUEUE_NUM reports (net devices report queue pairs)."""
         return self.num_queues
+
+    def queue_groups(self) -> list[list[int]]:
+        """Queues served together by one worker (default: each queue on its own)."""
+        return [[i] for i in range(self.num_queues)]
 
     def get_config(self) -> bytes:
         return b""
@@ -62,5 +121,6 @@ class Device(ABC):
         """RESET_DEVICE, or the front-end disconnected."""
 
     @abstractmethod
-    def queue_handler(self, index: int) -> QueueHandler:
-        """A handler for queue `index`; called in the worker process that serves it."""
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
+        """A service for the running queues of one group (those of the group that the
+        front-end has started and enabled); called in the worker process that runs them."""

@@ -1,13 +1,14 @@
-"""One worker process per running queue.
+"""One worker process per running queue group.
 
-The GIL rules out threads for a parallel data path, so each started, enabled queue is
-served by a forked child. Guest memory is inherited (MAP_SHARED mappings stay shared
-across fork), as are the kick fd, the call notifier and the device. The parent talks to
-the child over a SEQPACKET pair: it sends STOP, the child finishes the batch in hand
-(so nothing is in flight), answers with its last avail index and exits.
+The GIL rules out threads for a parallel data path, so each group of queues (one queue,
+unless the device groups them: engine/device.py) with started, enabled queues is served by
+a forked child. Guest memory is inherited (MAP_SHARED mappings stay shared across fork), as
+are the kick fds, the call notifiers and the device. The parent talks to the child over a
+SEQPACKET pair: it sends STOP, the child has the device finish what it holds (`quiesce`),
+answers with each queue's last avail index and exits.
 
 A worker's configuration never changes while it runs: any change (memory table, call fd,
-enable, features) is a stop and a fresh start from the returned index.
+enable, features) is a stop and a fresh start from the returned indices.
 
 However the back-end ends, the front-end must not see the connection close while any of
 its processes can still store into a used ring: the front-end then reads the used index as
@@ -16,13 +17,15 @@ duplicate completion, a stale block). So a worker keeps the connection open: the
 closes it only when the last process holding it is gone. The parent stops its workers
 before any orderly close; if the parent dies, the kernel kills its workers (PDEATHSIG), and
 a worker that finds its parent gone anyway (no PDEATHSIG, or it came late) stops before its
-next store into the used ring. Workers ignore SIGTERM and SIGINT: the parent stops them in
-order, each finishing the batch in hand.
+next store into the used ring (`DeviceQueue.notify`). Workers ignore SIGTERM and SIGINT:
+the parent stops them in order, each finishing what it holds.
 """
 
 from __future__ import annotations
 
 import ctypes
+import heapq
+import itertools
 import logging
 import os
 import select
@@ -37,25 +40,27 @@ from typing import Protocol
 
 from ..memory import GuestMemory
 from ..virtq.split import RingError, RingLayout, SplitQueue
-from .device import Device, QueueHandler
+from .device import Device, QueueService
 from .notify import Notifier
+from .queue import DeviceQueue, ParentGone
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "ParentGone", "QueueParams", "QueueSpec",
+           "Runner", "Running", "Stopped", "Worker", "parent_only_fds", "run_queue",
+           "start_worker"]
+
 _STOP = b"S"
-_REPORT = struct.Struct("<HB")  # last avail index, broken flag
+_ENTRY = struct.Struct("<HHB")  # per queue: index, last avail index, broken flag
 _PR_SET_PDEATHSIG = 1
 _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
 DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
 CTRL_LOOK = 0.001  # s between looks at the control channel while the ring stays busy
+_GONE = object()  # the parent is gone
 
 # fds of the parent's that a worker must not hold open: a listening socket (a restarted
 # back-end binds the path anew), the stop-signal pipe. Never the connection: see above.
 parent_only_fds: set[int] = set()
-
-
-class ParentGone(Exception):
-    """The worker's parent died: nothing more may reach the used ring."""
 
 
 @dataclass(frozen=True)
@@ -68,60 +73,72 @@ class QueueParams:
     spin_us: int = DEFAULT_SPIN_US
 
 
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue to run: its ring and the front-end's kick (None: poll), call and err."""
+
+    params: QueueParams
+    kick_fd: int | None
+    call: Notifier
+    err: Notifier
+
+
+# index -> (last avail index, or None if unknown; broken)
+Stopped = dict[int, tuple[int | None, bool]]
+
+
 class Running(Protocol):
-    """A running queue, however it is run."""
+    """A running queue group, however it is run."""
 
-    def stop(self) -> tuple[int | None, bool]:
-        """Stop serving; returns (last avail index, or None if unknown; broken)."""
-        ...
+    def stop(self) -> Stopped: ...
 
 
-# Starts serving a queue: (params, memory, device, kick fd or None to poll, call, err).
-Runner = Callable[[QueueParams, GuestMemory, Device, "int | None", Notifier, Notifier], Running]
+# Starts serving a group of queues.
+Runner = Callable[[list[QueueSpec], GuestMemory, Device], Running]
 
 
 class Worker:
     """Parent-side handle of a worker process."""
 
-    def __init__(self, pid: int, ctrl: socket.socket, index: int) -> None:
+    def __init__(self, pid: int, ctrl: socket.socket, indices: list[int]) -> None:
         self.pid = pid
         self.ctrl = ctrl
-        self.index = index
+        self.indices = indices
 
-    def stop(self, timeout: float = 10.0) -> tuple[int | None, bool]:
-        """Stop the worker; returns (last avail index or None if it died, broken)."""
-        report = None
+    def stop(self, timeout: float = 10.0) -> Stopped:
+        """Stop the worker; a queue's index is None if it died without answering."""
+        report: Stopped | None = None
         try:
             self.ctrl.send(_STOP)
             self.ctrl.settimeout(timeout)
-            data = self.ctrl.recv(16)
-            if len(data) == _REPORT.size:
-                report = _REPORT.unpack(data)
+            data = self.ctrl.recv(_ENTRY.size * len(self.indices) + 1)
+            if len(data) == _ENTRY.size * len(self.indices):
+                report = {i: (last, bool(broken)) for i, last, broken in _ENTRY.iter_unpack(data)}
         except OSError as e:
-            log.error("queue %d: worker %d did not answer STOP: %s", self.index, self.pid, e)
+            log.error("queues %s: worker %d did not answer STOP: %s", self.indices, self.pid, e)
         finally:
             self.ctrl.close()
-        if report is None:
+        if report is None or set(report) != set(self.indices):
             os.kill(self.pid, signal.SIGKILL)
+            report = None
         os.waitpid(self.pid, 0)
         if report is None:
-            return None, True
-        return report[0], bool(report[1])
+            return {i: (None, True) for i in self.indices}
+        return report
 
 
-def start_worker(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int | None,
-                 call: Notifier, err: Notifier) -> Worker:
+def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device) -> Worker:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ppid = os.getpid()
     pid = os.fork()
     if pid:
         child.close()
-        return Worker(pid, parent, params.index)
+        return Worker(pid, parent, [s.params.index for s in specs])
     status = 1
     try:
         parent.close()
         _become_worker(ppid)
-        status = _serve(params, mem, device, kick_fd, call, err, child, ppid)
+        status = _Group(specs, mem, device, child, ppid).serve()
     except BaseException:  # never let a child unwind into the parent's stack
         traceback.print_exc()
     finally:
@@ -145,104 +162,248 @@ def _become_worker(ppid: int) -> None:
         os._exit(0)
 
 
-def _serve(params: QueueParams, mem: GuestMemory, device: Device, kick_fd: int | None,
-           call: Notifier, err: Notifier, ctrl: socket.socket, ppid: int) -> int:
-    name = f"{device.name} queue {params.index}"
-    broken = False
-    q: SplitQueue | None = None
-    try:
-        q = SplitQueue(mem, params.layout, params.last_avail, params.event_idx,
-                       params.indirect)
-    except RingError as e:
-        log.error("%s: cannot start: %s", name, e)
-        broken = True
-        err.notify()
-    handler = device.queue_handler(params.index)
-    poller = select.poll()
-    poller.register(ctrl, select.POLLIN)
-    if kick_fd is not None:
-        poller.register(kick_fd, select.POLLIN)
-    spin = params.spin_us / 1e6
-    idle = 0
-    ctrl_poll = select.poll()
-    ctrl_poll.register(ctrl, select.POLLIN)
+class _Timer:
+    __slots__ = ("callback", "cancelled")
 
-    def stop_asked() -> bool:  # a STOP (or the parent's end) waits on the control channel
-        return bool(ctrl_poll.poll(0))
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
 
-    while True:
-        if kick_fd is None and not broken:  # poll mode: nobody kicks, look again soon
-            events = poller.poll(0 if idle < _POLL_IDLE_ROUNDS else 1)
-        else:
-            events = poller.poll()
-        for fd, _ev in events:
-            if fd == kick_fd:
-                try:
-                    os.read(kick_fd, 8)
-                except BlockingIOError:
-                    pass
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Events:
+    """The worker's `Events`: device fds and timers beside the kicks."""
+
+    def __init__(self, poller: select.poll) -> None:
+        self.poller = poller
+        self.fds: dict[int, Callable[[], None]] = {}
+        self.timers: list[tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        if fd not in self.fds:
+            self.poller.register(fd, select.POLLIN)
+        self.fds[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        if self.fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        t = _Timer(callback)
+        heapq.heappush(self.timers, (time.monotonic() + max(delay, 0.0), next(self._seq), t))
+        return t
+
+    def next_timeout(self) -> float | None:
+        while self.timers and self.timers[0][2].cancelled:
+            heapq.heappop(self.timers)
+        return self.timers[0][0] - time.monotonic() if self.timers else None
+
+    def due(self) -> list[Callable[[], None]]:
+        now, out = time.monotonic(), []
+        while self.timers and self.timers[0][0] <= now:
+            _, _, t = heapq.heappop(self.timers)
+            if not t.cancelled:
+                out.append(t.callback)
+        return out
+
+
+class _Group:
+    """The worker's side: serve a group of queues until STOP."""
+
+    def __init__(self, specs: list[QueueSpec], mem: GuestMemory, device: Device,
+                 ctrl: socket.socket, ppid: int) -> None:
+        self.specs, self.device, self.ctrl = specs, device, ctrl
+        self.name = device.name
+        self.queues: dict[int, DeviceQueue] = {}
+        self.broken: set[int] = set()
+        self.poller = select.poll()
+        self.poller.register(ctrl, select.POLLIN)
+        self.kicks: dict[int, DeviceQueue] = {}
+        self.polled: list[DeviceQueue] = []
+        self.spin = specs[0].params.spin_us / 1e6 if specs else 0.0
+        for s in specs:
+            i = s.params.index
+            try:
+                ring = SplitQueue(mem, s.params.layout, s.params.last_avail, s.params.event_idx,
+                                  s.params.indirect)
+            except RingError as e:
+                log.error("%s queue %d: cannot start: %s", self.name, i, e)
+                self.broken.add(i)
+                s.err.notify()
+                continue
+            q = self.queues[i] = DeviceQueue(ring, i, s.call, ppid)
+            if s.kick_fd is None:
+                self.polled.append(q)
             else:
-                if not ctrl.recv(16):
-                    return 0  # the parent is gone
-                last = q.last_avail if q is not None else params.last_avail
-                try:
-                    ctrl.send(_REPORT.pack(last, broken))
-                except OSError:
-                    pass
-                return 0
-        if broken or q is None:
-            continue
+                self.kicks[s.kick_fd] = q
+                self.poller.register(s.kick_fd, select.POLLIN)
+        self.events = _Events(self.poller)
+        self.service: QueueService | None = None
+        if self.queues:
+            try:
+                self.service = device.serve(dict(self.queues), self.events)
+            except Exception:
+                log.exception("%s queues %s: device failed to start them", self.name,
+                              sorted(self.queues))
+                self._fail_all()
+        ctrl_poll = select.poll()
+        ctrl_poll.register(ctrl, select.POLLIN)
+        self.stop_asked = lambda: bool(ctrl_poll.poll(0))
+
+    def serve(self) -> int:
+        idle = 0
+        ctrl_fd = self.ctrl.fileno()
+        # Look at every queue once first: chains whose kick an earlier worker took (it was
+        # stopped before it had served them all) must not wait for the next kick.
+        first = list(self.queues.values())
+        while True:
+            timeout = self.events.next_timeout()
+            if self.polled:  # poll mode: nobody kicks, look again soon
+                nap = 0.0 if idle < _POLL_IDLE_ROUNDS else 0.001
+                timeout = nap if timeout is None else min(timeout, nap)
+            ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            if first:
+                ms = 0
+            pending, first = first + self.polled, []
+            for fd, _ev in self.poller.poll(ms):
+                if fd == ctrl_fd:
+                    return self._stop()
+                q = self.kicks.get(fd)
+                if q is not None:
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
+                    pending.append(q)
+                else:
+                    callback = self.events.fds.get(fd)
+                    if callback is not None and self._run(callback) is _GONE:
+                        return 1
+            for callback in self.events.due():
+                if self._run(callback) is _GONE:
+                    return 1
+            did = False
+            for q in pending:
+                if q.index in self.queues and self.service is not None:
+                    r = self._run(run_queue, q, self.service.kicked, self.spin,
+                                  self.stop_asked)
+                    if r is _GONE:
+                        return 1
+                    did = did or r is True
+            idle = 0 if did else idle + 1
+
+    def _run(self, fn: Callable[..., object], *args: object) -> object:
+        """Call into the device, then publish what it completed. Returns what `fn` did, or
+        _GONE once the parent is gone (nothing more may be stored)."""
         try:
-            idle = 0 if _drain(q, handler, call, spin, ppid, stop_asked) else idle + 1
+            result = fn(*args)
+            for q in self.queues.values():
+                q.notify()
         except ParentGone:
-            log.error("%s: the back-end's main process is gone; stopping", name)
-            return 1
-        except RingError as e:
-            log.error("%s: stopped: %s", name, e)
-            broken = True
-            err.notify()
+            log.error("%s: the back-end's main process is gone; stopping", self.name)
+            return _GONE
         except Exception:
-            log.exception("%s: device failed; queue stopped", name)
-            broken = True
-            err.notify()
+            log.exception("%s queues %s: device failed; queues stopped", self.name,
+                          sorted(self.queues))
+            self._fail_all()
+            return None
+        for q in list(self.queues.values()):
+            if q.error is not None:
+                self._fail(q, str(q.error))
+        return result
+
+    def _fail(self, q: DeviceQueue, why: str) -> None:
+        log.error("%s queue %d: stopped: %s", self.name, q.index, why)
+        self.broken.add(q.index)
+        for fd, kq in list(self.kicks.items()):
+            if kq is q:
+                del self.kicks[fd]
+                self.poller.unregister(fd)
+        if q in self.polled:
+            self.polled.remove(q)
+        self.queues.pop(q.index, None)
+        for s in self.specs:
+            if s.params.index == q.index:
+                s.err.notify()
+
+    def _fail_all(self) -> None:
+        for s in self.specs:
+            if s.params.index not in self.broken:
+                self.broken.add(s.params.index)
+                s.err.notify()
+        for fd in self.kicks:
+            self.poller.unregister(fd)
+        self.kicks.clear()
+        self.polled.clear()
+        self.queues.clear()
+        for fd in list(self.events.fds):
+            self.events.unwatch(fd)
+        self.events.timers.clear()
+
+    def _stop(self) -> int:
+        if not self.ctrl.recv(16):
+            return 0  # the parent is gone
+        live = dict(self.queues)
+        if self.service is not None:
+            if live and self._run(self.service.quiesce) is _GONE:
+                return 1
+            try:
+                self.service.close()
+            except Exception:
+                log.exception("%s: closing the queue service failed", self.name)
+        for q in live.values():
+            if q.inflight:
+                log.error("%s queue %d: stopped with %d requests not completed", self.name,
+                          q.index, q.inflight)
+        entries = []
+        for s in self.specs:
+            i = s.params.index
+            lq = live.get(i)
+            last = lq.ring.last_avail if lq is not None else s.params.last_avail
+            entries.append(_ENTRY.pack(i, last, i in self.broken))
+        try:
+            self.ctrl.send(b"".join(entries))
+        except OSError:
+            pass
+        return 0
 
 
-def _drain(q: SplitQueue, handler: QueueHandler, call: Notifier, spin: float,
-           ppid: int, stop_asked: Callable[[], bool] = lambda: False) -> bool:
-    """Serve every available chain, a batch at a time: one used-index update and at most
-    one notification per batch. Once the ring is empty, keep looking for `spin` seconds
-    with kicks still suppressed (as QEMU's AioContext polling does) before asking for
-    kicks again. Returns whether there was any work. Raises ParentGone, before storing
-    anything into the used ring, once the parent is gone. Between batches, at most every
-    CTRL_LOOK seconds, it returns early if `stop_asked()`: a STOP is answered within a
-    batch even while the guest keeps the ring full."""
-    handle, available, clock = handler.handle, q.available, time.perf_counter
-    getppid = os.getppid
+def run_queue(q: DeviceQueue, kicked: Callable[[DeviceQueue], None], spin: float,
+              stop_asked: Callable[[], bool] = lambda: False) -> bool:
+    """Have the device serve `q` until it runs dry, publishing completions batch by batch.
+    Once the ring is empty, keep looking for `spin` seconds with kicks still suppressed (as
+    QEMU's AioContext polling does) before asking for kicks again. A device that takes
+    nothing although chains are there (buffers for data it does not have yet) is left to
+    take them later; kicks stay on. Returns whether the device took anything. Between
+    batches, at most every CTRL_LOOK seconds, it returns early if `stop_asked()`: a STOP is
+    answered within a batch even while the guest keeps the ring full. ParentGone comes out
+    of `q.notify` before anything is stored once the parent is gone."""
+    clock = time.perf_counter
     next_look = clock() + CTRL_LOOK
     did = False
     idle_since = 0.0
     q.disable_kicks()
     while True:
-        n = available()
-        if n:
+        if q.available():
+            before = q.popped
+            kicked(q)
+            q.notify()
+            if q.popped == before:
+                q.enable_kicks()
+                return did
             did = True
             idle_since = 0.0
-            chains, error = q.pop_batch(n)
-            if chains:
-                lengths = handle(chains)
-                if getppid() != ppid:
-                    raise ParentGone()
-                q.push_batch(chains, lengths)
-                if q.publish():
-                    call.notify()
-            if error is not None:
-                raise error
             now = clock()
             if now >= next_look:
                 next_look = now + CTRL_LOOK
                 if stop_asked():
                     return True
             continue
+        if q.error is not None:
+            return did
         if spin:
             now = clock()
             if not idle_since:

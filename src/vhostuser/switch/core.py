@@ -19,7 +19,6 @@ import numpy as np
 
 from ..shutdown import StopSignal, Watch
 from ..transport.unix import listen
-from ..virtq.split import RingError
 from .port import Port
 from .tap import TapPort
 from .vhost_port import VhostPort
@@ -294,13 +293,11 @@ class Switch:
     def _kicks(self, on: bool) -> None:
         for p in self.vports:
             for iq in p.tx_queues():
-                try:
-                    if on:
-                        iq.q.enable_kicks()
-                    else:
-                        iq.q.disable_kicks()
-                except RingError as e:
-                    iq.fail(e)
+                if on:
+                    iq.q.enable_kicks()
+                else:
+                    iq.q.disable_kicks()
+                iq.check()
 
 
 def _deliver(port: Port, frames: list[bytes]) -> None:

@@ -3,25 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import Counter
-from dataclasses import dataclass, field
 
-
-@dataclass
-class Counters:
-    """Seen from the switch: `rx` is what the port sent into the switch, `tx` what the
-    switch delivered to it; drops are counted by reason."""
-
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    drops: Counter[str] = field(default_factory=Counter)
-
-    def as_dict(self) -> dict[str, object]:
-        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
-                "drops": dict(self.drops)}
+from ..devices.net_rings import Counters
 
 
 class Port(ABC):

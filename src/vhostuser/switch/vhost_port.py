@@ -12,20 +12,13 @@ import os
 import socket
 from collections.abc import Callable
 
-import numpy as np
-
-from ..devices.net import (
-    F_MRG_RXBUF,
-    GSO_NONE,
-    HDR_F_NEEDS_CSUM,
-    NetPort,
-    rx_header,
-    tx_header_ok,
-)
+from ..devices.net import NetPort
+from ..devices.net_rings import put_frames, take_frames
 from ..engine.backend import Backend
 from ..engine.device import Device
 from ..engine.notify import Notifier
-from ..engine.worker import QueueParams, Running, parent_only_fds
+from ..engine.queue import DeviceQueue
+from ..engine.worker import QueueSpec, Running, Stopped, parent_only_fds
 from ..framer import close_fds
 from ..memory import GuestMemory, MemoryTableError
 from ..protocol import Header, ProtocolError, encode
@@ -38,52 +31,51 @@ from ..transport.unix import (
     listen,
 )
 from ..transport.vvu import VvuLink, VvuResources, split_message
-from ..virtq.burst import DirectBurst, pop_direct, push_heads, scatter_frames
-from ..virtq.iov import iov_write
-from ..virtq.split import DESC_F_WRITE, Chain, RingError, SplitQueue
+from ..virtq.split import RingError, SplitQueue
 from ..vvu.abi import S_BACKEND_UP
 from .port import Port
 
 log = logging.getLogger(__name__)
 
-MAX_BURST = 256
-
 
 class InlineQueue:
-    """A queue served in this process (the engine's `Running` for the switch)."""
+    """A queue served in this process."""
 
-    def __init__(self, port: VhostPort, q: SplitQueue, index: int, kick_fd: int | None,
-                 call: Notifier, err: Notifier) -> None:
-        self.port, self.q, self.index = port, q, index
-        self.kick_fd, self.call, self.err = kick_fd, call, err
+    def __init__(self, port: VhostPort, q: DeviceQueue, kick_fd: int | None,
+                 err: Notifier) -> None:
+        self.port, self.q, self.index = port, q, q.index
+        self.kick_fd, self.err = kick_fd, err
         self.broken = False
 
     @property
     def is_tx(self) -> bool:
         return self.index % 2 == 1
 
-    def fail(self, e: Exception) -> None:
-        log.error("%s queue %d: stopped: %s", self.port.name, self.index, e)
-        self.broken = True
-        self.err.notify()
+    def check(self) -> None:
+        """Stop the queue if its ring broke the rules."""
+        if self.q.error is not None and not self.broken:
+            log.error("%s queue %d: stopped: %s", self.port.name, self.index, self.q.error)
+            self.broken = True
+            self.err.notify()
 
-    def stop(self) -> tuple[int | None, bool]:
-        self.port.queues.pop(self.index, None)
+
+class InlineGroup:
+    """A queue group served in this process (the engine's `Running` for the switch).
+    A queue whose ring lies outside guest memory does not run; GET_VRING_BASE gets its
+    index back, and the front-end must set it up again."""
+
+    def __init__(self, port: VhostPort, queues: list[InlineQueue],
+                 broken: dict[int, int]) -> None:
+        self.port, self.queues, self.broken = port, queues, broken
+
+    def stop(self) -> Stopped:
+        out: Stopped = {i: (last, True) for i, last in self.broken.items()}
+        for iq in self.queues:
+            self.port.queues.pop(iq.index, None)
+            out[iq.index] = (iq.q.ring.last_avail, iq.broken)
+            iq.q.release()
         self.port.changed()
-        last = self.q.last_avail
-        self.q.release()
-        return last, self.broken
-
-
-class BrokenQueue:
-    """A queue that could not start (its ring lies outside guest memory): nothing runs;
-    GET_VRING_BASE gets its index back, and the front-end must set it up again."""
-
-    def __init__(self, last_avail: int) -> None:
-        self.last_avail = last_avail
-
-    def stop(self) -> tuple[int | None, bool]:
-        return self.last_avail, True
+        return out
 
 
 class VhostPort(Port):
@@ -157,7 +149,7 @@ class VhostPort(Port):
     def _attach(self, sock: socket.socket) -> None:
         parent_only_fds.add(sock.fileno())
         self.conn = UnixChannel(sock, message_timeout=self.message_timeout)
-        self.backend = Backend(self.device, UnixResources(), runner=self._run_queue)
+        self.backend = Backend(self.device, UnixResources(), runner=self._run_queues)
         log.info("%s: front-end connected", self.name)
         self.changed()
 
@@ -223,7 +215,7 @@ class VhostPort(Port):
             if self.backend is None and link.in_session(fresh=bool(messages)):
                 log.info("%s: consumer connected through virtio-vhost-user", self.name)
                 self.backend = Backend(self.device, VvuResources(link, self.poll),
-                                       runner=self._run_queue)
+                                       runner=self._run_queues)
                 self.changed()
                 messages += link.take_messages()
             backend = self.backend
@@ -271,21 +263,24 @@ class VhostPort(Port):
                 except OSError:
                     pass
 
-    def _run_queue(self, params: QueueParams, mem: GuestMemory, device: Device,
-                   kick_fd: int | None, call: Notifier, err: Notifier) -> Running:
-        try:
-            q = SplitQueue(mem, params.layout, params.last_avail, params.event_idx,
-                           params.indirect)
-        except RingError as e:  # a ring outside guest memory: this queue stays stopped
-            log.error("%s queue %d: cannot start: %s", self.name, params.index, e)
-            err.notify()
-            return BrokenQueue(params.last_avail)
-        iq = InlineQueue(self, q, params.index, kick_fd, call, err)
-        if not iq.is_tx:
-            q.disable_kicks()  # buffers posted to rx need no kick: we look when a frame comes
-        self.queues[params.index] = iq
+    def _run_queues(self, specs: list[QueueSpec], mem: GuestMemory, device: Device) -> Running:
+        queues, broken = [], {}
+        for s in specs:
+            p = s.params
+            try:
+                ring = SplitQueue(mem, p.layout, p.last_avail, p.event_idx, p.indirect)
+            except RingError as e:  # a ring outside guest memory: this queue stays stopped
+                log.error("%s queue %d: cannot start: %s", self.name, p.index, e)
+                s.err.notify()
+                broken[p.index] = p.last_avail
+                continue
+            iq = InlineQueue(self, DeviceQueue(ring, p.index, s.call), s.kick_fd, s.err)
+            if not iq.is_tx:  # buffers posted to rx need no kick: we look when a frame comes
+                iq.q.disable_kicks()
+            self.queues[p.index] = iq
+            queues.append(iq)
         self.changed()
-        return iq
+        return InlineGroup(self, queues, broken)
 
     # -- data path -----------------------------------------------------------------------------
 
@@ -293,76 +288,9 @@ class VhostPort(Port):
         return [iq for iq in self.queues.values() if iq.is_tx and not iq.broken]
 
     def take_tx(self, iq: InlineQueue) -> list[bytes]:
-        """Frames the guest transmitted on `iq` (at most a burst); the buffers go back to
-        the guest at once. Invalid frames are dropped and counted."""
-        q, dev = iq.q, self.device
-        try:
-            n = q.available()
-        except RingError as e:
-            iq.fail(e)
-            return []
-        if not n:
-            return []
-        burst = pop_direct(q, min(n, MAX_BURST))
-        if burst is not None:
-            return self._take_direct(iq, burst)
-        chains, error = q.pop_batch(min(n, MAX_BURST))
-        c = self.counters
-        hl, max_frame = dev.hdr_len, dev.max_frame()
-        frames = []
-        for chain in chains:
-            r = chain.readable
-            buf = r[0] if len(r) == 1 else b"".join(r)
-            size = len(buf) - hl
-            if size < 0 or not tx_header_ok(buf[:hl]):
-                c.drops["bad_header"] += 1
-            elif size < 14:
-                c.drops["runt"] += 1
-            elif size > max_frame:
-                c.drops["oversize"] += 1
-            elif buf[hl + 6] & 1:
-                c.drops["bad_source_mac"] += 1
-            else:
-                frames.append(bytes(buf[hl:]))
-                c.rx_bytes += size
-        c.rx_packets += len(frames)
-        if chains:
-            q.push_batch(chains, [0] * len(chains))
-            if q.publish():
-                iq.call.notify()
-        if error is not None:
-            iq.fail(error)
-        return frames
-
-    def _take_direct(self, iq: InlineQueue, b: DirectBurst) -> list[bytes]:
-        """`take_tx` for a burst of one-descriptor chains: the same checks, as array
-        operations over the whole burst; then one copy per valid frame."""
-        dev, c, u8 = self.device, self.counters, b.u8
-        hl, max_frame = dev.hdr_len, dev.max_frame()
-        size = b.lengths - hl
-        has_hdr = size >= 0
-        at = np.where(has_hdr, b.offsets, 0)  # in bounds whatever the buffer's length
-        bad = ~has_hdr | (u8[at] & HDR_F_NEEDS_CSUM != 0) | (u8[at + 1] != GSO_NONE)
-        runt = ~bad & (size < 14)
-        over = ~bad & ~runt & (size > max_frame)
-        ok = ~(bad | runt | over)
-        src_mc = ok & (u8[np.where(ok, b.offsets + hl + 6, 0)] & 1 != 0)
-        ok &= ~src_mc
-        for reason, mask in (("bad_header", bad), ("runt", runt), ("oversize", over),
-                             ("bad_source_mac", src_mc)):
-            k = int(np.count_nonzero(mask))
-            if k:
-                c.drops[reason] += k
-        view = b.view
-        starts = b.offsets[ok] + hl
-        frames = [bytes(view[s:e]) for s, e in zip(starts.tolist(),
-                                                   (b.offsets + b.lengths)[ok].tolist(),
-                                                   strict=True)]
-        c.rx_packets += len(frames)
-        c.rx_bytes += int(size[ok].sum())
-        push_heads(iq.q, b.heads)
-        if iq.q.publish():
-            iq.call.notify()
+        """Frames the guest transmitted on `iq` (at most a burst)."""
+        frames = take_frames(iq.q, self.device, self.counters)
+        iq.check()
         return frames
 
     def deliver(self, frames: list[bytes]) -> None:
@@ -371,129 +299,14 @@ class VhostPort(Port):
             self.counters.drops["port_down"] += len(frames)
             return
         if len(rx) == 1:
-            self._fill(rx[0], frames)
-            return
-        groups: dict[int, list[bytes]] = {}
-        for f in frames:  # spread flows over the rx queues, keeping each flow in order
-            groups.setdefault(hash(f[:12] + f[26:38]) % len(rx), []).append(f)
+            groups = {0: frames}
+        else:
+            groups = {}
+            for f in frames:  # spread flows over the rx queues, keeping each flow in order
+                groups.setdefault(hash(f[:12] + f[26:38]) % len(rx), []).append(f)
         for i, fl in groups.items():
-            self._fill(rx[i], fl)
-
-    def _fill(self, iq: InlineQueue, frames: list[bytes]) -> None:
-        q, c = iq.q, self.counters
-        dev = self.device
-        hl = dev.hdr_len
-        mrg = bool(dev.negotiated & F_MRG_RXBUF)
-        max_frame = dev.max_frame()
-        try:
-            avail = q.available()
-        except RingError as e:
-            iq.fail(e)
-            return
-        hdr1 = rx_header(hl, 1)
-        while avail and frames:  # the burst path, as far as it goes; the rest below
-            done = self._fill_direct(iq, frames, hdr1, avail, max_frame)
-            if not done:
-                break
-            frames, avail = frames[done:], avail - done
-        if not frames:
-            return
-        used, lens = [], []
-        try:
-            for frame in frames:
-                need = hl + len(frame)
-                if len(frame) > max_frame:
-                    c.drops["oversize"] += 1
-                    continue
-                if not avail:
-                    c.drops["no_rx_buffer"] += 1
-                    continue
-                chain = q.pop()
-                avail -= 1
-                w = chain.writable
-                w0 = w[0] if w else None
-                if w0 is not None and len(w0) >= need:  # the usual case: one buffer
-                    w0[:hl] = hdr1
-                    w0[hl:need] = frame
-                    used.append(chain)
-                    lens.append(need)
-                elif sum(map(len, w)) >= need:
-                    iov_write(w, hdr1 + frame)
-                    used.append(chain)
-                    lens.append(need)
-                elif mrg:
-                    avail = self._spread(q, chain, frame, hl, avail, used, lens)
-                    if avail < 0:
-                        avail = 0
-                        c.drops["no_rx_buffer"] += 1
-                        continue
-                else:  # dropped; the buffer stays for a frame that fits (as DPDK does)
-                    q.unpop()
-                    avail += 1
-                    c.drops["rx_buffer_too_small"] += 1
-                    continue
-                c.tx_packets += 1
-                c.tx_bytes += len(frame)
-        except RingError as e:
-            iq.fail(e)
-        if used:
-            q.push_batch(used, lens)
-            if q.publish():
-                iq.call.notify()
-
-    def _fill_direct(self, iq: InlineQueue, frames: list[bytes], hdr: bytes, avail: int,
-                     max_frame: int) -> int:
-        """`_fill` for the leading frames that each get a one-descriptor buffer they fit:
-        buffers taken, headers written and buffers returned with array operations
-        (burst.py), one copy per frame. Returns how many frames it delivered (0: none,
-        nothing done; the chain walk in `_fill` takes the rest, with its drop counting)."""
-        q, c = iq.q, self.counters
-        n = min(len(frames), avail)
-        if not n or max(map(len, frames[:n])) > max_frame:
-            return 0
-        burst = pop_direct(q, n, DESC_F_WRITE)
-        if burst is None:
-            return 0
-        k = len(burst.heads)
-        written = scatter_frames(burst, hdr, frames[:k])
-        if written is None:
-            q.last_avail = (q.last_avail - k) & 0xFFFF  # give the buffers back
-            return 0
-        push_heads(q, burst.heads, written)
-        c.tx_packets += k
-        c.tx_bytes += int(written.sum()) - k * len(hdr)
-        if q.publish():
-            iq.call.notify()
-        return k
-
-    @staticmethod
-    def _spread(q: SplitQueue, first: Chain, frame: bytes, hl: int, avail: int,
-                used: list[Chain], lens: list[int]) -> int:
-        """MRG_RXBUF: lay one frame over as many chains as it takes; the header of the
-        first says how many. Returns the chains still available, -1 if they ran out."""
-        data = bytearray(rx_header(hl, 1) + frame)
-        chains = [first]
-        room = sum(len(v) for v in first.writable)
-        while room < len(data):
-            if not avail:
-                used.append(first)  # return what we took, empty
-                lens.append(0)
-                for extra in chains[1:]:
-                    used.append(extra)
-                    lens.append(0)
-                return -1
-            chain = q.pop()
-            avail -= 1
-            chains.append(chain)
-            room += sum(len(v) for v in chain.writable)
-        data[hl - 2 : hl] = len(chains).to_bytes(2, "little")  # num_buffers
-        off = 0
-        for chain in chains:
-            n = iov_write(chain.writable, memoryview(data)[off:])
-            used.append(chain)
-            lens.append(n)
-            off += n
-        return avail
+            put_frames(rx[i].q, self.device, self.counters, fl)
+            rx[i].check()
 
     def status(self) -> dict[str, object]:
         st = super().status()

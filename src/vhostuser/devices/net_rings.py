@@ -1,0 +1,203 @@
+"""The virtio-net data path on the device side: frames out of a transmit queue, frames into
+a receive queue (virtio 1.x §5.1.6), with the counters a port keeps. Whoever moves the
+frames (the switch, a TAP) calls these with the queues the engine runs.
+
+Transmit: every chain is one frame behind the virtio-net header; a frame whose header asks
+for an offload we did not offer, a runt, an oversized frame or one from a multicast source
+is dropped and counted; every buffer goes back at once. Receive: each frame gets one chain
+(or, with MRG_RXBUF, as many as it needs: num_buffers says how many); a frame that finds no
+buffer is dropped (a guest that does not post buffers must not make us queue frames).
+Bursts of one-descriptor chains take the numpy path (virtq/burst.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine.queue import DeviceQueue
+from ..virtq.burst import DirectBurst, scatter_frames
+from ..virtq.iov import iov_write
+from ..virtq.split import DESC_F_WRITE, Chain
+from .net import F_MRG_RXBUF, GSO_NONE, HDR_F_NEEDS_CSUM, NetPort, rx_header, tx_header_ok
+
+MAX_BURST = 256
+
+
+@dataclass
+class Counters:
+    """Seen from the switch: `rx` is what the port sent into the switch, `tx` what the
+    switch delivered to it; drops are counted by reason."""
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "drops": dict(self.drops)}
+
+
+def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> list[bytes]:
+    """Frames the guest transmitted on `q` (at most a burst); the buffers go back to the
+    guest at once (notified). Invalid frames are dropped and counted."""
+    n = q.available()
+    if not n:
+        return []
+    burst = q.pop_direct(min(n, MAX_BURST))
+    if burst is not None:
+        return _take_direct(q, burst, dev, c)
+    chains = q.pop_batch(min(n, MAX_BURST))
+    hl, max_frame = dev.hdr_len, dev.max_frame()
+    frames = []
+    for chain in chains:
+        r = chain.readable
+        buf = r[0] if len(r) == 1 else b"".join(r)
+        size = len(buf) - hl
+        if size < 0 or not tx_header_ok(buf[:hl]):
+            c.drops["bad_header"] += 1
+        elif size < 14:
+            c.drops["runt"] += 1
+        elif size > max_frame:
+            c.drops["oversize"] += 1
+        elif buf[hl + 6] & 1:
+            c.drops["bad_source_mac"] += 1
+        else:
+            frames.append(bytes(buf[hl:]))
+            c.rx_bytes += size
+    c.rx_packets += len(frames)
+    q.complete_batch(chains, [0] * len(chains))
+    q.notify()
+    return frames
+
+
+def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> list[bytes]:
+    """`take_frames` for a burst of one-descriptor chains: the same checks, as array
+    operations over the whole burst; then one copy per valid frame."""
+    u8 = b.u8
+    hl, max_frame = dev.hdr_len, dev.max_frame()
+    size = b.lengths - hl
+    has_hdr = size >= 0
+    at = np.where(has_hdr, b.offsets, 0)  # in bounds whatever the buffer's length
+    bad = ~has_hdr | (u8[at] & HDR_F_NEEDS_CSUM != 0) | (u8[at + 1] != GSO_NONE)
+    runt = ~bad & (size < 14)
+    over = ~bad & ~runt & (size > max_frame)
+    ok = ~(bad | runt | over)
+    src_mc = ok & (u8[np.where(ok, b.offsets + hl + 6, 0)] & 1 != 0)
+    ok &= ~src_mc
+    for reason, mask in (("bad_header", bad), ("runt", runt), ("oversize", over),
+                         ("bad_source_mac", src_mc)):
+        k = int(np.count_nonzero(mask))
+        if k:
+            c.drops[reason] += k
+    view = b.view
+    starts = b.offsets[ok] + hl
+    frames = [bytes(view[s:e]) for s, e in zip(starts.tolist(),
+                                               (b.offsets + b.lengths)[ok].tolist(),
+                                               strict=True)]
+    c.rx_packets += len(frames)
+    c.rx_bytes += int(size[ok].sum())
+    q.complete_burst(b.heads)
+    return frames
+
+
+def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: list[bytes]) -> None:
+    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit."""
+    hl = dev.hdr_len
+    mrg = bool(dev.negotiated & F_MRG_RXBUF)
+    max_frame = dev.max_frame()
+    avail = q.available()
+    hdr1 = rx_header(hl, 1)
+    while avail and frames:  # the burst path, as far as it goes; the rest below
+        done = _put_direct(q, frames, hdr1, avail, max_frame, c)
+        if not done:
+            break
+        frames, avail = frames[done:], avail - done
+    if not frames:
+        return
+    for frame in frames:
+        need = hl + len(frame)
+        if len(frame) > max_frame:
+            c.drops["oversize"] += 1
+            continue
+        chain = q.pop() if avail else None
+        if chain is None:
+            avail = 0
+            c.drops["no_rx_buffer"] += 1
+            continue
+        avail -= 1
+        w = chain.writable
+        w0 = w[0] if w else None
+        if w0 is not None and len(w0) >= need:  # the usual case: one buffer
+            w0[:hl] = hdr1
+            w0[hl:need] = frame
+            q.complete(chain, need)
+        elif sum(map(len, w)) >= need:
+            iov_write(w, hdr1 + frame)
+            q.complete(chain, need)
+        elif mrg:
+            avail = _spread(q, chain, frame, hl, avail)
+            if avail < 0:
+                avail = 0
+                c.drops["no_rx_buffer"] += 1
+                continue
+        else:  # dropped; the buffer stays for a frame that fits (as DPDK does)
+            q.unpop()
+            avail += 1
+            c.drops["rx_buffer_too_small"] += 1
+            continue
+        c.tx_packets += 1
+        c.tx_bytes += len(frame)
+    q.notify()
+
+
+def _put_direct(q: DeviceQueue, frames: list[bytes], hdr: bytes, avail: int,
+                max_frame: int, c: Counters) -> int:
+    """`put_frames` for the leading frames that each get a one-descriptor buffer they fit:
+    buffers taken, headers written and buffers returned with array operations (burst.py),
+    one copy per frame. Returns how many frames it delivered (0: none, nothing done; the
+    chain walk in `put_frames` takes the rest, with its drop counting)."""
+    n = min(len(frames), avail)
+    if not n or max(map(len, frames[:n])) > max_frame:
+        return 0
+    burst = q.pop_direct(n, DESC_F_WRITE)
+    if burst is None:
+        return 0
+    k = len(burst.heads)
+    written = scatter_frames(burst, hdr, frames[:k])
+    if written is None:
+        q.unpop(k)  # give the buffers back
+        return 0
+    q.complete_burst(burst.heads, written)
+    c.tx_packets += k
+    c.tx_bytes += int(written.sum()) - k * len(hdr)
+    return k
+
+
+def _spread(q: DeviceQueue, first: Chain, frame: bytes, hl: int, avail: int) -> int:
+    """MRG_RXBUF: lay one frame over as many chains as it takes; the header of the first
+    says how many. Returns the chains still available, -1 if they ran out (the chains
+    taken go back empty)."""
+    data = bytearray(rx_header(hl, 1) + frame)
+    chains = [first]
+    room = sum(len(v) for v in first.writable)
+    while room < len(data):
+        chain = q.pop() if avail else None
+        if chain is None:
+            q.complete_batch(chains, [0] * len(chains))
+            return -1
+        avail -= 1
+        chains.append(chain)
+        room += sum(len(v) for v in chain.writable)
+    data[hl - 2 : hl] = len(chains).to_bytes(2, "little")  # num_buffers
+    off = 0
+    for chain in chains:
+        n = iov_write(chain.writable, memoryview(data)[off:])
+        q.complete(chain, n)
+        off += n
+    return avail
