@@ -468,6 +468,45 @@ def test_rng_through_the_device(device: Device, tmp_path: Path, mode: list[str])
         assert proc.wait(15) == 0
 
 
+def test_input_through_the_device(device: Device, tmp_path: Path) -> None:
+    """vhost-user-input --vvu, unchanged: the config space answers through the device (the
+    CONFIG protocol feature), injected events reach the consumer, its LED comes back."""
+    from vhostuser.frontend.client import Frontend
+    from vhostuser.frontend.input import InputClient
+    from vhostuser.protocol import ProtocolFeature
+
+    events = str(tmp_path / "events.sock")
+    n = device.log().count("vfio-user client connected")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.input", "--vvu", device.vfu,
+                             "--events", events, "--kind", "mouse", "-v"],
+                            start_new_session=True)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    client.bind("")
+    client.settimeout(10)
+    try:
+        deadline = time.monotonic() + 15
+        while device.log().count("vfio-user client connected") == n:
+            assert time.monotonic() < deadline and proc.poll() is None, device.log()
+            time.sleep(0.05)
+        with Frontend(device.vhost) as fe:
+            fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES,
+                         ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table()
+            fe.setup_queue(0, 16)
+            fe.setup_queue(1, 16)
+            inp = InputClient(fe)
+            assert inp.config(0x01) == b"vhost-user mouse"
+            inp.post(4)
+            client.sendto(b'[{"type": "EV_REL", "code": "REL_Y", "value": -3}]', events)
+            assert inp.events(2) == [(2, 1, -3), (0, 0, 0)]  # EV_REL REL_Y, SYN_REPORT
+            inp.status(0x11, 0, 1)  # EV_LED LED_NUML: back to the sender, as it is
+            assert json.loads(client.recv(4096)) == {"type": 0x11, "code": 0, "value": 1}
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
 def test_consumer_memory_in_several_files(device: Device,
                                           appliance: Callable[..., subprocess.Popen]) -> None:
     """libblkio-style consumers keep rings and buffers in separate memfds: each file gets
