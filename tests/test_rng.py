@@ -166,3 +166,58 @@ def test_a_missing_source_is_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and "No such file" in out.stderr, out.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_requests_after_one_served_from_the_source_s_event_are_kicked(tmp_path: Path) -> None:
+    """With EVENT_IDX the driver kicks only past the device's avail_event: a request the
+    device took on its own event (the FIFO became readable) must move that point, or the
+    driver's next request is never kicked (seen in review: /dev/hwrng hung)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)
+    d = start(tmp_path, source=str(fifo))
+    try:
+        with Frontend(d.sock) as fe:
+            _, rng = connect(fe)
+            first = rng.submit(16)
+            d.wait_log("has nothing yet")
+            os.write(writer, bytes(range(32)))  # served from the fd's event
+            assert rng.complete() == [(first, bytes(range(16)))]
+            second = rng.submit(16)  # kicked only if avail_event moved on
+            assert rng.complete() == [(second, bytes(range(16, 32)))]
+    finally:
+        os.close(writer)
+        assert d.stop() == 0, d.log()
+
+
+def test_requests_after_one_served_by_the_rate_limit_timer_are_kicked(
+        tmp_path: Path, source: bytes) -> None:
+    """The same through the timer: 16 bytes per 200 ms, each request submitted (and kicked,
+    as the driver decides) after the previous one completed."""
+    d = start(tmp_path, "--max-bytes", "16", "--period", "200")
+    try:
+        with Frontend(d.sock) as fe:
+            _, rng = connect(fe)
+            for i in range(4):  # the 2nd waits for the timer; so may the others
+                head = rng.submit(16)
+                assert rng.complete(timeout=20) == [(head, source[16 * i : 16 * (i + 1)])]
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_a_queue_that_broke_reports_where_it_stopped(tmp_path: Path, source: bytes) -> None:
+    """GET_VRING_BASE after a ring error gives the index past what was taken (the bad chain
+    counts as taken), never the index the queue started from: the next start must not
+    serve completed requests again."""
+    d = start(tmp_path)
+    try:
+        with Frontend(d.sock) as fe:
+            _, rng = connect(fe)
+            for i in range(3):
+                assert rng.read(8) == source[8 * i : 8 * (i + 1)]
+            rng.ring.add([(fe.ram_size + 4096, 16, True)])  # beyond the guest's RAM
+            fe.kick(0)
+            d.wait_log("queue 0: stopped")
+            assert fe.get_vring_base(0) == 4
+    finally:
+        assert d.stop() == 0, d.log()

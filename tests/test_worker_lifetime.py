@@ -18,7 +18,7 @@ from daemon import Daemon, blk_session
 from qemu_helpers import group_members, wait_until
 
 from vhostuser.engine.queue import DeviceQueue, ParentGone
-from vhostuser.engine.worker import run_queue
+from vhostuser.engine.worker import DRAINED, MORE, run_queue
 from vhostuser.frontend.blk import T_IN, T_OUT
 from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
@@ -151,20 +151,20 @@ def test_worker_stores_nothing_once_its_parent_is_gone(
     q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, False, True), 0, calls,
                     ppid=-1)  # never a parent's pid
     with pytest.raises(ParentGone):
-        run_queue(q, handler.kicked, 0.0)
+        run_queue(q, handler.kicked)
     assert handler.seen == 3
     assert drv.take_used() == [] and calls.count == 0
     # with its parent alive, the same worker completes them
     q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, False, True), 0, calls, os.getppid())
-    assert run_queue(q, handler.kicked, 0.0)
+    assert run_queue(q, handler.kicked) == DRAINED
     assert sorted(n for _, n in drv.take_used()) == [0, 0, 0] and calls.count == 1
 
 
 def test_worker_answers_stop_while_the_guest_keeps_the_ring_full(
         ring: tuple[GuestRam, GuestMemory, DriverRing]) -> None:
     """A guest that refills the ring as fast as it empties must not delay a STOP (and so
-    GET_VRING_BASE) until the worker is killed: the worker looks at its control channel
-    between batches."""
+    GET_VRING_BASE) until the worker is killed: serving a queue returns to the worker's loop,
+    which looks at its control channel, once its budget is spent."""
     ram, mem, drv = ring
     q = DeviceQueue(SplitQueue(mem, drv.layout(), 0, False, True), 0, _Calls(), os.getppid())
     buf = ram.alloc(16)
@@ -182,14 +182,10 @@ def test_worker_answers_stop_while_the_guest_keeps_the_ring_full(
 
     for _ in range(4):
         drv.add([(buf, 16, False)])
-    handler, looks = Refill(), []
-
-    def stop_asked() -> bool:
-        looks.append(1)
-        return len(looks) >= 3  # the parent's STOP arrives on the third look
-
-    assert run_queue(q, handler.kicked, 0.0, stop_asked)
-    assert len(looks) == 3 and handler.seen > 0
+    handler = Refill()
+    assert run_queue(q, handler.kicked, budget=0.005) == MORE  # back to the worker's loop
+    assert handler.seen > 0
+    assert drv.avail_idx != q.ring.last_avail  # the guest still has chains waiting
 
 
 if __name__ == "__main__":

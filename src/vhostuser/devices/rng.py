@@ -2,8 +2,9 @@
 with bytes from an entropy source (default /dev/urandom). No feature bits, no config.
 
 An optional rate limit, as QEMU's virtio-rng `max-bytes`/`period`: at most `max_bytes` in
-any window of `period` seconds that starts with the first byte served after the last window
-ended. Requests over the budget stay in the ring (not taken) until the window ends.
+any window of `period` seconds that starts with the first request served after the last
+window ended. Requests over the budget stay in the ring (not taken) until the window ends.
+The window is the device's, not a worker's: resetting the device does not renew it.
 
 The source is read without blocking: a source with nothing to give yet (a FIFO whose writer
 is slow) is watched, and requests wait in the ring. A source that fails or ends (EOF) is
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import stat
 import time
@@ -51,6 +53,10 @@ class RngDevice(Device):
         if stat.S_ISDIR(os.fstat(self.fd).st_mode):
             os.close(self.fd)
             raise ValueError(f"{opts.source} is a directory")
+        # The rate-limit window outlives each worker (a reset or a ring change starts a new
+        # one): [end in monotonic ns, bytes left], in memory shared with them.
+        self._shared = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
+        self.window = memoryview(self._shared).cast("q")
 
     def features(self) -> int:
         return 0
@@ -60,6 +66,8 @@ class RngDevice(Device):
 
     def close(self) -> None:
         os.close(self.fd)
+        self.window.release()
+        self._shared.close()
 
 
 class RngService(QueueService):
@@ -69,8 +77,7 @@ class RngService(QueueService):
         self.fd, self.name = dev.fd, dev.opts.source
         self.q, self.events = q, events
         self.max_bytes, self.period = dev.opts.max_bytes, dev.opts.period
-        self.window_end = 0.0  # monotonic time the current rate-limit window ends
-        self.budget = 0
+        self.window = dev.window  # [end (monotonic ns), bytes left]: kept by the device
         self.timer: Timer | None = None
         self.watching = False
         self.failed = False
@@ -82,11 +89,12 @@ class RngService(QueueService):
         """Serve requests while the budget and the source allow."""
         q = self.q
         while not self.failed:
-            room = self._room()
-            if not room:
-                return
             chain = q.pop()
             if chain is None:
+                return
+            room = self._room()  # a window opens with a request to serve
+            if not room:
+                q.unpop()
                 return
             want = min(chain.writable_len(), room, MAX_REQUEST)
             data = self._read(want) if want else b""
@@ -95,19 +103,19 @@ class RngService(QueueService):
                 return
             q.complete(chain, iov_write(chain.writable, data))
             if self.max_bytes is not None:
-                self.budget -= len(data)
+                self.window[1] -= len(data)
 
     def _room(self) -> int:
         """Bytes we may serve now (arming the timer that ends the window if none)."""
         if self.max_bytes is None:
             return MAX_REQUEST
-        now = time.monotonic()
-        if now >= self.window_end:
-            self.window_end, self.budget = now + self.period, self.max_bytes
-        if self.budget > 0:
-            return self.budget
+        w, now = self.window, time.monotonic_ns()
+        if now >= w[0]:
+            w[0], w[1] = now + int(self.period * 1e9), self.max_bytes
+        if w[1] > 0:
+            return w[1]
         if self.timer is None:
-            self.timer = self.events.call_later(self.window_end - now, self._window_ended)
+            self.timer = self.events.call_later((w[0] - now) / 1e9, self._window_ended)
         return 0
 
     def _window_ended(self) -> None:

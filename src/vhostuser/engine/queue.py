@@ -99,6 +99,9 @@ class DeviceQueue:
         them one by one, which also reports what is wrong with them."""
         from ..virtq.burst import pop_direct
 
+        n = min(n, self.available())
+        if n <= 0:
+            return None
         burst = pop_direct(self.ring, n, flags)
         if burst is not None:
             self.popped += len(burst.heads)
@@ -130,6 +133,10 @@ class DeviceQueue:
     def notify(self) -> None:
         """Make the staged completions visible to the driver and signal it if it asked."""
         if not self._chains:
+            return
+        if self.completed + len(self._chains) > self.popped:  # a device bug, not the guest's
+            self._chains, self._lens = [], []
+            self.error = RingError("the device completed more chains than it took")
             return
         self._check_parent()
         self.ring.push_batch(self._chains, self._lens)

@@ -34,7 +34,7 @@ import socket
 import struct
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,16 +46,16 @@ from .queue import DeviceQueue, ParentGone
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "ParentGone", "QueueParams", "QueueSpec",
-           "Runner", "Running", "Stopped", "Worker", "parent_only_fds", "run_queue",
-           "start_worker"]
+__all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "DRAINED", "IDLE", "MORE", "ParentGone",
+           "QueueParams", "QueueSpec", "Runner", "Running", "Stopped", "Worker",
+           "parent_only_fds", "run_queue", "start_worker"]
 
 _STOP = b"S"
 _ENTRY = struct.Struct("<HHB")  # per queue: index, last avail index, broken flag
 _PR_SET_PDEATHSIG = 1
 _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
 DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
-CTRL_LOOK = 0.001  # s between looks at the control channel while the ring stays busy
+CTRL_LOOK = 0.001  # s a queue is served before the worker looks at everything else
 _GONE = object()  # the parent is gone
 
 # fds of the parent's that a worker must not hold open: a listening socket (a restarted
@@ -178,20 +178,58 @@ class _Events:
 
     def __init__(self, poller: select.poll) -> None:
         self.poller = poller
-        self.fds: dict[int, Callable[[], None]] = {}
+        self.fds: dict[int, Callable[[], None]] = {}  # read callbacks
+        self.writers: dict[int, Callable[[], None]] = {}  # write callbacks
         self.timers: list[tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
 
+    def _update(self, fd: int, was: bool) -> None:
+        mask = (select.POLLIN if fd in self.fds else 0) | (
+            select.POLLOUT if fd in self.writers else 0)
+        if not mask:
+            self.poller.unregister(fd)
+        elif was:
+            self.poller.modify(fd, mask)
+        else:
+            self.poller.register(fd, mask)
+
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        if fd not in self.fds:
-            self.poller.register(fd, select.POLLIN)
+        was = fd in self.fds or fd in self.writers
         self.fds[fd] = callback
+        self._update(fd, was)
 
     def unwatch(self, fd: int) -> None:
         if self.fds.pop(fd, None) is not None:
+            self._update(fd, True)
+
+    def watch_write(self, fd: int, callback: Callable[[], None]) -> None:
+        was = fd in self.fds or fd in self.writers
+        self.writers[fd] = callback
+        self._update(fd, was)
+
+    def unwatch_write(self, fd: int) -> None:
+        if self.writers.pop(fd, None) is not None:
+            self._update(fd, True)
+
+    def dispatch(self, fd: int, ev: int) -> Iterator[Callable[[], None]]:
+        """The callbacks an event on a device fd calls (a hang-up or error calls both),
+        each looked up when its turn comes (the first may unwatch the fd)."""
+        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and fd in self.fds:
+            yield self.fds[fd]
+        if ev & (select.POLLOUT | select.POLLHUP | select.POLLERR) and fd in self.writers:
+            yield self.writers[fd]
+
+    def clear(self) -> None:
+        for fd in set(self.fds) | set(self.writers):
             self.poller.unregister(fd)
+        self.fds.clear()
+        self.writers.clear()
+        self.timers.clear()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        if len(self.timers) > 1024:  # drop cancelled ones now and then
+            self.timers = [e for e in self.timers if not e[2].cancelled]
+            heapq.heapify(self.timers)
         t = _Timer(callback)
         heapq.heappush(self.timers, (time.monotonic() + max(delay, 0.0), next(self._seq), t))
         return t
@@ -201,12 +239,13 @@ class _Events:
             heapq.heappop(self.timers)
         return self.timers[0][0] - time.monotonic() if self.timers else None
 
-    def due(self) -> list[Callable[[], None]]:
+    def due(self) -> list[_Timer]:
+        """Timers that are due (the caller skips those cancelled meanwhile)."""
         now, out = time.monotonic(), []
         while self.timers and self.timers[0][0] <= now:
             _, _, t = heapq.heappop(self.timers)
             if not t.cancelled:
-                out.append(t.callback)
+                out.append(t)
         return out
 
 
@@ -217,7 +256,8 @@ class _Group:
                  ctrl: socket.socket, ppid: int) -> None:
         self.specs, self.device, self.ctrl = specs, device, ctrl
         self.name = device.name
-        self.queues: dict[int, DeviceQueue] = {}
+        self.queues: dict[int, DeviceQueue] = {}  # running
+        self.started: dict[int, DeviceQueue] = {}  # running or stopped broken
         self.broken: set[int] = set()
         self.poller = select.poll()
         self.poller.register(ctrl, select.POLLIN)
@@ -234,7 +274,7 @@ class _Group:
                 self.broken.add(i)
                 s.err.notify()
                 continue
-            q = self.queues[i] = DeviceQueue(ring, i, s.call, ppid)
+            q = self.queues[i] = self.started[i] = DeviceQueue(ring, i, s.call, ppid)
             if s.kick_fd is None:
                 self.polled.append(q)
             else:
@@ -249,26 +289,28 @@ class _Group:
                 log.exception("%s queues %s: device failed to start them", self.name,
                               sorted(self.queues))
                 self._fail_all()
-        ctrl_poll = select.poll()
-        ctrl_poll.register(ctrl, select.POLLIN)
-        self.stop_asked = lambda: bool(ctrl_poll.poll(0))
 
     def serve(self) -> int:
         idle = 0
         ctrl_fd = self.ctrl.fileno()
         # Look at every queue once first: chains whose kick an earlier worker took (it was
         # stopped before it had served them all) must not wait for the next kick.
-        first = list(self.queues.values())
+        again: dict[int, DeviceQueue] = dict(self.queues)  # run these next round
+        spinning: dict[int, DeviceQueue] = {}  # drained lately, kicks still off
+        last_work = 0.0
+        clock = time.perf_counter
         while True:
             timeout = self.events.next_timeout()
             if self.polled:  # poll mode: nobody kicks, look again soon
                 nap = 0.0 if idle < _POLL_IDLE_ROUNDS else 0.001
                 timeout = nap if timeout is None else min(timeout, nap)
+            if again or spinning:
+                timeout = 0.0
             ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-            if first:
-                ms = 0
-            pending, first = first + self.polled, []
-            for fd, _ev in self.poller.poll(ms):
+            pending = {**again, **{q.index: q for q in self.polled}}
+            again = {}
+            popped = {i: q.popped for i, q in self.queues.items()}
+            for fd, ev in self.poller.poll(ms):
                 if fd == ctrl_fd:
                     return self._stop()
                 q = self.kicks.get(fd)
@@ -277,22 +319,39 @@ class _Group:
                         os.read(fd, 8)
                     except BlockingIOError:
                         pass
-                    pending.append(q)
+                    pending[q.index] = q
                 else:
-                    callback = self.events.fds.get(fd)
-                    if callback is not None and self._run(callback) is _GONE:
-                        return 1
-            for callback in self.events.due():
-                if self._run(callback) is _GONE:
+                    for callback in self.events.dispatch(fd, ev):
+                        if self._run(callback) is _GONE:
+                            return 1
+            for timer in self.events.due():
+                if not timer.cancelled and self._run(timer.callback) is _GONE:
                     return 1
+            # A queue the device took chains from on its own events: its kick point
+            # (avail_event) is behind; run it, which moves the point and looks again.
+            for i, q in self.queues.items():
+                if q.popped != popped.get(i, q.popped) or (i in spinning and q.available()):
+                    pending[i] = q
             did = False
-            for q in pending:
-                if q.index in self.queues and self.service is not None:
-                    r = self._run(run_queue, q, self.service.kicked, self.spin,
-                                  self.stop_asked)
-                    if r is _GONE:
-                        return 1
-                    did = did or r is True
+            for i, q in pending.items():
+                if i not in self.queues or self.service is None:
+                    continue
+                r = self._run(run_queue, q, self.service.kicked)
+                if r is _GONE:
+                    return 1
+                if r == MORE:
+                    again[i] = q
+                if r in (MORE, DRAINED):
+                    did = True
+                    spinning[i] = q
+                    last_work = clock()
+                else:
+                    spinning.pop(i, None)
+            if spinning and not again and clock() - last_work >= self.spin:
+                for i, q in list(spinning.items()):  # quiet for the polling window
+                    del spinning[i]
+                    if i in self.queues and q.enable_kicks():
+                        again[i] = q  # chains came meanwhile
             idle = 0 if did else idle + 1
 
     def _run(self, fn: Callable[..., object], *args: object) -> object:
@@ -339,9 +398,7 @@ class _Group:
         self.kicks.clear()
         self.polled.clear()
         self.queues.clear()
-        for fd in list(self.events.fds):
-            self.events.unwatch(fd)
-        self.events.timers.clear()
+        self.events.clear()
 
     def _stop(self) -> int:
         if not self.ctrl.recv(16):
@@ -361,8 +418,8 @@ class _Group:
         entries = []
         for s in self.specs:
             i = s.params.index
-            lq = live.get(i)
-            last = lq.ring.last_avail if lq is not None else s.params.last_avail
+            sq = self.started.get(i)  # a queue that broke reports where it stopped
+            last = sq.ring.last_avail if sq is not None else s.params.last_avail
             entries.append(_ENTRY.pack(i, last, i in self.broken))
         try:
             self.ctrl.send(b"".join(entries))
@@ -371,20 +428,22 @@ class _Group:
         return 0
 
 
-def run_queue(q: DeviceQueue, kicked: Callable[[DeviceQueue], None], spin: float,
-              stop_asked: Callable[[], bool] = lambda: False) -> bool:
-    """Have the device serve `q` until it runs dry, publishing completions batch by batch.
-    Once the ring is empty, keep looking for `spin` seconds with kicks still suppressed (as
-    QEMU's AioContext polling does) before asking for kicks again. A device that takes
-    nothing although chains are there (buffers for data it does not have yet) is left to
-    take them later; kicks stay on. Returns whether the device took anything. Between
-    batches, at most every CTRL_LOOK seconds, it returns early if `stop_asked()`: a STOP is
-    answered within a batch even while the guest keeps the ring full. ParentGone comes out
-    of `q.notify` before anything is stored once the parent is gone."""
+IDLE, DRAINED, MORE = 0, 1, 2  # what run_queue did
+
+
+def run_queue(q: DeviceQueue, kicked: Callable[[DeviceQueue], None],
+              budget: float = CTRL_LOOK) -> int:
+    """Have the device serve `q`, publishing completions batch by batch, until the ring is
+    empty (DRAINED: kicks stay off, the caller keeps looking for its polling window, as
+    QEMU's AioContext polling does, then asks for kicks) or `budget` seconds have passed
+    (MORE: the caller comes back after a look at its other queues, its own events and its
+    control channel, so a guest that keeps the ring full starves none of them and a STOP
+    is answered within a batch). IDLE: nothing was there, or the device took nothing
+    although chains are there (buffers for data it does not have yet); kicks are on again.
+    ParentGone comes out of `q.notify` before anything is stored once the parent is gone."""
     clock = time.perf_counter
-    next_look = clock() + CTRL_LOOK
+    end = clock() + budget
     did = False
-    idle_since = 0.0
     q.disable_kicks()
     while True:
         if q.available():
@@ -393,25 +452,15 @@ def run_queue(q: DeviceQueue, kicked: Callable[[DeviceQueue], None], spin: float
             q.notify()
             if q.popped == before:
                 q.enable_kicks()
-                return did
+                return IDLE
             did = True
-            idle_since = 0.0
-            now = clock()
-            if now >= next_look:
-                next_look = now + CTRL_LOOK
-                if stop_asked():
-                    return True
+            if clock() >= end:
+                return MORE
             continue
         if q.error is not None:
-            return did
-        if spin:
-            now = clock()
-            if not idle_since:
-                idle_since = now
-                continue
-            if now - idle_since < spin:
-                continue
+            return IDLE
+        if did:
+            return DRAINED
         if not q.enable_kicks():
-            return did
+            return IDLE
         q.disable_kicks()
-        idle_since = 0.0
