@@ -507,6 +507,52 @@ def test_input_through_the_device(device: Device, tmp_path: Path) -> None:
         assert proc.wait(15) == 0
 
 
+def test_vsock_through_the_device(device: Device, tmp_path: Path) -> None:
+    """vhost-user-vsock --vvu, unchanged: the guest CID comes through GET_CONFIG, a stream
+    to a host program opens and carries data both ways."""
+    from vhostuser.frontend.client import Frontend
+    from vhostuser.frontend.vsock import VsockClient
+    from vhostuser.protocol import ProtocolFeature
+
+    uds = str(tmp_path / "vm.vsock")
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(f"{uds}_1234")
+    lst.listen()
+    lst.settimeout(10)
+    n = device.log().count("vfio-user client connected")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.vsock", "--vvu", device.vfu,
+                             "--guest-cid", "7", "--uds-path", uds, "-v"],
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while device.log().count("vfio-user client connected") == n:
+            assert time.monotonic() < deadline and proc.poll() is None, device.log()
+            time.sleep(0.05)
+        with Frontend(device.vhost) as fe:
+            fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES,
+                         ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK)
+            assert struct.unpack("<Q", fe.get_config(8)) == (7,)
+            fe.set_mem_table()
+            fe.setup_queue(0, 64)
+            fe.setup_queue(1, 64)
+            g = VsockClient(fe, 7, rx_buffers=16)
+            g.send(5000, 1234, 1)  # REQUEST
+            (p,) = g.recv()
+            assert (p.op, p.src_port, p.dst_port) == (2, 1234, 5000)  # RESPONSE
+            host, _ = lst.accept()
+            host.settimeout(10)
+            g.send(5000, 1234, 5, b"through the device")  # RW
+            assert host.recv(100) == b"through the device"
+            host.sendall(b"and back")
+            (p,) = g.recv()
+            assert (p.op, p.data) == (5, b"and back")
+            host.close()
+    finally:
+        lst.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
 def test_consumer_memory_in_several_files(device: Device,
                                           appliance: Callable[..., subprocess.Popen]) -> None:
     """libblkio-style consumers keep rings and buffers in separate memfds: each file gets
