@@ -432,7 +432,7 @@ def test_file_io_bounces_on_efault_and_resumes_short_transfers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guest memory the kernel cannot pin (a device BAR inside an appliance VM, read from a
     9p file: EFAULT) goes through a bounce buffer; short reads and writes are resumed."""
-    from vhostuser.devices import blk as blkmod
+    from vhostuser.devices import image as blkmod
 
     path = tmp_path / "f"
     content = os.urandom(3 * 4096)

@@ -6,8 +6,6 @@ buffers are memoryviews of the mapped regions, so nothing is copied in Python.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import mmap
 import os
@@ -19,6 +17,7 @@ from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.split import Chain
+from .image import punch, read_into, write_from, zero
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,6 @@ _SEG = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")  # up to write_zeroes_may_unmap: 60 bytes
 CONFIG_SIZE = 96  # with secure-erase and zoned fields, left zero (not offered)
 WRITEBACK_OFFSET = 32
-
-_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_ZERO_RANGE = 0x1, 0x2, 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
 
 @dataclass(frozen=True)
 class BlkOptions:
@@ -314,60 +302,7 @@ class BlkQueue(InOrderService):
         return S_OK
 
     def _punch(self, off: int, length: int, required: bool) -> None:
-        try:
-            fallocate(self.fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, off, length)
-        except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            if required:  # the range must read back as zeros
-                self._zero(off, length)
+        punch(self.fd, off, length, required)
 
     def _zero(self, off: int, length: int) -> None:
-        try:
-            fallocate(self.fd, _FALLOC_ZERO_RANGE | _FALLOC_KEEP_SIZE, off, length)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        chunk = bytes(min(length, 1 << 20))
-        while length:
-            n = os.pwrite(self.fd, chunk[: min(length, len(chunk))], off)
-            off += n
-            length -= n
-
-
-def read_into(fd: int, bufs: list[memoryview], offset: int, n: int) -> int:
-    """preadv of `n` bytes straight into guest memory, resumed after a short read; returns
-    the bytes read (fewer only at the end of the file). Memory the kernel cannot pin for a
-    zero-copy read (a device BAR: the virtio-vhost-user window inside an appliance VM, read
-    from a 9p or O_DIRECT file) fails with EFAULT: then the bytes bounce through a buffer."""
-    got = 0
-    while got < n:
-        part = bufs if not got else iov_slice(bufs, got)
-        try:
-            k = os.preadv(fd, part, offset + got)
-        except OSError as e:
-            if e.errno != errno.EFAULT:
-                raise
-            data = os.pread(fd, n - got, offset + got)
-            k = iov_write(part, data)
-        if not k:
-            break
-        got += k
-    return got
-
-
-def write_from(fd: int, bufs: list[memoryview], offset: int, n: int) -> None:
-    """pwritev of `n` bytes straight from guest memory (bouncing on EFAULT, as above)."""
-    done = 0
-    while done < n:
-        part = bufs if not done else iov_slice(bufs, done)
-        try:
-            k = os.pwritev(fd, part, offset + done)
-        except OSError as e:
-            if e.errno != errno.EFAULT:
-                raise
-            k = os.pwrite(fd, b"".join(part), offset + done)
-        if not k:
-            raise OSError(errno.EIO, f"short write ({done} of {n} bytes)")
-        done += k
+        zero(self.fd, off, length)

@@ -1,0 +1,259 @@
+"""virtio-scsi (virtio 1.x §5.6): one target (0) with LUNs 0..N-1 over raw images
+(devices/scsi_disk.py runs the SCSI commands).
+
+Queues: control (0: task management, asynchronous-notification queries), event (1), then
+the request queues. Control and event run together in one worker, each request queue in its
+own. Requests are served at once and in order, so a task management function finds nothing
+in flight: ABORT TASK and friends complete, LOGICAL UNIT RESET and I_T NEXUS RESET leave the
+unit attention SAM asks for. The control worker looks at the images' sizes every second:
+a grown (or shrunk) image raises CAPACITY DATA HAS CHANGED and a parameter-change event,
+so the guest rescans. The event goes out whether or not VIRTIO_SCSI_F_CHANGE was acked to
+us: QEMU offers F_CHANGE to its guest itself (its param_change property) and does not pass
+the bit on to vhost-user-scsi back-ends, so a QEMU guest negotiates it and we never see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import struct
+from collections import deque
+
+from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService
+from ..engine.queue import DeviceQueue
+from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
+from ..virtq.split import Chain
+from .scsi_disk import (
+    CHECK_CONDITION,
+    ILLEGAL_REQUEST,
+    LUN_NOT_SUPPORTED,
+    Lun,
+    LunOptions,
+    LunState,
+    Overrun,
+    Sense,
+)
+
+log = logging.getLogger(__name__)
+
+F_INOUT, F_HOTPLUG, F_CHANGE = 1 << 0, 1 << 1, 1 << 2
+CDB_SIZE, SENSE_SIZE = 32, 96
+REQ = struct.Struct("<8sQBBB32s")  # lun, id, task_attr, prio, crn, cdb
+RESP = struct.Struct("<IIHBB")  # sense_len, residual, status_qualifier, status, response
+RESP_SIZE = RESP.size + SENSE_SIZE
+S_OK, S_OVERRUN, S_BAD_TARGET, S_FAILURE = 0, 1, 3, 9
+S_FUNCTION_COMPLETE, S_FUNCTION_REJECTED, S_INCORRECT_LUN = 0, 11, 12
+T_TMF, T_AN_QUERY, T_AN_SUBSCRIBE = 0, 1, 2
+TMF = struct.Struct("<II8sQ")  # type, subtype, lun, id
+AN = struct.Struct("<I8sI")  # type, lun, event_requested
+(TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_ACA, TMF_CLEAR_TASK_SET, TMF_I_T_NEXUS_RESET,
+ TMF_LOGICAL_UNIT_RESET, TMF_QUERY_TASK, TMF_QUERY_TASK_SET) = range(8)
+EVENT = struct.Struct("<I8sI")  # event, lun, reason
+T_PARAM_CHANGE, T_EVENTS_MISSED = 3, 0x80000000
+CONFIG = struct.Struct("<IIIIIIIHHI")
+CONTROLQ, EVENTQ, FIRST_REQUESTQ = 0, 1, 2
+MAX_LUNS = 256
+RESIZE_LOOK = 1.0  # s between looks at the images' sizes
+MAX_EVENTS = 64
+LUN_RESET_UA = (0x29, 0x03)  # BUS DEVICE RESET FUNCTION OCCURRED
+NEXUS_LOSS_UA = (0x29, 0x07)  # I_T NEXUS LOSS OCCURRED
+
+
+def lun_address(lun: int) -> bytes:
+    """virtio-scsi's 8-byte LUN field for target 0, as an event carries it: flat space
+    addressing from LUN 256 up only (Linux reads bytes 2-3 as the LUN number as they are,
+    so a flag on a small LUN makes it another LUN)."""
+    return bytes([1, 0, (0x40 | lun >> 8) if lun >= 256 else 0, lun & 0xFF]) + bytes(4)
+
+
+def parse_lun(field: bytes) -> tuple[int, int] | None:
+    """(target, lun) of a LUN field, or None if it is not one of virtio-scsi's."""
+    if field[0] != 1 or field[2] >> 6 not in (0, 1) or any(field[4:]):
+        return None
+    return field[1], (field[2] << 8 | field[3]) & 0x3FFF
+
+
+class ScsiDevice(Device):
+    name = "vhost-user-scsi"
+    max_queue_size = 1024
+
+    def __init__(self, disks: list[LunOptions], num_queues: int = 1) -> None:
+        if not 1 <= len(disks) <= MAX_LUNS:
+            raise ValueError(f"1 to {MAX_LUNS} disks, not {len(disks)}")
+        if not 1 <= num_queues <= 64:
+            raise ValueError(f"request queues must be 1..64, not {num_queues}")
+        self.request_queues = num_queues
+        self.num_queues = FIRST_REQUESTQ + num_queues
+        size = (len(disks) * LunState.SLOTS * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        self._shared = mmap.mmap(-1, size * mmap.PAGESIZE, mmap.MAP_SHARED)
+        cells = memoryview(self._shared).cast("q")
+        n = LunState.SLOTS
+        self.luns: list[Lun] = []
+        try:
+            for i, opts in enumerate(disks):
+                self.luns.append(Lun(i, opts, LunState(cells[n * i : n * (i + 1)])))
+        except Exception:
+            self.close()
+            raise
+        for lun in self.luns:
+            lun.lun_count = len(self.luns)
+        self.negotiated = 0
+
+    def features(self) -> int:
+        # HOTPLUG too: Linux posts event buffers only with it (and QEMU passes it on)
+        return F_HOTPLUG | F_CHANGE
+
+    def set_features(self, features: int) -> None:
+        self.negotiated = features
+
+    def queue_groups(self) -> list[list[int]]:
+        return [[CONTROLQ, EVENTQ], *([i] for i in range(FIRST_REQUESTQ, self.num_queues))]
+
+    def get_config(self) -> bytes:
+        return CONFIG.pack(self.request_queues, 126, 0xFFFF, 128, EVENT.size, SENSE_SIZE,
+                           CDB_SIZE, 0, 0, MAX_LUNS - 1)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        # sense_size (20) and cdb_size (24) are writable: only the sizes we use are taken
+        cfg = bytearray(self.get_config())
+        if offset + len(data) > len(cfg):
+            raise ConfigError(f"{len(data)} bytes at offset {offset}: beyond the config")
+        cfg[offset : offset + len(data)] = data
+        if bytes(cfg) != self.get_config():
+            raise ConfigError("only sense_size 96 and cdb_size 32 are supported")
+
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
+        if CONTROLQ in queues or EVENTQ in queues:
+            return ControlService(self, queues, events)
+        return RequestService(self)
+
+    def close(self) -> None:
+        for lun in self.luns:
+            lun.close()
+        self.luns = []
+
+
+class RequestService(InOrderService):
+    """A request queue (in its worker): each command served at once."""
+
+    def __init__(self, dev: ScsiDevice) -> None:
+        self.luns = dev.luns
+
+    def handle(self, index: int, chains: list[Chain]) -> list[int]:
+        return [self.request(c) for c in chains]
+
+    def request(self, chain: Chain) -> int:
+        r, w = chain.readable, chain.writable
+        head = iov_read(r, REQ.size)
+        if len(head) < REQ.size or iov_len(w) < RESP_SIZE:
+            log.error("request %d: no room for the request or the response header; returned "
+                      "unanswered", chain.head)
+            return 0
+        lun_field, _tag, _attr, _prio, _crn, cdb = REQ.unpack(head)
+        data_out, data_in = iov_slice(r, REQ.size), iov_slice(w, RESP_SIZE)
+        where = parse_lun(lun_field)
+        status, sense, n, response = 0, b"", 0, S_OK
+        if where is None or where[0] != 0:
+            response = S_BAD_TARGET
+        elif where[1] < len(self.luns):
+            try:
+                status, sense, n = self.luns[where[1]].execute(cdb, data_out, data_in)
+            except Overrun:
+                response = S_OVERRUN
+        else:
+            status, sense, n = _absent_lun(self.luns[0], cdb, data_out, data_in)
+        resid = iov_len(data_in) - n if data_in else 0
+        iov_write(w, RESP.pack(len(sense), resid, 0, status, response) + sense.ljust(SENSE_SIZE))
+        return RESP_SIZE + n
+
+
+def _absent_lun(lun0: Lun, cdb: bytes, out: list[memoryview],
+                din: list[memoryview]) -> tuple[int, bytes, int]:
+    """A LUN target 0 does not have: INQUIRY says so (peripheral qualifier 3), REPORT
+    LUNS works as on any LUN, everything else is LOGICAL UNIT NOT SUPPORTED."""
+    if cdb[0] == 0x12 and not cdb[1] & 0x01:
+        return 0, b"", iov_write(din, (bytes([0x7F]) + bytes(35))[: int.from_bytes(cdb[3:5],
+                                                                                "big")])
+    if cdb[0] == 0xA0:
+        return lun0.execute(cdb, out, din)
+    return CHECK_CONDITION, Sense(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED).data(), 0
+
+
+class ControlService(QueueService):
+    """The control and event queues (in their worker), and the look at image sizes."""
+
+    def __init__(self, dev: ScsiDevice, queues: dict[int, DeviceQueue], events: Events) -> None:
+        self.luns, self.events = dev.luns, events
+        self.eventq = queues.get(EVENTQ)
+        self.pending: deque[bytes] = deque()
+        self.missed = False
+        self.timer = events.call_later(RESIZE_LOOK, self.look)
+
+    def look(self) -> None:
+        for lun in self.luns:
+            if lun.check_resize():  # see the module's docstring on F_CHANGE
+                self.event(T_PARAM_CHANGE, lun.index, 0x2A | 0x09 << 8)  # asc, ascq
+        self.timer = self.events.call_later(RESIZE_LOOK, self.look)
+
+    def event(self, kind: int, lun: int, reason: int) -> None:
+        if len(self.pending) >= MAX_EVENTS:
+            self.missed = True
+            return
+        self.pending.append(EVENT.pack(kind, lun_address(lun), reason))
+        self.deliver()
+
+    def deliver(self) -> None:
+        q = self.eventq
+        while q is not None and self.pending:
+            chain = q.pop()
+            if chain is None:
+                log.info("%d events wait for the guest's event buffers", len(self.pending))
+                return
+            ev = self.pending.popleft()
+            if self.missed:
+                ev = (EVENT.unpack(ev)[0] | T_EVENTS_MISSED).to_bytes(4, "little") + ev[4:]
+                self.missed = False
+            q.complete(chain, iov_write(chain.writable, ev))
+            log.info("event %#x for LUN %d to the guest", EVENT.unpack(ev)[0], ev[7] | ev[6] << 8)
+
+    def kicked(self, q: DeviceQueue) -> None:
+        if q.index == EVENTQ:
+            self.deliver()
+            return
+        for chain in q.pop_batch():
+            q.complete(chain, self.control(chain))
+
+    def control(self, chain: Chain) -> int:
+        data = iov_read(chain.readable, TMF.size)
+        kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+        if kind == T_TMF and len(data) == TMF.size and iov_len(chain.writable) >= 1:
+            _, subtype, lun_field, _tag = TMF.unpack(data)
+            return iov_write(chain.writable, bytes([self.tmf(subtype, lun_field)]))
+        if kind in (T_AN_QUERY, T_AN_SUBSCRIBE) and len(data) >= AN.size \
+                and iov_len(chain.writable) >= 5:
+            # no asynchronous notifications: none supported, none to report
+            return iov_write(chain.writable, (0).to_bytes(4, "little") + bytes([S_OK]))
+        log.error("control request %d of type %d: malformed; returned unanswered",
+                  chain.head, kind)
+        return 0
+
+    def tmf(self, subtype: int, lun_field: bytes) -> int:
+        where = parse_lun(lun_field)
+        if where is None or where[0] != 0:
+            return S_BAD_TARGET
+        if where[1] >= len(self.luns) and subtype != TMF_I_T_NEXUS_RESET:
+            return S_INCORRECT_LUN
+        if subtype in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_CLEAR_ACA,
+                       TMF_QUERY_TASK, TMF_QUERY_TASK_SET):
+            return S_FUNCTION_COMPLETE  # served synchronously: nothing is in flight
+        if subtype == TMF_LOGICAL_UNIT_RESET:
+            self.luns[where[1]].state.raise_ua(LUN_RESET_UA)
+            return S_FUNCTION_COMPLETE
+        if subtype == TMF_I_T_NEXUS_RESET:
+            for lun in self.luns:
+                lun.state.raise_ua(NEXUS_LOSS_UA)
+            return S_FUNCTION_COMPLETE
+        return S_FUNCTION_REJECTED
+
+    def close(self) -> None:
+        self.timer.cancel()
