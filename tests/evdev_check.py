@@ -19,7 +19,7 @@ from vhostuser.frontend.client import Frontend
 from vhostuser.frontend.input import InputClient
 from vhostuser.protocol import ProtocolFeature, VirtioFeature
 
-EV_SYN, EV_KEY, EV_ABS, EV_LED = 0, 1, 3, 0x11
+EV_SYN, EV_KEY, EV_ABS, EV_LED, EV_REP = 0, 1, 3, 0x11, 0x14
 KEY_A, KEY_B, BTN_LEFT, ABS_X, LED_CAPSL = 30, 48, 0x110, 0, 1
 NAME = b"evdev-check device"
 EVENT = struct.Struct("@llHHi")
@@ -31,7 +31,7 @@ def _iow(nr: int, size: int) -> int:
 
 def make_uinput() -> int:
     fd = os.open("/dev/uinput", os.O_RDWR | os.O_NONBLOCK)
-    for ev in (EV_KEY, EV_ABS, EV_LED):
+    for ev in (EV_KEY, EV_ABS, EV_LED, EV_REP):  # EV_REP: as every real keyboard
         fcntl.ioctl(fd, _iow(100, 4), ev)  # UI_SET_EVBIT
     for key in (KEY_A, KEY_B, BTN_LEFT):
         fcntl.ioctl(fd, _iow(101, 4), key)  # UI_SET_KEYBIT
@@ -64,7 +64,7 @@ def main() -> int:
     node = find_event_node()
     sock = "/run/input.sock"
     backend = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.input", "--socket-path",
-                                sock, "--evdev-path", node, "-v"])
+                                sock, "--evdev-path", node, "--no-grab", "-v"])
     try:
         fe = Frontend(sock, connect_timeout=60)
         fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES,
@@ -80,6 +80,7 @@ def main() -> int:
         have = {8 * i + b for i, byte in enumerate(keys) for b in range(8) if byte >> b & 1}
         check("key bits", have == {KEY_A, KEY_B, BTN_LEFT}, sorted(have))
         check("led bits", inp.config(0x11, EV_LED) == b"\x02", inp.config(0x11, EV_LED))
+        check("autorepeat", inp.config(0x11, EV_REP) == b"\x00", inp.config(0x11, EV_REP))
         absx = struct.unpack("<5i", inp.config(0x12, ABS_X))
         check("abs info", absx == (-100, 1000, 2, 3, 7), absx)  # min max fuzz flat res
 
@@ -89,6 +90,8 @@ def main() -> int:
         got = inp.events(3)
         check("events", got == [(EV_KEY, KEY_A, 1), (EV_ABS, ABS_X, -42), (EV_SYN, 0, 0)], got)
 
+        reader = os.open(node, os.O_RDONLY | os.O_NONBLOCK)  # another reader of the device
+        inp.status(EV_KEY, KEY_B, 1)  # not an LED: must not reach the host's readers
         inp.status(EV_LED, LED_CAPSL, 1)  # the guest turns caps lock on: back to the device
         deadline, led = time.monotonic() + 10, None
         while led is None and select.select([ufd], [], [], deadline - time.monotonic())[0]:
@@ -96,6 +99,9 @@ def main() -> int:
                 if t == EV_LED:
                     led = (t, c, v)
         check("led back to the evdev", led == (EV_LED, LED_CAPSL, 1), led)
+        seen = [(t, c, v) for _s, _us, t, c, v in EVENT.iter_unpack(os.read(reader, 24 * 64))]
+        check("no key injected into the host", (EV_KEY, KEY_B, 1) not in seen
+              and (EV_LED, LED_CAPSL, 1) in seen, seen)
         fe.close()
     finally:
         backend.terminate()

@@ -115,18 +115,51 @@ def test_bad_lines_are_refused_one_by_one(keyboard: Session, bad: bytes, why: st
 
 
 def test_a_guest_that_takes_no_events_costs_a_bounded_backlog(keyboard: Session) -> None:
+    """Events wait for buffers up to 4096; beyond, whole frames (up to SYN_REPORT) are
+    dropped, never part of one (a key-down kept without its key-up would repeat forever)."""
     burst = [{"type": "EV_KEY", "code": 30, "value": i % 2} for i in range(1000)]
-    for _ in range(5):  # 5 x 1001 events, more than the 4096 the device keeps
+    for _ in range(5):  # 5 frames of 1001 events: 4 fit in 4096, the 5th is dropped whole
         keyboard.send(burst)
     keyboard.d.wait_log("dropping them")
     kept = []
-    for _ in range(4096 // 64):
-        keyboard.input.post(64)
-        kept += keyboard.input.events(64)
-    assert kept[:3] == [(EV_KEY, KEY_A, 0), (EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0)]
+    for _ in range(4004 // 44):
+        keyboard.input.post(44)
+        kept += keyboard.input.events(44)
+    frame = [(EV_KEY, KEY_A, i % 2) for i in range(1000)] + [SYN]
+    assert kept == frame * 4
     keyboard.send({"type": "EV_KEY", "code": "KEY_B", "value": 1})
-    keyboard.input.post(2)  # exactly 4096 were kept: the next event is the new one
+    keyboard.input.post(2)  # nothing else was kept: the next event is the new one
     assert keyboard.input.events(2) == [(EV_KEY, 48, 1), SYN]
+
+
+def test_status_carries_leds_only(keyboard: Session) -> None:
+    """Only LED (and sound) status goes back: a key sent on the status queue would be
+    input injected into the host's device."""
+    keyboard.input.post(2)
+    keyboard.send({"type": "EV_KEY", "code": "KEY_A", "value": 1})  # the sender is known now
+    keyboard.input.events(2)
+    keyboard.input.status(EV_KEY, KEY_A, 1)
+    keyboard.input.status(EV_LED, LED_CAPSL, 0)
+    assert json.loads(keyboard.client.recv(4096)) == {"type": EV_LED, "code": LED_CAPSL,
+                                                       "value": 0}
+
+
+def test_a_flood_of_datagrams_leaves_the_queue_stoppable(keyboard: Session) -> None:
+    """Junk faster than it can be parsed: the worker still answers GET_VRING_BASE, and
+    refusals are logged in summary, not line by line."""
+    keyboard.client.setblocking(False)
+    junk = b"\n".join([b"{not json"] * 2000)
+    sent = 0
+    for _ in range(300):
+        try:
+            keyboard.client.sendto(junk, keyboard.events_path)
+            sent += 2000
+        except BlockingIOError:
+            break
+    keyboard.client.setblocking(True)
+    assert keyboard.fe.get_vring_base(0) == 0
+    log = keyboard.d.log()
+    assert log.count("refused:") == 10 and sent > 10, log[-2000:]
 
 
 def test_mouse_relative_motion_is_signed(tmp_path: Path) -> None:

@@ -131,4 +131,4 @@ def test_evdev_passthrough_in_a_guest(tmp_path: Path) -> None:
         result = vm.run()
     checks = [line for line in result.lines if line.startswith("CHECK ")]
     assert result.status == 0 and "RESULT 0 failed" in result.lines, result.console[-4000:]
-    assert len(checks) == 8 and all(c.endswith(": ok") for c in checks), checks
+    assert len(checks) == 10 and all(c.endswith(": ok") for c in checks), checks

@@ -293,3 +293,55 @@ def test_an_unusable_uds_path_is_a_clear_error(tmp_path: Path) -> None:
     out = run_cli("--socket-path", str(tmp_path / "s"), "--guest-cid", "3", "--uds-path",
                   str(tmp_path / "no" / "such" / "dir"))
     assert out.returncode == 1 and out.stderr.startswith("error: "), out.stderr
+
+
+def test_a_small_window_gets_credit_updates_unasked(tmp_path: Path) -> None:
+    """A guest whose own buffer is 32 KiB sends at most that much before it waits for a
+    credit update (Linux caps its window so, and never asks): updates must come unasked."""
+    s = Session(tmp_path, buf_alloc=32 << 10)
+    try:
+        lst = s.listen(1241)
+        s.g.send(5008, 1241, REQUEST)
+        assert s.g.recv()[0].op == RESPONSE
+        host, _ = lst.accept()
+        host.settimeout(10)
+        for _ in range(4):
+            s.g.send(5008, 1241, RW, bytes(8 << 10))
+        got = 0
+        while got < 32 << 10:
+            got += len(host.recv(1 << 20))
+        fwd = 0
+        while fwd < 32 << 10:  # without an update here the guest would wait for ever
+            for p in s.g.recv():
+                assert is_pkt(p, CREDIT_UPDATE, 1241, 5008), p
+                fwd = p.fwd_cnt
+        assert fwd == 32 << 10
+    finally:
+        s.close()
+
+
+def test_stopping_the_queues_resets_the_streams(vs: Session) -> None:
+    """A stream does not survive its worker (docs): when the front-end stops the rx/tx
+    queues, the guest gets RST and the host program EOF, so neither waits for ever."""
+    lst = vs.listen(1242)
+    vs.g.send(5009, 1242, REQUEST)
+    assert vs.g.recv()[0].op == RESPONSE
+    host, _ = lst.accept()
+    host.settimeout(10)
+    vs.fe.get_vring_base(1)  # stops the rx/tx worker
+    assert host.recv(100) == b""
+    (p,) = vs.g.recv()
+    assert is_pkt(p, RST, 1242, 5009)
+
+
+def test_a_connect_line_in_pieces(vs: Session) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(vs.uds)
+    s.sendall(b"CONNECT 7")
+    vs.g.send(5010, 9999, REQUEST)  # a ping: refused once the piece above was looked at
+    (p,) = vs.g.recv()
+    assert is_pkt(p, RST, 9999, 5010)
+    s.sendall(b"002\n")
+    (p,) = vs.g.recv()
+    assert p.op == REQUEST and p.dst_port == 7002

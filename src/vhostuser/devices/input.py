@@ -39,6 +39,9 @@ EV_SYN, EV_KEY, EV_REL, EV_ABS, EV_LED = 0x00, 0x01, 0x02, 0x03, 0x11
 SYN_REPORT = 0
 EVENTQ, STATUSQ = 0, 1
 MAX_PENDING = 4096  # events waiting for buffers
+MAX_FRAME = 1024  # events before a SYN_REPORT
+EV_SND = 0x12
+STATUS_TYPES = (EV_LED, EV_SND)  # what the status queue may carry back to the source
 
 
 @dataclass
@@ -90,8 +93,9 @@ class EventSource(Protocol):
 
     def fileno(self) -> int: ...
 
-    def read(self) -> list[tuple[int, int, int]] | None:
-        """The events that arrived (type, code, value); None once the source has ended."""
+    def read(self, limit: int) -> list[tuple[int, int, int]] | None:
+        """Events that arrived (type, code, value), about `limit` at most; None once the
+        source has ended."""
         ...
 
     def status(self, etype: int, code: int, value: int) -> None:
@@ -150,24 +154,31 @@ class InputService(QueueService):
         self.caps, self.source, self.events = dev.caps, dev.source, events
         self.eventq = queues.get(EVENTQ)
         self.pending: deque[tuple[int, int, int]] = deque()
+        self.frame: list[tuple[int, int, int]] = []  # events since the last SYN_REPORT
         self.dropped = 0
         self.fd = dev.source.fileno()
         events.watch(self.fd, self.on_source)
 
     def on_source(self) -> None:
-        got = self.source.read()
+        got = self.source.read(MAX_PENDING)  # bounded: a flood cannot wedge the worker
         if got is None:
             log.error("input source ended: no more events for the guest")
             self.events.unwatch(self.fd)
             self.fd = -1
             return
-        room = MAX_PENDING - len(self.pending)
-        if len(got) > room:
-            if not self.dropped:
-                log.error("the guest takes no input events: dropping them")
-            self.dropped += len(got) - room
-            got = got[:room]
-        self.pending.extend(got)
+        for ev in got:  # whole frames (up to SYN_REPORT) go to the guest, or none of them
+            self.frame.append(ev)
+            if ev[0] == EV_SYN and ev[1] == SYN_REPORT:
+                if len(self.pending) + len(self.frame) <= MAX_PENDING:
+                    self.pending.extend(self.frame)
+                else:
+                    if not self.dropped:
+                        log.error("the guest takes no input events: dropping them")
+                    self.dropped += len(self.frame)
+                self.frame = []
+            elif len(self.frame) > MAX_FRAME:  # no end in sight: not a frame
+                self.dropped += len(self.frame)
+                self.frame = []
         self.deliver()
 
     def deliver(self) -> None:
@@ -190,8 +201,8 @@ class InputService(QueueService):
             data = iov_read(chain.readable, EVENT.size)
             if len(data) == EVENT.size:
                 etype, code, value = EVENT.unpack(data)
-                if etype != EV_SYN:
-                    self.source.status(etype, code, value)
+                if etype in STATUS_TYPES:  # anything else would be input injected into the
+                    self.source.status(etype, code, value)  # host (keys, pointer moves)
             q.complete(chain, 0)
 
     def close(self) -> None:

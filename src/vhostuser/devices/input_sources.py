@@ -26,6 +26,10 @@ from .input import EV_ABS, EV_KEY, EV_LED, EV_REL, EV_SYN, SYN_REPORT, InputCaps
 log = logging.getLogger(__name__)
 
 _INPUT_EVENT = struct.Struct("@llHHi")  # struct input_event: timeval, type, code, value
+# event types whose codes EVIOCGBIT reports: KEY REL ABS MSC SW LED SND
+_CODED = {codes.EV[n] for n in ("EV_KEY", "EV_REL", "EV_ABS", "EV_MSC", "EV_SW", "EV_LED",
+                                "EV_SND")}
+_LOG_REFUSALS = 10  # refused event lines logged one by one; then a count now and then
 _IOC_WRITE, _IOC_READ = 1, 2
 
 
@@ -72,9 +76,12 @@ class EvdevSource:
             serial = ""
         ids = struct.unpack("<HHHH", _ioctl_read(fd, 0x02, 8))
         props = _bits(_ioctl_read(fd, 0x09, 8))
-        type_codes = {}
-        for etype in _bits(_ioctl_read(fd, 0x20, 4)) - {EV_SYN}:
-            type_codes[etype] = _bits(_ioctl_read(fd, 0x20 + etype, 96))
+        type_codes: dict[int, set[int]] = {}
+        for etype in _bits(_ioctl_read(fd, 0x20, 4)):
+            if etype in _CODED:
+                type_codes[etype] = _bits(_ioctl_read(fd, 0x20 + etype, 96))
+            elif etype == codes.EV["EV_REP"]:  # present, no codes (EVIOCGBIT refuses it)
+                type_codes[etype] = set()
         absinfo = {}
         for axis in type_codes.get(EV_ABS, ()):
             _value, lo, hi, fuzz, flat, res = struct.unpack(
@@ -86,9 +93,9 @@ class EvdevSource:
     def fileno(self) -> int:
         return self.fd
 
-    def read(self) -> list[tuple[int, int, int]] | None:
+    def read(self, limit: int) -> list[tuple[int, int, int]] | None:
         out: list[tuple[int, int, int]] = []
-        while True:
+        while len(out) < limit:
             try:
                 data = os.read(self.fd, 64 * _INPUT_EVENT.size)
             except BlockingIOError:
@@ -101,12 +108,14 @@ class EvdevSource:
             for _s, _us, etype, code, value in _INPUT_EVENT.iter_unpack(
                     data[: len(data) - len(data) % _INPUT_EVENT.size]):
                 out.append((etype, code, value))
+        return out
 
     def status(self, etype: int, code: int, value: int) -> None:
         if not self.writable or not self.caps.accepts(etype, code):
             return
-        try:
-            os.write(self.fd, _INPUT_EVENT.pack(0, 0, etype, code, _signed(value)))
+        try:  # with a SYN_REPORT, which makes the change take (and other readers see it)
+            os.write(self.fd, _INPUT_EVENT.pack(0, 0, etype, code, _signed(value))
+                     + _INPUT_EVENT.pack(0, 0, EV_SYN, SYN_REPORT, 0))
         except OSError as e:
             log.error("evdev: cannot pass a status event back: %s", e)
 
@@ -178,13 +187,15 @@ class VirtualSource:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[tuple[int, int, int]]:
+    def read(self, limit: int) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
-        while True:
+        for _ in range(64):  # datagrams per call: the rest waits for the next one
+            if len(out) >= limit:
+                break
             try:
                 data, peer = self.sock.recvfrom(MAX_DATAGRAM)
             except BlockingIOError:
-                return out
+                break
             if peer:
                 self.peer = peer
             for n, line in enumerate(data.splitlines(), 1):
@@ -194,9 +205,13 @@ class VirtualSource:
                     events = self.parse(line)
                 except EventError as e:
                     self.refused += 1
-                    log.error("event line %d from %s refused: %s", n, peer or "a client", e)
+                    if self.refused <= _LOG_REFUSALS:
+                        log.error("event line %d from %s refused: %s", n, peer or "a client", e)
+                    elif self.refused % 1000 == 0:
+                        log.error("%d event lines refused so far", self.refused)
                     continue
                 out += events
+        return out
 
     def parse(self, line: bytes) -> list[tuple[int, int, int]]:
         try:

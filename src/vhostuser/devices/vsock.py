@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import stat
 import struct
 
 from ..engine.device import ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
+from ..transport.unix import listen
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +47,8 @@ class VsockDevice(Device):
             raise ValueError(f"guest CID must be 3..4294967294, not {guest_cid}")
         self.guest_cid = guest_cid
         self.uds_path = uds_path
-        try:
-            if stat.S_ISSOCK(os.stat(uds_path).st_mode):
-                os.unlink(uds_path)  # a stale socket of an earlier run
-        except FileNotFoundError:
-            pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                      | socket.SOCK_CLOEXEC)
-        try:
-            self.listener.bind(uds_path)
-            self.listener.listen(128)
-        except OSError:
-            self.listener.close()
-            raise
+        self.listener = listen(uds_path, backlog=128)  # replaces a stale socket file
+        self.listener.setblocking(False)
 
     def features(self) -> int:
         return 0  # streams only (SEQPACKET not offered)

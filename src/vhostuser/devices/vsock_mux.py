@@ -4,13 +4,20 @@ sockets and back, with virtio-vsock's credit flow control.
 Bounded everywhere: from the guest we hold at most BUF_ALLOC bytes per connection that the
 host has not taken (the credit we advertise; a guest that sends more is reset); to the guest
 we read from a host socket only as much as the guest's credit and its rx buffers allow (a
-guest that stops reading stops the host side, whose socket buffer fills). Control packets
-waiting for rx buffers are bounded too (MAX_CTRL). Data moves between guest memory and the
-host sockets with scatter-gather calls, no copy in Python unless a host socket is full.
+guest that stops reading stops the host side, whose socket buffer fills). Packets we owe the
+guest wait for rx buffers in a queue of at most MAX_CTRL; while it is that long we take no
+more tx packets (back-pressure, as the kernel's vhost-vsock does), so nothing is dropped.
+Data moves between guest memory and the host sockets with scatter-gather calls, no copy in
+Python unless a host socket is full.
 
-A connection lives in the worker that runs the rx/tx queues: if the front-end stops those
-queues (a reset, a memory-table change), host sockets are closed and the guest's later
-packets on them are answered with RST, as after a transport reset.
+Callbacks only queue packets; each entry point fills rx buffers once at its end, so nothing
+recurses however many streams end at once.
+
+A connection lives in the worker that runs the rx/tx queues: when the front-end stops those
+queues (GET_VRING_BASE: a VM pause, a reset, a memory-table change) the streams end — the
+guest gets RST for each as far as it has rx buffers, host programs see EOF — because the
+next worker cannot take the sockets over. Kernel vhost-vsock keeps them; this back-end
+does not yet.
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ log = logging.getLogger(__name__)
 BUF_ALLOC = 256 << 10  # bytes from the guest we hold per connection (our credit)
 MAX_PKT = 64 << 10  # payload per packet to the guest
 MAX_CONNS = 1024
-MAX_CTRL = 4096  # control packets waiting for rx buffers
+MAX_CTRL = 1024  # packets owed to the guest; at this many we take no more tx packets
 CONNECT_TIMEOUT = 10.0  # s for a host program's CONNECT line, and for the guest's answer
+ACCEPT_RETRY = 0.5  # s before accepting again after running out of fds
 MAX_LINE = 64
 FIRST_LOCAL_PORT = 1024
 
@@ -57,33 +65,19 @@ FIRST_LOCAL_PORT = 1024
 class Conn:
     """One stream: a host socket and the guest's (cid, port)."""
 
-    __slots__ = (
-        "fwd_cnt",
-        "fwd_sent",
-        "local_port",
-        "out",
-        "peer_buf_alloc",
-        "peer_fwd_cnt",
-        "peer_no_recv",
-        "peer_no_send",
-        "peer_port",
-        "rd_closed",
-        "reading",
-        "sock",
-        "state",
-        "timer",
-        "tx_cnt",
-        "wr_closed",
-        "writing",
-    )
+    __slots__ = ("fwd_cnt", "fwd_sent", "line", "local_port", "out", "peer_buf_alloc",
+                 "peer_fwd_cnt", "peer_no_recv", "peer_no_send", "peer_port", "rd_closed",
+                 "reading", "skip", "sock", "state", "timer", "tx_cnt", "wr_closed", "writing")
 
     def __init__(self, sock: socket.socket, local_port: int, peer_port: int, state: str) -> None:
         self.sock = sock
         self.local_port, self.peer_port = local_port, peer_port
         self.state = state  # "line" (reading CONNECT), "requested", "open"
+        self.line = b""  # the CONNECT line so far
         self.peer_buf_alloc = self.peer_fwd_cnt = self.tx_cnt = 0
         self.fwd_cnt = self.fwd_sent = 0
-        self.out = bytearray()  # from the guest, not yet taken by the host socket
+        self.out = bytearray()  # for the host socket, not yet taken by it
+        self.skip = 0  # bytes at the head of `out` that are ours (the OK line), not the guest's
         self.rd_closed = False  # the host sent EOF (we told the guest: SHUTDOWN SEND)
         self.wr_closed = False  # we shut the host socket's write side
         self.peer_no_send = self.peer_no_recv = False  # the guest's SHUTDOWN flags
@@ -113,11 +107,13 @@ class Muxer(QueueService):
         self.events = events
         self.conns: dict[tuple[int, int], Conn] = {}  # (host port, guest port)
         self.lines: dict[int, Conn] = {}  # host programs that have not said CONNECT yet
-        self.ctrl: deque[bytes] = deque()  # packets for the guest, waiting for rx buffers
+        # owed to the guest: (connection, op, flags), its header made when it is written
+        # (so the credit it carries is current), or (None, a ready RST)
+        self.ctrl: deque[tuple[Conn | None, int, int | bytes]] = deque()
         self.waiting: dict[tuple[int, int], Conn] = {}  # host data waiting for rx buffers
         self.next_port = FIRST_LOCAL_PORT
         self.listener = dev.listener
-        self.dropped_ctrl = 0
+        self.accepting = True
         events.watch(self.listener.fileno(), self.accept)
 
     # -- packets to the guest -----------------------------------------------------------
@@ -127,41 +123,43 @@ class Muxer(QueueService):
         return HDR.pack(HOST_CID, self.cid, c.local_port, c.peer_port, length, TYPE_STREAM, op,
                         flags, BUF_ALLOC, c.fwd_cnt & 0xFFFFFFFF)
 
-    def send_ctrl(self, pkt: bytes) -> None:
-        if len(self.ctrl) >= MAX_CTRL:
-            if not self.dropped_ctrl:
-                log.error("the guest takes no vsock packets: dropping control packets")
-            self.dropped_ctrl += 1
-            return
-        self.ctrl.append(pkt)
-        self.flush_rx()
+    def owe(self, c: Conn, op: int, flags: int = 0) -> None:
+        """Queue a packet for the guest (written by the next `flush_rx`)."""
+        self.ctrl.append((c, op, flags))
 
     def reply_rst(self, src_port: int, dst_port: int) -> None:
         """RST for a guest packet that belongs to no connection."""
-        self.send_ctrl(HDR.pack(HOST_CID, self.cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST,
-                                0, 0, 0))
+        self.ctrl.append((None, 0, HDR.pack(HOST_CID, self.cid, dst_port, src_port, 0,
+                                            TYPE_STREAM, OP_RST, 0, 0, 0)))
 
     def flush_rx(self) -> None:
-        """Fill rx buffers: control packets first, then host data, connection by
-        connection."""
+        """Fill rx buffers: owed packets first, then host data, connection by connection;
+        then take the tx packets held back while too many were owed."""
         q = self.rxq
-        if q is None:
-            return
-        while self.ctrl:
-            chain = q.pop()
-            if chain is None:
+        while True:
+            while q is not None and self.ctrl:
+                chain = q.pop()
+                if chain is None:
+                    break
+                c, op, extra = self.ctrl.popleft()
+                pkt = extra if c is None else self.header(c, op, flags=extra)  # type: ignore[arg-type]
+                q.complete(chain, iov_write(chain.writable, pkt))  # type: ignore[arg-type]
+            if q is not None and not self.ctrl:
+                for c in list(self.waiting.values()):
+                    if not self.pump(c):
+                        break
+            if (len(self.ctrl) >= MAX_CTRL // 2 or self.txq is None
+                    or not self.txq.available()):
                 return
-            pkt = self.ctrl.popleft()
-            q.complete(chain, iov_write(chain.writable, pkt))
-        for c in list(self.waiting.values()):
-            if not self.pump(c):
-                return
+            self.take_tx(self.txq)  # held back, or arrived meanwhile: then flush again
 
     def pump(self, c: Conn) -> bool:
         """Move host data of `c` into rx buffers while the guest's credit allows; False
         when the rx buffers ran out (c waits for more)."""
         q = self.rxq
         self.waiting.pop(c.key, None)
+        if self.conns.get(c.key) is not c:
+            return True
         while True:
             credit = min(c.credit(), MAX_PKT)
             if credit <= 0 or c.peer_no_recv or c.rd_closed or c.state != "open":
@@ -192,7 +190,7 @@ class Muxer(QueueService):
                 q.unpop()
                 c.rd_closed = True
                 self.stop_reading(c)
-                self.send_ctrl(self.header(c, OP_SHUTDOWN, flags=SHUTDOWN_SEND))
+                self.owe(c, OP_SHUTDOWN, SHUTDOWN_SEND)
                 self.maybe_done(c)
                 return True
             iov_write(chain.writable, self.header(c, OP_RW, n))
@@ -205,14 +203,14 @@ class Muxer(QueueService):
         elif self.ctrl:
             self.waiting[c.key] = c
             self.stop_reading(c)
-            self.flush_rx()
         else:
             self.pump(c)
+        self.flush_rx()
 
     def start_reading(self, c: Conn) -> None:
         if not c.reading:
             c.reading = True
-            self.events.watch(c.sock.fileno(), lambda: self.on_readable(c))
+            self.events.watch(c.sock.fileno(), functools.partial(self.on_readable, c))
 
     def stop_reading(self, c: Conn) -> None:
         if c.reading:
@@ -222,10 +220,15 @@ class Muxer(QueueService):
     # -- packets from the guest ---------------------------------------------------------
 
     def kicked(self, q: DeviceQueue) -> None:
-        if q is self.rxq:
-            self.flush_rx()
-            return
-        for chain in q.pop_batch():
+        if q is self.txq:
+            self.take_tx(q)
+        self.flush_rx()
+
+    def take_tx(self, q: DeviceQueue) -> None:
+        while len(self.ctrl) < MAX_CTRL:  # else back-pressure: flush_rx resumes us
+            chain = q.pop()
+            if chain is None:
+                return
             self.from_guest(chain)
             q.complete(chain, 0)
 
@@ -258,7 +261,7 @@ class Muxer(QueueService):
         if op == OP_RW:
             data = iov_slice(chain.readable, HDR.size, HDR.size + length)
             if (c.state != "open" or c.peer_no_send or sum(map(len, data)) != length
-                    or len(c.out) + length > BUF_ALLOC):
+                    or len(c.out) - c.skip + length > BUF_ALLOC):
                 log.info("vsock %d->%d: data the connection cannot take: reset",
                          c.local_port, c.peer_port)
                 self.end(c)
@@ -271,23 +274,27 @@ class Muxer(QueueService):
             c.state = "open"
             if c.timer is not None:
                 c.timer.cancel()
-            self.to_host(c, [memoryview(f"OK {c.local_port}\n".encode())], counted=False)
+            self.to_host(c, [memoryview(f"OK {c.local_port}\n".encode())], ours=True)
             self.start_reading(c)
         elif op == OP_CREDIT_REQUEST:
-            self.send_ctrl(self.header(c, OP_CREDIT_UPDATE))
+            self.owe(c, OP_CREDIT_UPDATE)
         elif op == OP_SHUTDOWN:
-            c.peer_no_send |= bool(flags & SHUTDOWN_SEND)
-            c.peer_no_recv |= bool(flags & SHUTDOWN_RCV)
-            if c.peer_no_recv:
+            if flags & SHUTDOWN_RCV and not c.peer_no_recv:
+                c.peer_no_recv = True
                 self.stop_reading(c)
                 self.waiting.pop(c.key, None)
+                try:  # the host program's further writes fail, as the guest asked
+                    c.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+            c.peer_no_send |= bool(flags & SHUTDOWN_SEND)
             self.maybe_done(c)
         elif op == OP_RST:
             self.end(c, rst=False)
         elif op != OP_CREDIT_UPDATE:
             self.end(c)
             return
-        if c.state == "open" and c.key in self.conns and c.credit() > 0 and not (
+        if self.conns.get(c.key) is c and c.state == "open" and c.credit() > 0 and not (
                 c.reading or c.rd_closed or c.peer_no_recv or c.key in self.waiting):
             self.start_reading(c)  # credit came back
 
@@ -298,8 +305,13 @@ class Muxer(QueueService):
             self.reply_rst(guest_port, host_port)
             return
         path = f"{self.uds}_{host_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                             | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
+        except OSError as e:  # out of fds
+            log.error("vsock: guest port %d -> %s: %s", guest_port, path, e)
+            self.reply_rst(guest_port, host_port)
+            return
         try:
             sock.connect(path)
         except OSError as e:  # nobody listening there (EAGAIN: its backlog is full)
@@ -311,13 +323,14 @@ class Muxer(QueueService):
         c = Conn(sock, host_port, guest_port, "open")
         c.peer_buf_alloc, c.peer_fwd_cnt = buf_alloc, fwd_cnt
         self.conns[c.key] = c
-        self.send_ctrl(self.header(c, OP_RESPONSE))
+        self.owe(c, OP_RESPONSE)
         self.start_reading(c)
 
     # -- the host side ------------------------------------------------------------------
 
-    def to_host(self, c: Conn, data: list[memoryview], counted: bool = True) -> None:
-        """Send `data` (guest memory) to the host socket, keeping what it does not take."""
+    def to_host(self, c: Conn, data: list[memoryview], ours: bool = False) -> None:
+        """Send `data` (guest memory) to the host socket, keeping what it does not take.
+        `ours`: bytes of our own (the OK line), not counted as forwarded."""
         n = sum(map(len, data))
         sent = 0
         if not c.out:
@@ -331,10 +344,12 @@ class Muxer(QueueService):
                 return
         if sent < n:
             c.out += b"".join(bytes(v) for v in iov_slice(data, sent))
+            if ours:
+                c.skip += n - sent
             if not c.writing:
                 c.writing = True
-                self.events.watch_write(c.sock.fileno(), lambda: self.on_writable(c))
-        if counted:
+                self.events.watch_write(c.sock.fileno(), functools.partial(self.on_writable, c))
+        if not ours:
             c.fwd_cnt += sent
             self.credit_update(c)
 
@@ -346,23 +361,31 @@ class Muxer(QueueService):
         except OSError as e:
             log.info("vsock %d->%d: host socket failed: %s", c.local_port, c.peer_port, e)
             self.end(c)
+            self.flush_rx()
             return
         del c.out[:n]
-        c.fwd_cnt += n
+        ours = min(n, c.skip)
+        c.skip -= ours
+        c.fwd_cnt += n - ours
         if not c.out:
             c.writing = False
             self.events.unwatch_write(c.sock.fileno())
             self.maybe_done(c)
         self.credit_update(c)
+        self.flush_rx()
 
     def credit_update(self, c: Conn) -> None:
-        if c.key in self.conns and c.fwd_cnt - c.fwd_sent >= BUF_ALLOC // 4:
-            self.send_ctrl(self.header(c, OP_CREDIT_UPDATE))
+        """Tell the guest what the host took once a quarter of its send window is unsaid
+        (its window is the smaller of our credit and its own buffer, as Linux sends)."""
+        window = max(min(BUF_ALLOC, c.peer_buf_alloc), 4)
+        if self.conns.get(c.key) is c and c.fwd_cnt - c.fwd_sent >= window // 4:
+            self.owe(c, OP_CREDIT_UPDATE)
+            c.fwd_sent = c.fwd_cnt  # the header is made later, with the count then
 
     def maybe_done(self, c: Conn) -> None:
         """Shut the host socket's write side once the guest will send no more and all it
         sent is out; end the connection once both directions are done."""
-        if c.out or c.key not in self.conns:
+        if c.out or self.conns.get(c.key) is not c:
             return
         if c.peer_no_send and not c.wr_closed:
             c.wr_closed = True
@@ -378,10 +401,14 @@ class Muxer(QueueService):
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
-                return
-            except OSError as e:  # out of fds: the host program waits in the backlog
-                log.error("vsock: cannot accept a host connection: %s", e)
-                return
+                break
+            except OSError as e:  # out of fds: look again later (the listener stays ready)
+                log.error("vsock: cannot accept a host connection: %s; retrying in %g s", e,
+                          ACCEPT_RETRY)
+                self.events.unwatch(self.listener.fileno())
+                self.accepting = False
+                self.events.call_later(ACCEPT_RETRY, self.resume_accepting)
+                break
             if len(self.conns) + len(self.lines) >= MAX_CONNS:
                 log.error("vsock: %d connections: refusing more", MAX_CONNS)
                 sock.close()
@@ -391,6 +418,12 @@ class Muxer(QueueService):
             self.lines[sock.fileno()] = c
             c.timer = self.events.call_later(CONNECT_TIMEOUT, functools.partial(self.timed_out, c))
             self.start_reading(c)
+        self.flush_rx()
+
+    def resume_accepting(self) -> None:
+        if not self.accepting:
+            self.accepting = True
+            self.events.watch(self.listener.fileno(), self.accept)
 
     def local_port(self) -> int:
         used = {c.local_port for c in (*self.conns.values(), *self.lines.values())}
@@ -401,31 +434,33 @@ class Muxer(QueueService):
         return port
 
     def read_line(self, c: Conn) -> None:
-        """``CONNECT <port>\\n`` from a host program: taken up to the newline only (what
-        follows is stream data, read once the guest has accepted)."""
-        try:
-            peek = c.sock.recv(MAX_LINE, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            peek = b""
-        end = peek.find(b"\n")
-        if end < 0:
-            if not peek or len(peek) >= MAX_LINE:
+        """``CONNECT <port>\\n`` from a host program, a byte at a time up to the newline
+        (what follows is stream data, read once the guest has accepted)."""
+        while not c.line.endswith(b"\n"):
+            try:
+                byte = c.sock.recv(1)
+            except BlockingIOError:
+                return
+            except OSError:
+                byte = b""
+            if not byte:
+                self.drop_line(c, "closed before a CONNECT line")
+                return
+            c.line += byte
+            if len(c.line) > MAX_LINE:
                 self.drop_line(c, "no CONNECT line")
-            return
-        line = c.sock.recv(end + 1)
-        words = line.split()
+                return
+        words = c.line.split()
         if (len(words) != 2 or words[0] != b"CONNECT" or not words[1].isdigit()
                 or int(words[1]) > 0xFFFFFFFF):
-            self.drop_line(c, f"bad line {line[:MAX_LINE]!r}")
+            self.drop_line(c, f"bad line {c.line!r}")
             return
         self.stop_reading(c)
         del self.lines[c.sock.fileno()]
         c.peer_port = int(words[1])
         c.state = "requested"
         self.conns[c.key] = c
-        self.send_ctrl(self.header(c, OP_REQUEST))
+        self.owe(c, OP_REQUEST)
 
     def drop_line(self, c: Conn, why: str) -> None:
         log.info("vsock: host connection dropped: %s", why)
@@ -436,11 +471,12 @@ class Muxer(QueueService):
         c.sock.close()
 
     def timed_out(self, c: Conn) -> None:
-        if c.state == "line" and c.sock.fileno() in self.lines:
+        if c.state == "line" and self.lines.get(c.sock.fileno()) is c:
             self.drop_line(c, f"no CONNECT line within {CONNECT_TIMEOUT:g} s")
         elif c.state == "requested" and self.conns.get(c.key) is c:
             log.info("vsock: the guest did not answer a connection to port %d", c.peer_port)
             self.end(c)
+            self.flush_rx()
 
     def end(self, c: Conn, rst: bool = True) -> None:
         """End a connection: its host socket is closed, the guest gets RST."""
@@ -451,11 +487,19 @@ class Muxer(QueueService):
         self.stop_reading(c)
         if c.writing:
             self.events.unwatch_write(c.sock.fileno())
+            c.writing = False
         if c.timer is not None:
             c.timer.cancel()
         c.sock.close()
         if rst:
-            self.send_ctrl(self.header(c, OP_RST))
+            self.owe(c, OP_RST)
+
+    def quiesce(self) -> None:
+        """The queues stop: every stream ends (see the module's docstring); the guest gets
+        RST for each, as far as its rx buffers go."""
+        for c in list(self.conns.values()):
+            self.end(c)
+        self.flush_rx()
 
     def close(self) -> None:
         """The worker ends: host sockets close (host programs see EOF)."""

@@ -149,7 +149,7 @@ class UnixResources:
             pass
 
 
-def listen(path: str) -> socket.socket:
+def listen(path: str, backlog: int = 1) -> socket.socket:
     """Listen on `path`, replacing a stale socket file (not any other kind of file). The
     path appears only once the socket listens (bound under a temporary name, then
     renamed), so a client that sees it can connect at once."""
@@ -161,7 +161,7 @@ def listen(path: str) -> socket.socket:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         sock.bind(tmp)
-        sock.listen(1)
+        sock.listen(backlog)
         os.rename(tmp, path)
     except OSError:
         sock.close()
