@@ -39,6 +39,7 @@ MODULE_MARKERS = {
     "test_input": ["daemon"],
     "test_vsock": ["daemon"],
     "test_scsi": ["daemon"],
+    "test_device_fuzz": ["daemon"],
     "test_blk_kill": ["guest"],
     "test_qemu_blk": ["guest"],
     "test_qemu_net": ["guest"],
