@@ -27,6 +27,7 @@ $(cat $b/device/model | tr ' ' _) $(cat $b/device/wwid) $(tail -c +5 $b/device/v
     [ "$addr" = "0:0:0:1" ] && ro=$n
 done
 echo "FEATURES $(cat /sys/bus/virtio/drivers/virtio_scsi/virtio*/features)"
+echo "MAXKB $(cat /sys/block/$rw/queue/max_sectors_kb)"
 dd if=/pat of=/dev/$rw bs=64k seek=128 oflag=direct 2>/dev/null
 echo "DIRECT $(dd if=/dev/$rw bs=64k skip=128 count=16 iflag=direct 2>/dev/null | sha256sum)"
 dd if=/pat of=/dev/$rw bs=64k seek=160 oflag=direct 2>/dev/null
@@ -88,6 +89,7 @@ def test_guest_disks_on_two_luns(tmp_path: Path) -> None:
     assert out["DIRECT"].split()[0] == hashlib.sha256(pat).hexdigest()
     assert out["DISCARDED"] == "0" and out["ROWRITE"] == "refused"
     assert out["FEATURES"][2] == "1", "the guest did not negotiate VIRTIO_SCSI_F_CHANGE"
+    assert int(out["MAXKB"]) >= 512, "the guest splits its I/O small"
     assert out["RESIZED"] == str(48 * MiB // 512)
     data = rw.read_bytes()
     assert data[8 * MiB : 9 * MiB] == pat, "the O_DIRECT write is not in the image"

@@ -103,7 +103,10 @@ def test_vpd_pages(t: Target) -> None:
     assert ids[:4] == bytes([0x01, 0x03, 0x00, 0x08])  # binary, NAA, 8 bytes
     assert int.from_bytes(ids[4:12], "big") == WWN
     limits = vpd(0xB0)
+    assert limits[0] & 0x01 and limits[1] > 0  # WSNZ; a compare-and-write length
+    assert int.from_bytes(limits[2:4], "big") == 8  # transfer length granularity
     assert int.from_bytes(limits[4:8], "big") > 0  # maximum transfer length
+    assert int.from_bytes(limits[8:12], "big") == 0  # no optimal length (Linux's max I/O)
     assert int.from_bytes(limits[16:20], "big") > 0  # maximum unmap LBA count
     assert vpd(0xB1)[:2] == b"\x00\x01"  # non-rotating medium
     assert vpd(0xB2)[1] & 0xE0 == 0xE0  # LBPU, LBPWS, LBPWS10
@@ -118,7 +121,10 @@ def test_report_luns_and_absent_luns(t: Target) -> None:
     check(t.c.command(struct.pack(">BxxxxxIxx", 0xA0, 8), data_in=64), ILLEGAL, 0x24, 0)
     absent = good(t.c.command(bytes([0x12, 0, 0, 0, 36, 0]), lun=5, data_in=36))
     assert absent.data[0] == 0x7F  # peripheral qualifier 3: no logical unit here
+    assert absent.data[4] == 31  # and a whole standard INQUIRY answer
     check(t.c.command(b"\x00", lun=5), ILLEGAL, 0x25, 0)
+    sense = good(t.c.command(bytes([0x03, 0, 0, 0, 18, 0]), lun=5, data_in=18)).data
+    assert (sense[2] & 0x0F, sense[12]) == (ILLEGAL, 0x25)  # REQUEST SENSE says why
     assert t.c.command(b"\x00", target=1).response == 3  # VIRTIO_SCSI_S_BAD_TARGET
     assert t.c.command(b"\x00", field=b"\x02" + bytes(7)).response == 3
 
@@ -191,9 +197,11 @@ def test_write_same_unmap_and_discards(t: Target) -> None:
         os.close(fd)
     for lba, n in ((1024, 256), (2048, 128)):
         assert good(c.command(cdb16(0x88, lba, n), data_in=512 * n)).data == bytes(512 * n)
-    bad = struct.pack(">HHxxxx", 22, 15) + bytes(16)  # block descriptor length not 16*k
-    check(c.command(struct.pack(">BBxxxxxHx", 0x42, 0, len(bad)), data_out=bad),
-          ILLEGAL, 0x1A, 0)
+    check(c.command(struct.pack(">BBxxxxxHx", 0x42, 0, 4), data_out=bytes(4)),
+          ILLEGAL, 0x1A, 0)  # shorter than the parameter list header
+    many = struct.pack(">HHxxxx", 6 + 32, 32) + struct.pack(">QIxxxx", 0, 1 << 22) * 2
+    check(c.command(struct.pack(">BBxxxxxHx", 0x42, 0, len(many)), data_out=many),
+          ILLEGAL, 0x26, 0)  # more than the maximum unmap LBA count, in one command
     beyond = struct.pack(">HHxxxx", 22, 16) + struct.pack(">QIxxxx", 8 * MiB // 512, 1)
     check(c.command(struct.pack(">BBxxxxxHx", 0x42, 0, len(beyond)), data_out=beyond),
           ILLEGAL, 0x21, 0)
@@ -237,6 +245,15 @@ def test_report_supported_operation_codes(t: Target) -> None:
     assert one.data[1] & 0x07 == 0x03 and int.from_bytes(one.data[2:4], "big") == 16
     none = good(c.command(struct.pack(">BBBBHIxx", 0xA3, 0x0C, 1, 0x5E, 0, 64), data_in=64))
     assert none.data[1] & 0x07 == 0x01  # not supported
+    cap16 = good(c.command(struct.pack(">BBBBHIxx", 0xA3, 0x0C, 2, 0x9E, 0x10, 64),
+                           data_in=64))  # a service action, asked with option 2...
+    assert cap16.data[1] & 0x07 == 0x03
+    three = good(c.command(struct.pack(">BBBBHIxx", 0xA3, 0x0C, 3, 0x28, 0, 64), data_in=64))
+    assert three.data[1] & 0x07 == 0x03  # ...or 3, which takes any opcode
+    check(c.command(struct.pack(">BBBBHIxx", 0xA3, 0x0C, 2, 0x28, 0, 64), data_in=64),
+          ILLEGAL, 0x24, 0)  # option 2 on an opcode without service actions
+    check(c.command(struct.pack(">BBBBHIxx", 0xA3, 0x0C, 1, 0x9E, 0, 64), data_in=64),
+          ILLEGAL, 0x24, 0)  # option 1 on one with them
 
 
 def test_resize_unit_attention_and_event(t: Target) -> None:
@@ -252,6 +269,34 @@ def test_resize_unit_attention_and_event(t: Target) -> None:
     good(t.c.command(b"\x00"))  # ...then the new size
     r = good(t.c.command(bytes([0x25]) + bytes(9), data_in=8))
     assert struct.unpack(">II", r.data) == (12 * MiB // 512 - 1, 512)
+
+
+def test_an_image_cut_below_one_block(t: Target) -> None:
+    """No medium: NOT READY, MEDIUM NOT PRESENT (after the capacity unit attention), never
+    a failed queue; growing it back brings the LUN back."""
+    os.truncate(t.rw, 100)
+    t.d.wait_log("image resized")
+    check(t.c.command(b"\x00"), UNIT_ATTENTION, 0x2A, 0x09)
+    check(t.c.command(bytes([0x25]) + bytes(9), data_in=8), 0x02, 0x3A, 0)
+    os.truncate(t.rw, MiB)
+    t.d.wait_log("image resized", count=2)
+    check(t.c.command(b"\x00"), UNIT_ATTENTION, 0x2A, 0x09)
+    good(t.c.command(b"\x00"))
+
+
+def test_task_management_waits_for_requests_in_hand(t: Target) -> None:
+    """A TMF is answered only once no request queue has requests in hand: the reads
+    submitted before the ABORT TASK are all complete when its answer comes."""
+    ram, ring = t.fe.ram, t.fe.queues[2].ring
+    data = ram.alloc(8 * MiB, 4096)  # shared by the reads: only their completion matters
+    for i in range(8):  # 8 MiB each, from another process than the control queue's
+        req = ram.alloc(51)
+        ram.at(req, 51)[:] = struct.pack("<8sQBBB32s", bytes([1, 0, 0x40, 0]) + bytes(4), i,
+                                         0, 0, 0, cdb10(0x28, 0, 16384))
+        ring.add([(req, 51, False), (ram.alloc(108), 108, True), (data, 8 * MiB, True)])
+    t.fe.kick(2)
+    assert t.c.tmf(0) == 0
+    assert len(ring.take_used()) == 8, "the TMF was answered before the reads completed"
 
 
 def test_task_management_and_notifications(t: Target) -> None:

@@ -3,9 +3,11 @@
 
 Queues: control (0: task management, asynchronous-notification queries), event (1), then
 the request queues. Control and event run together in one worker, each request queue in its
-own. Requests are served at once and in order, so a task management function finds nothing
-in flight: ABORT TASK and friends complete, LOGICAL UNIT RESET and I_T NEXUS RESET leave the
-unit attention SAM asks for. The control worker looks at the images' sizes every second:
+own. A request queue serves a few requests at a time, each at once and in order, and says
+in a shared page while it has some in hand; a task management function is answered once no
+request queue has any (a TMF must not complete before the commands it concerns): ABORT TASK
+and friends then complete, LOGICAL UNIT RESET and I_T NEXUS RESET leave the unit attention
+SAM asks for. The control worker looks at the images' sizes every second:
 a grown (or shrunk) image raises CAPACITY DATA HAS CHANGED and a parameter-change event,
 so the guest rescans. The event goes out whether or not VIRTIO_SCSI_F_CHANGE was acked to
 us: QEMU offers F_CHANGE to its guest itself (its param_change property) and does not pass
@@ -17,15 +19,16 @@ from __future__ import annotations
 import logging
 import mmap
 import struct
-from collections import deque
 
-from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService
+from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService, Timer
 from ..engine.queue import DeviceQueue
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.split import Chain
 from .scsi_disk import (
     CHECK_CONDITION,
+    HARDWARE_ERROR,
     ILLEGAL_REQUEST,
+    INTERNAL_TARGET_FAILURE,
     LUN_NOT_SUPPORTED,
     Lun,
     LunOptions,
@@ -49,12 +52,11 @@ AN = struct.Struct("<I8sI")  # type, lun, event_requested
 (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_ACA, TMF_CLEAR_TASK_SET, TMF_I_T_NEXUS_RESET,
  TMF_LOGICAL_UNIT_RESET, TMF_QUERY_TASK, TMF_QUERY_TASK_SET) = range(8)
 EVENT = struct.Struct("<I8sI")  # event, lun, reason
-T_PARAM_CHANGE, T_EVENTS_MISSED = 3, 0x80000000
+T_PARAM_CHANGE = 3
 CONFIG = struct.Struct("<IIIIIIIHHI")
 CONTROLQ, EVENTQ, FIRST_REQUESTQ = 0, 1, 2
 MAX_LUNS = 256
 RESIZE_LOOK = 1.0  # s between looks at the images' sizes
-MAX_EVENTS = 64
 LUN_RESET_UA = (0x29, 0x03)  # BUS DEVICE RESET FUNCTION OCCURRED
 NEXUS_LOSS_UA = (0x29, 0x07)  # I_T NEXUS LOSS OCCURRED
 
@@ -84,10 +86,13 @@ class ScsiDevice(Device):
             raise ValueError(f"request queues must be 1..64, not {num_queues}")
         self.request_queues = num_queues
         self.num_queues = FIRST_REQUESTQ + num_queues
-        size = (len(disks) * LunState.SLOTS * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        slots = len(disks) * LunState.SLOTS + num_queues
+        size = (slots * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE
         self._shared = mmap.mmap(-1, size * mmap.PAGESIZE, mmap.MAP_SHARED)
         cells = memoryview(self._shared).cast("q")
         n = LunState.SLOTS
+        # per request queue: whether its worker has requests in hand (written by it alone)
+        self.busy = cells[n * len(disks) : n * len(disks) + num_queues]
         self.luns: list[Lun] = []
         try:
             for i, opts in enumerate(disks):
@@ -122,10 +127,14 @@ class ScsiDevice(Device):
         if bytes(cfg) != self.get_config():
             raise ConfigError("only sense_size 96 and cdb_size 32 are supported")
 
+    def reset(self) -> None:
+        for lun in self.luns:
+            lun.reset()
+
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
         if CONTROLQ in queues or EVENTQ in queues:
             return ControlService(self, queues, events)
-        return RequestService(self)
+        return RequestService(self, min(queues))
 
     def close(self) -> None:
         for lun in self.luns:
@@ -134,10 +143,25 @@ class ScsiDevice(Device):
 
 
 class RequestService(InOrderService):
-    """A request queue (in its worker): each command served at once."""
+    """A request queue (in its worker): each command served at once, a few at a time (so
+    a ring full of slow commands still lets the worker look at STOP)."""
 
-    def __init__(self, dev: ScsiDevice) -> None:
+    BATCH = 8
+
+    def __init__(self, dev: ScsiDevice, index: int) -> None:
         self.luns = dev.luns
+        self.busy = dev.busy
+        self.slot = index - FIRST_REQUESTQ
+
+    def kicked(self, q: DeviceQueue) -> None:
+        self.busy[self.slot] = 1
+        try:
+            chains = q.pop_batch(self.BATCH)
+            if chains:
+                q.complete_batch(chains, self.handle(q.index, chains))
+                q.notify()  # completions out before the queue says it holds none
+        finally:
+            self.busy[self.slot] = 0
 
     def handle(self, index: int, chains: list[Chain]) -> list[int]:
         return [self.request(c) for c in chains]
@@ -160,6 +184,10 @@ class RequestService(InOrderService):
                 status, sense, n = self.luns[where[1]].execute(cdb, data_out, data_in)
             except Overrun:
                 response = S_OVERRUN
+            except Exception:  # a bug answers HARDWARE ERROR; the queue goes on
+                log.exception("LUN %d: command %#04x failed", where[1], cdb[0])
+                status, n = CHECK_CONDITION, 0
+                sense = Sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE).data()
         else:
             status, sense, n = _absent_lun(self.luns[0], cdb, data_out, data_in)
         resid = iov_len(data_in) - n if data_in else 0
@@ -172,63 +200,81 @@ def _absent_lun(lun0: Lun, cdb: bytes, out: list[memoryview],
     """A LUN target 0 does not have: INQUIRY says so (peripheral qualifier 3), REPORT
     LUNS works as on any LUN, everything else is LOGICAL UNIT NOT SUPPORTED."""
     if cdb[0] == 0x12 and not cdb[1] & 0x01:
-        return 0, b"", iov_write(din, (bytes([0x7F]) + bytes(35))[: int.from_bytes(cdb[3:5],
-                                                                                "big")])
+        # peripheral qualifier 3, SPC-4, response format 2, 36 bytes
+        data = bytes([0x7F, 0, 0x06, 0x02, 31, 0, 0, 0x02]) + bytes(28)
+        return 0, b"", iov_write(din, data[: int.from_bytes(cdb[3:5], "big")])
     if cdb[0] == 0xA0:
         return lun0.execute(cdb, out, din)
-    return CHECK_CONDITION, Sense(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED).data(), 0
+    sense = Sense(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED).data()
+    if cdb[0] == 0x03:  # REQUEST SENSE: GOOD, the sense data says why
+        return 0, b"", iov_write(din, sense[: cdb[4]])
+    return CHECK_CONDITION, sense, 0
 
 
 class ControlService(QueueService):
     """The control and event queues (in their worker), and the look at image sizes."""
 
     def __init__(self, dev: ScsiDevice, queues: dict[int, DeviceQueue], events: Events) -> None:
-        self.luns, self.events = dev.luns, events
-        self.eventq = queues.get(EVENTQ)
-        self.pending: deque[bytes] = deque()
-        self.missed = False
+        self.luns, self.events, self.busy = dev.luns, events, dev.busy
+        self.controlq, self.eventq = queues.get(CONTROLQ), queues.get(EVENTQ)
+        self.held: list[tuple[Chain, int, bytes]] = []  # TMFs waiting for requests in hand
+        self.retry: Timer | None = None
         self.timer = events.call_later(RESIZE_LOOK, self.look)
 
     def look(self) -> None:
         for lun in self.luns:
-            if lun.check_resize():  # see the module's docstring on F_CHANGE
-                self.event(T_PARAM_CHANGE, lun.index, 0x2A | 0x09 << 8)  # asc, ascq
+            lun.check_resize()
+        self.deliver()
         self.timer = self.events.call_later(RESIZE_LOOK, self.look)
 
-    def event(self, kind: int, lun: int, reason: int) -> None:
-        if len(self.pending) >= MAX_EVENTS:
-            self.missed = True
-            return
-        self.pending.append(EVENT.pack(kind, lun_address(lun), reason))
-        self.deliver()
-
     def deliver(self) -> None:
+        """Parameter-change events owed (kept in the shared page, so a restarted worker
+        still owes them), as far as the guest has event buffers."""
         q = self.eventq
-        while q is not None and self.pending:
+        for lun in self.luns:
+            if q is None or not lun.state.event_owed:
+                continue
             chain = q.pop()
             if chain is None:
-                log.info("%d events wait for the guest's event buffers", len(self.pending))
+                log.info("events wait for the guest's event buffers")
                 return
-            ev = self.pending.popleft()
-            if self.missed:
-                ev = (EVENT.unpack(ev)[0] | T_EVENTS_MISSED).to_bytes(4, "little") + ev[4:]
-                self.missed = False
-            q.complete(chain, iov_write(chain.writable, ev))
-            log.info("event %#x for LUN %d to the guest", EVENT.unpack(ev)[0], ev[7] | ev[6] << 8)
+            ev = EVENT.pack(T_PARAM_CHANGE, lun_address(lun.index), 0x2A | 0x09 << 8)
+            q.complete(chain, iov_write(chain.writable, ev))  # asc, ascq: capacity changed
+            lun.state.event_owed = False
+            log.info("parameter-change event for LUN %d to the guest", lun.index)
 
     def kicked(self, q: DeviceQueue) -> None:
         if q.index == EVENTQ:
             self.deliver()
             return
         for chain in q.pop_batch():
-            q.complete(chain, self.control(chain))
+            data = iov_read(chain.readable, TMF.size)
+            kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+            if kind == T_TMF and len(data) == TMF.size and iov_len(chain.writable) >= 1:
+                _, subtype, lun_field, _tag = TMF.unpack(data)
+                self.held.append((chain, subtype, lun_field))
+            else:
+                q.complete(chain, self.control(chain, kind, data))
+        self.answer_tmfs()
 
-    def control(self, chain: Chain) -> int:
-        data = iov_read(chain.readable, TMF.size)
-        kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
-        if kind == T_TMF and len(data) == TMF.size and iov_len(chain.writable) >= 1:
-            _, subtype, lun_field, _tag = TMF.unpack(data)
-            return iov_write(chain.writable, bytes([self.tmf(subtype, lun_field)]))
+    def answer_tmfs(self) -> None:
+        """Answer the TMFs held, once no request queue has requests in hand."""
+        if not self.held or self.controlq is None:
+            return
+        if any(self.busy):
+            if self.retry is None:
+                self.retry = self.events.call_later(0.001, self.retried)
+            return
+        for chain, subtype, lun_field in self.held:
+            self.controlq.complete(chain, iov_write(chain.writable,
+                                                    bytes([self.tmf(subtype, lun_field)])))
+        self.held = []
+
+    def retried(self) -> None:
+        self.retry = None
+        self.answer_tmfs()
+
+    def control(self, chain: Chain, kind: int, data: bytes) -> int:
         if kind in (T_AN_QUERY, T_AN_SUBSCRIBE) and len(data) >= AN.size \
                 and iov_len(chain.writable) >= 5:
             # no asynchronous notifications: none supported, none to report
@@ -245,7 +291,7 @@ class ControlService(QueueService):
             return S_INCORRECT_LUN
         if subtype in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_CLEAR_ACA,
                        TMF_QUERY_TASK, TMF_QUERY_TASK_SET):
-            return S_FUNCTION_COMPLETE  # served synchronously: nothing is in flight
+            return S_FUNCTION_COMPLETE  # nothing in hand any more: the task has completed
         if subtype == TMF_LOGICAL_UNIT_RESET:
             self.luns[where[1]].state.raise_ua(LUN_RESET_UA)
             return S_FUNCTION_COMPLETE
@@ -255,5 +301,15 @@ class ControlService(QueueService):
             return S_FUNCTION_COMPLETE
         return S_FUNCTION_REJECTED
 
+    def quiesce(self) -> None:
+        """The queues stop: held TMFs are answered (the request queues stop too)."""
+        if self.held and self.controlq is not None:
+            for chain, subtype, lun_field in self.held:
+                self.controlq.complete(chain, iov_write(chain.writable,
+                                                        bytes([self.tmf(subtype, lun_field)])))
+            self.held = []
+
     def close(self) -> None:
         self.timer.cancel()
+        if self.retry is not None:
+            self.retry.cancel()

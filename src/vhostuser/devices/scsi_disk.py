@@ -9,6 +9,8 @@ cache, a pending unit attention) lives in `LunState`, a slice of a MAP_SHARED pa
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 GOOD, CHECK_CONDITION = 0x00, 0x02
 # sense keys
-NO_SENSE, NOT_READY, MEDIUM_ERROR, ILLEGAL_REQUEST = 0x0, 0x2, 0x3, 0x5
+NO_SENSE, NOT_READY, MEDIUM_ERROR, HARDWARE_ERROR, ILLEGAL_REQUEST = 0x0, 0x2, 0x3, 0x4, 0x5
 UNIT_ATTENTION, DATA_PROTECT, ABORTED_COMMAND, MISCOMPARE = 0x6, 0x7, 0xB, 0xE
 # (asc, ascq)
 INVALID_OPCODE = (0x20, 0x00)
@@ -38,6 +40,9 @@ MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
 UNRECOVERED_READ_ERROR = (0x11, 0x00)
 WRITE_ERROR = (0x0C, 0x00)
 CAPACITY_CHANGED = (0x2A, 0x09)
+SPACE_ALLOCATION_FAILED = (0x27, 0x07)
+MEDIUM_NOT_PRESENT = (0x3A, 0x00)
+INTERNAL_TARGET_FAILURE = (0x44, 0x00)
 MODE_PARAMETERS_CHANGED = (0x2A, 0x01)
 RESET_OCCURRED = (0x29, 0x00)
 
@@ -47,7 +52,8 @@ REVISION = b"0001"
 MAX_XFER_BLOCKS = 1 << 16  # per command (Block Limits), and the guest's max_sectors
 MAX_UNMAP_BLOCKS = 1 << 22
 MAX_UNMAP_DESCRIPTORS = 256
-MAX_WRITE_SAME_BLOCKS = 1 << 22
+MAX_WRITE_SAME_BLOCKS = 1 << 22  # zeros or unmap: no data moves
+MAX_WRITE_SAME_PATTERN = 1 << 13  # a non-zero pattern: 4 MiB written
 MAX_PARAMS = 1 << 20  # bytes of a parameter list we read
 
 
@@ -89,9 +95,10 @@ class LunOptions:
 
 class LunState:
     """What every process serving a LUN must see alike: [capacity in blocks, write cache
-    enabled, pending unit attention (asc << 8 | ascq, 0 for none)]."""
+    enabled, pending unit attention (asc << 8 | ascq, 0 for none), a parameter-change
+    event owed to the guest (until an event buffer takes it)]."""
 
-    SLOTS = 3
+    SLOTS = 4
 
     def __init__(self, cells: memoryview) -> None:
         self.cells = cells  # a 'q' view of SLOTS slots
@@ -114,6 +121,14 @@ class LunState:
 
     def raise_ua(self, code: tuple[int, int]) -> None:
         self.cells[2] = code[0] << 8 | code[1]
+
+    @property
+    def event_owed(self) -> bool:
+        return bool(self.cells[3])
+
+    @event_owed.setter
+    def event_owed(self, owed: bool) -> None:
+        self.cells[3] = int(owed)
 
     def take_ua(self) -> tuple[int, int] | None:
         ua = self.cells[2]
@@ -143,7 +158,7 @@ class Lun:
         self.index, self.opts, self.state = index, opts, state
         self.read_only = opts.read_only
         self.fd = os.open(opts.path, os.O_RDONLY if opts.read_only else os.O_RDWR)
-        size = os.fstat(self.fd).st_size
+        size = _size(self.fd)
         if size < BLOCK:
             os.close(self.fd)
             raise ValueError(f"{opts.path}: {size} bytes, less than one {BLOCK}-byte block")
@@ -159,14 +174,20 @@ class Lun:
 
     def check_resize(self) -> bool:
         """Take a changed image size; True (and a unit attention) if it changed."""
-        blocks = os.fstat(self.fd).st_size // BLOCK
+        blocks = _size(self.fd) // BLOCK
         if blocks == self.state.capacity:
             return False
         log.info("LUN %d: image resized: %d -> %d blocks", self.index, self.state.capacity,
                  blocks)
         self.state.capacity = blocks
         self.state.raise_ua(CAPACITY_CHANGED)
+        self.state.event_owed = True
         return True
+
+    def reset(self) -> None:
+        """A new front-end, or RESET_DEVICE: the write cache as at start, nothing pending."""
+        self.state.wce = True
+        self.state.take_ua()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -185,10 +206,14 @@ class Lun:
                 ua = self.state.take_ua()
                 if ua is not None:
                     raise Sense(UNIT_ATTENTION, ua)
+                if self.state.capacity == 0:  # the image was cut below one block
+                    raise Sense(NOT_READY, MEDIUM_NOT_PRESENT)
             return GOOD, b"", handler(self, cdb, data_out, data_in)
         except Sense as s:
             return CHECK_CONDITION, s.data(), 0
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # thin provisioning ran out
+                return CHECK_CONDITION, Sense(DATA_PROTECT, SPACE_ALLOCATION_FAILED).data(), 0
             log.error("LUN %d: command %#04x: %s", self.index, op, e)
             code = WRITE_ERROR if op in _WRITES else UNRECOVERED_READ_ERROR
             return CHECK_CONDITION, Sense(MEDIUM_ERROR, code).data(), 0
@@ -254,14 +279,19 @@ class Lun:
             body = naa + vendor
         elif page == 0xB0:  # block limits
             body = bytearray(0x3C)
-            struct.pack_into(">HII", body, 2, 0, MAX_XFER_BLOCKS, 8)  # gran, max, optimal
+            # WSNZ (a WRITE SAME of 0 blocks is refused), the longest COMPARE AND WRITE,
+            # granularity 8 (4 KiB), maximum, and no optimal length: Linux would take an
+            # optimal length as its largest I/O
+            body[0], body[1] = 0x01, 255
+            struct.pack_into(">HII", body, 2, 8, MAX_XFER_BLOCKS, 0)
             struct.pack_into(">II", body, 16, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS)
             struct.pack_into(">I", body, 24, 8)  # unmap granularity: 4 KiB
             struct.pack_into(">Q", body, 32, MAX_WRITE_SAME_BLOCKS)
         elif page == 0xB1:  # block device characteristics: non-rotating
             body = bytes([0x00, 0x01]) + bytes(0x3A)
         elif page == 0xB2:  # logical block provisioning: UNMAP, WRITE SAME 10/16, zeros
-            body = bytes([0x00, 0xE4 if not self.read_only else 0x04, 0x02, 0x00])
+            body = (bytes([0x00, 0xE4, 0x02, 0x00]) if not self.read_only  # thin
+                    else bytes(4))  # read-only: fully provisioned, nothing to unmap
         else:
             raise bad_field(2)
         return bytes([0x00, page]) + len(body).to_bytes(2, "big") + bytes(body)
@@ -270,7 +300,10 @@ class Lun:
         alloc = _u32(cdb, 6)
         if alloc < 16:
             raise bad_field(6)
-        luns = b"".join(_lun_entry(i) for i in range(self.lun_count))
+        if cdb[2] not in (0x00, 0x01, 0x02):
+            raise bad_field(2)
+        # SELECT REPORT 1: well-known LUNs only (there are none)
+        luns = b"" if cdb[2] == 0x01 else b"".join(_lun_entry(i) for i in range(self.lun_count))
         return self._answer(len(luns).to_bytes(4, "big") + bytes(4) + luns, alloc, din)
 
     lun_count = 1  # set by the device: how many LUNs target 0 has
@@ -347,8 +380,9 @@ class Lun:
 
     def _compare(self, lba: int, want: bytes, n: int) -> None:
         have = os.pread(self.fd, n, lba * BLOCK).ljust(n, b"\0")
-        if have != want:
-            first = next(i for i in range(n) if have[i] != want[i])
+        if have != want:  # the first byte that differs: 4 KiB slices, then that slice
+            at = next(o for o in range(0, n, 4096) if have[o : o + 4096] != want[o : o + 4096])
+            first = next(i for i in range(at, min(at + 4096, n)) if have[i] != want[i])
             raise Sense(MISCOMPARE, MISCOMPARE_DURING_VERIFY, info=first)
 
     def write_same(self, cdb: bytes, out: list[memoryview], din: list[memoryview]) -> int:
@@ -358,8 +392,8 @@ class Lun:
         else:
             lba, blocks, ndob = _u64(cdb, 2), _u32(cdb, 10), bool(cdb[1] & 0x01)
         unmap = bool(cdb[1] & 0x08)
-        if cdb[1] & 0x06 or (not blocks) or blocks > MAX_WRITE_SAME_BLOCKS:
-            raise bad_field(1 if cdb[1] & 0x06 else 7 if cdb[0] == 0x41 else 10)
+        if cdb[1] & 0x16 or (not blocks) or blocks > MAX_WRITE_SAME_BLOCKS:  # 0x10: ANCHOR
+            raise bad_field(1 if cdb[1] & 0x16 else 7 if cdb[0] == 0x41 else 10)
         self._range(lba, blocks)
         off, length = lba * BLOCK, blocks * BLOCK
         block = bytes(BLOCK) if ndob else iov_read(out, BLOCK)
@@ -370,7 +404,9 @@ class Lun:
                 punch(self.fd, off, length, required=True)
             else:
                 zero(self.fd, off, length)
-        else:
+        else:  # a pattern is written out, so its length has a lower limit (Block Limits)
+            if blocks > MAX_WRITE_SAME_PATTERN:
+                raise bad_field(7 if cdb[0] == 0x41 else 10)
             chunk = block * min(blocks, 256)
             done = 0
             while done < length:
@@ -388,20 +424,19 @@ class Lun:
         params = iov_read(out, min(n, MAX_PARAMS))
         if len(params) < 8 or n < 8:
             raise Sense(ILLEGAL_REQUEST, PARAM_LIST_LENGTH_ERROR)
-        desc_len = _u16(params, 2)
-        if desc_len % 16 or 8 + desc_len > len(params):
-            raise Sense(ILLEGAL_REQUEST, PARAM_LIST_LENGTH_ERROR)
+        desc_len = min(_u16(params, 2), len(params) - 8) // 16 * 16  # a partial one: ignored
         ranges = [(_u64(params, o), _u32(params, o + 8)) for o in range(8, 8 + desc_len, 16)]
         if len(ranges) > MAX_UNMAP_DESCRIPTORS:
             raise bad_field(2, in_cdb=False)
+        if sum(blocks for _, blocks in ranges) > MAX_UNMAP_BLOCKS:  # a limit per command
+            raise bad_field(2, in_cdb=False)
         for i, (lba, blocks) in enumerate(ranges):
-            if blocks > MAX_UNMAP_BLOCKS:
-                raise bad_field(8 + 16 * i + 8, in_cdb=False)
             if lba + blocks > self.state.capacity:
                 raise Sense(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, field=8 + 16 * i, in_cdb=False)
         for lba, blocks in ranges:
             if blocks:
                 punch(self.fd, lba * BLOCK, blocks * BLOCK, required=True)
+        self._sync_if(False)
         return 0
 
     def synchronize_cache(self, cdb: bytes, out: list[memoryview], din: list[memoryview]) -> int:
@@ -503,21 +538,24 @@ class Lun:
         if cdb[1] & 0x1F != 0x0C:  # REPORT SUPPORTED OPERATION CODES only
             raise bad_field(1)
         options, alloc = cdb[2] & 0x07, _u32(cdb, 6)
+        if cdb[2] & 0x80:  # RCTD: timeout descriptors not supported
+            raise bad_field(2)
         if options == 0:  # all commands
             descs = b"".join(struct.pack(">BxHxBH", op, sa, 0x01 if sa_used else 0, _cdb_len(op))
                              for op, sa, sa_used in _supported())
             return self._answer(len(descs).to_bytes(4, "big") + descs, alloc, din)
-        if options not in (1, 2):
+        if options not in (1, 2, 3):
             raise bad_field(2)
         op, sa = cdb[3], _u16(cdb, 4)
+        has_sa = op in {o for o, _, u in _supported() if u}
+        if (options == 1 and has_sa) or (options == 2 and not has_sa):
+            raise bad_field(2)  # 1: an opcode without service actions; 2: one with them
         entry = next(((o, s, u) for o, s, u in _supported()
                       if o == op and (not u or s == sa)), None)
-        if options == 1 and entry is not None and entry[2]:
-            raise bad_field(3)  # that opcode has service actions: ask with options 2
         if entry is None:
             return self._answer(bytes([0, 0x01, 0, 0]), alloc, din)  # not supported
         length = _cdb_len(op)
-        usage = bytes([op]) + b"\xff" * (length - 1)  # which CDB bits it may use: all
+        usage = bytes([op]) + b"\xff" * (length - 2) + b"\x00"  # all but the control byte
         return self._answer(bytes([0, 0x03, 0, length]) + bytes(usage), alloc, din)
 
     def compare_and_write(self, cdb: bytes, out: list[memoryview], din: list[memoryview]) -> int:
@@ -532,12 +570,23 @@ class Lun:
         data = iov_read(out, 2 * n)
         if len(data) < 2 * n:
             raise Overrun()
-        self._compare(lba, data[:n], n)
-        done = 0
-        while done < n:
-            done += os.pwrite(self.fd, data[n + done : 2 * n], lba * BLOCK + done)
+        # atomic against other COMPARE AND WRITEs on any queue (each queue is a process);
+        # plain writes from other queues do not take the lock
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, n, lba * BLOCK, os.SEEK_SET)
+        try:
+            self._compare(lba, data[:n], n)
+            done = 0
+            while done < n:
+                done += os.pwrite(self.fd, data[n + done : 2 * n], lba * BLOCK + done)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, n, lba * BLOCK, os.SEEK_SET)
         self._sync_if(bool(cdb[1] & 0x08))
         return 0
+
+
+def _size(fd: int) -> int:
+    """The image's size (a regular file or a block device)."""
+    return os.lseek(fd, 0, os.SEEK_END)
 
 
 class Overrun(Exception):
