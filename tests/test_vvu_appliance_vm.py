@@ -252,5 +252,57 @@ def test_consumer_scsi_disk_served_from_an_appliance_vm(qemu11_host_root: str,
     assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
 
 
+def test_consumer_vsock_served_from_an_appliance_vm(qemu11_host_root: str,
+                                                    tmp_path: Path) -> None:
+    """vsock: the consumer's AF_VSOCK streams reach host programs that run inside the
+    appliance VM, beside our unchanged vhost-user-vsock: one stream each way echoed
+    whole (sha256 on both sides), four streams from the consumer at once."""
+    from test_qemu_vsock import MODULES as VSOCK_MODULES
+    from test_qemu_vsock import SCRIPT as VSOCK_SCRIPT
+
+    size, streams = 1 << 20, 4
+    here = Path(__file__).parent
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    host_side = (f"TMPDIR=/run chroot /host {sys.executable} {here / 'vsock_host.py'} "
+                 f"/run/vm.vsock {size} {streams}\nkill $backend")
+    try:
+        appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.vsock", "--guest-cid", "3",
+                                                 "--uds-path", "/run/vm.vsock", "-v"],
+                                 qemu11_host_root, after=host_side)
+        script = (VSOCK_SCRIPT.replace("@PYTHON@", sys.executable)
+                  .replace("@GUEST@", f"{here / 'vsock_guest.py'} {streams} {64 << 10}"))
+        consumer = GuestVM(script, modules=VSOCK_MODULES, timeout=300, mem_mb=CONSUMER_MB,
+                           mem_path=str(window), qemu_args=[
+                               "-cpu", "max",
+                               "-virtfs", "local,path=/,mount_tag=host,security_model=none,"
+                                          "readonly=on",
+                               "-chardev", f"socket,id=c0,path={vhost}",
+                               "-device", "vhost-user-vsock-pci,chardev=c0"])
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                result = consumer.run()
+                appliance.wait_for("HOST echoed", 60)
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+        host = [ln for ln in appliance.console.splitlines() if ln.startswith("HOST sent ")]
+        assert host and host[0].split()[3:] == ["echo", "ok"], appliance.console[-3000:]
+        assert out["ECHOED"].split() == [str(size), host[0].split()[2]]
+        assert out["STREAMS"] == f"{streams} ok"
+        assert f"HOST echoed {streams} streams" in appliance.console
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-v"]))

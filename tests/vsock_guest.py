@@ -11,8 +11,8 @@ import selectors
 import socket
 import sys
 
-STREAMS = 32
-PER_STREAM = 256 << 10
+STREAMS = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+PER_STREAM = int(sys.argv[2]) if len(sys.argv) > 2 else 256 << 10
 
 
 def echo_one(port: int) -> None:
