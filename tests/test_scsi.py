@@ -285,18 +285,21 @@ def test_an_image_cut_below_one_block(t: Target) -> None:
 
 
 def test_task_management_waits_for_requests_in_hand(t: Target) -> None:
-    """A TMF is answered only once no request queue has requests in hand: the reads
-    submitted before the ABORT TASK are all complete when its answer comes."""
+    """A TMF is answered only once no request queue has requests in hand: once the first
+    of 16 reads has completed (the request worker is at them), an ABORT TASK's answer comes
+    after all of them."""
     ram, ring = t.fe.ram, t.fe.queues[2].ring
     data = ram.alloc(8 * MiB, 4096)  # shared by the reads: only their completion matters
-    for i in range(8):  # 8 MiB each, from another process than the control queue's
+    for i in range(16):  # 8 MiB each, from another process than the control queue's
         req = ram.alloc(51)
         ram.at(req, 51)[:] = struct.pack("<8sQBBB32s", bytes([1, 0, 0x40, 0]) + bytes(4), i,
                                          0, 0, 0, cdb10(0x28, 0, 16384))
         ring.add([(req, 51, False), (ram.alloc(108), 108, True), (data, 8 * MiB, True)])
     t.fe.kick(2)
+    done = len(t.fe.wait_used(2, 1, timeout=20))
     assert t.c.tmf(0) == 0
-    assert len(ring.take_used()) == 8, "the TMF was answered before the reads completed"
+    done += len(ring.take_used())
+    assert done == 16, f"the TMF was answered with {16 - done} reads still in hand"
 
 
 def test_task_management_and_notifications(t: Target) -> None:

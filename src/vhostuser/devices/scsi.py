@@ -161,20 +161,27 @@ class RequestService(InOrderService):
                 q.complete_batch(chains, self.handle(q.index, chains))
                 q.notify()  # completions out before the queue says it holds none
         finally:
-            self.busy[self.slot] = 0
+            if not q.available():  # busy until the ring runs dry (no gap between batches)
+                self.busy[self.slot] = 0
 
     def handle(self, index: int, chains: list[Chain]) -> list[int]:
         return [self.request(c) for c in chains]
 
     def request(self, chain: Chain) -> int:
         r, w = chain.readable, chain.writable
-        head = iov_read(r, REQ.size)
-        if len(head) < REQ.size or iov_len(w) < RESP_SIZE:
-            log.error("request %d: no room for the request or the response header; returned "
-                      "unanswered", chain.head)
-            return 0
+        head: bytes | memoryview
+        if r and w and len(r[0]) == REQ.size and len(w[0]) == RESP_SIZE:
+            # the layout drivers use: header and response alone, then the data
+            head, data_out, data_in = r[0], r[1:], w[1:]
+        else:
+            head = iov_read(r, REQ.size)
+            if len(head) < REQ.size or iov_len(w) < RESP_SIZE:
+                log.error("request %d: no room for the request or the response header; "
+                          "returned unanswered", chain.head)
+                return 0
+            data_out, data_in = iov_slice(r, REQ.size), iov_slice(w, RESP_SIZE)
         lun_field, _tag, _attr, _prio, _crn, cdb = REQ.unpack(head)
-        data_out, data_in = iov_slice(r, REQ.size), iov_slice(w, RESP_SIZE)
+        cdb = bytes(cdb)
         where = parse_lun(lun_field)
         status, sense, n, response = 0, b"", 0, S_OK
         if where is None or where[0] != 0:

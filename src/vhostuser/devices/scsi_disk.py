@@ -344,14 +344,15 @@ class Lun:
         if write:
             if iov_len(out) < n:
                 raise Overrun()
-            write_from(self.fd, iov_slice(out, 0, n), lba * BLOCK, n)
+            write_from(self.fd, _first(out, n), lba * BLOCK, n)
             self._sync_if(fua)
             return 0
         if iov_len(din) < n:
             raise Overrun()
-        got = read_into(self.fd, iov_slice(din, 0, n), lba * BLOCK, n)
+        bufs = _first(din, n)
+        got = read_into(self.fd, bufs, lba * BLOCK, n)
         if got < n:  # the file shrank under us: never hand stale guest bytes back
-            iov_write(iov_slice(din, 0, n), bytes(n - got), got)
+            iov_write(bufs, bytes(n - got), got)
         return n
 
     def read(self, cdb: bytes, out: list[memoryview], din: list[memoryview]) -> int:
@@ -582,6 +583,11 @@ class Lun:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, n, lba * BLOCK, os.SEEK_SET)
         self._sync_if(bool(cdb[1] & 0x08))
         return 0
+
+
+def _first(iov: list[memoryview], n: int) -> list[memoryview]:
+    """The first `n` bytes of `iov` (the list itself when it is exactly that)."""
+    return iov if len(iov) == 1 and len(iov[0]) == n else iov_slice(iov, 0, n)
 
 
 def _size(fd: int) -> int:
