@@ -17,6 +17,7 @@ read-only 9p share of the host's root; the disk image is on a second, writable s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -296,6 +297,60 @@ def test_consumer_vsock_served_from_an_appliance_vm(qemu11_host_root: str,
         assert out["ECHOED"].split() == [str(size), host[0].split()[2]]
         assert out["STREAMS"] == f"{streams} ok"
         assert f"HOST echoed {streams} streams" in appliance.console
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+
+
+def test_consumer_keyboard_served_from_an_appliance_vm(qemu11_host_root: str,
+                                                       tmp_path: Path) -> None:
+    """input: a QEMU 11.1 consumer's virtio keyboard (7.2's vhost-user-input needs KVM) is
+    our unchanged vhost-user-input inside the appliance VM, fed by a program beside it
+    (tests/input_injector.py); the consumer reads its keys and its caps-lock LED comes
+    back to that program."""
+    here = Path(__file__).parent
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    injector = (f"TMPDIR=/run chroot /host {sys.executable} {here / 'input_injector.py'} "
+                "/run/events.sock\nwait $backend")
+    consumer_script = f"""
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs dev /host/dev
+chroot /host {sys.executable} {here / 'input_consumer.py'}
+"""
+    try:
+        appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.input", "--events",
+                                                 "/run/events.sock", "-v"],
+                                 qemu11_host_root, after=injector)
+        consumer = GuestVM(consumer_script, qemu_binary=qemu11_host_root, timeout=300,
+                           modules=["virtio_pci", "9pnet_virtio", "9p", "virtio_input",
+                                    "evdev"],
+                           mem_mb=CONSUMER_MB, mem_path=str(window), qemu_args=[
+                               "-cpu", "max",
+                               "-virtfs", "local,path=/run/host,mount_tag=host,"
+                                          "security_model=none,readonly=on",
+                               "-chardev", f"socket,id=c0,path={vhost}",
+                               "-device", "vhost-user-input-pci,chardev=c0"])
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                result = consumer.run()
+                appliance.wait_for("STATUS", 30)
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        assert {"NAME vhost-user keyboard", "GOT KEY_A", "GOT KEY_B"} <= set(result.lines)
+        status = [ln for ln in appliance.console.splitlines() if ln.startswith("STATUS ")]
+        assert status and json.loads(status[0][7:]) == {"type": 0x11, "code": 1, "value": 1}
     finally:
         if dev.poll() is None:
             dev.send_signal(signal.SIGTERM)
