@@ -246,7 +246,7 @@ def main() -> None:
     if args.write:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         lines = [f"\n## devices_micro {now:%Y-%m-%d %H:%M} UTC\n",
                  f"Command: `python bench/devices_micro.py --batch {args.batch} --seconds "
                  f"{args.seconds} --repeat {args.repeat} --write`\n",
