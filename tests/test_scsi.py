@@ -355,3 +355,19 @@ def test_a_missing_image_is_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "No such file" in \
         out.stderr, out.stderr
 
+
+
+def test_task_management_after_a_request_queue_stopped_mid_traffic(t: Target) -> None:
+    """A request queue stopped with requests still in its ring (GET_VRING_BASE) holds
+    nothing any more: a TMF is answered (it used to wait for ever)."""
+    ram, ring = t.fe.ram, t.fe.queues[2].ring
+    data = ram.alloc(8 * MiB, 4096)
+    for i in range(21):
+        req = ram.alloc(51)
+        ram.at(req, 51)[:] = struct.pack("<8sQBBB32s", bytes([1, 0, 0x40, 0]) + bytes(4), i,
+                                         0, 0, 0, cdb10(0x28, 0, 16384))
+        ring.add([(req, 51, False), (ram.alloc(108), 108, True), (data, 8 * MiB, True)])
+    t.fe.kick(2)
+    t.fe.wait_used(2, 1, timeout=20)
+    t.fe.get_vring_base(2)
+    assert t.c.tmf(5) == 0  # LOGICAL UNIT RESET, answered

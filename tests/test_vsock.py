@@ -60,6 +60,12 @@ class Session:
         s.sendall(f"CONNECT {port}\n".encode())
         return s
 
+    def host_connect_no_line(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(self.uds)
+        return s
+
     def close(self) -> None:
         self.fe.close()
         assert self.d.stop() == 0, self.d.log()
@@ -345,3 +351,43 @@ def test_a_connect_line_in_pieces(vs: Session) -> None:
     s.sendall(b"002\n")
     (p,) = vs.g.recv()
     assert p.op == REQUEST and p.dst_port == 7002
+
+
+def test_a_host_program_that_hangs_up_before_the_guest_accepts(vs: Session) -> None:
+    """The guest's RESPONSE then finds the host socket gone: that stream ends (RST), the
+    device goes on (it used to kill the worker, and every stream with it)."""
+    host = vs.host_connect(7003)
+    (p,) = vs.g.recv()
+    assert p.op == REQUEST
+    host.close()
+    vs.g.send(7003, p.src_port, RESPONSE)
+    got = vs.g.recv()
+    assert [q.op for q in got] == [RST] and got[0].dst_port == 7003
+    lst = vs.listen(1243)  # and a new stream works
+    vs.g.send(5011, 1243, REQUEST)
+    assert vs.g.recv()[0].op == RESPONSE
+    lst.close()
+    assert "Traceback" not in vs.d.log()
+
+
+def test_a_port_pair_taken_by_the_guest_meanwhile(vs: Session) -> None:
+    """A host program gets local port N; before it says CONNECT X, the guest connects
+    from X to host port N. The late CONNECT is refused; the guest's stream is untouched."""
+    host = vs.host_connect_no_line()
+    vs.g.send(5012, 9999, REQUEST)  # a ping: the device has accepted the host program
+    (p,) = vs.g.recv()
+    assert p.op == RST
+    n = 1024  # the first local port the device hands out
+    lst = vs.listen(n)
+    vs.g.send(5013, n, REQUEST)
+    assert vs.g.recv()[0].op == RESPONSE
+    conn, _ = lst.accept()
+    conn.settimeout(10)
+    host.sendall(b"CONNECT 5013\n")
+    try:
+        assert host.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    vs.d.wait_log("in use")
+    vs.g.send(5013, n, RW, b"still mine")
+    assert conn.recv(100) == b"still mine"

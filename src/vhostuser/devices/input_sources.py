@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 
+from ..ratelog import Limited
 from . import input_codes as codes
 from .input import EV_ABS, EV_KEY, EV_LED, EV_REL, EV_SYN, SYN_REPORT, InputCaps
 
@@ -29,7 +30,6 @@ _INPUT_EVENT = struct.Struct("@llHHi")  # struct input_event: timeval, type, cod
 # event types whose codes EVIOCGBIT reports: KEY REL ABS MSC SW LED SND
 _CODED = {codes.EV[n] for n in ("EV_KEY", "EV_REL", "EV_ABS", "EV_MSC", "EV_SW", "EV_LED",
                                 "EV_SND")}
-_LOG_REFUSALS = 10  # refused event lines logged one by one; then a count now and then
 _IOC_WRITE, _IOC_READ = 1, 2
 
 
@@ -182,7 +182,7 @@ class VirtualSource:
             self.sock.close()
             raise
         self.peer: str | bytes | None = None
-        self.refused = 0
+        self.refusals = Limited(log)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -204,11 +204,8 @@ class VirtualSource:
                 try:
                     events = self.parse(line)
                 except EventError as e:
-                    self.refused += 1
-                    if self.refused <= _LOG_REFUSALS:
-                        log.error("event line %d from %s refused: %s", n, peer or "a client", e)
-                    elif self.refused % 1000 == 0:
-                        log.error("%d event lines refused so far", self.refused)
+                    self.refusals.log(logging.ERROR, "event line %d from %s refused: %s", n,
+                                      peer or "a client", e)
                     continue
                 out += events
         return out

@@ -22,6 +22,7 @@ import struct
 
 from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService, Timer
 from ..engine.queue import DeviceQueue
+from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.split import Chain
 from .scsi_disk import (
@@ -130,6 +131,15 @@ class ScsiDevice(Device):
     def reset(self) -> None:
         for lun in self.luns:
             lun.reset()
+        for i in range(len(self.busy)):
+            self.busy[i] = 0
+
+    def stopped(self, indices: list[int]) -> None:
+        """A request queue's worker is gone, however: it holds nothing any more (a worker
+        stopped with chains in its ring, or killed, would leave its flag up for good)."""
+        for i in indices:
+            if i >= FIRST_REQUESTQ:
+                self.busy[i - FIRST_REQUESTQ] = 0
 
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
         if CONTROLQ in queues or EVENTQ in queues:
@@ -152,6 +162,7 @@ class RequestService(InOrderService):
         self.luns = dev.luns
         self.busy = dev.busy
         self.slot = index - FIRST_REQUESTQ
+        self.malformed = Limited(log)
 
     def kicked(self, q: DeviceQueue) -> None:
         self.busy[self.slot] = 1
@@ -176,8 +187,8 @@ class RequestService(InOrderService):
         else:
             head = iov_read(r, REQ.size)
             if len(head) < REQ.size or iov_len(w) < RESP_SIZE:
-                log.error("request %d: no room for the request or the response header; "
-                          "returned unanswered", chain.head)
+                self.malformed.log(logging.ERROR, "request %d: no room for the request or "
+                                   "the response header; returned unanswered", chain.head)
                 return 0
             data_out, data_in = iov_slice(r, REQ.size), iov_slice(w, RESP_SIZE)
         lun_field, _tag, _attr, _prio, _crn, cdb = REQ.unpack(head)
@@ -225,6 +236,7 @@ class ControlService(QueueService):
         self.luns, self.events, self.busy = dev.luns, events, dev.busy
         self.controlq, self.eventq = queues.get(CONTROLQ), queues.get(EVENTQ)
         self.held: list[tuple[Chain, int, bytes]] = []  # TMFs waiting for requests in hand
+        self.malformed = Limited(log)
         self.retry: Timer | None = None
         self.timer = events.call_later(RESIZE_LOOK, self.look)
 
@@ -286,8 +298,8 @@ class ControlService(QueueService):
                 and iov_len(chain.writable) >= 5:
             # no asynchronous notifications: none supported, none to report
             return iov_write(chain.writable, (0).to_bytes(4, "little") + bytes([S_OK]))
-        log.error("control request %d of type %d: malformed; returned unanswered",
-                  chain.head, kind)
+        self.malformed.log(logging.ERROR, "control request %d of type %d: malformed; "
+                           "returned unanswered", chain.head, kind)
         return 0
 
     def tmf(self, subtype: int, lun_field: bytes) -> int:

@@ -23,7 +23,7 @@ from .image import punch, read_into, write_from, zero
 log = logging.getLogger(__name__)
 
 BLOCK = 512
-GOOD, CHECK_CONDITION = 0x00, 0x02
+GOOD, CHECK_CONDITION, BUSY = 0x00, 0x02, 0x08
 # sense keys
 NO_SENSE, NOT_READY, MEDIUM_ERROR, HARDWARE_ERROR, ILLEGAL_REQUEST = 0x0, 0x2, 0x3, 0x4, 0x5
 UNIT_ATTENTION, DATA_PROTECT, ABORTED_COMMAND, MISCOMPARE = 0x6, 0x7, 0xB, 0xE
@@ -211,6 +211,8 @@ class Lun:
             return GOOD, b"", handler(self, cdb, data_out, data_in)
         except Sense as s:
             return CHECK_CONDITION, s.data(), 0
+        except Busy:
+            return BUSY, b"", 0
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # thin provisioning ran out
                 return CHECK_CONDITION, Sense(DATA_PROTECT, SPACE_ALLOCATION_FAILED).data(), 0
@@ -572,8 +574,15 @@ class Lun:
         if len(data) < 2 * n:
             raise Overrun()
         # atomic against other COMPARE AND WRITEs on any queue (each queue is a process);
-        # plain writes from other queues do not take the lock
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, n, lba * BLOCK, os.SEEK_SET)
+        # plain writes from other queues do not take the lock. Never wait for it: whoever
+        # holds it (another queue, or any process that can read the image) gets BUSY back
+        # to the initiator, which retries
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, n, lba * BLOCK, os.SEEK_SET)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise Busy() from None
         try:
             self._compare(lba, data[:n], n)
             done = 0
@@ -593,6 +602,10 @@ def _first(iov: list[memoryview], n: int) -> list[memoryview]:
 def _size(fd: int) -> int:
     """The image's size (a regular file or a block device)."""
     return os.lseek(fd, 0, os.SEEK_END)
+
+
+class Busy(Exception):
+    """The command cannot run now (status BUSY: the initiator retries)."""
 
 
 class Overrun(Exception):

@@ -30,6 +30,7 @@ from collections import deque
 
 from ..engine.device import Events, QueueService, Timer
 from ..engine.queue import DeviceQueue
+from ..ratelog import Limited
 from ..virtq.iov import iov_read, iov_slice, iov_write
 from ..virtq.split import Chain
 from .vsock import (
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 BUF_ALLOC = 256 << 10  # bytes from the guest we hold per connection (our credit)
 MAX_PKT = 64 << 10  # payload per packet to the guest
 MAX_CONNS = 1024
+MAX_LINES = 64  # host connections that have not said CONNECT yet
 MAX_CTRL = 1024  # packets owed to the guest; at this many we take no more tx packets
 CONNECT_TIMEOUT = 10.0  # s for a host program's CONNECT line, and for the guest's answer
 ACCEPT_RETRY = 0.5  # s before accepting again after running out of fds
@@ -114,6 +116,8 @@ class Muxer(QueueService):
         self.next_port = FIRST_LOCAL_PORT
         self.listener = dev.listener
         self.accepting = True
+        self.stopping = False  # quiesce: take no new tx packets
+        self.refusals = Limited(log)
         events.watch(self.listener.fileno(), self.accept)
 
     # -- packets to the guest -----------------------------------------------------------
@@ -148,7 +152,7 @@ class Muxer(QueueService):
                 for c in list(self.waiting.values()):
                     if not self.pump(c):
                         break
-            if (len(self.ctrl) >= MAX_CTRL // 2 or self.txq is None
+            if (self.stopping or len(self.ctrl) >= MAX_CTRL // 2 or self.txq is None
                     or not self.txq.available()):
                 return
             self.take_tx(self.txq)  # held back, or arrived meanwhile: then flush again
@@ -200,6 +204,8 @@ class Muxer(QueueService):
     def on_readable(self, c: Conn) -> None:
         if c.state == "line":
             self.read_line(c)
+        elif self.conns.get(c.key) is not c:  # ended: never watched again
+            self.stop_reading(c)
         elif self.ctrl:
             self.waiting[c.key] = c
             self.stop_reading(c)
@@ -275,6 +281,8 @@ class Muxer(QueueService):
             if c.timer is not None:
                 c.timer.cancel()
             self.to_host(c, [memoryview(f"OK {c.local_port}\n".encode())], ours=True)
+            if self.conns.get(c.key) is not c:  # the host program hung up meanwhile
+                return
             self.start_reading(c)
         elif op == OP_CREDIT_REQUEST:
             self.owe(c, OP_CREDIT_UPDATE)
@@ -301,7 +309,7 @@ class Muxer(QueueService):
     def connect_host(self, guest_port: int, host_port: int, buf_alloc: int,
                      fwd_cnt: int) -> None:
         if len(self.conns) + len(self.lines) >= MAX_CONNS:
-            log.error("vsock: %d connections: refusing more", MAX_CONNS)
+            self.refusals.log(logging.ERROR, "vsock: %d connections: refusing more", MAX_CONNS)
             self.reply_rst(guest_port, host_port)
             return
         path = f"{self.uds}_{host_port}"
@@ -309,7 +317,8 @@ class Muxer(QueueService):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC)
         except OSError as e:  # out of fds
-            log.error("vsock: guest port %d -> %s: %s", guest_port, path, e)
+            self.refusals.log(logging.ERROR, "vsock: guest port %d -> %s: %s", guest_port,
+                              path, e)
             self.reply_rst(guest_port, host_port)
             return
         try:
@@ -409,8 +418,9 @@ class Muxer(QueueService):
                 self.accepting = False
                 self.events.call_later(ACCEPT_RETRY, self.resume_accepting)
                 break
-            if len(self.conns) + len(self.lines) >= MAX_CONNS:
-                log.error("vsock: %d connections: refusing more", MAX_CONNS)
+            if len(self.conns) + len(self.lines) >= MAX_CONNS or len(self.lines) >= MAX_LINES:
+                self.refusals.log(logging.ERROR, "vsock: too many host connections: "
+                                  "refusing more")
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -455,9 +465,12 @@ class Muxer(QueueService):
                 or int(words[1]) > 0xFFFFFFFF):
             self.drop_line(c, f"bad line {c.line!r}")
             return
+        c.peer_port = int(words[1])
+        if c.key in self.conns:  # the guest took that port pair meanwhile
+            self.drop_line(c, f"port pair {c.key} in use")
+            return
         self.stop_reading(c)
         del self.lines[c.sock.fileno()]
-        c.peer_port = int(words[1])
         c.state = "requested"
         self.conns[c.key] = c
         self.owe(c, OP_REQUEST)
@@ -497,6 +510,7 @@ class Muxer(QueueService):
     def quiesce(self) -> None:
         """The queues stop: every stream ends (see the module's docstring); the guest gets
         RST for each, as far as its rx buffers go."""
+        self.stopping = True
         for c in list(self.conns.values()):
             self.end(c)
         self.flush_rx()

@@ -485,13 +485,16 @@ class Backend:
 
     def _stop_group(self, g: int) -> None:
         running, _ = self.running.pop(g)
-        for index, (last, broken) in running.stop().items():
+        stopped = running.stop()
+        for index, (last, broken) in stopped.items():
             r = self.vrings[index]
             r.broken = broken
             r.base = last if last is not None else self._used_idx(r)
+        self.device.stopped(sorted(stopped))
 
     def _used_idx(self, v: Vring) -> int:
-        """A worker that died completed everything it took: resume from used->idx."""
+        """A worker that died: resume from used->idx (exact for devices that complete in
+        order; one that completes out of order needs inflight tracking, issue 9)."""
         assert v.addr is not None
         try:
             cells = U16Array(self.mem.uva(v.addr.used, 4))

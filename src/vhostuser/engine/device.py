@@ -126,6 +126,10 @@ class Device(ABC):
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""
 
+    def stopped(self, indices: list[int]) -> None:  # noqa: B027 - optional hook
+        """The worker of these queues is gone (stopped, or died): called in the engine's
+        process, to clear what the device shares with workers about them."""
+
     @abstractmethod
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
         """A service for the running queues of one group (those of the group that the

@@ -183,6 +183,11 @@ class _Events:
         self.timers: list[tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
 
+    @staticmethod
+    def _check(fd: int) -> None:
+        if fd < 0:
+            raise ValueError(f"cannot watch fd {fd}")
+
     def _update(self, fd: int, was: bool) -> None:
         mask = (select.POLLIN if fd in self.fds else 0) | (
             select.POLLOUT if fd in self.writers else 0)
@@ -194,6 +199,7 @@ class _Events:
             self.poller.register(fd, mask)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._check(fd)
         was = fd in self.fds or fd in self.writers
         self.fds[fd] = callback
         self._update(fd, was)
@@ -203,6 +209,7 @@ class _Events:
             self._update(fd, True)
 
     def watch_write(self, fd: int, callback: Callable[[], None]) -> None:
+        self._check(fd)
         was = fd in self.fds or fd in self.writers
         self.writers[fd] = callback
         self._update(fd, was)
@@ -221,7 +228,10 @@ class _Events:
 
     def clear(self) -> None:
         for fd in set(self.fds) | set(self.writers):
-            self.poller.unregister(fd)
+            try:
+                self.poller.unregister(fd)
+            except (KeyError, ValueError):  # never registered: nothing to undo
+                pass
         self.fds.clear()
         self.writers.clear()
         self.timers.clear()
