@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -265,14 +266,16 @@ def test_consumer_vsock_served_from_an_appliance_vm(qemu11_host_root: str,
     here = Path(__file__).parent
     vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
     dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
-    host_side = (f"TMPDIR=/run chroot /host {sys.executable} {here / 'vsock_host.py'} "
+    host_side = (f"TMPDIR=/run chroot /host {shlex.quote(sys.executable)} "
+                 f"{shlex.quote(str(here / 'vsock_host.py'))} "
                  f"/run/vm.vsock {size} {streams}\nkill $backend")
     try:
         appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.vsock", "--guest-cid", "3",
                                                  "--uds-path", "/run/vm.vsock", "-v"],
                                  qemu11_host_root, after=host_side)
-        script = (VSOCK_SCRIPT.replace("@PYTHON@", sys.executable)
-                  .replace("@GUEST@", f"{here / 'vsock_guest.py'} {streams} {64 << 10}"))
+        script = (VSOCK_SCRIPT.replace("@PYTHON@", shlex.quote(sys.executable))
+                  .replace("@GUEST@", f"{shlex.quote(str(here / 'vsock_guest.py'))} "
+                                      f"{streams} {64 << 10}"))
         consumer = GuestVM(script, modules=VSOCK_MODULES, timeout=300, mem_mb=CONSUMER_MB,
                            mem_path=str(window), qemu_args=[
                                "-cpu", "max",
@@ -314,7 +317,8 @@ def test_consumer_keyboard_served_from_an_appliance_vm(qemu11_host_root: str,
     here = Path(__file__).parent
     vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
     dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
-    injector = (f"TMPDIR=/run chroot /host {sys.executable} {here / 'input_injector.py'} "
+    injector = (f"TMPDIR=/run chroot /host {shlex.quote(sys.executable)} "
+                f"{shlex.quote(str(here / 'input_injector.py'))} "
                 "/run/events.sock\nwait $backend")
     consumer_script = f"""
 mkdir -p /host
@@ -322,7 +326,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs dev /host/dev
-chroot /host {sys.executable} {here / 'input_consumer.py'}
+chroot /host {shlex.quote(sys.executable)} {shlex.quote(str(here / 'input_consumer.py'))}
 """
     try:
         appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.input", "--events",
