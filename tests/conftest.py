@@ -44,6 +44,7 @@ MODULE_MARKERS = {
     "test_qemu_blk": ["guest"],
     "test_qemu_net": ["guest"],
     "test_qemu_rng": ["guest"],
+    "test_qemu_fs": ["guest"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

@@ -18,7 +18,7 @@ from ..engine.session import serve_connection
 from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
 from ..shutdown import Shutdown, StopSignal
 from ..sockets import MESSAGE_TIMEOUT, set_message_timeout
-from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections
+from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections, listen
 
 log = logging.getLogger("vhostuser")
 
@@ -106,8 +106,11 @@ def setup_logging(verbose: int) -> None:
                         format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
 
 
-def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
-    """Serve front-ends one connection after another until SIGTERM/SIGINT."""
+def run(args: argparse.Namespace, make_device: Callable[[], Device],
+        confine: Callable[[], None] | None = None) -> int:
+    """Serve front-ends one connection after another until SIGTERM/SIGINT. `confine`
+    (a sandbox) is entered once the device, the listening socket or the virtio-vhost-user
+    link are set up; it raises OSError or ValueError if it cannot."""
     try:
         device = make_device()
     except (OSError, ValueError) as e:
@@ -116,10 +119,20 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
     stop = StopSignal()
     parent_only_fds.update(stop.fds())
     if args.vvu is not None:
-        return _run_vvu(args, device, stop)
+        return _run_vvu(args, device, stop, confine)
+    path, fd = args.socket_path, args.fd
     try:
-        for sock in connections(path=args.socket_path, fd=args.fd, client=args.client,
-                                stop=stop):
+        if confine is not None:
+            if path is not None and not args.client:  # listen before the path is out of reach
+                listener = listen(path)
+                path, fd = None, listener.detach()
+            confine()
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        stop.close()
+        return 1
+    try:
+        for sock in connections(path=path, fd=fd, client=args.client, stop=stop):
             log.info("front-end connected")
             # workers hold the connection too (engine/worker.py): it closes after the last
             serve_connection(UnixChannel(sock, stop), UnixResources(), device,
@@ -137,7 +150,8 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device]) -> int:
     return 0
 
 
-def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal) -> int:
+def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal,
+             confine: Callable[[], None] | None) -> int:
     """Serve consumers through a virtio-vhost-user device, one session after another."""
     from ..transport.vvu import VvuChannel, VvuLink, VvuResources
 
@@ -146,6 +160,8 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal) -> int:
         # Workers keep the link's vfio-user socket open (as they keep an AF_UNIX
         # connection): the device ends the consumer's session only after the last of them.
         link = VvuLink(args.vvu)
+        if confine is not None:
+            confine()
         while True:
             link.wait_frontend(stop)
             log.info("consumer connected through the virtio-vhost-user device")
@@ -153,7 +169,7 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal) -> int:
                              closed=(PeerClosed,), poll_us=args.poll_us)
     except Shutdown as e:
         log.info("%s: exiting", e)
-    except (OSError, ConnectionError) as e:
+    except (OSError, ConnectionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from ..procfs import fd_target
+
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -12,7 +14,7 @@ def is_eventfd(fd: int) -> bool:
     """Whether `fd` is an eventfd (a kick or call fd must be: anything else could block
     us, or be readable forever)."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        return fd_target(fd) == "anon_inode:[eventfd]"
     except OSError:
         return False
 

@@ -1,0 +1,150 @@
+"""virtio-fs (virtio 1.2 §5.11): a host directory shared with the guest over FUSE.
+
+Queue 0 is the high-priority queue (FORGETs: served at once, in the worker's thread),
+queues 1.. carry requests. Requests run on a pool of threads, so a slow READ or FSYNC does
+not hold up a GETATTR behind it; each completes when it is done (out of order). Every
+queue is in one group, so one worker holds the session's inode and handle tables
+(fuse/server.py).
+
+The tables outlive the worker: when its queues stop (the VM pauses, the memory table
+changes), the worker hands them to the engine (`carry`) and the next worker takes them
+up, so the guest's node ids and open files stay valid. A new INIT, a reset or a new
+connection starts a fresh session.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..engine.device import Device, Events, QueueService
+from ..engine.queue import DeviceQueue
+from ..fuse import abi
+from ..fuse.server import FileServer, ServerOptions
+from ..procfs import PROC_FD
+from ..protocol import ProtocolFeature
+from ..virtq.split import Chain
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_QUEUES = 16
+DEFAULT_THREADS = 8
+
+
+@dataclass(frozen=True)
+class FsOptions:
+    shared_dir: str
+    tag: str
+    request_queues: int = 1
+    threads: int = DEFAULT_THREADS
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+
+class FsDevice(Device):
+    name = "vhost-user-fs"
+    protocol_features = int(ProtocolFeature.CONFIG | ProtocolFeature.MQ)
+
+    def __init__(self, opts: FsOptions) -> None:
+        tag = opts.tag.encode()
+        if not 0 < len(tag) <= abi.TAG_SIZE:
+            raise ValueError(f"the tag must be 1 to {abi.TAG_SIZE} bytes, not {len(tag)}")
+        if not 1 <= opts.request_queues <= MAX_REQUEST_QUEUES:
+            raise ValueError(f"request queues must be 1 to {MAX_REQUEST_QUEUES}")
+        if not 1 <= opts.threads <= 256:
+            raise ValueError("threads must be 1 to 256")
+        self.opts = opts
+        self.tag = tag
+        self.num_queues = 1 + opts.request_queues
+        self.root_fd = os.open(opts.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.server = FileServer(self.root_fd, PROC_FD, opts.server)
+
+    def features(self) -> int:
+        return 0  # VIRTIO_FS_F_NOTIFICATION is not offered
+
+    def queue_groups(self) -> list[list[int]]:
+        return [list(range(self.num_queues))]
+
+    def get_config(self) -> bytes:
+        return abi.CONFIG.pack(self.tag, self.opts.request_queues)
+
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> FsService:
+        return FsService(self.server, queues, events, self.opts.threads)
+
+    def reset(self) -> None:
+        self.server.reset()
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+
+class FsService(QueueService):
+    """Serves the hiprio and request queues (in their worker)."""
+
+    def __init__(self, server: FileServer, queues: dict[int, DeviceQueue], events: Events,
+                 threads: int) -> None:
+        self.server = server
+        self.events = events
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fuse")
+        self.done: queue.SimpleQueue[tuple[DeviceQueue, Chain, int]] = queue.SimpleQueue()
+        self.pending: set[Future[int]] = set()
+        self.lock = threading.Lock()
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        events.watch(self.efd, self._collect)
+
+    def kicked(self, q: DeviceQueue) -> None:
+        if q.index == 0:  # FORGETs: quick, and nothing waits for a reply
+            for chain in q.pop_batch():
+                q.complete(chain, self.server.handle(chain.readable, chain.writable))
+            return
+        for chain in q.pop_batch():
+            fut = self.pool.submit(self.server.handle, chain.readable, chain.writable)
+            with self.lock:
+                self.pending.add(fut)
+            fut.add_done_callback(functools.partial(self._finished, q=q, chain=chain))
+
+    def _finished(self, fut: Future[int], *, q: DeviceQueue, chain: Chain) -> None:
+        """On the pool's thread: hand the completion to the worker's loop."""
+        try:
+            written = fut.result()
+        except BaseException:  # handle() answers every error itself; this is a bug
+            log.exception("a FUSE request failed")
+            written = 0
+        self.done.put((q, chain, written))
+        with self.lock:
+            self.pending.discard(fut)
+        os.eventfd_write(self.efd, 1)
+
+    def _collect(self) -> None:
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                q, chain, written = self.done.get_nowait()
+            except queue.Empty:
+                return
+            q.complete(chain, written)
+
+    def quiesce(self) -> None:
+        while True:
+            with self.lock:
+                waiting = list(self.pending)
+            if not waiting:
+                break
+            for fut in waiting:
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+        self._collect()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.events.unwatch(self.efd)
+        os.close(self.efd)

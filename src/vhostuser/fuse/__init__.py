@@ -1,0 +1,1 @@
+"""The FUSE protocol (virtio-fs): its ABI, shared by the file server and the driver."""

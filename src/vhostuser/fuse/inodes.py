@@ -1,0 +1,203 @@
+"""The file server's tables: inodes the client knows (by node id) and open file handles.
+
+An inode is an O_PATH fd on the host file plus the client's lookup count: the client may
+use the node id until it FORGETs every lookup. Inodes are keyed by (st_dev, st_ino), so
+two names of one file (hard links) are one node, as the client expects. Node ids and file
+handles are counters, never host values, and never reused within a session.
+
+Requests run on several threads: whoever uses an inode's or a handle's fd holds a
+reference (`use`), and the fd is closed only once it is both forgotten (released) and
+unused, so a hostile FORGET racing a request can never make that request act on a reused
+fd number.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class _Ref:
+    __slots__ = ("dead", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.dead = False
+
+
+class Inode(_Ref):
+    __slots__ = ("dev", "ino", "is_dir", "is_symlink", "nlookup", "nodeid")
+
+    def __init__(self, nodeid: int, fd: int, st: os.stat_result) -> None:
+        super().__init__(fd)
+        self.nodeid = nodeid
+        self.dev, self.ino = st.st_dev, st.st_ino
+        self.is_dir = (st.st_mode & 0o170000) == 0o040000
+        self.is_symlink = (st.st_mode & 0o170000) == 0o120000
+        self.nlookup = 0
+
+
+class Handle(_Ref):
+    __slots__ = ("inode", "is_dir", "lock")
+
+    def __init__(self, fd: int, inode: Inode, is_dir: bool) -> None:
+        super().__init__(fd)
+        self.inode = inode
+        self.is_dir = is_dir
+        self.lock = threading.Lock()  # a directory's offset is shared by its READDIRs
+
+
+def _stale() -> OSError:
+    return OSError(errno.ESTALE, "unknown node id or file handle")
+
+
+class Tables:
+    """Inodes and handles of one FUSE session (the root inode is node id 1)."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.lock = threading.Lock()
+        self.inodes: dict[int, Inode] = {}
+        self.by_key: dict[tuple[int, int], Inode] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_node = 2
+        self._next_fh = 1
+        st = os.fstat(root_fd)
+        self.root = Inode(1, root_fd, st)
+        self.root.nlookup = 1 << 62  # never forgotten
+        self.inodes[1] = self.root
+        self.by_key[(st.st_dev, st.st_ino)] = self.root
+
+    # -- inodes ------------------------------------------------------------------------
+
+    def add(self, fd: int, st: os.stat_result) -> Inode:
+        """One lookup of the file open as `fd` (O_PATH): its inode, with the lookup count
+        raised. `fd` becomes the inode's, or is closed if the file is known already."""
+        with self.lock:
+            ino = self.by_key.get((st.st_dev, st.st_ino))
+            if ino is None or ino.dead:
+                ino = Inode(self._next_node, fd, st)
+                self._next_node += 1
+                self.inodes[ino.nodeid] = ino
+                self.by_key[(ino.dev, ino.ino)] = ino
+                fd = -1
+            ino.nlookup += 1
+        if fd >= 0:
+            os.close(fd)
+        return ino
+
+    def known(self, st: os.stat_result) -> Inode | None:
+        with self.lock:
+            return self.by_key.get((st.st_dev, st.st_ino))
+
+    @contextmanager
+    def inode(self, nodeid: int) -> Iterator[Inode]:
+        """The inode of `nodeid`, held for the request (ESTALE if the client forgot it)."""
+        with self.lock:
+            ino = self.inodes.get(nodeid)
+            if ino is None:
+                raise _stale()
+            ino.users += 1
+        try:
+            yield ino
+        finally:
+            self._unuse(ino)
+
+    def forget(self, nodeid: int, n: int) -> None:
+        """The client drops `n` lookups of `nodeid`."""
+        with self.lock:
+            ino = self.inodes.get(nodeid)
+            if ino is None or ino is self.root:
+                return
+            ino.nlookup -= min(n, ino.nlookup)
+            if ino.nlookup:
+                return
+            del self.inodes[nodeid]
+            if self.by_key.get((ino.dev, ino.ino)) is ino:
+                del self.by_key[(ino.dev, ino.ino)]
+            ino.dead = True
+            if ino.users:
+                return  # the last user closes it
+        os.close(ino.fd)
+
+    # -- handles -----------------------------------------------------------------------
+
+    def open(self, fd: int, inode: Inode, is_dir: bool) -> int:
+        """Register an open file (or directory) of `inode`; returns its handle."""
+        with self.lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            h = self.handles[fh] = Handle(fd, inode, is_dir)
+            inode.users += 1  # the handle keeps the inode's fd alive
+        del h
+        return fh
+
+    @contextmanager
+    def handle(self, fh: int, is_dir: bool = False) -> Iterator[Handle]:
+        with self.lock:
+            h = self.handles.get(fh)
+            if h is None or h.is_dir != is_dir:
+                raise OSError(errno.EBADF, "unknown file handle")
+            h.users += 1
+        try:
+            yield h
+        finally:
+            self._unuse(h)
+
+    def release(self, fh: int, is_dir: bool) -> None:
+        with self.lock:
+            h = self.handles.get(fh)
+            if h is None or h.is_dir != is_dir:
+                raise OSError(errno.EBADF, "unknown file handle")
+            del self.handles[fh]
+            h.dead = True
+            busy = h.users > 0
+        if not busy:
+            self._close_handle(h)
+
+    def _close_handle(self, h: Handle) -> None:
+        os.close(h.fd)
+        self._unuse(h.inode)
+
+    def _unuse(self, ref: _Ref) -> None:
+        with self.lock:
+            ref.users -= 1
+            last = ref.dead and ref.users == 0
+        if last:
+            if isinstance(ref, Handle):
+                self._close_handle(ref)
+            else:
+                os.close(ref.fd)
+
+    # -- the session's end ---------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget everything but the root (INIT again, DESTROY, a reset); what a request
+        still uses is closed by its last user."""
+        close: list[int] = []
+        with self.lock:
+            handles = list(self.handles.values())
+            inodes = [i for i in self.inodes.values() if i is not self.root]
+            self.handles, self.inodes = {}, {1: self.root}
+            self.by_key = {(self.root.dev, self.root.ino): self.root}
+            for i in inodes:
+                i.dead = True
+            candidates = dict.fromkeys(inodes)
+            for h in handles:
+                h.dead = True
+                if h.users == 0:
+                    close.append(h.fd)
+                    h.inode.users -= 1
+                    candidates[h.inode] = None
+            for i in candidates:
+                if i.dead and i.users == 0:
+                    close.append(i.fd)
+        for fd in close:
+            os.close(fd)
+
+    def counts(self) -> tuple[int, int]:
+        with self.lock:
+            return len(self.inodes), len(self.handles)
