@@ -45,6 +45,7 @@ MODULE_MARKERS = {
     "test_qemu_net": ["guest"],
     "test_qemu_rng": ["guest"],
     "test_qemu_fs": ["guest"],
+    "test_fs_restart": ["daemon"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

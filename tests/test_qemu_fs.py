@@ -171,3 +171,61 @@ def test_guest_uses_our_share_as_it_uses_virtiofsd(tmp_path: Path) -> None:
     assert big == out["BIG"]
     assert outside.read_text() == "not shared\n"
     assert sorted(p.name for p in ro.iterdir()) == ["many", "seed.txt", "tree"]
+
+
+PAUSE_SCRIPT = r"""
+mount -t virtiofs ours /mnt && cd /mnt
+exec 3< data.bin
+echo "FIRST $(dd bs=4096 count=1 <&3 2>/dev/null | sha256sum | cut -c1-16)"
+exec 4> out.txt
+echo before >&4
+echo PAUSE-NOW
+while [ ! -e resumed ]; do sleep 0.1; done
+echo "REST $(cat <&3 | sha256sum | cut -c1-16)"
+echo after >&4
+exec 3<&- 4>&-
+echo "OUT $(cat out.txt | tr '\n' ' ')"
+cd / && umount /mnt && echo UMOUNT $?
+"""
+
+
+def test_open_files_survive_a_vm_pause(tmp_path: Path) -> None:
+    """QMP stop/cont: QEMU stops the device's queues (GET_VRING_BASE) and starts them again;
+    the worker that served them hands the guest's open files to the next one."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    share = tmp_path / "share"
+    share.mkdir()
+    data = os.urandom(8 << 20)  # far more than the guest reads ahead before the pause
+    (share / "data.bin").write_bytes(data)
+    qmp_path = tmp_path / "qmp.sock"
+    with BackendDaemon(tmp_path, "vhost-user-fs", ["--shared-dir", str(share), "--tag",
+                                                   "ours"], name="fs") as d:
+        vm = GuestVM(PAUSE_SCRIPT, modules=MODULES, timeout=120,
+                     qemu_args=[*fs_args(d.sock, "ours", 0),
+                                "-qmp", f"unix:{qmp_path},server=on,wait=off"])
+        with vm, watchdog(d, vm):
+            vm.start()
+            vm.wait_for("PAUSE-NOW", 90)
+            before = d.workers()
+            assert before, d.describe()
+            qmp = QEMUMonitorProtocol(str(qmp_path))
+            qmp.connect()
+            try:
+                qmp.cmd("stop")
+                assert wait_until(lambda: not d.workers(), 10), "the queues did not stop"
+                qmp.cmd("cont")
+                assert wait_until(lambda: bool(d.workers()), 10), "the queues did not start"
+            finally:
+                qmp.close()
+            assert d.workers() != before
+            (share / "resumed").touch()
+            result = vm.wait()
+        assert result.status == 0, f"{result.console[-3000:]}\n{d.describe()}"
+        assert d.stop() == 0, d.describe()
+        assert "Traceback" not in d.log, d.describe()
+    out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+    assert out["FIRST"] == hashlib.sha256(data[:4096]).hexdigest()[:16]
+    assert out["REST"] == hashlib.sha256(data[4096:]).hexdigest()[:16], result.console[-2000:]
+    assert out["OUT"] == "before after " and out["UMOUNT"] == "0"
+    assert (share / "out.txt").read_text() == "before\nafter\n"

@@ -15,6 +15,7 @@ connection starts a fresh session.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import queue
@@ -22,7 +23,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..engine.device import Device, Events, QueueService
+from ..engine.device import Carried, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..fuse import abi
 from ..fuse.server import FileServer, ServerOptions
@@ -74,6 +75,16 @@ class FsDevice(Device):
 
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> FsService:
         return FsService(self.server, queues, events, self.opts.threads)
+
+    def adopt(self, carried: Carried) -> None:
+        try:
+            state = json.loads(carried.data)
+            self.server.restore(state, carried.fds)
+        except (ValueError, KeyError, TypeError, IndexError):
+            log.exception("the last worker's FUSE session could not be taken up; the guest "
+                          "starts over (its node ids are stale)")
+            self.server.abandon()
+            carried.close()
 
     def reset(self) -> None:
         self.server.reset()
@@ -130,6 +141,10 @@ class FsService(QueueService):
             except queue.Empty:
                 return
             q.complete(chain, written)
+
+    def carry(self) -> Carried:
+        state, fds = self.server.export()
+        return Carried(json.dumps(state).encode(), fds)
 
     def quiesce(self) -> None:
         while True:

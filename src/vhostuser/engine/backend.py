@@ -37,7 +37,7 @@ from ..protocol.constants import (
 )
 from ..virtq.atomic import U16Array
 from ..virtq.split import RingLayout
-from .device import ConfigError, Device
+from .device import Carried, ConfigError, Device
 from .notify import NoNotifier, Notifier
 from .worker import DEFAULT_SPIN_US, QueueParams, QueueSpec, Runner, Running, start_worker
 
@@ -137,6 +137,7 @@ class Backend:
         self.vrings = self._new_vrings()
         # group -> its worker and the queues it serves
         self.running: dict[int, tuple[Running, frozenset[int]]] = {}
+        self.carried: dict[int, Carried] = {}  # group -> what its last worker handed over
         self.backend_req: BackendChannel | None = None
         H = FrontendReq
         self._handlers: dict[int, Callable[[Any, list[Resource]], Any]] = {
@@ -280,9 +281,16 @@ class Backend:
 
     def _reset_device(self, _pl: p.Empty, _fds: list[Resource]) -> None:
         self._reset_rings()
+        self._drop_carried()
         self.features = 0
         self.status = 0
         self.device.reset()
+
+    def _drop_carried(self) -> None:
+        """What workers handed over belongs to the session that ends."""
+        for c in self.carried.values():
+            c.close()
+        self.carried.clear()
 
     def _set_status(self, pl: p.U64, _fds: list[Resource]) -> None:
         self.status = pl.value & 0xFF
@@ -474,7 +482,8 @@ class Backend:
             layout = RingLayout(r.size, r.addr.desc, r.addr.avail, r.addr.used)
             params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us)
             specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err))
-        self.running[g] = (self.runner(specs, self.mem, self.device),
+        carried = self.carried.pop(g, None)
+        self.running[g] = (self.runner(specs, self.mem, self.device, carried),
                            frozenset(r.index for r in ready))
 
     def _stop(self, v: Vring) -> None:
@@ -486,6 +495,11 @@ class Backend:
     def _stop_group(self, g: int) -> None:
         running, _ = self.running.pop(g)
         stopped = running.stop()
+        if running.carried is not None:
+            old = self.carried.pop(g, None)
+            if old is not None:
+                old.close()
+            self.carried[g] = running.carried
         for index, (last, broken) in stopped.items():
             r = self.vrings[index]
             r.broken = broken
@@ -546,6 +560,7 @@ class Backend:
         if self.backend_req is not None:
             self.backend_req.close()
             self.backend_req = None
+        self._drop_carried()
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self.device.reset()

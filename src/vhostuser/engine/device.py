@@ -15,8 +15,10 @@ queues stop (GET_VRING_BASE, a memory table change, a disconnect).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..virtq.split import Chain
@@ -51,6 +53,25 @@ class Events(Protocol):
         ...
 
 
+@dataclass
+class Carried:
+    """What a group's worker leaves to the next worker of the group (its queues stop and
+    start again: a VM pause, a memory table change): the service's state as bytes and the
+    fds that go with it. The engine holds it in between; it lasts until the device resets
+    or the front-end goes away."""
+
+    data: bytes = b""
+    fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class QueueService(ABC):
     """Serves one group of a device's queues, in that group's worker."""
 
@@ -62,6 +83,11 @@ class QueueService(ABC):
 
     def quiesce(self) -> None:  # noqa: B027 - nothing in flight by default
         """The queues stop: complete every chain still held."""
+
+    def carry(self) -> Carried | None:
+        """After `quiesce`, before `close`: state the next worker of this group takes up
+        (`Device.adopt`); its fds are the engine's from then on. None: nothing."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """The worker ends: release what the service opened."""
@@ -129,6 +155,11 @@ class Device(ABC):
     def stopped(self, indices: list[int]) -> None:  # noqa: B027 - optional hook
         """The worker of these queues is gone (stopped, or died): called in the engine's
         process, to clear what the device shares with workers about them."""
+
+    def adopt(self, carried: Carried) -> None:
+        """In a group's new worker, before `serve`: what the group's last worker left
+        (`QueueService.carry`). The device owns it from then on."""
+        carried.close()
 
     @abstractmethod
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:

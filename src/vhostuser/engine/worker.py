@@ -5,7 +5,8 @@ unless the device groups them: engine/device.py) with started, enabled queues is
 a forked child. Guest memory is inherited (MAP_SHARED mappings stay shared across fork), as
 are the kick fds, the call notifiers and the device. The parent talks to the child over a
 SEQPACKET pair: it sends STOP, the child has the device finish what it holds (`quiesce`),
-answers with each queue's last avail index and exits.
+hands over what the group's next worker takes up (`carry`: state and fds, in messages of
+their own), answers with each queue's last avail index and exits.
 
 A worker's configuration never changes while it runs: any change (memory table, call fd,
 enable, features) is a stop and a fresh start from the returned indices.
@@ -40,7 +41,7 @@ from typing import Protocol
 
 from ..memory import GuestMemory
 from ..virtq.split import RingError, RingLayout, SplitQueue
-from .device import Device, QueueService
+from .device import Carried, Device, QueueService
 from .notify import Notifier
 from .queue import DeviceQueue, ParentGone
 
@@ -51,7 +52,11 @@ __all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "DRAINED", "IDLE", "MORE", "ParentGon
            "parent_only_fds", "run_queue", "start_worker"]
 
 _STOP = b"S"
+_REPORT = b"R"  # + an entry per queue: the child's last message
+_CARRY = b"C"  # + a piece of the carried state, with some of its fds
 _ENTRY = struct.Struct("<HHB")  # per queue: index, last avail index, broken flag
+_CARRY_BYTES = 32768  # state bytes per message
+_CARRY_FDS = 200  # fds per message (SCM_MAX_FD is 253)
 _PR_SET_PDEATHSIG = 1
 _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between looks
 DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
@@ -90,11 +95,13 @@ Stopped = dict[int, tuple[int | None, bool]]
 class Running(Protocol):
     """A running queue group, however it is run."""
 
+    carried: Carried | None  # after stop: what the group's next run takes up
+
     def stop(self) -> Stopped: ...
 
 
-# Starts serving a group of queues.
-Runner = Callable[[list[QueueSpec], GuestMemory, Device], Running]
+# Starts serving a group of queues, with what its last run left (if anything).
+Runner = Callable[[list[QueueSpec], GuestMemory, Device, Carried | None], Running]
 
 
 class Worker:
@@ -104,16 +111,30 @@ class Worker:
         self.pid = pid
         self.ctrl = ctrl
         self.indices = indices
+        self.carried: Carried | None = None
 
     def stop(self, timeout: float = 10.0) -> Stopped:
         """Stop the worker; a queue's index is None if it died without answering."""
         report: Stopped | None = None
+        carried = Carried()
         try:
             self.ctrl.send(_STOP)
             self.ctrl.settimeout(timeout)
-            data = self.ctrl.recv(_ENTRY.size * len(self.indices) + 1)
-            if len(data) == _ENTRY.size * len(self.indices):
-                report = {i: (last, bool(broken)) for i, last, broken in _ENTRY.iter_unpack(data)}
+            size = 1 + _ENTRY.size * len(self.indices)
+            while True:
+                data, fds, truncated = _recv_with_fds(self.ctrl, max(size, _CARRY_BYTES + 1))
+                carried.fds += fds
+                if data[:1] == _CARRY:
+                    carried.data += data[1:]
+                    if truncated:  # fds lost on the way: the state is no good
+                        log.error("queues %s: carried state lost fds", self.indices)
+                        carried.close()
+                        carried.data = b""
+                    continue
+                if len(data) == size and data[:1] == _REPORT:
+                    report = {i: (last, bool(broken))
+                              for i, last, broken in _ENTRY.iter_unpack(data[1:])}
+                break
         except OSError as e:
             log.error("queues %s: worker %d did not answer STOP: %s", self.indices, self.pid, e)
         finally:
@@ -121,23 +142,51 @@ class Worker:
         if report is None or set(report) != set(self.indices):
             os.kill(self.pid, signal.SIGKILL)
             report = None
+        if report is not None and (carried.data or carried.fds):
+            self.carried = carried
+        else:
+            carried.close()
         os.waitpid(self.pid, 0)
         if report is None:
             return {i: (None, True) for i in self.indices}
         return report
 
 
-def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device) -> Worker:
+def _recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
+    """One message and the fds that came with it (and whether some were cut off)."""
+    space = socket.CMSG_SPACE(_CARRY_FDS * 4)
+    data, anc, flags, _ = sock.recvmsg(size, space)
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += struct.unpack(f"{usable // 4}i", payload[:usable])
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
+def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
+                 carried: Carried | None = None) -> Worker:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ppid = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        parent.close()
+        child.close()
+        if carried is not None:
+            carried.close()
+        raise
     if pid:
         child.close()
+        if carried is not None:  # the child has them now
+            carried.close()
         return Worker(pid, parent, [s.params.index for s in specs])
     status = 1
     try:
         parent.close()
         _become_worker(ppid)
+        if carried is not None:
+            device.adopt(carried)
         status = _Group(specs, mem, device, child, ppid).serve()
     except BaseException:  # never let a child unwind into the parent's stack
         traceback.print_exc()
@@ -414,9 +463,15 @@ class _Group:
         if not self.ctrl.recv(16):
             return 0  # the parent is gone
         live = dict(self.queues)
+        carried = None
         if self.service is not None:
             if live and self._run(self.service.quiesce) is _GONE:
                 return 1
+            try:
+                carried = self.service.carry()
+            except Exception:
+                log.exception("%s: the queue service could not hand over its state",
+                              self.name)
             try:
                 self.service.close()
             except Exception:
@@ -432,10 +487,22 @@ class _Group:
             last = sq.ring.last_avail if sq is not None else s.params.last_avail
             entries.append(_ENTRY.pack(i, last, i in self.broken))
         try:
-            self.ctrl.send(b"".join(entries))
+            if carried is not None:
+                self._send_carried(carried)
+            self.ctrl.send(_REPORT + b"".join(entries))
         except OSError:
             pass
         return 0
+
+    def _send_carried(self, carried: Carried) -> None:
+        data, fds = carried.data, carried.fds
+        while True:
+            piece, data = data[:_CARRY_BYTES], data[_CARRY_BYTES:]
+            some, fds = fds[:_CARRY_FDS], fds[_CARRY_FDS:]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(some)}i", *some))]
+            self.ctrl.sendmsg([_CARRY + piece], anc if some else [])
+            if not data and not fds:
+                return
 
 
 IDLE, DRAINED, MORE = 0, 1, 2  # what run_queue did

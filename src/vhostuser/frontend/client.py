@@ -106,6 +106,7 @@ class Frontend:
                     base: int = 0) -> QueueState:
         ring = DriverRing(self.ram, size, bool(self.features & VirtioFeature.RING_EVENT_IDX))
         ring.avail_idx = ring.last_used = ring.kicked_at = base
+        ring.avail16.store(1, base)
         ring.used16.store(1, base)
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

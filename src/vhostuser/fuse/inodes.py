@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class _Ref:
@@ -32,13 +34,21 @@ class _Ref:
 class Inode(_Ref):
     __slots__ = ("dev", "ino", "is_dir", "is_symlink", "nlookup", "nodeid")
 
-    def __init__(self, nodeid: int, fd: int, st: os.stat_result) -> None:
+    def __init__(self, nodeid: int, fd: int, dev: int, ino: int, mode: int) -> None:
         super().__init__(fd)
         self.nodeid = nodeid
-        self.dev, self.ino = st.st_dev, st.st_ino
-        self.is_dir = (st.st_mode & 0o170000) == 0o040000
-        self.is_symlink = (st.st_mode & 0o170000) == 0o120000
+        self.dev, self.ino = dev, ino
+        self.is_dir = stat.S_ISDIR(mode)
+        self.is_symlink = stat.S_ISLNK(mode)
         self.nlookup = 0
+
+    @classmethod
+    def of(cls, nodeid: int, fd: int, st: os.stat_result) -> Inode:
+        return cls(nodeid, fd, st.st_dev, st.st_ino, st.st_mode)
+
+    def mode(self) -> int:
+        """The file type bits, as far as we keep them."""
+        return stat.S_IFDIR if self.is_dir else stat.S_IFLNK if self.is_symlink else 0
 
 
 class Handle(_Ref):
@@ -66,7 +76,7 @@ class Tables:
         self._next_node = 2
         self._next_fh = 1
         st = os.fstat(root_fd)
-        self.root = Inode(1, root_fd, st)
+        self.root = Inode.of(1, root_fd, st)
         self.root.nlookup = 1 << 62  # never forgotten
         self.inodes[1] = self.root
         self.by_key[(st.st_dev, st.st_ino)] = self.root
@@ -79,7 +89,7 @@ class Tables:
         with self.lock:
             ino = self.by_key.get((st.st_dev, st.st_ino))
             if ino is None or ino.dead:
-                ino = Inode(self._next_node, fd, st)
+                ino = Inode.of(self._next_node, fd, st)
                 self._next_node += 1
                 self.inodes[ino.nodeid] = ino
                 self.by_key[(ino.dev, ino.ino)] = ino
@@ -197,6 +207,49 @@ class Tables:
                     close.append(i.fd)
         for fd in close:
             os.close(fd)
+
+    # -- handing over to the next worker ---------------------------------------------------
+
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        """Everything but the root, as plain data and the fds it refers to by position
+        (no request may run meanwhile). The fds stay open here: the caller sends them."""
+        with self.lock:
+            known = {i.nodeid: i for i in self.inodes.values() if i is not self.root}
+            for h in self.handles.values():  # forgotten inodes that handles keep
+                if h.inode is not self.root:
+                    known.setdefault(h.inode.nodeid, h.inode)
+            fds: list[int] = []
+            inodes = []
+            for i in known.values():
+                inodes.append([i.nodeid, len(fds), i.dev, i.ino, i.mode(), i.nlookup,
+                               not i.dead])
+                fds.append(i.fd)
+            handles = []
+            for fh, h in self.handles.items():
+                handles.append([fh, len(fds), h.inode.nodeid, h.is_dir])
+                fds.append(h.fd)
+            state = {"next_node": self._next_node, "next_fh": self._next_fh,
+                     "inodes": inodes, "handles": handles}
+        return state, fds
+
+    def restore(self, state: dict[str, Any], fds: list[int]) -> None:
+        """Take up what `export` gave (in a fresh worker, before any request)."""
+        self.clear()
+        with self.lock:
+            self._next_node, self._next_fh = state["next_node"], state["next_fh"]
+            nodes: dict[int, Inode] = {1: self.root}
+            for nodeid, at, dev, ino, mode, nlookup, live in state["inodes"]:
+                i = nodes[nodeid] = Inode(nodeid, fds[at], dev, ino, mode)
+                i.nlookup = nlookup
+                if live:
+                    self.inodes[nodeid] = i
+                    self.by_key[(dev, ino)] = i
+                else:
+                    i.dead = True
+            for fh, at, nodeid, is_dir in state["handles"]:
+                node = nodes[nodeid]
+                node.users += 1
+                self.handles[fh] = Handle(fds[at], node, is_dir)
 
     def counts(self) -> tuple[int, int]:
         with self.lock:

@@ -300,6 +300,20 @@ class FileServer:
         self.tables.clear()
         self.initialized = False
 
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        """The session, for the next worker (no request running)."""
+        tables, fds = self.tables.export()
+        return {"initialized": self.initialized, "minor": self.minor, "tables": tables}, fds
+
+    def abandon(self) -> None:
+        """Drop the tables without closing anything (a restore that failed half way)."""
+        self.tables = Tables(self.tables.root.fd)
+        self.initialized = False
+
+    def restore(self, state: dict[str, Any], fds: list[int]) -> None:
+        self.tables.restore(state["tables"], fds)
+        self.initialized, self.minor = state["initialized"], state["minor"]
+
     # -- names --------------------------------------------------------------------------
 
     def op_lookup(self, req: Request) -> bytes:

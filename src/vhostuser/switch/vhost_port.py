@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ..devices.net import NetPort
 from ..devices.net_rings import put_frames, take_frames
 from ..engine.backend import Backend
-from ..engine.device import Device
+from ..engine.device import Carried, Device
 from ..engine.notify import Notifier
 from ..engine.queue import DeviceQueue
 from ..engine.worker import QueueSpec, Running, Stopped, parent_only_fds
@@ -63,6 +63,8 @@ class InlineGroup:
     """A queue group served in this process (the engine's `Running` for the switch).
     A queue whose ring lies outside guest memory does not run; GET_VRING_BASE gets its
     index back, and the front-end must set it up again."""
+
+    carried: Carried | None = None  # ports carry nothing across restarts
 
     def __init__(self, port: VhostPort, queues: list[InlineQueue],
                  broken: dict[int, int]) -> None:
@@ -263,7 +265,10 @@ class VhostPort(Port):
                 except OSError:
                     pass
 
-    def _run_queues(self, specs: list[QueueSpec], mem: GuestMemory, device: Device) -> Running:
+    def _run_queues(self, specs: list[QueueSpec], mem: GuestMemory, device: Device,
+                    carried: Carried | None) -> Running:
+        if carried is not None:
+            carried.close()
         queues, broken = [], {}
         for s in specs:
             p = s.params
