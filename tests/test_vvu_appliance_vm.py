@@ -365,3 +365,57 @@ chroot /host {shlex.quote(sys.executable)} {shlex.quote(str(here / 'input_consum
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-v"]))
+
+
+FS_CONSUMER = r"""
+mount -t virtiofs app /mnt
+echo "SEED $(cat /mnt/seed.txt)"
+mkdir /mnt/made && cp /pattern /mnt/made/pattern.bin && sync
+echo "BACK $(sha256sum /mnt/made/pattern.bin | cut -c1-64)"
+echo "LIST $(ls /mnt | tr '\n' ' ')"
+umount /mnt && echo "UMOUNT $?"
+"""
+
+
+def test_consumer_share_served_from_an_appliance_vm(qemu11_host_root: str,
+                                                    tmp_path: Path) -> None:
+    """virtio-fs: the consumer mounts a directory that our unchanged vhost-user-fs serves
+    from inside the appliance VM (its default mount-namespace sandbox there); what the
+    consumer writes lands in the directory, on the host."""
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "seed.txt").write_text("from the host\n")
+    pattern = os.urandom(MB)
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    try:
+        appliance = appliance_vm(vfu, tmp_path, ["vhostuser.cli.fs", "--shared-dir",
+                                                 "/mnt/share", "--tag", "app", "-v"],
+                                 qemu11_host_root)
+        consumer = GuestVM(FS_CONSUMER, modules=["virtio_pci", "virtiofs"], timeout=200,
+                           errexit=True, files={"/pattern": pattern}, mem_mb=CONSUMER_MB,
+                           mem_path=str(window),
+                           qemu_args=["-chardev", f"socket,id=c0,path={vhost}",
+                                      "-device", "vhost-user-fs-pci,chardev=c0,tag=app"])
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                result = consumer.run()
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+        assert out["SEED"] == "from the host"
+        assert out["BACK"] == hashlib.sha256(pattern).hexdigest()
+        assert out["LIST"] == "made seed.txt " and out["UMOUNT"] == "0"
+        assert (share / "made" / "pattern.bin").read_bytes() == pattern
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"

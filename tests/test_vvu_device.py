@@ -589,6 +589,48 @@ def test_scsi_through_the_device(device: Device, tmp_path: Path) -> None:
     assert img.read_bytes()[64 * 512 : 64 * 512 + 8192] == data
 
 
+def test_fs_through_the_device(device: Device, tmp_path: Path) -> None:
+    """vhost-user-fs --vvu, unchanged and in its default sandbox (a mount namespace):
+    FUSE requests and file data cross the device both ways; the host directory holds
+    what the consumer wrote."""
+    from vhostuser.frontend.client import Frontend
+    from vhostuser.frontend.fs import FsClient
+
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "in.bin").write_bytes(data_in := os.urandom(300_000))
+    n = device.log().count("vfio-user client connected")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.fs", "--vvu", device.vfu,
+                             "--shared-dir", str(share), "--tag", "vvu", "-v"],
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while device.log().count("vfio-user client connected") == n:
+            assert time.monotonic() < deadline and proc.poll() is None, device.log()
+            time.sleep(0.05)
+        with Frontend(device.vhost) as fe:
+            fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX)
+            assert fe.get_config(40) == b"vvu".ljust(36, b"\0") + struct.pack("<I", 1)
+            fe.set_mem_table()
+            for q in range(2):
+                fe.setup_queue(q, 32)
+            c = FsClient(fe)
+            c.init()
+            e = c.lookup(1, b"in.bin")
+            assert e.attr.size == len(data_in)
+            fh = c.open(e.nodeid, os.O_RDONLY)
+            assert c.read(e.nodeid, fh, 1000, 200_000) == data_in[1000:201_000]
+            entry, wfh = c.create(1, b"out.bin")
+            data_out = os.urandom(200_000)
+            assert c.write(entry.nodeid, wfh, 0, data_out) == len(data_out)
+            c.release(entry.nodeid, wfh)
+            assert sorted(d.name for d in c.listdir(1)) == [b".", b"..", b"in.bin", b"out.bin"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert (share / "out.bin").read_bytes() == data_out
+
+
 def test_consumer_memory_in_several_files(device: Device,
                                           appliance: Callable[..., subprocess.Popen]) -> None:
     """libblkio-style consumers keep rings and buffers in separate memfds: each file gets

@@ -65,12 +65,21 @@ class SysfsPciFunction:
                 if not command & CMD_BUS_MASTER:
                     f.seek(PCI_COMMAND)
                     f.write((command | CMD_MEMORY | CMD_BUS_MASTER).to_bytes(2, "little"))
+            # Config space and the BARs stay open from here on: a back-end may confine
+            # itself (a sandbox without /sys) once the device is set up.
+            self._config = os.open(self.path / "config", os.O_RDWR | os.O_CLOEXEC)
         except BaseException:
             os.close(self._lock)  # the next try must not wait for ourselves
             raise
         self.bars: dict[int, mmap.mmap] = {}
         self.views: dict[int, memoryview] = {}  # BAR -> bytes
         self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size
+        for index in range(6):
+            if (self.path / f"resource{index}").exists():
+                try:
+                    self.map_bar(index)
+                except (OSError, ValueError):  # an I/O BAR, or an empty one: not ours to use
+                    pass
 
     def _take_lock(self, wait: float) -> int:
         """An exclusive flock on the function's config file, taken before touching the
@@ -121,18 +130,14 @@ class SysfsPciFunction:
 
     def read(self, region: int, offset: int, count: int) -> bytes:
         if region == CONFIG_REGION:
-            with open(self.path / "config", "rb", buffering=0) as f:
-                f.seek(offset)
-                return f.read(count).ljust(count, b"\xff")
+            return os.pread(self._config, count, offset).ljust(count, b"\xff")
         if count in _FMT and offset % count == 0:
             return self.read_u(region, offset, count).to_bytes(count, "little")
         return bytes(self._bar(region)[offset : offset + count])
 
     def write(self, region: int, offset: int, data: bytes) -> None:
         if region == CONFIG_REGION:
-            with open(self.path / "config", "r+b", buffering=0) as f:
-                f.seek(offset)
-                f.write(data)
+            os.pwrite(self._config, data, offset)
         elif len(data) in _FMT and offset % len(data) == 0:
             self.write_u(region, offset, len(data), int.from_bytes(data, "little"))
         else:
@@ -175,6 +180,9 @@ class SysfsPciFunction:
         for m in self.bars.values():
             m.close()
         self.bars.clear()
+        if self._config >= 0:
+            os.close(self._config)
+            self._config = -1
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
