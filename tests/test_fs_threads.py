@@ -61,7 +61,7 @@ def test_a_blocked_open_does_not_hold_up_the_requests_behind_it(
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
         # OPEN for writing: the server's open() waits for our lease
         _, open_reply = c.submit(Op.OPEN, leased.nodeid, abi.OPEN_IN.pack(os.O_WRONLY, 0),
-                                 at=0)
+                                 at=3 << 20)
         # behind it on the same queue: a GETATTR of another file, answered meanwhile
         attr_head, attr_reply = c.submit(Op.GETATTR, other.nodeid,
                                          abi.GETATTR_IN.pack(0, 0, 0), at=1 << 20)

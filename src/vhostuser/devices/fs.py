@@ -1,10 +1,10 @@
 """virtio-fs (virtio 1.2 §5.11): a host directory shared with the guest over FUSE.
 
 Queue 0 is the high-priority queue (FORGETs: served at once, in the worker's thread),
-queues 1.. carry requests. Requests run on a pool of threads, so a slow READ or FSYNC does
-not hold up a GETATTR behind it; each completes when it is done (out of order). Every
-queue is in one group, so one worker holds the session's inode and handle tables
-(fuse/server.py).
+queues 1.. carry requests. Requests that may wait on the host (data, syncs, opens) run on
+a pool of threads, so a slow READ or FSYNC does not hold up a GETATTR behind it; each
+completes when it is done (out of order). Every queue is in one group, so one worker
+holds the session's inode and handle tables (fuse/server.py).
 
 The tables outlive the worker: when its queues stop (the VM pauses, the memory table
 changes), the worker hands them to the engine (`carry`) and the next worker takes them
@@ -14,21 +14,22 @@ connection starts a fresh session.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import queue
+import struct
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..engine.device import Carried, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..fuse import abi
+from ..fuse.abi import Op
 from ..fuse.server import FileServer, ServerOptions
 from ..procfs import PROC_FD
 from ..protocol import ProtocolFeature
+from ..virtq.iov import iov_read
 from ..virtq.split import Chain
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,23 @@ class FsDevice(Device):
         os.close(self.root_fd)
 
 
+# Requests that may wait on the host for long (data, syncs, opens: a lease, a slow
+# device) run on the pool's threads; the others (names and attributes, answered from the
+# host's caches) at once in the worker's thread, which costs far less than a hand-off.
+POOLED = frozenset({Op.OPEN, Op.CREATE, Op.READ, Op.WRITE, Op.RELEASE, Op.FLUSH, Op.FSYNC,
+                    Op.FSYNCDIR, Op.FALLOCATE, Op.COPY_FILE_RANGE, Op.SETATTR, Op.LSEEK,
+                    Op.SYNCFS})
+_OPCODE = struct.Struct("<I")
+
+
+def _opcode(chain: Chain) -> int:
+    first = chain.readable[0] if chain.readable else b""
+    if len(first) >= 8:
+        return int(_OPCODE.unpack_from(first, 4)[0])
+    head = iov_read(chain.readable, 8)
+    return int(_OPCODE.unpack_from(head, 4)[0]) if len(head) == 8 else 0
+
+
 class FsService(QueueService):
     """Serves the hiprio and request queues (in their worker)."""
 
@@ -100,35 +118,36 @@ class FsService(QueueService):
                  threads: int) -> None:
         self.server = server
         self.events = events
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fuse")
+        self.jobs: queue.SimpleQueue[tuple[DeviceQueue, Chain] | None] = queue.SimpleQueue()
         self.done: queue.SimpleQueue[tuple[DeviceQueue, Chain, int]] = queue.SimpleQueue()
-        self.pending: set[Future[int]] = set()
-        self.lock = threading.Lock()
+        self.pending = 0  # jobs given to the threads and not yet collected
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         events.watch(self.efd, self._collect)
+        self.threads = [threading.Thread(target=self._work, name=f"fuse-{i}", daemon=True)
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
 
     def kicked(self, q: DeviceQueue) -> None:
-        if q.index == 0:  # FORGETs: quick, and nothing waits for a reply
-            for chain in q.pop_batch():
-                q.complete(chain, self.server.handle(chain.readable, chain.writable))
-            return
+        handle = self.server.handle
         for chain in q.pop_batch():
-            fut = self.pool.submit(self.server.handle, chain.readable, chain.writable)
-            with self.lock:
-                self.pending.add(fut)
-            fut.add_done_callback(functools.partial(self._finished, q=q, chain=chain))
+            if q.index and _opcode(chain) in POOLED:
+                self.pending += 1
+                self.jobs.put((q, chain))
+            else:
+                q.complete(chain, handle(chain.readable, chain.writable))
 
-    def _finished(self, fut: Future[int], *, q: DeviceQueue, chain: Chain) -> None:
-        """On the pool's thread: hand the completion to the worker's loop."""
-        try:
-            written = fut.result()
-        except BaseException:  # handle() answers every error itself; this is a bug
-            log.exception("a FUSE request failed")
-            written = 0
-        self.done.put((q, chain, written))
-        with self.lock:
-            self.pending.discard(fut)
-        os.eventfd_write(self.efd, 1)
+    def _work(self) -> None:
+        """A pool thread: serve jobs, hand each completion to the worker's loop."""
+        while (job := self.jobs.get()) is not None:
+            q, chain = job
+            try:
+                written = self.server.handle(chain.readable, chain.writable)
+            except Exception:  # handle() answers every error itself: this is a bug
+                log.exception("a FUSE request failed")
+                written = 0
+            self.done.put((q, chain, written))
+            os.eventfd_write(self.efd, 1)
 
     def _collect(self) -> None:
         try:
@@ -140,26 +159,26 @@ class FsService(QueueService):
                 q, chain, written = self.done.get_nowait()
             except queue.Empty:
                 return
+            self.pending -= 1
             q.complete(chain, written)
+
+    def offloaded(self) -> bool:
+        return self.pending > 0
 
     def carry(self) -> Carried:
         state, fds = self.server.export()
         return Carried(json.dumps(state).encode(), fds)
 
     def quiesce(self) -> None:
-        while True:
-            with self.lock:
-                waiting = list(self.pending)
-            if not waiting:
-                break
-            for fut in waiting:
-                try:
-                    fut.result()
-                except BaseException:
-                    pass
-        self._collect()
+        while self.pending:
+            q, chain, written = self.done.get()
+            self.pending -= 1
+            q.complete(chain, written)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
         self.events.unwatch(self.efd)
         os.close(self.efd)

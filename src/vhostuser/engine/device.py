@@ -81,6 +81,12 @@ class QueueService(ABC):
         takes nothing (a receive queue with nothing to deliver) is not called again for
         `q` until the driver kicks it."""
 
+    def offloaded(self) -> bool:
+        """Whether requests are in flight on threads of the service's own (their
+        completions come through an fd it watches). The worker then waits for events
+        (kicks on) instead of polling the rings, leaving the CPU (and the GIL) to them."""
+        return False
+
     def quiesce(self) -> None:  # noqa: B027 - nothing in flight by default
         """The queues stop: complete every chain still held."""
 
