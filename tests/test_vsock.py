@@ -326,18 +326,55 @@ def test_a_small_window_gets_credit_updates_unasked(tmp_path: Path) -> None:
         s.close()
 
 
-def test_stopping_the_queues_resets_the_streams(vs: Session) -> None:
-    """A stream does not survive its worker (docs): when the front-end stops the rx/tx
-    queues, the guest gets RST and the host program EOF, so neither waits for ever."""
+def test_streams_go_on_across_a_queue_restart(vs: Session) -> None:
+    """The front-end stops the rx/tx queues and starts them again (a VM pause): the
+    streams go on in the next worker — data both ways, the credit counts, a host program
+    still waiting for the guest's answer, a host program yet to say CONNECT."""
     lst = vs.listen(1242)
     vs.g.send(5009, 1242, REQUEST)
     assert vs.g.recv()[0].op == RESPONSE
     host, _ = lst.accept()
     host.settimeout(10)
-    vs.fe.get_vring_base(1)  # stops the rx/tx worker
-    assert host.recv(100) == b""
+    host.sendall(b"before")
+    assert recv_data(vs.g, 5009, 1242, 6) == b"before"
+    waiting = vs.host_connect(7001)  # the guest has not answered it yet
+    (req,) = vs.g.recv()
+    assert req.op == REQUEST and req.dst_port == 7001
+    silent = vs.host_connect_no_line()
+    workers = vs.d.children()
+    assert [vs.fe.restart_queue(i) for i in (0, 1)] == [
+        vs.fe.queues[0].ring.avail_idx - 48, vs.fe.queues[1].ring.avail_idx]
+    assert vs.d.children() != workers, "the queues did not move to a new worker"
+    vs.g.send(5009, 1242, RW, b"after")  # guest -> host, on the next worker
+    assert host.recv(100) == b"after"
+    host.sendall(b"and back")
+    assert recv_data(vs.g, 5009, 1242, 8) == b"and back"
+    vs.g.send(7001, req.src_port, RESPONSE)  # the guest accepts the one that waited
+    assert waiting.recv(100) == f"OK {req.src_port}\n".encode()
+    silent.sendall(b"CONNECT 7002\n")
     (p,) = vs.g.recv()
-    assert is_pkt(p, RST, 1242, 5009)
+    assert p.op == REQUEST and p.dst_port == 7002
+    vs.g.send(5009, 1242, RST)
+    assert host.recv(100) == b""
+
+
+def test_the_streams_end_with_the_front_end(vs: Session) -> None:
+    """What a stopped worker handed over belongs to that front-end's session: once it
+    disconnects, host programs see EOF."""
+    lst = vs.listen(1243)
+    vs.g.send(5010, 1243, REQUEST)
+    assert vs.g.recv()[0].op == RESPONSE
+    host, _ = lst.accept()
+    host.settimeout(10)
+    for i in (0, 1):
+        vs.fe.get_vring_base(i)
+    host.setblocking(False)
+    with pytest.raises(BlockingIOError):  # still open while the queues are stopped
+        host.recv(100)
+    host.settimeout(10)
+    vs.fe.close()
+    assert host.recv(100) == b""
+    vs.fe = Frontend(vs.d.sock)  # for the fixture's clean-up
 
 
 def test_a_connect_line_in_pieces(vs: Session) -> None:

@@ -29,6 +29,7 @@ from ..fuse.abi import Op
 from ..fuse.server import FileServer, ServerOptions
 from ..procfs import PROC_FD
 from ..protocol import ProtocolFeature
+from ..ratelog import Limited
 from ..virtq.iov import iov_read
 from ..virtq.split import Chain
 
@@ -100,6 +101,7 @@ class FsDevice(Device):
 POOLED = frozenset({Op.OPEN, Op.CREATE, Op.READ, Op.WRITE, Op.RELEASE, Op.FLUSH, Op.FSYNC,
                     Op.FSYNCDIR, Op.FALLOCATE, Op.COPY_FILE_RANGE, Op.SETATTR, Op.LSEEK,
                     Op.SYNCFS})
+HIPRIO = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT})  # what the hiprio queue takes
 _OPCODE = struct.Struct("<I")
 
 
@@ -121,6 +123,7 @@ class FsService(QueueService):
         self.jobs: queue.SimpleQueue[tuple[DeviceQueue, Chain] | None] = queue.SimpleQueue()
         self.done: queue.SimpleQueue[tuple[DeviceQueue, Chain, int]] = queue.SimpleQueue()
         self.pending = 0  # jobs given to the threads and not yet collected
+        self.bad = Limited(log)
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         events.watch(self.efd, self._collect)
         self.threads = [threading.Thread(target=self._work, name=f"fuse-{i}", daemon=True)
@@ -131,7 +134,12 @@ class FsService(QueueService):
     def kicked(self, q: DeviceQueue) -> None:
         handle = self.server.handle
         for chain in q.pop_batch():
-            if q.index and _opcode(chain) in POOLED:
+            op = _opcode(chain)
+            if not q.index and op not in HIPRIO:  # it must never wait on the host here
+                self.bad.log(logging.WARNING, "FUSE opcode %d on the hiprio queue: dropped",
+                             op)
+                q.complete(chain, 0)
+            elif op in POOLED:
                 self.pending += 1
                 self.jobs.put((q, chain))
             else:

@@ -13,11 +13,13 @@ config space is the guest's CID. Streams are served by devices/vsock_mux.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
+from typing import Any
 
-from ..engine.device import ConfigError, Device, Events, QueueService
+from ..engine.device import Carried, ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
 from ..transport.unix import listen
@@ -61,6 +63,20 @@ class VsockDevice(Device):
 
     def set_config(self, offset: int, data: bytes, flags: int) -> None:
         raise ConfigError("the vsock config space (the guest CID) is read-only")
+
+    def adopt(self, carried: Carried) -> None:
+        """In the rx/tx queues' new worker: the streams the last one carried (taken up by
+        the next muxer, `take_adopted`)."""
+        try:
+            self._adopted: tuple[dict[str, Any], list[int]] | None = (
+                json.loads(carried.data), carried.fds)
+        except ValueError:
+            log.error("vsock: the streams of the last worker could not be taken up")
+            carried.close()
+
+    def take_adopted(self) -> tuple[dict[str, Any], list[int]] | None:
+        adopted, self._adopted = getattr(self, "_adopted", None), None
+        return adopted
 
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
         from .vsock_mux import EventQueue, Muxer  # it imports this module's ABI

@@ -13,22 +13,25 @@ Python unless a host socket is full.
 Callbacks only queue packets; each entry point fills rx buffers once at its end, so nothing
 recurses however many streams end at once.
 
-A connection lives in the worker that runs the rx/tx queues: when the front-end stops those
-queues (GET_VRING_BASE: a VM pause, a reset, a memory-table change) the streams end — the
-guest gets RST for each as far as it has rx buffers, host programs see EOF — because the
-next worker cannot take the sockets over. Kernel vhost-vsock keeps them; this back-end
-does not yet.
+A connection lives in the worker that runs the rx/tx queues. When the front-end stops
+those queues (GET_VRING_BASE: a VM pause, a memory-table change) the streams go on in the
+next worker: the muxer hands its sockets and their state (counters, bytes not yet taken
+by the host, packets owed to the guest) to the engine (`carry`), and the next muxer takes
+them up, as kernel vhost-vsock keeps its streams across a pause. A reset or a disconnect
+drops them: host programs see EOF.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import socket
 from collections import deque
+from typing import Any
 
-from ..engine.device import Events, QueueService, Timer
+from ..engine.device import Carried, Events, QueueService, Timer
 from ..engine.queue import DeviceQueue
 from ..ratelog import Limited
 from ..virtq.iov import iov_read, iov_slice, iov_write
@@ -119,6 +122,9 @@ class Muxer(QueueService):
         self.stopping = False  # quiesce: take no new tx packets
         self.refusals = Limited(log)
         events.watch(self.listener.fileno(), self.accept)
+        adopted = dev.take_adopted()
+        if adopted is not None:
+            self.restore(*adopted)
 
     # -- packets to the guest -----------------------------------------------------------
 
@@ -508,12 +514,71 @@ class Muxer(QueueService):
             self.owe(c, OP_RST)
 
     def quiesce(self) -> None:
-        """The queues stop: every stream ends (see the module's docstring); the guest gets
-        RST for each, as far as its rx buffers go."""
+        """The queues stop: take no more tx packets, give the guest what its rx buffers
+        take; the rest is carried to the next worker."""
         self.stopping = True
-        for c in list(self.conns.values()):
-            self.end(c)
         self.flush_rx()
+
+    # -- across workers ----------------------------------------------------------------
+
+    _FIELDS = ("local_port", "peer_port", "state", "peer_buf_alloc", "peer_fwd_cnt", "tx_cnt",
+               "fwd_cnt", "fwd_sent", "skip", "rd_closed", "wr_closed", "peer_no_send",
+               "peer_no_recv")
+
+    def carry(self) -> Carried:
+        """Every stream and host connection, with its socket, for the next worker; the
+        packets owed to the guest are made now (with the counts they carry now)."""
+        conns: list[dict[str, Any]] = []
+        fds: list[int] = []
+        for c in [*self.conns.values(), *self.lines.values()]:
+            rec = {f: getattr(c, f) for f in self._FIELDS}
+            rec.update(line=c.line.hex(), out=bytes(c.out).hex(), fd=len(fds),
+                       waiting=c.key in self.waiting)
+            conns.append(rec)
+            fds.append(c.sock.detach())  # the socket is the engine's now
+        ctrl = []
+        for owner, op, extra in self.ctrl:
+            if owner is None:
+                assert isinstance(extra, bytes)
+                ctrl.append(extra.hex())
+            else:
+                assert isinstance(extra, int)
+                ctrl.append(self.header(owner, op, flags=extra).hex())
+        self.conns.clear()
+        self.lines.clear()
+        self.waiting.clear()
+        self.ctrl.clear()
+        state = {"conns": conns, "ctrl": ctrl, "next_port": self.next_port}
+        return Carried(json.dumps(state).encode(), fds)
+
+    def restore(self, state: dict[str, Any], fds: list[int]) -> None:
+        """Take up what the last worker's muxer carried."""
+        self.next_port = state["next_port"]
+        for hexed in state["ctrl"]:
+            self.ctrl.append((None, 0, bytes.fromhex(hexed)))
+        for rec in state["conns"]:
+            sock = socket.socket(fileno=fds[rec["fd"]])
+            sock.setblocking(False)
+            c = Conn(sock, rec["local_port"], rec["peer_port"], rec["state"])
+            for f in self._FIELDS:
+                setattr(c, f, rec[f])
+            c.line, c.out = bytes.fromhex(rec["line"]), bytearray.fromhex(rec["out"])
+            timed = functools.partial(self.timed_out, c)
+            if c.state == "line":
+                self.lines[sock.fileno()] = c
+                c.timer = self.events.call_later(CONNECT_TIMEOUT, timed)
+                self.start_reading(c)
+                continue
+            self.conns[c.key] = c
+            if c.state == "requested":
+                c.timer = self.events.call_later(CONNECT_TIMEOUT, timed)
+            if c.out:
+                c.writing = True
+                self.events.watch_write(sock.fileno(), functools.partial(self.on_writable, c))
+            if rec["waiting"]:
+                self.waiting[c.key] = c
+            elif c.state == "open" and not (c.rd_closed or c.peer_no_recv):
+                self.start_reading(c)  # pump() stops again if there is no credit
 
     def close(self) -> None:
         """The worker ends: host sockets close (host programs see EOF)."""

@@ -129,6 +129,21 @@ class Frontend:
         assert reply is not None and isinstance(reply.payload, p.VringState)
         return reply.payload.num
 
+    def restart_queue(self, index: int) -> int:
+        """Stop queue `index` (GET_VRING_BASE) and start it again where it stopped, on the
+        same ring and eventfds, as QEMU does around a VM pause; returns the base."""
+        base = self.get_vring_base(index)
+        q = self.queues[index]
+        lay = q.ring.layout()
+        self.call(F.SET_VRING_NUM, p.VringState(index, q.ring.size))
+        self.call(F.SET_VRING_BASE, p.VringState(index, base))
+        self.call(F.SET_VRING_ADDR, p.VringAddr(index, 0, lay.desc, lay.used, lay.avail, 0))
+        self.call(F.SET_VRING_KICK, p.VringFile.make(index), fds=(q.kick,))
+        self.call(F.SET_VRING_CALL, p.VringFile.make(index), fds=(q.call,))
+        if self.features & VirtioFeature.PROTOCOL_FEATURES:
+            self.call(F.SET_VRING_ENABLE, p.VringState(index, 1))
+        return base
+
     def get_config(self, size: int, offset: int = 0) -> bytes:
         reply = self.call(F.GET_CONFIG, p.Config(offset, size, 0, bytes(size)), ack=False)
         assert reply is not None and isinstance(reply.payload, p.Config)
