@@ -110,3 +110,68 @@ def test_guest_streams_both_ways(tmp_path: Path) -> None:
         assert out["STREAMS"] == "32 ok" and not errors, (out, errors)
         assert d.stop() == 0, d.describe()
         assert "Traceback" not in d.log, d.describe()
+
+
+def test_a_stream_goes_on_across_a_vm_pause(tmp_path: Path) -> None:
+    """QMP stop/cont while a host program and the guest stream: QEMU stops the rx/tx
+    queues and starts them again; the stream goes on in the next worker, nothing lost."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from qemu_helpers import wait_until
+
+    uds, qmp_path = str(tmp_path / "vm.vsock"), tmp_path / "qmp.sock"
+    script = (SCRIPT.replace("@PYTHON@", shlex.quote(sys.executable))
+              .replace("@GUEST@", shlex.quote(str(Path(__file__).with_name("vsock_guest.py")))
+                       + " 0"))
+    first, second = os.urandom(1 << 20), os.urandom(1 << 20)
+    with BackendDaemon(tmp_path, "vhost-user-vsock", ["--guest-cid", "3", "--uds-path", uds],
+                       name="vsock") as d:
+        vm = GuestVM(script, modules=MODULES, timeout=300, mem_mb=384, qemu_args=[
+            "-cpu", "max", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on",
+            "-chardev", f"socket,id=c0,path={d.sock}",
+            "-device", "vhost-user-vsock-pci,chardev=c0"])
+        with vm, watchdog(d, vm):
+            vm.start()
+            vm.wait_for("READY", 120)
+            host = socket.socket(socket.AF_UNIX)
+            host.settimeout(120)
+            host.connect(uds)
+            host.sendall(b"CONNECT 5000\n")
+            line = b""
+            while not line.endswith(b"\n"):
+                line += host.recv(1)
+            assert line.startswith(b"OK "), line
+
+            def echo(data: bytes) -> bytes:
+                sender = threading.Thread(target=host.sendall, args=(data,), daemon=True)
+                sender.start()
+                back = bytearray()
+                while len(back) < len(data) and (chunk := host.recv(1 << 20)):
+                    back += chunk
+                sender.join(60)
+                return bytes(back)
+
+            assert echo(first) == first
+            before = d.workers()
+            qmp = QEMUMonitorProtocol(str(qmp_path))
+            qmp.connect()
+            try:
+                qmp.cmd("stop")
+                assert wait_until(lambda: len(d.workers()) < len(before), 10), \
+                    "the rx/tx queues did not stop"
+                qmp.cmd("cont")
+                assert wait_until(lambda: len(d.workers()) == len(before), 10)
+            finally:
+                qmp.close()
+            assert d.workers() != before
+            assert echo(second) == second, "the stream did not survive the pause"
+            host.shutdown(socket.SHUT_WR)
+            assert host.recv(100) == b""
+            host.close()
+            result = vm.wait()
+        assert result.status == 0, f"{result.console[-3000:]}\n{d.describe()}"
+        out = dict(line.split(" ", 1) for line in result.lines if " " in line)
+        assert out["ECHOED"].split() == [str(2 << 20),
+                                         hashlib.sha256(first + second).hexdigest()]
+        assert d.stop() == 0, d.describe()
+        assert "Traceback" not in d.log, d.describe()
