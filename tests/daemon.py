@@ -19,11 +19,14 @@ BLK_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
 
 
 class Daemon:
-    def __init__(self, argv: list[str], sock: Path, log: Path) -> None:
+    def __init__(self, argv: list[str], sock: Path, log: Path,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """`python -m ARGV -vv` (after `prefix`, e.g. `ip netns exec NS`)."""
         self.sock = str(sock)
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", *argv, "-vv"], stdout=self._log,
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", *argv, "-vv"],
+                                     stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 15
         while not os.path.exists(self.sock):

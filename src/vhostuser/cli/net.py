@@ -1,20 +1,22 @@
-"""vhost-user-net: one virtio-net port, e.g. a VM's NIC bridged to a TAP device on the host
-(it is the switch with a single vhost-user port)."""
+"""vhost-user-net: one virtio-net port, e.g. a VM's NIC bridged to a TAP device on the host.
+With --tap, each queue pair runs in a worker process of its own on a queue of the TAP
+(multi-queue when --queues > 1); without, the port is the switch with a single vhost-user
+port (frames go nowhere, counters on --control)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..devices.net import parse_mac
+from ..devices.net import NetPort, parse_mac
 from ..engine.worker import DEFAULT_SPIN_US
 from ..switch.core import Switch
-from ..switch.tap import TapPort
 from ..switch.vhost_port import VhostPort
 from .common import (
     add_message_timeout,
     apply_message_timeout,
     print_capabilities,
+    run,
     setup_logging,
 )
 from .switch import serve
@@ -52,13 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.poll_us <= 1_000_000:
         ap.error("--poll-us must be between 0 and 1000000")
     apply_message_timeout(ap, args)
+    if not 1 <= args.queues <= 128:
+        ap.error("--queues must be between 1 and 128")
+    try:
+        mac = parse_mac(args.mac)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.tap is not None:
+        if args.control is not None:
+            ap.error("--control goes without --tap (counters are the switch's: use "
+                     "vhost-user-switch --port ... --tap ... --control ...)")
+        setup_logging(args.verbose)
+        return run(args, lambda: NetPort(mac, args.queues, args.mtu, tap=args.tap))
     setup_logging(args.verbose)
     try:
-        port = VhostPort("port0", args.socket_path, parse_mac(args.mac), client=args.client,
+        port = VhostPort("port0", args.socket_path, mac, client=args.client,
                          fd=args.fd, vvu=args.vvu, poll=args.poll, queue_pairs=args.queues,
                          mtu=args.mtu)
-        tap = TapPort(args.tap, args.mtu) if args.tap else None
-        switch = Switch([port], tap, args.control, poll_us=args.poll_us)
+        switch = Switch([port], None, args.control, poll_us=args.poll_us)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,11 +8,13 @@ valid as it is, so it can leave any port (another guest, a TAP device) unchanged
 
 from __future__ import annotations
 
+import os
 import struct
 
 from ..engine.device import ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature, VirtioFeature
+from .tap import open_tap
 
 F_MTU = 1 << 3
 F_MAC = 1 << 5
@@ -81,7 +83,8 @@ class NetPort(Device):
     protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.RARP | ProtocolFeature.MTU
                             | ProtocolFeature.CONFIG)
 
-    def __init__(self, mac: bytes, queue_pairs: int = 1, mtu: int = 1500) -> None:
+    def __init__(self, mac: bytes, queue_pairs: int = 1, mtu: int = 1500,
+                 tap: str | None = None) -> None:
         if not 1 <= queue_pairs <= 128:
             raise ValueError(f"queue pairs must be 1..128, not {queue_pairs}")
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -94,6 +97,8 @@ class NetPort(Device):
         self.negotiated = 0
         self.hdr_len = 12
         self.announce: list[bytes] = []  # RARP frames waiting to be sent into the switch
+        # standalone with a TAP: one TAP queue per pair, each pair in a worker of its own
+        self.tap_fds = open_tap(tap, queue_pairs) if tap is not None else []
 
     def queue_num(self) -> int:
         return self.queue_pairs  # vhost-user-net reports queue *pairs* (QEMU, DPDK)
@@ -117,6 +122,12 @@ class NetPort(Device):
         self.mtu = mtu
 
     def send_rarp(self, mac: bytes) -> None:
+        if self.tap_fds:  # straight out to the host's network
+            try:
+                os.write(self.tap_fds[0], rarp_frame(mac))
+            except OSError as e:
+                raise ConfigError(f"cannot send the RARP announcement: {e.strerror}") from e
+            return
         self.announce.append(rarp_frame(mac))
 
     def max_frame(self) -> int:
@@ -131,6 +142,15 @@ class NetPort(Device):
         return [[2 * k, 2 * k + 1] for k in range(self.queue_pairs)]  # rx with its tx
 
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
-        # frames move between the guest memories of different ports, all mapped in the
-        # switch's process: its runner serves the queues there (switch/vhost_port.py)
-        raise NotImplementedError("net ports are served by the switch loop")
+        if not self.tap_fds:
+            # frames move between the guest memories of different ports, all mapped in the
+            # switch's process: its runner serves the queues there (switch/vhost_port.py)
+            raise NotImplementedError("switch ports are served by the switch loop")
+        from .net_tap import NetTapService  # it imports this module
+
+        return NetTapService(self, queues, events, self.tap_fds[min(queues) // 2])
+
+    def close(self) -> None:
+        for fd in self.tap_fds:
+            os.close(fd)
+        self.tap_fds = []

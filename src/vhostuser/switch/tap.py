@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 
+from ..devices.tap import open_tap
 from .port import Port
 
-_TUNSETIFF = 0x400454CA
-_IFF_TAP = 0x0002
-_IFF_NO_PI = 0x1000
 MAX_BURST = 256
 
 
 class TapPort(Port):
     def __init__(self, ifname: str, mtu: int = 1500) -> None:
         super().__init__(f"tap:{ifname}")
-        if not 0 < len(ifname.encode()) < 16:
-            raise ValueError(f"bad interface name {ifname!r}")
-        try:
-            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot open /dev/net/tun: {e.strerror}") from e
-        try:
-            ifr = struct.pack("16sH22x", ifname.encode(), _IFF_TAP | _IFF_NO_PI)
-            fcntl.ioctl(self.fd, _TUNSETIFF, ifr)
-        except OSError as e:
-            os.close(self.fd)
-            raise OSError(e.errno, f"cannot attach TAP {ifname}: {e.strerror}") from e
+        (self.fd,) = open_tap(ifname)
         self.ifname = ifname
         self.max_frame = mtu + 18
 

@@ -1,0 +1,90 @@
+"""A virtio-net port bridged to a TAP interface, one queue pair per worker: pair k's
+transmit queue writes into the TAP's queue k, and what the host sends on that TAP queue
+fills pair k's receive queue. With a multi-queue TAP the pairs run in parallel, each in
+its own process, as the kernel's vhost-net runs one thread per pair.
+
+Frames from the TAP wait in the kernel while the guest has no receive buffer (the TAP fd
+is not read until a receive kick says buffers came): nothing is dropped on our side, and
+the TAP queue's own limit applies, as for any NIC.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..engine.device import Events, QueueService
+from ..engine.queue import DeviceQueue
+from ..ratelog import Limited
+from .net import NetPort
+from .net_rings import Counters, put_frames, take_frames
+
+log = logging.getLogger(__name__)
+
+MAX_READ = 64  # frames read from the TAP per look
+
+
+class NetTapService(QueueService):
+    """Serves one rx/tx pair (in its worker)."""
+
+    def __init__(self, dev: NetPort, queues: dict[int, DeviceQueue], events: Events,
+                 tap_fd: int) -> None:
+        self.dev, self.events, self.fd = dev, events, tap_fd
+        self.rxq = next((q for i, q in queues.items() if i % 2 == 0), None)
+        self.txq = next((q for i, q in queues.items() if i % 2 == 1), None)
+        self.counters = Counters()
+        self.watching = False
+        self.failures = Limited(log)
+        if self.rxq is not None:
+            self._watch()
+
+    def _watch(self) -> None:
+        if not self.watching:
+            self.watching = True
+            self.events.watch(self.fd, self.from_tap)
+
+    def _unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.events.unwatch(self.fd)
+
+    def kicked(self, q: DeviceQueue) -> None:
+        if q is self.txq:
+            self.to_tap(q)
+        elif q is self.rxq and not self.watching:
+            self._watch()  # buffers came: read what waited in the TAP
+            self.from_tap()
+
+    def to_tap(self, q: DeviceQueue) -> None:
+        c = self.counters
+        while frames := take_frames(q, self.dev, c):
+            for f in frames:
+                try:
+                    os.write(self.fd, f)
+                except BlockingIOError:
+                    c.drops["tap_full"] += 1
+                except OSError as e:  # the interface is down, say
+                    c.drops["tap_error"] += 1
+                    self.failures.log(logging.WARNING, "TAP write: %s", e.strerror)
+
+    def from_tap(self) -> None:
+        q = self.rxq
+        if q is None:
+            return
+        while (room := q.available()) > 0:
+            frames = []
+            for _ in range(min(room, MAX_READ)):
+                try:
+                    frames.append(os.read(self.fd, 65536))
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    self.failures.log(logging.WARNING, "TAP read: %s", e.strerror)
+                    break
+            if not frames:
+                return
+            put_frames(q, self.dev, self.counters, frames)
+        self._unwatch()  # no buffer: frames wait in the TAP until the guest posts some
+
+    def close(self) -> None:
+        self._unwatch()
