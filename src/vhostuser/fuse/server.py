@@ -57,7 +57,9 @@ _WRITE_OPS = frozenset({Op.SETATTR, Op.SYMLINK, Op.MKNOD, Op.MKDIR, Op.UNLINK, O
                         Op.RENAME, Op.RENAME2, Op.LINK, Op.WRITE, Op.SETXATTR, Op.REMOVEXATTR,
                         Op.CREATE, Op.FALLOCATE, Op.COPY_FILE_RANGE})
 _NO_REPLY = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT})
-_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+# O_NOFOLLOW: the client resolved the name already, and our reopen through /proc/self/fd/N
+# (a magic link) fails with ELOOP under it; a symlink node is never reopened anyway
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _ACC = os.O_ACCMODE
 
 
@@ -138,6 +140,7 @@ class FileServer:
         self.initialized = False
         self.minor = 0
         self.bad = Limited(log)
+        self._serving_pid = 0  # the process whose umask is cleared (see handle)
         self._ops = {op: getattr(self, "op_" + op.name.lower()) for op in Op
                      if hasattr(self, "op_" + op.name.lower())}
 
@@ -146,6 +149,12 @@ class FileServer:
     def handle(self, readable: list[memoryview], writable: list[memoryview]) -> int:
         """Serve the request in `readable`; write the reply into `writable`. Returns the
         bytes written (0 for requests that have no reply)."""
+        if self._serving_pid != os.getpid():
+            # modes arrive masked by the client's umask: ours must take nothing more away.
+            # Cleared in the process that serves requests (a forked worker, a new one after
+            # each queue restart), never at start-up: the daemon's socket keeps the umask
+            os.umask(0)
+            self._serving_pid = os.getpid()
         total = iov_len(readable)
         if total < abi.IN_HEADER.size:
             self.bad.log(logging.WARNING, "a request of %d bytes has no FUSE header", total)
@@ -218,11 +227,17 @@ class FileServer:
         """A real fd on a regular file or a directory node (never another kind)."""
         if ino.is_dir:
             return os.open(".", flags | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=ino.fd)
-        mode = os.fstat(ino.fd).st_mode
+        return self._reopen_file(ino.fd, flags)
+
+    def _reopen_file(self, path_fd: int, flags: int) -> int:
+        """A real fd on the regular file open as `path_fd` (O_PATH); ELOOP for a symlink,
+        ENXIO for a FIFO or a device node, EISDIR for a directory."""
+        mode = os.fstat(path_fd).st_mode
         if not stat.S_ISREG(mode):
-            raise OSError(errno.ELOOP if stat.S_ISLNK(mode) else errno.ENXIO,
+            raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.ELOOP
+                          if stat.S_ISLNK(mode) else errno.ENXIO,
                           "only regular files and directories are opened")
-        return os.open(own_fd(ino.fd), flags | os.O_CLOEXEC, dir_fd=self.proc_fd)
+        return os.open(own_fd(path_fd), flags | os.O_CLOEXEC, dir_fd=self.proc_fd)
 
     def _attr(self, st: os.stat_result, flags: int = 0) -> bytes:
         a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
@@ -480,10 +495,17 @@ class FileServer:
         flags, mode, _, _ = _unpack(abi.CREATE_IN, req.body)
         (name,) = _strings(req.body[abi.CREATE_IN.size :], 1)
         name = _new_name(name)
-        flags = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
+        excl = flags & os.O_EXCL
+        flags = self._open_flags(flags)
         with self.tables.inode(req.nodeid) as parent:
-            with self._as_caller(req):
-                fd = open_beneath(parent.fd, name, flags, stat.S_IMODE(mode))
+            try:  # a new file only: an existing name may be a FIFO or a device node
+                with self._as_caller(req):
+                    fd = open_beneath(parent.fd, name, flags | os.O_CREAT | os.O_EXCL,
+                                      stat.S_IMODE(mode))
+            except FileExistsError:
+                if excl:
+                    raise
+                fd = self._open_existing(parent, name, flags)
             try:
                 path_fd = os.open(own_fd(fd), os.O_PATH | os.O_CLOEXEC,
                                   dir_fd=self.proc_fd)
@@ -494,6 +516,15 @@ class FileServer:
             ino = self.tables.add(path_fd, st)
             fh = self.tables.open(fd, ino, False)
             return self._entry(ino, st, parent) + self._open_out(fh)
+
+    def _open_existing(self, parent: Inode, name: bytes, flags: int) -> int:
+        """CREATE without O_EXCL of a name that exists: opened as OPEN opens a node (a
+        regular file only; opening a FIFO would block us, a device node reach the host's)."""
+        path_fd = open_beneath(parent.fd, name, os.O_PATH)
+        try:
+            return self._reopen_file(path_fd, flags)
+        finally:
+            os.close(path_fd)
 
     def op_read(self, req: Request) -> int:
         fh, offset, size, *_ = _unpack(abi.READ_IN, req.body)
