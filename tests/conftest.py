@@ -49,6 +49,7 @@ MODULE_MARKERS = {
     "test_fs_restart": ["daemon"],
     "test_fs_threads": ["daemon"],
     "test_net_tap": ["daemon"],
+    "test_fuse_tables": ["unit"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

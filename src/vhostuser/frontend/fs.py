@@ -291,6 +291,9 @@ class FsClient:
         return out if size else struct.pack("<I", abi.GETXATTR_OUT.unpack(out)[0])
 
     def listxattr(self, nodeid: int, size: int = 4096) -> list[bytes]:
+        """The names (size > 0: a size-0 query answers a length, not names)."""
+        if size <= 0:
+            raise ValueError("listxattr needs a buffer size")
         out = self.request(Op.LISTXATTR, nodeid, abi.GETXATTR_IN.pack(size, 0),
                            reply=abi.OUT_HEADER.size + max(size, 8))
         return [n for n in out.split(b"\0") if n]

@@ -12,7 +12,7 @@ import struct
 from enum import IntEnum
 
 KERNEL_VERSION = 7
-KERNEL_MINOR_VERSION = 38  # what we speak; older clients (7.31+) are met on their minor
+KERNEL_MINOR_VERSION = 38  # what we speak; older clients (7.27+) are met on their minor
 MIN_MINOR = 27  # older clients are refused at INIT
 ROOT_ID = 1
 

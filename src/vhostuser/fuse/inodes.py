@@ -61,6 +61,10 @@ class Handle(_Ref):
         self.lock = threading.Lock()  # a directory's offset is shared by its READDIRs
 
 
+def _full() -> OSError:
+    return OSError(errno.ENFILE, "too many files open in this session")
+
+
 def _stale() -> OSError:
     return OSError(errno.ESTALE, "unknown node id or file handle")
 
@@ -68,8 +72,9 @@ def _stale() -> OSError:
 class Tables:
     """Inodes and handles of one FUSE session (the root inode is node id 1)."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, limit: int = 1 << 20) -> None:
         self.lock = threading.Lock()
+        self.limit = limit  # nodes and handles at most (each holds an fd)
         self.inodes: dict[int, Inode] = {}
         self.by_key: dict[tuple[int, int], Inode] = {}
         self.handles: dict[int, Handle] = {}
@@ -89,6 +94,9 @@ class Tables:
         with self.lock:
             ino = self.by_key.get((st.st_dev, st.st_ino))
             if ino is None or ino.dead:
+                if len(self.inodes) + len(self.handles) >= self.limit:
+                    os.close(fd)
+                    raise _full()
                 ino = Inode.of(self._next_node, fd, st)
                 self._next_node += 1
                 self.inodes[ino.nodeid] = ino
@@ -136,8 +144,14 @@ class Tables:
     # -- handles -----------------------------------------------------------------------
 
     def open(self, fd: int, inode: Inode, is_dir: bool) -> int:
-        """Register an open file (or directory) of `inode`; returns its handle."""
+        """Register an open file (or directory) of `inode`, which the caller holds (or has
+        just added: then a FORGET may have dropped it meanwhile, ESTALE); returns its
+        handle. ENFILE past the session's limit (the caller closes `fd`)."""
         with self.lock:
+            if inode.dead and inode.users == 0:  # forgotten, its fd closed
+                raise _stale()
+            if len(self.inodes) + len(self.handles) >= self.limit:
+                raise _full()
             fh = self._next_fh
             self._next_fh += 1
             h = self.handles[fh] = Handle(fd, inode, is_dir)

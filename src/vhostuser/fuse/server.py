@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 import struct
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from .syscalls import (
     open_beneath,
     rename2,
     set_fs_creds,
+    syncfs,
     utimens_fd,
 )
 
@@ -134,7 +136,9 @@ class FileServer:
     def __init__(self, root_fd: int, proc_fd: int, opts: ServerOptions) -> None:
         self.opts = opts
         self.proc_fd = proc_fd  # /proc, open: files are reopened as self/fd/N beneath it
-        self.tables = Tables(root_fd)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # every node and handle holds an fd: leave some for the rest of the process
+        self.tables = Tables(root_fd, limit=max(256, min(soft, 1 << 20) - 1024))
         self.ttl = _split(_TIMEOUTS[opts.cache])
         self.as_root = os.geteuid() == 0
         self.initialized = False
@@ -304,7 +308,7 @@ class FileServer:
         self.initialized = True
         out = abi.INIT_OUT.pack(abi.KERNEL_VERSION, self.minor, readahead, flags & want,
                                 64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0)
-        return out if self.minor >= 23 else out[:24]
+        return out  # (the 24-byte reply of clients before 7.23 is not needed: 7.27+)
 
     def op_destroy(self, req: Request) -> bytes:
         self.tables.clear()
@@ -322,7 +326,7 @@ class FileServer:
 
     def abandon(self) -> None:
         """Drop the tables without closing anything (a restore that failed half way)."""
-        self.tables = Tables(self.tables.root.fd)
+        self.tables = Tables(self.tables.root.fd, self.tables.limit)
         self.initialized = False
 
     def restore(self, state: dict[str, Any], fds: list[int]) -> None:
@@ -514,7 +518,11 @@ class FileServer:
                 os.close(fd)
                 raise
             ino = self.tables.add(path_fd, st)
-            fh = self.tables.open(fd, ino, False)
+            try:  # (a FORGET racing us may have dropped the node meanwhile: ESTALE)
+                fh = self.tables.open(fd, ino, False)
+            except OSError:
+                os.close(fd)
+                raise
             return self._entry(ino, st, parent) + self._open_out(fh)
 
     def _open_existing(self, parent: Inode, name: bytes, flags: int) -> int:
@@ -606,7 +614,7 @@ class FileServer:
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.tables.root.fd)
         try:
-            os.fsync(fd)  # what we can do without syncfs(2): the root's own data
+            syncfs(fd)  # the shared directory's file system (submounts are not walked)
         finally:
             os.close(fd)
         return b""
@@ -666,11 +674,18 @@ class FileServer:
     # -- extended attributes -------------------------------------------------------------
 
     def _xattr_fd(self, ino: Inode) -> int:
+        """A real fd of a regular file or directory node to change its attributes on."""
+        if self._no_xattrs(ino):
+            raise OSError(errno.EPERM, "no extended attributes on symlinks, FIFOs and "
+                          "device nodes here")
+        return self._reopen(ino, os.O_RDONLY | os.O_NONBLOCK)
+
+    def _no_xattrs(self, ino: Inode) -> bool:
+        """Symlinks, FIFOs and device nodes are never opened: they read as having no
+        extended attributes (what `cp -a` and `rsync -X` cope with), and refuse new ones."""
         if not self.opts.xattr:
             raise OSError(errno.ENOSYS, "extended attributes are off (--xattr)")
-        if ino.is_symlink:
-            raise OSError(errno.EPERM, "no extended attributes on symlinks here")
-        return self._reopen(ino, os.O_RDONLY | os.O_NONBLOCK)
+        return ino.is_symlink or not (ino.is_dir or stat.S_ISREG(os.fstat(ino.fd).st_mode))
 
     def op_setxattr(self, req: Request) -> bytes:
         size, flags = _unpack(abi.SETXATTR_IN, req.body)
@@ -691,7 +706,9 @@ class FileServer:
         size, _ = _unpack(abi.GETXATTR_IN, req.body)
         (name,) = _strings(req.body[abi.GETXATTR_IN.size :], 1)
         with self.tables.inode(req.nodeid) as ino:
-            fd = self._xattr_fd(ino)
+            if self._no_xattrs(ino):
+                raise OSError(errno.ENODATA, "no such attribute")
+            fd = self._reopen(ino, os.O_RDONLY | os.O_NONBLOCK)
             try:
                 value = os.getxattr(fd, name)
             finally:
@@ -701,11 +718,14 @@ class FileServer:
     def op_listxattr(self, req: Request) -> bytes:
         size, _ = _unpack(abi.GETXATTR_IN, req.body)
         with self.tables.inode(req.nodeid) as ino:
-            fd = self._xattr_fd(ino)
-            try:
-                names = os.listxattr(fd)
-            finally:
-                os.close(fd)
+            if self._no_xattrs(ino):
+                names = []
+            else:
+                fd = self._reopen(ino, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    names = os.listxattr(fd)
+                finally:
+                    os.close(fd)
         return self._sized(b"".join(n.encode("utf-8", "surrogateescape") + b"\0"
                                     for n in names), size)
 

@@ -30,6 +30,7 @@ _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctyp
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
 _libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.syncfs.argtypes = [ctypes.c_int]
 _libc.setfsgid.argtypes = [ctypes.c_uint]
 _DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type; then the name, NUL-ended
 
@@ -116,3 +117,8 @@ def set_fs_creds(uid: int, gid: int) -> None:
     caller checks it may."""
     _libc.setfsgid(gid)
     _libc.setfsuid(uid)
+
+
+def syncfs(fd: int) -> None:
+    """Write back everything of the file system that holds `fd`."""
+    _check(_libc.syncfs(fd))
