@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..engine.device import Carried, Device, Events, QueueService
-from ..engine.queue import DeviceQueue
+from ..engine.queue import DeviceQueue, ParentGone
 from ..fuse import abi
 from ..fuse.abi import Op
 from ..fuse.server import FileServer, ServerOptions
@@ -114,18 +114,21 @@ def _opcode(chain: Chain) -> int:
 
 
 class FsService(QueueService):
-    """Serves the hiprio and request queues (in their worker)."""
+    """Serves the hiprio and request queues (in their worker). A pool thread completes
+    its request itself (the queue's lock orders it with the worker's completions), so the
+    driver hears of it without a hop through the worker's loop."""
 
     def __init__(self, server: FileServer, queues: dict[int, DeviceQueue], events: Events,
                  threads: int) -> None:
         self.server = server
         self.events = events
         self.jobs: queue.SimpleQueue[tuple[DeviceQueue, Chain] | None] = queue.SimpleQueue()
-        self.done: queue.SimpleQueue[tuple[DeviceQueue, Chain, int]] = queue.SimpleQueue()
-        self.pending = 0  # jobs given to the threads and not yet collected
+        self.pending = 0  # jobs given to the threads and not yet completed
+        self.idle = threading.Condition()
+        self.gone = False  # the engine's process died: nothing more may be completed
         self.bad = Limited(log)
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        events.watch(self.efd, self._collect)
+        for q in queues.values():
+            q.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._work, name=f"fuse-{i}", daemon=True)
                         for i in range(threads)]
         for t in self.threads:
@@ -140,13 +143,14 @@ class FsService(QueueService):
                              op)
                 q.complete(chain, 0)
             elif op in POOLED:
-                self.pending += 1
+                with self.idle:
+                    self.pending += 1
                 self.jobs.put((q, chain))
             else:
                 q.complete(chain, handle(chain.readable, chain.writable))
 
     def _work(self) -> None:
-        """A pool thread: serve jobs, hand each completion to the worker's loop."""
+        """A pool thread: serve a job, complete it, notify the driver."""
         while (job := self.jobs.get()) is not None:
             q, chain = job
             try:
@@ -154,21 +158,16 @@ class FsService(QueueService):
             except Exception:  # handle() answers every error itself: this is a bug
                 log.exception("a FUSE request failed")
                 written = 0
-            self.done.put((q, chain, written))
-            os.eventfd_write(self.efd, 1)
-
-    def _collect(self) -> None:
-        try:
-            os.eventfd_read(self.efd)
-        except BlockingIOError:
-            pass
-        while True:
             try:
-                q, chain, written = self.done.get_nowait()
-            except queue.Empty:
-                return
-            self.pending -= 1
-            q.complete(chain, written)
+                if not self.gone:
+                    q.complete(chain, written)
+                    q.notify()
+            except ParentGone:
+                self.gone = True  # the worker's loop finds out too, and stops
+            with self.idle:
+                self.pending -= 1
+                if not self.pending:
+                    self.idle.notify_all()
 
     def offloaded(self) -> bool:
         return self.pending > 0
@@ -178,15 +177,12 @@ class FsService(QueueService):
         return Carried(json.dumps(state).encode(), fds)
 
     def quiesce(self) -> None:
-        while self.pending:
-            q, chain, written = self.done.get()
-            self.pending -= 1
-            q.complete(chain, written)
+        with self.idle:
+            while self.pending:
+                self.idle.wait()
 
     def close(self) -> None:
         for _ in self.threads:
             self.jobs.put(None)
         for t in self.threads:
             t.join()
-        self.events.unwatch(self.efd)
-        os.close(self.efd)

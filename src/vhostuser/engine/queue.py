@@ -14,6 +14,7 @@ and tells the front-end (the err eventfd).
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING
 
 from ..virtq.split import Chain, RingError, SplitQueue
@@ -32,7 +33,7 @@ class ParentGone(Exception):
 class DeviceQueue:
     """One running split virtqueue as a device uses it."""
 
-    __slots__ = ("_chains", "_lens", "_ppid", "call", "completed", "error", "index",
+    __slots__ = ("_chains", "_lens", "_ppid", "call", "completed", "error", "index", "lock",
                  "popped", "ring")
 
     def __init__(self, ring: SplitQueue, index: int, call: Notifier,
@@ -46,6 +47,10 @@ class DeviceQueue:
         self.popped = 0  # chains handed to the device so far
         self.completed = 0  # chains returned to the driver so far
         self.error: RingError | None = None
+        # Set by a service that completes chains from threads of its own: `complete` and
+        # `notify` (the used ring's side) then take it. Taking chains stays with the
+        # worker's thread.
+        self.lock: threading.Lock | None = None
 
     @property
     def inflight(self) -> int:
@@ -112,6 +117,11 @@ class DeviceQueue:
     def complete(self, chain: Chain, written: int) -> None:
         """Return `chain` to the driver with `written` bytes stored in its writable part
         (visible at the next `notify`)."""
+        if self.lock is not None:
+            with self.lock:
+                self._chains.append(chain)
+                self._lens.append(written)
+            return
         self._chains.append(chain)
         self._lens.append(written)
 
@@ -132,6 +142,15 @@ class DeviceQueue:
 
     def notify(self) -> None:
         """Make the staged completions visible to the driver and signal it if it asked."""
+        if not self._chains:
+            return
+        if self.lock is not None:
+            with self.lock:
+                self._publish()
+            return
+        self._publish()
+
+    def _publish(self) -> None:
         if not self._chains:
             return
         if self.completed + len(self._chains) > self.popped:  # a device bug, not the guest's
