@@ -50,6 +50,7 @@ MODULE_MARKERS = {
     "test_fs_threads": ["daemon"],
     "test_net_tap": ["daemon"],
     "test_fuse_tables": ["unit"],
+    "test_descriptors": ["daemon"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..devices.blk import BlkDevice, BlkOptions
-from .common import add_transport_args, check_transport_args, print_capabilities, run, setup_logging
+from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,10 +21,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "block", ["read-only", "blk-file"])
     ap = parser()
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("block", ["read-only", "blk-file"])
     check_transport_args(ap, args)
     if args.blk_file is None:
         ap.error("--blk-file is required")

@@ -84,6 +84,13 @@ def print_capabilities(kind: str, features: list[str]) -> NoReturn:
     sys.exit(0)
 
 
+def capabilities_first(argv: list[str] | None, kind: str, features: list[str]) -> None:
+    """`--print-capabilities` answers before anything else is looked at: management
+    software asks with whatever other options it has (QEMU's vhost-user.rst)."""
+    if "--print-capabilities" in (sys.argv[1:] if argv is None else argv):
+        print_capabilities(kind, features)
+
+
 def until_stopped(run: Callable[[StopSignal], None]) -> int:
     """Run an event loop until SIGTERM/SIGINT; 0 then, 1 on an OS error (printed)."""
     stop = StopSignal()

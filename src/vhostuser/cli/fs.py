@@ -12,7 +12,7 @@ from ..devices.fs import DEFAULT_THREADS, MAX_REQUEST_QUEUES, FsDevice, FsOption
 from ..fuse import abi
 from ..fuse.sandbox import Sandbox, SandboxError, enter
 from ..fuse.server import ServerOptions
-from .common import add_transport_args, check_transport_args, print_capabilities, run, setup_logging
+from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,10 +55,9 @@ def raise_fd_limit(want: int = 1_000_000) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "fs", [])
     ap = parser()
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("fs", [])
     check_transport_args(ap, args)
     if args.shared_dir is None or args.tag is None:
         ap.error("--shared-dir and --tag are required")

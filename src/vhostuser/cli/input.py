@@ -7,7 +7,7 @@ import argparse
 
 from ..devices.input import InputDevice
 from ..devices.input_sources import KINDS, EvdevSource, VirtualSource
-from .common import add_transport_args, check_transport_args, print_capabilities, run, setup_logging
+from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,10 +28,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "input", ["evdev-path", "no-grab"])
     ap = parser()
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("input", ["evdev-path", "no-grab"])
     check_transport_args(ap, args)
     if (args.evdev is None) == (args.events is None):
         ap.error("exactly one of --evdev-path and --events is required")

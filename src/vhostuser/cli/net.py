@@ -15,7 +15,7 @@ from ..switch.vhost_port import VhostPort
 from .common import (
     add_message_timeout,
     apply_message_timeout,
-    print_capabilities,
+    capabilities_first,
     run,
     setup_logging,
 )
@@ -23,6 +23,7 @@ from .switch import serve
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "net", [])
     ap = argparse.ArgumentParser(prog="vhost-user-net", description=__doc__)
     ap.add_argument("--socket-path", metavar="PATH", help="UNIX socket to listen on "
                     "(or to connect to, with --client)")
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     add_message_timeout(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("net", [])
     if sum(x is not None for x in (args.socket_path, args.fd, args.vvu)) != 1:
         ap.error("exactly one of --socket-path, --fd and --vvu is required")
     if args.poll and args.vvu is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..devices.rng import DEFAULT_SOURCE, RngDevice, RngOptions
-from .common import add_transport_args, check_transport_args, print_capabilities, run, setup_logging
+from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,10 +23,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "rng", [])
     ap = parser()
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("rng", [])
     check_transport_args(ap, args)
     if args.max_bytes is not None and args.max_bytes < 1:
         ap.error("--max-bytes must be at least 1")

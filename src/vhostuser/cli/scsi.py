@@ -7,7 +7,7 @@ import argparse
 
 from ..devices.scsi import MAX_LUNS, ScsiDevice
 from ..devices.scsi_disk import LunOptions
-from .common import add_transport_args, check_transport_args, print_capabilities, run, setup_logging
+from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parse_disk(spec: str) -> LunOptions:
@@ -49,10 +49,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "scsi", [])
     ap = parser()
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("scsi", [])
     check_transport_args(ap, args)
     if not args.disk:
         ap.error("at least one --disk is required")

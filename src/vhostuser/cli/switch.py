@@ -24,7 +24,13 @@ from ..engine.worker import DEFAULT_SPIN_US
 from ..switch.core import Switch
 from ..switch.tap import TapPort
 from ..switch.vhost_port import VhostPort
-from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
+from .common import (
+    add_message_timeout,
+    apply_message_timeout,
+    capabilities_first,
+    setup_logging,
+    until_stopped,
+)
 
 
 def parse_port(spec: str, index: int) -> VhostPort:
@@ -77,6 +83,8 @@ def build_parser(prog: str = "vhost-user-switch") -> argparse.ArgumentParser:
                     help="a vhost-user port (repeat for each)")
     ap.add_argument("--tap", metavar="NAME", help="attach the TAP interface NAME as uplink")
     ap.add_argument("--control", metavar="PATH", help="serve counters as JSON on this socket")
+    ap.add_argument("--print-capabilities", action="store_true",
+                    help="print the capabilities of its ports (vhost-user net) as JSON and exit")
     ap.add_argument("--aging", type=float, default=300.0, metavar="S",
                     help="forget a learned MAC after S seconds (default 300)")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["stats"]:
         return stats(argv[1:])
+    capabilities_first(argv, "net", [])  # each port is a vhost-user net back-end
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.port:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..devices.vsock import VsockDevice
-from .common import add_transport_args, check_transport_args, print_capabilities, run, setup_logging
+from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,10 +23,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    capabilities_first(argv, "vsock", [])
     ap = parser()
     args = ap.parse_args(argv)
-    if args.print_capabilities:
-        print_capabilities("vsock", [])
     check_transport_args(ap, args)
     if args.guest_cid is None or args.uds_path is None:
         ap.error("--guest-cid and --uds-path are required")
