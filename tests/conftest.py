@@ -51,6 +51,7 @@ MODULE_MARKERS = {
     "test_net_tap": ["daemon"],
     "test_fuse_tables": ["unit"],
     "test_descriptors": ["daemon"],
+    "test_trace": ["guest"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

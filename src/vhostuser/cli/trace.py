@@ -1,0 +1,79 @@
+"""vhost-user-trace: put it between any vhost-user front-end and back-end (QEMU and
+qemu-storage-daemon, DPDK, ours) and see every message both ways decoded — requests and
+replies by name, feature bits by name, ring addresses, memory regions and what each
+passed fd is — while the connection behaves as without it. Point the front-end at
+--listen; the tracer connects to --connect for each front-end connection."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from typing import Any, TextIO
+
+from ..shutdown import Shutdown
+from ..trace.describe import text
+from ..trace.proxy import TraceSession
+from ..transport.unix import connect, connections
+from .common import setup_logging, until_stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vhost-user-trace", description=__doc__)
+    ap.add_argument("--listen", required=True, metavar="FRONT.sock",
+                    help="the socket the front-end connects to (we listen)")
+    ap.add_argument("--connect", required=True, metavar="BACK.sock",
+                    help="the back-end's socket (it listens)")
+    ap.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    ap.add_argument("--output", metavar="FILE", help="write the trace here (default stdout)")
+    ap.add_argument("--once", action="store_true",
+                    help="exit after the first front-end connection ends")
+    ap.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                    help="how long to retry connecting to the back-end (default 10 s)")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    args = ap.parse_args(argv)
+    if not 0 < args.connect_timeout <= 3600:
+        ap.error("--connect-timeout must be more than 0 and at most 3600 seconds")
+    setup_logging(args.verbose)
+    try:
+        out: TextIO = (open(args.output, "a", buffering=1)  # noqa: SIM115 - closed below
+                       if args.output else sys.stdout)
+    except OSError as e:
+        print(f"error: --output {args.output}: {e.strerror}", file=sys.stderr)
+        return 2
+
+    def emit(ev: dict[str, Any]) -> None:
+        out.write((json.dumps(ev) if args.json else text(ev)) + "\n")
+        out.flush()
+
+    def serve(stop: Any) -> None:
+        for front in connections(path=args.listen, once=args.once, stop=stop):
+            try:
+                back = connect(args.connect, retry_for=args.connect_timeout)
+            except (OSError, TimeoutError) as e:
+                emit({"dir": "front", "t": 0.0, "end": f"cannot reach the back-end: {e}"})
+                front.close()
+                continue
+            try:
+                TraceSession(front, back, emit).run()
+            except Shutdown:
+                raise
+            finally:
+                for s in (front, back):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+
+    try:
+        return until_stopped(serve)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+__all__ = ["main", "socket"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""vhost-user-trace: a transparent proxy that decodes every vhost-user message."""
