@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,27 @@ def test_a_reset_or_a_new_connection_starts_a_new_session(daemon: Daemon) -> Non
             c.getattr(a.nodeid)
         assert e.value.errno == errno.ESTALE
         assert c.lookup(1, b"a.txt").attr.size == 10000
+
+
+def test_a_worker_killed_leaves_a_session_that_serves_on(daemon: Daemon) -> None:
+    """The worker dies (SIGKILL): its tables are gone, nothing is handed over. The next
+    worker serves the session on — the guest will not send INIT again — with its old
+    node ids ESTALE and its handles EBADF, so its kernel looks names up again; a new
+    session starts only at INIT."""
+    fe, c = connect(daemon)
+    with fe:
+        a = c.lookup(1, b"a.txt")
+        fh = c.open(a.nodeid, os.O_RDONLY)
+        (worker,) = daemon.children()
+        os.kill(worker, signal.SIGKILL)
+        fe.restart_queue(1)  # the engine finds it dead and starts another
+        with pytest.raises(FuseError) as e:
+            c.getattr(a.nodeid)
+        assert e.value.errno == errno.ESTALE
+        with pytest.raises(FuseError) as e:
+            c.read(a.nodeid, fh, 0, 3)
+        assert e.value.errno == errno.EBADF
+        again = c.lookup(1, b"a.txt")  # from the root, as the guest's kernel does
+        assert again.attr.size == 10000
+        assert c.read(again.nodeid, c.open(again.nodeid, os.O_RDONLY), 0, 3) == b"012"
+    assert "serving on" in daemon.log()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,32 @@ def test_a_blocked_open_does_not_hold_up_the_requests_behind_it(
         os.close(fd)
         signal.signal(signal.SIGIO, old)
     assert (share / "leased").read_bytes() == b"y"
+
+
+def test_a_pause_waits_for_a_request_blocked_on_the_host(client: tuple[FsClient, Path]) -> None:
+    """The queues stop (a VM pause) while an OPEN waits for the host longer than the
+    engine waits for a silent worker (10 s): the worker says it is still waiting, the
+    engine lets it finish, and the session is handed over whole — not killed and lost."""
+    c, share = client
+    leased = c.lookup(1, b"leased")
+    other = c.lookup(1, b"other")
+    old = signal.signal(signal.SIGIO, lambda *_: None)
+    fd = os.open(share / "leased", os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        _, open_reply = c.submit(Op.OPEN, leased.nodeid, abi.OPEN_IN.pack(os.O_WRONLY, 0),
+                                 at=3 << 20)
+        done = threading.Event()
+        restart = threading.Thread(target=lambda: (c.fe.restart_queue(1), done.set()))
+        restart.start()
+        assert not done.wait(11), "the queue stopped before the OPEN it had finished"
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        restart.join(30)
+        assert done.is_set()
+    finally:
+        os.close(fd)
+        signal.signal(signal.SIGIO, old)
+    [(_, written)] = c.fe.wait_used(1, 1)
+    fh, _, _ = abi.OPEN_OUT.unpack(c.reply_of(open_reply, written))
+    assert c.write(leased.nodeid, fh, 0, b"z") == 1  # the handle made before the pause
+    assert c.getattr(other.nodeid).size == 5  # and a node looked up before it

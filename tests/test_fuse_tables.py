@@ -33,7 +33,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def test_a_session_holds_at_most_its_limit(tree: Path) -> None:
-    t = Tables(opath(tree), limit=3)  # the root, and two more nodes or handles
+    t = Tables(opath(tree), limit=2)  # two fds besides the root's: nodes or handles
     a = t.add(opath(tree / "a"), os.stat(tree / "a"))
     again = opath(tree / "a")
     assert t.add(again, os.stat(tree / "a")) is a and not is_open(again)  # known: no slot
@@ -111,3 +111,18 @@ def test_export_and_restore_carry_every_node_and_handle(tree: Path) -> None:
     fresh.release(fh, False)
     fresh.forget(a.nodeid, 2)
     assert fresh.counts() == (1, 0)
+
+
+def test_forgotten_nodes_kept_by_handles_count_against_the_limit(tree: Path) -> None:
+    """LOOKUP, OPEN, FORGET, again and again: each forgotten node still holds its fd
+    through the handle, so it counts (a reviewer drove 198 fds under a limit of 100)."""
+    t = Tables(opath(tree), limit=4)
+    for name in ("a", "b"):
+        node = t.add(opath(tree / name), os.stat(tree / name))
+        t.open(os.open(tree / name, os.O_RDONLY), node, False)
+        t.forget(node.nodeid, 1)
+    assert t.held == 4
+    c_fd = opath(tree / "c")
+    with pytest.raises(OSError) as e:
+        t.add(c_fd, os.stat(tree / "c"))
+    assert e.value.errno == errno.ENFILE

@@ -106,3 +106,37 @@ def test_a_single_queue_tap_refuses_pairs_clearly(netns: tuple[Netns, bytes],
                  "vutap1", "--queues", "2", check=False)
     assert out.returncode == 1, out
     assert "cannot attach TAP vutap1" in out.stderr and "multi_queue" in out.stderr, out.stderr
+
+
+SEND_FLOWS = """
+import socket, sys
+for port in range(40000, 40000 + int(sys.argv[1])):
+    t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    t.bind(("192.0.2.1", port))
+    t.sendto(b"flow %d" % port, ("192.0.2.2", 9))
+    t.close()
+"""
+
+
+def test_flows_to_a_guest_using_one_pair_of_two_all_arrive(netns: tuple[Netns, bytes],
+                                                           tmp_path: Path) -> None:
+    """--queues 2, but the guest runs only pair 0 (a one-vCPU Linux guest does): the host's
+    flows must not land on the TAP queue nobody reads (it stays detached)."""
+    ns, _ = netns
+    sock = tmp_path / "net.sock"
+    d = Daemon(["vhostuser.cli.net", "--socket-path", str(sock), "--tap", TAP, "--queues",
+                "2", "--mac", GUEST_MAC], sock, tmp_path / "net.log",
+               prefix=("ip", "netns", "exec", ns.name))
+    try:
+        with Frontend(d.sock) as fe:
+            fe.negotiate(FEATURES, ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table()
+            for q in range(2):
+                fe.setup_queue(q, 256)
+            nic = NetClient(fe, 0, rx_buffers=128)
+            ns.run(sys.executable, "-c", SEND_FLOWS, "64")
+            got = {frame[42:] for _, frame in nic.recv(64, timeout=10)}
+            assert got == {b"flow %d" % p for p in range(40000, 40064)}
+    finally:
+        assert d.stop() == 0, d.log()
+        assert "Traceback" not in d.log(), d.log()

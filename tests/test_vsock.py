@@ -358,6 +358,23 @@ def test_streams_go_on_across_a_queue_restart(vs: Session) -> None:
     assert host.recv(100) == b""
 
 
+def test_a_worker_started_meanwhile_does_not_hold_the_streams(vs: Session) -> None:
+    """The event queue's worker starts while the engine holds the rx/tx streams' sockets
+    (their queues are stopped): it must not inherit them, or a stream the next muxer ends
+    would never reach EOF on the host side."""
+    lst = vs.listen(1244)
+    vs.g.send(5011, 1244, REQUEST)
+    assert vs.g.recv()[0].op == RESPONSE
+    host, _ = lst.accept()
+    host.settimeout(5)
+    bases = [vs.fe.get_vring_base(i) for i in (0, 1)]
+    vs.fe.setup_queue(2, 16)  # forks the event queue's worker now
+    for i, base in zip((0, 1), bases, strict=True):  # the rx/tx group comes back
+        vs.fe.start_queue(i, base)
+    vs.g.send(5011, 1244, RST)  # the guest ends the stream: the muxer closes its socket
+    assert host.recv(100) == b""
+
+
 def test_the_streams_end_with_the_front_end(vs: Session) -> None:
     """What a stopped worker handed over belongs to that front-end's session: once it
     disconnects, host programs see EOF."""
@@ -371,7 +388,7 @@ def test_the_streams_end_with_the_front_end(vs: Session) -> None:
     host.setblocking(False)
     with pytest.raises(BlockingIOError):  # still open while the queues are stopped
         host.recv(100)
-    host.settimeout(10)
+    host.settimeout(5)
     vs.fe.close()
     assert host.recv(100) == b""
     vs.fe = Frontend(vs.d.sock)  # for the fixture's clean-up

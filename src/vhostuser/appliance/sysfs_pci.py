@@ -74,12 +74,17 @@ class SysfsPciFunction:
         self.bars: dict[int, mmap.mmap] = {}
         self.views: dict[int, memoryview] = {}  # BAR -> bytes
         self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size
-        for index in range(6):
-            if (self.path / f"resource{index}").exists():
-                try:
-                    self.map_bar(index)
-                except (OSError, ValueError):  # an I/O BAR, or an empty one: not ours to use
-                    pass
+        try:
+            for index in range(6):
+                path = self.path / f"resource{index}"
+                if path.exists() and "_wc" not in path.name:
+                    try:
+                        self.map_bar(index)
+                    except SysfsPciError as e:  # an I/O BAR: not one a virtio device uses
+                        log.debug("%s: BAR %d not mapped: %s", bdf, index, e)
+        except BaseException:
+            self.close()
+            raise
 
     def _take_lock(self, wait: float) -> int:
         """An exclusive flock on the function's config file, taken before touching the
@@ -123,6 +128,8 @@ class SysfsPciFunction:
                 raise SysfsPciError(f"{self.bdf}: BAR {index} cannot be opened: {e}") from e
             try:
                 m = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
+            except (OSError, ValueError) as e:
+                raise SysfsPciError(f"{self.bdf}: BAR {index} cannot be mapped: {e}") from e
             finally:
                 os.close(fd)
             self.bars[index] = m

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import queue
 import struct
@@ -65,6 +66,18 @@ class FsDevice(Device):
         self.num_queues = 1 + opts.request_queues
         self.root_fd = os.open(opts.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.server = FileServer(self.root_fd, PROC_FD, opts.server)
+        # Whether a FUSE session is on, and its minor version, as workers last set them
+        # (shared with them): a worker that starts without the last one's state (it died,
+        # or could not hand it over) serves the session on, its node ids stale, rather
+        # than answering EIO to a guest that will never send INIT again.
+        self._shared = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
+        self.session = memoryview(self._shared).cast("q")
+        self.server.on_session = self._session_changed
+        self.adopted = False
+
+    def _session_changed(self, on: bool, minor: int) -> None:
+        self.session[1] = minor
+        self.session[0] = int(on)
 
     def features(self) -> int:
         return 0  # VIRTIO_FS_F_NOTIFICATION is not offered
@@ -76,23 +89,31 @@ class FsDevice(Device):
         return abi.CONFIG.pack(self.tag, self.opts.request_queues)
 
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> FsService:
+        if not self.adopted and self.session[0] and not self.server.initialized:
+            log.error("the FUSE session's state did not reach this worker (the last one "
+                      "died or could not hand it over): serving on, the guest's node ids "
+                      "and open files are stale (ESTALE, EBADF) until it looks them up again")
+            self.server.resume_lost(int(self.session[1]))
         return FsService(self.server, queues, events, self.opts.threads)
 
     def adopt(self, carried: Carried) -> None:
         try:
             state = json.loads(carried.data)
             self.server.restore(state, carried.fds)
+            self.adopted = True
         except (ValueError, KeyError, TypeError, IndexError):
-            log.exception("the last worker's FUSE session could not be taken up; the guest "
-                          "starts over (its node ids are stale)")
+            log.exception("the last worker's FUSE session could not be taken up")
             self.server.abandon()
             carried.close()
 
     def reset(self) -> None:
         self.server.reset()
+        self._session_changed(False, 0)
 
     def close(self) -> None:
         os.close(self.root_fd)
+        self.session.release()
+        self._shared.close()
 
 
 # Requests that may wait on the host for long (data, syncs, opens: a lease, a slow
@@ -154,20 +175,23 @@ class FsService(QueueService):
         while (job := self.jobs.get()) is not None:
             q, chain = job
             try:
-                written = self.server.handle(chain.readable, chain.writable)
-            except Exception:  # handle() answers every error itself: this is a bug
-                log.exception("a FUSE request failed")
-                written = 0
-            try:
+                try:
+                    written = self.server.handle(chain.readable, chain.writable)
+                except Exception:  # handle() answers every error itself: this is a bug
+                    log.exception("a FUSE request failed")
+                    written = 0
                 if not self.gone:
                     q.complete(chain, written)
                     q.notify()
             except ParentGone:
                 self.gone = True  # the worker's loop finds out too, and stops
-            with self.idle:
-                self.pending -= 1
-                if not self.pending:
-                    self.idle.notify_all()
+            except Exception:
+                log.exception("a FUSE completion failed")
+            finally:
+                with self.idle:
+                    self.pending -= 1
+                    if not self.pending:
+                        self.idle.notify_all()
 
     def offloaded(self) -> bool:
         return self.pending > 0

@@ -8,13 +8,16 @@ valid as it is, so it can leave any port (another guest, a TAP device) unchanged
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
 from ..engine.device import ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature, VirtioFeature
-from .tap import open_tap
+from .tap import open_tap, set_queue
+
+log = logging.getLogger(__name__)
 
 F_MTU = 1 << 3
 F_MAC = 1 << 5
@@ -148,7 +151,18 @@ class NetPort(Device):
             raise NotImplementedError("switch ports are served by the switch loop")
         from .net_tap import NetTapService  # it imports this module
 
-        return NetTapService(self, queues, events, self.tap_fds[min(queues) // 2])
+        return NetTapService(self, queues, events, self.tap_fds[min(queues) // 2],
+                             attach=min(queues) // 2 > 0)
+
+    def stopped(self, indices: list[int]) -> None:
+        """A pair's worker is gone: its TAP queue takes no more of the host's flows (the
+        first stays, so the interface keeps one)."""
+        pair = min(indices) // 2
+        if self.tap_fds and pair > 0:
+            try:
+                set_queue(self.tap_fds[pair], False)
+            except OSError as e:
+                log.warning("TAP queue %d: cannot detach it: %s", pair, e.strerror)
 
     def close(self) -> None:
         for fd in self.tap_fds:

@@ -4,8 +4,11 @@ fills pair k's receive queue. With a multi-queue TAP the pairs run in parallel, 
 its own process, as the kernel's vhost-net runs one thread per pair.
 
 Frames from the TAP wait in the kernel while the guest has no receive buffer (the TAP fd
-is not read until a receive kick says buffers came): nothing is dropped on our side, and
-the TAP queue's own limit applies, as for any NIC.
+is not read until a receive kick says buffers came), and the TAP queue's own limit
+applies, as for any NIC; on our side a frame is dropped only when it needs more merged
+buffers than the guest has posted. A pair's TAP queue is attached while its worker runs:
+the kernel spreads the host's flows over attached queues only, so a guest that uses fewer
+pairs than offered still gets them all.
 """
 
 from __future__ import annotations
@@ -13,28 +16,33 @@ from __future__ import annotations
 import logging
 import os
 
-from ..engine.device import Events, QueueService
+from ..engine.device import Events, QueueService, Timer
 from ..engine.queue import DeviceQueue
 from ..ratelog import Limited
 from .net import NetPort
 from .net_rings import Counters, put_frames, take_frames
+from .tap import set_queue
 
 log = logging.getLogger(__name__)
 
 MAX_READ = 64  # frames read from the TAP per look
+RETRY = 1.0  # s before reading again a TAP that failed
 
 
 class NetTapService(QueueService):
     """Serves one rx/tx pair (in its worker)."""
 
     def __init__(self, dev: NetPort, queues: dict[int, DeviceQueue], events: Events,
-                 tap_fd: int) -> None:
+                 tap_fd: int, attach: bool = False) -> None:
         self.dev, self.events, self.fd = dev, events, tap_fd
         self.rxq = next((q for i, q in queues.items() if i % 2 == 0), None)
         self.txq = next((q for i, q in queues.items() if i % 2 == 1), None)
         self.counters = Counters()
         self.watching = False
+        self.retry: Timer | None = None
         self.failures = Limited(log)
+        if attach and self.rxq is not None:  # the host's flows may come to this queue now
+            set_queue(tap_fd, True)
         if self.rxq is not None:
             self._watch()
 
@@ -56,35 +64,49 @@ class NetTapService(QueueService):
             self.from_tap()
 
     def to_tap(self, q: DeviceQueue) -> None:
+        """One burst (the engine calls again while the ring has more, so a flood from the
+        guest cannot hold the worker)."""
         c = self.counters
-        while frames := take_frames(q, self.dev, c):
-            for f in frames:
-                try:
-                    os.write(self.fd, f)
-                except BlockingIOError:
-                    c.drops["tap_full"] += 1
-                except OSError as e:  # the interface is down, say
-                    c.drops["tap_error"] += 1
-                    self.failures.log(logging.WARNING, "TAP write: %s", e.strerror)
+        for f in take_frames(q, self.dev, c):
+            try:
+                os.write(self.fd, f)
+            except BlockingIOError:
+                c.drops["tap_full"] += 1
+            except OSError as e:  # the interface is down, say
+                c.drops["tap_error"] += 1
+                self.failures.log(logging.WARNING, "TAP write: %s", e.strerror)
 
     def from_tap(self) -> None:
+        """At most a burst (the TAP fd stays readable if there is more: the loop comes
+        back after a look at everything else)."""
         q = self.rxq
-        if q is None:
+        if q is None or self.retry is not None:
             return
-        while (room := q.available()) > 0:
-            frames = []
-            for _ in range(min(room, MAX_READ)):
-                try:
-                    frames.append(os.read(self.fd, 65536))
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    self.failures.log(logging.WARNING, "TAP read: %s", e.strerror)
-                    break
-            if not frames:
-                return
+        room = q.available()
+        if room <= 0:
+            self._unwatch()  # no buffer: frames wait in the TAP until the guest posts some
+            return
+        frames = []
+        for _ in range(min(room, MAX_READ)):
+            try:
+                frames.append(os.read(self.fd, 65536))
+            except BlockingIOError:
+                break
+            except OSError as e:  # the interface went away, say: look again later
+                self.failures.log(logging.WARNING, "TAP read: %s; retrying in %g s",
+                                  e.strerror, RETRY)
+                self._unwatch()
+                self.retry = self.events.call_later(RETRY, self._retry)
+                break
+        if frames:
             put_frames(q, self.dev, self.counters, frames)
-        self._unwatch()  # no buffer: frames wait in the TAP until the guest posts some
+
+    def _retry(self) -> None:
+        self.retry = None
+        self._watch()
+        self.from_tap()
 
     def close(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
         self._unwatch()

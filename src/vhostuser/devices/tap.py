@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
 
 _TUNSETIFF = 0x400454CA
+_TUNSETQUEUE = 0x400454D9
 _IFF_TAP = 0x0002
 _IFF_MULTI_QUEUE = 0x0100
+_IFF_ATTACH_QUEUE = 0x0200
+_IFF_DETACH_QUEUE = 0x0400
 _IFF_NO_PI = 0x1000
 
 
 def open_tap(ifname: str, queues: int = 1) -> list[int]:
     """Attach to the TAP interface `ifname` (created if missing, as the kernel does):
-    `queues` non-blocking fds, a multi-queue interface when more than one."""
+    `queues` non-blocking fds, a multi-queue interface when more than one. Queues past the
+    first are detached (`set_queue`) until their pair runs: the kernel spreads the host's
+    flows over the attached queues only."""
     if not 0 < len(ifname.encode()) < 16 or "/" in ifname:
         raise ValueError(f"bad interface name {ifname!r}")
     flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
@@ -32,8 +38,20 @@ def open_tap(ifname: str, queues: int = 1) -> list[int]:
                 hint = (" (a single-queue TAP cannot take several queues: create it with "
                         "`ip tuntap add ... multi_queue`)" if queues > 1 else "")
                 raise OSError(e.errno, f"cannot attach TAP {ifname}: {e.strerror}{hint}") from e
+        for fd in fds[1:]:
+            set_queue(fd, False)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
     return fds
+
+
+def set_queue(fd: int, attached: bool) -> None:
+    """Attach a multi-queue TAP's queue `fd` to its interface, or detach it."""
+    flag = _IFF_ATTACH_QUEUE if attached else _IFF_DETACH_QUEUE
+    try:
+        fcntl.ioctl(fd, _TUNSETQUEUE, struct.pack("16sH22x", b"", flag))
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: it already is
+            raise

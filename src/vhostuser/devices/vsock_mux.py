@@ -23,6 +23,7 @@ drops them: host programs see EOF.
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
 import json
@@ -532,7 +533,7 @@ class Muxer(QueueService):
         fds: list[int] = []
         for c in [*self.conns.values(), *self.lines.values()]:
             rec = {f: getattr(c, f) for f in self._FIELDS}
-            rec.update(line=c.line.hex(), out=bytes(c.out).hex(), fd=len(fds),
+            rec.update(line=c.line.hex(), out=base64.b64encode(c.out).decode(), fd=len(fds),
                        waiting=c.key in self.waiting)
             conns.append(rec)
             fds.append(c.sock.detach())  # the socket is the engine's now
@@ -562,7 +563,7 @@ class Muxer(QueueService):
             c = Conn(sock, rec["local_port"], rec["peer_port"], rec["state"])
             for f in self._FIELDS:
                 setattr(c, f, rec[f])
-            c.line, c.out = bytes.fromhex(rec["line"]), bytearray.fromhex(rec["out"])
+            c.line, c.out = bytes.fromhex(rec["line"]), bytearray(base64.b64decode(rec["out"]))
             timed = functools.partial(self.timed_out, c)
             if c.state == "line":
                 self.lines[sock.fileno()] = c

@@ -39,7 +39,15 @@ from ..virtq.atomic import U16Array
 from ..virtq.split import RingLayout
 from .device import Carried, ConfigError, Device
 from .notify import NoNotifier, Notifier
-from .worker import DEFAULT_SPIN_US, QueueParams, QueueSpec, Runner, Running, start_worker
+from .worker import (
+    DEFAULT_SPIN_US,
+    QueueParams,
+    QueueSpec,
+    Runner,
+    Running,
+    parent_only_fds,
+    start_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +294,20 @@ class Backend:
         self.status = 0
         self.device.reset()
 
+    def _hold(self, g: int, carried: Carried) -> None:
+        """Keep what group `g`'s worker handed over until the group starts again; no other
+        worker may inherit it (a host socket would never see EOF)."""
+        old = self.carried.pop(g, None)
+        if old is not None:
+            parent_only_fds.difference_update(old.fds)
+            old.close()
+        self.carried[g] = carried
+        parent_only_fds.update(carried.fds)
+
     def _drop_carried(self) -> None:
         """What workers handed over belongs to the session that ends."""
         for c in self.carried.values():
+            parent_only_fds.difference_update(c.fds)
             c.close()
         self.carried.clear()
 
@@ -483,8 +502,15 @@ class Backend:
             params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us)
             specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err))
         carried = self.carried.pop(g, None)
-        self.running[g] = (self.runner(specs, self.mem, self.device, carried),
-                           frozenset(r.index for r in ready))
+        if carried is not None:  # the group's new worker keeps these
+            parent_only_fds.difference_update(carried.fds)
+        try:
+            running = self.runner(specs, self.mem, self.device, carried)
+        except BaseException:
+            if carried is not None:  # kept for the next try
+                self._hold(g, carried)
+            raise
+        self.running[g] = (running, frozenset(r.index for r in ready))
 
     def _stop(self, v: Vring) -> None:
         """Stop v's group if it serves v (the whole group: its other queues restart with
@@ -496,10 +522,7 @@ class Backend:
         running, _ = self.running.pop(g)
         stopped = running.stop()
         if running.carried is not None:
-            old = self.carried.pop(g, None)
-            if old is not None:
-                old.close()
-            self.carried[g] = running.carried
+            self._hold(g, running.carried)
         for index, (last, broken) in stopped.items():
             r = self.vrings[index]
             r.broken = broken

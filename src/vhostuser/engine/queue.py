@@ -126,14 +126,26 @@ class DeviceQueue:
         self._lens.append(written)
 
     def complete_batch(self, chains: list[Chain], written: list[int]) -> None:
+        if self.lock is not None:
+            with self.lock:
+                self._chains += chains
+                self._lens += written
+            return
         self._chains += chains
         self._lens += written
 
     def complete_burst(self, heads: np.ndarray, written: np.ndarray | int = 0) -> None:
         """Return a burst taken with `pop_direct` at once (and notify)."""
+        self.notify()  # what was staged goes first
+        if self.lock is not None:
+            with self.lock:
+                self._push_burst(heads, written)
+            return
+        self._push_burst(heads, written)
+
+    def _push_burst(self, heads: np.ndarray, written: np.ndarray | int) -> None:
         from ..virtq.burst import push_heads
 
-        self.notify()  # what was staged goes first
         self._check_parent()
         push_heads(self.ring, heads, written)
         self.completed += len(heads)

@@ -25,6 +25,7 @@ the parent stops them in order, each finishing what it holds.
 from __future__ import annotations
 
 import ctypes
+import errno
 import heapq
 import itertools
 import logging
@@ -33,9 +34,10 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +56,11 @@ __all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "DRAINED", "IDLE", "MORE", "ParentGon
 _STOP = b"S"
 _REPORT = b"R"  # + an entry per queue: the child's last message
 _CARRY = b"C"  # + a piece of the carried state, with some of its fds
+_CARRY_FAILED = b"F"  # the pieces sent so far are no good
+_WAITING = b"W"  # still quiescing: the device waits for requests in flight on the host
+_WAITING_EVERY = 2.0  # s between those
+QUIESCE_PATIENCE = 120.0  # s a stopping worker may keep saying it is waiting
+MAX_CARRIED = 256 << 20  # bytes of state a worker may hand over
 _ENTRY = struct.Struct("<HHB")  # per queue: index, last avail index, broken flag
 _CARRY_BYTES = 32768  # state bytes per message
 _CARRY_FDS = 200  # fds per message (SCM_MAX_FD is 253)
@@ -113,23 +120,33 @@ class Worker:
         self.indices = indices
         self.carried: Carried | None = None
 
-    def stop(self, timeout: float = 10.0) -> Stopped:
-        """Stop the worker; a queue's index is None if it died without answering."""
+    def stop(self, timeout: float = 10.0, patience: float = QUIESCE_PATIENCE) -> Stopped:
+        """Stop the worker; a queue's index is None if it died without answering. The
+        worker has `timeout` seconds between messages; while it says it is still waiting
+        for its device (requests in flight on the host), up to `patience` in all."""
         report: Stopped | None = None
-        carried = Carried()
+        pieces: list[bytes] = []
+        fds: list[int] = []
+        poisoned = False
+        deadline = time.monotonic() + patience
         try:
             self.ctrl.send(_STOP)
             self.ctrl.settimeout(timeout)
             size = 1 + _ENTRY.size * len(self.indices)
             while True:
-                data, fds, truncated = _recv_with_fds(self.ctrl, max(size, _CARRY_BYTES + 1))
-                carried.fds += fds
+                data, got, truncated = _recv_with_fds(self.ctrl, max(size, _CARRY_BYTES + 1))
+                fds += got
+                if data[:1] == _WAITING and time.monotonic() < deadline:
+                    continue
                 if data[:1] == _CARRY:
-                    carried.data += data[1:]
-                    if truncated:  # fds lost on the way: the state is no good
-                        log.error("queues %s: carried state lost fds", self.indices)
-                        carried.close()
-                        carried.data = b""
+                    pieces.append(data[1:])
+                    if truncated and not poisoned:  # fds lost on the way: no good
+                        log.error("queues %s: the state handed over lost fds (the fd "
+                                  "limit?): dropped", self.indices)
+                        poisoned = True
+                    continue
+                if data[:1] == _CARRY_FAILED:
+                    poisoned = True
                     continue
                 if len(data) == size and data[:1] == _REPORT:
                     report = {i: (last, bool(broken))
@@ -142,7 +159,8 @@ class Worker:
         if report is None or set(report) != set(self.indices):
             os.kill(self.pid, signal.SIGKILL)
             report = None
-        if report is not None and (carried.data or carried.fds):
+        carried = Carried(b"".join(pieces), fds)
+        if report is not None and not poisoned and (carried.data or carried.fds):
             self.carried = carried
         else:
             carried.close()
@@ -166,6 +184,9 @@ def _recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], bo
 
 def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
                  carried: Carried | None = None) -> Worker:
+    """Fork a worker for `specs`. `carried` (what the group's last worker left) goes to
+    the child, which takes it up; the parent's copies are closed once it has forked. If
+    the fork fails, `carried` is untouched (the caller keeps it)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ppid = os.getpid()
     try:
@@ -173,8 +194,6 @@ def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
     except OSError:
         parent.close()
         child.close()
-        if carried is not None:
-            carried.close()
         raise
     if pid:
         child.close()
@@ -184,18 +203,16 @@ def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
     status = 1
     try:
         parent.close()
-        _become_worker(ppid)
-        if carried is not None:
-            device.adopt(carried)
-        status = _Group(specs, mem, device, child, ppid).serve()
+        _become_worker(ppid, keep=carried.fds if carried is not None else ())
+        status = _Group(specs, mem, device, child, ppid, carried).serve()
     except BaseException:  # never let a child unwind into the parent's stack
         traceback.print_exc()
     finally:
         os._exit(status)
 
 
-def _become_worker(ppid: int) -> None:
-    for fd in parent_only_fds:
+def _become_worker(ppid: int, keep: Iterable[int] = ()) -> None:
+    for fd in parent_only_fds.difference(keep):
         try:
             os.close(fd)
         except OSError:
@@ -312,8 +329,9 @@ class _Group:
     """The worker's side: serve a group of queues until STOP."""
 
     def __init__(self, specs: list[QueueSpec], mem: GuestMemory, device: Device,
-                 ctrl: socket.socket, ppid: int) -> None:
+                 ctrl: socket.socket, ppid: int, carried: Carried | None = None) -> None:
         self.specs, self.device, self.ctrl = specs, device, ctrl
+        self.unadopted: Carried | None = None  # handed back as it came if nothing runs
         self.name = device.name
         self.queues: dict[int, DeviceQueue] = {}  # running
         self.started: dict[int, DeviceQueue] = {}  # running or stopped broken
@@ -341,6 +359,15 @@ class _Group:
                 self.poller.register(s.kick_fd, select.POLLIN)
         self.events = _Events(self.poller)
         self.service: QueueService | None = None
+        if not self.queues:
+            self.unadopted = carried
+        elif carried is not None:
+            try:
+                device.adopt(carried)
+            except Exception:
+                log.exception("%s queues %s: the state the last worker left could not be "
+                              "taken up", self.name, sorted(self.queues))
+                carried.close()
         if self.queues:
             try:
                 self.service = device.serve(dict(self.queues), self.events)
@@ -464,10 +491,13 @@ class _Group:
         if not self.ctrl.recv(16):
             return 0  # the parent is gone
         live = dict(self.queues)
-        carried = None
+        carried = self.unadopted
         if self.service is not None:
-            if live and self._run(self.service.quiesce) is _GONE:
-                return 1
+            # even with every queue broken: the service's threads must be done before
+            # its state is handed over
+            with _Heartbeat(self.ctrl):
+                if self._run(self.service.quiesce) is _GONE:
+                    return 1
             try:
                 carried = self.service.carry()
             except Exception:
@@ -487,23 +517,62 @@ class _Group:
             sq = self.started.get(i)  # a queue that broke reports where it stopped
             last = sq.ring.last_avail if sq is not None else s.params.last_avail
             entries.append(_ENTRY.pack(i, last, i in self.broken))
-        try:
-            if carried is not None:
+        if carried is not None:
+            try:
                 self._send_carried(carried)
+            except OSError as e:
+                log.error("%s: the state for the next worker could not be handed over: %s",
+                          self.name, e)
+                try:
+                    self.ctrl.send(_CARRY_FAILED)
+                except OSError:
+                    pass
+        try:
             self.ctrl.send(_REPORT + b"".join(entries))
         except OSError:
             pass
         return 0
 
     def _send_carried(self, carried: Carried) -> None:
-        data, fds = carried.data, carried.fds
+        if len(carried.data) > MAX_CARRIED:
+            raise OSError(errno.EMSGSIZE, f"{len(carried.data)} bytes of state, at most "
+                          f"{MAX_CARRIED}")
+        data, fds = memoryview(carried.data), carried.fds
+        at = fd_at = 0
         while True:
-            piece, data = data[:_CARRY_BYTES], data[_CARRY_BYTES:]
-            some, fds = fds[:_CARRY_FDS], fds[_CARRY_FDS:]
+            piece = data[at : at + _CARRY_BYTES]
+            some = fds[fd_at : fd_at + _CARRY_FDS]
+            at += len(piece)
+            fd_at += len(some)
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(some)}i", *some))]
-            self.ctrl.sendmsg([_CARRY + piece], anc if some else [])
-            if not data and not fds:
+            self.ctrl.sendmsg([_CARRY, piece], anc if some else [])
+            if at >= len(data) and fd_at >= len(fds):
                 return
+
+
+class _Heartbeat:
+    """While the service quiesces (it may wait for requests in flight on the host), tell
+    the parent now and then that the worker is still at it."""
+
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.done.wait(_WAITING_EVERY):
+            try:
+                self.ctrl.send(_WAITING)
+            except OSError:
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 IDLE, DRAINED, MORE = 0, 1, 2  # what run_queue did

@@ -133,6 +133,12 @@ class Frontend:
         """Stop queue `index` (GET_VRING_BASE) and start it again where it stopped, on the
         same ring and eventfds, as QEMU does around a VM pause; returns the base."""
         base = self.get_vring_base(index)
+        self.start_queue(index, base)
+        return base
+
+    def start_queue(self, index: int, base: int) -> None:
+        """Start queue `index` again from `base` on its ring and eventfds (after
+        GET_VRING_BASE stopped it)."""
         q = self.queues[index]
         lay = q.ring.layout()
         self.call(F.SET_VRING_NUM, p.VringState(index, q.ring.size))
@@ -142,7 +148,6 @@ class Frontend:
         self.call(F.SET_VRING_CALL, p.VringFile.make(index), fds=(q.call,))
         if self.features & VirtioFeature.PROTOCOL_FEATURES:
             self.call(F.SET_VRING_ENABLE, p.VringState(index, 1))
-        return base
 
     def get_config(self, size: int, offset: int = 0) -> bytes:
         reply = self.call(F.GET_CONFIG, p.Config(offset, size, 0, bytes(size)), ack=False)

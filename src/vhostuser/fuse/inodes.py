@@ -74,7 +74,8 @@ class Tables:
 
     def __init__(self, root_fd: int, limit: int = 1 << 20) -> None:
         self.lock = threading.Lock()
-        self.limit = limit  # nodes and handles at most (each holds an fd)
+        self.limit = limit  # fds held at most (a node's, a handle's)
+        self.held = 0  # fds held now: live nodes, forgotten nodes a handle keeps, handles
         self.inodes: dict[int, Inode] = {}
         self.by_key: dict[tuple[int, int], Inode] = {}
         self.handles: dict[int, Handle] = {}
@@ -94,10 +95,11 @@ class Tables:
         with self.lock:
             ino = self.by_key.get((st.st_dev, st.st_ino))
             if ino is None or ino.dead:
-                if len(self.inodes) + len(self.handles) >= self.limit:
+                if self.held >= self.limit:
                     os.close(fd)
                     raise _full()
                 ino = Inode.of(self._next_node, fd, st)
+                self.held += 1
                 self._next_node += 1
                 self.inodes[ino.nodeid] = ino
                 self.by_key[(ino.dev, ino.ino)] = ino
@@ -139,7 +141,7 @@ class Tables:
             ino.dead = True
             if ino.users:
                 return  # the last user closes it
-        os.close(ino.fd)
+        self._close(ino.fd)
 
     # -- handles -----------------------------------------------------------------------
 
@@ -150,8 +152,9 @@ class Tables:
         with self.lock:
             if inode.dead and inode.users == 0:  # forgotten, its fd closed
                 raise _stale()
-            if len(self.inodes) + len(self.handles) >= self.limit:
+            if self.held >= self.limit:
                 raise _full()
+            self.held += 1
             fh = self._next_fh
             self._next_fh += 1
             h = self.handles[fh] = Handle(fd, inode, is_dir)
@@ -183,8 +186,14 @@ class Tables:
             self._close_handle(h)
 
     def _close_handle(self, h: Handle) -> None:
-        os.close(h.fd)
+        self._close(h.fd)
         self._unuse(h.inode)
+
+    def _close(self, fd: int) -> None:
+        """Close an fd the tables held (not with the lock held)."""
+        os.close(fd)
+        with self.lock:
+            self.held -= 1
 
     def _unuse(self, ref: _Ref) -> None:
         with self.lock:
@@ -194,7 +203,7 @@ class Tables:
             if isinstance(ref, Handle):
                 self._close_handle(ref)
             else:
-                os.close(ref.fd)
+                self._close(ref.fd)
 
     # -- the session's end ---------------------------------------------------------------
 
@@ -219,6 +228,7 @@ class Tables:
             for i in candidates:
                 if i.dead and i.users == 0:
                     close.append(i.fd)
+            self.held -= len(close)
         for fd in close:
             os.close(fd)
 
@@ -264,6 +274,7 @@ class Tables:
                 node = nodes[nodeid]
                 node.users += 1
                 self.handles[fh] = Handle(fds[at], node, is_dir)
+            self.held = len(nodes) - 1 + len(self.handles)  # the root is not counted
 
     def counts(self) -> tuple[int, int]:
         with self.lock:

@@ -22,6 +22,7 @@ import os
 import resource
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -143,6 +144,8 @@ class FileServer:
         self.as_root = os.geteuid() == 0
         self.initialized = False
         self.minor = 0
+        # told when a session starts or ends (the device keeps it for the next worker)
+        self.on_session: Callable[[bool, int], None] = lambda on, minor: None
         self.bad = Limited(log)
         self._serving_pid = 0  # the process whose umask is cleared (see handle)
         self._ops = {op: getattr(self, "op_" + op.name.lower()) for op in Op
@@ -306,6 +309,7 @@ class FileServer:
             want |= abi.CACHE_SYMLINKS
         self.minor = min(minor, abi.KERNEL_MINOR_VERSION)
         self.initialized = True
+        self.on_session(True, self.minor)
         out = abi.INIT_OUT.pack(abi.KERNEL_VERSION, self.minor, readahead, flags & want,
                                 64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0)
         return out  # (the 24-byte reply of clients before 7.23 is not needed: 7.27+)
@@ -313,6 +317,7 @@ class FileServer:
     def op_destroy(self, req: Request) -> bytes:
         self.tables.clear()
         self.initialized = False
+        self.on_session(False, 0)
         return b""
 
     def reset(self) -> None:
@@ -323,6 +328,11 @@ class FileServer:
         """The session, for the next worker (no request running)."""
         tables, fds = self.tables.export()
         return {"initialized": self.initialized, "minor": self.minor, "tables": tables}, fds
+
+    def resume_lost(self, minor: int) -> None:
+        """Serve on a session whose tables are gone: the root answers, every other node
+        id is ESTALE and every handle EBADF, so the client looks names up again."""
+        self.initialized, self.minor = True, minor
 
     def abandon(self) -> None:
         """Drop the tables without closing anything (a restore that failed half way)."""
