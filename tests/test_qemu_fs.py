@@ -1,13 +1,15 @@
-"""vhost-user-fs with a QEMU 7.2 guest (Linux's virtiofs): the guest mounts three shares at
-once, one served by us, one by QEMU's own virtiofsd (the C reference, same Debian QEMU) and
-one by us read-only. The same script runs on ours and on virtiofsd's, and every line it
-prints must be the same (a conformance comparison); the host then checks what the guest
-wrote, byte for byte, and that nothing outside the shares was touched."""
+"""vhost-user-fs with a QEMU 7.2 guest (Linux's virtiofs): the guest mounts four shares at
+once, one served by us, one by QEMU 7.2's own virtiofsd (C, Debian 12), one by the Rust
+virtiofsd of Debian sid (from the scripts/sid-qemu chroot) and one by us read-only. The
+same script runs on ours and on both virtiofsd's, and every line it prints must be the
+same (a conformance comparison); the host then checks what the guest wrote, byte for
+byte, and that nothing outside the shares was touched."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from qemu_helpers import BackendDaemon, require_guest_prerequisites, wait_until,
 from vhostuser.vm import GuestVM
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+SID_QEMU = Path(__file__).resolve().parents[1] / "scripts" / "sid-qemu"
+RUST_VIRTIOFSD = "/usr/libexec/virtiofsd"  # in the sid chroot
 MODULES = ["virtio_pci", "virtiofs"]
 MANY = 10_000
 SCRIPT = r"""
@@ -57,9 +61,10 @@ exercise() {
     cd /
     umount /mnt/$t && echo "$t UMOUNT $?"
 }
-mkdir -p /mnt/ours /mnt/ref /mnt/ro
+mkdir -p /mnt/ours /mnt/ref /mnt/rust /mnt/ro
 exercise ours
 exercise ref
+exercise rust
 (find /lib/modules -type f | sort | xargs sha256sum) > /tmp/modsums
 echo "MODSUMS $(sha256sum /tmp/modsums | cut -c1-16)"
 mount -t virtiofs ro /mnt/ro && cd /mnt/ro && echo "RO SEED $(cat seed.txt)"
@@ -98,36 +103,61 @@ def fs_args(sock: Path, tag: str, n: int) -> list[str]:
             "-device", f"vhost-user-fs-pci,chardev=fs{n},tag={tag}"]
 
 
+def rust_virtiofsd() -> list[str]:
+    """The sid chroot's virtiofsd (installed there if missing), as a command."""
+    root = subprocess.run([str(SID_QEMU), "path"], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+    if not os.access(f"{root}{RUST_VIRTIOFSD}", os.X_OK):
+        out = subprocess.run([str(SID_QEMU), "install", "virtiofsd"], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+    return [str(SID_QEMU), "exec", "--", RUST_VIRTIOFSD]
+
+
 def test_guest_uses_our_share_as_it_uses_virtiofsd(tmp_path: Path) -> None:
     if not os.access(VIRTIOFSD, os.X_OK):
         pytest.fail(f"{VIRTIOFSD} is missing (Debian package qemu-system-common)")
+    rust_cmd = rust_virtiofsd()
     tree = {f"a/b{i}/file{j}.bin": os.urandom(1000 * (i + 1) + j)
             for i in range(5) for j in range(8)}
     tree["top.txt"] = b"top\n"
-    ours, ref, ro = tmp_path / "ours", tmp_path / "ref", tmp_path / "ro"
-    for share in (ours, ref, ro):
+    ours, ref, rust, ro = (tmp_path / n for n in ("ours", "ref", "rust", "ro"))
+    for share in (ours, ref, rust, ro):
         populate(share, tree)
     outside = tmp_path / "outside.txt"
     outside.write_text("not shared\n")
     ref_sock, ref_log = tmp_path / "ref.sock", tmp_path / "virtiofsd.log"
+    rust_sock, rust_log = tmp_path / "rust.sock", tmp_path / "rust-virtiofsd.log"
     with (BackendDaemon(tmp_path, "vhost-user-fs", ["--shared-dir", str(ours), "--tag",
                                                     "ours"], name="fs") as d,
           BackendDaemon(tmp_path, "vhost-user-fs", ["--shared-dir", str(ro), "--tag", "ro",
                                                     "--readonly"], name="fs-ro") as dro,
-          ref_log.open("wb") as log):
+          ref_log.open("wb") as log, rust_log.open("wb") as rlog):
         virtiofsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={ref_sock}", "-o",
                                       f"source={ref}", "-o", "cache=auto"],
                                      stdout=log, stderr=subprocess.STDOUT)
+        rust_proc = subprocess.Popen([*rust_cmd, f"--socket-path={rust_sock}",
+                                      f"--shared-dir={rust}", "--sandbox=chroot",
+                                      "--cache=auto"],
+                                     stdout=rlog, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         try:
             assert wait_until(lambda: ref_sock.exists(), 10), ref_log.read_text()
+            assert wait_until(lambda: rust_sock.exists(), 30), rust_log.read_text()
             vm = GuestVM(SCRIPT, modules=MODULES, timeout=300, mem_mb=512,
                          qemu_args=[*fs_args(d.sock, "ours", 0), *fs_args(ref_sock, "ref", 1),
-                                    *fs_args(dro.sock, "ro", 2)])
+                                    *fs_args(rust_sock, "rust", 2),
+                                    *fs_args(dro.sock, "ro", 3)])
             with vm, watchdog(d, vm):
                 result = vm.run()
         finally:
             virtiofsd.terminate()
             virtiofsd.wait(10)
+            try:
+                os.killpg(rust_proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            rust_proc.wait(10)
         assert result.status == 0, f"{result.console[-4000:]}\n{d.describe()}"
         assert d.stop() == 0, d.describe()
         assert dro.stop() == 0, dro.describe()
@@ -135,10 +165,11 @@ def test_guest_uses_our_share_as_it_uses_virtiofsd(tmp_path: Path) -> None:
             assert "Traceback" not in daemon.log, daemon.describe()
     lines = result.lines
     got = {tag: [ln.split(" ", 1)[1] for ln in lines if ln.startswith(tag + " ")]
-           for tag in ("ours", "ref", "RO")}
-    # the same answers, line by line, from us and from virtiofsd
-    assert got["ours"] == got["ref"], "\n".join(
-        f"{a!r:60} {b!r}" for a, b in zip(got["ours"], got["ref"], strict=False))
+           for tag in ("ours", "ref", "rust", "RO")}
+    # the same answers, line by line, from us and from both virtiofsd's
+    for peer in ("ref", "rust"):
+        assert got["ours"] == got[peer], f"ours vs {peer}:\n" + "\n".join(
+            f"{a!r:60} {b!r}" for a, b in zip(got["ours"], got[peer], strict=False))
     out = dict(ln.split(" ", 1) for ln in got["ours"])
     assert out["SEED"] == "planted by the host"
     assert out["CAT"] == "hello" and out["NLINK"] == "2" and out["SOFT"] == "g.txt hello"
@@ -161,8 +192,9 @@ def test_guest_uses_our_share_as_it_uses_virtiofsd(tmp_path: Path) -> None:
     assert os.readlink(ours / "esc") == "/etc/shadow"
     assert os.readlink(ours / "d" / "soft") == "g.txt"
     assert not (ours / "many" / "f0").exists()
-    assert tree_digest(ours / "tree") == tree_digest(ref / "tree")
-    assert tree_digest(ours / "out") == tree_digest(ref / "out")
+    for peer in (ref, rust):
+        assert tree_digest(ours / "tree") == tree_digest(peer / "tree")
+        assert tree_digest(ours / "out") == tree_digest(peer / "out")
     mods = "".join(f"{h}  /lib/modules/{rel}\n" for rel, h in
                    sorted(tree_digest(ours / "out" / "modules").items()))
     assert hashlib.sha256(mods.encode()).hexdigest()[:16] == dict(
