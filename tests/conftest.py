@@ -52,6 +52,7 @@ MODULE_MARKERS = {
     "test_fuse_tables": ["unit"],
     "test_descriptors": ["daemon"],
     "test_trace": ["guest"],
+    "test_scsi_hotplug": ["daemon"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

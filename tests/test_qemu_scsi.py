@@ -103,3 +103,54 @@ def test_guest_disks_on_two_luns(tmp_path: Path) -> None:
     cat = subprocess.run([debugfs, "-R", "cat /pat.bin", str(rw)], capture_output=True)
     assert cat.stdout == pat
     assert ro.read_bytes()[:MiB] != bytes(MiB) and len(ro.read_bytes()) == 16 * MiB
+
+
+HOTPLUG_SCRIPT = r"""
+echo "BEFORE $(ls /sys/block | grep sd | tr '\n' ' ')"
+echo ADD-NOW
+i=0; while [ ! -e /sys/block/sdb ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+echo "ADDED $(ls /sys/block | grep sd | tr '\n' ' ')$(cat /sys/block/sdb/size) \
+$(tail -c +5 /sys/block/sdb/device/vpd_pg80)"
+dd if=/pat of=/dev/sdb bs=64k count=1 oflag=direct 2>/dev/null
+echo "WROTE $?"
+echo REMOVE-NOW
+i=0; while [ -e /sys/block/sdb ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+echo "REMOVED $(ls /sys/block | grep sd | tr '\n' ' ')"
+"""
+
+
+def test_luns_hot_added_and_removed(tmp_path: Path) -> None:
+    """`vhost-user-scsi lun add/remove` while the guest runs: Linux's virtio_scsi takes
+    the transport-reset events — a new disk appears, takes a write, and goes."""
+    a, b, ctl = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "ctl.sock"
+    for img in (a, b):
+        with open(img, "wb") as f:
+            f.truncate(8 * MiB)
+    pat = os.urandom(64 << 10)
+
+    def lun(*args: str) -> str:
+        out = subprocess.run(["vhost-user-scsi", "lun", "--control", str(ctl), *args],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    with BackendDaemon(tmp_path, "vhost-user-scsi", ["--disk", str(a), "--control",
+                                                     str(ctl)], name="scsi") as d:
+        vm = GuestVM(HOTPLUG_SCRIPT, modules=MODULES, timeout=120, files={"pat": pat},
+                     qemu_args=["-chardev", f"socket,id=c0,path={d.sock}",
+                                "-device", "vhost-user-scsi-pci,chardev=c0"])
+        with vm, watchdog(d, vm):
+            vm.start()
+            vm.wait_for("ADD-NOW", 90)
+            lun("add", f"{b},serial=HOT-ADDED")
+            vm.wait_for("REMOVE-NOW", 60)
+            lun("remove", "1")
+            result = vm.wait()
+        assert result.status == 0, f"{result.console[-3000:]}\n{d.describe()}"
+        assert d.stop() == 0, d.describe()
+        assert "Traceback" not in d.log, d.describe()
+    out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+    assert out["BEFORE"] == "sda ", result.console[-2000:]
+    assert out["ADDED"] == f"sda sdb {8 * MiB // 512} HOT-ADDED", result.console[-2000:]
+    assert out["WROTE"] == "0" and out["REMOVED"] == "sda "
+    assert b.read_bytes()[: 64 << 10] == pat

@@ -4,37 +4,21 @@ LUN 0, 1, ... of target 0)."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from ..devices.scsi import MAX_LUNS, ScsiDevice
+from ..devices.scsi_control import request
 from ..devices.scsi_disk import LunOptions
 from .common import add_transport_args, capabilities_first, check_transport_args, run, setup_logging
 
 
 def parse_disk(spec: str) -> LunOptions:
     """FILE[,read-only][,serial=S][,wwn=HEX]"""
-    path, *opts = spec.split(",")
-    if not path:
-        raise argparse.ArgumentTypeError(f"{spec!r}: no image file")
-    read_only, serial, wwn = False, None, None
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key == "read-only" and not value:
-            read_only = True
-        elif key == "serial" and value:
-            if len(value.encode()) > 32 or not value.isascii() or not value.isprintable():
-                raise argparse.ArgumentTypeError(f"serial {value!r}: up to 32 printable ASCII "
-                                                 "characters")
-            serial = value
-        elif key == "wwn" and value:
-            try:
-                wwn = int(value.removeprefix("0x"), 16)
-            except ValueError:
-                wwn = -1
-            if not 0 < wwn < 1 << 64:
-                raise argparse.ArgumentTypeError(f"wwn {value!r}: a 64-bit NAA identifier in hex")
-        else:
-            raise argparse.ArgumentTypeError(f"{opt!r}: not read-only, serial=S or wwn=HEX")
-    return LunOptions(path, read_only, serial, wwn)
+    try:
+        return LunOptions.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,10 +29,45 @@ def parser() -> argparse.ArgumentParser:
                     help="a LUN backed by a raw image (repeat for LUN 1, 2, ...)")
     ap.add_argument("--num-queues", type=int, default=1, metavar="N",
                     help="request queues (default 1)")
+    ap.add_argument("--control", metavar="PATH",
+                    help="take LUN commands on this socket while a front-end is connected "
+                         "(`vhost-user-scsi lun --control PATH list|add DISK|remove N`)")
     return ap
 
 
+def lun_command(argv: list[str]) -> int:
+    """`vhost-user-scsi lun --control PATH list | add DISK | remove N`"""
+    ap = argparse.ArgumentParser(prog="vhost-user-scsi lun",
+                                 description="add or remove a running target's LUNs")
+    ap.add_argument("--control", required=True, metavar="PATH")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    add = sub.add_parser("add")
+    add.add_argument("disk", type=parse_disk, metavar="FILE[,read-only][,serial=S][,wwn=HEX]")
+    rm = sub.add_parser("remove")
+    rm.add_argument("lun", type=int)
+    args = ap.parse_args(argv)
+    req: dict[str, object] = {"cmd": args.cmd}
+    if args.cmd == "add":
+        req["disk"] = argv[argv.index("add") + 1]
+    elif args.cmd == "remove":
+        req["lun"] = args.lun
+    try:
+        reply = request(args.control, req)
+    except (OSError, ValueError) as e:
+        print(f"error: {args.control}: {e}", file=sys.stderr)
+        return 1
+    if "error" in reply:
+        print(f"error: {reply['error']}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lun"]:
+        return lun_command(argv[1:])
     capabilities_first(argv, "scsi", [])
     ap = parser()
     args = ap.parse_args(argv)
@@ -60,7 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.num_queues <= 64:
         ap.error("--num-queues must be between 1 and 64")
     setup_logging(args.verbose)
-    return run(args, lambda: ScsiDevice(args.disk, args.num_queues))
+
+    def make() -> ScsiDevice:
+        dev = ScsiDevice(args.disk, args.num_queues)
+        if args.control is not None:
+            try:
+                dev.serve_control(args.control)
+            except OSError:
+                dev.close()
+                raise
+        return dev
+
+    return run(args, make)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,15 @@ from __future__ import annotations
 import logging
 import mmap
 import struct
+from typing import Any
 
 from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService, Timer
 from ..engine.queue import DeviceQueue
+from ..engine.worker import parent_only_fds
 from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.split import Chain
+from .scsi_control import ControlSocket
 from .scsi_disk import (
     CHECK_CONDITION,
     HARDWARE_ERROR,
@@ -36,6 +39,7 @@ from .scsi_disk import (
     LunState,
     Overrun,
     Sense,
+    report_luns,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,8 @@ AN = struct.Struct("<I8sI")  # type, lun, event_requested
 (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_ACA, TMF_CLEAR_TASK_SET, TMF_I_T_NEXUS_RESET,
  TMF_LOGICAL_UNIT_RESET, TMF_QUERY_TASK, TMF_QUERY_TASK_SET) = range(8)
 EVENT = struct.Struct("<I8sI")  # event, lun, reason
-T_PARAM_CHANGE = 3
+T_TRANSPORT_RESET, T_PARAM_CHANGE = 1, 3
+RESET_RESCAN, RESET_REMOVED = 1, 2  # transport-reset reasons
 CONFIG = struct.Struct("<IIIIIIIHHI")
 CONTROLQ, EVENTQ, FIRST_REQUESTQ = 0, 1, 2
 MAX_LUNS = 256
@@ -87,23 +92,93 @@ class ScsiDevice(Device):
             raise ValueError(f"request queues must be 1..64, not {num_queues}")
         self.request_queues = num_queues
         self.num_queues = FIRST_REQUESTQ + num_queues
-        slots = len(disks) * LunState.SLOTS + num_queues
+        n = LunState.SLOTS
+        slots = MAX_LUNS * n + num_queues + MAX_LUNS
         size = (slots * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE
         self._shared = mmap.mmap(-1, size * mmap.PAGESIZE, mmap.MAP_SHARED)
-        cells = memoryview(self._shared).cast("q")
-        n = LunState.SLOTS
+        self.cells = cells = memoryview(self._shared).cast("q")
         # per request queue: whether its worker has requests in hand (written by it alone)
-        self.busy = cells[n * len(disks) : n * len(disks) + num_queues]
-        self.luns: list[Lun] = []
+        self.busy = cells[n * MAX_LUNS : n * MAX_LUNS + num_queues]
+        # per LUN: a transport-reset event owed to the guest (its reason + 1), for LUNs
+        # added or removed at run time (kept here, so a restarted worker still owes it)
+        self.reset_owed = cells[n * MAX_LUNS + num_queues : n * MAX_LUNS + num_queues + MAX_LUNS]
+        self.luns: dict[int, Lun] = {}  # LUN number -> its unit (target 0)
+        self.changed = False  # LUNs came or went: workers must be restarted to see it
         try:
-            for i, opts in enumerate(disks):
-                self.luns.append(Lun(i, opts, LunState(cells[n * i : n * (i + 1)])))
+            for opts in disks:
+                self.add_lun(opts, announce=False)
         except Exception:
             self.close()
             raise
-        for lun in self.luns:
-            lun.lun_count = len(self.luns)
         self.negotiated = 0
+
+    def add_lun(self, opts: LunOptions, announce: bool = True) -> int:
+        """A new LUN (the lowest number free) over `opts`; the guest is told to rescan
+        (a transport-reset event) if `announce`. Raises OSError or ValueError."""
+        free = next((i for i in range(MAX_LUNS) if i not in self.luns), None)
+        if free is None:
+            raise ValueError(f"target 0 has {MAX_LUNS} LUNs already")
+        n = LunState.SLOTS
+        state = LunState(self.cells[n * free : n * (free + 1)])
+        state.take_ua()
+        state.event_owed = False
+        self.luns[free] = Lun(free, opts, state)
+        self._renumbered()
+        if announce:
+            self.reset_owed[free] = RESET_RESCAN + 1
+        return free
+
+    def remove_lun(self, number: int) -> None:
+        lun = self.luns.pop(number, None)
+        if lun is None:
+            raise ValueError(f"no LUN {number}")
+        lun.close()  # (workers hold their own copies until they are restarted)
+        self._renumbered()
+        self.reset_owed[number] = RESET_REMOVED + 1
+
+    def _renumbered(self) -> None:
+        numbers = sorted(self.luns)
+        for lun in self.luns.values():
+            lun.lun_numbers = numbers
+        Lun.lun_numbers = numbers  # what an absent LUN answers REPORT LUNS with
+        self.changed = True
+
+    def tick(self) -> bool:
+        """LUN changes from the control socket (the CLI's `lun` commands) take effect by
+        restarting the workers, which inherit the new set."""
+        if self.control is not None:
+            self.control.poll()
+        changed, self.changed = self.changed, False
+        return changed
+
+    control: ControlSocket | None = None
+
+    def serve_control(self, path: str) -> None:
+        """Take LUN commands on the UNIX socket `path` (devices/scsi_control.py)."""
+        self.control = ControlSocket(path, self._control_request)
+        parent_only_fds.add(self.control.fileno())  # workers leave it alone
+
+    def _control_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "list":
+            return {"luns": [{"lun": n, "path": lun.opts.path, "read_only": lun.read_only,
+                              "blocks": lun.state.capacity}
+                             for n, lun in sorted(self.luns.items())]}
+        if cmd == "add":
+            disk = req.get("disk")
+            if not isinstance(disk, str):
+                raise ValueError('"add" needs "disk": "FILE[,read-only][,serial=S][,wwn=HEX]"')
+            number = self.add_lun(LunOptions.parse(disk))
+            log.info("LUN %d added: %s", number, disk)
+            return {"lun": number}
+        if cmd == "remove":
+            which = req.get("lun")
+            if not isinstance(which, int) or isinstance(which, bool):
+                raise ValueError('"remove" needs "lun": a LUN number')
+            self.remove_lun(which)
+            log.info("LUN %d removed", which)
+            return {"removed": which}
+        raise ValueError(f"unknown command {cmd!r} (list, add, remove)")
 
     def features(self) -> int:
         # HOTPLUG too: Linux posts event buffers only with it (and QEMU passes it on)
@@ -129,7 +204,7 @@ class ScsiDevice(Device):
             raise ConfigError("only sense_size 96 and cdb_size 32 are supported")
 
     def reset(self) -> None:
-        for lun in self.luns:
+        for lun in self.luns.values():
             lun.reset()
         for i in range(len(self.busy)):
             self.busy[i] = 0
@@ -147,9 +222,11 @@ class ScsiDevice(Device):
         return RequestService(self, min(queues))
 
     def close(self) -> None:
-        for lun in self.luns:
+        for lun in self.luns.values():
             lun.close()
-        self.luns = []
+        self.luns = {}
+        if self.control is not None:
+            self.control.close()
 
 
 class RequestService(InOrderService):
@@ -197,9 +274,9 @@ class RequestService(InOrderService):
         status, sense, n, response = 0, b"", 0, S_OK
         if where is None or where[0] != 0:
             response = S_BAD_TARGET
-        elif where[1] < len(self.luns):
+        elif (lun := self.luns.get(where[1])) is not None:
             try:
-                status, sense, n = self.luns[where[1]].execute(cdb, data_out, data_in)
+                status, sense, n = lun.execute(cdb, data_out, data_in)
             except Overrun:
                 response = S_OVERRUN
             except Exception:  # a bug answers HARDWARE ERROR; the queue goes on
@@ -207,14 +284,13 @@ class RequestService(InOrderService):
                 status, n = CHECK_CONDITION, 0
                 sense = Sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE).data()
         else:
-            status, sense, n = _absent_lun(self.luns[0], cdb, data_out, data_in)
+            status, sense, n = _absent_lun(cdb, data_in)
         resid = iov_len(data_in) - n if data_in else 0
         iov_write(w, RESP.pack(len(sense), resid, 0, status, response) + sense.ljust(SENSE_SIZE))
         return RESP_SIZE + n
 
 
-def _absent_lun(lun0: Lun, cdb: bytes, out: list[memoryview],
-                din: list[memoryview]) -> tuple[int, bytes, int]:
+def _absent_lun(cdb: bytes, din: list[memoryview]) -> tuple[int, bytes, int]:
     """A LUN target 0 does not have: INQUIRY says so (peripheral qualifier 3), REPORT
     LUNS works as on any LUN, everything else is LOGICAL UNIT NOT SUPPORTED."""
     if cdb[0] == 0x12 and not cdb[1] & 0x01:
@@ -222,7 +298,10 @@ def _absent_lun(lun0: Lun, cdb: bytes, out: list[memoryview],
         data = bytes([0x7F, 0, 0x06, 0x02, 31, 0, 0, 0x02]) + bytes(28)
         return 0, b"", iov_write(din, data[: int.from_bytes(cdb[3:5], "big")])
     if cdb[0] == 0xA0:
-        return lun0.execute(cdb, out, din)
+        try:
+            return 0, b"", report_luns(cdb, din, Lun.lun_numbers)
+        except Sense as e:
+            return CHECK_CONDITION, e.data(), 0
     sense = Sense(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED).data()
     if cdb[0] == 0x03:  # REQUEST SENSE: GOOD, the sense data says why
         return 0, b"", iov_write(din, sense[: cdb[4]])
@@ -234,6 +313,7 @@ class ControlService(QueueService):
 
     def __init__(self, dev: ScsiDevice, queues: dict[int, DeviceQueue], events: Events) -> None:
         self.luns, self.events, self.busy = dev.luns, events, dev.busy
+        self.reset_owed = dev.reset_owed
         self.controlq, self.eventq = queues.get(CONTROLQ), queues.get(EVENTQ)
         self.held: list[tuple[Chain, int, bytes]] = []  # TMFs waiting for requests in hand
         self.malformed = Limited(log)
@@ -241,7 +321,7 @@ class ControlService(QueueService):
         self.timer = events.call_later(RESIZE_LOOK, self.look)
 
     def look(self) -> None:
-        for lun in self.luns:
+        for lun in self.luns.values():
             lun.check_resize()
         self.deliver()
         self.timer = self.events.call_later(RESIZE_LOOK, self.look)
@@ -250,7 +330,20 @@ class ControlService(QueueService):
         """Parameter-change events owed (kept in the shared page, so a restarted worker
         still owes them), as far as the guest has event buffers."""
         q = self.eventq
-        for lun in self.luns:
+        for number in range(MAX_LUNS):  # LUNs added or removed: rescan, or remove
+            reason = self.reset_owed[number] - 1
+            if q is None or reason < 0:
+                continue
+            chain = q.pop()
+            if chain is None:
+                log.info("events wait for the guest's event buffers")
+                return
+            ev = EVENT.pack(T_TRANSPORT_RESET, lun_address(number), reason)
+            q.complete(chain, iov_write(chain.writable, ev))
+            self.reset_owed[number] = 0
+            log.info("LUN %d %s: transport-reset event to the guest", number,
+                     "added" if reason == RESET_RESCAN else "removed")
+        for lun in self.luns.values():
             if q is None or not lun.state.event_owed:
                 continue
             chain = q.pop()
@@ -306,7 +399,7 @@ class ControlService(QueueService):
         where = parse_lun(lun_field)
         if where is None or where[0] != 0:
             return S_BAD_TARGET
-        if where[1] >= len(self.luns) and subtype != TMF_I_T_NEXUS_RESET:
+        if where[1] not in self.luns and subtype != TMF_I_T_NEXUS_RESET:
             return S_INCORRECT_LUN
         if subtype in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_CLEAR_ACA,
                        TMF_QUERY_TASK, TMF_QUERY_TASK_SET):
@@ -315,7 +408,7 @@ class ControlService(QueueService):
             self.luns[where[1]].state.raise_ua(LUN_RESET_UA)
             return S_FUNCTION_COMPLETE
         if subtype == TMF_I_T_NEXUS_RESET:
-            for lun in self.luns:
+            for lun in self.luns.values():
                 lun.state.raise_ua(NEXUS_LOSS_UA)
             return S_FUNCTION_COMPLETE
         return S_FUNCTION_REJECTED

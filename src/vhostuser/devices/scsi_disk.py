@@ -92,6 +92,45 @@ class LunOptions:
     serial: str | None = None
     wwn: int | None = None  # a 64-bit NAA identifier
 
+    @classmethod
+    def parse(cls, spec: str) -> LunOptions:
+        """FILE[,read-only][,serial=S][,wwn=HEX]; ValueError says what is wrong."""
+        path, *opts = spec.split(",")
+        if not path:
+            raise ValueError(f"{spec!r}: no image file")
+        read_only, serial, wwn = False, None, None
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "read-only" and not value:
+                read_only = True
+            elif key == "serial" and value:
+                if len(value.encode()) > 32 or not value.isascii() or not value.isprintable():
+                    raise ValueError(f"serial {value!r}: up to 32 printable ASCII characters")
+                serial = value
+            elif key == "wwn" and value:
+                try:
+                    wwn = int(value.removeprefix("0x"), 16)
+                except ValueError:
+                    wwn = -1
+                if not 0 < wwn < 1 << 64:
+                    raise ValueError(f"wwn {value!r}: a 64-bit NAA identifier in hex")
+            else:
+                raise ValueError(f"{opt!r}: not read-only, serial=S or wwn=HEX")
+        return cls(path, read_only, serial, wwn)
+
+
+def report_luns(cdb: bytes, din: list[memoryview], numbers: list[int]) -> int:
+    """REPORT LUNS (answered alike on every LUN, present or not)."""
+    alloc = _u32(cdb, 6)
+    if alloc < 16:
+        raise bad_field(6)
+    if cdb[2] not in (0x00, 0x01, 0x02):
+        raise bad_field(2)
+    # SELECT REPORT 1: well-known LUNs only (there are none)
+    luns = b"" if cdb[2] == 0x01 else b"".join(_lun_entry(i) for i in numbers)
+    data = len(luns).to_bytes(4, "big") + bytes(4) + luns
+    return iov_write(din, data[:alloc])
+
 
 class LunState:
     """What every process serving a LUN must see alike: [capacity in blocks, write cache
@@ -299,16 +338,9 @@ class Lun:
         return bytes([0x00, page]) + len(body).to_bytes(2, "big") + bytes(body)
 
     def report_luns(self, cdb: bytes, out: list[memoryview], din: list[memoryview]) -> int:
-        alloc = _u32(cdb, 6)
-        if alloc < 16:
-            raise bad_field(6)
-        if cdb[2] not in (0x00, 0x01, 0x02):
-            raise bad_field(2)
-        # SELECT REPORT 1: well-known LUNs only (there are none)
-        luns = b"" if cdb[2] == 0x01 else b"".join(_lun_entry(i) for i in range(self.lun_count))
-        return self._answer(len(luns).to_bytes(4, "big") + bytes(4) + luns, alloc, din)
+        return report_luns(cdb, din, self.lun_numbers)
 
-    lun_count = 1  # set by the device: how many LUNs target 0 has
+    lun_numbers: list[int] = [0]  # set by the device: the LUNs target 0 has now
 
     def read_capacity10(self, cdb: bytes, out: list[memoryview], din: list[memoryview]) -> int:
         last = self.state.capacity - 1

@@ -246,6 +246,9 @@ class Backend:
         changed (a resized disk) tells the front-end with CONFIG_CHANGE_MSG, which has it
         read the config again (no ack asked: the front-end answers with GET_CONFIG on this
         connection, which must stay free to serve it)."""
+        if self.device.tick():
+            log.info("the device changed what its workers inherit: restarting them")
+            self._restart_running()
         if self.backend_req is None or not self.device.config_changed():
             return  # without a channel the change waits for the front-end's GET_CONFIG
         log.info("config changed: CONFIG_CHANGE_MSG to the front-end")
@@ -549,6 +552,14 @@ class Backend:
     def _start_all(self) -> None:
         for members in self.groups:
             self._maybe_start(self.vrings[members[0]])
+
+    def _restart_running(self) -> None:
+        """Restart the groups that run (each from where its worker stopped)."""
+        groups = list(self.running)
+        for g in groups:
+            self._stop_group(g)
+        for g in groups:
+            self._maybe_start(self.vrings[self.groups[g][0]])
 
     def _restart_all(self) -> None:
         self._stop_all()

@@ -155,6 +155,13 @@ class Device(ABC):
         a second while the front-end is quiet and has given a back-end channel."""
         return False
 
+    def tick(self) -> bool:
+        """Called about once a second in the engine's process while a front-end is
+        connected and quiet (a control socket of the device's own may be looked at here).
+        True: the device changed what its workers inherit (a LUN added); the engine
+        restarts every running group, each worker finishing what it holds first."""
+        return False
+
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""
 
