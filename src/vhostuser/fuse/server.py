@@ -64,6 +64,10 @@ _NO_REPLY = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT})
 # (a magic link) fails with ELOOP under it; a symlink node is never reopened anyway
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _ACC = os.O_ACCMODE
+_OPS = {int(op): op for op in Op}  # opcode -> Op, without Op()'s exception for unknown ones
+_IN_SIZE, _IN_UNPACK = abi.IN_HEADER.size, abi.IN_HEADER.unpack_from
+_OUT_SIZE, _OUT_PACK = abi.OUT_HEADER.size, abi.OUT_HEADER.pack_into
+_WRITE, _WRITE_IN_SIZE = int(Op.WRITE), abi.WRITE_IN.size
 
 
 @dataclass(frozen=True)
@@ -162,25 +166,32 @@ class FileServer:
             # each queue restart), never at start-up: the daemon's socket keeps the umask
             os.umask(0)
             self._serving_pid = os.getpid()
-        total = iov_len(readable)
-        if total < abi.IN_HEADER.size:
+        n = len(readable)
+        first = readable[0] if n else memoryview(b"")
+        total = len(first) if n == 1 else iov_len(readable)
+        if total < _IN_SIZE:
             self.bad.log(logging.WARNING, "a request of %d bytes has no FUSE header", total)
             return 0
-        head = iov_read(readable, abi.IN_HEADER.size)
-        hdr = abi.IN_HEADER.unpack(head)
+        # the usual shapes: all in one buffer, or the header alone then the arguments
+        hdr = (_IN_UNPACK(first, 0) if len(first) >= _IN_SIZE
+               else _IN_UNPACK(iov_read(readable, _IN_SIZE), 0))
         opcode, extlen = hdr[1], hdr[7]
-        if opcode == Op.WRITE:  # the data stays where it is
-            body = iov_read(readable, abi.WRITE_IN.size, abi.IN_HEADER.size)
-        elif total - abi.IN_HEADER.size > MAX_BODY:
+        if opcode == _WRITE:  # the data stays where it is
+            body = iov_read(readable, _WRITE_IN_SIZE, _IN_SIZE)
+        elif total - _IN_SIZE > MAX_BODY:
             return self._reply_error(hdr[2], writable, errno.EINVAL)
         else:
-            body = iov_read(readable, total - abi.IN_HEADER.size, abi.IN_HEADER.size)
+            if n == 1:
+                body = bytes(first[_IN_SIZE:])
+            elif n == 2 and len(first) == _IN_SIZE:
+                body = bytes(readable[1])
+            else:
+                body = iov_read(readable, total - _IN_SIZE, _IN_SIZE)
             if extlen:  # extensions we never asked for (e.g. a security context)
                 body = body[: max(0, len(body) - 8 * extlen)]
         req = Request(hdr, body, readable, writable)
-        try:
-            op = Op(opcode)
-        except ValueError:
+        op = _OPS.get(opcode)
+        if op is None:
             return self._reply_error(req.unique, writable, errno.ENOSYS)
         try:
             fn = self._ops.get(op)
@@ -210,7 +221,17 @@ class FileServer:
         return self._reply(req.unique, writable, result)
 
     def _reply(self, unique: int, writable: list[memoryview], payload: bytes) -> int:
-        n = abi.OUT_HEADER.size + len(payload)
+        n = _OUT_SIZE + len(payload)
+        w0 = writable[0] if writable else None
+        if w0 is not None and len(w0) >= n:  # the reply fits the first buffer
+            _OUT_PACK(w0, 0, n, 0, unique)
+            w0[_OUT_SIZE:n] = payload
+            return n
+        if (w0 is not None and len(w0) == _OUT_SIZE and len(writable) > 1
+                and len(writable[1]) >= len(payload)):  # header, then the reply (Linux)
+            _OUT_PACK(w0, 0, n, 0, unique)
+            writable[1][: len(payload)] = payload
+            return n
         if n > iov_len(writable):
             self.bad.log(logging.WARNING, "a reply of %d bytes does not fit the %d bytes "
                          "the driver gave", n, iov_len(writable))
