@@ -29,7 +29,7 @@ REPORT_LUNS = bytes([0xA0, 0, 0, 0, 0, 0]) + (4096).to_bytes(4, "big") + bytes(2
 
 
 class Target:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, event_buffers: int = 4) -> None:
         self.tmp = tmp_path
         for name in ("a.img", "b.img"):
             with open(tmp_path / name, "wb") as f:
@@ -46,7 +46,7 @@ class Target:
         self.c = ScsiClient(self.fe)
         self.events = [self.fe.ram.alloc(EVENT.size) for _ in range(4)]
         self.posted: dict[int, int] = {}
-        for gpa in self.events:
+        for gpa in self.events[:event_buffers]:
             self.post(gpa)
 
     def post(self, gpa: int) -> None:
@@ -54,17 +54,24 @@ class Target:
         self.fe.kick(1)
 
     def event(self) -> tuple[int, bytes, int]:
-        [(head, written)] = self.fe.wait_used(1, 1, timeout=10)
-        gpa = self.posted.pop(head)
-        assert written == EVENT.size
-        ev = EVENT.unpack(bytes(self.fe.ram.at(gpa, EVENT.size)))
-        self.post(gpa)
+        (ev,) = self.take_events(1)
         return ev
 
-    def lun(self, *args: str) -> tuple[int, dict[str, object], str]:
+    def take_events(self, n: int) -> list[tuple[int, bytes, int]]:
+        out, free = [], []
+        for head, written in self.fe.wait_used(1, n, timeout=10):
+            gpa = self.posted.pop(head)
+            assert written == EVENT.size
+            out.append(EVENT.unpack(bytes(self.fe.ram.at(gpa, EVENT.size))))
+            free.append(gpa)
+        for gpa in free:  # only once all are read: their heads are free again
+            self.post(gpa)
+        return out
+
+    def lun(self, *args: str, cwd: Path | None = None) -> tuple[int, dict[str, object], str]:
         out = subprocess.run([sys.executable, "-m", "vhostuser.cli.scsi", "lun", "--control",
                               self.control, *args], capture_output=True, text=True,
-                             timeout=30)
+                             timeout=30, cwd=cwd)
         return out.returncode, json.loads(out.stdout) if out.returncode == 0 else {}, out.stderr
 
     def luns(self) -> list[int]:
@@ -95,6 +102,12 @@ def test_a_lun_added_and_removed_at_run_time(target: Target) -> None:
     inq = t.c.command(INQUIRY, lun=1, data_in=36)
     assert inq.status == 0 and inq.data[0] == 0x00 and inq.data[8:16] == b"VHOSTUSR"
     assert t.luns() == [0, 1]
+    # a new unit: its first command gets POWER ON, RESET OR BUS DEVICE RESET OCCURRED,
+    # the others REPORTED LUNS DATA HAS CHANGED (SAM-5; INQUIRY and REPORT LUNS are exempt)
+    tur = bytes(6)
+    assert t.c.command(tur, lun=1).key_code == (0x06, 0x29, 0x00)
+    assert t.c.command(tur, lun=0).key_code == (0x06, 0x3F, 0x0E)
+    assert t.c.command(tur, lun=1).status == 0
     data = bytes(range(256)) * 16
     write = struct.pack(">BBIBHB", 0x2A, 0, 8, 0, 8, 0)  # WRITE (10): 8 blocks at 8
     assert t.c.command(write, lun=1, data_out=data).status == 0
@@ -107,10 +120,40 @@ def test_a_lun_added_and_removed_at_run_time(target: Target) -> None:
     assert gone.status == 2 and gone.key_code == (0x05, 0x25, 0x00)  # LUN NOT SUPPORTED
     assert t.luns() == [0]
     assert (t.tmp / "b.img").read_bytes()[8 * 512 : 16 * 512] == data
-    # the next LUN added takes the lowest free number again
-    rc, reply, _ = t.lun("add", str(t.tmp / "b.img"))
+    # the next LUN added takes the lowest free number again (its REMOVED is delivered)
+    rc, reply, _ = t.lun("add", "b.img", cwd=t.tmp)  # relative to the client's directory
     assert rc == 0 and reply == {"lun": 1}
     assert t.event() == (TRANSPORT_RESET, EVENT_LUN1, RESCAN)
+
+
+def test_a_number_is_not_reused_before_its_removal_reaches_the_guest(tmp_path: Path) -> None:
+    """Added, removed, and another image added while the guest has posted no event
+    buffer: the new LUN must not take the number whose REMOVED the guest has not seen (it
+    would keep the old disk's device, page cache and mounts over the new image)."""
+    t = Target(tmp_path, event_buffers=0)
+    try:
+        assert t.lun("add", str(t.tmp / "b.img"))[1] == {"lun": 1}
+        assert t.lun("remove", "1")[1] == {"removed": 1}
+        assert t.lun("add", str(t.tmp / "b.img"))[1] == {"lun": 2}
+        for gpa in t.events:
+            t.post(gpa)
+        assert t.take_events(2) == [(TRANSPORT_RESET, EVENT_LUN1, REMOVED),
+                                          (TRANSPORT_RESET, bytes([1, 0, 0, 2]) + bytes(4),
+                                           RESCAN)]
+    finally:
+        t.close()
+
+
+def test_an_image_that_would_block_is_refused_at_once(target: Target) -> None:
+    """A FIFO (or a tty) is never opened: the daemon's main process must not wait for a
+    writer (the front-end's next message would go unanswered)."""
+    import os
+
+    fifo = target.tmp / "fifo"
+    os.mkfifo(fifo)
+    rc, _, err = target.lun("add", f"{fifo},read-only")
+    assert rc == 1 and "not a regular file or a block device" in err, err
+    assert target.luns() == [0]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -129,7 +172,8 @@ def test_bad_lun_commands_are_refused_and_the_target_serves_on(
 def test_garbage_on_the_control_socket(target: Target) -> None:
     import socket
 
-    for payload in (b"not json\n", b"[1, 2]\n", b'{"cmd": "explode"}\n', b"\xff" * 5000):
+    for payload in (b"not json\n", b"[1, 2]\n", b'{"cmd": "explode"}\n', b"\xff" * 5000,
+                    b"[" * 3000 + b"\n"):
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(target.control)

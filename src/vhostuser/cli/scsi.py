@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..devices.scsi import MAX_LUNS, ScsiDevice
@@ -43,13 +44,18 @@ def lun_command(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list")
     add = sub.add_parser("add")
-    add.add_argument("disk", type=parse_disk, metavar="FILE[,read-only][,serial=S][,wwn=HEX]")
+    add.add_argument("disk", metavar="FILE[,read-only][,serial=S][,wwn=HEX]")
     rm = sub.add_parser("remove")
     rm.add_argument("lun", type=int)
     args = ap.parse_args(argv)
     req: dict[str, object] = {"cmd": args.cmd}
     if args.cmd == "add":
-        req["disk"] = argv[argv.index("add") + 1]
+        try:
+            LunOptions.parse(args.disk)
+        except ValueError as e:
+            ap.error(str(e))
+        path, sep, opts = args.disk.partition(",")
+        req["disk"] = os.path.abspath(path) + sep + opts  # the daemon's cwd is not ours
     elif args.cmd == "remove":
         req["lun"] = args.lun
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import socket
 import struct
 from typing import Any
 
@@ -39,6 +40,7 @@ from .scsi_disk import (
     LunState,
     Overrun,
     Sense,
+    check_image,
     report_luns,
 )
 
@@ -64,6 +66,8 @@ CONTROLQ, EVENTQ, FIRST_REQUESTQ = 0, 1, 2
 MAX_LUNS = 256
 RESIZE_LOOK = 1.0  # s between looks at the images' sizes
 LUN_RESET_UA = (0x29, 0x03)  # BUS DEVICE RESET FUNCTION OCCURRED
+POWER_ON_UA = (0x29, 0x00)  # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
+LUNS_CHANGED_UA = (0x3F, 0x0E)  # REPORTED LUNS DATA HAS CHANGED
 NEXUS_LOSS_UA = (0x29, 0x07)  # I_T NEXUS LOSS OCCURRED
 
 
@@ -103,7 +107,6 @@ class ScsiDevice(Device):
         # added or removed at run time (kept here, so a restarted worker still owes it)
         self.reset_owed = cells[n * MAX_LUNS + num_queues : n * MAX_LUNS + num_queues + MAX_LUNS]
         self.luns: dict[int, Lun] = {}  # LUN number -> its unit (target 0)
-        self.changed = False  # LUNs came or went: workers must be restarted to see it
         try:
             for opts in disks:
                 self.add_lun(opts, announce=False)
@@ -113,18 +116,21 @@ class ScsiDevice(Device):
         self.negotiated = 0
 
     def add_lun(self, opts: LunOptions, announce: bool = True) -> int:
-        """A new LUN (the lowest number free) over `opts`; the guest is told to rescan
-        (a transport-reset event) if `announce`. Raises OSError or ValueError."""
-        free = next((i for i in range(MAX_LUNS) if i not in self.luns), None)
+        """A new LUN over `opts` (the lowest number neither in use nor awaiting its REMOVED
+        event); the guest is told to rescan if `announce` (with no worker running).
+        Raises OSError or ValueError."""
+        free = next((i for i in range(MAX_LUNS)
+                     if i not in self.luns and not self.reset_owed[i]), None)
         if free is None:
-            raise ValueError(f"target 0 has {MAX_LUNS} LUNs already")
+            raise ValueError(f"target 0 has no LUN number free (of {MAX_LUNS})")
         n = LunState.SLOTS
         state = LunState(self.cells[n * free : n * (free + 1)])
         state.take_ua()
         state.event_owed = False
         self.luns[free] = Lun(free, opts, state)
-        self._renumbered()
+        self._renumbered(announce)
         if announce:
+            state.raise_ua(POWER_ON_UA)  # a new unit, as SAM has it
             self.reset_owed[free] = RESET_RESCAN + 1
         return free
 
@@ -132,33 +138,49 @@ class ScsiDevice(Device):
         lun = self.luns.pop(number, None)
         if lun is None:
             raise ValueError(f"no LUN {number}")
-        lun.close()  # (workers hold their own copies until they are restarted)
-        self._renumbered()
+        lun.close()
+        self._renumbered(True)
         self.reset_owed[number] = RESET_REMOVED + 1
 
-    def _renumbered(self) -> None:
+    def _renumbered(self, at_run_time: bool) -> None:
         numbers = sorted(self.luns)
         for lun in self.luns.values():
             lun.lun_numbers = numbers
+            if at_run_time:
+                lun.state.raise_ua(LUNS_CHANGED_UA)
         Lun.lun_numbers = numbers  # what an absent LUN answers REPORT LUNS with
-        self.changed = True
-
-    def tick(self) -> bool:
-        """LUN changes from the control socket (the CLI's `lun` commands) take effect by
-        restarting the workers, which inherit the new set."""
-        if self.control is not None:
-            self.control.poll()
-        changed, self.changed = self.changed, False
-        return changed
 
     control: ControlSocket | None = None
 
     def serve_control(self, path: str) -> None:
         """Take LUN commands on the UNIX socket `path` (devices/scsi_control.py)."""
-        self.control = ControlSocket(path, self._control_request)
+        self.control = ControlSocket(path)
         parent_only_fds.add(self.control.fileno())  # workers leave it alone
+        self.pending: list[tuple[socket.socket, dict[str, Any]]] = []
 
-    def _control_request(self, req: dict[str, Any]) -> dict[str, Any]:
+    def tick(self) -> bool:
+        """Requests from the control socket: `list` is answered now; an add or a remove
+        that looks right waits for `commit` (the engine stops the workers first)."""
+        if self.control is None:
+            return False
+        for conn, req in self.control.poll():
+            if isinstance(req, str):
+                self.control.reply(conn, {"error": req})
+                continue
+            try:
+                reply = self._check_request(req)
+            except (OSError, ValueError) as e:
+                reply = {"error": e.strerror if isinstance(e, OSError) and e.strerror
+                         else str(e)}
+            if reply is None:
+                self.pending.append((conn, req))
+            else:
+                self.control.reply(conn, reply)
+        return bool(self.pending)
+
+    def _check_request(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """The answer to `req` if it needs no change (or is wrong); None if it is a change
+        to make at `commit`."""
         cmd = req.get("cmd")
         if cmd == "list":
             return {"luns": [{"lun": n, "path": lun.opts.path, "read_only": lun.read_only,
@@ -168,17 +190,35 @@ class ScsiDevice(Device):
             disk = req.get("disk")
             if not isinstance(disk, str):
                 raise ValueError('"add" needs "disk": "FILE[,read-only][,serial=S][,wwn=HEX]"')
-            number = self.add_lun(LunOptions.parse(disk))
-            log.info("LUN %d added: %s", number, disk)
-            return {"lun": number}
+            check_image(LunOptions.parse(disk).path)
+            return None
         if cmd == "remove":
             which = req.get("lun")
             if not isinstance(which, int) or isinstance(which, bool):
                 raise ValueError('"remove" needs "lun": a LUN number')
-            self.remove_lun(which)
-            log.info("LUN %d removed", which)
-            return {"removed": which}
+            if which not in self.luns:
+                raise ValueError(f"no LUN {which}")
+            return None
         raise ValueError(f"unknown command {cmd!r} (list, add, remove)")
+
+    def commit(self) -> None:
+        """Make the waiting changes, in order, and answer each (no worker runs)."""
+        pending, self.pending = self.pending, []
+        for conn, req in pending:
+            try:
+                if req["cmd"] == "add":
+                    number = self.add_lun(LunOptions.parse(req["disk"]))
+                    log.info("LUN %d added: %s", number, req["disk"])
+                    reply: dict[str, Any] = {"lun": number}
+                else:
+                    self.remove_lun(req["lun"])
+                    log.info("LUN %d removed", req["lun"])
+                    reply = {"removed": req["lun"]}
+            except (OSError, ValueError) as e:
+                reply = {"error": e.strerror if isinstance(e, OSError) and e.strerror
+                         else str(e)}
+            if self.control is not None:
+                self.control.reply(conn, reply)
 
     def features(self) -> int:
         # HOTPLUG too: Linux posts event buffers only with it (and QEMU passes it on)
@@ -206,6 +246,8 @@ class ScsiDevice(Device):
     def reset(self) -> None:
         for lun in self.luns.values():
             lun.reset()
+        for i in range(MAX_LUNS):  # a new session scans the LUNs there are
+            self.reset_owed[i] = 0
         for i in range(len(self.busy)):
             self.busy[i] = 0
 
@@ -314,6 +356,7 @@ class ControlService(QueueService):
     def __init__(self, dev: ScsiDevice, queues: dict[int, DeviceQueue], events: Events) -> None:
         self.luns, self.events, self.busy = dev.luns, events, dev.busy
         self.reset_owed = dev.reset_owed
+        self.hotplug = bool(dev.negotiated & F_HOTPLUG)  # else no transport-reset event
         self.controlq, self.eventq = queues.get(CONTROLQ), queues.get(EVENTQ)
         self.held: list[tuple[Chain, int, bytes]] = []  # TMFs waiting for requests in hand
         self.malformed = Limited(log)
@@ -332,7 +375,7 @@ class ControlService(QueueService):
         q = self.eventq
         for number in range(MAX_LUNS):  # LUNs added or removed: rescan, or remove
             reason = self.reset_owed[number] - 1
-            if q is None or reason < 0:
+            if q is None or reason < 0 or not self.hotplug:
                 continue
             chain = q.pop()
             if chain is None:

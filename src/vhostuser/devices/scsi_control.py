@@ -6,10 +6,11 @@ per connection, one JSON line back:
     {"cmd": "remove", "lun": N}             -> {"removed": N}
     anything wrong                          -> {"error": "..."}
 
-Served in the engine's process about once a second while a front-end is connected (a
-change then restarts the workers, which inherit the new LUN set, and the guest gets a
-transport-reset event: rescan, or removed). A client that does not send its line in time
-is dropped; nothing it sends can stop the daemon.
+Looked at in the engine's process about once a second while a front-end is connected,
+never waiting for a client. A change is answered once it is in effect: the workers are
+stopped, the LUN set changes, they start again (inheriting it), and the guest gets a
+transport-reset event (rescan, or removed). A client that does not send its line within
+a second is answered with an error; nothing it sends can stop or stall the daemon.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..ratelog import Limited
@@ -32,63 +32,102 @@ CLIENT_TIMEOUT = 1.0  # s a client has to send its request
 MAX_CLIENTS = 8  # served per look
 
 
+class Client:
+    __slots__ = ("conn", "data", "deadline")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.data = b""
+        self.deadline = time.monotonic() + CLIENT_TIMEOUT
+
+
 class ControlSocket:
-    def __init__(self, path: str, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Never waits: each look accepts who is there, reads what they sent, and hands out
+    the complete requests; a client has CLIENT_TIMEOUT seconds to send its line."""
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.handle = handle
         self.sock = listen(path, backlog=16)
         self.sock.setblocking(False)
+        self.clients: list[Client] = []
         self.bad = Limited(log)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def poll(self) -> None:
-        for _ in range(MAX_CLIENTS):
+    def poll(self) -> list[tuple[socket.socket, dict[str, Any] | str]]:
+        """Complete requests: (the client's connection, its JSON object, or what is wrong
+        with it). The caller answers each with `reply`."""
+        while len(self.clients) < MAX_CLIENTS:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 self.bad.log(logging.ERROR, "control socket: cannot accept: %s", e)
-                return
-            with conn:
-                self._serve(conn)
+                break
+            conn.setblocking(False)
+            self.clients.append(Client(conn))
+        ready: list[tuple[socket.socket, dict[str, Any] | str]] = []
+        now = time.monotonic()
+        for c in list(self.clients):
+            eof = False
+            try:
+                while b"\n" not in c.data and len(c.data) <= MAX_REQUEST:
+                    chunk = c.conn.recv(MAX_REQUEST + 1 - len(c.data))
+                    if not chunk:
+                        eof = True
+                        break
+                    c.data += chunk
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                eof = True
+            line, newline, _ = c.data.partition(b"\n")
+            if not newline and len(c.data) <= MAX_REQUEST and not eof and now < c.deadline:
+                continue  # not all here yet
+            self.clients.remove(c)
+            if eof and not newline:  # gone (a client that timed out and left, say)
+                c.conn.close()
+                continue
+            if not newline:
+                self.bad.log(logging.WARNING, "control socket: a client sent no request "
+                             "line in time")
+                self.reply(c.conn, {"error": "no request line (one JSON object, then a "
+                                             "newline, within a second)"})
+                continue
+            ready.append((c.conn, _parse(line)))
+        return ready
 
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(CLIENT_TIMEOUT)
-        deadline = time.monotonic() + CLIENT_TIMEOUT
-        data = b""
+    def reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        """Answer and hang up (a client that does not read its answer loses it)."""
         try:
-            while b"\n" not in data and len(data) <= MAX_REQUEST:
-                conn.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = conn.recv(MAX_REQUEST + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:  # timed out, or gone
-            self.bad.log(logging.WARNING, "control socket: a client sent no request in time")
-            return
-        try:
-            request = json.loads(data.split(b"\n", 1)[0] or b"null")
-            if not isinstance(request, dict):
-                raise ValueError("a JSON object is expected")
-            reply = self.handle(request)
-        except ValueError as e:  # JSON errors too
-            reply = {"error": str(e)}
-        except OSError as e:
-            reply = {"error": e.strerror or str(e)}
-        try:
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+            conn.send(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass
+        conn.close()
 
     def close(self) -> None:
+        for c in self.clients:
+            c.conn.close()
+        self.clients = []
         self.sock.close()
         try:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _parse(line: bytes) -> dict[str, Any] | str:
+    try:
+        if line.count(b"[") + line.count(b"{") > 32:
+            return "too deeply nested"
+        request = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        return f"not JSON: {e}"
+    if not isinstance(request, dict):
+        return "a JSON object is expected"
+    return request
 
 
 def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -104,5 +143,7 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
             if not chunk:
                 break
             data += chunk
-    reply: dict[str, Any] = json.loads(data or b"{}")
+    if not data:
+        raise ValueError("the daemon closed the connection without answering")
+    reply: dict[str, Any] = json.loads(data)
     return reply

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -132,6 +133,29 @@ def report_luns(cdb: bytes, din: list[memoryview], numbers: list[int]) -> int:
     return iov_write(din, data[:alloc])
 
 
+def check_image(path: str) -> None:
+    """An image must be a regular file or a block device (a FIFO would block its opener,
+    a terminal become its controlling tty)."""
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise ValueError(f"{path}: not a regular file or a block device")
+
+
+def open_image(path: str, read_only: bool) -> int:
+    """Open an image without ever waiting (O_NONBLOCK until it is known to be one)."""
+    fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NONBLOCK
+                 | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ValueError(f"{path}: not a regular file or a block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class LunState:
     """What every process serving a LUN must see alike: [capacity in blocks, write cache
     enabled, pending unit attention (asc << 8 | ascq, 0 for none), a parameter-change
@@ -196,11 +220,14 @@ class Lun:
     def __init__(self, index: int, opts: LunOptions, state: LunState) -> None:
         self.index, self.opts, self.state = index, opts, state
         self.read_only = opts.read_only
-        self.fd = os.open(opts.path, os.O_RDONLY if opts.read_only else os.O_RDWR)
-        size = _size(self.fd)
-        if size < BLOCK:
+        self.fd = open_image(opts.path, opts.read_only)
+        try:
+            size = _size(self.fd)
+            if size < BLOCK:
+                raise ValueError(f"{opts.path}: {size} bytes, less than one {BLOCK}-byte block")
+        except BaseException:
             os.close(self.fd)
-            raise ValueError(f"{opts.path}: {size} bytes, less than one {BLOCK}-byte block")
+            raise
         digest = hashlib.sha256(os.path.abspath(opts.path).encode()).digest()
         self.serial = (opts.serial if opts.serial is not None
                        else digest[:10].hex()).encode()[:32]

@@ -247,8 +247,13 @@ class Backend:
         read the config again (no ack asked: the front-end answers with GET_CONFIG on this
         connection, which must stay free to serve it)."""
         if self.device.tick():
-            log.info("the device changed what its workers inherit: restarting them")
-            self._restart_running()
+            log.info("the device changes what its workers inherit: restarting them")
+            groups = sorted(self.running, reverse=True)
+            for g in groups:
+                self._stop_group(g)
+            self.device.commit()  # with no worker running
+            for g in sorted(groups):
+                self._maybe_start(self.vrings[self.groups[g][0]])
         if self.backend_req is None or not self.device.config_changed():
             return  # without a channel the change waits for the front-end's GET_CONFIG
         log.info("config changed: CONFIG_CHANGE_MSG to the front-end")
@@ -546,20 +551,14 @@ class Backend:
             cells.release()
 
     def _stop_all(self) -> None:
-        for g in list(self.running):
+        # the last groups first: a device's first group may wait on the others (scsi's
+        # control queue answers a TMF only once no request queue has requests in hand)
+        for g in sorted(self.running, reverse=True):
             self._stop_group(g)
 
     def _start_all(self) -> None:
         for members in self.groups:
             self._maybe_start(self.vrings[members[0]])
-
-    def _restart_running(self) -> None:
-        """Restart the groups that run (each from where its worker stopped)."""
-        groups = list(self.running)
-        for g in groups:
-            self._stop_group(g)
-        for g in groups:
-            self._maybe_start(self.vrings[self.groups[g][0]])
 
     def _restart_all(self) -> None:
         self._stop_all()

@@ -157,10 +157,14 @@ class Device(ABC):
 
     def tick(self) -> bool:
         """Called about once a second in the engine's process while a front-end is
-        connected and quiet (a control socket of the device's own may be looked at here).
-        True: the device changed what its workers inherit (a LUN added); the engine
-        restarts every running group, each worker finishing what it holds first."""
+        connected and quiet (a control socket of the device's own may be looked at here;
+        it must not block). True: the device has a change of what its workers inherit (a
+        LUN to add): the engine stops every running group (each worker finishing what it
+        holds), calls `commit`, and starts them again."""
         return False
+
+    def commit(self) -> None:  # noqa: B027 - optional hook
+        """Apply the change `tick` announced; no worker runs meanwhile."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""
