@@ -53,6 +53,7 @@ MODULE_MARKERS = {
     "test_descriptors": ["daemon"],
     "test_trace": ["guest"],
     "test_scsi_hotplug": ["daemon"],
+    "test_trace_proxy": ["daemon"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from typing import Any, TextIO
 
-from ..shutdown import Shutdown
+from ..shutdown import StopSignal
 from ..trace.describe import text
-from ..trace.proxy import TraceSession
+from ..trace.proxy import TraceSession, Writer
 from ..transport.unix import connect, connections
 from .common import setup_logging, until_stopped
 
@@ -43,22 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --output {args.output}: {e.strerror}", file=sys.stderr)
         return 2
 
-    def emit(ev: dict[str, Any]) -> None:
+    def write(ev: dict[str, Any]) -> None:
         out.write((json.dumps(ev) if args.json else text(ev)) + "\n")
         out.flush()
 
-    def serve(stop: Any) -> None:
+    writer = Writer(write)
+    failed = []
+
+    def serve(stop: StopSignal) -> None:
         for front in connections(path=args.listen, once=args.once, stop=stop):
             try:
-                back = connect(args.connect, retry_for=args.connect_timeout)
+                back = connect(args.connect, retry_for=args.connect_timeout, stop=stop)
             except (OSError, TimeoutError) as e:
-                emit({"dir": "front", "t": 0.0, "end": f"cannot reach the back-end: {e}"})
+                writer.emit({"dir": "front", "t": 0.0,
+                             "end": f"cannot reach the back-end: {e}"})
+                failed.append(e)
                 front.close()
                 continue
             try:
-                TraceSession(front, back, emit).run()
-            except Shutdown:
-                raise
+                TraceSession(front, back, writer.emit).run(stop)
             finally:
                 for s in (front, back):
                     try:
@@ -67,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                         pass
 
     try:
-        return until_stopped(serve)
+        status = until_stopped(serve)
     finally:
+        writer.close()
         if out is not sys.stdout:
             out.close()
+    return 1 if status == 0 and args.once and failed else status
 
-
-__all__ = ["main", "socket"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

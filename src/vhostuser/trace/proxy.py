@@ -11,6 +11,8 @@ traffic that waits for it, as without us.
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import socket
 import struct
 import threading
@@ -24,6 +26,7 @@ from ..protocol import FrontendReq, ProtocolFeature
 from ..protocol.codec import Channel, Header, decode_request, expects_reply
 from ..protocol.constants import HEADER_SIZE
 from ..protocol.errors import ProtocolError
+from ..shutdown import StopSignal
 from ..transport.unix import UnixChannel
 from .describe import is_reply, reply_event, request_event
 
@@ -54,17 +57,25 @@ class TraceSession:
         self.channels.append(ch)
         return ch
 
-    def run(self) -> None:
+    def run(self, stop: StopSignal | None = None) -> None:
+        """Relay until either peer goes (or a stop signal comes: Shutdown)."""
         self._pump(self.front, self.back, Channel.FRONTEND, "front")
         self._pump(self.back, self.front, Channel.FRONTEND, "back")
-        self.done.wait()
-        self._close()
-        for t in self.threads:
-            t.join(5)
+        try:
+            while not self.done.wait(0.2):
+                if stop is not None:
+                    stop.check()
+        finally:
+            self._close()
+            for t in self.threads:
+                t.join(5)
 
     def _pump(self, src: UnixChannel, dst: UnixChannel, channel: Channel, way: str) -> None:
         t = threading.Thread(target=self._relay, args=(src, dst, channel, way), daemon=True,
                              name=f"trace-{way}")
+        with self.lock:
+            if self.done.is_set():  # the session is over: nothing more to relay
+                return
         self.threads.append(t)
         t.start()
 
@@ -79,6 +90,7 @@ class TraceSession:
                             and header.request == FrontendReq.SET_BACKEND_REQ_FD
                             and len(fds) == 1):
                         out_fds = [self._interpose(fds[0])]
+                        close_fds(fds)
                     raw = header_bytes(header) + body
                     dst.send_bytes(raw, out_fds)
                 finally:
@@ -87,13 +99,28 @@ class TraceSession:
             self._event({"dir": way, "end": f"{type(e).__name__}: {e}" if str(e)
                          else type(e).__name__})
         finally:
-            self.done.set()
+            if channel is Channel.FRONTEND:  # the main connection: the session ends
+                self.done.set()
+            else:  # a back-end channel: only it ends, as it would without us
+                for ch in (src, dst):
+                    try:
+                        ch.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     def _interpose(self, frontend_end: int) -> int:
         """SET_BACKEND_REQ_FD: the back-end gets one end of a new pair; we relay between
-        the other end and the front-end's socket."""
+        the other end and the front-end's socket (an fd that is not a stream socket is
+        passed on as it came)."""
+        try:
+            front_sock = socket.socket(fileno=os.dup(frontend_end))
+        except OSError:
+            return os.dup(frontend_end)
+        if front_sock.type != socket.SOCK_STREAM:
+            front_sock.close()
+            return os.dup(frontend_end)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        front_side = self._channel(socket.socket(fileno=frontend_end))
+        front_side = self._channel(front_sock)
         back_side = self._channel(ours)
         self._pump(back_side, front_side, Channel.BACKEND, "backend-req")
         self._pump(front_side, back_side, Channel.BACKEND, "backend-reply")
@@ -131,12 +158,10 @@ class TraceSession:
         self._event(ev, now)
 
     def _event(self, ev: dict[str, Any], now: float | None = None) -> None:
+        """Hand an event to the writer (never waits: a slow reader of the trace must not
+        hold up the connection; what does not fit is counted and dropped)."""
         ev["t"] = round((time.monotonic() if now is None else now) - self.t0, 6)
-        with self.lock:
-            try:
-                self.emit_raw(ev)
-            except Exception:  # a broken output must not break the connection
-                log.exception("cannot report a traced message")
+        self.emit_raw(ev)
 
     def _close(self) -> None:
         for ch in self.channels:
@@ -153,3 +178,40 @@ class TraceSession:
 def header_bytes(header: Header) -> bytes:
     """The header as it came (its fields are all there is to it)."""
     return _HEADER.pack(header.request, header.flags, header.size)
+
+
+class Writer:
+    """Writes events on a thread of its own through a bounded queue: `emit` never waits;
+    events that find the queue full are dropped and counted (said at the end)."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], size: int = 10000) -> None:
+        self.write = write
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(size)
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="trace-writer")
+        self.thread.start()
+
+    def emit(self, ev: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(ev)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while (ev := self.queue.get()) is not None:
+            try:
+                self.write(ev)
+            except Exception:  # a broken output must not stop the relaying
+                log.exception("cannot write a traced message")
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued, for `timeout` seconds at most (a reader that never reads
+        must not keep us from exiting)."""
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self.thread.join(timeout)
+        if self.dropped:
+            log.warning("%d traced messages dropped (the trace's reader was too slow)",
+                        self.dropped)
