@@ -181,3 +181,29 @@ def test_garbage_on_the_control_socket(target: Target) -> None:
             reply = s.recv(65536)
         assert b'"error"' in reply, (payload, reply)
     assert target.c.command(INQUIRY, data_in=36).status == 0
+
+
+def test_a_request_whose_client_gave_up_is_not_carried_out(tmp_path: Path) -> None:
+    """No front-end connected: the control socket is not looked at, a client gives up.
+    When a front-end comes, that request must not take effect behind the client's back."""
+    import socket
+
+    img = tmp_path / "a.img"
+    with open(img, "wb") as f:
+        f.truncate(4 << 20)
+    sock, control = tmp_path / "scsi.sock", tmp_path / "ctl.sock"
+    d = Daemon(["vhostuser.cli.scsi", "--socket-path", str(sock), "--disk", str(img),
+                "--control", str(control)], sock, tmp_path / "scsi.log")
+    try:
+        with socket.socket(socket.AF_UNIX) as s:  # sends its request, then gives up
+            s.connect(str(control))
+            s.sendall(json.dumps({"cmd": "add", "disk": str(img)}).encode() + b"\n")
+        with Frontend(d.sock) as fe:
+            fe.negotiate(FEATURES)
+            out = subprocess.run([sys.executable, "-m", "vhostuser.cli.scsi", "lun",
+                                  "--control", str(control), "list"], capture_output=True,
+                                 text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            assert [x["lun"] for x in json.loads(out.stdout)["luns"]] == [0]
+    finally:
+        assert d.stop() == 0, d.log()

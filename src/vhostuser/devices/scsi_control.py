@@ -6,8 +6,9 @@ per connection, one JSON line back:
     {"cmd": "remove", "lun": N}             -> {"removed": N}
     anything wrong                          -> {"error": "..."}
 
-Looked at in the engine's process about once a second while a front-end is connected,
-never waiting for a client. A change is answered once it is in effect: the workers are
+Looked at in the engine's process about once a second while a front-end is connected
+and quiet, never waiting for a client (a request from a client that has given up waiting
+is not carried out). A change is answered once it is in effect: the workers are
 stopped, the LUN set changes, they start again (inheriting it), and the guest gets a
 transport-reset event (rescan, or removed). A client that does not send its line within
 a second is answered with an error; nothing it sends can stop or stall the daemon.
@@ -96,6 +97,11 @@ class ControlSocket:
                 self.reply(c.conn, {"error": "no request line (one JSON object, then a "
                                              "newline, within a second)"})
                 continue
+            if _hung_up(c.conn):  # it gave up waiting (no front-end was connected, say)
+                self.bad.log(logging.WARNING, "control socket: a request whose client is "
+                             "gone: not carried out")
+                c.conn.close()
+                continue
             ready.append((c.conn, _parse(line)))
         return ready
 
@@ -116,6 +122,15 @@ class ControlSocket:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _parse(line: bytes) -> dict[str, Any] | str:
