@@ -157,3 +157,34 @@ def test_a_worker_killed_leaves_a_session_that_serves_on(daemon: Daemon) -> None
         assert again.attr.size == 10000
         assert c.read(again.nodeid, c.open(again.nodeid, os.O_RDONLY), 0, 3) == b"012"
     assert "serving on" in daemon.log()
+
+
+def test_submounts_are_announced(tmp_path: Path) -> None:
+    """--announce-submounts: a directory where another file system is mounted inside the
+    share carries FUSE_ATTR_SUBMOUNT (the guest mounts it as a submount); without the
+    option it does not. The daemon runs in a mount namespace of its own with a tmpfs on
+    share/sub."""
+    from vhostuser.fuse import abi
+
+    share = tmp_path / "share"
+    (share / "sub").mkdir(parents=True)
+    (share / "plain").mkdir()
+    flags = {}
+    for announce in (True, False):
+        sock = tmp_path / f"fs{announce}.sock"
+        mount = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+                 'mount -t tmpfs sub "$0" && exec "$@"', str(share / "sub"))
+        d = Daemon(["vhostuser.cli.fs", "--socket-path", str(sock), "--shared-dir",
+                    str(share), "--tag", "t", "--sandbox", "none",
+                    *(["--announce-submounts"] if announce else [])], sock,
+                   tmp_path / f"fs{announce}.log", prefix=mount)
+        try:
+            fe, c = connect(d)
+            with fe:
+                assert bool(c.init_out[3] & abi.SUBMOUNTS) is announce
+                flags[announce] = (c.lookup(1, b"sub").attr.flags,
+                                   c.lookup(1, b"plain").attr.flags)
+        finally:
+            assert d.stop() == 0, d.log()
+    assert flags == {True: (abi.ATTR_SUBMOUNT, 0), False: (0, 0)}
+    assert not any((share / "sub").iterdir())  # the tmpfs was the daemon's alone
