@@ -41,8 +41,8 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 ID_BYTES = 20
 SEG_F_UNMAP = 1
 
-_HDR = struct.Struct("<IIQ")
-_SEG = struct.Struct("<QII")
+REQ_HEADER = _HDR = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
+SEGMENT = _SEG = struct.Struct("<QII")  # discard/write-zeroes: sector, num_sectors, flags
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")  # up to write_zeroes_may_unmap: 60 bytes
 CONFIG_SIZE = 96  # with secure-erase and zoned fields, left zero (not offered)
 WRITEBACK_OFFSET = 32

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import struct
-
+from ..devices.blk import (  # the virtio-blk ABI, defined once
+    REQ_HEADER,
+    SEGMENT,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    T_WRITE_ZEROES,
+)
 from .client import Frontend
 
-T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-_HDR = struct.Struct("<IIQ")
-_SEG = struct.Struct("<QII")
+__all__ = ["T_DISCARD", "T_FLUSH", "T_GET_ID", "T_IN", "T_OUT", "T_WRITE_ZEROES", "BlkClient"]
 
 
 class BlkClient:
@@ -36,7 +42,7 @@ class BlkClient:
                indirect: bool = False, kick: bool = True) -> int:
         ram = self.fe.ram
         hdr = self._alloc(16)
-        ram.at(hdr, 16)[:] = _HDR.pack(rtype, 0, sector)
+        ram.at(hdr, 16)[:] = REQ_HEADER.pack(rtype, 0, sector)
         bufs: list[tuple[int, int, bool]] = [(hdr, 16, False)]
         if out:
             gpa = self._alloc(len(out))
@@ -84,7 +90,7 @@ class BlkClient:
         return self.request(T_GET_ID, in_len=20)
 
     def discard(self, segments: list[tuple[int, int, int]]) -> int:
-        return self.request(T_DISCARD, out=b"".join(_SEG.pack(*s) for s in segments))[0]
+        return self.request(T_DISCARD, out=b"".join(SEGMENT.pack(*s) for s in segments))[0]
 
     def write_zeroes(self, segments: list[tuple[int, int, int]]) -> int:
-        return self.request(T_WRITE_ZEROES, out=b"".join(_SEG.pack(*s) for s in segments))[0]
+        return self.request(T_WRITE_ZEROES, out=b"".join(SEGMENT.pack(*s) for s in segments))[0]

@@ -3,14 +3,10 @@ management, asynchronous-notification queries, events."""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
+from ..devices.scsi import AN, REQ, RESP, RESP_SIZE, T_AN_QUERY, T_TMF, TMF  # the ABI
 from .client import Frontend
-
-_REQ = struct.Struct("<8sQBBB32s")
-_RESP = struct.Struct("<IIHBB")
-_RESP_SIZE = _RESP.size + 96
 
 
 def lun_field(lun: int, target: int = 0) -> bytes:
@@ -49,7 +45,7 @@ class ScsiClient:
     def command(self, cdb: bytes, lun: int = 0, data_out: bytes = b"", data_in: int = 0,
                 target: int = 0, field: bytes | None = None) -> Result:
         ram = self.fe.ram
-        req = _REQ.pack(field if field is not None else lun_field(lun, target), 0, 0, 0, 0,
+        req = REQ.pack(field if field is not None else lun_field(lun, target), 0, 0, 0, 0,
                         cdb.ljust(32, b"\0"))
         pos = 0
         bufs = []
@@ -59,9 +55,9 @@ class ScsiClient:
                 ram.at(gpa, len(data))[:] = data
                 bufs.append((gpa, len(data), writable))
                 pos += (len(data) + 63) // 64 * 64
-        resp = self._buf(_RESP_SIZE, pos)
-        ram.at(resp, _RESP_SIZE)[:] = b"\xee" * _RESP_SIZE
-        bufs.append((resp, _RESP_SIZE, True))
+        resp = self._buf(RESP_SIZE, pos)
+        ram.at(resp, RESP_SIZE)[:] = b"\xee" * RESP_SIZE
+        bufs.append((resp, RESP_SIZE, True))
         pos += 128
         din = self._buf(data_in, pos) if data_in else 0
         if data_in:
@@ -70,11 +66,11 @@ class ScsiClient:
         self.fe.queues[self.queue].ring.add(bufs)
         self.fe.kick(self.queue)
         [(_, written)] = self.fe.wait_used(self.queue)
-        if written < _RESP_SIZE:
+        if written < RESP_SIZE:
             raise ValueError(f"response of {written} bytes")
-        sense_len, resid, _qual, status, response = _RESP.unpack(bytes(ram.at(resp, _RESP.size)))
-        sense = bytes(ram.at(resp + _RESP.size, min(sense_len, 96)))
-        data = bytes(ram.at(din, written - _RESP_SIZE)) if data_in else b""
+        sense_len, resid, _qual, status, response = RESP.unpack(bytes(ram.at(resp, RESP.size)))
+        sense = bytes(ram.at(resp + RESP.size, min(sense_len, 96)))
+        data = bytes(ram.at(din, written - RESP_SIZE)) if data_in else b""
         return Result(response, status, sense, data, resid)
 
     def control(self, request: bytes, reply_len: int) -> bytes:
@@ -89,9 +85,9 @@ class ScsiClient:
         return bytes(ram.at(gpa + len(request), written))
 
     def tmf(self, subtype: int, lun: int = 0, target: int = 0) -> int:
-        reply = self.control(struct.pack("<II8sQ", 0, subtype, lun_field(lun, target), 0), 1)
+        reply = self.control(TMF.pack(T_TMF, subtype, lun_field(lun, target), 0), 1)
         return reply[0]
 
     def an_query(self, events: int, lun: int = 0) -> tuple[int, int]:
-        reply = self.control(struct.pack("<I8sI", 1, lun_field(lun), events), 5)
+        reply = self.control(AN.pack(T_AN_QUERY, lun_field(lun), events), 5)
         return int.from_bytes(reply[:4], "little"), reply[4]
