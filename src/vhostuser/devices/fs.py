@@ -142,7 +142,6 @@ class FsService(QueueService):
     def __init__(self, server: FileServer, queues: dict[int, DeviceQueue], events: Events,
                  threads: int) -> None:
         self.server = server
-        self.events = events
         self.jobs: queue.SimpleQueue[tuple[DeviceQueue, Chain] | None] = queue.SimpleQueue()
         self.pending = 0  # jobs given to the threads and not yet completed
         self.idle = threading.Condition()

@@ -148,7 +148,6 @@ class ScsiDevice(Device):
             lun.lun_numbers = numbers
             if at_run_time:
                 lun.state.raise_ua(LUNS_CHANGED_UA)
-        Lun.lun_numbers = numbers  # what an absent LUN answers REPORT LUNS with
 
     control: ControlSocket | None = None
 
@@ -326,13 +325,14 @@ class RequestService(InOrderService):
                 status, n = CHECK_CONDITION, 0
                 sense = Sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE).data()
         else:
-            status, sense, n = _absent_lun(cdb, data_in)
+            status, sense, n = _absent_lun(cdb, data_in, sorted(self.luns))
         resid = iov_len(data_in) - n if data_in else 0
         iov_write(w, RESP.pack(len(sense), resid, 0, status, response) + sense.ljust(SENSE_SIZE))
         return RESP_SIZE + n
 
 
-def _absent_lun(cdb: bytes, din: list[memoryview]) -> tuple[int, bytes, int]:
+def _absent_lun(cdb: bytes, din: list[memoryview], numbers: list[int]
+                ) -> tuple[int, bytes, int]:
     """A LUN target 0 does not have: INQUIRY says so (peripheral qualifier 3), REPORT
     LUNS works as on any LUN, everything else is LOGICAL UNIT NOT SUPPORTED."""
     if cdb[0] == 0x12 and not cdb[1] & 0x01:
@@ -341,7 +341,7 @@ def _absent_lun(cdb: bytes, din: list[memoryview]) -> tuple[int, bytes, int]:
         return 0, b"", iov_write(din, data[: int.from_bytes(cdb[3:5], "big")])
     if cdb[0] == 0xA0:
         try:
-            return 0, b"", report_luns(cdb, din, Lun.lun_numbers)
+            return 0, b"", report_luns(cdb, din, numbers)
         except Sense as e:
             return CHECK_CONDITION, e.data(), 0
     sense = Sense(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED).data()

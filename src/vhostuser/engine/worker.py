@@ -433,8 +433,8 @@ class _Group:
                     last_work = clock()
                 else:
                     spinning.pop(i, None)
-            busy = self.service is not None and self.service.offloaded()
-            if spinning and not again and (busy or clock() - last_work >= self.spin):
+            if spinning and not again and (clock() - last_work >= self.spin or (
+                    self.service is not None and self.service.offloaded())):
                 for i, q in list(spinning.items()):  # quiet for the polling window
                     del spinning[i]
                     if i in self.queues and q.enable_kicks():
