@@ -242,6 +242,6 @@ def test_resize_crosses_the_device(tmp_path: Path) -> None:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         codes = [p.wait(15) for p in (blk, dev) if p is not None]
-    assert codes == [0] * len(codes)
+    assert codes == [0] * len(codes), (tmp_path / "blk.log").read_text()[-4000:]
     log = (tmp_path / "device.log").read_text()
     assert "driver -> consumer: CONFIG_CHANGE_MSG" in log and "Traceback" not in log

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -99,12 +100,22 @@ def until_stopped(run: Callable[[StopSignal], None]) -> int:
     except Shutdown:
         log.info("exiting")
     except OSError as e:
-        log.debug("the loop failed", exc_info=True)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _failed(e, stop)
     finally:
         stop.close()
     return 0
+
+
+def _failed(e: Exception, stop: StopSignal) -> int:
+    """The exit status for an error that ended the loop: 1, printed; but 0 if a stop
+    signal had come first (the peer went too while we were on our way out: the device
+    stopped along with us, say, before we looked at the signal)."""
+    log.debug("the loop ended on an error", exc_info=True)
+    if stop.signum is not None:
+        log.info("%s after %s: exiting", e, signal.Signals(stop.signum).name)
+        return 0
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 def setup_logging(verbose: int) -> None:
@@ -147,8 +158,7 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device],
     except Shutdown as e:
         log.info("%s: exiting", e)
     except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _failed(e, stop)
     finally:
         stop.close()
         close = getattr(device, "close", None)
@@ -177,8 +187,7 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal,
     except Shutdown as e:
         log.info("%s: exiting", e)
     except (OSError, ConnectionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _failed(e, stop)
     finally:
         if link is not None:
             link.close()
