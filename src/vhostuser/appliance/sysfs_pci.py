@@ -118,14 +118,18 @@ class SysfsPciFunction:
     def dma_map(self, iova: int, size: int, fd: int) -> None:
         """Nothing to do: the device reaches this VM's memory by its physical address."""
 
+    def open_bar(self, index: int) -> int:
+        """An fd of BAR `index`'s sysfs file (the caller's to close): mmap it to reach the
+        BAR, in this process or another."""
+        try:
+            return os.open(self.path / f"resource{index}", os.O_RDWR | os.O_SYNC | os.O_CLOEXEC)
+        except OSError as e:
+            raise SysfsPciError(f"{self.bdf}: BAR {index} cannot be opened: {e}") from e
+
     def map_bar(self, index: int) -> mmap.mmap:
         m = self.bars.get(index)
         if m is None:
-            path = self.path / f"resource{index}"
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_SYNC | os.O_CLOEXEC)
-            except OSError as e:
-                raise SysfsPciError(f"{self.bdf}: BAR {index} cannot be opened: {e}") from e
+            fd = self.open_bar(index)
             try:
                 m = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
             except (OSError, ValueError) as e:

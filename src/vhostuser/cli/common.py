@@ -17,9 +17,11 @@ from typing import NoReturn
 from ..engine.device import Device
 from ..engine.session import serve_connection
 from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
+from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal
 from ..sockets import MESSAGE_TIMEOUT, set_message_timeout
 from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections, listen
+from ..vfio_user.client import DeviceError
 
 log = logging.getLogger("vhostuser")
 
@@ -99,7 +101,7 @@ def until_stopped(run: Callable[[StopSignal], None]) -> int:
         run(stop)
     except Shutdown:
         log.info("exiting")
-    except OSError as e:
+    except (OSError, ValueError, MemoryTableError, DeviceError) as e:
         return _failed(e, stop)
     finally:
         stop.close()
@@ -186,7 +188,7 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal,
                              closed=(PeerClosed,), poll_us=args.poll_us)
     except Shutdown as e:
         log.info("%s: exiting", e)
-    except (OSError, ConnectionError, ValueError) as e:
+    except (OSError, ValueError, MemoryTableError, DeviceError) as e:
         return _failed(e, stop)
     finally:
         if link is not None:

@@ -281,6 +281,11 @@ def encode(msg: Message) -> bytes:
     return _HEADER.pack(msg.request, msg.flags, len(body)) + body
 
 
+def encode_raw(header: Header, body: bytes) -> bytes:
+    """A message as it came, header and body (relayed without decoding its payload)."""
+    return _HEADER.pack(header.request, header.flags, header.size) + body
+
+
 def reply_to(request: Message, payload: p.Payload) -> Message:
     return Message(request.request, payload, VERSION | HeaderFlag.REPLY)
 

@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -23,8 +22,7 @@ from typing import Any
 
 from ..framer import close_fds
 from ..protocol import FrontendReq, ProtocolFeature
-from ..protocol.codec import Channel, Header, decode_request, expects_reply
-from ..protocol.constants import HEADER_SIZE
+from ..protocol.codec import Channel, Header, decode_request, encode_raw, expects_reply
 from ..protocol.errors import ProtocolError
 from ..shutdown import StopSignal
 from ..transport.unix import UnixChannel
@@ -33,8 +31,6 @@ from .describe import is_reply, reply_event, request_event
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
-_HEADER = struct.Struct("<III")
-assert _HEADER.size == HEADER_SIZE
 
 
 class TraceSession:
@@ -91,7 +87,7 @@ class TraceSession:
                             and len(fds) == 1):
                         out_fds = [self._interpose(fds[0])]
                         close_fds(fds)
-                    raw = header_bytes(header) + body
+                    raw = encode_raw(header, body)
                     dst.send_bytes(raw, out_fds)
                 finally:
                     close_fds(out_fds)
@@ -173,11 +169,6 @@ class TraceSession:
             t.join(5)
         for ch in self.channels:
             ch.close()
-
-
-def header_bytes(header: Header) -> bytes:
-    """The header as it came (its fields are all there is to it)."""
-    return _HEADER.pack(header.request, header.flags, header.size)
 
 
 class Writer:

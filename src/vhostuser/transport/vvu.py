@@ -46,7 +46,7 @@ from ..protocol import (
 )
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal, readable
-from ..vfio_user.client import VfioUserClient
+from ..vfio_user.client import Region, VfioUserClient
 from ..vvu.abi import (
     CFG_DOORBELL,
     CFG_NOTIFICATION,
@@ -251,6 +251,34 @@ class VvuLink:
             if end > min(cap.length, len(bar) - cap.offset):
                 raise MemoryTableError(f"region {desc} lies outside the window")
             return memoryview(bar)[cap.offset + start : cap.offset + end]
+        region, offset = self._window_file(desc)
+        try:
+            return memoryview(self.client.map_region(region))[offset : offset + desc.size]
+        finally:
+            if region.fd is not None:
+                os.close(region.fd)
+
+    def window_fd(self, desc: MemRegion) -> tuple[int, int]:
+        """An fd that another process can mmap for region `desc`, and the region's offset
+        in it (the caller closes the fd): the BAR's sysfs file inside the appliance VM,
+        the consumer's memory file that the device offers as a vfio-user region outside."""
+        start, end = desc.mmap_offset, desc.mmap_offset + desc.size
+        if isinstance(self.client, SysfsPciFunction):
+            cap = self.pci.caps[CFG_SHARED_MEMORY]
+            fd = self.client.open_bar(cap.bar)
+            if end > min(cap.length, os.fstat(fd).st_size - cap.offset):
+                os.close(fd)
+                raise MemoryTableError(f"region {desc} lies outside the window")
+            return fd, cap.offset + start
+        region, offset = self._window_file(desc)
+        assert region.fd is not None
+        return region.fd, region.offset + region.mmap_areas[0][0] + offset
+
+    def _window_file(self, desc: MemRegion) -> tuple[Region, int]:
+        """The vfio-user region (with its fd, the caller's to close) of the window file
+        that holds `desc`, and where `desc` starts in its mappable area."""
+        assert isinstance(self.client, VfioUserClient)
+        start, end = desc.mmap_offset, desc.mmap_offset + desc.size
         for index in range(FIRST_FILE_REGION, FIRST_FILE_REGION + 64):
             region = self.client.region(index)
             if not region.size:
@@ -258,13 +286,11 @@ class VvuLink:
             base = next((int.from_bytes(getattr(c, "data", b"")[:8], "little")
                          for c in region.caps
                          if getattr(c, "id", None) == WINDOW_BASE_CAP), None)
-            try:
-                if base is not None and base <= start and end <= base + region.size:
-                    mapping = self.client.map_region(region)
-                    return memoryview(mapping)[start - base : end - base]
-            finally:
-                if region.fd is not None:
-                    os.close(region.fd)
+            if (base is not None and base <= start and end <= base + region.size
+                    and region.fd is not None and region.mmap_areas):
+                return region, start - base
+            if region.fd is not None:
+                os.close(region.fd)
         raise MemoryTableError(f"region {desc} is in none of the window's memory files")
 
     def doorbell(self, offset: int) -> Notifier:

@@ -4,6 +4,8 @@ capability that carry the consumer's memory files (docs/vvu-design.md)."""
 
 from __future__ import annotations
 
+from ..protocol.constants import BackendReq
+
 VIRTIO_ID = 63  # virtio device id of virtio-vhost-user
 PCI_VENDOR, PCI_DEVICE = 0x1AF4, 0x1040 + VIRTIO_ID
 
@@ -18,3 +20,7 @@ S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 FIRST_FILE_REGION = 9
 WINDOW_FILE_TYPE = 0x1AF40001
 WINDOW_BASE_CAP = 0x1AF4
+
+# the back-end requests that cross the device (the others need an fd to travel from the
+# appliance, or a feature the device masks)
+BACKEND_REQUESTS = frozenset({BackendReq.CONFIG_CHANGE_MSG})

@@ -19,7 +19,6 @@ from typing import Protocol
 from ..engine.notify import is_eventfd
 from ..protocol import (
     HEADER_SIZE,
-    BackendReq,
     Channel,
     FrontendReq,
     Header,
@@ -38,6 +37,7 @@ from ..protocol import (
 from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL, VERSION
 from ..transport.unix import PeerClosed, PeerStalled, UnixChannel
+from .abi import BACKEND_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ PF = ProtocolFeature
 ALLOWED_PROTOCOL_FEATURES = int(PF.MQ | PF.RARP | PF.REPLY_ACK | PF.MTU | PF.BACKEND_REQ
                                 | PF.CROSS_ENDIAN | PF.CRYPTO_SESSION | PF.CONFIG
                                 | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
-
-# Back-end requests the driver may send on txq: those with no fd whose protocol feature can
-# be negotiated through the device (VRING_HOST_NOTIFIER_MSG and SHMEM_MAP need fds; IOTLB,
-# in-band notifications and shared objects need features that are masked).
-BACKEND_ALLOWED = frozenset({BackendReq.CONFIG_CHANGE_MSG})
 
 # Requests that would need fds to travel further than the device (or back).
 FORBIDDEN = frozenset({
@@ -453,7 +448,7 @@ class Relay:
 
     def _backend_request(self, header: Header, body: bytes) -> None:
         msg = decode_request(Channel.BACKEND, header, body, 0)
-        if msg.request not in BACKEND_ALLOWED:
+        if msg.request not in BACKEND_REQUESTS:
             raise ProtocolError(f"back-end request {Channel.BACKEND.name_of(msg.request)} "
                                 "cannot cross the device")
         if self.backend is None:

@@ -1,0 +1,390 @@
+"""One consumer session bridged to an unmodified vhost-user back-end.
+
+The bridge is the back-end's front-end: every message the device puts into rxq goes to the
+back-end's socket, every reply comes back through txq, unchanged but for what carried an
+fd, which the device consumed on its way in (docs/vvu-design.md, "The bridge"):
+
+- memory regions: the fd of the window file that holds the region (the consumer's memory
+  file that the device offers as a vfio-user region; inside the appliance VM, the window
+  BAR's sysfs file), `mmap_offset` rewritten to the region's offset in that file;
+- a kick: the MSI-X vector's eventfd, which the device signals when the consumer kicks
+  (interrupt mode), or an eventfd of ours that we signal when the vring's avail index moves
+  (poll mode: `kicks.py`);
+- a call or err: the doorbell's ioeventfd, which is the consumer's own eventfd (vfio-user),
+  or an eventfd of ours that we turn into a doorbell write (inside the appliance VM);
+- the back-end channel: one end of a socket pair; its requests go on txq if the device
+  can carry them (no fd, a feature it lets through) and are refused here otherwise, and the
+  consumer's acks, which come through rxq with REPLY set, go back to it.
+
+Nothing here waits on the back-end: its socket is non-blocking and framed incrementally,
+and a back-end that stops reading or answering ends the session after the message timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..appliance.virtio_pci import NO_VECTOR
+from ..engine.notify import Notifier
+from ..framer import close_fds
+from ..memory import MemoryTableError
+from ..protocol import (
+    Channel,
+    FrontendReq,
+    Header,
+    HeaderFlag,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    decode_request,
+    encode,
+    encode_raw,
+    expected_fds,
+    expects_reply,
+    reply_to,
+)
+from ..protocol import payloads as p
+from ..shutdown import StopSignal
+from ..transport.unix import PeerClosed, UnixChannel
+from ..transport.vvu import V_FIRST_VRING, VvuLink, split_message
+from ..vvu.abi import BACKEND_REQUESTS
+from .kicks import Mapped, RingWatch
+
+log = logging.getLogger(__name__)
+
+F = FrontendReq
+IDLE_WAIT = 1.0  # s between looks at deadlines with interrupts and nothing happening
+POLL_PAUSE = 0.0005  # s: poll mode's pause once it has spun for spin_us with nothing to do
+
+
+class SessionEnded(Exception):
+    """The session is over (the reason is the message)."""
+
+
+class BridgeSession:
+    def __init__(self, link: VvuLink, sock: socket.socket, stop: StopSignal, *,
+                 poll: bool = False, spin_us: int = 200) -> None:
+        self.link = link
+        self.stop = stop
+        self.poll = poll or not link.interrupts
+        self.spin = spin_us / 1e6
+        self.backend = UnixChannel(sock)
+        self.backend_req: UnixChannel | None = None
+        self.requests: deque[tuple[Message, bytes]] = deque()  # back-end requests waiting
+        self.awaiting_ack = False
+        self.protocol_features = 0
+        self.rings = RingWatch()
+        self.region_fds: dict[tuple[int, int], tuple[int, int]] = {}  # (gpa, size) -> fd, off
+        self.calls: dict[int, tuple[int, Notifier]] = {}  # our eventfd -> its doorbell
+        self.call_of: dict[tuple[str, int], int] = {}  # (kind, vring) -> our eventfd
+        self.handlers: dict[int, Callable[[], None]] = {}
+        self.poller = select.poll()
+        self._watch(self.backend.fileno(), self._from_backend)
+        for fd in link.event_fds():
+            self._watch(fd, self._from_device)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Relay until the session ends (SessionEnded) or a stop signal comes (Shutdown)."""
+        last_work = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if not self.poll:
+                timeout = IDLE_WAIT
+            elif now - last_work < self.spin:
+                timeout = 0.0
+            else:
+                timeout = POLL_PAUSE
+            work = False
+            for fd, _ev in self.poller.poll(timeout * 1000):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler()
+                    work = True
+            self.stop.check()
+            if self.poll:
+                work |= self._take_rx()
+                work |= self.rings.look()
+                if not self.link.in_session():  # read every STATUS_POLL seconds
+                    raise SessionEnded("the consumer's session ended")
+            for ch in (self.backend, self.backend_req):
+                if ch is not None:
+                    self._flush(ch)
+                    ch.check()
+            if work:
+                last_work = time.monotonic()
+
+    def _watch(self, fd: int, fn: Callable[[], None]) -> None:
+        self.poller.register(fd, select.POLLIN)
+        self.handlers[fd] = fn
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def _flush(self, ch: UnixChannel) -> None:
+        try:
+            ch.flush()
+        except (OSError, PeerClosed) as e:
+            raise SessionEnded(f"the back-end stopped reading: {e}") from e
+
+    # -- consumer -> back-end ---------------------------------------------------------------
+
+    def _from_device(self) -> None:
+        self._take_rx()
+        if not self.link.in_session():
+            raise SessionEnded("the consumer's session ended")
+
+    def _take_rx(self) -> bool:
+        messages = self.link.take_messages()
+        for data in messages:
+            self._from_consumer(data)
+        return bool(messages)
+
+    def _from_consumer(self, data: bytes) -> None:
+        try:
+            header, body, _ = split_message(data)
+            if header.is_reply:  # the consumer's ack to a back-end request
+                self._ack(header, body)
+                return
+            msg = decode_request(Channel.FRONTEND, header, body, None)
+        except ProtocolError as e:  # the device validated it: something is badly wrong
+            raise SessionEnded(f"rxq: {e}") from e
+        fds: list[int] = []
+        try:
+            msg, fds = self._rewrite(msg)
+            log.debug("consumer -> back-end: %s%s", Channel.FRONTEND.name_of(msg.request),
+                      f" ({len(fds)} fds)" if fds else "")
+            self.backend.stream.send(encode(msg), fds)
+        except (OSError, PeerClosed, MemoryTableError) as e:
+            raise SessionEnded(f"{Channel.FRONTEND.name_of(msg.request)}: {e}") from e
+        finally:
+            close_fds(fds)
+
+    def _rewrite(self, msg: Message) -> tuple[Message, list[int]]:
+        """The message as the back-end must get it, and the fds to go with it."""
+        pl, req = msg.payload, msg.request
+        if req == F.SET_PROTOCOL_FEATURES:
+            assert isinstance(pl, p.U64)
+            self.protocol_features = pl.value
+        elif req == F.SET_MEM_TABLE:
+            assert isinstance(pl, p.MemTable)
+            self._forget_regions()
+            regions, fds = [], []
+            for r in pl.regions:
+                out, fd = self._region(r)
+                regions.append(out)
+                fds.append(fd)
+            if self.poll:
+                self.rings.set_table([Mapped(r, self.link.window_view(r)) for r in pl.regions])
+            return replace(msg, payload=p.MemTable(tuple(regions))), fds
+        elif req in (F.ADD_MEM_REG, F.REM_MEM_REG):
+            assert isinstance(pl, p.SingleMemRegion)
+            if req == F.ADD_MEM_REG:
+                out, fd = self._region(pl.region)
+                if self.poll:
+                    self.rings.add(Mapped(pl.region, self.link.window_view(pl.region)))
+            else:  # the file may have left the window already: the fd we gave for it
+                key = (pl.region.guest_addr, pl.region.size)
+                known = self.region_fds.pop(key, None)
+                if known is None:
+                    raise MemoryTableError(f"REM_MEM_REG of a region never added: {pl.region}")
+                fd, off = known
+                out = replace(pl.region, mmap_offset=off)
+                self.rings.remove(pl.region)
+            return replace(msg, payload=p.SingleMemRegion(out)), [fd]
+        elif req == F.SET_VRING_ADDR:
+            assert isinstance(pl, p.VringAddr)
+            self.rings.set_avail(pl.index, pl.avail)
+        elif req in (F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR):
+            assert isinstance(pl, p.VringFile)
+            if pl.nofd:
+                if req == F.SET_VRING_KICK:
+                    self.rings.unwatch(pl.index)
+                return msg, []
+            if req == F.SET_VRING_KICK:
+                return msg, [self._kick(pl.index)]
+            return msg, [self._call("call" if req == F.SET_VRING_CALL else "err", pl.index)]
+        elif req == F.GET_VRING_BASE:  # the device drops the vring's eventfds
+            assert isinstance(pl, p.VringState)
+            self.rings.unwatch(pl.index)
+            for kind in ("call", "err"):
+                self._drop_call(kind, pl.index)
+        elif req == F.SET_BACKEND_REQ_FD:
+            return msg, [self._backend_channel()]
+        elif expected_fds(Channel.FRONTEND, msg):
+            raise MemoryTableError("the device let through a request with fds")
+        return msg, []
+
+    def _region(self, r: p.MemRegion) -> tuple[p.MemRegion, int]:
+        fd, off = self.link.window_fd(r)
+        key = (r.guest_addr, r.size)
+        old = self.region_fds.pop(key, None)
+        if old is not None:
+            os.close(old[0])
+        self.region_fds[key] = (fd, off)  # kept for REM_MEM_REG
+        return replace(r, mmap_offset=off), os.dup(fd)
+
+    def _forget_regions(self) -> None:
+        for fd, _ in self.region_fds.values():
+            os.close(fd)
+        self.region_fds.clear()
+
+    def _kick(self, vring: int) -> int:
+        """The back-end's kick eventfd for `vring` (a new fd, sent and then closed)."""
+        if vring < self.link.max_queues:
+            vector = NO_VECTOR if self.poll else V_FIRST_VRING + vring
+            self.link.notification_vector(vring, vector)
+            if not self.poll:
+                return os.dup(self.link.pci.vectors[vector])
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.rings.watch(vring, efd)
+        return os.dup(efd)
+
+    def _call(self, kind: str, vring: int) -> int:
+        """The back-end's call (err) eventfd for `vring`: the doorbell's own ioeventfd, or
+        one of ours that rings the doorbell when signalled."""
+        if vring >= self.link.max_queues:
+            raise MemoryTableError(f"vring {vring}: the device has {self.link.max_queues}")
+        n = self.link.max_queues
+        offset = 4 * (vring if kind == "call" else n + vring)
+        fd = self.link.doorbell_fd(offset)
+        if fd is not None:
+            return fd
+        self._drop_call(kind, vring)
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.calls[efd] = (efd, self.link.doorbell(offset))
+        self.call_of[(kind, vring)] = efd
+        self._watch(efd, lambda: self._ring(efd))
+        return os.dup(efd)
+
+    def _ring(self, efd: int) -> None:
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        self.calls[efd][1].notify()
+
+    def _drop_call(self, kind: str, vring: int) -> None:
+        efd = self.call_of.pop((kind, vring), None)
+        if efd is not None:
+            self._unwatch(efd)
+            _, notifier = self.calls.pop(efd)
+            notifier.close()
+            os.close(efd)
+
+    # -- back-end -> consumer ---------------------------------------------------------------
+
+    def _from_backend(self) -> None:
+        try:
+            messages = self.backend.poll()
+        except (OSError, PeerClosed, ProtocolError) as e:
+            raise SessionEnded(f"the back-end's connection: {e or type(e).__name__}") from e
+        for header, body, fds in messages:
+            close_fds(fds)
+            if not header.is_reply:
+                raise SessionEnded(f"the back-end sent request {header.request} on the "
+                                   "front-end's channel")
+            if fds:  # the device masks the features whose replies carry fds
+                log.warning("the back-end's reply to %s carries %d fds, which cannot cross "
+                            "the device: dropped", Channel.FRONTEND.name_of(header.request),
+                            len(fds))
+            log.debug("back-end -> consumer: reply to %s",
+                      Channel.FRONTEND.name_of(header.request))
+            self._to_txq(encode_raw(header, body))
+
+    def _to_txq(self, data: bytes) -> None:
+        try:
+            self.link.send(data)
+        except (OSError, MemoryTableError) as e:
+            raise SessionEnded(f"txq: {e}") from e
+
+    def _backend_channel(self) -> int:
+        """SET_BACKEND_REQ_FD: the back-end gets one end of a new pair (the consumer's
+        channel stays with the device)."""
+        if self.backend_req is not None:
+            self._unwatch(self.backend_req.fileno())
+            self.backend_req.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.backend_req = UnixChannel(ours)
+        self.requests.clear()
+        self.awaiting_ack = False
+        self._watch(ours.fileno(), self._from_backend_req)
+        return theirs.detach()
+
+    def _from_backend_req(self) -> None:
+        ch = self.backend_req
+        assert ch is not None
+        try:
+            messages = ch.poll()
+        except (OSError, PeerClosed, ProtocolError) as e:  # only that channel ends
+            log.info("the back-end's request channel ended: %s", e or type(e).__name__)
+            self._unwatch(ch.fileno())
+            ch.close()
+            self.backend_req = None
+            return
+        for header, body, fds in messages:
+            close_fds(fds)
+            self._backend_request(ch, header, body, len(fds))
+
+    def _backend_request(self, ch: UnixChannel, header: Header, body: bytes,
+                         nfds: int) -> None:
+        name = Channel.BACKEND.name_of(header.request)
+        try:
+            msg = decode_request(Channel.BACKEND, header, body, nfds)
+        except ProtocolError as e:
+            log.warning("back-end request refused: %s", e)
+            return
+        acked = expects_reply(Channel.BACKEND, msg, self.protocol_features)
+        if msg.request not in BACKEND_REQUESTS or nfds:
+            log.warning("back-end request %s refused: it cannot cross the virtio-vhost-user "
+                        "device (it needs an fd to reach the consumer, or a feature the "
+                        "device masks)", name)
+            if acked:
+                ch.stream.send(encode(reply_to(msg, p.U64(1))))
+            return
+        if msg.need_reply and not self.protocol_features & ProtocolFeature.REPLY_ACK:
+            msg = replace(msg, flags=msg.flags & ~HeaderFlag.NEED_REPLY)  # as the spec says
+        self.requests.append((msg, encode(msg)))
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """Back-end requests go on txq one at a time: the device relays one, and the next
+        only after the consumer's ack, when one is due."""
+        while self.requests and not self.awaiting_ack:
+            msg, data = self.requests.popleft()
+            log.debug("back-end -> consumer: %s", Channel.BACKEND.name_of(msg.request))
+            self._to_txq(data)
+            self.awaiting_ack = expects_reply(Channel.BACKEND, msg, self.protocol_features)
+
+    def _ack(self, header: Header, body: bytes) -> None:
+        if not self.awaiting_ack:
+            raise SessionEnded("rxq: an ack nobody waits for")
+        self.awaiting_ack = False
+        if self.backend_req is not None:
+            try:
+                self.backend_req.stream.send(encode_raw(header, body))
+            except (OSError, PeerClosed) as e:
+                log.info("the back-end's request channel: %s", e)
+        self._next_request()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close everything of the session: the back-end sees its front-end go."""
+        self.rings.close()
+        for kind, vring in list(self.call_of):
+            self._drop_call(kind, vring)
+        self._forget_regions()
+        if self.backend_req is not None:
+            self.backend_req.close()
+            self.backend_req = None
+        self.backend.close()

@@ -1,0 +1,141 @@
+"""vhost-user-vvu-bridge: serve a consumer through the virtio-vhost-user device with an
+unmodified vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, ...).
+
+Runs in the appliance, beside the back-end: it is the back-end's front-end on
+--backend-socket and relays every message between it and the device, giving the back-end
+fds it can use in place of the consumer's (docs/vvu-design.md, "The bridge"). One
+connection to the back-end per consumer session; the back-end sees a front-end that
+disconnects when the consumer does. Example, inside an appliance VM:
+
+  vhost-user-vvu-bridge --vvu pci:0000:00:04.0 --backend-socket /run/blk.sock \\
+    --backend-cmd 'qemu-storage-daemon --blockdev file,node-name=f,filename=/dev/vdb
+      --export vhost-user-blk,id=e,node-name=f,writable=on,addr.type=unix,addr.path=/run/blk.sock'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+
+from ..bridge.session import BridgeSession, SessionEnded
+from ..engine.worker import DEFAULT_SPIN_US
+from ..shutdown import StopSignal
+from ..transport.unix import connect
+from ..transport.vvu import VvuLink
+from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
+
+log = logging.getLogger("vhost-user-vvu-bridge")
+
+
+class Bridge:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.backend: subprocess.Popen[bytes] | None = None
+
+    def run(self, stop: StopSignal) -> None:
+        a = self.args
+        if a.backend_cmd is not None:
+            self.backend = subprocess.Popen(shlex.split(a.backend_cmd))
+            log.info("back-end started: pid %d", self.backend.pid)
+        link = VvuLink(a.vvu)
+        try:
+            while True:
+                link.wait_frontend(stop)
+                log.info("consumer connected through the device")
+                try:
+                    sock = self._connect(stop)
+                except ConnectionError as e:
+                    if self.backend is not None and self.backend.poll() is not None:
+                        raise
+                    log.error("%s: the consumer's session ends", e)
+                    link.set_backend_up(False)
+                    stop.sleep(1.0)
+                    continue
+                session = BridgeSession(link, sock, stop, poll=a.poll, spin_us=a.poll_us)
+                try:
+                    session.run()
+                except SessionEnded as e:
+                    log.info("session ended: %s", e)
+                finally:
+                    session.close()
+                self._check_backend()
+        finally:
+            link.close()
+
+    def _connect(self, stop: StopSignal) -> socket.socket:
+        """The back-end's socket, waiting for it to listen (up to --connect-timeout)."""
+        self._check_backend()
+        sock = connect(self.args.backend_socket, retry_for=self.args.connect_timeout,
+                       stop=stop)
+        self._check_backend()
+        return sock
+
+    def _check_backend(self) -> None:
+        if self.backend is not None and self.backend.poll() is not None:
+            raise ConnectionError(f"the back-end exited with status {self.backend.returncode}")
+
+    def close(self) -> None:
+        p = self.backend
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vhost-user-vvu-bridge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vvu", required=True, metavar="DEVICE",
+                    help="the virtio-vhost-user device: its vfio-user socket, or "
+                         "pci:ADDRESS on this machine's PCI bus (in the appliance VM)")
+    ap.add_argument("--backend-socket", required=True, metavar="PATH",
+                    help="where the vhost-user back-end listens")
+    ap.add_argument("--backend-cmd", metavar="CMD",
+                    help="start the back-end with this command line (stopped with us; "
+                         "if it exits, so do we)")
+    ap.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                    help="wait this long for the back-end to listen (default 30)")
+    ap.add_argument("--poll", action="store_true",
+                    help="watch the vrings for the back-end instead of taking kicks as "
+                         "interrupts (always so with pci:)")
+    ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
+                    help="in poll mode, keep looking this many µs after the last "
+                         f"activity before pausing (default {DEFAULT_SPIN_US})")
+    add_message_timeout(ap)
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="more logging (-v info, -vv debug)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    apply_message_timeout(ap, args)
+    if not 0 < args.connect_timeout <= 3600:
+        ap.error("--connect-timeout must be more than 0 and at most 3600 seconds")
+    if not 0 <= args.poll_us <= 1_000_000:
+        ap.error("--poll-us must be between 0 and 1000000")
+    if args.backend_cmd is not None and not shlex.split(args.backend_cmd):
+        ap.error("--backend-cmd is empty")
+    if args.backend_cmd is None and not os.path.exists(args.backend_socket):
+        print(f"note: nothing listens on {args.backend_socket} yet; waiting for it when a "
+              "consumer comes", file=sys.stderr)
+    setup_logging(args.verbose)
+    bridge = Bridge(args)
+    try:
+        return until_stopped(bridge.run)
+    finally:
+        bridge.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
