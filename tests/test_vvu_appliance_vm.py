@@ -419,3 +419,61 @@ def test_consumer_share_served_from_an_appliance_vm(qemu11_host_root: str,
     log = (tmp_path / "device.log").read_text()
     assert code == 0 and "Traceback" not in log, log[-3000:]
     assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
+
+
+def test_consumer_disk_served_by_qemu_storage_daemon_in_an_appliance_vm(
+        qemu11_host_root: str, tmp_path: Path) -> None:
+    """The RFC's claim, working: an *unmodified* qemu-storage-daemon (Debian's 7.2, run from
+    the host root share) serves the consumer's disk from inside the appliance VM, behind
+    vhost-user-vvu-bridge. The appliance's own virtio-blk disk (a host image) is what QSD
+    exports; the consumer writes, reads back, makes a file system; the host checks it.
+    (writethrough=on: QSD 7.2 tells the consumer its cache is write-through (wce 0), so no
+    flush ever comes; without it the writes would wait in the appliance's page cache.)"""
+    img, vfu, vhost = tmp_path / "disk.img", tmp_path / "vfu.sock", tmp_path / "vhost.sock"
+    window = tmp_path / "window.mem"
+    with open(img, "wb") as f:
+        f.truncate(32 * MB)
+    pattern = os.urandom(MB)
+    qsd = ("/usr/bin/qemu-storage-daemon --blockdev driver=host_device,node-name=file0,"
+           "filename=/dev/vda --blockdev driver=raw,node-name=disk0,file=file0 --export "
+           "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+           "addr.path=/run/qsd.sock,writable=on,writethrough=on,num-queues=1")
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    try:
+        appliance = appliance_vm(
+            vfu, tmp_path, ["vhostuser.cli.vvu_bridge", "--backend-socket", "/run/qsd.sock",
+                            "--backend-cmd", qsd, "-v"], qemu11_host_root,
+            modules=["virtio_blk"],
+            qemu_args=["-drive", f"file={img},if=virtio,format=raw,cache=unsafe"])
+        consumer = GuestVM(SCRIPT, modules=["virtio_pci", "virtio_blk", "ext4"], timeout=200,
+                           errexit=True, files={"/pattern": pattern}, mem_mb=CONSUMER_MB,
+                           mem_path=str(window),
+                           qemu_args=["-chardev", f"socket,id=c0,path={vhost}",
+                                      "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                result = consumer.run()
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        out = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in result.lines if " " in ln}
+        digest = hashlib.sha256(pattern).hexdigest()
+        assert out["SIZE"] == str(32 * MB // 512)
+        assert out["READBACK"].split()[0] == digest
+        assert out["COPY"].split()[0] == digest
+        assert out["FILE"] == "through virtio-vhost-user"
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    data = img.read_bytes()  # the consumer's sync went through QSD and the appliance's disk
+    assert data[PATTERN_AT : PATTERN_AT + MB] == pattern
+    fs = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+    assert fs.returncode == 0, fs.stdout + fs.stderr
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"

@@ -76,12 +76,14 @@ def _with_vvu(arg: str) -> str:
 
 
 def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qemu: str,
-                 *, after: str = "", mem_mb: int = 384, timeout: float = 300) -> GuestVM:
+                 *, after: str = "", mem_mb: int = 384, timeout: float = 300,
+                 modules: Sequence[str] = (), qemu_args: Sequence[str] = ()) -> GuestVM:
     """The appliance guest, not started. `backend`: a module and its arguments, where
     ``{vvu}`` stands for the device (``pci:ADDRESS``); without it, ``--vvu pci:ADDRESS`` is
     appended (``["vhostuser.cli.blk", "--blk-file", "/mnt/disk.img"]``). `after`: shell
     run in the guest once the back-end has started (e.g. to configure its TAP device); the
-    guest's script ends when the back-end does."""
+    guest's script ends when the back-end does. `modules` and `qemu_args`: more of them
+    (e.g. a disk of the appliance's own: ``-drive`` and ``virtio_blk``)."""
     args = [_with_vvu(a) if "{vvu}" in a else shlex.quote(a) for a in backend]
     if not any("{vvu}" in a for a in backend):
         args += ["--vvu", '"$vvu"']
@@ -89,10 +91,11 @@ def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qe
               .replace("@BACKEND@", " ".join(args)).replace("@AFTER@", after))
     device = json.dumps({"driver": "vfio-user-pci",
                          "socket": {"type": "unix", "path": str(vfio_user_socket)}})
-    return GuestVM(script, qemu_binary=qemu, modules=MODULES, mem_mb=mem_mb, timeout=timeout,
+    return GuestVM(script, qemu_binary=qemu, modules=[*MODULES, *modules], mem_mb=mem_mb,
+                   timeout=timeout,
                    qemu_args=["-cpu", "max",  # numpy needs more than TCG's qemu64 (SSE4.2)
                               "-device", device,
                               "-virtfs", "local,path=/run/host,mount_tag=host,"
                                          "security_model=none,readonly=on",
                               "-virtfs", f"local,path={share},mount_tag=share,"
-                                         "security_model=none"])
+                                         "security_model=none", *qemu_args])
