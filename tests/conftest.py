@@ -60,6 +60,7 @@ MODULE_MARKERS = {
     "test_qemu_scsi": ["guest"],
     "test_qemu_vvu": ["guest"],
     "test_vvu_bridge": ["guest"],
+    "test_vvu_bridge_dpdk": ["guest", "dpdk"],
     "test_vm_harness": ["guest"],
     "test_vvu_appliance_vm": ["guest", "appliance"],
     "test_vvu_qemu": ["guest", "appliance"],
