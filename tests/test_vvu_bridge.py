@@ -151,3 +151,68 @@ def test_a_resize_in_qemu_storage_daemon_reaches_the_consumer(tmp_path: Path) ->
     assert codes == [0] * len(codes), log[-4000:]
     assert "back-end -> consumer: CONFIG_CHANGE_MSG" in log and "Traceback" not in log
     assert "driver -> consumer: CONFIG_CHANGE_MSG" in (tmp_path / "device.log").read_text()
+
+
+FS_SCRIPT = r"""
+mount -t virtiofs app /mnt
+echo "SEED $(cat /mnt/seed.txt)"
+mkdir -p /mnt/made/deep && cp /pattern /mnt/made/deep/pattern.bin && sync
+echo "BACK $(sha256sum /mnt/made/deep/pattern.bin | cut -c1-64)"
+echo "LIST $(ls /mnt | tr '\n' ' ')"
+umount /mnt && echo "UMOUNT $?"
+"""
+
+
+@pytest.mark.parametrize("which", ["c", "rust"])
+def test_virtiofsd_behind_the_bridge(tmp_path: Path, which: str) -> None:
+    """virtiofsd, unmodified — QEMU 7.2's C one, and the Rust one of Debian sid (from the
+    chroot) — shares a host directory with a consumer guest behind the bridge. Both exit
+    when their front-end leaves; the bridge starts them again for the next consumer, which
+    the second guest proves (it reads what the first one wrote)."""
+    from test_qemu_fs import VIRTIOFSD, rust_virtiofsd
+
+    vhost, vfu, sock = tmp_path / "vhost.sock", tmp_path / "vfu.sock", tmp_path / "fs.sock"
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "seed.txt").write_text("from the host\n")
+    if which == "c":
+        cmd = f"{VIRTIOFSD} --socket-path={sock} -o source={share} -o cache=auto"
+    else:
+        cmd = " ".join([*rust_virtiofsd(), f"--socket-path={sock}", f"--shared-dir={share}",
+                        "--sandbox=chroot", "--cache=auto"])
+    pattern = os.urandom(MB)
+    qemu = ["-chardev", f"socket,id=c0,path={vhost}",
+            "-device", "vhost-user-fs-pci,chardev=c0,tag=app"]
+    dev = start_device(tmp_path)
+    bridge = None
+    try:
+        bridge = start(["vhostuser.cli.vvu_bridge", "--vvu", str(vfu), "--backend-socket",
+                        str(sock), "--backend-cmd", cmd, "-v"], tmp_path / "bridge.log")
+        wait_for(tmp_path / "device.log", "vfio-user client connected", dev)
+        with GuestVM(FS_SCRIPT, modules=["virtio_pci", "virtiofs"], timeout=180,
+                     errexit=True, files={"/pattern": pattern}, qemu_args=qemu) as vm:
+            result = vm.run()
+        assert result.status == 0, result.console[-3000:] + (
+            tmp_path / "bridge.log").read_text()[-3000:]
+        out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+        assert out["SEED"] == "from the host"
+        assert out["BACK"] == hashlib.sha256(pattern).hexdigest()
+        assert out["LIST"] == "made seed.txt " and out["UMOUNT"] == "0"
+        assert (share / "made" / "deep" / "pattern.bin").read_bytes() == pattern
+        again = ("mount -t virtiofs app /mnt && echo \"AGAIN $(sha256sum "
+                 "/mnt/made/deep/pattern.bin | cut -c1-64)\" && umount /mnt")
+        with GuestVM(again, modules=["virtio_pci", "virtiofs"], timeout=180,
+                     errexit=True, qemu_args=qemu) as vm:
+            second = vm.run()
+        assert second.status == 0, second.console[-3000:]
+        assert dict(ln.split(" ", 1) for ln in second.lines if " " in ln)["AGAIN"] == \
+            hashlib.sha256(pattern).hexdigest()
+    finally:
+        for proc in (bridge, dev):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = [p.wait(15) for p in (bridge, dev) if p is not None]
+    log = (tmp_path / "bridge.log").read_text()
+    assert codes == [0] * len(codes), log[-4000:]
+    assert "Traceback" not in log, log
+    assert log.count("back-end started") == 2, log  # once per consumer

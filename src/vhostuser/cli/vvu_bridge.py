@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from ..bridge.session import BridgeSession, SessionEnded
 from ..engine.worker import DEFAULT_SPIN_US
@@ -31,6 +32,7 @@ from ..transport.vvu import VvuLink
 from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
 
 log = logging.getLogger("vhost-user-vvu-bridge")
+CONNECT_RETRY = 0.05  # s between attempts to reach a back-end that does not listen yet
 
 
 class Bridge:
@@ -39,11 +41,7 @@ class Bridge:
         self.backend: subprocess.Popen[bytes] | None = None
 
     def run(self, stop: StopSignal) -> None:
-        a = self.args
-        if a.backend_cmd is not None:
-            self.backend = subprocess.Popen(shlex.split(a.backend_cmd))
-            log.info("back-end started: pid %d", self.backend.pid)
-        link = VvuLink(a.vvu)
+        link = VvuLink(self.args.vvu)
         try:
             while True:
                 link.wait_frontend(stop)
@@ -51,34 +49,44 @@ class Bridge:
                 try:
                     sock = self._connect(stop)
                 except ConnectionError as e:
-                    if self.backend is not None and self.backend.poll() is not None:
-                        raise
                     log.error("%s: the consumer's session ends", e)
                     link.set_backend_up(False)
                     stop.sleep(1.0)
                     continue
-                session = BridgeSession(link, sock, stop, poll=a.poll, spin_us=a.poll_us)
+                session = BridgeSession(link, sock, stop, poll=self.args.poll,
+                                        spin_us=self.args.poll_us)
                 try:
                     session.run()
                 except SessionEnded as e:
                     log.info("session ended: %s", e)
                 finally:
                     session.close()
-                self._check_backend()
         finally:
             link.close()
 
     def _connect(self, stop: StopSignal) -> socket.socket:
-        """The back-end's socket, waiting for it to listen (up to --connect-timeout)."""
-        self._check_backend()
-        sock = connect(self.args.backend_socket, retry_for=self.args.connect_timeout,
-                       stop=stop)
-        self._check_backend()
-        return sock
-
-    def _check_backend(self) -> None:
-        if self.backend is not None and self.backend.poll() is not None:
-            raise ConnectionError(f"the back-end exited with status {self.backend.returncode}")
+        """A connection to the back-end, started first if it is ours and not running (many
+        back-ends, virtiofsd for one, exit when their front-end leaves), waiting up to
+        --connect-timeout for it to listen."""
+        a = self.args
+        if a.backend_cmd is not None and (self.backend is None
+                                          or self.backend.poll() is not None):
+            if self.backend is not None:
+                log.info("the back-end exited with status %d: starting it again",
+                         self.backend.returncode)
+            self.backend = subprocess.Popen(shlex.split(a.backend_cmd))
+            log.info("back-end started: pid %d", self.backend.pid)
+        deadline = time.monotonic() + a.connect_timeout
+        while True:
+            try:
+                return connect(a.backend_socket, retry_for=0)
+            except ConnectionError as e:
+                if self.backend is not None and self.backend.poll() is not None:
+                    raise ConnectionError(f"the back-end exited with status "
+                                          f"{self.backend.returncode}") from e
+                if time.monotonic() > deadline:
+                    raise
+            stop.sleep(CONNECT_RETRY)
 
     def close(self) -> None:
         p = self.backend
@@ -100,8 +108,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend-socket", required=True, metavar="PATH",
                     help="where the vhost-user back-end listens")
     ap.add_argument("--backend-cmd", metavar="CMD",
-                    help="start the back-end with this command line (stopped with us; "
-                         "if it exits, so do we)")
+                    help="start the back-end with this command line, and again for the "
+                         "next consumer if it has exited (stopped with us)")
     ap.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                     help="wait this long for the back-end to listen (default 30)")
     ap.add_argument("--poll", action="store_true",
