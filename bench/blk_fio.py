@@ -58,7 +58,8 @@ QSD_CMD = (
     " --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
     "writable=on,num-queues=1"
 )
-BACKENDS = ("qsd", "ours", "vvu")
+BRIDGE_WRAPPER = Path(__file__).resolve().parent / "tools" / "vvu-bridge.sh"
+BACKENDS = ("qsd", "ours", "vvu", "bridge", "bridge-poll")
 SOCKET_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
@@ -413,11 +414,13 @@ def report(
     out.append("")
     both = "qsd" in backends and "ours" in backends
     vvu = "vvu" in backends and "ours" in backends
+    bridged = [b for b in backends if b.startswith("bridge")] if "qsd" in backends else []
     head = ["job", "metric", *backends]
     if both:
         head.append("ours/qsd")
     if vvu:
         head.append("vvu/ours")
+    head += [f"{b}/qsd" for b in bridged]
     head += [f"{b} CPU %" for b in backends]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join("---" for _ in head) + "|")
@@ -435,6 +438,9 @@ def report(
         if vvu:
             o, v = meds["ours"], meds["vvu"]
             row.append(f"{v / o:.2f}" if o and v is not None else "n/a")
+        for b in bridged:
+            q, v = meds["qsd"], meds[b]
+            row.append(f"{v / q:.2f}" if q and v is not None else "n/a")
         for b in backends:
             ss = res.get(b, job.name)
             row.append(f"{statistics.median(s.backend_cpu for s in ss):.0f}" if ss else "n/a")
@@ -484,6 +490,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--with-vvu", action="store_true",
                    help="also measure ours through the virtio-vhost-user device (vvu/ours)")
+    p.add_argument("--with-bridge", action="store_true",
+                   help="measure qemu-storage-daemon behind vhost-user-vvu-bridge and the "
+                        "virtio-vhost-user device, interrupt and poll mode, against qsd alone "
+                        "(bridge/qsd); leaves our own back-end out")
     p.add_argument("--only", choices=BACKENDS, help="benchmark only this back-end")
     p.add_argument(
         "--qsd-aio",
@@ -506,7 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     raw_argv = sys.argv[1:] if argv is None else argv
     args = parse_args(raw_argv)
     started = dt.datetime.now().astimezone()
-    backends = [args.only] if args.only else ["qsd", "ours"] + (["vvu"] if args.with_vvu else [])
+    if args.only:
+        backends = [args.only]
+    elif args.with_bridge:
+        backends = ["qsd", "bridge", "bridge-poll"]
+    else:
+        backends = ["qsd", "ours"] + (["vvu"] if args.with_vvu else [])
     res = Results()
 
     try:
@@ -541,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = render(QSD_CMD, img=str(img), sock=str(sock), aio=qsd_aio)
             elif name == "vvu":
                 cmd = render(args.vvu_cmd, img=str(img), sock=str(sock))
+            elif name.startswith("bridge"):
+                qsd = shlex.join(render(QSD_CMD, img=str(img), sock="{backend}", aio=qsd_aio))
+                cmd = ["bash", str(BRIDGE_WRAPPER), str(sock), qsd]
+                cmd += ["--poll"] if name == "bridge-poll" else []
             else:
                 cmd = render(args.ours_cmd, img=str(img), sock=str(sock))
             return Backend(name, cmd, sock, args.backend_cpu, workdir / f"{name}.log")
@@ -578,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         if "ours" in backends:
             ours0 = shlex.split(args.ours_cmd)[0]
             env_lines.append(f"ours: `{args.ours_cmd}` ({ours0} = {shutil.which(ours0)})")
+        if "bridge" in backends:
+            env_lines.append(f"bridge: `bash {BRIDGE_WRAPPER.relative_to(BENCH_DIR.parent)} "
+                             "SOCK QSD-CMD [--poll]` (device + vhost-user-vvu-bridge + the "
+                             "qsd above, all on the back-end CPU)")
         if "vvu" in backends:
             env_lines.append(f"vvu: `{args.vvu_cmd}` (device + vhost-user-blk --vvu, both on "
                              "the back-end CPU)")

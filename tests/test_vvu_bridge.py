@@ -216,3 +216,16 @@ def test_virtiofsd_behind_the_bridge(tmp_path: Path, which: str) -> None:
     assert codes == [0] * len(codes), log[-4000:]
     assert "Traceback" not in log, log
     assert log.count("back-end started") == 2, log  # once per consumer
+
+
+def test_the_demo_with_qemu_storage_daemon(tmp_path: Path) -> None:
+    """`scripts/demo --backend qsd --appliance process`: the seeds' diagram with an
+    unmodified C back-end in the appliance (the VM appliance runs the same bridge in
+    test_vvu_appliance_vm.py)."""
+    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--backend", "qsd",
+                        "--appliance", "process", "--keep", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "host: debugfs reads /hello.txt from disk.img: written by the guest" in r.stdout
+    assert ("written by qemu-storage-daemon in an appliance process, through the "
+            "virtio-vhost-user device, behind vhost-user-vvu-bridge") in r.stdout

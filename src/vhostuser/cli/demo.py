@@ -14,6 +14,9 @@ on the host.
 --appliance process: the appliance is a host process driving the device over vfio-user
 exactly as a guest driver would (add --poll for poll mode; interrupts otherwise).
 --direct: the back-end listens on the vhost-user socket itself (plain vhost-user).
+--backend qsd: the back-end is qemu-storage-daemon, unmodified, behind
+vhost-user-vvu-bridge (in the appliance VM it exports the appliance's own virtio-blk disk,
+which is the image).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll", action="store_true",
                     help="with --appliance process: poll the rings (exitless mode) instead "
                          "of taking interrupts (an appliance VM always polls)")
+    ap.add_argument("--backend", choices=("python", "qsd"), default="python",
+                    help="our vhost-user-blk (default), or qemu-storage-daemon, unmodified, "
+                         "behind vhost-user-vvu-bridge")
     args = ap.parse_args(argv)
     if args.size_mb < 16:
         ap.error("--size-mb must be at least 16")
@@ -81,10 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     stack = contextlib.ExitStack()
     try:
         blk = ["vhostuser.cli.blk", "--blk-file", str(image), "--serial", "python-vhost", "-v"]
+        qsd = args.backend == "qsd"
         mem_path = None
         if args.direct:
-            say("starting the back-end: vhost-user-blk --socket-path blk.sock --blk-file ...")
-            procs.append(_spawn([sys.executable, "-m", *blk, "--socket-path", str(sock)], log))
+            if qsd:
+                say("starting the back-end: qemu-storage-daemon ... --export "
+                    "type=vhost-user-blk,addr.path=blk.sock,...")
+                procs.append(_spawn(shlex.split(_qsd(str(image), str(sock), "file")), log))
+            else:
+                say("starting the back-end: vhost-user-blk --socket-path blk.sock "
+                    "--blk-file ...")
+                procs.append(_spawn([sys.executable, "-m", *blk, "--socket-path", str(sock)],
+                                    log))
             _wait_path(sock, procs[-1], log)
         else:
             vfu, dev_log = work / "vvu.sock", work / "vvu-device.log"
@@ -97,13 +112,22 @@ def main(argv: list[str] | None = None) -> int:
             _wait_path(sock, procs[-1], dev_log)
             if vm_appliance:
                 mem_path = window[1]
-                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log))
+                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log, qsd))
             else:
                 mode = ["--poll"] if args.poll else []
-                say("starting the appliance's back-end: vhost-user-blk --vvu vvu.sock "
-                    f"--blk-file ... {' '.join(mode)}")
-                procs.append(_spawn([sys.executable, "-m", *blk, "--vvu", str(vfu), *mode],
-                                    log))
+                if qsd:
+                    back = work / "qsd.sock"
+                    say("starting the appliance: vhost-user-vvu-bridge --vvu vvu.sock "
+                        "--backend-socket qsd.sock --backend-cmd 'qemu-storage-daemon ...' "
+                        + " ".join(mode))
+                    cmd = ["vhostuser.cli.vvu_bridge", "--vvu", str(vfu), "--backend-socket",
+                           str(back), "--backend-cmd", _qsd(str(image), str(back), "file"),
+                           "-v"]
+                else:
+                    say("starting the appliance's back-end: vhost-user-blk --vvu vvu.sock "
+                        f"--blk-file ... {' '.join(mode)}")
+                    cmd = [*blk, "--vvu", str(vfu)]
+                procs.append(_spawn([sys.executable, "-m", *cmd, *mode], log))
                 _wait_log(dev_log, "driver set BACKEND_UP", procs[-1], log, 15)
         say("booting the consumer: a Linux guest under QEMU 7.2 (TCG), "
             "-device vhost-user-blk-pci" + (", RAM in the device's window file"
@@ -129,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         how = ("" if args.direct else " in an appliance VM" if vm_appliance
                else " in an appliance process")
         how += "" if args.direct else ", through the virtio-vhost-user device"
-        say(f"done: the guest's filesystem lives in the image file, written by Python{how}")
+        who = "qemu-storage-daemon" if qsd else "Python"
+        how += ", behind vhost-user-vvu-bridge" if qsd and not args.direct else ""
+        say(f"done: the guest's filesystem lives in the image file, written by {who}{how}")
         return 0
     except (GuestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -146,24 +172,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+def _qsd(image: str, sock: str, driver: str) -> str:
+    """qemu-storage-daemon exporting `image` as vhost-user-blk on `sock`. writethrough=on:
+    QSD tells the guest its cache is write-through, so it must be (no flush will come)."""
+    return (f"qemu-storage-daemon --blockdev driver={driver},node-name=f0,filename={image} "
+            "--blockdev driver=raw,node-name=disk0,file=f0 --export type=vhost-user-blk,"
+            f"id=e0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,"
+            "writethrough=on,num-queues=1")
+
+
 @contextlib.contextmanager
 def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path,
-                        dev_log: Path) -> Iterator[None]:
+                        dev_log: Path, qsd: bool) -> Iterator[None]:
     """Boot the appliance guest (QEMU 11.1, the device attached over vfio-user) and wait
-    until vhost-user-blk inside it has brought the device up; its console goes to `log`."""
+    until the back-end inside it has brought the device up; its console goes to `log`.
+    With `qsd`, the image is the appliance's own virtio-blk disk, which qemu-storage-daemon
+    exports behind the bridge."""
+    if qsd:
+        backend = ["vhostuser.cli.vvu_bridge", "--backend-socket", "/run/qsd.sock",
+                   "--backend-cmd", _qsd("/dev/vda", "/run/qsd.sock", "host_device"), "-v"]
+        modules, qemu_args = ["virtio_blk"], ["-drive", f"file={image},if=virtio,format=raw"]
+        inside = ("vhost-user-vvu-bridge --vvu pci:... --backend-cmd 'qemu-storage-daemon "
+                  f"... /dev/vda' (the appliance's disk: {image.name})")
+        driver = "vhost-user-vvu-bridge (qemu-storage-daemon behind it)"
+    else:
+        backend = ["vhostuser.cli.blk", "--blk-file", f"/mnt/{image.name}", "--serial",
+                   "python-vhost", "-v"]
+        modules, qemu_args = [], []
+        inside = (f"vhost-user-blk --vvu pci:... --blk-file /mnt/{image.name} (a 9p share "
+                  f"of {work})")
+        driver = "vhost-user-blk"
     say("booting the appliance: a Linux guest under QEMU 11.1 (sid chroot, TCG) with the "
-        "device attached over vfio-user; inside it: vhost-user-blk --vvu pci:... "
-        f"--blk-file /mnt/{image.name} (a 9p share of {work})")
+        f"device attached over vfio-user; inside it: {inside}")
     subprocess.run([str(SID_QEMU), "setup"], check=True, capture_output=True)
-    with appliance_vm(vfu, work, ["vhostuser.cli.blk", "--blk-file", f"/mnt/{image.name}",
-                                  "--serial", "python-vhost", "-v"],
-                      qemu_wrapper(work)) as vm:
+    with appliance_vm(vfu, work, backend, qemu_wrapper(work), modules=modules,
+                      qemu_args=qemu_args) as vm:
         try:
             vm.start()
             vm.wait_for(READY, 120)
             wait_backend_up(vm, dev_log)
             bdf = vm.console.split(READY, 1)[1].split()[0]
-            say(f"appliance: the device is pci:{bdf} on its bus; vhost-user-blk drives it")
+            say(f"appliance: the device is pci:{bdf} on its bus; {driver} drives it")
             yield
         finally:
             log.write_text(vm.console)
