@@ -59,7 +59,7 @@ QSD_CMD = (
     "writable=on,num-queues=1"
 )
 BRIDGE_WRAPPER = Path(__file__).resolve().parent / "tools" / "vvu-bridge.sh"
-BACKENDS = ("qsd", "ours", "vvu", "bridge", "bridge-poll")
+BACKENDS = ("qsd", "ours", "vvu", "bridge", "bridge-watch")
 SOCKET_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
@@ -492,8 +492,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also measure ours through the virtio-vhost-user device (vvu/ours)")
     p.add_argument("--with-bridge", action="store_true",
                    help="measure qemu-storage-daemon behind vhost-user-vvu-bridge and the "
-                        "virtio-vhost-user device, interrupt and poll mode, against qsd alone "
-                        "(bridge/qsd); leaves our own back-end out")
+                        "virtio-vhost-user device against qsd alone (bridge/qsd): with the "
+                        "consumer's kick and call eventfds handed over (bridge), and with "
+                        "the bridge watching the vrings (bridge-watch, the appliance VM's "
+                        "poll-mode data path); leaves our own back-end out")
     p.add_argument("--only", choices=BACKENDS, help="benchmark only this back-end")
     p.add_argument(
         "--qsd-aio",
@@ -519,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         backends = [args.only]
     elif args.with_bridge:
-        backends = ["qsd", "bridge", "bridge-poll"]
+        backends = ["qsd", "bridge", "bridge-watch"]
     else:
         backends = ["qsd", "ours"] + (["vvu"] if args.with_vvu else [])
     res = Results()
@@ -559,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name.startswith("bridge"):
                 qsd = shlex.join(render(QSD_CMD, img=str(img), sock="{backend}", aio=qsd_aio))
                 cmd = ["bash", str(BRIDGE_WRAPPER), str(sock), qsd]
-                cmd += ["--poll"] if name == "bridge-poll" else []
+                cmd += ["--watch-rings"] if name == "bridge-watch" else []
             else:
                 cmd = render(args.ours_cmd, img=str(img), sock=str(sock))
             return Backend(name, cmd, sock, args.backend_cpu, workdir / f"{name}.log")
@@ -599,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             env_lines.append(f"ours: `{args.ours_cmd}` ({ours0} = {shutil.which(ours0)})")
         if "bridge" in backends:
             env_lines.append(f"bridge: `bash {BRIDGE_WRAPPER.relative_to(BENCH_DIR.parent)} "
-                             "SOCK QSD-CMD [--poll]` (device + vhost-user-vvu-bridge + the "
+                             "SOCK QSD-CMD [--watch-rings]` (device + vhost-user-vvu-bridge + the "
                              "qsd above, all on the back-end CPU)")
         if "vvu" in backends:
             env_lines.append(f"vvu: `{args.vvu_cmd}` (device + vhost-user-blk --vvu, both on "

@@ -87,11 +87,19 @@ def image(tmp_path: Path) -> Path:
     return img
 
 
-@pytest.mark.parametrize("mode", [[], ["--poll"]], ids=["interrupt", "poll"])
+@pytest.mark.parametrize("mode", [[], ["--poll"], ["--watch-rings"]],
+                         ids=["interrupt", "poll", "watch-rings"])
 def test_qemu_storage_daemon_behind_the_bridge(tmp_path: Path, mode: list[str]) -> None:
+    """Over vfio-user the device hands the consumer's own kick eventfds over (interrupt
+    and poll mode alike: nothing polls, no vector is raised); with --watch-rings the
+    bridge watches the avail indexes instead, as it does in an appliance VM."""
     img, sock = image(tmp_path), tmp_path / "qsd.sock"
     run_consumer(tmp_path, img, ["--backend-socket", str(sock),
                                  "--backend-cmd", qsd_cmd(img, sock), *mode])
+    log = (tmp_path / "bridge.log").read_text()
+    handed = "vring 0: the back-end reads the consumer's kick eventfd" in log
+    watched = "vring 0: the bridge watches its avail index" in log
+    assert (handed, watched) == ((False, True) if mode == ["--watch-rings"] else (True, False))
 
 
 def test_our_blk_behind_the_bridge(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from vhostuser.transport.vvu import Token, VvuChannel, VvuLink, VvuResources
 from vhostuser.vfio_user import protocol as vp
 from vhostuser.vfio_user.client import DeviceError, VfioUserClient
 from vhostuser.vfio_user.socket import VfioUserChannel
+from vhostuser.vvu.abi import CFG_NOTIFICATION
 
 F = FrontendReq
 OK = 0
@@ -137,6 +138,50 @@ def test_window_doorbell_and_kick(device: Device) -> None:
     fe2.close()
     link.close()
     ram.close()
+
+
+def test_kick_eventfd_handed_to_the_driver(device: Device) -> None:
+    """KICK_FD_VECTOR: the driver reads the consumer's own kick eventfd (GET_REGION_IO_FDS
+    lists it beside the doorbells), the device stops reading it and raises no vector; a
+    new SET_VRING_KICK brings the new fd, and a vector chosen again takes it back."""
+    from vhostuser.vvu.abi import KICK_FD_VECTOR
+
+    link = VvuLink(device.vfu)
+    res = VvuResources(link)
+    fe = consumer(device.vhost)
+    link.wait_frontend(None)
+    chan = VvuChannel(link)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    fe.send(request(F.SET_VRING_KICK, p.VringFile.make(2)), (kick,))
+    _, _, tokens = chan.recv_raw()
+    own = link.kick_fd(2)
+    assert own is not None
+    cap = link.pci.caps[CFG_NOTIFICATION]
+    link.client.write(cap.bar, cap.offset, struct.pack("<H", 2))  # select vring 2
+    assert struct.unpack("<H", link.client.read(cap.bar, cap.offset + 2, 2))[0] == \
+        KICK_FD_VECTOR
+    vector_fd = link.pci.vectors[3 + 2]
+    os.eventfd_write(kick, 5)  # nobody but the driver reads it now
+    assert readable(own) and os.eventfd_read(own) == 5
+    assert not readable(vector_fd, 0.2)
+    # a new kick eventfd from the consumer: the driver fetches that one
+    kick2 = os.eventfd(0, os.EFD_NONBLOCK)
+    fe.send(request(F.SET_VRING_KICK, p.VringFile.make(2)), (kick2,))
+    chan.recv_raw()
+    own2 = link.kick_fd(2)
+    assert own2 is not None
+    os.eventfd_write(kick2, 7)
+    assert readable(own2) and os.eventfd_read(own2) == 7
+    assert not readable(own, 0.1)  # the old one is not the new one
+    # a vector again: the device reads the kick and raises it
+    assert res.kick_fd(tokens[0]) == vector_fd
+    os.eventfd_write(kick2, 1)
+    assert readable(vector_fd) and os.eventfd_read(vector_fd) == 1
+    assert not readable(own2, 0.1)  # the device consumed the kick
+    for fd in (kick, kick2, own, own2):
+        os.close(fd)
+    fe.close()
+    link.close()
 
 
 def test_malformed_vfio_user_input(device: Device) -> None:

@@ -22,6 +22,7 @@ and a back-end that stops reading or answering ends the session after the messag
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -61,7 +62,17 @@ log = logging.getLogger(__name__)
 
 F = FrontendReq
 IDLE_WAIT = 1.0  # s between looks at deadlines with interrupts and nothing happening
-POLL_PAUSE = 0.0005  # s: poll mode's pause once it has spun for spin_us with nothing to do
+POLL_PAUSE = 20e-6  # s: poll mode's pause between looks, once spin_us passed with no work
+CONTROL_EVERY = 0.001  # s of ring watching in poll mode between looks at everything else
+
+
+def _fine_timer_slack() -> None:
+    """Sleep as long as asked (the default slack, 50 µs, would more than double a
+    POLL_PAUSE): prctl(PR_SET_TIMERSLACK, 1 ns)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+_PR_SET_TIMERSLACK = 29
 
 
 class SessionEnded(Exception):
@@ -70,10 +81,14 @@ class SessionEnded(Exception):
 
 class BridgeSession:
     def __init__(self, link: VvuLink, sock: socket.socket, stop: StopSignal, *,
-                 poll: bool = False, spin_us: int = 200) -> None:
+                 poll: bool = False, spin_us: int = 200, kick_fds: bool = True) -> None:
+        """`kick_fds`: give the back-end the consumer's own kick eventfds where the device
+        hands them over (vfio-user); without, the bridge raises kicks itself (poll mode:
+        watching the vrings, as in an appliance VM; else the MSI-X vectors)."""
         self.link = link
         self.stop = stop
         self.poll = poll or not link.interrupts
+        self.kick_fds = kick_fds
         self.spin = spin_us / 1e6
         self.backend = UnixChannel(sock)
         self.backend_req: UnixChannel | None = None
@@ -94,33 +109,42 @@ class BridgeSession:
 
     def run(self) -> None:
         """Relay until the session ends (SessionEnded) or a stop signal comes (Shutdown)."""
-        last_work = time.monotonic()
+        if self.poll:
+            _fine_timer_slack()
         while True:
-            now = time.monotonic()
-            if not self.poll:
-                timeout = IDLE_WAIT
-            elif now - last_work < self.spin:
-                timeout = 0.0
-            else:
-                timeout = POLL_PAUSE
-            work = False
-            for fd, _ev in self.poller.poll(timeout * 1000):
+            # the loop polls while it has vrings to watch (the consumer's own kick eventfds
+            # went to the back-end where the device could hand them over) or no interrupts
+            polling = bool(self.rings.kicks) or not self.link.interrupts
+            if polling:
+                self._watch_rings(CONTROL_EVERY)
+            for fd, _ev in self.poller.poll(0 if polling else IDLE_WAIT * 1000):
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler()
-                    work = True
             self.stop.check()
-            if self.poll:
-                work |= self._take_rx()
-                work |= self.rings.look()
+            if not self.link.interrupts:
+                self._take_rx()
                 if not self.link.in_session():  # read every STATUS_POLL seconds
                     raise SessionEnded("the consumer's session ended")
             for ch in (self.backend, self.backend_req):
                 if ch is not None:
                     self._flush(ch)
                     ch.check()
-            if work:
-                last_work = time.monotonic()
+
+    def _watch_rings(self, seconds: float) -> None:
+        """Poll mode's data path for `seconds`: kick the back-end when a vring's avail
+        index moves; spin `spin_us` after the last move, then look every POLL_PAUSE.
+        (Everything else — messages, calls to relay, deadlines — is looked at between
+        two such rounds: a message waits at most that long.)"""
+        now = time.monotonic()
+        end, last = now + seconds, now
+        look, sleep, spin = self.rings.look, time.sleep, self.spin
+        while now < end:
+            if look():
+                last = now
+            elif now - last >= spin:
+                sleep(POLL_PAUSE)
+            now = time.monotonic()
 
     def _watch(self, fd: int, fn: Callable[[], None]) -> None:
         self.poller.register(fd, select.POLLIN)
@@ -239,12 +263,22 @@ class BridgeSession:
         self.region_fds.clear()
 
     def _kick(self, vring: int) -> int:
-        """The back-end's kick eventfd for `vring` (a new fd, sent and then closed)."""
+        """The back-end's kick eventfd for `vring` (a new fd, sent and then closed): the
+        consumer's own where the device hands it over (vfio-user), else the vring's
+        MSI-X vector, else (poll mode) one the bridge signals."""
+        self.rings.unwatch(vring)
+        own = self.link.kick_fd(vring) if self.kick_fds else None
+        if own is not None:
+            log.debug("vring %d: the back-end reads the consumer's kick eventfd", vring)
+            os.eventfd_write(own, 1)  # a kick the device took before handing it over
+            return own
         if vring < self.link.max_queues:
             vector = NO_VECTOR if self.poll else V_FIRST_VRING + vring
             self.link.notification_vector(vring, vector)
             if not self.poll:
+                log.debug("vring %d: kicks raise MSI-X vector %d", vring, vector)
                 return os.dup(self.link.pci.vectors[vector])
+        log.debug("vring %d: the bridge watches its avail index", vring)
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.rings.watch(vring, efd)
         return os.dup(efd)

@@ -54,7 +54,8 @@ class Bridge:
                     stop.sleep(1.0)
                     continue
                 session = BridgeSession(link, sock, stop, poll=self.args.poll,
-                                        spin_us=self.args.poll_us)
+                                        spin_us=self.args.poll_us,
+                                        kick_fds=not self.args.watch_rings)
                 try:
                     session.run()
                 except SessionEnded as e:
@@ -113,8 +114,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                     help="wait this long for the back-end to listen (default 30)")
     ap.add_argument("--poll", action="store_true",
-                    help="watch the vrings for the back-end instead of taking kicks as "
-                         "interrupts (always so with pci:)")
+                    help="no interrupts in the data path: where the device cannot hand "
+                         "over the consumer's kick eventfds (pci:, always polled), watch "
+                         "the vrings for the back-end instead of taking kicks as interrupts")
+    ap.add_argument("--watch-rings", action="store_true",
+                    help="poll mode, and watch the vrings for the back-end even where the "
+                         "device could hand over the consumer's kick eventfds (over "
+                         "vfio-user it does, and nothing then polls): the appliance VM's "
+                         "data path, in a process appliance")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
                     help="in poll mode, keep looking this many µs after the last "
                          f"activity before pausing (default {DEFAULT_SPIN_US})")
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_message_timeout(ap, args)
     if not 0 < args.connect_timeout <= 3600:
         ap.error("--connect-timeout must be more than 0 and at most 3600 seconds")
+    args.poll = args.poll or args.watch_rings
     if not 0 <= args.poll_us <= 1_000_000:
         ap.error("--poll-us must be between 0 and 1000000")
     if args.backend_cmd is not None and not shlex.split(args.backend_cmd):

@@ -52,6 +52,8 @@ from ..vvu.abi import (
     CFG_NOTIFICATION,
     CFG_SHARED_MEMORY,
     FIRST_FILE_REGION,
+    KICK_FD_VECTOR,
+    KICK_FDS,
     S_BACKEND_UP,
     S_FRONTEND_UP,
     WINDOW_BASE_CAP,
@@ -313,6 +315,24 @@ class VvuLink:
             if off == offset and found is None:
                 found = os.dup(fd)
             os.close(fd)
+        return found
+
+    def kick_fd(self, vring: int) -> int | None:
+        """The consumer's own kick eventfd of `vring` (a dup, the caller's to close),
+        which the device then stops reading: over vfio-user, where the device offers it
+        (KICK_FD_VECTOR); None elsewhere. The device may have taken a kick meanwhile:
+        signal the fd once after handing it on."""
+        if not isinstance(self.client, VfioUserClient) or vring >= self.max_queues:
+            return None
+        self.notification_vector(vring, KICK_FD_VECTOR)
+        cap = self.pci.caps[CFG_NOTIFICATION]
+        want, found = cap.offset + KICK_FDS + 4 * vring, None
+        for off, fd in self.client.io_fds(cap.bar):
+            if off == want and found is None:
+                found = os.dup(fd)
+            os.close(fd)
+        if found is None:  # a device without the hand-over: its vector stays unset
+            self.notification_vector(vring, NO_VECTOR)
         return found
 
     def notification_vector(self, vring: int, vector: int) -> None:

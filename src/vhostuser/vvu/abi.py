@@ -12,6 +12,12 @@ PCI_VENDOR, PCI_DEVICE = 0x1AF4, 0x1040 + VIRTIO_ID
 # virtio-pci vendor capability cfg_types beyond the standard 1..5
 CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
 
+# the notification structure: a vring's vector may be KICK_FD_VECTOR, "the driver reads
+# the consumer's kick eventfd itself" (a vfio-user client: GET_REGION_IO_FDS on the
+# structure's BAR then lists vring i's kick eventfd at KICK_FDS + 4 * i from the structure)
+KICK_FD_VECTOR = 0xFFFE
+KICK_FDS = 0x800
+
 # the device config space's status field
 S_BACKEND_UP, S_FRONTEND_UP = 1, 2
 

@@ -24,6 +24,8 @@ from .abi import (
     CFG_NOTIFICATION,
     CFG_SHARED_MEMORY,
     FIRST_FILE_REGION,
+    KICK_FD_VECTOR,
+    KICK_FDS,
     PCI_DEVICE,
     PCI_VENDOR,
     S_BACKEND_UP,
@@ -189,7 +191,8 @@ class VvuDevice:
         return RxResult.OK
 
     def kick_arrived(self, vring: int) -> None:
-        self.fire(self.notify_vectors[vring])
+        vector = self.notify_vectors[vring]
+        self.fire(vector if vector < self.nvec else None)
 
     def frontend_changed(self) -> None:
         self.fire(self.virtio.config_changed())
@@ -360,10 +363,20 @@ class VvuDevice:
                                  f"({size:#x} bytes)")
 
     def doorbell_fds(self) -> list[tuple[int, int]]:
-        """(BAR 2 offset, eventfd) of every doorbell that has a target now."""
+        """(BAR 2 offset, eventfd) of every doorbell that has a target now, and of every
+        kick eventfd the driver reads itself (KICK_FD_VECTOR)."""
         r, n = self.relay, self.relay.max_queues
         return ([(DOORBELL_MULT * i, fd) for i, fd in sorted(r.calls.items())]
-                + [(DOORBELL_MULT * (n + i), fd) for i, fd in sorted(r.errs.items())])
+                + [(DOORBELL_MULT * (n + i), fd) for i, fd in sorted(r.errs.items())]
+                + [(NOTIFICATION_OFFSET + KICK_FDS + 4 * i, fd)
+                   for i, fd in sorted(r.kicks.items())
+                   if self.notify_vectors[i] == KICK_FD_VECTOR])
+
+    def watched_kicks(self) -> dict[int, int]:
+        """The consumer's kick eventfds the device reads (all but those the driver reads
+        itself), by vring."""
+        return {i: fd for i, fd in self.relay.kicks.items()
+                if i >= len(self.notify_vectors) or self.notify_vectors[i] != KICK_FD_VECTOR}
 
     def _notify_vector(self) -> int:
         if self.notify_select < len(self.notify_vectors):
@@ -377,7 +390,7 @@ class VvuDevice:
             if len(data) == 4:  # select and vector in one write
                 self._notification_write(2, data[2:])
         elif offset == 2 and len(data) >= 2 and self.notify_select < len(self.notify_vectors):
-            ok = value < self.nvec or value == NO_VECTOR
+            ok = value < self.nvec or value in (NO_VECTOR, KICK_FD_VECTOR)
             self.notify_vectors[self.notify_select] = value if ok else NO_VECTOR
 
     def _window_offset(self, index: int, offset: int) -> int:

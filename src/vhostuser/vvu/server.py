@@ -122,7 +122,8 @@ class VvuServer:
     def _io_fds(self, msg: vp.Message) -> tuple[vp.Message, list[int]]:
         """The doorbells as ioeventfds: each one is the consumer's own call (or err)
         eventfd, so a driver's doorbell write signals the consumer with no hop through
-        this process (what KVM ioeventfds gave the 2019 prototype)."""
+        this process (what KVM ioeventfds gave the 2019 prototype); and the kick eventfds
+        the driver chose to read itself (KICK_FD_VECTOR): the consumer's own too."""
         pl = msg.payload
         assert isinstance(pl, vp.RegionIoFds)
         doorbells = self.dev.doorbell_fds() if pl.index == BAR_DOORBELL else []
@@ -319,7 +320,7 @@ class VvuServer:
             w.add(relay.backend.fileno(), self._guard(relay.on_backend),
                   relay.backend.wants_write,
                   read=relay.wants_backend())
-        for vring, fd in list(relay.kicks.items()):
+        for vring, fd in self.dev.watched_kicks().items():
             w.add(fd, self._guard(functools.partial(relay.on_kick, vring)))
         return w
 
