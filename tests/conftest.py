@@ -25,6 +25,7 @@ MODULE_MARKERS = {
     "test_engine_parallel": ["unit"],
     "test_sockets": ["unit"],
     "test_exit_status": ["unit"],
+    "test_bridge_kicks": ["unit"],
     "test_split_ring": ["unit"],
     "test_sysfs_lock": ["unit"],
     "test_vfio_user_protocol": ["unit"],

@@ -1,8 +1,9 @@
 """Kicks for a back-end when nothing raises them: in poll mode (an appliance VM without
 interrupts, or `--poll`) the device tells nobody that the consumer added buffers, so the
-bridge watches each started vring's avail index in the window and signals the back-end's
-kick eventfd when it moves. A spurious kick costs the back-end one look at its ring; a
-missed one would stall it, so the first look always kicks."""
+bridge watches each started vring's avail index in the window and, when it moves, kicks
+the back-end as the consumer's driver would: unless the back-end asked not to be (the used
+ring's NO_NOTIFY flag, or with EVENT_IDX its avail_event), which spares a busy back-end
+a wake-up per request. A missed kick would stall it, so the first look always kicks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 _U16 = struct.Struct("<H")
 AVAIL_IDX = 2  # le16 idx after le16 flags
+USED_RING, USED_ELEM = 4, 8  # the used ring's elements after flags and idx; avail_event after
+USED_F_NO_NOTIFY = 1
+RING_F_EVENT_IDX = 29
 
 
 @dataclass
@@ -34,9 +38,14 @@ class RingWatch:
     def __init__(self) -> None:
         self.regions: list[Mapped] = []
         self.avail: dict[int, int] = {}  # vring -> avail ring's front-end address
+        self.used: dict[int, int] = {}  # vring -> used ring's front-end address
+        self.num: dict[int, int] = {}  # vring -> its size
+        self.event_idx = False
         self.kicks: dict[int, int] = {}  # vring -> our end of the back-end's kick eventfd
         self._seen: dict[int, int | None] = {}
-        self._at: dict[int, tuple[memoryview, int] | None] = {}
+        # vring -> (view, offset) of its avail idx and of the back-end's word: avail_event
+        # (EVENT_IDX) or the used ring's flags; None where the address is in no region
+        self._at: dict[int, tuple[memoryview, int, memoryview, int] | None] = {}
 
     def set_table(self, regions: list[Mapped]) -> None:
         self.regions = regions
@@ -52,9 +61,17 @@ class RingWatch:
                         != (region.guest_addr, region.size)]
         self._at.clear()
 
-    def set_avail(self, vring: int, addr: int) -> None:
-        self.avail[vring] = addr
+    def set_addr(self, vring: int, avail: int, used: int) -> None:
+        self.avail[vring], self.used[vring] = avail, used
         self._at.pop(vring, None)
+
+    def set_num(self, vring: int, num: int) -> None:
+        self.num[vring] = num
+        self._at.pop(vring, None)
+
+    def set_features(self, features: int) -> None:
+        self.event_idx = bool(features & (1 << RING_F_EVENT_IDX))
+        self._at.clear()
 
     def watch(self, vring: int, kick: int) -> None:
         """Signal eventfd `kick` (ours: the watch closes it) when vring's avail idx moves."""
@@ -69,33 +86,53 @@ class RingWatch:
         self._seen.pop(vring, None)
 
     def look(self) -> bool:
-        """Kick every watched vring whose avail idx moved; whether any did."""
+        """Kick every watched vring whose avail idx moved, unless its back-end asked not
+        to be; whether any moved."""
         moved = False
+        unpack = _U16.unpack_from
         for vring, fd in self.kicks.items():
             if vring not in self._at:
                 self._at[vring] = self._locate(vring)
             at = self._at[vring]
             if at is None:
                 continue
-            view, off = at
-            idx = _U16.unpack_from(view, off)[0]
-            if idx != self._seen[vring]:
-                self._seen[vring] = idx
+            view, off, wview, woff = at
+            idx = unpack(view, off)[0]
+            old = self._seen[vring]
+            if idx == old:
+                continue
+            self._seen[vring] = idx
+            moved = True
+            word = unpack(wview, woff)[0]
+            if old is None:
+                kick = True
+            elif self.event_idx:  # vring_need_event(avail_event, new, old)
+                kick = (idx - word - 1) & 0xFFFF < (idx - old) & 0xFFFF
+            else:
+                kick = not word & USED_F_NO_NOTIFY
+            if kick:
                 os.eventfd_write(fd, 1)
-                moved = True
         return moved
 
-    def _locate(self, vring: int) -> tuple[memoryview, int] | None:
-        addr = self.avail.get(vring)
-        if addr is None:
-            log.warning("vring %d: no address yet; it is not watched", vring)
+    def _locate(self, vring: int) -> tuple[memoryview, int, memoryview, int] | None:
+        avail, used, num = self.avail.get(vring), self.used.get(vring), self.num.get(vring)
+        if avail is None or used is None or num is None:
+            log.warning("vring %d: no address or size yet; it is not watched", vring)
             return None
+        idx = self._find(avail + AVAIL_IDX)
+        word = self._find(used + USED_RING + USED_ELEM * num if self.event_idx else used)
+        if idx is None or word is None:
+            log.warning("vring %d: its rings (avail %#x, used %#x) are in no memory region; "
+                        "not watched", vring, avail, used)
+            return None
+        return (*idx, *word)
+
+    def _find(self, addr: int) -> tuple[memoryview, int] | None:
+        """The view and offset of the u16 at front-end address `addr`."""
         for m in self.regions:
             r = m.region
-            if r.user_addr <= addr + AVAIL_IDX and addr + AVAIL_IDX + 2 <= r.user_addr + r.size:
-                return m.view, addr + AVAIL_IDX - r.user_addr
-        log.warning("vring %d: its avail ring %#x is in no memory region; not watched",
-                    vring, addr)
+            if r.user_addr <= addr and addr + 2 <= r.user_addr + r.size:
+                return m.view, addr - r.user_addr
         return None
 
     def close(self) -> None:

@@ -225,9 +225,15 @@ class BridgeSession:
                 out = replace(pl.region, mmap_offset=off)
                 self.rings.remove(pl.region)
             return replace(msg, payload=p.SingleMemRegion(out)), [fd]
+        elif req == F.SET_FEATURES:
+            assert isinstance(pl, p.U64)
+            self.rings.set_features(pl.value)
+        elif req == F.SET_VRING_NUM:
+            assert isinstance(pl, p.VringState)
+            self.rings.set_num(pl.index, pl.num)
         elif req == F.SET_VRING_ADDR:
             assert isinstance(pl, p.VringAddr)
-            self.rings.set_avail(pl.index, pl.avail)
+            self.rings.set_addr(pl.index, pl.avail, pl.used)
         elif req in (F.SET_VRING_KICK, F.SET_VRING_CALL, F.SET_VRING_ERR):
             assert isinstance(pl, p.VringFile)
             if pl.nofd:
