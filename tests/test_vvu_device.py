@@ -82,7 +82,7 @@ def readable(fd: int, timeout: float = 5.0) -> bool:
 
 def test_window_doorbell_and_kick(device: Device) -> None:
     link = VvuLink(device.vfu)
-    res = VvuResources(link)
+    res = VvuResources(link, kick_fds=False)  # kicks as MSI-X vectors
     fe = consumer(device.vhost)
     link.wait_frontend(None)
     assert link.status() == 3  # BACKEND_UP | FRONTEND_UP
@@ -147,7 +147,7 @@ def test_kick_eventfd_handed_to_the_driver(device: Device) -> None:
     from vhostuser.vvu.abi import KICK_FD_VECTOR
 
     link = VvuLink(device.vfu)
-    res = VvuResources(link)
+    res = VvuResources(link, kick_fds=False)
     fe = consumer(device.vhost)
     link.wait_frontend(None)
     chan = VvuChannel(link)

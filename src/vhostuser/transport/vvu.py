@@ -8,8 +8,10 @@ and in place of each fd a token that `VvuResources` turns into the device's equi
 - a memory region: a view of the shared-memory BAR (region i at its mmap_offset);
 - a call/err eventfd: the doorbell's ioeventfd, which *is* the consumer's eventfd, so a
   worker process signals the consumer directly;
-- a kick eventfd: the MSI-X vector the driver assigned to that vring (interrupt mode), or
-  nothing: the worker polls the ring (`poll=True`, the exitless mode).
+- a kick eventfd: the consumer's own, where the device hands it over (vfio-user: the
+  device stops reading it, so kicks reach the worker with no hop through the device);
+  else the MSI-X vector the driver assigned to that vring (interrupt mode); or nothing:
+  the worker polls the ring (`poll=True`, the exitless mode).
 
 The engine, the workers and the devices are unchanged.
 
@@ -399,20 +401,37 @@ class VvuResources:
 
     max_mem_slots = 8
 
-    def __init__(self, link: VvuLink, poll: bool = False) -> None:
+    def __init__(self, link: VvuLink, poll: bool = False, kick_fds: bool = True) -> None:
+        """`kick_fds`: take the consumer's own kick eventfds where the device hands them
+        over (False: always the MSI-X vectors, or polling)."""
         self.link = link
         self.poll = poll or not link.interrupts
+        self.kick_fds = kick_fds
+        self.kicks: dict[int, tuple[Token, int]] = {}  # id(token) -> it, the kick fd
 
     def map_region(self, desc: MemRegion, res: Token) -> memoryview:
         return self.link.window_view(desc)
 
     def check_kick(self, res: Token) -> None:
-        pass  # the device took the consumer's kick fd; the token stands for a vector
+        pass  # the device took the consumer's kick fd; the token stands for it
 
     def kick_fd(self, res: Token | None) -> int | None:
-        if res is None or self.poll or res.vring >= self.link.max_queues:
-            if res is not None:
-                self.link.notification_vector(res.vring, NO_VECTOR)
+        """What a worker waits on for kicks: the consumer's own kick eventfd where the
+        device hands it over (vfio-user: no hop through the device; in poll mode nobody
+        reads it), else the vring's MSI-X vector; None in poll mode."""
+        if res is None or res.vring >= self.link.max_queues:
+            return None
+        known = self.kicks.get(id(res))
+        if known is not None and known[0] is res:
+            return None if self.poll else known[1]
+        fd = self.link.kick_fd(res.vring) if self.kick_fds else None
+        if fd is not None:
+            self.kicks[id(res)] = (res, fd)
+            os.set_blocking(fd, False)
+            os.eventfd_write(fd, 1)  # a kick the device took before handing it over
+            return None if self.poll else fd
+        if self.poll:
+            self.link.notification_vector(res.vring, NO_VECTOR)
             return None
         vector = V_FIRST_VRING + res.vring
         self.link.notification_vector(res.vring, vector)
@@ -426,7 +445,9 @@ class VvuResources:
         return VvuBackendChannel(self.link)
 
     def close(self, res: Token) -> None:
-        pass
+        known = self.kicks.pop(id(res), None)
+        if known is not None and known[0] is res:
+            os.close(known[1])
 
 
 class VvuBackendChannel:
