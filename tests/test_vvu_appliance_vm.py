@@ -23,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -474,6 +475,125 @@ def test_consumer_disk_served_by_qemu_storage_daemon_in_an_appliance_vm(
     assert data[PATTERN_AT : PATTERN_AT + MB] == pattern
     fs = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
     assert fs.returncode == 0, fs.stdout + fs.stderr
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
+
+
+def test_consumer_nic_served_by_dpdk_testpmd_in_an_appliance_vm(qemu11_host_root: str,
+                                                                tmp_path: Path) -> None:
+    """DPDK's testpmd (net_vhost, icmpecho), unmodified, answers the consumer guest's pings
+    from inside the appliance VM, behind vhost-user-vvu-bridge; the counts it prints every
+    second come to equal the guest's own."""
+    from dpdk import parse_port_stats
+    from qemu_net_helpers import NET_MODULES, net_qemu_args, ping_result, tagged
+    from test_vvu_bridge_dpdk import PINGS
+    from test_vvu_bridge_dpdk import SCRIPT as PINGER
+
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    testpmd = ("/usr/bin/dpdk-testpmd --lcores 0@0,1@1 --no-huge -m 192 --no-pci "
+               "--file-prefix=appliance --vdev net_vhost0,iface=/run/dpdk.sock,queues=1 -- "
+               "--forward-mode=icmpecho --total-num-mbufs=2048 --stats-period 1")
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    try:
+        appliance = appliance_vm(
+            vfu, tmp_path, ["vhostuser.cli.vvu_bridge", "--backend-socket", "/run/dpdk.sock",
+                            "--backend-cmd", testpmd, "-v"], qemu11_host_root,
+            mem_mb=768, qemu_args=["-smp", "2"])
+        consumer = GuestVM(PINGER, modules=NET_MODULES, timeout=200, mem_mb=CONSUMER_MB,
+                           mem_path=str(window),
+                           qemu_args=net_qemu_args(vhost, "52:54:00:00:00:01"))
+        with appliance, consumer:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                result = consumer.run()
+                assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                            + appliance.console[-3000:])
+                sent = int(tagged(result.lines, "SENT"))
+                received = int(tagged(result.lines, "RECEIVED"))
+                # testpmd prints its counters every second: wait for the display that
+                # has them all (a count beyond the guest's would fail at once)
+                deadline = time.monotonic() + 30
+                while True:
+                    shown = parse_port_stats(appliance.console)
+                    last = shown[-1][0] if shown else None
+                    if last is not None:
+                        assert last.rx_packets <= sent and last.tx_packets <= received, last
+                        if (last.rx_packets, last.tx_packets) == (sent, received):
+                            break
+                    assert time.monotonic() < deadline, (last, sent, received,
+                                                         appliance.console[-3000:])
+                    time.sleep(0.2)
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert ping_result(tagged(result.lines, "PING")) == (PINGS, PINGS, 0), result.output
+        assert PINGS <= sent <= PINGS + 2, result.output
+        assert last.rx_errors == 0 and last.tx_errors == 0, last
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
+    log = (tmp_path / "device.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "window access trapped" not in log, "the appliance's QEMU did not map the window"
+
+
+def test_consumer_share_served_by_virtiofsd_in_an_appliance_vm(qemu11_host_root: str,
+                                                               tmp_path: Path) -> None:
+    """virtiofsd (QEMU 7.2's, unmodified; it wants a higher fs.file-max than a small VM
+    has) shares a directory of the appliance VM (a tmpfs: a 9p file cannot take I/O into
+    the window, whose pages cannot be pinned) behind
+    vhost-user-vvu-bridge. The consumer writes a tree and reads it back; virtiofsd exits
+    with its front-end, the bridge starts it again, and a second consumer reads the tree."""
+    vfu, vhost, window = tmp_path / "vfu.sock", tmp_path / "vhost.sock", tmp_path / "win.mem"
+    pattern = os.urandom(MB)
+    virtiofsd = ("sh -c 'echo 1048576 > /proc/sys/fs/file-max && mkdir -p /run/share && "
+                 "echo from the appliance > "
+                 "/run/share/seed.txt && exec /usr/lib/qemu/virtiofsd "
+                 "--socket-path=/run/fs.sock -o source=/run/share -o cache=auto'")
+    digest = hashlib.sha256(pattern).hexdigest()
+    again = ("mount -t virtiofs app /mnt && echo \"AGAIN $(sha256sum "
+             "/mnt/made/pattern.bin | cut -c1-64)\" && umount /mnt")
+    qemu = ["-chardev", f"socket,id=c0,path={vhost}",
+            "-device", "vhost-user-fs-pci,chardev=c0,tag=app"]
+    dev = start_device(tmp_path, "--window-size", "512M", "--window-file", str(window))
+    try:
+        appliance = appliance_vm(
+            vfu, tmp_path, ["vhostuser.cli.vvu_bridge", "--backend-socket", "/run/fs.sock",
+                            "--backend-cmd", virtiofsd, "-v"], qemu11_host_root)
+        first = GuestVM(FS_CONSUMER.replace("from the host", "from the appliance"),
+                        modules=["virtio_pci", "virtiofs"], timeout=200, errexit=True,
+                        files={"/pattern": pattern}, mem_mb=CONSUMER_MB, mem_path=str(window),
+                        qemu_args=qemu)
+        second = GuestVM(again, modules=["virtio_pci", "virtiofs"], timeout=200,
+                         errexit=True, mem_mb=CONSUMER_MB, mem_path=str(window),
+                         qemu_args=qemu)
+        with appliance:
+            try:
+                appliance.start()
+                appliance.wait_for(READY, 120)
+                wait_backend_up(appliance, tmp_path / "device.log")
+                with first:
+                    result = first.run()
+                with second:
+                    reread = second.run()
+            finally:
+                (tmp_path / "appliance.log").write_text(appliance.console)
+        assert result.status == 0, (result.console[-3000:] + "\n--- appliance ---\n"
+                                    + appliance.console[-3000:])
+        out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
+        assert out["SEED"] == "from the appliance"
+        assert out["BACK"] == digest
+        assert out["LIST"] == "made seed.txt " and out["UMOUNT"] == "0"
+        assert reread.status == 0, reread.console[-3000:] + appliance.console[-3000:]
+        assert dict(ln.split(" ", 1) for ln in reread.lines if " " in ln)["AGAIN"] == digest
+        assert appliance.console.count("back-end started") == 2
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        code = dev.wait(15)
     log = (tmp_path / "device.log").read_text()
     assert code == 0 and "Traceback" not in log, log[-3000:]
     assert "window access trapped" not in log, "the appliance's QEMU did not map the window"

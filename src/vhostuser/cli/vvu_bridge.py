@@ -67,24 +67,26 @@ class Bridge:
 
     def _connect(self, stop: StopSignal) -> socket.socket:
         """A connection to the back-end, started first if it is ours and not running (many
-        back-ends, virtiofsd for one, exit when their front-end leaves), waiting up to
-        --connect-timeout for it to listen."""
+        back-ends, virtiofsd for one, exit when their front-end leaves: the last one may
+        still be on its way out), waiting up to --connect-timeout for it to listen."""
         a = self.args
-        if a.backend_cmd is not None and (self.backend is None
-                                          or self.backend.poll() is not None):
-            if self.backend is not None:
-                log.info("the back-end exited with status %d: starting it again",
-                         self.backend.returncode)
-            self.backend = subprocess.Popen(shlex.split(a.backend_cmd))
-            log.info("back-end started: pid %d", self.backend.pid)
         deadline = time.monotonic() + a.connect_timeout
+        started = False
         while True:
+            p = self.backend
+            if a.backend_cmd is not None and (p is None or p.poll() is not None):
+                if started:
+                    raise ConnectionError(f"the back-end exited with status {p.returncode}"
+                                          if p is not None else "the back-end did not start")
+                if p is not None:
+                    log.info("the back-end exited with status %d: starting it again",
+                             p.returncode)
+                self.backend = subprocess.Popen(shlex.split(a.backend_cmd))
+                started = True
+                log.info("back-end started: pid %d", self.backend.pid)
             try:
                 return connect(a.backend_socket, retry_for=0)
-            except ConnectionError as e:
-                if self.backend is not None and self.backend.poll() is not None:
-                    raise ConnectionError(f"the back-end exited with status "
-                                          f"{self.backend.returncode}") from e
+            except ConnectionError:
                 if time.monotonic() > deadline:
                     raise
             stop.sleep(CONNECT_RETRY)
