@@ -122,8 +122,8 @@ def test_a_resize_in_qemu_storage_daemon_reaches_the_consumer(tmp_path: Path) ->
     with open(img, "wb") as f:
         f.truncate(16 * MB)
     vhost, vfu = tmp_path / "vhost.sock", tmp_path / "vfu.sock"
-    cmd = (qsd_cmd(img, sock, sid=True) + " --monitor chardev=m0 --chardev "
-           f"socket,id=m0,path={qmp_path},server=on,wait=off")
+    cmd = (qsd_cmd(img, sock, sid=True) + " --chardev "
+           f"socket,id=m0,path={qmp_path},server=on,wait=off --monitor chardev=m0")
     dev = start_device(tmp_path)
     bridge = None
     try:
