@@ -42,6 +42,7 @@ class Driver:
         self.buffer_size = 1024
         self.kicks: list[int] = []
         self.config_irqs = 0
+        self.sessions_ended = 0
         self.errors = 0
 
     def rx_put(self, message: bytes) -> RxResult:
@@ -61,6 +62,9 @@ class Driver:
 
     def frontend_changed(self) -> None:
         self.config_irqs += 1
+
+    def session_ended(self) -> None:
+        self.sessions_ended += 1
 
     def device_error(self) -> None:
         self.errors += 1

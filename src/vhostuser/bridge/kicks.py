@@ -20,7 +20,7 @@ _U16 = struct.Struct("<H")
 AVAIL_IDX = 2  # le16 idx after le16 flags
 USED_RING, USED_ELEM = 4, 8  # the used ring's elements after flags and idx; avail_event after
 USED_F_NO_NOTIFY = 1
-RING_F_EVENT_IDX = 29
+RING_F_EVENT_IDX, F_RING_PACKED = 29, 34
 
 
 @dataclass
@@ -71,6 +71,9 @@ class RingWatch:
 
     def set_features(self, features: int) -> None:
         self.event_idx = bool(features & (1 << RING_F_EVENT_IDX))
+        if features & (1 << F_RING_PACKED):  # the bridge masks it from the features
+            log.error("the consumer negotiated packed rings: the watcher reads split "
+                      "rings only, its back-end will get no kicks")
         self._at.clear()
 
     def watch(self, vring: int, kick: int) -> None:
@@ -111,7 +114,10 @@ class RingWatch:
             else:
                 kick = not word & USED_F_NO_NOTIFY
             if kick:
-                os.eventfd_write(fd, 1)
+                try:
+                    os.eventfd_write(fd, 1)
+                except BlockingIOError:
+                    pass  # the back-end holds the counter full: a kick is pending
         return moved
 
     def _locate(self, vring: int) -> tuple[memoryview, int, memoryview, int] | None:

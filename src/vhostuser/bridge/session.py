@@ -55,15 +55,27 @@ from ..protocol import payloads as p
 from ..shutdown import StopSignal
 from ..transport.unix import PeerClosed, UnixChannel
 from ..transport.vvu import V_FIRST_VRING, VvuLink, split_message
+from ..vfio_user.client import DeviceError, VfioUserClient
+from ..vfio_user.errors import VfioUserError
 from ..vvu.abi import BACKEND_REQUESTS
-from .kicks import Mapped, RingWatch
+from .kicks import F_RING_PACKED, Mapped, RingWatch
 
 log = logging.getLogger(__name__)
 
 F = FrontendReq
 IDLE_WAIT = 1.0  # s between looks at deadlines with interrupts and nothing happening
+REPLY_WAIT = 60.0  # s a back-end may take to answer a request (it may drain I/O first)
+MAX_QUEUED_REQUESTS = 64  # back-end requests waiting for the one before to be acked
 POLL_PAUSE = 20e-6  # s: poll mode's pause between looks, once spin_us passed with no work
 CONTROL_EVERY = 0.001  # s of ring watching in poll mode between looks at everything else
+
+
+def _signal(fd: int) -> None:
+    """One kick on eventfd `fd`; a saturated counter already has one pending."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass
 
 
 def _fine_timer_slack() -> None:
@@ -95,6 +107,7 @@ class BridgeSession:
         self.requests: deque[tuple[Message, bytes]] = deque()  # back-end requests waiting
         self.awaiting_ack = False
         self.protocol_features = 0
+        self.replies: deque[tuple[int, float]] = deque()  # (request, deadline) unanswered
         self.rings = RingWatch()
         self.region_fds: dict[tuple[int, int], tuple[int, int]] = {}  # (gpa, size) -> fd, off
         self.calls: dict[int, tuple[int, Notifier]] = {}  # our eventfd -> its doorbell
@@ -126,10 +139,27 @@ class BridgeSession:
                 self._take_rx()
                 if not self.link.in_session():  # read every STATUS_POLL seconds
                     raise SessionEnded("the consumer's session ended")
-            for ch in (self.backend, self.backend_req):
-                if ch is not None:
-                    self._flush(ch)
-                    ch.check()
+            self._check_peers()
+
+    def _check_peers(self) -> None:
+        """A back-end that leaves a message half sent, stops reading, or does not answer
+        ends the session (its request channel: only that channel)."""
+        self._flush(self.backend)
+        try:
+            self.backend.check()
+        except (OSError, PeerClosed) as e:
+            raise SessionEnded(f"the back-end: {e}") from e
+        if self.replies and time.monotonic() > self.replies[0][1]:
+            raise SessionEnded(f"the back-end did not answer "
+                               f"{Channel.FRONTEND.name_of(self.replies[0][0])} within "
+                               f"{REPLY_WAIT:g} s")
+        ch = self.backend_req
+        if ch is not None:
+            try:
+                ch.flush()
+                ch.check()
+            except (OSError, PeerClosed) as e:
+                self._end_backend_channel(f"{e}")
 
     def _watch_rings(self, seconds: float) -> None:
         """Poll mode's data path for `seconds`: kick the back-end when a vring's avail
@@ -182,19 +212,23 @@ class BridgeSession:
             msg = decode_request(Channel.FRONTEND, header, body, None)
         except ProtocolError as e:  # the device validated it: something is badly wrong
             raise SessionEnded(f"rxq: {e}") from e
-        fds: list[int] = []
+        fds: list[int] = []  # ours until sent (the stream sends duplicates)
+        name = Channel.FRONTEND.name_of(msg.request)
         try:
-            msg, fds = self._rewrite(msg)
-            log.debug("consumer -> back-end: %s%s", Channel.FRONTEND.name_of(msg.request),
-                      f" ({len(fds)} fds)" if fds else "")
+            msg = self._rewrite(msg, fds)
+            log.debug("consumer -> back-end: %s%s", name, f" ({len(fds)} fds)" if fds else "")
             self.backend.stream.send(encode(msg), fds)
-        except (OSError, PeerClosed, MemoryTableError) as e:
-            raise SessionEnded(f"{Channel.FRONTEND.name_of(msg.request)}: {e}") from e
+        except (OSError, PeerClosed, MemoryTableError, DeviceError, ProtocolError,
+                VfioUserError) as e:
+            raise SessionEnded(f"{name}: {e}") from e
         finally:
             close_fds(fds)
+        if expects_reply(Channel.FRONTEND, msg, self.protocol_features):
+            self.replies.append((msg.request, time.monotonic() + REPLY_WAIT))
 
-    def _rewrite(self, msg: Message) -> tuple[Message, list[int]]:
-        """The message as the back-end must get it, and the fds to go with it."""
+    def _rewrite(self, msg: Message, fds: list[int]) -> Message:
+        """The message as the back-end must get it; the fds to go with it are appended to
+        `fds` as they are made (the caller closes them, whatever happens)."""
         pl, req = msg.payload, msg.request
         if req == F.SET_PROTOCOL_FEATURES:
             assert isinstance(pl, p.U64)
@@ -202,18 +236,14 @@ class BridgeSession:
         elif req == F.SET_MEM_TABLE:
             assert isinstance(pl, p.MemTable)
             self._forget_regions()
-            regions, fds = [], []
-            for r in pl.regions:
-                out, fd = self._region(r)
-                regions.append(out)
-                fds.append(fd)
+            regions = [self._region(r, fds) for r in pl.regions]
             if self.poll:
                 self.rings.set_table([Mapped(r, self.link.window_view(r)) for r in pl.regions])
-            return replace(msg, payload=p.MemTable(tuple(regions))), fds
+            return replace(msg, payload=p.MemTable(tuple(regions)))
         elif req in (F.ADD_MEM_REG, F.REM_MEM_REG):
             assert isinstance(pl, p.SingleMemRegion)
             if req == F.ADD_MEM_REG:
-                out, fd = self._region(pl.region)
+                out = self._region(pl.region, fds)
                 if self.poll:
                     self.rings.add(Mapped(pl.region, self.link.window_view(pl.region)))
             else:  # the file may have left the window already: the fd we gave for it
@@ -221,10 +251,10 @@ class BridgeSession:
                 known = self.region_fds.pop(key, None)
                 if known is None:
                     raise MemoryTableError(f"REM_MEM_REG of a region never added: {pl.region}")
-                fd, off = known
-                out = replace(pl.region, mmap_offset=off)
+                fds.append(known[0])
+                out = replace(pl.region, mmap_offset=known[1])
                 self.rings.remove(pl.region)
-            return replace(msg, payload=p.SingleMemRegion(out)), [fd]
+            return replace(msg, payload=p.SingleMemRegion(out))
         elif req == F.SET_FEATURES:
             assert isinstance(pl, p.U64)
             self.rings.set_features(pl.value)
@@ -239,72 +269,96 @@ class BridgeSession:
             if pl.nofd:
                 if req == F.SET_VRING_KICK:
                     self.rings.unwatch(pl.index)
-                return msg, []
+                return msg
             if req == F.SET_VRING_KICK:
-                return msg, [self._kick(pl.index)]
-            return msg, [self._call("call" if req == F.SET_VRING_CALL else "err", pl.index)]
+                self._kick(pl.index, fds)
+            else:
+                self._call("call" if req == F.SET_VRING_CALL else "err", pl.index, fds)
+            return msg
         elif req == F.GET_VRING_BASE:  # the device drops the vring's eventfds
             assert isinstance(pl, p.VringState)
             self.rings.unwatch(pl.index)
             for kind in ("call", "err"):
                 self._drop_call(kind, pl.index)
         elif req == F.SET_BACKEND_REQ_FD:
-            return msg, [self._backend_channel()]
+            fds.append(self._backend_channel())
         elif expected_fds(Channel.FRONTEND, msg):
             raise MemoryTableError("the device let through a request with fds")
-        return msg, []
+        return msg
 
-    def _region(self, r: p.MemRegion) -> tuple[p.MemRegion, int]:
+    def _region(self, r: p.MemRegion, fds: list[int]) -> p.MemRegion:
+        """Region `r` as the back-end maps it; its fd appended to `fds`."""
         fd, off = self.link.window_fd(r)
         key = (r.guest_addr, r.size)
         old = self.region_fds.pop(key, None)
         if old is not None:
             os.close(old[0])
         self.region_fds[key] = (fd, off)  # kept for REM_MEM_REG
-        return replace(r, mmap_offset=off), os.dup(fd)
+        fds.append(os.dup(fd))
+        return replace(r, mmap_offset=off)
 
     def _forget_regions(self) -> None:
         for fd, _ in self.region_fds.values():
             os.close(fd)
         self.region_fds.clear()
 
-    def _kick(self, vring: int) -> int:
-        """The back-end's kick eventfd for `vring` (a new fd, sent and then closed): the
-        consumer's own where the device hands it over (vfio-user), else the vring's
-        MSI-X vector, else (poll mode) one the bridge signals."""
+    def _watches_rings(self) -> bool:
+        """Whether kicks will come from the ring watcher (poll mode with no kick
+        eventfds handed over)."""
+        return self.poll and not (self.kick_fds and isinstance(self.link.client,
+                                                               VfioUserClient))
+
+    def _kick(self, vring: int, fds: list[int]) -> None:
+        """The back-end's kick eventfd for `vring`, appended to `fds`: the consumer's own
+        where the device hands it over (vfio-user), else the vring's MSI-X vector, else
+        (poll mode) one the bridge signals when the vring's avail index moves."""
         self.rings.unwatch(vring)
         own = self.link.kick_fd(vring) if self.kick_fds else None
         if own is not None:
+            fds.append(own)
             log.debug("vring %d: the back-end reads the consumer's kick eventfd", vring)
-            os.eventfd_write(own, 1)  # a kick the device took before handing it over
-            return own
+            os.set_blocking(own, False)  # the consumer's: never wait on its counter
+            _signal(own)  # a kick the device took before it handed the fd over
+            return
         if vring < self.link.max_queues:
             vector = NO_VECTOR if self.poll else V_FIRST_VRING + vring
             self.link.notification_vector(vring, vector)
             if not self.poll:
                 log.debug("vring %d: kicks raise MSI-X vector %d", vring, vector)
-                return os.dup(self.link.pci.vectors[vector])
+                fds.append(os.dup(self.link.pci.vectors[vector]))
+                _signal(fds[-1])  # a kick the device took while the vring had no vector
+                return
         log.debug("vring %d: the bridge watches its avail index", vring)
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fds.append(os.dup(efd))
         self.rings.watch(vring, efd)
-        return os.dup(efd)
 
-    def _call(self, kind: str, vring: int) -> int:
-        """The back-end's call (err) eventfd for `vring`: the doorbell's own ioeventfd, or
-        one of ours that rings the doorbell when signalled."""
+    def _call(self, kind: str, vring: int, fds: list[int]) -> None:
+        """The back-end's call (err) eventfd for `vring`, appended to `fds`: the doorbell's
+        own ioeventfd (vfio-user), or one of ours that rings the doorbell when signalled
+        (MMIO, in the appliance VM). The device may have dropped that doorbell by now (it
+        reads ahead of us: a GET_VRING_BASE came): then an eventfd nobody reads, as the
+        device ignores a doorbell with no target."""
         if vring >= self.link.max_queues:
             raise MemoryTableError(f"vring {vring}: the device has {self.link.max_queues}")
         n = self.link.max_queues
         offset = 4 * (vring if kind == "call" else n + vring)
-        fd = self.link.doorbell_fd(offset)
-        if fd is not None:
-            return fd
         self._drop_call(kind, vring)
+        if isinstance(self.link.client, VfioUserClient):
+            fd = self.link.doorbell_fd(offset)
+            fds.append(fd if fd is not None
+                       else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            return
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.calls[efd] = (efd, self.link.doorbell(offset))
+        try:
+            notifier = self.link.doorbell(offset)
+        except BaseException:
+            os.close(efd)
+            raise
+        self.calls[efd] = (efd, notifier)
         self.call_of[(kind, vring)] = efd
         self._watch(efd, lambda: self._ring(efd))
-        return os.dup(efd)
+        fds.append(os.dup(efd))
 
     def _ring(self, efd: int) -> None:
         try:
@@ -328,8 +382,9 @@ class BridgeSession:
             messages = self.backend.poll()
         except (OSError, PeerClosed, ProtocolError) as e:
             raise SessionEnded(f"the back-end's connection: {e or type(e).__name__}") from e
-        for header, body, fds in messages:
+        for _, _, fds in messages:  # none of them can cross the device
             close_fds(fds)
+        for header, body, fds in messages:
             if not header.is_reply:
                 raise SessionEnded(f"the back-end sent request {header.request} on the "
                                    "front-end's channel")
@@ -339,6 +394,12 @@ class BridgeSession:
                             len(fds))
             log.debug("back-end -> consumer: reply to %s",
                       Channel.FRONTEND.name_of(header.request))
+            if self.replies:
+                self.replies.popleft()
+            if header.request == F.GET_FEATURES and self._watches_rings() and len(body) == 8:
+                # the watcher reads split rings only: no packed rings for this consumer
+                value = int.from_bytes(body, "little") & ~(1 << F_RING_PACKED)
+                body = value.to_bytes(8, "little")
             self._to_txq(encode_raw(header, body))
 
     def _to_txq(self, data: bytes) -> None:
@@ -351,28 +412,36 @@ class BridgeSession:
         """SET_BACKEND_REQ_FD: the back-end gets one end of a new pair (the consumer's
         channel stays with the device)."""
         if self.backend_req is not None:
-            self._unwatch(self.backend_req.fileno())
-            self.backend_req.close()
+            self._end_backend_channel("replaced")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.backend_req = UnixChannel(ours)
-        self.requests.clear()
-        self.awaiting_ack = False
         self._watch(ours.fileno(), self._from_backend_req)
         return theirs.detach()
+
+    def _end_backend_channel(self, why: str) -> None:
+        """Only the back-end's request channel ends (as it would without us)."""
+        ch = self.backend_req
+        if ch is None:
+            return
+        log.info("the back-end's request channel ended: %s", why)
+        self._unwatch(ch.fileno())
+        ch.close()
+        self.backend_req = None
+        self.requests.clear()  # an ack still due is dropped when it comes (_ack)
 
     def _from_backend_req(self) -> None:
         ch = self.backend_req
         assert ch is not None
         try:
             messages = ch.poll()
-        except (OSError, PeerClosed, ProtocolError) as e:  # only that channel ends
-            log.info("the back-end's request channel ended: %s", e or type(e).__name__)
-            self._unwatch(ch.fileno())
-            ch.close()
-            self.backend_req = None
+        except (OSError, PeerClosed, ProtocolError) as e:
+            self._end_backend_channel(str(e) or type(e).__name__)
             return
-        for header, body, fds in messages:
+        for _, _, fds in messages:  # none of them can cross the device
             close_fds(fds)
+        for header, body, fds in messages:
+            if self.backend_req is not ch:
+                return
             self._backend_request(ch, header, body, len(fds))
 
     def _backend_request(self, ch: UnixChannel, header: Header, body: bytes,
@@ -382,19 +451,31 @@ class BridgeSession:
             msg = decode_request(Channel.BACKEND, header, body, nfds)
         except ProtocolError as e:
             log.warning("back-end request refused: %s", e)
+            if header.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK:
+                self._refuse(ch, Message(header.request, p.Empty(), header.flags))
             return
-        acked = expects_reply(Channel.BACKEND, msg, self.protocol_features)
         if msg.request not in BACKEND_REQUESTS or nfds:
             log.warning("back-end request %s refused: it cannot cross the virtio-vhost-user "
                         "device (it needs an fd to reach the consumer, or a feature the "
                         "device masks)", name)
-            if acked:
-                ch.stream.send(encode(reply_to(msg, p.U64(1))))
+            if expects_reply(Channel.BACKEND, msg, self.protocol_features):
+                self._refuse(ch, msg)
             return
         if msg.need_reply and not self.protocol_features & ProtocolFeature.REPLY_ACK:
             msg = replace(msg, flags=msg.flags & ~HeaderFlag.NEED_REPLY)  # as the spec says
+        if len(self.requests) >= MAX_QUEUED_REQUESTS:
+            self._end_backend_channel(f"{len(self.requests)} requests wait for the "
+                                      "consumer's ack of an earlier one")
+            return
         self.requests.append((msg, encode(msg)))
         self._next_request()
+
+    def _refuse(self, ch: UnixChannel, msg: Message) -> None:
+        """Answer a back-end request that waits for an ack with a failure."""
+        try:
+            ch.stream.send(encode(reply_to(msg, p.U64(1))))
+        except (OSError, PeerClosed) as e:
+            self._end_backend_channel(str(e) or type(e).__name__)
 
     def _next_request(self) -> None:
         """Back-end requests go on txq one at a time: the device relays one, and the next
@@ -413,7 +494,7 @@ class BridgeSession:
             try:
                 self.backend_req.stream.send(encode_raw(header, body))
             except (OSError, PeerClosed) as e:
-                log.info("the back-end's request channel: %s", e)
+                self._end_backend_channel(str(e) or type(e).__name__)
         self._next_request()
 
     # -- the end ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,8 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     args.poll = args.poll or args.watch_rings
     if not 0 <= args.poll_us <= 1_000_000:
         ap.error("--poll-us must be between 0 and 1000000")
-    if args.backend_cmd is not None and not shlex.split(args.backend_cmd):
-        ap.error("--backend-cmd is empty")
+    if len(os.fsencode(args.backend_socket)) > 107:
+        ap.error("--backend-socket: a UNIX socket path is at most 107 bytes")
+    if args.backend_cmd is not None:
+        try:
+            argv = shlex.split(args.backend_cmd)
+        except ValueError as e:
+            ap.error(f"--backend-cmd: {e}")
+        if not argv:
+            ap.error("--backend-cmd is empty")
+        if shutil.which(argv[0]) is None:
+            ap.error(f"--backend-cmd: {argv[0]}: no such program")
     if args.backend_cmd is None and not os.path.exists(args.backend_socket):
         print(f"note: nothing listens on {args.backend_socket} yet; waiting for it when a "
               "consumer comes", file=sys.stderr)

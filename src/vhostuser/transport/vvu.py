@@ -48,7 +48,7 @@ from ..protocol import (
 )
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal, readable
-from ..vfio_user.client import Region, VfioUserClient
+from ..vfio_user.client import DeviceError, Region, VfioUserClient
 from ..vvu.abi import (
     CFG_DOORBELL,
     CFG_NOTIFICATION,
@@ -310,31 +310,39 @@ class VvuLink:
 
     def doorbell_fd(self, offset: int) -> int | None:
         """A dup of the ioeventfd behind the doorbell at `offset`, if the device has one."""
-        found = None
         if not isinstance(self.client, VfioUserClient):
             return None  # on a PCI bus a doorbell is an MMIO write, with no eventfd
-        for off, fd in self.client.io_fds(self.pci.caps[CFG_DOORBELL].bar):
-            if off == offset and found is None:
-                found = os.dup(fd)
-            os.close(fd)
-        return found
+        return self._io_fd(self.pci.caps[CFG_DOORBELL].bar, offset)
 
     def kick_fd(self, vring: int) -> int | None:
         """The consumer's own kick eventfd of `vring` (a dup, the caller's to close),
         which the device then stops reading: over vfio-user, where the device offers it
-        (KICK_FD_VECTOR); None elsewhere. The device may have taken a kick meanwhile:
-        signal the fd once after handing it on."""
+        (KICK_FD_VECTOR); None elsewhere, and then the vring has no vector (the caller
+        sets one). The device may have taken a kick meanwhile: signal the fd once after
+        handing it on."""
         if not isinstance(self.client, VfioUserClient) or vring >= self.max_queues:
             return None
-        self.notification_vector(vring, KICK_FD_VECTOR)
         cap = self.pci.caps[CFG_NOTIFICATION]
-        want, found = cap.offset + KICK_FDS + 4 * vring, None
-        for off, fd in self.client.io_fds(cap.bar):
-            if off == want and found is None:
-                found = os.dup(fd)
-            os.close(fd)
-        if found is None:  # a device without the hand-over: its vector stays unset
+        found = None
+        try:
+            self.notification_vector(vring, KICK_FD_VECTOR)
+            found = self._io_fd(cap.bar, cap.offset + KICK_FDS + 4 * vring)
+        except DeviceError as e:
+            log.warning("vring %d: the device does not hand over its kick eventfd: %s",
+                        vring, e)
+        if found is None:  # an older device, or the vring has no kick fd (any more)
             self.notification_vector(vring, NO_VECTOR)
+        return found
+
+    def _io_fd(self, bar: int, offset: int) -> int | None:
+        assert isinstance(self.client, VfioUserClient)
+        pairs = self.client.io_fds(bar)
+        found = None
+        for off, fd in pairs:
+            if off == offset and found is None:
+                found = os.dup(fd)
+        for fd in {fd for _, fd in pairs}:
+            os.close(fd)
         return found
 
     def notification_vector(self, vring: int, vector: int) -> None:
@@ -427,8 +435,11 @@ class VvuResources:
         fd = self.link.kick_fd(res.vring) if self.kick_fds else None
         if fd is not None:
             self.kicks[id(res)] = (res, fd)
-            os.set_blocking(fd, False)
-            os.eventfd_write(fd, 1)  # a kick the device took before handing it over
+            os.set_blocking(fd, False)  # the consumer's: never wait on its counter
+            try:
+                os.eventfd_write(fd, 1)  # a kick the device took before handing it over
+            except BlockingIOError:
+                pass  # saturated: a kick is pending anyway
             return None if self.poll else fd
         if self.poll:
             self.link.notification_vector(res.vring, NO_VECTOR)

@@ -17,7 +17,10 @@ from ..transport.unix import connect
 from . import protocol as vp
 from .socket import VfioUserChannel, close_fds
 
-MAX_FDS_PER_MESSAGE = vp.MAX_MSG_FDS  # what this client proposes in VERSION (and takes)
+MAX_FDS_PER_MESSAGE = vp.MAX_MSG_FDS  # what this client sends in one message
+# what it proposes in VERSION and takes in one reply: as many as one sendmsg carries
+# (SCM_MAX_FD), so that a device with many doorbells can list them all at once
+RECV_MAX_FDS = 253
 
 
 class DeviceError(Exception):
@@ -45,9 +48,10 @@ REPLY_TIMEOUT = 30.0  # s: a device that does not answer a command fails the cal
 class VfioUserClient:
     def __init__(self, path: str, retry_for: float = 10.0,
                  reply_timeout: float = REPLY_TIMEOUT) -> None:
-        self.chan = VfioUserChannel(connect(path, retry_for=retry_for), timeout=reply_timeout)
+        self.chan = VfioUserChannel(connect(path, retry_for=retry_for), timeout=reply_timeout,
+                                    max_fds=RECV_MAX_FDS)
         self.version = self._call(vp.Command.VERSION, vp.Version(0, 0, vp.Capabilities(
-            max_msg_fds=MAX_FDS_PER_MESSAGE, max_data_xfer_size=1 << 20)))
+            max_msg_fds=RECV_MAX_FDS, max_data_xfer_size=1 << 20)))
 
     def _call(self, cmd: int, payload: object = None, fds: tuple[int, ...] = ()
               ) -> object:
@@ -121,8 +125,10 @@ class VfioUserClient:
 
     def io_fds(self, index: int) -> list[tuple[int, int]]:
         """GET_REGION_IO_FDS: (offset in the region, eventfd) pairs; the fds are the
-        caller's to close."""
-        argsz = vp.RegionIoFds.HEAD.size
+        caller's to close (one fd may stand in several pairs: close each once)."""
+        # room for as many as one reply carries: the set may grow between two asks (a
+        # device that serves a consumer meanwhile), so ask once with room for all
+        argsz = vp.RegionIoFds.HEAD.size + RECV_MAX_FDS * vp.IoFdSubRegion.FMT.size
         for _ in range(4):
             reply = self._call(vp.Command.DEVICE_GET_REGION_IO_FDS,
                                vp.RegionIoFds.request(index, argsz))
@@ -135,7 +141,14 @@ class VfioUserClient:
             close_fds(self._last_fds)
             raise DeviceError(f"region {index}: the device keeps asking for more room for "
                               "its io fds", errno.EPROTO)
-        return [(s.offset, self._last_fds[s.fd_index]) for s in reply.subregions]
+        fds = self._last_fds
+        if any(s.fd_index >= len(fds) for s in reply.subregions):
+            close_fds(fds)
+            raise DeviceError(f"region {index}: an io fd index beyond the {len(fds)} fds sent",
+                              errno.EPROTO)
+        used = {s.fd_index for s in reply.subregions}
+        close_fds([fd for i, fd in enumerate(fds) if i not in used])
+        return [(s.offset, fds[s.fd_index]) for s in reply.subregions]
 
     def reset(self) -> None:
         self._call(vp.Command.DEVICE_RESET)

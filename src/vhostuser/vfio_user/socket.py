@@ -63,6 +63,7 @@ class VfioUserChannel:
     ) -> None:
         self.sock = sock
         self.max_fds = max_fds
+        self.max_send_fds = MAX_MSG_FDS  # what the peer takes (its max_msg_fds, if known)
         self.max_size = max_size
         self.stop = stop
         self.timeout = timeout  # how long recv_raw waits for a message (None: forever)
@@ -139,8 +140,8 @@ class VfioUserChannel:
 
     def send_nowait(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send as far as the socket takes it; the rest waits for `flush` (event loops)."""
-        if len(fds) > self.max_fds:
-            raise ValueError(f"{len(fds)} fds in one message, at most {self.max_fds}")
+        if len(fds) > self.max_send_fds:
+            raise ValueError(f"{len(fds)} fds in one message, at most {self.max_send_fds}")
         self.stream.send(encode(msg), fds)
 
     @property

@@ -197,6 +197,12 @@ class VvuDevice:
     def frontend_changed(self) -> None:
         self.fire(self.virtio.config_changed())
 
+    def session_ended(self) -> None:
+        # a kick eventfd the driver read itself was this consumer's: the next one's kicks
+        # are the device's again until the driver asks
+        self.notify_vectors = [NO_VECTOR if v == KICK_FD_VECTOR else v
+                               for v in self.notify_vectors]
+
     def device_error(self) -> None:
         self.fire(self.virtio.set_needs_reset())
 

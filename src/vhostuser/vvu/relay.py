@@ -78,6 +78,10 @@ class DriverSide(Protocol):
         """FRONTEND_UP changed by the device: send a config-change interrupt."""
         ...
 
+    def session_ended(self) -> None:
+        """The consumer's session is over, however it ended: forget per-session state."""
+        ...
+
     def discard_txq(self) -> None:
         """Consume what the driver has put in txq, unread (a session boundary)."""
         ...
@@ -186,6 +190,7 @@ class Relay:
         # The next consumer brings its own memory: forget this one's (the appliance's
         # mappings stay valid until it drops them; it re-reads the window on the next table).
         self._drop_files()
+        self.driver.session_ended()
         if was and notify:
             self.driver.frontend_changed()
 

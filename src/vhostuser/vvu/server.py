@@ -25,6 +25,7 @@ from .device import BAR_DOORBELL, BAR_WINDOW, VvuDevice
 from .pci import PciAccessError
 
 log = logging.getLogger(__name__)
+SCM_MAX_FD = 253  # the most fds one sendmsg carries
 
 C = vp.Command
 NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA: the VFIO PCI layout
@@ -57,7 +58,9 @@ class VvuServer:
             caps = vp.Capabilities(max_msg_fds=8, max_data_xfer_size=MAX_DATA, pgsizes=4096,
                                    max_dma_maps=1024)
             offered = pl.capabilities.max_msg_fds if pl.capabilities is not None else None
-            self.client_max_fds = offered or vp.DEFAULT_MAX_MSG_FDS
+            self.client_max_fds = min(offered or vp.DEFAULT_MAX_MSG_FDS, SCM_MAX_FD)
+            if self.client is not None:
+                self.client.max_send_fds = self.client_max_fds
             return vp.reply_to(msg, vp.negotiate_version(pl, caps)), []
         if msg.command == C.DMA_MAP:
             assert isinstance(pl, vp.DmaMap)
