@@ -93,7 +93,8 @@ class SessionEnded(Exception):
 
 class BridgeSession:
     def __init__(self, link: VvuLink, sock: socket.socket, stop: StopSignal, *,
-                 poll: bool = False, spin_us: int = 200, kick_fds: bool = True) -> None:
+                 poll: bool = False, spin_us: int = 200, kick_fds: bool = True,
+                 reply_wait: float = REPLY_WAIT) -> None:
         """`kick_fds`: give the back-end the consumer's own kick eventfds where the device
         hands them over (vfio-user); without, the bridge raises kicks itself (poll mode:
         watching the vrings, as in an appliance VM; else the MSI-X vectors)."""
@@ -101,6 +102,7 @@ class BridgeSession:
         self.stop = stop
         self.poll = poll or not link.interrupts
         self.kick_fds = kick_fds
+        self.reply_wait = reply_wait
         self.spin = spin_us / 1e6
         self.backend = UnixChannel(sock)
         self.backend_req: UnixChannel | None = None
@@ -152,7 +154,7 @@ class BridgeSession:
         if self.replies and time.monotonic() > self.replies[0][1]:
             raise SessionEnded(f"the back-end did not answer "
                                f"{Channel.FRONTEND.name_of(self.replies[0][0])} within "
-                               f"{REPLY_WAIT:g} s")
+                               f"{self.reply_wait:g} s")
         ch = self.backend_req
         if ch is not None:
             try:
@@ -224,7 +226,7 @@ class BridgeSession:
         finally:
             close_fds(fds)
         if expects_reply(Channel.FRONTEND, msg, self.protocol_features):
-            self.replies.append((msg.request, time.monotonic() + REPLY_WAIT))
+            self.replies.append((msg.request, time.monotonic() + self.reply_wait))
 
     def _rewrite(self, msg: Message, fds: list[int]) -> Message:
         """The message as the back-end must get it; the fds to go with it are appended to

@@ -112,10 +112,10 @@ def _failed(e: Exception, stop: StopSignal) -> int:
     """The exit status for an error that ended the loop: 1, printed; but 0 if a stop
     signal had come first (the peer went too while we were on our way out: the device
     stopped along with us, say, before we looked at the signal)."""
-    log.debug("the loop ended on an error", exc_info=True)
     if stop.signum is not None:
         log.info("%s after %s: exiting", e, signal.Signals(stop.signum).name)
         return 0
+    log.debug("the loop ended on an error", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return 1
 

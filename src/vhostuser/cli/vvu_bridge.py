@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from ..bridge.session import BridgeSession, SessionEnded
+from ..bridge.session import REPLY_WAIT, BridgeSession, SessionEnded
 from ..engine.worker import DEFAULT_SPIN_US
 from ..shutdown import StopSignal
 from ..transport.unix import connect
@@ -56,7 +56,8 @@ class Bridge:
                     continue
                 session = BridgeSession(link, sock, stop, poll=self.args.poll,
                                         spin_us=self.args.poll_us,
-                                        kick_fds=not self.args.watch_rings)
+                                        kick_fds=not self.args.watch_rings,
+                                        reply_wait=self.args.reply_timeout)
                 try:
                     session.run()
                 except SessionEnded as e:
@@ -128,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US",
                     help="in poll mode, keep looking this many µs after the last "
                          f"activity before pausing (default {DEFAULT_SPIN_US})")
+    ap.add_argument("--reply-timeout", type=float, default=REPLY_WAIT, metavar="S",
+                    help="end the session when the back-end takes longer than this to "
+                         f"answer a request (default {REPLY_WAIT:g})")
     add_message_timeout(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="more logging (-v info, -vv debug)")
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     apply_message_timeout(ap, args)
+    if not 0 < args.reply_timeout <= 3600:
+        ap.error("--reply-timeout must be more than 0 and at most 3600 seconds")
     if not 0 < args.connect_timeout <= 3600:
         ap.error("--connect-timeout must be more than 0 and at most 3600 seconds")
     args.poll = args.poll or args.watch_rings
