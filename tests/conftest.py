@@ -27,6 +27,7 @@ MODULE_MARKERS = {
     "test_exit_status": ["unit"],
     "test_bridge_kicks": ["unit"],
     "test_bridge_hostile": ["daemon"],
+    "test_check": ["daemon"],
     "test_split_ring": ["unit"],
     "test_sysfs_lock": ["unit"],
     "test_vfio_user_protocol": ["unit"],

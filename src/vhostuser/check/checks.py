@@ -1,0 +1,377 @@
+"""The checks of vhost-user-check, for a vhost-user-blk back-end. Each runs on connections
+of its own and says PASS, FAIL (the back-end broke a rule of the spec, crashed, stopped
+serving, or wrote outside the memory it was given) or SKIP (the back-end does not offer
+what the check needs). The rules are the vhost-user spec's (QEMU docs/interop/
+vhost-user.rst) and the virtio spec's (2.7 split virtqueues)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
+from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
+from ..protocol import payloads as p
+from ..virtq.split import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from .rig import Session, serves, session
+
+F = FrontendReq
+_DESC = struct.Struct("<QIHH")
+SETTLE = 2.0  # s an attack is given to complete, fail or be ignored
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # PASS, FAIL or SKIP
+    detail: str
+
+
+class Failed(Exception):
+    pass
+
+
+class Skipped(Exception):
+    pass
+
+
+CHECKS: list[tuple[str, str, Callable[[str], str]]] = []
+
+
+def check(name: str, what: str) -> Callable[[Callable[[str], str]], Callable[[str], str]]:
+    def register(fn: Callable[[str], str]) -> Callable[[str], str]:
+        CHECKS.append((name, what, fn))
+        return fn
+    return register
+
+
+def run(path: str, only: list[str] | None = None) -> list[Result]:
+    out = []
+    for name, _what, fn in CHECKS:
+        if only and name not in only:
+            continue
+        try:
+            detail = fn(path)
+            out.append(Result(name, "PASS", detail))
+        except Skipped as e:
+            out.append(Result(name, "SKIP", str(e)))
+        except Failed as e:
+            out.append(Result(name, "FAIL", str(e)))
+        except Exception as e:  # whatever broke is the finding
+            gone = serves(path)
+            out.append(Result(name, "FAIL", f"{type(e).__name__}: {e}"
+                              + (f"; then {gone}" if gone else "")))
+    return out
+
+
+def _alive(path: str, s: Session | None = None) -> None:
+    if s is not None and not s.ram.guards_intact():
+        raise Failed("the back-end wrote outside the memory region it was given")
+    gone = serves(path)
+    if gone is not None:
+        raise Failed(gone)
+
+
+# -- protocol ---------------------------------------------------------------------------------
+
+@check("features", "GET_FEATURES offers VIRTIO_F_VERSION_1; the protocol features handshake")
+def _features(path: str) -> str:
+    with session(path) as s:
+        offered = s.fe.get_u64(F.GET_FEATURES)
+        if not offered & VirtioFeature.VERSION_1:
+            raise Failed(f"features {offered:#x} lack VERSION_1")
+        if not offered & VirtioFeature.PROTOCOL_FEATURES:
+            return f"features {offered:#x}, no protocol features"
+        pf = s.fe.get_u64(F.GET_PROTOCOL_FEATURES)
+        return f"features {offered:#x}, protocol features {pf:#x}"
+
+
+@check("io", "a read and GET_ID on a set-up queue complete with status OK")
+def _io(path: str) -> str:
+    with session(path) as s:
+        blk = s.setup()
+        assert blk is not None
+        status, _ = blk.read(0, 4096)
+        if status != 0:
+            raise Failed(f"read status {status}")
+        status, _ = blk.get_id()
+        if status not in (0, 2):  # GET_ID may be unsupported (S_UNSUPP)
+            raise Failed(f"GET_ID status {status}")
+        indirect = bool(s.fe.features & VirtioFeature.RING_INDIRECT_DESC)
+        if indirect:
+            status, _ = blk.request(T_IN, 0, in_len=4096, indirect=True)
+            if status != 0:
+                raise Failed(f"read through an indirect table: status {status}")
+        return "read, GET_ID" + (", indirect read" if indirect else "")
+
+
+@check("stop-drains", "GET_VRING_BASE returns once every request the back-end took is "
+                      "used (base == used idx), and the ring goes on from that base")
+def _stop_drains(path: str) -> str:
+    with session(path) as s:
+        blk = s.setup()
+        assert blk is not None
+        for i in range(16):
+            blk.submit(T_IN, i * 8, in_len=4096, kick=False)
+        s.fe.kick(0)
+        base = s.fe.get_vring_base(0)
+        ring = s.fe.queues[0].ring
+        used = ring.used_idx()
+        if used != base or not 0 <= base <= 16:
+            raise Failed(f"after GET_VRING_BASE: base {base}, used idx {used}, 16 requests "
+                         "made available (a request taken but not used is lost on restart)")
+        s.fe.start_queue(0, base)
+        os_kick = s.fe.queues[0].kick
+        os.eventfd_write(os_kick, 1)
+        done = blk.complete(16)
+        if any(status != 0 for status, _, _ in done.values()):
+            raise Failed(f"statuses after the restart: {[v[0] for v in done.values()]}")
+        return f"base {base} = used idx; the other {16 - base} served after the restart"
+
+
+@check("reconnect", "a new connection after one that went away is served")
+def _reconnect(path: str) -> str:
+    for _ in range(3):
+        with session(path) as s:
+            blk = s.setup()
+            assert blk is not None
+            blk.submit(T_IN, 0, in_len=4096)  # left in flight as the front-end goes
+    _alive(path)
+    return "three connections dropped with a request in flight, the fourth served"
+
+
+# -- malformed messages -----------------------------------------------------------------------
+
+def _expect_refusal(path: str, send: Callable[[Session], int], what: str) -> str:
+    """Send something malformed (`send` returns the request number it used): the back-end
+    must refuse it (a NACK, or it disconnects; a back-end without REPLY_ACK may stay
+    silent) and serve the next front-end. An ack of success is a FAIL."""
+    with session(path) as s:
+        s.setup(queue=False)
+        acks = bool(s.fe.protocol_features & ProtocolFeature.REPLY_ACK)
+        code = send(s)
+        outcome = "ignored"
+        try:
+            s.fe.sock.timeout = SETTLE
+            header, body, fds = s.fe.sock.recv_raw()
+            for fd in fds:
+                os.close(fd)
+            if header.request != code or not header.flags & HeaderFlag.REPLY:
+                raise Failed(f"{what}: answered with message {header.request} "
+                             f"(flags {header.flags:#x})")
+            value = struct.unpack("<Q", body)[0] if len(body) == 8 else None
+            if acks and value == 0:
+                raise Failed(f"{what}: acknowledged as done")
+            outcome = f"answered {value}"
+        except (ConnectionError, OSError) as e:
+            outcome = f"disconnected ({type(e).__name__})"
+        except TimeoutError:
+            outcome = "no answer"
+    _alive(path)
+    return f"{what}: {outcome}; still serves"
+
+
+@check("unknown-request", "a request of an unknown number (NEED_REPLY) is refused")
+def _unknown(path: str) -> str:
+    def send(s: Session) -> int:
+        s.fe.sock.send_bytes(struct.pack("<III", 9999, 1 | HeaderFlag.NEED_REPLY, 0))
+        return 9999
+    return _expect_refusal(path, send, "request 9999")
+
+
+@check("short-payload", "a request whose payload is shorter than its type is refused")
+def _short(path: str) -> str:
+    def send(s: Session) -> int:
+        s.fe.sock.send_bytes(struct.pack("<III", F.SET_VRING_NUM, 1 | HeaderFlag.NEED_REPLY,
+                                         4) + b"\x00" * 4)
+        return F.SET_VRING_NUM
+    return _expect_refusal(path, send, "SET_VRING_NUM with 4 bytes")
+
+
+@check("region-wraps", "a memory region whose end wraps past 2^64 is refused")
+def _wrap_region(path: str) -> str:
+    def send(s: Session) -> int:
+        region = p.MemRegion(2**64 - 4096, 8192, s.ram.user_addr, 1 << 20)
+        if s.fe.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+            msg = request(F.ADD_MEM_REG, p.SingleMemRegion(region), need_reply=True)
+        else:
+            msg = request(F.SET_MEM_TABLE, p.MemTable((region,)), need_reply=True)
+        s.fe.sock.send(msg, (s.ram.fd,))
+        return msg.request
+    return _expect_refusal(path, send, "a region at 2^64-4096 of 8 KiB")
+
+
+# -- malicious rings --------------------------------------------------------------------------
+
+def _attack(path: str, build: Callable[[Session], None], what: str) -> str:
+    """Make `build`'s chain available and kick: whatever the back-end does with it
+    (complete it with an error, ignore it, drop the connection), it must not write
+    outside its memory and must serve the next front-end."""
+    with session(path) as s:
+        s.setup()
+        build(s)
+        s.fe.kick(0)
+        ring = s.fe.queues[0].ring
+        deadline = time.monotonic() + SETTLE
+        outcome = "not completed"
+        try:
+            while time.monotonic() < deadline:
+                if ring.used_idx() != 0:
+                    outcome = "completed"
+                    break
+                s.fe.sock.timeout = 0.05
+                try:
+                    s.fe.sock.recv_raw()
+                except TimeoutError:
+                    continue
+        except (ConnectionError, OSError):
+            outcome = "disconnected"
+        if not s.ram.guards_intact():
+            raise Failed(f"{what}: the back-end wrote outside the memory region it was given")
+    _alive(path)
+    return f"{what}: {outcome}; memory outside the region untouched; still serves"
+
+
+def _header(s: Session) -> tuple[int, int]:
+    """A read request's header and status buffers (guest addresses)."""
+    hdr, status = s.ram.alloc(16), s.ram.alloc(16)
+    s.ram.at(hdr, 16)[:] = REQ_HEADER.pack(T_IN, 0, 0)
+    s.ram.at(status, 1)[0] = 0xFF
+    return hdr, status
+
+
+def _chain(s: Session, descs: list[tuple[int, int, int, int]]) -> None:
+    """Descriptors 0.. as given (addr, len, flags, next); descriptor 0 made available."""
+    ring = s.fe.queues[0].ring
+    for i, (addr, n, flags, nxt) in enumerate(descs):
+        ring.write_desc(i, addr, n, flags, nxt)
+    ring.publish(0)
+
+
+@check("desc-loop", "a descriptor chain that loops on itself")
+def _loop(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, _ = _header(s)
+        _chain(s, [(hdr, 16, DESC_F_NEXT, 1), (s.ram.alloc(512), 512,
+                                                DESC_F_WRITE | DESC_F_NEXT, 1)])
+    return _attack(path, build, "descriptor 1 -> 1")
+
+
+@check("desc-outside", "a data buffer outside every memory region")
+def _outside(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, status = _header(s)
+        _chain(s, [(hdr, 16, DESC_F_NEXT, 1),
+                   (s.ram.size + (1 << 30), 4096, DESC_F_WRITE | DESC_F_NEXT, 2),
+                   (status, 1, DESC_F_WRITE, 0)])
+    return _attack(path, build, "a 4 KiB buffer 1 GiB past the region")
+
+
+@check("desc-below", "a data buffer just below the region (where the guard zone is)")
+def _below(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, status = _header(s)
+        _chain(s, [(hdr, 16, DESC_F_NEXT, 1),
+                   (2**64 - 4096, 4096, DESC_F_WRITE | DESC_F_NEXT, 2),
+                   (status, 1, DESC_F_WRITE, 0)])
+    return _attack(path, build, "a 4 KiB buffer at guest address -4096")
+
+
+@check("desc-wraps", "a data buffer whose end wraps past 2^64")
+def _wraps(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, status = _header(s)
+        _chain(s, [(hdr, 16, DESC_F_NEXT, 1),
+                   (2**64 - 512, 4096, DESC_F_WRITE | DESC_F_NEXT, 2),
+                   (status, 1, DESC_F_WRITE, 0)])
+    return _attack(path, build, "a buffer from 2^64-512 of 4 KiB")
+
+
+@check("desc-straddles", "a data buffer that starts in the region and runs past its end")
+def _straddles(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, status = _header(s)
+        _chain(s, [(hdr, 16, DESC_F_NEXT, 1),
+                   (s.ram.size - 512, 8192, DESC_F_WRITE | DESC_F_NEXT, 2),
+                   (status, 1, DESC_F_WRITE, 0)])
+    return _attack(path, build, "8 KiB from 512 bytes before the region's end")
+
+
+@check("indirect-nested", "an indirect table that points to another indirect table")
+def _nested(path: str) -> str:
+    def build(s: Session) -> None:
+        if not s.fe.features & VirtioFeature.RING_INDIRECT_DESC:
+            raise Skipped("RING_INDIRECT_DESC not offered")
+        hdr, status = _header(s)
+        inner = s.ram.alloc(48, 16)
+        for i, d in enumerate([(hdr, 16, DESC_F_NEXT, 1),
+                               (s.ram.alloc(512), 512, DESC_F_WRITE | DESC_F_NEXT, 2),
+                               (status, 1, DESC_F_WRITE, 0)]):
+            _DESC.pack_into(s.ram.at(inner, 48), 16 * i, *d)
+        outer = s.ram.alloc(16, 16)
+        _DESC.pack_into(s.ram.at(outer, 16), 0, inner, 48, DESC_F_INDIRECT, 0)
+        _chain(s, [(outer, 16, DESC_F_INDIRECT, 0)])
+    return _attack(path, build, "an indirect descriptor inside an indirect table")
+
+
+@check("indirect-outside", "an indirect table outside every memory region")
+def _indirect_outside(path: str) -> str:
+    def build(s: Session) -> None:
+        if not s.fe.features & VirtioFeature.RING_INDIRECT_DESC:
+            raise Skipped("RING_INDIRECT_DESC not offered")
+        _chain(s, [(s.ram.size + (1 << 30), 64, DESC_F_INDIRECT, 0)])
+    return _attack(path, build, "a 4-entry table 1 GiB past the region")
+
+
+@check("indirect-loop", "an indirect table whose chain loops")
+def _indirect_loop(path: str) -> str:
+    def build(s: Session) -> None:
+        if not s.fe.features & VirtioFeature.RING_INDIRECT_DESC:
+            raise Skipped("RING_INDIRECT_DESC not offered")
+        hdr, _ = _header(s)
+        table = s.ram.alloc(32, 16)
+        _DESC.pack_into(s.ram.at(table, 32), 0, hdr, 16, DESC_F_NEXT, 1)
+        _DESC.pack_into(s.ram.at(table, 32), 16, s.ram.alloc(512), 512,
+                        DESC_F_WRITE | DESC_F_NEXT, 0)
+        _chain(s, [(table, 32, DESC_F_INDIRECT, 0)])
+    return _attack(path, build, "entry 1 -> entry 0 in a 2-entry table")
+
+
+@check("head-out-of-range", "an avail ring entry naming a descriptor past the ring's size")
+def _head(path: str) -> str:
+    def build(s: Session) -> None:
+        ring = s.fe.queues[0].ring
+        ring.publish(ring.size + 7)
+    return _attack(path, build, "head 71 in a ring of 64")
+
+
+@check("avail-flood", "an avail index 2^15 ahead of the used index (more than the ring holds)")
+def _flood(path: str) -> str:
+    def build(s: Session) -> None:
+        ring = s.fe.queues[0].ring
+        ring.avail_idx = 0x8000
+        ring.avail16.store(1, 0x8000)
+    return _attack(path, build, "avail idx 32768 in a ring of 64")
+
+
+@check("short-header", "a request header of 8 bytes (shorter than virtio-blk's 16)")
+def _short_header(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, status = _header(s)
+        _chain(s, [(hdr, 8, DESC_F_NEXT, 1), (status, 1, DESC_F_WRITE, 0)])
+    return _attack(path, build, "an 8-byte header")
+
+
+@check("no-status", "a request with no device-writable status byte")
+def _no_status(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, _ = _header(s)
+        s.ram.at(hdr, 16)[:] = REQ_HEADER.pack(T_GET_ID, 0, 0)
+        _chain(s, [(hdr, 16, DESC_F_NEXT, 1), (s.ram.alloc(20), 20, 0, 0)])
+    return _attack(path, build, "GET_ID whose buffers are all read-only")
+
+
+__all__ = ["CHECKS", "Result", "run"]
