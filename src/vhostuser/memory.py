@@ -73,7 +73,7 @@ def mmap_region(desc: MemRegion, fd: int | None) -> mmap.mmap:
         raise MemoryTableError("memory region without a file descriptor")
     # mmap offsets must be page-aligned (hugepage-aligned on hugetlbfs): map from the
     # aligned offset below and let MappedRegion skip the remainder.
-    _seal_against_shrinking(fd)  # before the size check: it cannot shrink after it
+    seal_against_shrinking(fd)  # before the size check: it cannot shrink after it
     try:
         page = max(os.fstatvfs(fd).f_bsize, mmap.ALLOCATIONGRANULARITY)
         st = os.fstat(fd)
@@ -91,7 +91,7 @@ def mmap_region(desc: MemRegion, fd: int | None) -> mmap.mmap:
         raise MemoryTableError(f"cannot map region {desc}: {e}") from e
 
 
-def _seal_against_shrinking(fd: int) -> None:
+def seal_against_shrinking(fd: int) -> None:
     """A front-end that shrinks a memory file after we mapped it makes our next access
     SIGBUS. QEMU's memfds come sealed (memory-backend-memfd seal=on); a memfd that still
     takes seals gets F_SEAL_SHRINK here. Other files (hugetlbfs, tmpfs, a window file) take

@@ -33,7 +33,7 @@ from ..appliance.sysfs_pci import HugePageRam, MmioNotifier, SysfsPciFunction
 from ..appliance.virtio_pci import NO_VECTOR, VirtioPciDriver
 from ..engine.notify import EventfdNotifier, Notifier
 from ..frontend.ring import GuestRam
-from ..memory import MemoryTableError
+from ..memory import MemoryTableError, seal_against_shrinking
 from ..protocol import (
     HEADER_SIZE,
     Channel,
@@ -292,6 +292,7 @@ class VvuLink:
                          if getattr(c, "id", None) == WINDOW_BASE_CAP), None)
             if (base is not None and base <= start and end <= base + region.size
                     and region.fd is not None and region.mmap_areas):
+                seal_against_shrinking(region.fd)  # the consumer's file: no SIGBUS for us
                 return region, start - base
             if region.fd is not None:
                 os.close(region.fd)
