@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,8 +31,8 @@ SID_QEMU = Path(__file__).resolve().parents[1] / "scripts" / "sid-qemu"
 def qsd_cmd(img: Path, sock: Path, sid: bool = False) -> str:
     """qemu-storage-daemon exporting `img` on `sock`: Debian 12's (7.2), or with `sid`
     the sid chroot's (11.1), which tells its front-end when the disk is resized."""
-    qsd = (f"{SID_QEMU} exec -- /usr/bin/qemu-storage-daemon" if sid
-           else require_tool("qemu-storage-daemon", "qemu-system-common"))
+    qsd = (f"{shlex.quote(str(SID_QEMU))} exec -- /usr/bin/qemu-storage-daemon" if sid
+           else shlex.quote(require_tool("qemu-storage-daemon", "qemu-system-common")))
     return (f"{qsd} --blockdev driver=file,node-name=file0,filename={img} "
             "--blockdev driver=raw,node-name=disk0,file=file0 "
             "--export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
@@ -105,7 +106,8 @@ def test_qemu_storage_daemon_behind_the_bridge(tmp_path: Path, mode: list[str]) 
 def test_our_blk_behind_the_bridge(tmp_path: Path) -> None:
     """Our vhost-user-blk on AF_UNIX behind the bridge: the same result as `--vvu`."""
     img, sock = image(tmp_path), tmp_path / "blk.sock"
-    cmd = f"{sys.executable} -m vhostuser.cli.blk --socket-path {sock} --blk-file {img}"
+    cmd = shlex.join([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", str(sock),
+                      "--blk-file", str(img)])
     run_consumer(tmp_path, img, ["--backend-socket", str(sock), "--backend-cmd", cmd])
 
 
@@ -186,7 +188,7 @@ def test_virtiofsd_behind_the_bridge(tmp_path: Path, which: str) -> None:
     if which == "c":
         cmd = f"{VIRTIOFSD} --socket-path={sock} -o source={share} -o cache=auto"
     else:
-        cmd = " ".join([*rust_virtiofsd(), f"--socket-path={sock}", f"--shared-dir={share}",
+        cmd = shlex.join([*rust_virtiofsd(), f"--socket-path={sock}", f"--shared-dir={share}",
                         "--sandbox=chroot", "--cache=auto"])
     pattern = os.urandom(MB)
     qemu = ["-chardev", f"socket,id=c0,path={vhost}",

@@ -175,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 def _qsd(image: str, sock: str, driver: str) -> str:
     """qemu-storage-daemon exporting `image` as vhost-user-blk on `sock`. writethrough=on:
     QSD tells the guest its cache is write-through, so it must be (no flush will come)."""
-    return (f"qemu-storage-daemon --blockdev driver={driver},node-name=f0,filename={image} "
-            "--blockdev driver=raw,node-name=disk0,file=f0 --export type=vhost-user-blk,"
-            f"id=e0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,"
-            "writethrough=on,num-queues=1")
+    return shlex.join([
+        "qemu-storage-daemon", "--blockdev", f"driver={driver},node-name=f0,filename={image}",
+        "--blockdev", "driver=raw,node-name=disk0,file=f0", "--export",
+        f"type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={sock},"
+        "writable=on,writethrough=on,num-queues=1"])  # quoted: a work dir may have spaces
 
 
 @contextlib.contextmanager
