@@ -10,8 +10,9 @@ and BAR accesses, BAR mappings, DMA memory — with these differences:
   a huge page only on memory offlining or an explicit move_pages, which an appliance VM
   does not do), and its bus address is read once from /proc/self/pagemap (no IOMMU in the
   appliance VM: bus address = guest-physical address);
-- there are no interrupts (that would take VFIO or UIO): the driver polls, which is the
-  exitless mode the appliance wants anyway. Doorbells are plain MMIO writes.
+- interrupts are INTx through uio_pci_generic (`bind_uio`, then `uio.UioInterrupts`;
+  MSI-X would take VFIO, which needs an IOMMU), or none: the driver polls, the exitless
+  mode. Doorbells are plain MMIO writes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 MAP_HUGETLB = 0x40000  # not exported by Python's mmap module
 HUGE_PAGE = 2 << 20
 _FMT = {1: "B", 2: "H", 4: "I"}
-PCI_COMMAND, CMD_MEMORY, CMD_BUS_MASTER = 0x04, 0x2, 0x4
+PCI_COMMAND, CMD_MEMORY, CMD_BUS_MASTER, CMD_INTX_DISABLE = 0x04, 0x2, 0x4, 0x400
+CAP_POINTER, CAP_MSIX, MSIX_ENABLE, MSIX_MASKALL = 0x34, 0x11, 0x8000, 0x4000
+UIO_DRIVER = "uio_pci_generic"
 LOCK_WAIT = 10.0  # s to wait for the processes of a back-end that ended to be gone
 
 
@@ -105,6 +108,67 @@ class SysfsPciFunction:
                     raise SysfsPciError(f"{self.bdf} is in use by another back-end (still "
                                         f"locked after {wait:g} s)") from None
                 time.sleep(0.01)
+
+    def bind_uio(self) -> None:
+        """Give the function to uio_pci_generic (its interrupts, on /dev/uioN): by
+        driver_override, so that nothing else takes it on a rescan either."""
+        bus = self.path.parent.parent
+        if not (bus / "drivers" / UIO_DRIVER).is_dir():
+            raise SysfsPciError(f"no {UIO_DRIVER} driver in this kernel (modprobe {UIO_DRIVER})")
+        try:
+            (self.path / "driver_override").write_text(UIO_DRIVER)
+            if not (self.path / "driver").exists():
+                (bus / "drivers_probe").write_text(self.bdf)
+        except OSError as e:
+            raise SysfsPciError(f"{self.bdf}: cannot bind {UIO_DRIVER}: {e}") from e
+        if not self._uio_name():
+            raise SysfsPciError(f"{self.bdf}: {UIO_DRIVER} did not take it (no INTx, or "
+                                "INTx that cannot be masked)")
+
+    def _uio_name(self) -> str | None:
+        uio = self.path / "uio"
+        names = sorted(p.name for p in uio.iterdir()) if uio.is_dir() else []
+        return names[0] if names else None
+
+    def open_uio(self) -> int:
+        """/dev/uioN of the function (after `bind_uio`): a 4-byte read blocks until the
+        next interrupt and returns the count so far."""
+        name = self._uio_name()
+        if name is None:
+            raise SysfsPciError(f"{self.bdf} is not bound to {UIO_DRIVER}")
+        try:
+            return os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SysfsPciError(f"{self.bdf}: /dev/{name}: {e.strerror}") from e
+
+    def set_intx_disabled(self, disabled: bool) -> None:
+        """The command register's Interrupt Disable bit (uio_pci_generic's handler sets it
+        to mask INTx; the driver clears it once it has handled the interrupt)."""
+        command = int.from_bytes(os.pread(self._config, 2, PCI_COMMAND), "little")
+        new = command | CMD_INTX_DISABLE if disabled else command & ~CMD_INTX_DISABLE
+        os.pwrite(self._config, new.to_bytes(2, "little"), PCI_COMMAND)
+
+    def remap_bars(self) -> None:
+        """Set and clear MSI-X Enable, with the function masked (nothing is sent): makes
+        QEMU's vfio-user-pci stop and restart INTx, and with that map the BARs again,
+        which it stopped mapping at the interrupt (appliance/uio.py). No MSI-X: nothing."""
+        at = self._msix_cap()
+        if at is None:
+            return
+        control = int.from_bytes(os.pread(self._config, 2, at + 2), "little")
+        os.pwrite(self._config, (control | MSIX_ENABLE | MSIX_MASKALL).to_bytes(2, "little"),
+                  at + 2)
+        os.pwrite(self._config, control.to_bytes(2, "little"), at + 2)
+
+    def _msix_cap(self) -> int | None:
+        config = os.pread(self._config, 256, 0)
+        at, seen = config[CAP_POINTER] & ~3, set()
+        while at and at not in seen and at + 4 <= len(config):
+            seen.add(at)
+            if config[at] == CAP_MSIX:
+                return at
+            at = config[at + 1] & ~3
+        return None
 
     def _unbind(self) -> None:
         driver = self.path / "driver"

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..vm import GuestError, GuestVM
 
 SID_QEMU = Path(__file__).resolve().parents[3] / "scripts" / "sid-qemu"
-MODULES = ["virtio_pci", "9pnet_virtio", "9p", "tun"]
+MODULES = ["virtio_pci", "9pnet_virtio", "9p", "tun", "uio_pci_generic"]
 READY = "APPLIANCE pci:"  # printed with the device's address before the back-end starts
 
 SCRIPT = r"""

@@ -178,7 +178,7 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal,
     try:
         # Workers keep the link's vfio-user socket open (as they keep an AF_UNIX
         # connection): the device ends the consumer's session only after the last of them.
-        link = VvuLink(args.vvu)
+        link = VvuLink(args.vvu, args.poll)
         if confine is not None:
             confine()
         while True:

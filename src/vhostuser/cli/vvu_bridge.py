@@ -42,7 +42,7 @@ class Bridge:
         self.backend: subprocess.Popen[bytes] | None = None
 
     def run(self, stop: StopSignal) -> None:
-        link = VvuLink(self.args.vvu)
+        link = VvuLink(self.args.vvu, self.args.poll)
         try:
             while True:
                 link.wait_frontend(stop)

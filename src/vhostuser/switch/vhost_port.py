@@ -108,7 +108,7 @@ class VhostPort(Port):
 
     def open(self) -> None:
         if self.vvu is not None:
-            self.link = VvuLink(self.vvu)
+            self.link = VvuLink(self.vvu, self.poll)
             self.link.begin_session()
             return
         if self.fd is not None:  # inherited: a listening socket, or one connection

@@ -17,8 +17,9 @@ The engine, the workers and the devices are unchanged.
 
 The device is reached either over its vfio-user socket (a process driving it as a guest
 would) or, inside the appliance VM, on the VM's own PCI bus through sysfs
-(``pci:0000:00:04.0``): BARs mmap-ed, rings in a huge page, no interrupts (poll mode), a
-doorbell is an MMIO write, and the window is BAR 4 itself.
+(``pci:0000:00:04.0``): BARs mmap-ed, rings in a huge page, INTx through uio_pci_generic
+(ISR status and the KICKS bitmap say which sources fired) or none (poll mode), a doorbell
+is an MMIO write, and the window is BAR 4 itself.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ..appliance.sysfs_pci import HugePageRam, MmioNotifier, SysfsPciFunction
-from ..appliance.virtio_pci import NO_VECTOR, VirtioPciDriver
+from ..appliance.sysfs_pci import HugePageRam, MmioNotifier, SysfsPciError, SysfsPciFunction
+from ..appliance.uio import UioInterrupts
+from ..appliance.virtio_pci import ISR, NO_VECTOR, VirtioPciDriver
 from ..engine.notify import EventfdNotifier, Notifier
 from ..frontend.ring import GuestRam
 from ..memory import MemoryTableError, seal_against_shrinking
@@ -56,6 +58,7 @@ from ..vvu.abi import (
     FIRST_FILE_REGION,
     KICK_FD_VECTOR,
     KICK_FDS,
+    KICKS,
     S_BACKEND_UP,
     S_FRONTEND_UP,
     WINDOW_BASE_CAP,
@@ -83,9 +86,10 @@ class Token:
 
 
 class VvuLink:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, poll: bool = False) -> None:
         """`device`: the device's vfio-user socket, or ``pci:`` and its PCI address on this
-        machine's bus (inside the appliance VM)."""
+        machine's bus (inside the appliance VM: INTx through uio_pci_generic, unless
+        `poll`, or the driver is missing, and then no interrupts at all)."""
         self.client: VfioUserClient | SysfsPciFunction
         if device.startswith(PCI_PREFIX):
             self.client = SysfsPciFunction(device[len(PCI_PREFIX):])
@@ -94,6 +98,7 @@ class VvuLink:
             self.client = VfioUserClient(device)
             self.ram = GuestRam(RAM_SIZE, guest_addr=0x1_0000_0000)
         self.interrupts = isinstance(self.client, VfioUserClient)
+        self.uio: UioInterrupts | None = None
         self._status, self._status_until = 0, 0.0
         self.pci = pci = VirtioPciDriver(self.client, self.ram)
         for need in (CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY):
@@ -102,6 +107,8 @@ class VvuLink:
         self.max_queues = struct.unpack("<I", pci.config_read(4, 4))[0]
         if self.interrupts:
             pci.setup_vectors(V_FIRST_VRING + self.max_queues)
+        elif not poll:
+            self.interrupts = self._intx(V_FIRST_VRING + self.max_queues)
         pci.init(FEATURES, self._vector(V_CONFIG))
         self.rxq = pci.setup_queue(0, 64, self._vector(V_RXQ))
         self.txq = pci.setup_queue(1, 64, self._vector(V_TXQ))
@@ -117,6 +124,31 @@ class VvuLink:
 
     def _vector(self, v: int) -> int:
         return v if self.interrupts else NO_VECTOR
+
+    def _intx(self, count: int) -> bool:
+        """INTx on `count` eventfds, one per vector the driver would have had with MSI-X;
+        False (poll mode) where uio_pci_generic cannot have the device."""
+        assert isinstance(self.client, SysfsPciFunction)
+        try:
+            self.client.bind_uio()
+            self._acknowledge()  # creates its register views before the thread shares them
+            self.uio = UioInterrupts(self.client, count, self._acknowledge)
+        except (SysfsPciError, OSError) as e:
+            log.warning("no interrupts (%s): polling", e)
+            return False
+        self.pci.vectors = list(self.uio.fds)
+        return True
+
+    def _acknowledge(self) -> list[int]:
+        """INTx: the vectors whose sources fired, from ISR status (config change; a queue:
+        rxq or txq) and the KICKS bitmap (vring i: V_FIRST_VRING + i), both read-to-clear."""
+        isr_cap, note = self.pci.caps[ISR], self.pci.caps[CFG_NOTIFICATION]
+        isr = self.client.read_u(isr_cap.bar, isr_cap.offset, 1)
+        fired = ([V_CONFIG] if isr & 2 else []) + ([V_RXQ, V_TXQ] if isr & 1 else [])
+        for word in range((self.max_queues + 31) // 32):
+            bits = self.client.read_u(note.bar, note.offset + KICKS + 4 * word, 4)
+            fired += [V_FIRST_VRING + 32 * word + b for b in range(32) if bits >> b & 1]
+        return fired
 
     # -- status ----------------------------------------------------------------------------
 
@@ -355,6 +387,9 @@ class VvuLink:
             self.set_backend_up(False)
         except OSError:
             pass
+        if self.uio is not None:
+            self.uio.close()  # its eventfds are the driver's vectors
+            self.pci.vectors = []
         self.pci.close()
         self.client.close()
         self.ram.close()

@@ -17,6 +17,9 @@ CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
 # structure's BAR then lists vring i's kick eventfd at KICK_FDS + 4 * i from the structure)
 KICK_FD_VECTOR = 0xFFFE
 KICK_FDS = 0x800
+# with MSI-X disabled (INTx), the vrings kicked since the driver last looked: a bit per
+# vring in le32 words from KICKS on, each word cleared by the read that returns it
+KICKS = 0x400
 
 # the device config space's status field
 S_BACKEND_UP, S_FRONTEND_UP = 1, 2

@@ -26,15 +26,23 @@ from .abi import (
     FIRST_FILE_REGION,
     KICK_FD_VECTOR,
     KICK_FDS,
+    KICKS,
     PCI_DEVICE,
     PCI_VENDOR,
     S_BACKEND_UP,
     S_FRONTEND_UP,
 )
+from .intx import IntxLine
 from .msix import MsixTable
 from .pci import Bar, PciAccessError, PciConfig, msix_cap, virtio_cap, virtio_cap64
 from .relay import Relay, RxResult, WindowFile
-from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciState
+from .virtio_pci import (
+    ISR_CFG_SIZE,
+    NO_VECTOR,
+    VIRTIO_F_VERSION_1,
+    VirtioPciBar,
+    VirtioPciState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +149,16 @@ class VvuDevice:
                                    Bar(BAR_DOORBELL, DOORBELL_BAR_SIZE, mem64=False),
                                    Bar(BAR_WINDOW, self.window_bar, mem64=True,
                                        prefetch=True)],
-                             caps=caps, msix=self.msix)
+                             caps=caps, msix=self.msix, interrupt_pin=1)
+        self.intx = IntxLine(self.pci)
+        self.intx_event = False  # a queue or config event not yet read from ISR status
+        self.kicks = 0  # vrings kicked since the driver last read KICKS (INTx), a bit each
         self.mem = GuestMemory()  # the appliance's memory, as DMA-mapped by the client
         self.irq_fds: dict[int, int] = {}
         self.notify_select = 0
         self.notify_vectors = [NO_VECTOR] * max_queues
         self.queues: dict[int, SplitQueue] = {}
+        self.positions: dict[int, int] = {}  # next avail index of a queue to rebuild
 
     # -- interrupts ----------------------------------------------------------------------------
 
@@ -168,6 +180,25 @@ class VvuDevice:
                 os.eventfd_write(fd, 1)
             except OSError:  # saturated (a wake-up is pending), or the client's to fix
                 pass
+
+    def interrupt(self, vector: int | None, vring: int | None = None) -> None:
+        """Notify the driver of an event whose vector register holds `vector` (a kick of
+        `vring`, or a queue or config event): its MSI-X eventfd if it has one; else, with
+        MSI-X disabled, INTx — for events the driver enabled by giving them any vector
+        (NO_VECTOR: none), recorded in ISR status or KICKS for it to find."""
+        if vector is None or vector >= self.nvec:  # NO_VECTOR, KICK_FD_VECTOR
+            return
+        if vector in self.irq_fds or self.pci.msix_enabled:
+            self.fire(vector)
+            return
+        if vring is None:
+            self.intx_event = True
+        else:
+            self.kicks |= 1 << vring
+        self.intx.set_level(True)
+
+    def _intx_level(self) -> None:
+        self.intx.set_level(self.intx_event or bool(self.kicks))
 
     # -- DriverSide (called by the relay) ------------------------------------------------------
 
@@ -191,20 +222,24 @@ class VvuDevice:
         return RxResult.OK
 
     def kick_arrived(self, vring: int) -> None:
-        vector = self.notify_vectors[vring]
-        self.fire(vector if vector < self.nvec else None)
+        self.interrupt(self.notify_vectors[vring], vring)
 
     def frontend_changed(self) -> None:
-        self.fire(self.virtio.config_changed())
+        self.interrupt(self.virtio.config_changed())
 
     def session_ended(self) -> None:
+        if self.trapped:
+            log.info("%d window access(es) trapped during the session", self.trapped)
+            self.trapped = 0
         # a kick eventfd the driver read itself was this consumer's: the next one's kicks
         # are the device's again until the driver asks
         self.notify_vectors = [NO_VECTOR if v == KICK_FD_VECTOR else v
                                for v in self.notify_vectors]
+        self.kicks = 0  # that consumer's
+        self._intx_level()
 
     def device_error(self) -> None:
-        self.fire(self.virtio.set_needs_reset())
+        self.interrupt(self.virtio.set_needs_reset())
 
     def driver_error(self, why: str) -> None:
         log.error("driver error: %s; the device needs a reset", why)
@@ -221,7 +256,8 @@ class VvuDevice:
         if not (st.enabled and self.virtio.driver_ok):
             return None
         try:
-            q = SplitQueue(self.mem, RingLayout(st.size, st.desc, st.driver, st.device), 0,
+            q = SplitQueue(self.mem, RingLayout(st.size, st.desc, st.driver, st.device),
+                           self.positions.pop(index, 0),
                            bool(self.virtio.driver_features & _EVENT_IDX),
                            bool(self.virtio.driver_features & _INDIRECT))
         except RingError as e:
@@ -232,7 +268,7 @@ class VvuDevice:
 
     def _publish(self, index: int, q: SplitQueue) -> None:
         if q.publish():
-            self.fire(self.virtio.queue_interrupt(index))
+            self.interrupt(self.virtio.queue_interrupt(index))
 
     def _on_notify(self, index: int) -> None:
         if index == RXQ:
@@ -271,20 +307,27 @@ class VvuDevice:
             self._publish(TXQ, q)
 
     def _drop_queues(self) -> None:
-        for q in self.queues.values():
+        """Let go of the queues' views of memory; they are rebuilt where they were when
+        next used (the DMA table changed under them: QEMU maps and unmaps BARs too)."""
+        for index, q in self.queues.items():
+            self.positions[index] = q.last_avail
             q.release()
         self.queues.clear()
 
     def _on_reset(self) -> None:
         self._drop_queues()
+        self.positions.clear()
         self.relay.set_backend_up(False)
         self.notify_vectors = [NO_VECTOR] * self.relay.max_queues
         self.notify_select = 0
+        self.intx_event, self.kicks = False, 0
+        self._intx_level()
 
     def reset(self) -> None:
         """VFIO_USER_DEVICE_RESET."""
         self.virtio.reset()
         self.pci.reset()
+        self.intx.reset()
 
     # -- DMA (the appliance's memory) ----------------------------------------------------------
 
@@ -303,12 +346,13 @@ class VvuDevice:
         self.mem.add(MemRegion(iova, size, iova, 0), m)
 
     def dma_unmap(self, iova: int, size: int, everything: bool = False) -> None:
-        self._drop_queues()
         if everything:
+            self._drop_queues()
             self.mem.clear()
             return
         for r in list(self.mem.regions):
             if r.desc.guest_addr == iova and r.desc.size == size:
+                self._drop_queues()
                 self.mem.remove(r.desc)
                 return
 
@@ -333,11 +377,17 @@ class VvuDevice:
             return b"".join(self.pci.read(offset + i, min(4, count - i))
                             for i in range(0, count, 4))
         if index == BAR_VIRTIO:
-            return self.bar0.read(offset, count)
+            data = self.bar0.read(offset, count)
+            if offset < VirtioPciBar.ISR + ISR_CFG_SIZE and offset + count > VirtioPciBar.ISR:
+                self.intx_event = False  # read-to-clear, as ISR status itself
+                self._intx_level()
+            return data
         if index == BAR_MSIX:
             return (self.msix.read(offset, count) if offset < MSIX_PBA
                     else self.msix.read_pba(offset - MSIX_PBA, count))
         if index == BAR_DOORBELL:
+            if offset >= NOTIFICATION_OFFSET + KICKS:
+                return self._kicks_read(offset - NOTIFICATION_OFFSET - KICKS, count)
             if offset >= NOTIFICATION_OFFSET:
                 regs = struct.pack("<HH", self.notify_select, self._notify_vector())
                 return regs[offset - NOTIFICATION_OFFSET:][:count].ljust(count, b"\0")
@@ -349,6 +399,7 @@ class VvuDevice:
         if index == 7:
             for i in range(0, len(data), 4):
                 self.pci.write(offset + i, data[i : i + 4])
+            self.intx.update()  # Interrupt Disable or MSI-X Enable may have changed
         elif index == BAR_VIRTIO:
             self.bar0.write(offset, data)
         elif index == BAR_MSIX:
@@ -383,6 +434,18 @@ class VvuDevice:
         itself), by vring."""
         return {i: fd for i, fd in self.relay.kicks.items()
                 if i >= len(self.notify_vectors) or self.notify_vectors[i] != KICK_FD_VECTOR}
+
+    def _kicks_read(self, offset: int, count: int) -> bytes:
+        """KICKS: a bit per vring, le32 words, read-to-clear (a word's bits are cleared
+        by the read that returns them); aligned 4- or 8-byte reads."""
+        words = (self.relay.max_queues + 31) // 32
+        if count not in (4, 8) or offset % count or offset >= 4 * words:
+            return bytes(count)
+        mask = ((1 << 8 * count) - 1) << 8 * offset
+        value = (self.kicks & mask) >> 8 * offset
+        self.kicks &= ~mask
+        self._intx_level()
+        return value.to_bytes(count, "little")
 
     def _notify_vector(self) -> int:
         if self.notify_select < len(self.notify_vectors):
@@ -429,4 +492,5 @@ class VvuDevice:
         self.relay.close()
         self.mem.clear()
         self.set_irqs(0, [None] * self.nvec)
+        self.intx.close()
 

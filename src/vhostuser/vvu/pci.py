@@ -21,9 +21,8 @@ What is writable:
 
 Everything else is read-only; writes to it are ignored, as hardware does.
 
-Interrupt pin: 0 (no INTx) by default. The vvu device signals through MSI-X only
-(docs/vvu-design.md) and with pin 0 a vfio-user client never sets up INTx, which would
-need level-triggered emulation and the unmask handshake. Pass ``interrupt_pin=1`` for INTA#.
+Interrupt pin: 0 (no INTx) by default; ``interrupt_pin=1`` for INTA#, whose level and
+unmask handshake `intx.IntxLine` models on top of this space.
 """
 
 from __future__ import annotations

@@ -82,8 +82,12 @@ class VvuServer:
             return self._io_fds(msg)
         if msg.command == C.DEVICE_GET_IRQ_INFO:
             assert isinstance(pl, vp.IrqInfo)
-            count = dev.nvec if pl.index == vp.PciIrq.MSIX else 0
-            irq_flags = vp.IrqInfoFlag.EVENTFD | vp.IrqInfoFlag.NORESIZE if count else 0
+            count, irq_flags = 0, 0
+            if pl.index == vp.PciIrq.MSIX:
+                count, irq_flags = dev.nvec, vp.IrqInfoFlag.EVENTFD | vp.IrqInfoFlag.NORESIZE
+            elif pl.index == vp.PciIrq.INTX:  # level-triggered: masked when signalled
+                count, irq_flags = 1, (vp.IrqInfoFlag.EVENTFD | vp.IrqInfoFlag.MASKABLE
+                                       | vp.IrqInfoFlag.AUTOMASKED)
             return vp.reply_to(msg, vp.IrqInfo.reply(pl.index, irq_flags, count)), []
         if msg.command == C.DEVICE_SET_IRQS:
             self._set_irqs(pl, fds)  # type: ignore[arg-type]
@@ -143,6 +147,9 @@ class VvuServer:
 
     def _set_irqs(self, pl: vp.IrqSet, fds: list[int]) -> None:
         F = vp.IrqSetFlag
+        if pl.index == vp.PciIrq.INTX:
+            self._set_intx(pl, fds)
+            return
         if pl.index != vp.PciIrq.MSIX:
             if pl.count:
                 raise vp.BadPayload(f"irq index {pl.index} has no vectors")
@@ -156,6 +163,27 @@ class VvuServer:
             for v in range(pl.start, pl.start + pl.count):
                 self.dev.fire(v)
         # MASK / UNMASK: the client (QEMU) emulates the MSI-X table itself
+
+    def _set_intx(self, pl: vp.IrqSet, fds: list[int]) -> None:
+        """INTx: one trigger eventfd; MASK and UNMASK (QEMU's end of interrupt) with no
+        data. An unmask eventfd (KVM's resampling) is not supported."""
+        F, intx = vp.IrqSetFlag, self.dev.intx
+        if pl.start != 0 or pl.count > 1:
+            raise vp.BadPayload(f"INTx has one vector, not {pl.start}+{pl.count}")
+        if pl.action == F.ACTION_TRIGGER and pl.data_type == F.DATA_EVENTFD:
+            fd = fds.pop(0) if pl.count and fds else None
+            intx.set_fd(fd if fd is not None and fd >= 0 else None)
+        elif pl.data_type != F.DATA_NONE:
+            raise vp.BadPayload(f"INTx {pl.action.name} with {pl.data_type.name} data")
+        elif pl.action == F.ACTION_TRIGGER:
+            if pl.count == 0:
+                intx.set_fd(None)
+            elif intx.fd is not None:  # a test of the eventfd: signal it
+                os.eventfd_write(intx.fd, 1)
+        elif pl.count and pl.action == F.ACTION_UNMASK:
+            intx.unmask()
+        elif pl.count and pl.action == F.ACTION_MASK:
+            intx.mask()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -226,6 +254,7 @@ class VvuServer:
         self.dev.reset()
         self.dev.dma_unmap(0, 0, everything=True)
         self.dev.set_irqs(0, [None] * self.dev.nvec)
+        self.dev.intx.set_fd(None)
 
     def _accept_client(self) -> None:
         assert self.vfio_listener is not None
