@@ -38,6 +38,7 @@ MODULE_MARKERS = {
     "test_malformed": ["daemon"],
     "test_switch": ["daemon"],
     "test_vvu_device": ["daemon"],
+    "test_vvu_intx": ["daemon"],
     "test_worker_lifetime": ["daemon"],
     "test_rng": ["daemon"],
     "test_input": ["daemon"],

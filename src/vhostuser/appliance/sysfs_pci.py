@@ -121,11 +121,11 @@ class SysfsPciFunction:
                 (bus / "drivers_probe").write_text(self.bdf)
         except OSError as e:
             raise SysfsPciError(f"{self.bdf}: cannot bind {UIO_DRIVER}: {e}") from e
-        if not self._uio_name():
+        if not self.uio_name():
             raise SysfsPciError(f"{self.bdf}: {UIO_DRIVER} did not take it (no INTx, or "
                                 "INTx that cannot be masked)")
 
-    def _uio_name(self) -> str | None:
+    def uio_name(self) -> str | None:
         uio = self.path / "uio"
         names = sorted(p.name for p in uio.iterdir()) if uio.is_dir() else []
         return names[0] if names else None
@@ -133,7 +133,7 @@ class SysfsPciFunction:
     def open_uio(self) -> int:
         """/dev/uioN of the function (after `bind_uio`): a 4-byte read blocks until the
         next interrupt and returns the count so far."""
-        name = self._uio_name()
+        name = self.uio_name()
         if name is None:
             raise SysfsPciError(f"{self.bdf} is not bound to {UIO_DRIVER}")
         try:

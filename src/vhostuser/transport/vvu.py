@@ -137,6 +137,7 @@ class VvuLink:
             log.warning("no interrupts (%s): polling", e)
             return False
         self.pci.vectors = list(self.uio.fds)
+        log.info("interrupts: INTx through uio_pci_generic (/dev/%s)", self.client.uio_name())
         return True
 
     def _acknowledge(self) -> list[int]:

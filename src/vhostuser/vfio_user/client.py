@@ -108,10 +108,18 @@ class VfioUserClient:
     def write_u(self, region: int, offset: int, size: int, value: int) -> None:
         self.write(region, offset, value.to_bytes(size, "little"))
 
-    def irq_count(self, index: int) -> int:
+    def irq_info(self, index: int) -> vp.IrqInfo:
         info = self._call(vp.Command.DEVICE_GET_IRQ_INFO, vp.IrqInfo.request(index))
         assert isinstance(info, vp.IrqInfo)
-        return info.count
+        return info
+
+    def irq_count(self, index: int) -> int:
+        return self.irq_info(index).count
+
+    def unmask_irq(self, index: int, start: int = 0, count: int = 1) -> None:
+        """SET_IRQS UNMASK (what QEMU sends at the guest's end of an INTx interrupt)."""
+        flags = vp.IrqSetFlag.DATA_NONE | vp.IrqSetFlag.ACTION_UNMASK
+        self._call(vp.Command.DEVICE_SET_IRQS, vp.IrqSet.make(flags, index, start, count))
 
     def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
         """Trigger eventfds for vectors start.., a few per message (the fd limit)."""

@@ -231,6 +231,9 @@ class VvuDevice:
         if self.trapped:
             log.info("%d window access(es) trapped during the session", self.trapped)
             self.trapped = 0
+        if self.intx.signals:
+            log.info("INTx raised %d time(s) during the session", self.intx.signals)
+            self.intx.signals = 0
         # a kick eventfd the driver read itself was this consumer's: the next one's kicks
         # are the device's again until the driver asks
         self.notify_vectors = [NO_VECTOR if v == KICK_FD_VECTOR else v
