@@ -8,11 +8,12 @@ on the host.
     -> the device tunnels every message over its rxq/txq, exposes the consumer's RAM in a
        BAR (the consumer's RAM file, --window-file), turns doorbells into call eventfds
     -> vfio-user socket -> QEMU 11.1 -> the appliance guest's PCI bus -> inside it:
-       vhost-user-blk --vvu pci:ADDRESS (our Python back-end, polling the rings; no host
-       back-end in the data path)
+       vhost-user-blk --vvu pci:ADDRESS (our Python back-end, sleeping on the device's
+       INTx through uio_pci_generic; no host back-end in the data path)
 
+--poll: the appliance polls the rings instead of taking interrupts (the exitless mode).
 --appliance process: the appliance is a host process driving the device over vfio-user
-exactly as a guest driver would (add --poll for poll mode; interrupts otherwise).
+exactly as a guest driver would.
 --direct: the back-end listens on the vhost-user socket itself (plain vhost-user).
 --backend qsd: the back-end is qemu-storage-daemon, unmodified, behind
 vhost-user-vvu-bridge (in the appliance VM it exports the appliance's own virtio-blk disk,
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the appliance is a VM (default; QEMU 11.1 from the sid chroot) "
                          "or a host process")
     ap.add_argument("--poll", action="store_true",
-                    help="with --appliance process: poll the rings (exitless mode) instead "
-                         "of taking interrupts (an appliance VM always polls)")
+                    help="the appliance polls the rings (exitless mode) instead of taking "
+                         "interrupts (in an appliance VM: INTx through uio_pci_generic)")
     ap.add_argument("--backend", choices=("python", "qsd"), default="python",
                     help="our vhost-user-blk (default), or qemu-storage-daemon, unmodified, "
                          "behind vhost-user-vvu-bridge")
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             _wait_path(sock, procs[-1], dev_log)
             if vm_appliance:
                 mem_path = window[1]
-                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log, qsd))
+                stack.enter_context(_start_appliance_vm(vfu, work, image, log, dev_log, qsd,
+                                                        args.poll))
             else:
                 mode = ["--poll"] if args.poll else []
                 if qsd:
@@ -184,7 +186,7 @@ def _qsd(image: str, sock: str, driver: str) -> str:
 
 @contextlib.contextmanager
 def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path,
-                        dev_log: Path, qsd: bool) -> Iterator[None]:
+                        dev_log: Path, qsd: bool, poll: bool) -> Iterator[None]:
     """Boot the appliance guest (QEMU 11.1, the device attached over vfio-user) and wait
     until the back-end inside it has brought the device up; its console goes to `log`.
     With `qsd`, the image is the appliance's own virtio-blk disk, which qemu-storage-daemon
@@ -203,6 +205,9 @@ def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path,
         inside = (f"vhost-user-blk --vvu pci:... --blk-file /mnt/{image.name} (a 9p share "
                   f"of {work})")
         driver = "vhost-user-blk"
+    if poll:
+        backend.append("--poll")
+        inside += ", --poll"
     say("booting the appliance: a Linux guest under QEMU 11.1 (sid chroot, TCG) with the "
         f"device attached over vfio-user; inside it: {inside}")
     subprocess.run([str(SID_QEMU), "setup"], check=True, capture_output=True)
@@ -213,7 +218,9 @@ def _start_appliance_vm(vfu: Path, work: Path, image: Path, log: Path,
             vm.wait_for(READY, 120)
             wait_backend_up(vm, dev_log)
             bdf = vm.console.split(READY, 1)[1].split()[0]
-            say(f"appliance: the device is pci:{bdf} on its bus; {driver} drives it")
+            how = ("polling" if "interrupts: INTx" not in vm.console
+                   else "sleeping on INTx through uio_pci_generic")
+            say(f"appliance: the device is pci:{bdf} on its bus; {driver} drives it, {how}")
             yield
         finally:
             log.write_text(vm.console)
