@@ -64,12 +64,13 @@ def trapped_and_intx(device_log: str) -> list[tuple[int, int]]:
 def assert_window_mapped(device_log: str) -> None:
     """The appliance's QEMU mapped the window: in poll mode no window access is a message;
     with INTx only those made between an interrupt and the appliance having QEMU map the
-    BARs again (appliance/uio.py) — a few at most per interrupt, where a session touches
-    the window some 10^4 to 10^5 times."""
+    BARs again (appliance/uio.py): up to ~15 per interrupt with a back-end that polls the
+    window nonstop (testpmd), under one for ours, where a session touches the window
+    10^4 to 10^5 times (all of them messages, were the BARs not mapped again)."""
     sessions = trapped_and_intx(device_log)
     assert sessions, "no consumer session ended"
     for trapped, intx in sessions:
-        assert trapped <= 10 * intx, f"(trapped, INTx) per session: {sessions}"
+        assert trapped <= 100 * intx, f"(trapped, INTx) per session: {sessions}"
 
 
 @pytest.mark.parametrize("mode", [[], ["--poll"]], ids=["interrupt", "poll"])

@@ -11,6 +11,8 @@ when its link comes up) and counts every frame; its counts must equal the guest'
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from dpdk import Testpmd
@@ -59,3 +61,24 @@ def test_testpmd_answers_the_consumer_through_the_bridge(tmp_path: Path) -> None
     assert (stats.rx_packets, stats.tx_packets) == (sent, received), stats
     assert stats.rx_errors == 0 and stats.tx_errors == 0, stats
     assert "Traceback" not in log, log
+
+
+def test_the_demo_with_dpdk(tmp_path: Path) -> None:
+    """`scripts/demo --backend dpdk --appliance process`: testpmd behind the bridge answers
+    the demo guest's pings, and the demo checks testpmd's counts against the guest's (the
+    VM appliance runs the same bridge and testpmd in test_vvu_appliance_vm.py)."""
+    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--backend", "dpdk",
+                        "--appliance", "process", "--keep", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    loss = [ln for ln in r.stdout.splitlines() if "packet loss" in ln]
+    assert loss and ping_result(loss[0].strip()) == (5, 5, 0), r.stdout
+    counted = [ln for ln in r.stdout.splitlines() if "testpmd: (RX-packets, TX-packets)" in ln]
+    sent = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("guest: sent")]
+    assert counted and sent, r.stdout
+    words = sent[0].split()
+    guest = (int(words[words.index("sent") + 1]), int(words[words.index("received") + 1]))
+    shown = counted[0].split("=", 1)[1].strip(" ()").split(",")
+    assert (int(shown[0]), int(shown[1])) == guest, r.stdout
+    assert guest[0] >= 5 and guest[1] >= 5
+    assert "testpmd counted exactly the frames the guest sent and received" in r.stdout
