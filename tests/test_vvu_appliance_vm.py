@@ -1,8 +1,9 @@
 """The seeds' diagram with both sides in VMs: the appliance is a Linux guest under stock
 QEMU 11.1 with the virtio-vhost-user device attached over vfio-user, and our unchanged
 vhost-user-blk runs *inside it* (`--vvu pci:ADDRESS`: the device on the guest's own PCI
-bus, driven from user space through sysfs, poll mode). A QEMU 7.2 consumer guest's
-virtio-blk disk is served by it.
+bus, driven from user space through sysfs, sleeping on the device's INTx through
+uio_pci_generic, or polling with --poll). A QEMU 7.2 consumer guest's virtio-blk disk is
+served by it.
 
     consumer guest --> QEMU 7.2 --vhost-user--> vhost-user-vvu-device --vfio-user-->
         QEMU 11.1 --PCI--> appliance guest: vhost-user-blk --vvu pci:...
@@ -10,9 +11,10 @@ virtio-blk disk is served by it.
 The consumer keeps its RAM in the device's window file (--window-file), which the
 appliance's QEMU maps into BAR 4 when it attaches the device: the appliance reads the
 consumer's rings and buffers with no exit and no message. The device log proves it: no
-window access is trapped. The appliance runs the host's Python and this checkout from a
-read-only 9p share of the host's root; the disk image is on a second, writable share.
-"""
+window access is trapped in poll mode, and with INTx only the few made between an
+interrupt and the appliance having QEMU map the BARs again. The appliance runs the host's
+Python and this checkout from a read-only 9p share of the host's root; the disk image is
+on a second, writable share."""
 
 from __future__ import annotations
 
