@@ -119,11 +119,17 @@ class SysfsPciFunction:
             (self.path / "driver_override").write_text(UIO_DRIVER)
             if not (self.path / "driver").exists():
                 (bus / "drivers_probe").write_text(self.bdf)
+            if not self.uio_name():
+                raise SysfsPciError(f"{self.bdf}: {UIO_DRIVER} did not take it (no INTx, "
+                                    "or INTx that cannot be masked)")
         except OSError as e:
+            try:
+                (self.path / "driver_override").write_text("\n")  # as it was
+            except OSError:
+                pass
+            if isinstance(e, SysfsPciError):
+                raise
             raise SysfsPciError(f"{self.bdf}: cannot bind {UIO_DRIVER}: {e}") from e
-        if not self.uio_name():
-            raise SysfsPciError(f"{self.bdf}: {UIO_DRIVER} did not take it (no INTx, or "
-                                "INTx that cannot be masked)")
 
     def uio_name(self) -> str | None:
         uio = self.path / "uio"

@@ -169,6 +169,11 @@ class VirtioPciDriver:
         self.rings[index] = ring
         return ring
 
+    def reset(self) -> None:
+        """Status 0: the device resets (its vectors, queues and interrupt sources too);
+        not waited for."""
+        self._common(STATUS, 1, 0)
+
     def driver_ok(self) -> None:
         self._common(STATUS, 1, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)
 

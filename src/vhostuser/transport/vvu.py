@@ -100,7 +100,15 @@ class VvuLink:
         self.interrupts = isinstance(self.client, VfioUserClient)
         self.uio: UioInterrupts | None = None
         self._status, self._status_until = 0, 0.0
-        self.pci = pci = VirtioPciDriver(self.client, self.ram)
+        self.pci = VirtioPciDriver(self.client, self.ram)
+        try:
+            self._bring_up(poll)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bring_up(self, poll: bool) -> None:
+        pci = self.pci
         for need in (CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY):
             if need not in pci.caps:
                 raise MemoryTableError(f"not a virtio-vhost-user device: no cfg_type {need}")
@@ -110,6 +118,10 @@ class VvuLink:
         elif not poll:
             self.interrupts = self._intx(V_FIRST_VRING + self.max_queues)
         pci.init(FEATURES, self._vector(V_CONFIG))
+        if isinstance(self.client, SysfsPciFunction):
+            # an INTx of an earlier back-end's (or of the device with nobody to take it)
+            # left QEMU's BAR mappings off: have it map them again, poll mode too
+            self.client.remap_bars()
         self.rxq = pci.setup_queue(0, 64, self._vector(V_RXQ))
         self.txq = pci.setup_queue(1, 64, self._vector(V_TXQ))
         self.rx_bufs: dict[int, int] = {}
@@ -175,6 +187,8 @@ class VvuLink:
         if self.status(fresh=True) & S_BACKEND_UP:  # the engine gave up on a session
             self.set_backend_up(False)
         # BACKEND_UP is clear, so nothing new can arrive: what is in rxq is stale
+        if self.uio is not None:
+            self.uio.start()  # here, not earlier: the back-end may have confined itself
         self._take_rx()
         self.pending.clear()
         self.set_backend_up(True)
@@ -386,7 +400,8 @@ class VvuLink:
     def close(self) -> None:
         try:
             self.set_backend_up(False)
-        except OSError:
+            self.pci.reset()  # no vector left set: nothing raises INTx for nobody
+        except (OSError, DeviceError):
             pass
         if self.uio is not None:
             self.uio.close()  # its eventfds are the driver's vectors

@@ -36,13 +36,7 @@ from .intx import IntxLine
 from .msix import MsixTable
 from .pci import Bar, PciAccessError, PciConfig, msix_cap, virtio_cap, virtio_cap64
 from .relay import Relay, RxResult, WindowFile
-from .virtio_pci import (
-    ISR_CFG_SIZE,
-    NO_VECTOR,
-    VIRTIO_F_VERSION_1,
-    VirtioPciBar,
-    VirtioPciState,
-)
+from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciState
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +177,18 @@ class VvuDevice:
 
     def interrupt(self, vector: int | None, vring: int | None = None) -> None:
         """Notify the driver of an event whose vector register holds `vector` (a kick of
-        `vring`, or a queue or config event): its MSI-X eventfd if it has one; else, with
-        MSI-X disabled, INTx — for events the driver enabled by giving them any vector
-        (NO_VECTOR: none), recorded in ISR status or KICKS for it to find."""
+        `vring`, or a queue or config event): its MSI-X eventfd if it has one; else,
+        unless MSI-X is enabled and unmasked, INTx — for events the driver enabled by
+        giving them any vector (NO_VECTOR: none), recorded in ISR status or KICKS for it
+        to find. (MSI-X enabled with the function masked: recorded too, and raised once
+        MSI-X is off again: the appliance's driver passes through that state to have QEMU
+        map the BARs again, appliance/uio.py, and must not lose a kick meanwhile.)"""
         if vector is None or vector >= self.nvec:  # NO_VECTOR, KICK_FD_VECTOR
             return
-        if vector in self.irq_fds or self.pci.msix_enabled:
+        if vector in self.irq_fds:
             self.fire(vector)
+            return
+        if self.pci.msix_enabled and not self.pci.msix_masked:
             return
         if vring is None:
             self.intx_event = True
@@ -381,7 +380,7 @@ class VvuDevice:
                             for i in range(0, count, 4))
         if index == BAR_VIRTIO:
             data = self.bar0.read(offset, count)
-            if offset < VirtioPciBar.ISR + ISR_CFG_SIZE and offset + count > VirtioPciBar.ISR:
+            if offset == VirtioPciBar.ISR:
                 self.intx_event = False  # read-to-clear, as ISR status itself
                 self._intx_level()
             return data

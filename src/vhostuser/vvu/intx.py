@@ -28,15 +28,17 @@ class IntxLine:
         self.pci = pci
         self.fd: int | None = None
         self.level = False
-        self.masked = False  # signalled and not unmasked yet, or masked by the client
+        self.automasked = False  # signalled, and the client has not unmasked it yet
+        self.masked = False  # masked by the client (SET_IRQS MASK)
         self.signals = 0  # how many times the eventfd was signalled
 
     def set_fd(self, fd: int | None) -> None:
-        """SET_IRQS TRIGGER: a new eventfd (None: INTx off). A new one starts unmasked."""
+        """SET_IRQS TRIGGER: a new eventfd (None: INTx off); what the old one was
+        signalled for is the old one's (its mask by the client stays, as in vfio-pci)."""
         if self.fd is not None:
             os.close(self.fd)
         self.fd = fd
-        self.masked = False
+        self.automasked = False
         self.update()
 
     def mask(self) -> None:
@@ -44,7 +46,7 @@ class IntxLine:
         self.update()
 
     def unmask(self) -> None:
-        self.masked = False
+        self.masked = self.automasked = False
         self.update()
 
     def set_level(self, level: bool) -> None:
@@ -55,19 +57,25 @@ class IntxLine:
         """Interrupt Status, then the signal if the line may be raised now. Call after
         anything the rules depend on changed (the command register, MSI-X Enable)."""
         pci = self.pci
-        pci.set_interrupt_status(self.level or self.masked)
-        if (self.level and not self.masked and self.fd is not None
+        pci.set_interrupt_status(self.level or self.automasked)
+        if (self.level and not self.masked and not self.automasked and self.fd is not None
                 and not pci.intx_disabled and not pci.msix_enabled):
-            self.masked = True
-            self.signals += 1
-            try:
-                os.eventfd_write(self.fd, 1)
-            except OSError:  # saturated: a signal is pending anyway
-                pass
+            self.automasked = True
+            self.signal()
+
+    def signal(self) -> None:
+        """Write the eventfd (also SET_IRQS TRIGGER with no data: a test of it)."""
+        if self.fd is None:
+            return
+        self.signals += 1
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:  # saturated (a signal is pending anyway), or not an eventfd
+            pass
 
     def reset(self) -> None:
         """Function reset: level low, unmasked (the eventfd stays the client's)."""
-        self.level = self.masked = False
+        self.level = self.masked = self.automasked = False
         self.update()
 
     def close(self) -> None:

@@ -178,8 +178,8 @@ class VvuServer:
         elif pl.action == F.ACTION_TRIGGER:
             if pl.count == 0:
                 intx.set_fd(None)
-            elif intx.fd is not None:  # a test of the eventfd: signal it
-                os.eventfd_write(intx.fd, 1)
+            else:  # a test of the eventfd
+                intx.signal()
         elif pl.count and pl.action == F.ACTION_UNMASK:
             intx.unmask()
         elif pl.count and pl.action == F.ACTION_MASK:
