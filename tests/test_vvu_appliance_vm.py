@@ -66,8 +66,8 @@ def trapped_and_intx(device_log: str) -> list[tuple[int, int]]:
 def assert_window_mapped(device_log: str) -> None:
     """The appliance's QEMU mapped the window: in poll mode no window access is a message;
     with INTx only those made between an interrupt and the appliance having QEMU map the
-    BARs again (appliance/uio.py): up to ~15 per interrupt with a back-end that polls the
-    window nonstop (testpmd), under one for ours, where a session touches the window
+    BARs again (appliance/uio.py): up to ~40 per interrupt with a back-end that polls the
+    window nonstop on every vCPU (testpmd), under one for ours, where a session touches the window
     10^4 to 10^5 times (all of them messages, were the BARs not mapped again)."""
     sessions = trapped_and_intx(device_log)
     assert sessions, "no consumer session ended"
