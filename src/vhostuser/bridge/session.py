@@ -112,7 +112,7 @@ class BridgeSession:
         self.replies: deque[tuple[int, float]] = deque()  # (request, deadline) unanswered
         self.rings = RingWatch()
         self.region_fds: dict[tuple[int, int], tuple[int, int]] = {}  # (gpa, size) -> fd, off
-        self.calls: dict[int, tuple[int, Notifier]] = {}  # our eventfd -> its doorbell
+        self.calls: dict[int, Notifier] = {}  # our eventfd -> its doorbell
         self.call_of: dict[tuple[str, int], int] = {}  # (kind, vring) -> our eventfd
         self.handlers: dict[int, Callable[[], None]] = {}
         self.poller = select.poll()
@@ -357,7 +357,7 @@ class BridgeSession:
         except BaseException:
             os.close(efd)
             raise
-        self.calls[efd] = (efd, notifier)
+        self.calls[efd] = notifier
         self.call_of[(kind, vring)] = efd
         self._watch(efd, lambda: self._ring(efd))
         fds.append(os.dup(efd))
@@ -367,14 +367,13 @@ class BridgeSession:
             os.eventfd_read(efd)
         except BlockingIOError:
             return
-        self.calls[efd][1].notify()
+        self.calls[efd].notify()
 
     def _drop_call(self, kind: str, vring: int) -> None:
         efd = self.call_of.pop((kind, vring), None)
         if efd is not None:
             self._unwatch(efd)
-            _, notifier = self.calls.pop(efd)
-            notifier.close()
+            self.calls.pop(efd).close()
             os.close(efd)
 
     # -- back-end -> consumer ---------------------------------------------------------------

@@ -38,7 +38,9 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
                              "e.g. pci:0000:00:04.0; needs root and a free huge page)")
     parser.add_argument("--poll", action="store_true",
                         help="with --vvu: poll the rings instead of taking kicks as "
-                             "interrupts (the exitless mode; always so with pci:)")
+                             "interrupts (the exitless mode; with pci:, interrupts are "
+                             "the device's INTx through uio_pci_generic, and polling is "
+                             "the fallback without it)")
     parser.add_argument("--client", action="store_true",
                         help="connect to a front-end listening on --socket-path, and "
                              "reconnect after each disconnect")

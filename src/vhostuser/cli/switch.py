@@ -9,7 +9,8 @@ A port is PATH[,client][,mac=XX:XX:XX:XX:XX:XX][,queues=N][,mtu=N]: by default t
 listens on PATH; with `client` it connects to a front-end listening there (and reconnects).
 A port vvu=VFU[,poll][,...] is served through the virtio-vhost-user device whose vfio-user
 socket is VFU (with `poll`, its rings are polled rather than kicked); inside the appliance
-VM, vvu=pci:ADDRESS is the device on the VM's own PCI bus (always polled).
+VM, vvu=pci:ADDRESS is the device on the VM's own PCI bus (its INTx through
+uio_pci_generic, or polled with `poll`).
 """
 
 from __future__ import annotations

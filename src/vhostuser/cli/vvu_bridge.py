@@ -118,9 +118,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                     help="wait this long for the back-end to listen (default 30)")
     ap.add_argument("--poll", action="store_true",
-                    help="no interrupts in the data path: where the device cannot hand "
-                         "over the consumer's kick eventfds (pci:, always polled), watch "
-                         "the vrings for the back-end instead of taking kicks as interrupts")
+                    help="no interrupts: where the device cannot hand over the "
+                         "consumer's kick eventfds (pci:, whose interrupts are INTx "
+                         "through uio_pci_generic), watch the vrings for the back-end "
+                         "instead of taking kicks as interrupts")
     ap.add_argument("--watch-rings", action="store_true",
                     help="poll mode, and watch the vrings for the back-end even where the "
                          "device could hand over the consumer's kick eventfds (over "
