@@ -55,9 +55,10 @@ def trapped_and_intx(device_log: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for line in device_log.splitlines():
         words = line.split()
-        if "consumer session ended" in line or not out:
+        counts = "trapped during the session" in line or "INTx raised" in line
+        if "consumer session ended" in line or (counts and not out):
             out.append((0, 0))
-        elif "window access(es) trapped during the session" in line:
+        if "window access(es) trapped during the session" in line:
             out[-1] = (out[-1][0] + int(words[words.index("INFO:") + 1]), out[-1][1])
         elif "INTx raised" in line:
             out[-1] = (out[-1][0], out[-1][1] + int(words[words.index("raised") + 1]))
