@@ -6,6 +6,7 @@ behaviour or the checker's verdict on it changes)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -90,6 +91,14 @@ def run_qsd(tmp_path: Path, name: str) -> tuple[dict[str, str], int | None]:
 @pytest.mark.parametrize("name", NAMES)
 def test_qemu_storage_daemon(tmp_path: Path, name: str) -> None:
     result, died = run_qsd(tmp_path, name)
+    if name == "stop-drains" and result["status"] == "FAIL":
+        # QSD answers GET_VRING_BASE without waiting for the reads it has taken: it passes
+        # when they finish first, and under load they do not (a CI run: base 16, used 0)
+        m = re.match(r"after GET_VRING_BASE: base (\d+), used idx (\d+)", result["detail"])
+        assert m is not None and died is None, result
+        base, used = int(m.group(1)), int(m.group(2))
+        assert base == 16 and used < base, result  # every read taken, not all of them used
+        return
     assert (result["status"], died is not None) == QSD_72[name], result
 
 
