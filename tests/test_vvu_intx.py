@@ -35,8 +35,9 @@ class IntxDriver:
     """A driver with no MSI-X eventfds: config and rxq events enabled (any vector), txq
     not (NO_VECTOR)."""
 
-    def __init__(self, vfu: str) -> None:
-        self.client = VfioUserClient(vfu)
+    def __init__(self, dev: Device) -> None:
+        self.dev = dev
+        self.client = VfioUserClient(dev.vfu)
         self.ram = GuestRam(1 << 20, guest_addr=0x1_0000_0000)
         self.pci = VirtioPciDriver(self.client, self.ram)
         self.efd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -100,8 +101,7 @@ class IntxDriver:
 @pytest.fixture
 def intx(tmp_path: Path) -> Iterator[IntxDriver]:
     dev = Device(tmp_path, "--max-queues", "40")
-    drv = IntxDriver(dev.vfu)
-    drv.dev = dev  # type: ignore[attr-defined]
+    drv = IntxDriver(dev)
     yield drv
     drv.close()
     dev.stop()
@@ -121,7 +121,7 @@ def test_intx_is_offered_as_vfio_pci_offers_it(intx: IntxDriver) -> None:
 
 
 def test_level_automask_and_end_of_interrupt(intx: IntxDriver) -> None:
-    dev = intx.dev  # type: ignore[attr-defined]
+    dev = intx.dev
     assert not intx.signalled() and not intx.status_bit()
     fe = consumer(dev.vhost)
     intx.wait_signal()  # FRONTEND_UP: a config change
@@ -144,7 +144,7 @@ def test_level_automask_and_end_of_interrupt(intx: IntxDriver) -> None:
 
 
 def test_interrupt_disable_holds_the_signal_back(intx: IntxDriver) -> None:
-    dev = intx.dev  # type: ignore[attr-defined]
+    dev = intx.dev
     fe = consumer(dev.vhost)
     intx.wait_signal()
     intx.isr()
@@ -162,7 +162,7 @@ def test_interrupt_disable_holds_the_signal_back(intx: IntxDriver) -> None:
 
 
 def test_kicks_bitmap_says_which_vrings(intx: IntxDriver) -> None:
-    dev = intx.dev  # type: ignore[attr-defined]
+    dev = intx.dev
     cap = intx.pci.caps[CFG_NOTIFICATION]
     fe = consumer(dev.vhost)
     intx.wait_signal()
@@ -203,7 +203,7 @@ def test_kicks_bitmap_says_which_vrings(intx: IntxDriver) -> None:
 
 
 def test_no_intx_while_msix_is_enabled(intx: IntxDriver) -> None:
-    dev = intx.dev  # type: ignore[attr-defined]
+    dev = intx.dev
     config = intx.client.read(CONFIG, 0, 256)
     at = config[0x34]
     while config[at] != 0x11:  # the MSI-X capability

@@ -78,6 +78,7 @@ class SysfsPciFunction:
         self.views: dict[int, memoryview] = {}  # BAR -> bytes
         self.typed: dict[tuple[int, int], memoryview] = {}  # (BAR, size) -> words of size
         try:
+            self._msix_at = self._find_msix_cap()
             for index in range(6):
                 path = self.path / f"resource{index}"
                 if path.exists() and "_wc" not in path.name:
@@ -158,7 +159,7 @@ class SysfsPciFunction:
         """Set and clear MSI-X Enable, with the function masked (nothing is sent): makes
         QEMU's vfio-user-pci stop and restart INTx, and with that map the BARs again,
         which it stopped mapping at the interrupt (appliance/uio.py). No MSI-X: nothing."""
-        at = self._msix_cap()
+        at = self._msix_at
         if at is None:
             return
         control = int.from_bytes(os.pread(self._config, 2, at + 2), "little")
@@ -166,8 +167,11 @@ class SysfsPciFunction:
                   at + 2)
         os.pwrite(self._config, control.to_bytes(2, "little"), at + 2)
 
-    def _msix_cap(self) -> int | None:
+    def _find_msix_cap(self) -> int | None:
+        """Found once: on a PCI bus each config dword read is a trapped access."""
         config = os.pread(self._config, 256, 0)
+        if len(config) <= CAP_POINTER:
+            return None
         at, seen = config[CAP_POINTER] & ~3, set()
         while at and at not in seen and at + 4 <= len(config):
             seen.add(at)

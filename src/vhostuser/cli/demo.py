@@ -169,13 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        stack.close()
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        elif os.path.exists(log):
+        _clean_up(stack, procs, None if args.keep else work)
+        if args.keep and os.path.exists(log):
             say(f"back-end log: {log}")
 
 
@@ -335,12 +330,23 @@ def _net_demo(args: argparse.Namespace, work: Path) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        stack.close()
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
+        _clean_up(stack, procs, None if args.keep else work)
+
+
+def _clean_up(stack: contextlib.ExitStack, procs: list[subprocess.Popen[bytes]],
+              work: Path | None) -> None:
+    """Stop the VMs, then the processes (newest first; killed if SIGTERM is not enough),
+    then remove `work` (None: keep it)."""
+    stack.close()
+    for proc in reversed(procs):
+        proc.send_signal(signal.SIGTERM)
+        try:
             proc.wait(15)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _testpmd_counts(text: Callable[[], str], expect: tuple[int, int]) -> tuple[int, int] | None:
