@@ -29,6 +29,8 @@ MODULE_MARKERS = {
     "test_bridge_hostile": ["daemon"],
     "test_check": ["daemon"],
     "test_split_ring": ["unit"],
+    "test_inflight": ["unit"],
+    "test_inflight_daemon": ["daemon"],
     "test_sysfs_lock": ["unit"],
     "test_vfio_user_protocol": ["unit"],
     "test_vvu_pci": ["unit"],

@@ -1,7 +1,9 @@
-"""Nothing is lost when the back-end is killed: a QEMU guest (7.2 and 11.1, 1 and 2
-queues) writes and verifies patterned blocks from four writers while the host SIGKILLs
-vhost-user-blk's main process again and again, and restarts it on the same socket; some
-kills land while the fresh back-end is still replaying what the last one left.
+"""Nothing is lost when the back-end is killed: a QEMU guest (7.2 with 1 and 4 queues,
+11.1 with 1 and 2) writes and verifies patterned blocks from four writers while the host
+SIGKILLs vhost-user-blk's main process again and again, and restarts it on the same
+socket; some kills land while the fresh back-end is still replaying what the last one left.
+The same with --io-threads (completions out of order), each kill timed for when the
+in-flight area shows requests held (issue 9): only in-flight tracking saves those.
 
 What this proves (issue 15): the front-end sees the connection close only once no process
 of the killed back-end can touch the rings any more, so the used index QEMU reads back as
@@ -16,9 +18,12 @@ error), every block in the guest at the end and every block of the image on the 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
+import re
 import signal
+import struct
 import time
 from pathlib import Path
 
@@ -46,10 +51,10 @@ KILLS = 6
 
 WRITER = f"""
 w=$1; seek=$(({FIRST_BLOCK} + w * {REGION_BLOCKS})); r=0
-while [ $r -lt {ROUNDS} ]; do
+while [ $r -lt $2 ]; do
     skip=$((r % 16))
     dd if=/P of=/dev/vda bs=64k skip=$skip seek=$seek count={REGION_BLOCKS} \\
-        oflag=direct 2>/dev/null || echo "WRITE_FAILED $w $r"
+        oflag=direct conv=fsync 2>/dev/null || echo "WRITE_FAILED $w $r"
     dd if=/dev/vda of=/tmp/got$w bs=64k skip=$seek count={REGION_BLOCKS} \\
         iflag=direct 2>/dev/null || echo "READ_FAILED $w $r"
     dd if=/P of=/tmp/want$w bs=64k skip=$skip count={REGION_BLOCKS} 2>/dev/null
@@ -62,7 +67,7 @@ done
 SCRIPT = f"""
 echo "QUEUES $(ls /sys/block/vda/mq | wc -l)"
 for w in 0 1 2 3; do
-    taskset -c $((w % $(nproc))) sh /writer.sh $w &
+    taskset -c $((w % $(nproc))) sh /writer.sh $w $(cat /rounds) &
 done
 wait
 echo 3 > /proc/sys/vm/drop_caches
@@ -82,10 +87,65 @@ def _expected_region(pattern: bytes, round_: int) -> bytes:
     return pattern[skip * BLOCK : (skip + REGION_BLOCKS) * BLOCK]
 
 
-def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int) -> None:
+def _served_again(daemons: list[BlkDaemon]) -> bool:
+    return any(SERVED_AGAIN.search(d.log) for d in daemons)
+
+
+def _guest_nearly_done(console: str, rounds: int) -> bool:
+    """Whether some writer is in its last rounds (no more time for kills)."""
+    return any(f"ROUND {w} {rounds - 3}\n" in console for w in range(WRITERS))
+
+
+class InflightWatch:
+    """The in-flight area QEMU keeps for the back-end (INFLIGHT_SHMFD), opened through the
+    first back-end's memfd (QEMU hands the same file to every later one) and read with the
+    spec's layout: how many requests the back-end holds right now."""
+
+    def __init__(self, pid: int) -> None:
+        self.area: mmap.mmap | None = None
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if "vhost-user-inflight" not in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    continue
+                mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                self.area = mmap.mmap(mine, os.fstat(mine).st_size, prot=mmap.PROT_READ)
+            finally:
+                os.close(mine)
+            return
+
+    def in_flight(self) -> int:
+        area, at, n = self.area, 0, 0
+        while area is not None and at + 16 <= len(area):
+            version, num = struct.unpack_from("<HH", area, at + 8)
+            if version != 1:
+                return n
+            n += sum(area[at + 16 : at + 16 + 16 * num : 16])
+            at += -(-(16 + 16 * num) // 64) * 64
+        return n
+
+    def wait_for_some(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.in_flight():
+                return True
+            os.sched_yield()  # a spin, but QEMU's threads go first
+        return False
+
+    def close(self) -> None:
+        if self.area is not None:
+            self.area.close()
+
+
+def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int,
+                options: tuple[str, ...] = (), rounds: int = ROUNDS,
+                in_flight: bool = False) -> list[BlkDaemon]:
+    """`in_flight`: each kill waits (a while) until the back-end holds requests."""
     rng = random.Random(seed)
     pattern = os.urandom(PATTERN_BLOCKS * BLOCK)
-    extra = ["--num-queues", str(num_queues)]
+    extra = ["--num-queues", str(num_queues), *options]
     daemons: list[BlkDaemon] = []
 
     def start() -> BlkDaemon:
@@ -97,11 +157,13 @@ def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int
     chardev = ("socket,id=c0,path={},reconnect=1" if qemu == "qemu-system-x86_64"
                else "socket,id=c0,path={},reconnect-ms=1000")
     vm = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=240, qemu_binary=qemu,
-                 files={"/P": pattern, "/writer.sh": WRITER.encode()},
+                 files={"/P": pattern, "/writer.sh": WRITER.encode(),
+                        "/rounds": f"{rounds}\n".encode()},
                  qemu_args=["-chardev", chardev.format(sock),
                             "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={num_queues}",
                             *(["-smp", str(num_queues)] if num_queues > 1 else [])])
     kills: list[str] = []
+    watch: InflightWatch | None = None
 
     def context() -> str:
         logs = "\n".join(f"--- {d.log_path.name} ---\n{d.log[-2500:]}" for d in daemons)
@@ -111,7 +173,10 @@ def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int
         daemon = start()
         vm.start()
         vm.wait_for("ROUND 0 1\n", 120)
-        for k in range(KILLS):
+        k = 0
+        # in_flight: go on past KILLS (a while) until a back-end found requests left
+        while k < KILLS or (in_flight and not _served_again(daemons) and k < 4 * KILLS
+                            and not _guest_nearly_done(vm.console, rounds)):
             # A pause, then SIGKILL to the main process alone (its workers must not outlive
             # it); every other kill hits a back-end that has only just been restarted. The
             # pause starts once the front-end has started the rings again (the back-end has
@@ -121,18 +186,28 @@ def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int
             if not wait_until(lambda d=daemon: bool(d.workers()) or "IOERRORS" in vm.console, 60):
                 pytest.fail(f"the front-end did not restart the rings\n{context()}")
             pause = rng.uniform(0.0, 1.5) if k % 2 else rng.uniform(0.5, 2.0)
+            if in_flight:  # the area says when
+                pause /= 4
             time.sleep(pause)
             if "IOERRORS" in vm.console:
                 break
+            if in_flight:
+                if watch is None:
+                    watch = InflightWatch(daemon.pid)
+                    assert watch.area is not None, f"QEMU took no in-flight area\n{context()}"
+                held = watch.wait_for_some(10.0)
             os.kill(daemon.pid, signal.SIGKILL)
             daemon.proc.wait()  # type: ignore[union-attr]
-            kills.append(f"{pause:.2f}")
+            kills.append(f"{pause:.2f}{' in flight' if in_flight and held else ''}")
             daemon = start()
+            k += 1
         result = vm.wait()
     except GuestError as e:
         pytest.fail(f"{e}\n{context()}")
     finally:
         vm.close()
+        if watch is not None:
+            watch.close()
     try:
         assert result.status == 0, context()
         out = result.lines
@@ -141,11 +216,11 @@ def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int
                ("WRITE_FAILED", "READ_FAILED", "MISMATCH")]
         assert not bad, f"{bad}\n{context()}"
         for w in range(WRITERS):
-            assert f"ROUND {w} {ROUNDS - 1}" in out, context()
+            assert f"ROUND {w} {rounds - 1}" in out, context()
         assert "IOERRORS 0" in out, context()
         assert len(kills) >= KILLS // 2, f"the guest finished too early to be killed under\n" \
                                          f"{context()}"
-        want = _expected_region(pattern, ROUNDS - 1)
+        want = _expected_region(pattern, rounds - 1)
         for w in range(WRITERS):
             finals = [ln for ln in out if ln.startswith(f"FINAL {w} ")]
             assert finals == [f"FINAL {w} {hashlib.sha256(want).hexdigest()}  -"], context()
@@ -167,6 +242,7 @@ def _kill_storm(tmp_path: Path, img: Path, qemu: str, num_queues: int, seed: int
     finally:
         for d in daemons:
             d.kill()
+    return daemons
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -174,13 +250,33 @@ def _prerequisites() -> None:
     require_guest_prerequisites()
 
 
-@pytest.mark.parametrize("num_queues", [1, 2])
+@pytest.mark.parametrize("num_queues", [1, 4])
 def test_killed_backend_loses_nothing_qemu72(tmp_path: Path, num_queues: int) -> None:
     img = tmp_path / "kill.img"
     with img.open("wb") as f:
         f.truncate(32 * MiB)
     _kill_storm(tmp_path, img, "qemu-system-x86_64", num_queues,
                 seed=int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.mark.parametrize("num_queues", [1, 2])  # four writers: several per queue
+def test_killed_out_of_order_backend_loses_nothing(tmp_path: Path, num_queues: int) -> None:
+    """With --io-threads requests complete out of order: QEMU's resume point (used->idx)
+    no longer says which are done, and only the in-flight area (INFLIGHT_SHMFD) saves the
+    requests a killed back-end held. Each kill waits until the area shows requests in
+    flight; the writers' fsyncs (a FLUSH, slower than the reads and writes beside it) make
+    completions come out of order."""
+    img = tmp_path / "kill.img"
+    with img.open("wb") as f:
+        f.truncate(32 * MiB)
+    daemons = _kill_storm(tmp_path, img, "qemu-system-x86_64", num_queues,
+                          seed=int.from_bytes(os.urandom(4), "little"),
+                          options=("--io-threads", "4", "--direct"), in_flight=True)
+    again = [int(m.group(1)) for d in daemons for m in SERVED_AGAIN.finditer(d.log)]
+    assert again, "no kill found requests in flight: the test proved nothing"
+
+
+SERVED_AGAIN = re.compile(r"queue \d+: (\d+) request\(s\) left in flight by the last back-end")
 
 
 @pytest.mark.parametrize("num_queues", [1, 2])

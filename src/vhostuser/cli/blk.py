@@ -15,6 +15,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--read-only", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
     ap.add_argument("--num-queues", type=int, default=1, metavar="N",
                     help="number of request queues (default 1)")
+    ap.add_argument("--io-threads", type=int, default=0, metavar="N",
+                    help="serve each queue's requests on N threads, several in flight, "
+                         "completed out of order (default 0: one at a time, in order)")
+    ap.add_argument("--direct", action="store_true",
+                    help="open the image with O_DIRECT: bypass the host's page cache "
+                         "(transfers it cannot take go through the cache)")
     ap.add_argument("--serial", help="serial number reported by GET_ID (max 20 bytes; "
                                      "default: the image's file name)")
     return ap
@@ -29,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--blk-file is required")
     if not 1 <= args.num_queues <= 256:
         ap.error("--num-queues must be between 1 and 256")
+    if not 0 <= args.io_threads <= 256:
+        ap.error("--io-threads must be between 0 and 256")
     if args.serial is not None and len(args.serial.encode()) > 20:
         ap.error("--serial is at most 20 bytes")
     setup_logging(args.verbose)
     opts = BlkOptions(args.blk_file, read_only=args.read_only, num_queues=args.num_queues,
-                      serial=args.serial)
+                      serial=args.serial, io_threads=args.io_threads,
+                      direct=args.direct)
     return run(args, lambda: BlkDevice(opts))
 
 

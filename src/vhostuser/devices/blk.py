@@ -1,7 +1,9 @@
 """virtio-blk served from a raw image file (virtio 1.x §5.2).
 
 Data moves with preadv/pwritev straight between the file and guest memory: the guest's
-buffers are memoryviews of the mapped regions, so nothing is copied in Python.
+buffers are memoryviews of the mapped regions, so nothing is copied in Python. Requests are
+served at once, in order, in the queue's worker; with `io_threads` a pool of threads per
+queue serves them, several in flight, completed out of order (engine/pool.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..engine.device import ConfigError, Device, Events, InOrderService
+from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService
+from ..engine.pool import PooledService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
@@ -58,6 +61,8 @@ class BlkOptions:
     size_max: int = 1 << 20
     max_discard_sectors: int = 1 << 22
     max_discard_seg: int = 32
+    io_threads: int = 0  # per queue; 0: each request at once in the worker, in order
+    direct: bool = False  # O_DIRECT: the host's page cache is bypassed
 
 
 class BlkDevice(Device):
@@ -67,11 +72,24 @@ class BlkDevice(Device):
     def __init__(self, opts: BlkOptions) -> None:
         if opts.num_queues < 1 or opts.num_queues > 256:
             raise ValueError(f"--num-queues must be 1..256, not {opts.num_queues}")
+        if not 0 <= opts.io_threads <= 256:
+            raise ValueError(f"--io-threads must be 0..256, not {opts.io_threads}")
         if opts.blk_size < SECTOR or opts.blk_size & (opts.blk_size - 1):
             raise ValueError(f"block size {opts.blk_size} is not a power of 2 >= 512")
         self.opts = opts
         self.num_queues = opts.num_queues
-        self.fd = os.open(opts.path, os.O_RDONLY if opts.read_only else os.O_RDWR)
+        mode = os.O_RDONLY if opts.read_only else os.O_RDWR
+        self.fd = os.open(opts.path, mode)
+        # With O_DIRECT, `fd` bypasses the page cache and `buffered` does what it cannot
+        # (transfers not aligned as the file system needs: devices/image.py).
+        self.buffered = self.fd
+        if opts.direct:
+            try:
+                self.fd = os.open(opts.path, mode | os.O_DIRECT)
+            except OSError as e:
+                os.close(self.buffered)
+                raise OSError(e.errno, f"{opts.path}: cannot open with O_DIRECT "
+                                       f"({e.strerror})") from e
         self.serial = (opts.serial if opts.serial is not None
                        else os.path.basename(opts.path)).encode()[:ID_BYTES]
         # Written in the engine's process (SET_CONFIG, a resize), read by every queue
@@ -151,10 +169,20 @@ class BlkDevice(Device):
         self.writeback = True
         self.negotiated = 0
 
-    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> BlkQueue:
+    def serve(self, queues: dict[int, DeviceQueue], events: Events) -> QueueService:
+        if self.opts.io_threads:
+            untracked = sorted(i for i, q in queues.items() if q.tracker is None)
+            if not untracked:
+                return BlkPool(self, queues, self.opts.io_threads)
+            # Out of order, a request in flight when the back-end dies is lost for good
+            # unless the in-flight area remembers it.
+            log.warning("queues %s: no in-flight area from the front-end: served in order, "
+                        "without --io-threads", untracked)
         return BlkQueue(self)
 
     def close(self) -> None:
+        if self.buffered != self.fd:
+            os.close(self.buffered)
         os.close(self.fd)
         self.shared.release()
         self._shared.close()
@@ -167,6 +195,7 @@ class BlkQueue(InOrderService):
     def __init__(self, dev: BlkDevice) -> None:
         self.dev = dev
         self.fd = dev.fd
+        self.buffered = dev.buffered if dev.buffered != dev.fd else None
         self.shared = dev.shared
         self.read_only = dev.opts.read_only
 
@@ -175,20 +204,19 @@ class BlkQueue(InOrderService):
         return self.shared[1]  # follows a resize
 
     def handle(self, index: int, chains: list[Chain]) -> list[int]:
-        out = []
-        for c in chains:
-            r, w = c.readable, c.writable
-            # The layout every driver uses: header alone, data, status byte alone.
-            if r and w and len(r[0]) == _HDR.size and len(w[-1]) == 1:
-                rtype, _, sector = _HDR.unpack(r[0])
-                if rtype == T_IN and len(r) == 1:
-                    out.append(self.read(sector, w))
-                    continue
-                if rtype == T_OUT and len(w) == 1:
-                    out.append(self.write(sector, r, w[0]))
-                    continue
-            out.append(self.request(c))
-        return out
+        return [self.serve(c) for c in chains]
+
+    def serve(self, c: Chain) -> int:
+        """Serve one request; the bytes written into the chain (data and status)."""
+        r, w = c.readable, c.writable
+        # The layout every driver uses: header alone, data, status byte alone.
+        if r and w and len(r[0]) == _HDR.size and len(w[-1]) == 1:
+            rtype, _, sector = _HDR.unpack(r[0])
+            if rtype == T_IN and len(r) == 1:
+                return self.read(sector, w)
+            if rtype == T_OUT and len(w) == 1:
+                return self.write(sector, r, w[0])
+        return self.request(c)
 
     def read(self, sector: int, w: list[memoryview]) -> int:
         data = w[:-1]
@@ -197,7 +225,7 @@ class BlkQueue(InOrderService):
             w[-1][0] = S_IOERR
             return 1
         try:
-            got = read_into(self.fd, data, sector * SECTOR, n)
+            got = read_into(self.fd, data, sector * SECTOR, n, self.buffered)
         except OSError as e:
             log.error("read at sector %d: %s", sector, e)
             w[-1][0] = S_IOERR
@@ -214,7 +242,7 @@ class BlkQueue(InOrderService):
             status[0] = S_IOERR
             return 1
         try:
-            write_from(self.fd, data, sector * SECTOR, n)
+            write_from(self.fd, data, sector * SECTOR, n, self.buffered)
             if not self.dev.writeback:
                 os.fdatasync(self.fd)
         except OSError as e:
@@ -249,7 +277,7 @@ class BlkQueue(InOrderService):
             n = iov_len(data_in)
             if not self._in_range(sector, n):
                 return S_IOERR, 0
-            got = read_into(self.fd, data_in, sector * SECTOR, n)
+            got = read_into(self.fd, data_in, sector * SECTOR, n, self.buffered)
             if got < n:  # the file shrank under us: never hand stale guest bytes back
                 iov_write(data_in, bytes(n - got), got)
             return S_OK, n
@@ -258,7 +286,7 @@ class BlkQueue(InOrderService):
             n = iov_len(data)
             if self.read_only or not self._in_range(sector, n):
                 return S_IOERR, 0
-            write_from(self.fd, data, sector * SECTOR, n)
+            write_from(self.fd, data, sector * SECTOR, n, self.buffered)
             if not self.dev.writeback:
                 os.fdatasync(self.fd)
             return S_OK, 0
@@ -302,7 +330,23 @@ class BlkQueue(InOrderService):
         return S_OK
 
     def _punch(self, off: int, length: int, required: bool) -> None:
-        punch(self.fd, off, length, required)
+        punch(self.dev.buffered, off, length, required)
 
     def _zero(self, off: int, length: int) -> None:
-        zero(self.fd, off, length)
+        zero(self.dev.buffered, off, length)
+
+
+class BlkPool(PooledService):
+    """Serves one queue group's requests on `threads` threads: several in flight,
+    completed out of order."""
+
+    def __init__(self, dev: BlkDevice, queues: dict[int, DeviceQueue], threads: int) -> None:
+        self.blk = BlkQueue(dev)
+        super().__init__(queues, threads, "blk-io")
+
+    def kicked(self, q: DeviceQueue) -> None:
+        for chain in q.pop_batch():
+            self.submit(q, chain)
+
+    def serve_chain(self, chain: Chain) -> int:
+        return self.blk.serve(chain)

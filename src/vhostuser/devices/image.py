@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 
 from ..virtq.iov import iov_slice, iov_write
@@ -48,38 +49,77 @@ def zero(fd: int, off: int, length: int) -> None:
         length -= n
 
 
-def read_into(fd: int, bufs: list[memoryview], offset: int, n: int) -> int:
+def _read_bounced(e: OSError, fd: int, buffered: int | None, n: int, offset: int) -> bytes:
+    """Read what could not go straight into guest memory through a buffer of ours. Memory
+    the kernel cannot pin for a zero-copy transfer (a device BAR: the virtio-vhost-user
+    window inside an appliance VM) fails with EFAULT; guest buffers not aligned as O_DIRECT
+    needs, with EINVAL. `buffered`: the file without O_DIRECT, if `fd` has it: a page-aligned
+    buffer of ours is tried on `fd` first (the transfer stays direct: mixing cached and
+    direct writes to one page from concurrent requests could lose one), the cache only for
+    a range the file system cannot take directly."""
+    if buffered is None:
+        if e.errno != errno.EFAULT:
+            raise e
+        return os.pread(fd, n, offset)
+    if e.errno not in (errno.EFAULT, errno.EINVAL):
+        raise e
+    with mmap.mmap(-1, n) as buf:
+        try:
+            k = os.preadv(fd, [buf], offset)
+            return buf[:k]
+        except OSError as again:
+            if again.errno != errno.EINVAL:
+                raise
+    return os.pread(buffered, n, offset)
+
+
+def _write_bounced(e: OSError, fd: int, buffered: int | None, data: bytes,
+                   offset: int) -> int:
+    """Write what could not go straight from guest memory (as `_read_bounced` reads)."""
+    if buffered is None:
+        if e.errno != errno.EFAULT:
+            raise e
+        return os.pwrite(fd, data, offset)
+    if e.errno not in (errno.EFAULT, errno.EINVAL):
+        raise e
+    with mmap.mmap(-1, len(data)) as buf:
+        buf[:] = data
+        try:
+            return os.pwritev(fd, [buf], offset)
+        except OSError as again:
+            if again.errno != errno.EINVAL:
+                raise
+    return os.pwrite(buffered, data, offset)
+
+
+def read_into(fd: int, bufs: list[memoryview], offset: int, n: int,
+              buffered: int | None = None) -> int:
     """preadv of `n` bytes straight into guest memory, resumed after a short read; returns
-    the bytes read (fewer only at the end of the file). Memory the kernel cannot pin for a
-    zero-copy read (a device BAR: the virtio-vhost-user window inside an appliance VM, read
-    from a 9p or O_DIRECT file) fails with EFAULT: then the bytes bounce through a buffer."""
+    the bytes read (fewer only at the end of the file). `buffered`: the file without
+    O_DIRECT if `fd` has it (see `_read_bounced`)."""
     got = 0
     while got < n:
         part = bufs if not got else iov_slice(bufs, got)
         try:
             k = os.preadv(fd, part, offset + got)
         except OSError as e:
-            if e.errno != errno.EFAULT:
-                raise
-            data = os.pread(fd, n - got, offset + got)
-            k = iov_write(part, data)
+            k = iov_write(part, _read_bounced(e, fd, buffered, n - got, offset + got))
         if not k:
             break
         got += k
     return got
 
 
-def write_from(fd: int, bufs: list[memoryview], offset: int, n: int) -> None:
-    """pwritev of `n` bytes straight from guest memory (bouncing on EFAULT, as above)."""
+def write_from(fd: int, bufs: list[memoryview], offset: int, n: int,
+               buffered: int | None = None) -> None:
+    """pwritev of `n` bytes straight from guest memory (bouncing as `read_into` does)."""
     done = 0
     while done < n:
         part = bufs if not done else iov_slice(bufs, done)
         try:
             k = os.pwritev(fd, part, offset + done)
         except OSError as e:
-            if e.errno != errno.EFAULT:
-                raise
-            k = os.pwrite(fd, b"".join(part), offset + done)
+            k = _write_bounced(e, fd, buffered, b"".join(part), offset + done)
         if not k:
             raise OSError(errno.EIO, f"short write ({done} of {n} bytes)")
         done += k

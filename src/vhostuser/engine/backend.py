@@ -36,6 +36,7 @@ from ..protocol.constants import (
     VirtioFeature,
 )
 from ..virtq.atomic import U16Array
+from ..virtq.inflight import MAX_QUEUE_SIZE, area_bytes, queue_region_bytes
 from ..virtq.split import RingLayout
 from .device import Carried, ConfigError, Device
 from .notify import NoNotifier, Notifier
@@ -74,6 +75,8 @@ _GATES = {
     FrontendReq.NET_SET_MTU: ProtocolFeature.MTU,
     FrontendReq.SEND_RARP: ProtocolFeature.RARP,
     FrontendReq.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
+    FrontendReq.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+    FrontendReq.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
 }
 
 
@@ -85,8 +88,18 @@ class Resources(Protocol):
     """What the engine needs from a transport besides messages."""
 
     max_mem_slots: int
+    shared_areas: bool  # whether new_area and map_area work (in-flight areas)
 
     def map_region(self, desc: p.MemRegion, res: Resource) -> Buffer: ...
+
+    def new_area(self, size: int) -> tuple[Resource, Buffer]:
+        """A zeroed area of `size` bytes to share with the front-end: what to send it, and
+        the mapping. MemoryTableError if it cannot be made."""
+        ...
+
+    def map_area(self, res: Resource, size: int, offset: int) -> Buffer:
+        """The front-end's area `res`: `size` bytes from `offset`, mapped shared."""
+        ...
 
     def check_kick(self, res: Resource) -> None:
         """Raise MemoryTableError unless `res` can serve as a kick."""
@@ -128,13 +141,36 @@ class Vring:
                 and self.addr is not None)
 
 
+@dataclass
+class InflightArea:
+    """The front-end's in-flight area (INFLIGHT_SHMFD): one region per queue, each sized
+    for `queue_size` descriptors (virtq/inflight.py)."""
+
+    mapping: Buffer
+    num_queues: int
+    queue_size: int
+    res: Resource = None  # ours, made for GET_INFLIGHT_FD: kept until the area goes
+
+    def region(self, v: Vring) -> tuple[Buffer, int] | None:
+        if v.index >= self.num_queues or v.size > self.queue_size:
+            log.error("queue %d (size %d) is outside the in-flight area (%d queues of %d): "
+                      "not tracked", v.index, v.size, self.num_queues, self.queue_size)
+            return None
+        return self.mapping, v.index * queue_region_bytes(self.queue_size)
+
+
 class Backend:
     def __init__(self, device: Device, resources: Resources,
-                 poll_us: int = DEFAULT_SPIN_US, runner: Runner = start_worker) -> None:
+                 poll_us: int = DEFAULT_SPIN_US, runner: Runner = start_worker,
+                 track_inflight: bool = True) -> None:
+        """`track_inflight`: offer INFLIGHT_SHMFD (where the transport shares areas); a
+        runner that does not take `QueueSpec.inflight` up must say False."""
         self.device = device
         self.res = resources
         self.poll_us = poll_us
         self.runner = runner  # how a started queue is served: a worker process by default
+        self.track_inflight = track_inflight and resources.shared_areas
+        self.inflight: InflightArea | None = None
         self.mem = GuestMemory(resources.max_mem_slots)
         self._region_refs: Counter[tuple[int, int, int]] = Counter()  # ADD_MEM_REG repeats
         self.owner = False
@@ -176,6 +212,8 @@ class Backend:
             H.NET_SET_MTU: self._net_set_mtu,
             H.SEND_RARP: self._send_rarp,
             H.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            H.GET_INFLIGHT_FD: self._get_inflight_fd,
+            H.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- dispatch --------------------------------------------------------------------------
@@ -184,7 +222,8 @@ class Backend:
         return int(self.device.features()) | TRANSPORT_FEATURES
 
     def offered_protocol_features(self) -> int:
-        return ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features)
+        tracking = ProtocolFeature.INFLIGHT_SHMFD if self.track_inflight else 0
+        return ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features) | tracking
 
     def receive(self, header: Header, body: bytes, fds: list[Resource]) -> Message | None:
         """Decode and serve one request whose framing (header) was valid. Raises
@@ -225,6 +264,8 @@ class Backend:
                 self.res.close(res)
             fds.clear()
         if own:
+            if isinstance(result, Message):  # a reply with fds
+                return reply_to(msg, result.payload, result.fds)
             return reply_to(msg, result)
         if expects_reply(Channel.FRONTEND, msg, self.protocol_features):
             return reply_to(msg, p.U64(1 if failed else 0))
@@ -297,6 +338,7 @@ class Backend:
 
     def _reset_device(self, _pl: p.Empty, _fds: list[Resource]) -> None:
         self._reset_rings()
+        self._drop_inflight()
         self._drop_carried()
         self.features = 0
         self.status = 0
@@ -321,6 +363,61 @@ class Backend:
 
     def _set_status(self, pl: p.U64, _fds: list[Resource]) -> None:
         self.status = pl.value & 0xFF
+
+    # -- in-flight tracking ------------------------------------------------------------------
+
+    def _inflight_shape(self, pl: p.Inflight) -> int:
+        """Check the queues and queue size the front-end asks an area for; its size."""
+        if not 1 <= pl.num_queues <= self.device.num_queues:
+            raise RequestError(f"in-flight area for {pl.num_queues} queues: the device has "
+                               f"{self.device.num_queues}")
+        qs = pl.queue_size
+        limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
+        if qs == 0 or qs > limit or qs & (qs - 1):
+            raise RequestError(f"in-flight area for queues of {qs}: not a power of 2 up to "
+                               f"{limit}")
+        return area_bytes(pl.num_queues, qs)
+
+    def _get_inflight_fd(self, pl: p.Inflight, _fds: list[Resource]) -> Message | p.Inflight:
+        try:
+            self._no_rings_running()
+            size = self._inflight_shape(pl)
+            res, mapping = self.res.new_area(size)
+        except (RequestError, MemoryTableError) as e:
+            # mmap_size 0 and no fd: QEMU then goes on without in-flight tracking
+            log.error("GET_INFLIGHT_FD refused: %s", e)
+            return p.Inflight(0, 0, pl.num_queues, pl.queue_size)
+        self._drop_inflight()
+        self.inflight = InflightArea(mapping, pl.num_queues, pl.queue_size, res)
+        return Message(0, p.Inflight(size, 0, pl.num_queues, pl.queue_size), fds=(res,))
+
+    def _set_inflight_fd(self, pl: p.Inflight, fds: list[Resource]) -> None:
+        self._no_rings_running()
+        need = self._inflight_shape(pl)
+        if pl.mmap_size < need:
+            raise RequestError(f"in-flight area of {pl.mmap_size} bytes: {pl.num_queues} "
+                               f"queues of {pl.queue_size} need {need}")
+        mapping = self.res.map_area(fds[0], need, pl.mmap_offset)  # fds[0]: closed by handle()
+        self._drop_inflight()
+        self.inflight = InflightArea(mapping, pl.num_queues, pl.queue_size)
+
+    def _no_rings_running(self) -> None:
+        """The area may change only while no ring runs (QEMU sets it before it starts
+        them): a running worker records into the area it started with."""
+        if self.running:
+            raise RequestError("in-flight area changed while rings run: stop them first")
+
+    def _drop_inflight(self) -> None:
+        area, self.inflight = self.inflight, None
+        if area is None:
+            return
+        if area.res is not None:
+            self.res.close(area.res)
+        if isinstance(area.mapping, memoryview):
+            area.mapping.release()
+        close = getattr(area.mapping, "close", None)
+        if close is not None:
+            close()
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -508,7 +605,8 @@ class Backend:
             assert r.addr is not None
             layout = RingLayout(r.size, r.addr.desc, r.addr.avail, r.addr.used)
             params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us)
-            specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err))
+            area = self.inflight.region(r) if self.inflight is not None else None
+            specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err, area))
         carried = self.carried.pop(g, None)
         if carried is not None:  # the group's new worker keeps these
             parent_only_fds.difference_update(carried.fds)
@@ -594,6 +692,7 @@ class Backend:
             self.backend_req.close()
             self.backend_req = None
         self._drop_carried()
+        self._drop_inflight()
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self.device.reset()

@@ -9,6 +9,10 @@ process still lives before it stores into guest memory (see engine/worker.py).
 A ring that breaks the rules does not raise into the device: the chains before the bad one
 are handed out, `error` is set and the queue looks empty from then on; the engine stops it
 and tells the front-end (the err eventfd).
+
+With in-flight tracking (virtq/inflight.py) every chain taken is recorded in the front-end's
+in-flight area until its completion is published, and the chains a dead back-end left in
+flight are handed out again first, oldest first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..virtq.burst import DirectBurst
+    from ..virtq.inflight import SplitInflight
 
 
 class ParentGone(Exception):
@@ -33,11 +38,12 @@ class ParentGone(Exception):
 class DeviceQueue:
     """One running split virtqueue as a device uses it."""
 
-    __slots__ = ("_chains", "_lens", "_ppid", "call", "completed", "error", "index", "lock",
-                 "popped", "ring")
+    __slots__ = ("_chains", "_lens", "_ppid", "_redone", "_resubmit", "call", "completed",
+                 "error", "index", "lock", "popped", "ring", "tracker")
 
     def __init__(self, ring: SplitQueue, index: int, call: Notifier,
-                 ppid: int | None = None) -> None:
+                 ppid: int | None = None, tracker: SplitInflight | None = None) -> None:
+        """`tracker`: the queue's in-flight record, already recovered against `ring`."""
         self.ring = ring  # for the burst helpers below; take and complete through this class
         self.index = index
         self.call = call
@@ -51,6 +57,14 @@ class DeviceQueue:
         # `notify` (the used ring's side) then take it. Taking chains stays with the
         # worker's thread.
         self.lock: threading.Lock | None = None
+        self.tracker = tracker
+        self._resubmit: list[int] = []  # heads left in flight by a dead back-end, oldest last
+        self._redone: list[int] = []  # those handed out again, in order
+
+    def resubmit(self, heads: list[int]) -> None:
+        """Hand these chains (heads oldest first, still marked in flight) out again before
+        anything new from the ring."""
+        self._resubmit = heads[::-1]
 
     @property
     def inflight(self) -> int:
@@ -64,39 +78,74 @@ class DeviceQueue:
         if self.error is not None:
             return 0
         try:
-            return self.ring.available()
+            return self.ring.available() + len(self._resubmit)
         except RingError as e:
             self.error = e
             return 0
 
     def pop(self) -> Chain | None:
         """The next available chain, or None."""
-        if not self.available():
-            return None
-        try:
-            chain = self.ring.pop()
-        except RingError as e:
-            self.error = e
-            return None
-        self.popped += 1
-        return chain
+        chains = self.pop_batch(1)
+        return chains[0] if chains else None
+
+    def _room(self) -> int:
+        """How many more chains the device may hold: a ring's worth at most (a driver has
+        no more heads; one that makes more available breaks the rules)."""
+        return self.ring.size - (self.popped - self.completed)
 
     def pop_batch(self, n: int | None = None) -> list[Chain]:
         """Up to `n` available chains (all of them if None)."""
-        avail = self.available()
+        avail = min(self.available(), self._room())
         if n is not None and n < avail:
             avail = n
         if avail <= 0:
             return []
+        if self._resubmit:
+            return self._pop_resubmitted(avail)
         chains, error = self.ring.pop_batch(avail)
         self.popped += len(chains)
         if error is not None:
             self.error = error
+        if self.tracker is not None:
+            self._mark_taken([c.head for c in chains])
+        return chains
+
+    def _mark_taken(self, heads: list[int]) -> None:
+        """Record chains taken in the in-flight area. Under the lock if completions come
+        from other threads: between publishing a batch and clearing its flags, the driver
+        may already have made one of its heads available again, and its new mark must not
+        be cleared."""
+        assert self.tracker is not None
+        taken = self.tracker.taken
+        if self.lock is not None:
+            with self.lock:
+                for h in heads:
+                    taken(h)
+            return
+        for h in heads:
+            taken(h)
+
+    def _pop_resubmitted(self, n: int) -> list[Chain]:
+        chains: list[Chain] = []
+        while self._resubmit and len(chains) < n:
+            head = self._resubmit[-1]
+            try:
+                chains.append(self.ring.read_chain(head))
+            except RingError as e:
+                self.error = e
+                break
+            self._redone.append(self._resubmit.pop())
+        self.popped += len(chains)
         return chains
 
     def unpop(self, n: int = 1) -> None:
-        """Give back the `n` chains taken last, untouched (not completed)."""
-        self.ring.last_avail = (self.ring.last_avail - n) & 0xFFFF
+        """Give back the `n` chains taken last, untouched (not completed). A chain taken
+        from the ring stays marked in flight: were the back-end to die now, the next one
+        would count it among those taken and serve it again, the same thing."""
+        from_ring = min(n, self.popped - len(self._redone))
+        self.ring.last_avail = (self.ring.last_avail - from_ring) & 0xFFFF
+        for _ in range(n - from_ring):
+            self._resubmit.append(self._redone.pop())
         self.popped -= n
 
     def pop_direct(self, n: int, flags: int = 0) -> DirectBurst | None:
@@ -104,12 +153,14 @@ class DeviceQueue:
         them one by one, which also reports what is wrong with them."""
         from ..virtq.burst import pop_direct
 
-        n = min(n, self.available())
-        if n <= 0:
+        n = min(n, self.available(), self._room())
+        if n <= 0 or self._resubmit:
             return None
         burst = pop_direct(self.ring, n, flags)
         if burst is not None:
             self.popped += len(burst.heads)
+            if self.tracker is not None:
+                self._mark_taken(burst.heads.tolist())
         return burst
 
     # -- completing ----------------------------------------------------------------------------
@@ -147,9 +198,16 @@ class DeviceQueue:
         from ..virtq.burst import push_heads
 
         self._check_parent()
+        tracker = self.tracker
+        listed = heads.tolist() if tracker is not None else []
+        if tracker is not None:
+            tracker.link(listed)
         push_heads(self.ring, heads, written)
         self.completed += len(heads)
-        if self.ring.publish():
+        wanted = self.ring.publish()
+        if tracker is not None:
+            tracker.settle(listed, self.ring.used_idx)
+        if wanted:
             self.call.notify()
 
     def notify(self) -> None:
@@ -170,10 +228,17 @@ class DeviceQueue:
             self.error = RingError("the device completed more chains than it took")
             return
         self._check_parent()
+        tracker = self.tracker
+        heads = [c.head for c in self._chains] if tracker is not None else []
+        if tracker is not None:
+            tracker.link(heads)
         self.ring.push_batch(self._chains, self._lens)
         self.completed += len(self._chains)
         self._chains, self._lens = [], []
-        if self.ring.publish():
+        wanted = self.ring.publish()
+        if tracker is not None:
+            tracker.settle(heads, self.ring.used_idx)
+        if wanted:
             self.call.notify()
 
     def _check_parent(self) -> None:
@@ -195,5 +260,12 @@ class DeviceQueue:
             self.error = e
             return False
 
+    @property
+    def unserved(self) -> int:
+        """Chains left in flight by a dead back-end that were not handed out again yet."""
+        return len(self._resubmit)
+
     def release(self) -> None:
+        if self.tracker is not None:
+            self.tracker.release()
         self.ring.release()

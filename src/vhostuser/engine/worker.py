@@ -41,7 +41,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..memory import GuestMemory
+from ..memory import Buffer, GuestMemory
+from ..virtq.inflight import SplitInflight, queue_region_bytes
 from ..virtq.split import RingError, RingLayout, SplitQueue
 from .device import Carried, Device, QueueService
 from .notify import Notifier
@@ -87,12 +88,15 @@ class QueueParams:
 
 @dataclass(frozen=True)
 class QueueSpec:
-    """One queue to run: its ring and the front-end's kick (None: poll), call and err."""
+    """One queue to run: its ring and the front-end's kick (None: poll), call and err;
+    `inflight`: its region of the front-end's in-flight area (the area's mapping, the
+    region's offset in it), if the front-end gave one."""
 
     params: QueueParams
     kick_fd: int | None
     call: Notifier
     err: Notifier
+    inflight: tuple[Buffer, int] | None = None
 
 
 # index -> (last avail index, or None if unknown; broken)
@@ -325,6 +329,22 @@ class _Events:
         return out
 
 
+def _track(spec: QueueSpec, ring: SplitQueue) -> tuple[SplitInflight | None, list[int]]:
+    """The queue's in-flight record, recovered against its ring, and the heads to serve
+    again (RingError if the record and the ring disagree)."""
+    if spec.inflight is None:
+        return None, []
+    area, offset = spec.inflight
+    with memoryview(area) as whole:
+        tracker = SplitInflight(whole[offset : offset + queue_region_bytes(ring.size)],
+                                ring.size)
+    try:
+        return tracker, tracker.recover(ring)
+    except RingError:
+        tracker.release()
+        raise
+
+
 class _Group:
     """The worker's side: serve a group of queues until STOP."""
 
@@ -351,7 +371,19 @@ class _Group:
                 self.broken.add(i)
                 s.err.notify()
                 continue
-            q = self.queues[i] = self.started[i] = DeviceQueue(ring, i, s.call, ppid)
+            try:
+                tracker, again = _track(s, ring)
+            except RingError as e:
+                log.error("%s queue %d: cannot start: %s", self.name, i, e)
+                ring.release()
+                self.broken.add(i)
+                s.err.notify()
+                continue
+            q = self.queues[i] = self.started[i] = DeviceQueue(ring, i, s.call, ppid, tracker)
+            if again:
+                log.info("%s queue %d: %d request(s) left in flight by the last back-end: "
+                         "served again", self.name, i, len(again))
+                q.resubmit(again)
             if s.kick_fd is None:
                 self.polled.append(q)
             else:
@@ -492,6 +524,8 @@ class _Group:
             return 0  # the parent is gone
         live = dict(self.queues)
         carried = self.unadopted
+        if self.service is not None and self._serve_left() is _GONE:
+            return 1
         if self.service is not None:
             # even with every queue broken: the service's threads must be done before
             # its state is handed over
@@ -511,6 +545,10 @@ class _Group:
             if q.inflight:
                 log.error("%s queue %d: stopped with %d requests not completed", self.name,
                           q.index, q.inflight)
+            if q.unserved:
+                log.error("%s queue %d: stopped with %d requests the last back-end left in "
+                          "flight not served yet (still marked in the in-flight area)",
+                          self.name, q.index, q.unserved)
         entries = []
         for s in self.specs:
             i = s.params.index
@@ -532,6 +570,20 @@ class _Group:
         except OSError:
             pass
         return 0
+
+    def _serve_left(self) -> object:
+        """Before stopping: hand the device the chains a dead back-end left in flight that
+        it has not had yet (the stop report counts them as taken; only the in-flight area
+        remembers them, and the next start may come with another one)."""
+        assert self.service is not None
+        for q in list(self.queues.values()):
+            while q.unserved and q.error is None and q.index in self.queues:
+                before = q.unserved
+                if self._run(self.service.kicked, q) is _GONE:
+                    return _GONE
+                if q.unserved == before:
+                    break  # the device takes none now (no room): the area keeps them
+        return None
 
     def _send_carried(self, carried: Carried) -> None:
         if len(carried.data) > MAX_CARRIED:

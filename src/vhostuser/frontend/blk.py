@@ -20,7 +20,9 @@ __all__ = ["T_DISCARD", "T_FLUSH", "T_GET_ID", "T_IN", "T_OUT", "T_WRITE_ZEROES"
 class BlkClient:
     """Requests on one queue of a vhost-user-blk back-end set up by `fe`."""
 
-    def __init__(self, fe: Frontend, queue: int = 0, arena: int = 8 << 20) -> None:
+    def __init__(self, fe: Frontend, queue: int = 0, arena: int = 8 << 20,
+                 align: int = 64) -> None:
+        """`align`: where each buffer starts (64: any; 4096: what O_DIRECT takes)."""
         self.fe = fe
         self.queue = queue
         self.ring = fe.queues[queue].ring
@@ -29,9 +31,10 @@ class BlkClient:
         self.arena_size = arena
         self._used = 0
         self.inflight: dict[int, tuple[int, int, int]] = {}  # head -> (status gpa, data gpa, len)
+        self.align = align
 
     def _alloc(self, n: int) -> int:
-        n = (n + 63) // 64 * 64
+        n = -(-n // self.align) * self.align
         if self._used + n > self.arena_size:
             raise MemoryError("request arena exhausted: wait for completions first")
         gpa = self.arena + self._used

@@ -64,20 +64,40 @@ class Frontend:
              ack: bool | None = None) -> Message | None:
         """Send a request; return its reply (or None). With REPLY_ACK negotiated every
         request asks for an ack, and a NACK raises BackendError."""
+        reply, rfds = self.call_with_fds(code, payload, fds, ack)
+        for fd in rfds:
+            os.close(fd)
+        return reply
+
+    def call_with_fds(self, code: int, payload: p.Payload | None = None,
+                      fds: tuple[int, ...] = (), ack: bool | None = None
+                      ) -> tuple[Message | None, list[int]]:
+        """`call`, and the fds that came with the reply (the caller's to close)."""
         if ack is None:
             ack = bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
         msg = request(code, payload, need_reply=ack)
         self.sock.send(msg, fds)
         if not expects_reply(Channel.FRONTEND, msg, self.protocol_features):
-            return None
+            return None, []
         header, body, rfds = self.sock.recv_raw()
-        reply = decode_reply(Channel.FRONTEND, code, header, body, len(rfds))
-        for fd in rfds:
-            os.close(fd)
-        is_ack = not has_own_reply(Channel.FRONTEND, msg, self.protocol_features)
-        if is_ack and isinstance(reply.payload, p.U64) and reply.payload.value != 0:
-            raise BackendError(f"{F(code).name} NACKed ({reply.payload.value})")
-        return reply
+        try:
+            reply = decode_reply(Channel.FRONTEND, code, header, body, len(rfds))
+            is_ack = not has_own_reply(Channel.FRONTEND, msg, self.protocol_features)
+            if is_ack and isinstance(reply.payload, p.U64) and reply.payload.value != 0:
+                raise BackendError(f"{F(code).name} NACKed ({reply.payload.value})")
+        except BaseException:
+            for fd in rfds:
+                os.close(fd)
+            raise
+        return reply, rfds
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[p.Inflight, int | None]:
+        """GET_INFLIGHT_FD: the area's description and its fd (None if the back-end
+        declined: mmap_size 0)."""
+        reply, fds = self.call_with_fds(F.GET_INFLIGHT_FD,
+                                        p.Inflight(0, 0, num_queues, queue_size), ack=False)
+        assert reply is not None and isinstance(reply.payload, p.Inflight)
+        return reply.payload, (fds[0] if fds else None)
 
     def get_u64(self, code: int) -> int:
         reply = self.call(code, ack=False)

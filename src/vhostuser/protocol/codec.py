@@ -7,7 +7,7 @@ exactly `header.size` more bytes and calls `decode_request` or `decode_reply`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
@@ -97,7 +97,7 @@ FRONTEND_SPECS: dict[int, Spec] = {
     F.POSTCOPY_ADVISE: Spec(p.Empty, p.Empty, reply_fds=Fds.ONE, when=Reply.ALWAYS),
     F.POSTCOPY_LISTEN: Spec(p.Empty),
     F.POSTCOPY_END: Spec(p.Empty, p.U64, when=Reply.ALWAYS),
-    F.GET_INFLIGHT_FD: Spec(p.Inflight, p.Inflight, reply_fds=Fds.ONE, when=Reply.ALWAYS),
+    F.GET_INFLIGHT_FD: Spec(p.Inflight, p.Inflight, reply_fds=Fds.OPTIONAL, when=Reply.ALWAYS),
     F.SET_INFLIGHT_FD: Spec(p.Inflight, fds=Fds.ONE),
     F.GPU_SET_SOCKET: Spec(p.Empty, fds=Fds.ONE),
     F.RESET_DEVICE: Spec(p.Empty),
@@ -165,6 +165,7 @@ class Message:
     request: int
     payload: p.Payload
     flags: int = VERSION
+    fds: tuple[int, ...] = field(default=(), compare=False)  # sent with it (the sender's)
 
     @property
     def is_reply(self) -> bool:
@@ -286,8 +287,8 @@ def encode_raw(header: Header, body: bytes) -> bytes:
     return _HEADER.pack(header.request, header.flags, header.size) + body
 
 
-def reply_to(request: Message, payload: p.Payload) -> Message:
-    return Message(request.request, payload, VERSION | HeaderFlag.REPLY)
+def reply_to(request: Message, payload: p.Payload, fds: tuple[int, ...] = ()) -> Message:
+    return Message(request.request, payload, VERSION | HeaderFlag.REPLY, fds)
 
 
 def request(code: int, payload: p.Payload | None = None, need_reply: bool = False) -> Message:

@@ -7,6 +7,7 @@ work `sockets.FramedSocket`.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -77,12 +78,13 @@ class UnixChannel:
         return frame.header, frame.body, frame.fds
 
     def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Send `msg`, waiting (within the message timeout) until the peer has taken it."""
-        self.stream.send_waiting(encode(msg), fds, self.stop)
+        """Send `msg` (with `fds`, or else the message's own), waiting (within the message
+        timeout) until the peer has taken it."""
+        self.stream.send_waiting(encode(msg), fds or msg.fds, self.stop)
 
     def send_nowait(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send `msg` as far as the socket takes it; the rest waits for `flush`."""
-        self.stream.send(encode(msg), fds)
+        self.stream.send(encode(msg), fds or msg.fds)
 
     def send_bytes(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """An already encoded (or deliberately broken) message, waiting as `send` does."""
@@ -114,9 +116,30 @@ class UnixResources:
     """Resources for the engine when they arrive as fds."""
 
     max_mem_slots = 509
+    shared_areas = True
 
     def map_region(self, desc: MemRegion, res: int) -> mmap.mmap:
         return mmap_region(desc, res)
+
+    def new_area(self, size: int) -> tuple[int, mmap.mmap]:
+        """A zeroed memfd of `size` bytes, sealed against resizing, and its mapping."""
+        try:
+            fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            raise MemoryTableError(f"cannot create a shared area: {e}") from e
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(fd)
+            raise MemoryTableError(f"cannot create a shared area of {size} bytes: {e}") from e
+
+    def map_area(self, res: int, size: int, offset: int) -> memoryview:
+        """The `size` bytes at `offset` of the front-end's file `res` (checked as a memory
+        region's are: a file too short for them is refused)."""
+        mapping = mmap_region(MemRegion(0, size, 0, offset), res)
+        return memoryview(mapping)[len(mapping) - size :]
 
     def check_kick(self, res: int) -> None:
         _require_eventfd(res, "kick")

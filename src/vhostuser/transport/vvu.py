@@ -460,6 +460,7 @@ class VvuResources:
     """What the engine asks of a transport, answered by the virtio-vhost-user device."""
 
     max_mem_slots = 8
+    shared_areas = False  # no in-flight area crosses the device (yet)
 
     def __init__(self, link: VvuLink, poll: bool = False, kick_fds: bool = True) -> None:
         """`kick_fds`: take the consumer's own kick eventfds where the device hands them
@@ -471,6 +472,12 @@ class VvuResources:
 
     def map_region(self, desc: MemRegion, res: Token) -> memoryview:
         return self.link.window_view(desc)
+
+    def new_area(self, size: int) -> tuple[Token, memoryview]:
+        raise MemoryTableError("no shared area crosses the virtio-vhost-user device")
+
+    def map_area(self, res: Token, size: int, offset: int) -> memoryview:
+        raise MemoryTableError("no shared area crosses the virtio-vhost-user device")
 
     def check_kick(self, res: Token) -> None:
         pass  # the device took the consumer's kick fd; the token stands for it

@@ -1,0 +1,230 @@
+"""vhost-user-blk's in-flight area (INFLIGHT_SHMFD) over a real socket, with the Python
+front-end playing QEMU: the area GET_INFLIGHT_FD hands out, requests a dead back-end left
+in flight served again by the next one (and a completed one not), malformed
+GET/SET_INFLIGHT_FD refused with the daemon serving on, nothing written outside the area.
+
+The area a dead back-end leaves is written here by hand, with the spec's layout (QEMU
+docs/interop/vhost-user.rst, "Inflight I/O tracking"); the QEMU kill storms in
+test_blk_kill.py prove the same against QEMU with real deaths."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from daemon import BLK_FEATURES, Daemon
+
+from vhostuser.frontend.blk import BlkClient
+from vhostuser.frontend.client import BackendError, Frontend, QueueState
+from vhostuser.frontend.ring import DriverRing
+from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
+from vhostuser.protocol import payloads as p
+
+F = FrontendReq
+QSIZE = 128
+REGION = 2112  # 16-byte header + 128 16-byte entries = 2064, padded to 64
+SPEC_HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
+SPEC_DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
+USED_ELEM = struct.Struct("<II")
+OK = 0
+
+
+def session(sock: str) -> Frontend:
+    fe = Frontend(sock)
+    fe.negotiate(BLK_FEATURES)
+    assert fe.protocol_features & ProtocolFeature.INFLIGHT_SHMFD
+    fe.set_mem_table()
+    return fe
+
+
+def memfd(size: int, fill: int = 0) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("area", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED)
+    if fill:
+        m[:] = bytes([fill]) * size
+    return fd, m
+
+
+def set_inflight(fe: Frontend, fd: int, size: int = REGION, offset: int = 0,
+                 queues: int = 1, qsize: int = QSIZE) -> None:
+    fe.call(F.SET_INFLIGHT_FD, p.Inflight(size, offset, queues, qsize), fds=(fd,))
+
+
+def test_get_inflight_fd_hands_out_a_zeroed_sealed_area_the_queue_keeps(
+        blk_daemon: Callable[..., Daemon]) -> None:
+    d = blk_daemon()
+    with session(d.sock) as fe:
+        desc, fd = fe.get_inflight_fd(1, QSIZE)
+        assert fd is not None
+        try:
+            assert (desc.mmap_size, desc.mmap_offset) == (REGION, 0)
+            assert os.fstat(fd).st_size >= REGION
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            assert seals & fcntl.F_SEAL_SHRINK
+            area = mmap.mmap(fd, REGION, mmap.MAP_SHARED)
+            assert area[:] == bytes(REGION)
+            set_inflight(fe, fd)
+            fe.setup_queue(0, QSIZE)
+            blk = BlkClient(fe, 0, arena=1 << 20)
+            heads = [blk.submit(1, 8 * i, out=bytes([i]) * 4096) for i in range(5)]
+            got = blk.complete(5)
+            assert sorted(got) == sorted(heads)
+            assert all(status == OK for status, _, _ in got.values())
+            _, version, num, _, used = SPEC_HEADER.unpack_from(area, 0)
+            assert (version, num, used) == (1, QSIZE, 5)
+            flags = [SPEC_DESC.unpack_from(area, 16 + 16 * i)[0] for i in range(QSIZE)]
+            assert flags == [0] * QSIZE
+            area.close()
+        finally:
+            os.close(fd)
+
+
+SECTORS = [64, 128, 192]  # the three writes' sectors
+
+
+def _take_over(sock: str) -> tuple[list[int], list[int]]:
+    """Three writes were made available; the dead back-end took all three, completed the
+    second (used idx 1) and died with the others in flight, the third taken before the
+    first. Start the back-end at `sock` on that ring and area at used idx 1, as QEMU
+    does, and let it serve. Returns the heads of the three writes and the used ring.
+    (No C back-end here takes an area: qemu-storage-daemon 7.2 and 11.1 do not offer
+    INFLIGHT_SHMFD.)"""
+    with session(sock) as fe:
+        ring = DriverRing(fe.ram, QSIZE, bool(fe.features & VirtioFeature.RING_EVENT_IDX))
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fe.queues[0] = QueueState(ring, kick, call)
+        blk = BlkClient(fe, 0, arena=1 << 20)
+        heads = [blk.submit(1, s, out=x, kick=False) for s, x in zip(SECTORS, DATA, strict=True)]
+        # the dead back-end's completion of the second: its used element and status
+        fe.ram.at(blk.inflight[heads[1]][0], 1)[0] = OK
+        USED_ELEM.pack_into(ring.used, 4, heads[1], 1)
+        ring.used16.store(1, 1)
+        area_fd, area = memfd(REGION)
+        SPEC_HEADER.pack_into(area, 0, 0, 1, QSIZE, heads[1], 1)
+        SPEC_DESC.pack_into(area, 16 + 16 * heads[0], 1, 0, 9)
+        SPEC_DESC.pack_into(area, 16 + 16 * heads[2], 1, 0, 7)  # taken before the first
+        set_inflight(fe, area_fd)
+        os.close(area_fd)
+        lay = ring.layout()
+        fe.call(F.SET_VRING_NUM, p.VringState(0, QSIZE))
+        fe.call(F.SET_VRING_BASE, p.VringState(0, 1))
+        fe.call(F.SET_VRING_ADDR, p.VringAddr(0, 0, lay.desc, lay.used, lay.avail, 0))
+        fe.call(F.SET_VRING_KICK, p.VringFile.make(0), fds=(kick,))
+        fe.call(F.SET_VRING_CALL, p.VringFile.make(0), fds=(call,))
+        fe.call(F.SET_VRING_ENABLE, p.VringState(0, 1))
+        done = [h for h, _ in fe.wait_used(0, 3)]
+        assert all(fe.ram.at(blk.inflight[h][0], 1)[0] == OK for h in heads)
+        # and new requests go on from there
+        after = blk.submit(1, 256, out=b"\x55" * 512)
+        assert [h for h, _ in fe.wait_used(0, 1)] == [after]
+        assert area[16 + 16 * heads[0]] == area[16 + 16 * heads[2]] == 0
+        area.close()
+    return heads, done
+
+
+def _check_disk(image: Path) -> None:
+    disk = image.read_bytes()
+    assert disk[64 * 512 : 64 * 512 + 4096] == DATA[0]
+    assert disk[192 * 512 : 192 * 512 + 4096] == DATA[2]
+    # the one completed before the death is not written again: the image keeps its pattern
+    assert disk[128 * 512 : 128 * 512 + 4] == (128).to_bytes(4, "little")
+    assert disk[256 * 512 : 256 * 512 + 512] == b"\x55" * 512
+
+
+DATA = [bytes([0xA0 + i]) * 4096 for i in range(3)]
+
+
+def test_requests_a_dead_back_end_left_in_flight_are_served_again(
+        blk_daemon: Callable[..., Daemon], image: Path) -> None:
+    """The first and third writes are served again, in the order they were taken, the
+    second not."""
+    d = blk_daemon()
+    heads, done = _take_over(d.sock)
+    assert done == [heads[1], heads[2], heads[0]]
+    d.wait_log("queue 0: 2 request(s) left in flight by the last back-end: served again")
+    _check_disk(image)
+
+
+def test_nothing_is_written_outside_the_area(blk_daemon: Callable[..., Daemon]) -> None:
+    """The area at an offset inside a bigger file, guard bytes on both sides."""
+    d = blk_daemon()
+    page = mmap.PAGESIZE
+    size = 3 * page
+    fd, whole = memfd(size, fill=0xAA)
+    whole[page : page + REGION] = bytes(REGION)
+    with session(d.sock) as fe:
+        set_inflight(fe, fd, offset=page)
+        fe.setup_queue(0, QSIZE)
+        blk = BlkClient(fe, 0, arena=1 << 20)
+        for i in range(3):
+            blk.submit(1, 8 * i, out=bytes(4096))
+        blk.complete(3)
+        assert blk.read(0, 512) == (OK, bytes(512))
+    os.close(fd)
+    assert whole[:page] == b"\xaa" * page
+    assert whole[page + REGION :] == b"\xaa" * (size - page - REGION)
+    assert SPEC_HEADER.unpack_from(whole, page)[1:3] == (1, QSIZE)
+    whole.close()
+
+
+@pytest.mark.parametrize("queues, qsize", [(0, QSIZE), (2, QSIZE), (1, 100), (1, 0),
+                                           (1, 32768)])
+def test_get_inflight_fd_for_a_shape_the_device_cannot_have_is_declined(
+        blk_daemon: Callable[..., Daemon], queues: int, qsize: int) -> None:
+    d = blk_daemon()
+    with session(d.sock) as fe:
+        desc, fd = fe.get_inflight_fd(queues, qsize)
+        assert fd is None and desc.mmap_size == 0
+        fe.setup_queue(0, QSIZE)
+        assert BlkClient(fe, 0).read(0, 512)[0] == OK  # and it serves on
+    assert "GET_INFLIGHT_FD refused: in-flight area for" in d.log()
+
+
+def _pipe() -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+@pytest.mark.parametrize("what, says", [
+    ("too small", "in-flight area of 2111 bytes: 1 queues of 128 need 2112"),
+    ("a pipe", "cannot map region"),
+    ("a short file", "runs past the end of its file"),
+    ("offset wraps", "runs past the end of its file"),
+    ("no fd", "SET_INFLIGHT_FD carries 0 fds, expected 1"),
+    ("more queues", "in-flight area for 2 queues: the device has 1"),
+    ("odd size", "in-flight area for queues of 96: not a power of 2"),
+])
+def test_a_malformed_set_inflight_fd_is_refused(blk_daemon: Callable[..., Daemon],
+                                                what: str, says: str) -> None:
+    d = blk_daemon()
+    with session(d.sock) as fe:
+        fd, m = memfd(REGION)
+        m.close()
+        with pytest.raises(BackendError, match="SET_INFLIGHT_FD NACKed"):
+            if what == "too small":
+                set_inflight(fe, fd, size=REGION - 1)
+            elif what == "a pipe":
+                set_inflight(fe, (pfd := _pipe()))
+                os.close(pfd)
+            elif what == "a short file":
+                set_inflight(fe, fd, offset=mmap.PAGESIZE)
+            elif what == "offset wraps":
+                set_inflight(fe, fd, offset=(1 << 64) - mmap.PAGESIZE)
+            elif what == "no fd":
+                fe.call(F.SET_INFLIGHT_FD, p.Inflight(REGION, 0, 1, QSIZE))
+            elif what == "more queues":
+                set_inflight(fe, fd, size=2 * REGION, queues=2)
+            elif what == "odd size":
+                set_inflight(fe, fd, qsize=96)
+        os.close(fd)
+        fe.setup_queue(0, QSIZE)  # no area: untracked, and it serves on
+        assert BlkClient(fe, 0).read(0, 512)[0] == OK
+    assert says in d.log()
