@@ -29,13 +29,16 @@ from ..protocol import (
 )
 from ..protocol import payloads as p
 from ..protocol.constants import (
+    LOG_ALL,
     VRING_F_LOG,
     BackendReq,
     FrontendReq,
     ProtocolFeature,
     VirtioFeature,
 )
+from ..virtq import dirtylog
 from ..virtq.atomic import U16Array
+from ..virtq.dirtylog import DirtyLog, log_bytes_for
 from ..virtq.inflight import MAX_QUEUE_SIZE, area_bytes, queue_region_bytes
 from ..virtq.split import RingLayout
 from .device import Carried, ConfigError, Device
@@ -75,6 +78,8 @@ _GATES = {
     FrontendReq.NET_SET_MTU: ProtocolFeature.MTU,
     FrontendReq.SEND_RARP: ProtocolFeature.RARP,
     FrontendReq.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
+    FrontendReq.SET_LOG_BASE: ProtocolFeature.LOG_SHMFD,
+    FrontendReq.SET_LOG_FD: ProtocolFeature.LOG_SHMFD,
     FrontendReq.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
     FrontendReq.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
 }
@@ -162,15 +167,19 @@ class InflightArea:
 class Backend:
     def __init__(self, device: Device, resources: Resources,
                  poll_us: int = DEFAULT_SPIN_US, runner: Runner = start_worker,
-                 track_inflight: bool = True) -> None:
-        """`track_inflight`: offer INFLIGHT_SHMFD (where the transport shares areas); a
-        runner that does not take `QueueSpec.inflight` up must say False."""
+                 track_inflight: bool = True, log_dirty: bool = True) -> None:
+        """`track_inflight`: offer INFLIGHT_SHMFD, `log_dirty`: LOG_SHMFD and
+        VHOST_F_LOG_ALL (live migration), where the transport shares areas; a runner that
+        does not take `QueueSpec.inflight` or `.log` up must say False."""
         self.device = device
         self.res = resources
         self.poll_us = poll_us
         self.runner = runner  # how a started queue is served: a worker process by default
         self.track_inflight = track_inflight and resources.shared_areas
         self.inflight: InflightArea | None = None
+        self.log_dirty = log_dirty and resources.shared_areas and dirtylog.available()
+        self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE's
+        self.log_signal: Notifier | None = None  # SET_LOG_FD's
         self.mem = GuestMemory(resources.max_mem_slots)
         self._region_refs: Counter[tuple[int, int, int]] = Counter()  # ADD_MEM_REG repeats
         self.owner = False
@@ -212,6 +221,8 @@ class Backend:
             H.NET_SET_MTU: self._net_set_mtu,
             H.SEND_RARP: self._send_rarp,
             H.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            H.SET_LOG_BASE: self._set_log_base,
+            H.SET_LOG_FD: self._set_log_fd,
             H.GET_INFLIGHT_FD: self._get_inflight_fd,
             H.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
@@ -219,11 +230,14 @@ class Backend:
     # -- dispatch --------------------------------------------------------------------------
 
     def offered_features(self) -> int:
-        return int(self.device.features()) | TRANSPORT_FEATURES
+        logging = LOG_ALL if self.log_dirty else 0
+        return int(self.device.features()) | TRANSPORT_FEATURES | logging
 
     def offered_protocol_features(self) -> int:
         tracking = ProtocolFeature.INFLIGHT_SHMFD if self.track_inflight else 0
-        return ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features) | tracking
+        logging = ProtocolFeature.LOG_SHMFD if self.log_dirty else 0
+        return (ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features) | tracking
+                | logging)
 
     def receive(self, header: Header, body: bytes, fds: list[Resource]) -> Message | None:
         """Decode and serve one request whose framing (header) was valid. Raises
@@ -317,6 +331,8 @@ class Backend:
             raise RequestError(f"features {extra:#x} were not offered")
         if pl.value == self.features:
             return  # repeated once per queue pair by QEMU
+        if (pl.value ^ self.features) & LOG_ALL:
+            log.info("dirty logging %s", "on" if pl.value & LOG_ALL else "off")
         self.features = pl.value
         self.device.set_features(pl.value)
         if not pl.value & VirtioFeature.PROTOCOL_FEATURES:
@@ -339,6 +355,7 @@ class Backend:
     def _reset_device(self, _pl: p.Empty, _fds: list[Resource]) -> None:
         self._reset_rings()
         self._drop_inflight()
+        self._drop_log()  # QEMU starts rings again before it sends a log
         self._drop_carried()
         self.features = 0
         self.status = 0
@@ -363,6 +380,52 @@ class Backend:
 
     def _set_status(self, pl: p.U64, _fds: list[Resource]) -> None:
         self.status = pl.value & 0xFF
+
+    # -- dirty logging (live migration) ---------------------------------------------------------
+
+    def _set_log_base(self, pl: p.LogBase, fds: list[Resource]) -> p.U64:
+        if pl.mmap_size == 0:
+            raise RequestError("a log of 0 bytes")
+        self._check_log_size(pl.mmap_size)
+        mapping = self.res.map_area(fds[0], pl.mmap_size, pl.mmap_offset)  # fd: handle()'s
+        dirty = DirtyLog(mapping, pl.mmap_size)
+        dirty.signal = self.log_signal
+        self._stop_all()  # the workers take the new log up as they start again
+        self._drop_log()
+        self.dirty_log = dirty
+        self._start_all()
+        log.info("dirty log of %d bytes (live migration)", pl.mmap_size)
+        return p.U64(0)
+
+    def _check_log_size(self, size: int) -> None:
+        end = max((r.desc.guest_addr + r.desc.size for r in self.mem.regions), default=0)
+        if size < log_bytes_for(end):
+            raise RequestError(f"a log of {size} bytes covers guest memory below "
+                               f"{size * 8 << 12:#x}; the memory table reaches {end:#x} "
+                               f"({log_bytes_for(end)} bytes needed)")
+
+    def _set_log_fd(self, _pl: p.Empty, fds: list[Resource]) -> None:
+        signal = self.res.notifier(fds.pop())
+        running = bool(self.running)
+        self._stop_all()  # the workers have the old one
+        if self.log_signal is not None:
+            self.log_signal.close()
+        self.log_signal = signal
+        if self.dirty_log is not None:
+            self.dirty_log.signal = signal
+        if running:
+            self._start_all()
+
+    def _logging(self) -> DirtyLog | None:
+        """The log writes go to, while the front-end has logging on."""
+        return self.dirty_log if self.features & LOG_ALL else None
+
+    def _drop_log(self) -> None:
+        dirty, self.dirty_log = self.dirty_log, None
+        if dirty is not None:
+            dirty.release()
+            if isinstance(dirty.mapping, memoryview):
+                dirty.mapping.release()
 
     # -- in-flight tracking ------------------------------------------------------------------
 
@@ -486,8 +549,10 @@ class Backend:
 
     def _set_vring_addr(self, pl: p.VringAddr, _fds: list[Resource]) -> None:
         v = self._vring(pl.index)
-        if pl.flags & VRING_F_LOG:
-            raise RequestError("dirty logging (VHOST_VRING_F_LOG) is not supported")
+        if pl.flags & ~VRING_F_LOG:
+            raise RequestError(f"vring address flags {pl.flags:#x}: only LOG is known")
+        if pl.flags & VRING_F_LOG and not self.log_dirty:
+            raise RequestError("dirty logging (VHOST_VRING_F_LOG) was not offered")
         self._change(v, addr=pl)
 
     def _set_vring_base(self, pl: p.VringState, _fds: list[Resource]) -> None:
@@ -600,13 +665,17 @@ class Backend:
             return
         event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
         indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
+        dirty = self._logging()
         specs = []
         for r in ready:
             assert r.addr is not None
             layout = RingLayout(r.size, r.addr.desc, r.addr.avail, r.addr.used)
-            params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us)
+            log_used = r.addr.log if dirty is not None and r.addr.flags & VRING_F_LOG else None
+            params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us,
+                                 log_used)
             area = self.inflight.region(r) if self.inflight is not None else None
-            specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err, area))
+            specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err, area,
+                                   dirty))
         carried = self.carried.pop(g, None)
         if carried is not None:  # the group's new worker keeps these
             parent_only_fds.difference_update(carried.fds)
@@ -655,6 +724,13 @@ class Backend:
             self._stop_group(g)
 
     def _start_all(self) -> None:
+        dirty = self._logging()
+        if dirty is not None:
+            try:
+                self._check_log_size(len(dirty.bits))
+            except RequestError as e:
+                log.error("the memory table outgrew the dirty log: %s; pages beyond it "
+                          "are not logged", e)
         for members in self.groups:
             self._maybe_start(self.vrings[members[0]])
 
@@ -693,6 +769,10 @@ class Backend:
             self.backend_req = None
         self._drop_carried()
         self._drop_inflight()
+        self._drop_log()
+        if self.log_signal is not None:
+            self.log_signal.close()
+            self.log_signal = None
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self.device.reset()

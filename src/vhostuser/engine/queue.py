@@ -154,8 +154,8 @@ class DeviceQueue:
         from ..virtq.burst import pop_direct
 
         n = min(n, self.available(), self._room())
-        if n <= 0 or self._resubmit:
-            return None
+        if n <= 0 or self._resubmit or self.ring.log is not None:
+            return None  # while writes are logged, chains know where their buffers are
         burst = pop_direct(self.ring, n, flags)
         if burst is not None:
             self.popped += len(burst.heads)
@@ -234,8 +234,15 @@ class DeviceQueue:
             tracker.link(heads)
         self.ring.push_batch(self._chains, self._lens)
         self.completed += len(self._chains)
+        log = self.ring.log
+        if log is not None:  # live migration: the chains' buffers are dirty
+            for c in self._chains:
+                if c.writable_at:
+                    log.mark_all(c.writable_at)
         self._chains, self._lens = [], []
         wanted = self.ring.publish()
+        if log is not None:
+            log.logged()
         if tracker is not None:
             tracker.settle(heads, self.ring.used_idx)
         if wanted:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..memory import Buffer, GuestMemory
+from ..virtq.dirtylog import DirtyLog
 from ..virtq.inflight import SplitInflight, queue_region_bytes
 from ..virtq.split import RingError, RingLayout, SplitQueue
 from .device import Carried, Device, QueueService
@@ -84,6 +85,7 @@ class QueueParams:
     event_idx: bool
     indirect: bool
     spin_us: int = DEFAULT_SPIN_US
+    log_used: int | None = None  # the used ring's guest-physical address, to log its writes
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class QueueSpec:
     call: Notifier
     err: Notifier
     inflight: tuple[Buffer, int] | None = None
+    log: DirtyLog | None = None  # writes are logged there (live migration)
 
 
 # index -> (last avail index, or None if unknown; broken)
@@ -365,7 +368,7 @@ class _Group:
             i = s.params.index
             try:
                 ring = SplitQueue(mem, s.params.layout, s.params.last_avail, s.params.event_idx,
-                                  s.params.indirect)
+                                  s.params.indirect, s.log, s.params.log_used)
             except RingError as e:
                 log.error("%s queue %d: cannot start: %s", self.name, i, e)
                 self.broken.add(i)

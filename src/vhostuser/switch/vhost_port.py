@@ -152,7 +152,7 @@ class VhostPort(Port):
         parent_only_fds.add(sock.fileno())
         self.conn = UnixChannel(sock, message_timeout=self.message_timeout)
         self.backend = Backend(self.device, UnixResources(), runner=self._run_queues,
-                               track_inflight=False)
+                               track_inflight=False, log_dirty=False)
         log.info("%s: front-end connected", self.name)
         self.changed()
 
@@ -218,7 +218,8 @@ class VhostPort(Port):
             if self.backend is None and link.in_session(fresh=bool(messages)):
                 log.info("%s: consumer connected through virtio-vhost-user", self.name)
                 self.backend = Backend(self.device, VvuResources(link, self.poll),
-                                       runner=self._run_queues, track_inflight=False)
+                                       runner=self._run_queues, track_inflight=False,
+                                       log_dirty=False)
                 self.changed()
                 messages += link.take_messages()
             backend = self.backend

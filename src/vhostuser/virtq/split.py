@@ -18,6 +18,7 @@ from .atomic import U16Array, full_barrier
 
 if TYPE_CHECKING:
     from .burst import BurstArrays
+    from .dirtylog import DirtyLog
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -53,14 +54,17 @@ class RingLayout:
 
 
 class Chain:
-    """One available descriptor chain: its head and its guest buffers, in order."""
+    """One available descriptor chain: its head and its guest buffers, in order; while
+    writes are logged (live migration), where its writable buffers are (gpa, length)."""
 
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "writable", "writable_at")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 writable_at: list[tuple[int, int]] | None = None) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
+        self.writable_at = writable_at
 
     def readable_len(self) -> int:
         return sum(len(v) for v in self.readable)
@@ -83,7 +87,11 @@ class SplitQueue:
     """Device-side state of one split virtqueue over mapped guest memory."""
 
     def __init__(self, mem: GuestMemory, layout: RingLayout, last_avail: int,
-                 event_idx: bool, indirect: bool = True) -> None:
+                 event_idx: bool, indirect: bool = True, log: DirtyLog | None = None,
+                 log_used: int | None = None) -> None:
+        """`log`: writes are logged there (live migration): the buffers of every chain
+        returned, and the used ring at guest-physical `log_used` if given (the ring's
+        VHOST_VRING_F_LOG)."""
         check_layout(layout)
         try:
             self.desc = mem.uva(layout.desc, layout.desc_bytes())
@@ -108,6 +116,8 @@ class SplitQueue:
         self._regions = tuple((r.desc.guest_addr, r.gpa_end, r.view) for r in mem.regions)
         self._hit = self._regions[0] if self._regions else (0, 0, memoryview(b""))
         self._burst: BurstArrays | None = None  # numpy views for burst.py, made on demand
+        self.log = log
+        self.log_used = log_used
 
     def burst_arrays(self) -> BurstArrays:
         if self._burst is None:
@@ -164,6 +174,7 @@ class SplitQueue:
         lo, hi, view = self._hit
         seen = 0
         indirect = False
+        at: list[tuple[int, int]] | None = [] if self.log is not None else None
         i = head
         while True:
             if i >= table_len:
@@ -186,6 +197,8 @@ class SplitQueue:
                     lo, hi, view = self._hit
                 if flags & DESC_F_WRITE:
                     writable += bufs
+                    if at is not None:
+                        at.append((addr, length))
                 elif writable:
                     raise RingError(f"chain {head}: readable descriptor after a writable one")
                 else:
@@ -193,7 +206,7 @@ class SplitQueue:
             elif writable and not flags & DESC_F_WRITE:
                 raise RingError(f"chain {head}: readable descriptor after a writable one")
             if not flags & DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, readable, writable, at)
             i = nxt
 
     def _indirect_table(self, head: int, addr: int, length: int, flags: int,
@@ -248,10 +261,17 @@ class SplitQueue:
             struct.pack_into(f"<{2 * rest}I", used, 4, *flat[2 * first :])
         self.used_idx = (self.used_idx + len(chains)) & 0xFFFF
 
+    def log_used_ring(self) -> None:
+        """While writes are logged: the used ring was written."""
+        if self.log is not None and self.log_used is not None:
+            self.log.mark(self.log_used, 6 + 8 * self.size)
+
     def publish(self) -> bool:
         """Make pushed elements visible (x86 keeps stores in order, so the elements are
         visible before the index) and say whether the driver wants a notification."""
         self.used16.store(1, self.used_idx)
+        if self.log is not None:
+            self.log_used_ring()
         full_barrier()
         new = self.used_idx
         if self.event_idx:
@@ -265,6 +285,8 @@ class SplitQueue:
     def disable_kicks(self) -> None:
         if not self.event_idx:
             self.used16.store(0, USED_F_NO_NOTIFY)
+            if self.log is not None:
+                self.log_used_ring()
 
     def enable_kicks(self) -> bool:
         """Ask for kicks again; True if more chains arrived meanwhile (process them)."""
@@ -272,6 +294,8 @@ class SplitQueue:
             self.used16.store(self._avail_event_i, self.last_avail)
         else:
             self.used16.store(0, 0)
+        if self.log is not None:
+            self.log_used_ring()
         full_barrier()
         return self.available() > 0
 
