@@ -34,6 +34,7 @@ MODULE_MARKERS = {
     "test_dirty_log": ["daemon"],
     "test_dirtylog": ["unit"],
     "test_qemu_migrate": ["guest"],
+    "test_qemu_net_migrate": ["guest"],
     "test_sysfs_lock": ["unit"],
     "test_vfio_user_protocol": ["unit"],
     "test_vvu_pci": ["unit"],

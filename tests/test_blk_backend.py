@@ -344,7 +344,7 @@ def test_direct_io_with_and_without_io_threads(blk_daemon: Callable[..., Daemon]
         fe.set_mem_table()
         _, area = fe.get_inflight_fd(1, 128)
         assert area is not None
-        fe.call(FrontendReq.SET_INFLIGHT_FD, p.Inflight(2112, 0, 1, 128), fds=(area,))
+        fe.call(FrontendReq.SET_INFLIGHT_FD, p.Inflight(2176, 0, 1, 128), fds=(area,))
         os.close(area)
         fe.setup_queue(0, 128)
         blk = BlkClient(fe, 0, arena=4 << 20, align=align)

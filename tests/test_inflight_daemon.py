@@ -28,6 +28,7 @@ from vhostuser.protocol import payloads as p
 F = FrontendReq
 QSIZE = 128
 REGION = 2112  # 16-byte header + 128 16-byte entries = 2064, padded to 64
+AREA = REGION + 64  # then 64 bytes of the device's own (ours: the front-end keeps them)
 SPEC_HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 SPEC_DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
 USED_ELEM = struct.Struct("<II")
@@ -51,7 +52,7 @@ def memfd(size: int, fill: int = 0) -> tuple[int, mmap.mmap]:
     return fd, m
 
 
-def set_inflight(fe: Frontend, fd: int, size: int = REGION, offset: int = 0,
+def set_inflight(fe: Frontend, fd: int, size: int = AREA, offset: int = 0,
                  queues: int = 1, qsize: int = QSIZE) -> None:
     fe.call(F.SET_INFLIGHT_FD, p.Inflight(size, offset, queues, qsize), fds=(fd,))
 
@@ -63,8 +64,8 @@ def test_get_inflight_fd_hands_out_a_zeroed_sealed_area_the_queue_keeps(
         desc, fd = fe.get_inflight_fd(1, QSIZE)
         assert fd is not None
         try:
-            assert (desc.mmap_size, desc.mmap_offset) == (REGION, 0)
-            assert os.fstat(fd).st_size >= REGION
+            assert (desc.mmap_size, desc.mmap_offset) == (AREA, 0)
+            assert os.fstat(fd).st_size >= AREA
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             assert seals & fcntl.F_SEAL_SHRINK
             area = mmap.mmap(fd, REGION, mmap.MAP_SHARED)
@@ -106,7 +107,7 @@ def _take_over(sock: str) -> tuple[list[int], list[int]]:
         fe.ram.at(blk.inflight[heads[1]][0], 1)[0] = OK
         USED_ELEM.pack_into(ring.used, 4, heads[1], 1)
         ring.used16.store(1, 1)
-        area_fd, area = memfd(REGION)
+        area_fd, area = memfd(AREA)
         SPEC_HEADER.pack_into(area, 0, 0, 1, QSIZE, heads[1], 1)
         SPEC_DESC.pack_into(area, 16 + 16 * heads[0], 1, 0, 9)
         SPEC_DESC.pack_into(area, 16 + 16 * heads[2], 1, 0, 7)  # taken before the first
@@ -158,7 +159,7 @@ def test_nothing_is_written_outside_the_area(blk_daemon: Callable[..., Daemon]) 
     page = mmap.PAGESIZE
     size = 3 * page
     fd, whole = memfd(size, fill=0xAA)
-    whole[page : page + REGION] = bytes(REGION)
+    whole[page : page + AREA] = bytes(AREA)
     with session(d.sock) as fe:
         set_inflight(fe, fd, offset=page)
         fe.setup_queue(0, QSIZE)
@@ -169,7 +170,7 @@ def test_nothing_is_written_outside_the_area(blk_daemon: Callable[..., Daemon]) 
         assert blk.read(0, 512) == (OK, bytes(512))
     os.close(fd)
     assert whole[:page] == b"\xaa" * page
-    assert whole[page + REGION :] == b"\xaa" * (size - page - REGION)
+    assert whole[page + AREA :] == b"\xaa" * (size - page - AREA)
     assert SPEC_HEADER.unpack_from(whole, page)[1:3] == (1, QSIZE)
     whole.close()
 
@@ -194,7 +195,7 @@ def _pipe() -> int:
 
 
 @pytest.mark.parametrize("what, says", [
-    ("too small", "in-flight area of 2111 bytes: 1 queues of 128 need 2112"),
+    ("too small", "in-flight area of 2175 bytes: 1 queues of 128 need 2176"),
     ("a pipe", "cannot map region"),
     ("a short file", "runs past the end of its file"),
     ("offset wraps", "runs past the end of its file"),
@@ -206,11 +207,11 @@ def test_a_malformed_set_inflight_fd_is_refused(blk_daemon: Callable[..., Daemon
                                                 what: str, says: str) -> None:
     d = blk_daemon()
     with session(d.sock) as fe:
-        fd, m = memfd(REGION)
+        fd, m = memfd(AREA)
         m.close()
         with pytest.raises(BackendError, match="SET_INFLIGHT_FD NACKed"):
             if what == "too small":
-                set_inflight(fe, fd, size=REGION - 1)
+                set_inflight(fe, fd, size=AREA - 1)
             elif what == "a pipe":
                 set_inflight(fe, (pfd := _pipe()))
                 os.close(pfd)
@@ -219,12 +220,51 @@ def test_a_malformed_set_inflight_fd_is_refused(blk_daemon: Callable[..., Daemon
             elif what == "offset wraps":
                 set_inflight(fe, fd, offset=(1 << 64) - mmap.PAGESIZE)
             elif what == "no fd":
-                fe.call(F.SET_INFLIGHT_FD, p.Inflight(REGION, 0, 1, QSIZE))
+                fe.call(F.SET_INFLIGHT_FD, p.Inflight(AREA, 0, 1, QSIZE))
             elif what == "more queues":
-                set_inflight(fe, fd, size=2 * REGION, queues=2)
+                set_inflight(fe, fd, size=2 * REGION + 64, queues=2)
             elif what == "odd size":
                 set_inflight(fe, fd, qsize=96)
         os.close(fd)
         fe.setup_queue(0, QSIZE)  # no area: untracked, and it serves on
         assert BlkClient(fe, 0).read(0, 512)[0] == OK
     assert says in d.log()
+
+
+def _writeback(fe: Frontend) -> int:
+    return fe.get_config(1, offset=32)[0]  # virtio_blk_config.wce
+
+
+def test_the_guests_cache_mode_outlives_a_killed_back_end(tmp_path: Path, image: Path,
+                                                          blk_daemon: Callable[..., Daemon]
+                                                          ) -> None:
+    """The guest chose write-through (SET_CONFIG); the back-end is killed; QEMU hands the
+    next one the in-flight area and never sends SET_CONFIG again: the next back-end must
+    not fall back to writeback behind the guest's back."""
+    sock = tmp_path / "killed.sock"
+    first = Daemon(["vhostuser.cli.blk", "--socket-path", str(sock), "--blk-file", str(image)],
+                   sock, tmp_path / "killed.log")
+    try:
+        with session(str(sock)) as fe:
+            _, area = fe.get_inflight_fd(1, QSIZE)
+            assert area is not None
+            set_inflight(fe, area)
+            assert _writeback(fe) == 1
+            fe.call(F.SET_CONFIG, p.Config(32, 1, 0, b"\0"))
+            assert _writeback(fe) == 0
+            first.proc.kill()
+            first.proc.wait()
+    finally:
+        first.stop()
+    d = blk_daemon()
+    with session(d.sock) as fe:
+        set_inflight(fe, area)
+        assert _writeback(fe) == 0
+    d.wait_log("cache mode: writethrough (as the last back-end had it)")
+    with session(d.sock) as fe:  # a fresh area: nothing kept, the default
+        _, fresh = fe.get_inflight_fd(1, QSIZE)
+        assert fresh is not None
+        set_inflight(fe, fresh)
+        os.close(fresh)
+        assert _writeback(fe) == 1
+    os.close(area)

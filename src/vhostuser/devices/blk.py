@@ -165,6 +165,20 @@ class BlkDevice(Device):
         self.writeback = bool(data[0])
         log.info("cache mode: %s", "writeback" if data[0] else "writethrough")
 
+    def state(self) -> bytes:
+        """The cache mode the driver chose (a back-end that restarts after a crash keeps
+        write-through if the guest asked for it)."""
+        return bytes([int(self.writeback)])
+
+    def restore(self, state: bytes) -> None:
+        if len(state) < 1 or state[0] > 1:
+            log.error("state %r left by the last back-end: not a cache mode, ignored",
+                      state[:8])
+            return
+        self.writeback = bool(state[0])
+        log.info("cache mode: %s (as the last back-end had it)",
+                 "writeback" if state[0] else "writethrough")
+
     def reset(self) -> None:
         self.writeback = True
         self.negotiated = 0

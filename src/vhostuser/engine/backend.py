@@ -41,7 +41,7 @@ from ..virtq.atomic import U16Array
 from ..virtq.dirtylog import DirtyLog, log_bytes_for
 from ..virtq.inflight import MAX_QUEUE_SIZE, area_bytes, queue_region_bytes
 from ..virtq.split import RingLayout
-from .device import Carried, ConfigError, Device
+from .device import STATE_BYTES, Carried, ConfigError, Device
 from .notify import NoNotifier, Notifier
 from .worker import (
     DEFAULT_SPIN_US,
@@ -54,6 +54,8 @@ from .worker import (
 )
 
 log = logging.getLogger(__name__)
+
+STATE_BLOCK = 64  # bytes of device state after an in-flight area's queue regions
 
 Resource = Any  # an fd for AF_UNIX; whatever the transport passes in place of one
 
@@ -155,6 +157,28 @@ class InflightArea:
     num_queues: int
     queue_size: int
     res: Resource = None  # ours, made for GET_INFLIGHT_FD: kept until the area goes
+
+    # After the queues' regions, the device's state (Device.state): magic, u16 length, pad,
+    # the bytes. Ours: a front-end keeps the area whole without reading it.
+    STATE_MAGIC = b"VUST"
+
+    def _state_view(self) -> memoryview:
+        at = area_bytes(self.num_queues, self.queue_size)
+        return memoryview(self.mapping)[at : at + STATE_BLOCK]
+
+    def save_state(self, state: bytes) -> None:
+        with self._state_view() as v:
+            v[:4] = bytes(4)  # invalid while it changes: a death meanwhile keeps none
+            v[4:6] = len(state).to_bytes(2, "little")
+            v[8 : 8 + len(state)] = state
+            v[:4] = self.STATE_MAGIC
+
+    def saved_state(self) -> bytes | None:
+        with self._state_view() as v:
+            if bytes(v[:4]) != self.STATE_MAGIC:
+                return None
+            n = int.from_bytes(v[4:6], "little")
+            return bytes(v[8 : 8 + n]) if n <= STATE_BYTES else None
 
     def region(self, v: Vring) -> tuple[Buffer, int] | None:
         if v.index >= self.num_queues or v.size > self.queue_size:
@@ -439,7 +463,7 @@ class Backend:
         if qs == 0 or qs > limit or qs & (qs - 1):
             raise RequestError(f"in-flight area for queues of {qs}: not a power of 2 up to "
                                f"{limit}")
-        return area_bytes(pl.num_queues, qs)
+        return area_bytes(pl.num_queues, qs) + STATE_BLOCK
 
     def _get_inflight_fd(self, pl: p.Inflight, _fds: list[Resource]) -> Message | p.Inflight:
         try:
@@ -452,6 +476,7 @@ class Backend:
             return p.Inflight(0, 0, pl.num_queues, pl.queue_size)
         self._drop_inflight()
         self.inflight = InflightArea(mapping, pl.num_queues, pl.queue_size, res)
+        self._save_state()
         return Message(0, p.Inflight(size, 0, pl.num_queues, pl.queue_size), fds=(res,))
 
     def _set_inflight_fd(self, pl: p.Inflight, fds: list[Resource]) -> None:
@@ -462,7 +487,24 @@ class Backend:
                                f"queues of {pl.queue_size} need {need}")
         mapping = self.res.map_area(fds[0], need, pl.mmap_offset)  # fds[0]: closed by handle()
         self._drop_inflight()
-        self.inflight = InflightArea(mapping, pl.num_queues, pl.queue_size)
+        self.inflight = area = InflightArea(mapping, pl.num_queues, pl.queue_size)
+        state = area.saved_state()
+        if state is not None:  # the last back-end's settings
+            try:
+                self.device.restore(state)
+            except Exception:
+                log.exception("the device state in the in-flight area could not be restored")
+        self._save_state()
+
+    def _save_state(self) -> None:
+        if self.inflight is None:
+            return
+        state = self.device.state()
+        if len(state) > STATE_BYTES:
+            log.error("%s: %d bytes of state, at most %d kept", self.device.name, len(state),
+                      STATE_BYTES)
+            return
+        self.inflight.save_state(state)
 
     def _no_rings_running(self) -> None:
         """The area may change only while no ring runs (QEMU sets it before it starts
@@ -628,6 +670,7 @@ class Backend:
             self.device.set_config(pl.offset, pl.data, pl.flags)
         except ConfigError as e:
             raise RequestError(str(e)) from e
+        self._save_state()
 
     def _net_set_mtu(self, pl: p.U64, _fds: list[Resource]) -> None:
         try:
@@ -636,8 +679,10 @@ class Backend:
             raise RequestError(str(e)) from e
 
     def _send_rarp(self, pl: p.U64, _fds: list[Resource]) -> None:
+        mac = pl.value.to_bytes(8, "little")[:6]
+        log.info("SEND_RARP: announcing %s", mac.hex(":"))
         try:
-            self.device.send_rarp(pl.value.to_bytes(8, "little")[:6])
+            self.device.send_rarp(mac)
         except ConfigError as e:
             raise RequestError(str(e)) from e
 

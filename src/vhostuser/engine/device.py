@@ -24,6 +24,8 @@ from typing import Protocol
 from ..virtq.split import Chain
 from .queue import DeviceQueue
 
+STATE_BYTES = 56  # what `Device.state` may keep
+
 
 class ConfigError(Exception):
     """A GET/SET_CONFIG the device refuses (the front-end gets a NACK or an empty reply)."""
@@ -172,6 +174,17 @@ class Device(ABC):
     def stopped(self, indices: list[int]) -> None:  # noqa: B027 - optional hook
         """The worker of these queues is gone (stopped, or died): called in the engine's
         process, to clear what the device shares with workers about them."""
+
+    def state(self) -> bytes:
+        """Settings the driver made that must outlive a back-end crash (QEMU does not make
+        them again for the next back-end): at most STATE_BYTES, kept in the front-end's
+        in-flight area (INFLIGHT_SHMFD) when it gives one. Called in the engine's process
+        after each SET_CONFIG."""
+        return b""
+
+    def restore(self, state: bytes) -> None:  # noqa: B027 - nothing to restore by default
+        """What `state` returned in the back-end that had the in-flight area before (it
+        died): take those settings up. Untrusted bytes (the area is the front-end's)."""
 
     def adopt(self, carried: Carried) -> None:
         """In a group's new worker, before `serve`: what the group's last worker left

@@ -152,7 +152,7 @@ class VhostPort(Port):
         parent_only_fds.add(sock.fileno())
         self.conn = UnixChannel(sock, message_timeout=self.message_timeout)
         self.backend = Backend(self.device, UnixResources(), runner=self._run_queues,
-                               track_inflight=False, log_dirty=False)
+                               track_inflight=False)
         log.info("%s: front-end connected", self.name)
         self.changed()
 
@@ -275,7 +275,8 @@ class VhostPort(Port):
         for s in specs:
             p = s.params
             try:
-                ring = SplitQueue(mem, p.layout, p.last_avail, p.event_idx, p.indirect)
+                ring = SplitQueue(mem, p.layout, p.last_avail, p.event_idx, p.indirect,
+                                  s.log, p.log_used)
             except RingError as e:  # a ring outside guest memory: this queue stays stopped
                 log.error("%s queue %d: cannot start: %s", self.name, p.index, e)
                 s.err.notify()
