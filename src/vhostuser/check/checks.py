@@ -6,6 +6,7 @@ vhost-user.rst) and the virtio spec's (2.7 split virtqueues)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import time
@@ -13,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
+from ..frontend.blk import BlkClient
 from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
 from ..protocol import payloads as p
 from ..virtq.split import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from .rig import Session, serves, session
+from .rig import PATTERN, RAM, WANT, WANT_PROTOCOL, Session, serves, session
 
 F = FrontendReq
 _DESC = struct.Struct("<QIHH")
@@ -375,3 +377,115 @@ def _no_status(path: str) -> str:
 
 
 __all__ = ["CHECKS", "Result", "run"]
+
+
+# -- live migration's dirty log ---------------------------------------------------------------
+
+LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL
+PAGE = 4096
+
+
+def _logging_session(s: Session) -> BlkClient:
+    """Negotiate LOG_ALL and LOG_SHMFD as QEMU does for a migration, set a queue up, each
+    buffer on pages of its own (so the log says exactly what was written)."""
+    offered = s.fe.get_u64(F.GET_FEATURES)
+    if not offered & LOG_ALL:
+        raise Skipped("VHOST_F_LOG_ALL not offered")
+    s.fe.negotiate(WANT | LOG_ALL, WANT_PROTOCOL | ProtocolFeature.LOG_SHMFD)
+    if not s.fe.protocol_features & ProtocolFeature.LOG_SHMFD:
+        raise Skipped("LOG_SHMFD not offered")
+    s.fe.features &= ~LOG_ALL  # logging goes on with the migration, below
+    s.fe.call(F.SET_FEATURES, p.U64(s.fe.features))
+    s.fe.set_mem_table()
+    s.fe.setup_queue(0, 64)
+    return BlkClient(s.fe, 0, arena=1 << 20, align=PAGE)
+
+
+def _start_log(s: Session, size: int, file_size: int) -> tuple[int, mmap.mmap]:
+    """SET_LOG_BASE with a log of `size` bytes at the start of a file of `file_size`, the
+    rest of the file a guard pattern; then LOG_ALL on and the used ring logged."""
+    fd = os.memfd_create("vhost-user-check-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, file_size)
+    log = mmap.mmap(fd, file_size, mmap.MAP_SHARED)
+    log[size:] = (PATTERN * (file_size // len(PATTERN) + 1))[: file_size - size]
+    s.fe.call(F.SET_LOG_BASE, p.LogBase(size, 0), fds=(fd,), ack=False)
+    s.fe.call(F.SET_FEATURES, p.U64(s.fe.features | LOG_ALL))
+    ring = s.fe.queues[0].ring
+    lay = ring.layout()
+    s.fe.call(F.SET_VRING_ADDR, p.VringAddr(0, 1, lay.desc, lay.used, lay.avail,
+                                            ring.used_gpa))
+    return fd, log
+
+
+def _pages(gpa: int, n: int) -> set[int]:
+    return set(range(gpa // PAGE, (gpa + n - 1) // PAGE + 1))
+
+
+@check("log-writes", "with LOG_ALL, every page the back-end writes (data read into guest "
+                     "memory, status bytes, the used ring) is marked in the dirty log")
+def _log_writes(path: str) -> str:
+    with session(path) as s:
+        blk = _logging_session(s)
+        size = (RAM // PAGE + 7) // 8
+        fd, log = _start_log(s, size, size + PAGE)
+        try:
+            heads = [blk.submit(T_IN, 8 * i, in_len=2 * PAGE, kick=False) for i in range(4)]
+            want: set[int] = set()
+            for h in heads:
+                status, data, n = blk.inflight[h]
+                want |= _pages(status, 1) | _pages(data, n)
+            used = s.fe.queues[0].ring.used_gpa
+            want |= _pages(used, 4 + 8 * len(heads))
+            s.fe.kick(0)
+            done = blk.complete(len(heads))
+            if any(v[0] != 0 for v in done.values()):
+                raise Failed(f"statuses {[v[0] for v in done.values()]}")
+            marked = {8 * i + b for i, byte in enumerate(log[:size]) for b in range(8)
+                      if byte >> b & 1}
+            missed = sorted(want - marked)
+            if missed:
+                raise Failed(f"pages written but not logged: {missed} (of {sorted(want)})")
+            if log[size:] != (PATTERN * (PAGE // len(PATTERN) + 1))[:PAGE]:
+                raise Failed("the back-end wrote past the end of the log")
+        finally:
+            log.close()
+            os.close(fd)
+    _alive(path)
+    return (f"{len(want)} pages written, all logged ({len(marked - want)} more marked); "
+            "nothing past the log")
+
+
+@check("log-too-small", "a dirty log too small for guest memory: refused, or at least "
+                        "nothing written past it and the back-end serves on")
+def _log_too_small(path: str) -> str:
+    with session(path) as s:
+        blk = _logging_session(s)
+        size = 8  # 64 pages: 256 KiB of the 32 MiB
+        outcome = "accepted"
+        fd = -1
+        try:
+            fd, log = _start_log(s, size, PAGE)
+            # a read into the top of guest memory, far past what the log covers
+            top = s.ram.size - 2 * PAGE
+            hdr = s.ram.alloc(16, PAGE)
+            s.ram.at(hdr, 16)[:] = REQ_HEADER.pack(T_IN, 0, 0)
+            st = s.ram.alloc(1, PAGE)
+            ring = s.fe.queues[0].ring
+            ring.add([(hdr, 16, False), (top, PAGE, True), (st, 1, True)])
+            s.fe.kick(0)
+            deadline = time.monotonic() + SETTLE
+            while ring.used_idx() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            past = log[size:] != (PATTERN * (PAGE // len(PATTERN) + 1))[: PAGE - size]
+            log.close()
+            if past:
+                raise Failed("the back-end wrote past the end of the log")
+            outcome = "accepted, nothing written past it"
+        except (ConnectionError, OSError, EOFError) as e:
+            outcome = f"refused: disconnected ({type(e).__name__})"
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        del blk
+    _alive(path)
+    return f"a log of 8 bytes for 32 MiB: {outcome}; still serves"
