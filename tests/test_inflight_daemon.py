@@ -195,7 +195,7 @@ def _pipe() -> int:
 
 
 @pytest.mark.parametrize("what, says", [
-    ("too small", "in-flight area of 2175 bytes: 1 queues of 128 need 2176"),
+    ("too small", "in-flight area of 2111 bytes: 1 queues of 128 need 2112"),
     ("a pipe", "cannot map region"),
     ("a short file", "runs past the end of its file"),
     ("offset wraps", "runs past the end of its file"),
@@ -211,7 +211,7 @@ def test_a_malformed_set_inflight_fd_is_refused(blk_daemon: Callable[..., Daemon
         m.close()
         with pytest.raises(BackendError, match="SET_INFLIGHT_FD NACKed"):
             if what == "too small":
-                set_inflight(fe, fd, size=AREA - 1)
+                set_inflight(fe, fd, size=REGION - 1)
             elif what == "a pipe":
                 set_inflight(fe, (pfd := _pipe()))
                 os.close(pfd)
@@ -268,3 +268,20 @@ def test_the_guests_cache_mode_outlives_a_killed_back_end(tmp_path: Path, image:
         os.close(fresh)
         assert _writeback(fe) == 1
     os.close(area)
+
+
+def test_an_area_without_the_state_block_is_taken(blk_daemon: Callable[..., Daemon]) -> None:
+    """An area of the queue regions alone (another back-end's, or an older version's)
+    still tracks requests; there is just no device state kept in it."""
+    d = blk_daemon()
+    fd, area = memfd(REGION)
+    with session(d.sock) as fe:
+        set_inflight(fe, fd, size=REGION)
+        fe.setup_queue(0, QSIZE)
+        blk = BlkClient(fe, 0, arena=1 << 20)
+        assert blk.write(8, b"\x11" * 512) == OK
+        fe.call(F.SET_CONFIG, p.Config(32, 1, 0, b"\0"))  # nowhere to keep it: fine
+        assert _writeback(fe) == 0
+    assert SPEC_HEADER.unpack_from(area, 0)[1:] == (1, QSIZE, 0, 1)
+    area.close()
+    os.close(fd)

@@ -157,6 +157,7 @@ class InflightArea:
     num_queues: int
     queue_size: int
     res: Resource = None  # ours, made for GET_INFLIGHT_FD: kept until the area goes
+    has_state: bool = True  # the state block is there (an area of ours, not an older one)
 
     # After the queues' regions, the device's state (Device.state): magic, u16 length, pad,
     # the bytes. Ours: a front-end keeps the area whole without reading it.
@@ -167,6 +168,8 @@ class InflightArea:
         return memoryview(self.mapping)[at : at + STATE_BLOCK]
 
     def save_state(self, state: bytes) -> None:
+        if not self.has_state or self.saved_state() == state:
+            return  # nothing to keep it in, or nothing new: the block stays valid
         with self._state_view() as v:
             v[:4] = bytes(4)  # invalid while it changes: a death meanwhile keeps none
             v[4:6] = len(state).to_bytes(2, "little")
@@ -174,6 +177,8 @@ class InflightArea:
             v[:4] = self.STATE_MAGIC
 
     def saved_state(self) -> bytes | None:
+        if not self.has_state:
+            return None
         with self._state_view() as v:
             if bytes(v[:4]) != self.STATE_MAGIC:
                 return None
@@ -378,12 +383,13 @@ class Backend:
 
     def _reset_device(self, _pl: p.Empty, _fds: list[Resource]) -> None:
         self._reset_rings()
+        self.device.reset()
+        self._save_state()  # the area may come back: it must not bring old settings
         self._drop_inflight()
         self._drop_log()  # QEMU starts rings again before it sends a log
         self._drop_carried()
         self.features = 0
         self.status = 0
-        self.device.reset()
 
     def _hold(self, g: int, carried: Carried) -> None:
         """Keep what group `g`'s worker handed over until the group starts again; no other
@@ -463,12 +469,12 @@ class Backend:
         if qs == 0 or qs > limit or qs & (qs - 1):
             raise RequestError(f"in-flight area for queues of {qs}: not a power of 2 up to "
                                f"{limit}")
-        return area_bytes(pl.num_queues, qs) + STATE_BLOCK
+        return area_bytes(pl.num_queues, qs)
 
     def _get_inflight_fd(self, pl: p.Inflight, _fds: list[Resource]) -> Message | p.Inflight:
         try:
             self._no_rings_running()
-            size = self._inflight_shape(pl)
+            size = self._inflight_shape(pl) + STATE_BLOCK
             res, mapping = self.res.new_area(size)
         except (RequestError, MemoryTableError) as e:
             # mmap_size 0 and no fd: QEMU then goes on without in-flight tracking
@@ -485,11 +491,15 @@ class Backend:
         if pl.mmap_size < need:
             raise RequestError(f"in-flight area of {pl.mmap_size} bytes: {pl.num_queues} "
                                f"queues of {pl.queue_size} need {need}")
-        mapping = self.res.map_area(fds[0], need, pl.mmap_offset)  # fds[0]: closed by handle()
+        # an area of another back-end (or of our own older versions) has no state block
+        has_state = pl.mmap_size >= need + STATE_BLOCK
+        mapping = self.res.map_area(fds[0], need + STATE_BLOCK if has_state else need,
+                                    pl.mmap_offset)  # fds[0]: closed by handle()
         self._drop_inflight()
-        self.inflight = area = InflightArea(mapping, pl.num_queues, pl.queue_size)
+        self.inflight = area = InflightArea(mapping, pl.num_queues, pl.queue_size,
+                                            has_state=has_state)
         state = area.saved_state()
-        if state is not None:  # the last back-end's settings
+        if state is not None and state != self.device.state():  # the last back-end's
             try:
                 self.device.restore(state)
             except Exception:
