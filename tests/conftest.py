@@ -15,6 +15,9 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.enviro
 
 from daemon import Daemon
 
+from vhostuser.frontend.ring import GuestRam
+from vhostuser.memory import GuestMemory, mmap_region
+
 IMAGE_MB = 16
 
 # Each test module's markers (pyproject.toml lists them): `pytest -m unit` runs the
@@ -87,6 +90,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(f"{module}: list it in MODULE_MARKERS (tests/conftest.py)")
         for name in names:
             item.add_marker(name)
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRam]:
+    """1 MiB of guest RAM at guest address 0x10000 (ring tests: driver and device side)."""
+    yield GuestRam(1 << 20, guest_addr=0x10000)  # freed with the views tests keep of it
+
+
+@pytest.fixture
+def mem(ram: GuestRam) -> Iterator[GuestMemory]:
+    """The engine's view of `ram`: one region, mapped as a back-end maps it."""
+    m = GuestMemory()
+    m.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    yield m
+    m.clear()
 
 
 @pytest.fixture

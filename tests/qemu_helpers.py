@@ -96,6 +96,33 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05)
         time.sleep(interval)
 
 
+def migrate(src_qmp: Path, incoming: Path, context: Callable[[], str],
+            max_bandwidth: int | None = None, timeout: float = 180) -> None:
+    """Live-migrate the QEMU whose QMP socket is `src_qmp` to the one listening on
+    `incoming` (`-incoming unix:...`): wait for that socket, `migrate`, and poll
+    `query-migrate` until it completes; fail with `context()` if it fails or takes longer
+    than `timeout`. `max_bandwidth` (bytes/s) slows it down to several passes over memory."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    if not wait_until(incoming.exists, 30):
+        pytest.fail(f"the destination QEMU does not listen on {incoming}\n{context()}")
+    qmp = QEMUMonitorProtocol(str(src_qmp))
+    qmp.connect()
+    try:
+        if max_bandwidth is not None:
+            qmp.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth})
+        qmp.cmd("migrate", uri=f"unix:{incoming}")  # an error raises
+
+        def status() -> str:
+            return str(qmp.cmd("query-migrate").get("status"))
+
+        wait_until(lambda: status() in ("completed", "failed", "cancelled"), timeout, 0.2)
+        if (now := status()) != "completed":
+            pytest.fail(f"migration {now}\n{context()}")
+    finally:
+        qmp.close()
+
+
 def _listening(pid: int, path: Path) -> bool:
     """Whether ``path`` is a socket file and process ``pid`` holds a listening AF_UNIX
     socket (checked without connecting, which the back-end would count as a front-end;

@@ -96,6 +96,19 @@ done
 """
 
 
+def retry(command: str, tries: int) -> str:
+    """Shell: run ``command`` every 0.2 s until it succeeds, at most ``tries`` times (the
+    peer may not listen yet); ``$i`` is left with the number of retries."""
+    return f"""
+i=0
+until {command}; do
+    i=$((i + 1))
+    [ $i -ge {tries} ] && break
+    sleep 0.2
+done
+"""
+
+
 def ethtool_files() -> dict[str, bytes | Path]:
     """The host's ethtool and the shared libraries it needs, as GuestVM ``files`` (busybox
     has no ethtool; ``ethtool -S`` gives virtio-net's per-queue packet counters)."""

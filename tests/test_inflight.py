@@ -6,14 +6,13 @@ that starts on an area a dead one left serves again; areas the ring contradicts.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 import pytest
 
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
 from vhostuser.frontend.ring import DriverRing, GuestRam
-from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.memory import GuestMemory
 from vhostuser.virtq.inflight import SplitInflight
 from vhostuser.virtq.split import DESC_F_WRITE, Chain, RingError, SplitQueue
 
@@ -24,16 +23,14 @@ SPEC_DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
 
 
 @pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    yield GuestRam(1 << 20, guest_addr=0x10000)
+def drv(ram: GuestRam) -> DriverRing:
+    return DriverRing(ram, SIZE)
 
 
 @pytest.fixture
-def mem(ram: GuestRam) -> Iterator[GuestMemory]:
-    m = GuestMemory()
-    m.add(ram.region(), mmap_region(ram.region(), ram.fd))
-    yield m
-    m.clear()
+def area() -> bytearray:
+    """The queue's region of an in-flight area, zeroed as GET_INFLIGHT_FD hands it out."""
+    return bytearray(4096)
 
 
 def header(area: bytearray) -> tuple[int, int, int, int, int]:
@@ -85,9 +82,7 @@ def test_a_fresh_area_is_initialised(ram: GuestRam, mem: GuestMemory) -> None:
 
 
 def test_taken_and_completed_chains_are_recorded_as_the_spec_says(
-        ram: GuestRam, mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     b = Backend(mem, drv, area, base=0)
     x, y, z = add(ram, drv, 3)
     assert b.take(3) == [x, y, z]
@@ -109,9 +104,7 @@ def test_taken_and_completed_chains_are_recorded_as_the_spec_says(
 
 
 def test_a_new_back_end_serves_what_the_dead_one_left_oldest_first(
-        ram: GuestRam, mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     b = Backend(mem, drv, area, base=0)
     x, y, z = add(ram, drv, 3)
     assert b.take(3) == [x, y, z]
@@ -136,9 +129,7 @@ def test_a_new_back_end_serves_what_the_dead_one_left_oldest_first(
 
 
 def test_a_batch_published_but_not_cleared_is_not_served_again(
-        ram: GuestRam, mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     b = Backend(mem, drv, area, base=0)
     x, y, z = add(ram, drv, 3)
     b.take(3)
@@ -158,9 +149,8 @@ def test_a_batch_published_but_not_cleared_is_not_served_again(
     b2.close()
 
 
-def test_a_chain_given_back_is_served_once(ram: GuestRam, mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+def test_a_chain_given_back_is_served_once(
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     b = Backend(mem, drv, area, base=0)
     x, y = add(ram, drv, 2)
     assert b.take(2) == [x, y]
@@ -174,9 +164,8 @@ def test_a_chain_given_back_is_served_once(ram: GuestRam, mem: GuestMemory) -> N
     b2.close()
 
 
-def test_resubmitted_chains_given_back_come_again(ram: GuestRam, mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+def test_resubmitted_chains_given_back_come_again(
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     b = Backend(mem, drv, area, base=0)
     x, y = add(ram, drv, 2)
     b.take(2)
@@ -226,9 +215,7 @@ def test_an_area_the_ring_contradicts_is_refused(ram: GuestRam, mem: GuestMemory
 
 
 def test_a_region_of_another_size_with_nothing_in_flight_starts_afresh(
-        ram: GuestRam, mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     SPEC_HEADER.pack_into(area, 0, 0, 1, 2 * SIZE, 5, 9)  # a ring of 16, all done
     b = Backend(mem, drv, area, base=0)
     assert b.again == []
@@ -237,11 +224,9 @@ def test_a_region_of_another_size_with_nothing_in_flight_starts_afresh(
 
 
 def test_an_area_of_another_life_of_the_ring_starts_afresh(
-        ram: GuestRam, mem: GuestMemory) -> None:
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     """The driver reset the ring (used idx back to 0) and the front-end kept the area: its
     used index is far ahead of the ring's, whatever it still marks is of the old life."""
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
     b = Backend(mem, drv, area, base=0)
     for _ in range(3):  # 18 chains through, two left in flight
         heads = add(ram, drv, 6)
@@ -259,10 +244,8 @@ def test_an_area_of_another_life_of_the_ring_starts_afresh(
     b2.close()
 
 
-def test_an_area_with_nothing_in_flight_follows_the_ring(ram: GuestRam,
-                                                         mem: GuestMemory) -> None:
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
+def test_an_area_with_nothing_in_flight_follows_the_ring(
+        mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     SPEC_HEADER.pack_into(area, 0, 0, 1, SIZE, 3, 2)  # behind the ring, nothing marked
     drv.used16.store(1, 5)
     drv.avail16.store(1, 5)
@@ -277,10 +260,9 @@ def test_a_region_too_small_is_refused() -> None:
         SplitInflight(memoryview(bytearray(100)), SIZE)
 
 
-def test_writable_flag_is_irrelevant_to_tracking(ram: GuestRam, mem: GuestMemory) -> None:
+def test_writable_flag_is_irrelevant_to_tracking(
+        ram: GuestRam, mem: GuestMemory, drv: DriverRing, area: bytearray) -> None:
     """A readable-only chain is tracked the same way (blk writes: data out, status in)."""
-    drv = DriverRing(ram, SIZE)
-    area = bytearray(4096)
     b = Backend(mem, drv, area, base=0)
     h = drv.add([(ram.alloc(16), 16, False), (ram.alloc(1), 1, bool(DESC_F_WRITE))])
     assert b.take(1) == [h]

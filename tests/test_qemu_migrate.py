@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import BLK_MODULES, QUEUE_FAILURE, BlkDaemon, MiB, require_guest_prerequisites
+from qemu_helpers import (
+    BLK_MODULES,
+    QUEUE_FAILURE,
+    BlkDaemon,
+    MiB,
+    migrate,
+    require_guest_prerequisites,
+)
 
 from vhostuser.vm import GuestError, GuestVM
 
@@ -106,8 +112,6 @@ def _prerequisites() -> None:
 
 def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
         tmp_path: Path) -> None:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
     img = tmp_path / "mig.img"
     with img.open("wb") as f:
         f.truncate(48 * MiB)
@@ -139,26 +143,8 @@ def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
         src.start()
         src.wait_for("ROUND 3\n", 180)
         dst.start()
-        deadline = time.monotonic() + 30
-        while not mig.exists():
-            assert time.monotonic() < deadline, f"the destination did not listen\n{context()}"
-            time.sleep(0.05)
-        qmp = QEMUMonitorProtocol(str(src_qmp))
-        qmp.connect()
-        try:
-            # slow enough for several passes over memory while the back-end writes it
-            qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
-            qmp.cmd("migrate", uri=f"unix:{mig}")  # an error raises
-            deadline = time.monotonic() + 180
-            while True:
-                status = qmp.cmd("query-migrate").get("status")
-                if status == "completed":
-                    break
-                assert status not in ("failed", "cancelled"), f"migration {status}\n{context()}"
-                assert time.monotonic() < deadline, f"migration still {status}\n{context()}"
-                time.sleep(0.2)
-        finally:
-            qmp.close()
+        # slow enough for several passes over memory while the back-end writes it
+        migrate(src_qmp, mig, context, max_bandwidth=16 << 20)
         migrated_at = src.console.count("ROUND ")
         with img.open("r+b") as f:  # tell the guest, through the disk
             f.seek(FLAG_SECTOR * 512)

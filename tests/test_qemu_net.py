@@ -35,6 +35,7 @@ from qemu_net_helpers import (
     ping_result,
     port_stats,
     require_net_prerequisites,
+    retry,
     tagged,
     wait_reachable,
 )
@@ -100,12 +101,7 @@ ping -c 3 {B_IP} > /tmp/ping.out
 echo "PING_RC $?"
 echo "PING $(grep 'packet loss' /tmp/ping.out)"
 # B listens once it has booted: retry until nc connects and the whole file went through.
-i=0
-until nc {B_IP} 5000 < /tmp/f; do
-    i=$((i + 1))
-    [ $i -ge 150 ] && break
-    sleep 0.2
-done
+{retry(f"nc {B_IP} 5000 < /tmp/f", 150)}
 echo "SEND_RETRIES $i"
 """
 
@@ -253,12 +249,7 @@ wait
 echo "PING0 $(grep 'packet loss' /tmp/p0)"
 echo "PING1 $(grep 'packet loss' /tmp/p1)"
 # Tell P we are done (it waits for this before powering off), then read the counters.
-i=0
-until echo done | nc {P_IP} 5001; do
-    i=$((i + 1))
-    [ $i -ge 300 ] && break
-    sleep 0.2
-done
+{retry(f"echo done | nc {P_IP} 5001", 300)}
 sleep 1
 echo ETHTOOL
 ethtool -S eth0

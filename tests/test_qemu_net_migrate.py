@@ -8,10 +8,10 @@ handful lost around the switch-over, and G answers from its new port."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
+from qemu_helpers import migrate, wait_until
 from qemu_net_helpers import (
     NET_MODULES,
     SwitchDaemon,
@@ -20,7 +20,9 @@ from qemu_net_helpers import (
     mac,
     net_qemu_args,
     ping_result,
+    port_stats,
     require_net_prerequisites,
+    retry,
     tagged,
     wait_reachable,
 )
@@ -39,12 +41,7 @@ P_SCRIPT = guest_net_setup(P_IP) + wait_reachable(G_IP) + f"""
 echo PINGING
 ping -c {PINGS} -i 0.2 -W 1 {G_IP} > /tmp/ping
 echo "PING $(grep 'packet loss' /tmp/ping)"
-i=0
-until echo done | nc {G_IP} 5001; do
-    i=$((i + 1))
-    [ $i -ge 150 ] && break
-    sleep 0.2
-done
+{retry(f"echo done | nc {G_IP} 5001", 150)}
 """
 
 
@@ -54,8 +51,6 @@ def _prerequisites() -> None:
 
 
 def test_a_pinged_guest_migrates_between_switch_ports(tmp_path: Path) -> None:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
     src_sock, dst_sock, p_sock = (tmp_path / f"{n}.sock" for n in ("src", "dst", "p"))
     src_qmp, mig = tmp_path / "src.qmp", tmp_path / "mig.sock"
     gmac, pmac = mac(0x50), mac(0x51)
@@ -79,22 +74,11 @@ def test_a_pinged_guest_migrates_between_switch_ports(tmp_path: Path) -> None:
             peer.start()
             peer.wait_for("\nPINGING\n", 180)
             dst.start()
-            deadline = time.monotonic() + 30
-            while not mig.exists():
-                assert time.monotonic() < deadline, f"no destination\n{context()}"
-                time.sleep(0.05)
-            time.sleep(3)  # some pings before
-            qmp = QEMUMonitorProtocol(str(src_qmp))
-            qmp.connect()
-            try:
-                qmp.cmd("migrate", uri=f"unix:{mig}")
-                deadline = time.monotonic() + 120
-                while (status := qmp.cmd("query-migrate").get("status")) != "completed":
-                    assert status not in ("failed", "cancelled"), f"{status}\n{context()}"
-                    assert time.monotonic() < deadline, f"still {status}\n{context()}"
-                    time.sleep(0.2)
-            finally:
-                qmp.close()
+            # some pings before: P's port has had a few through
+            if not wait_until(lambda: port_stats(switch.stats(), "port2")["rx_packets"] >= 15,
+                              30):
+                pytest.fail(f"P does not ping G\n{context()}")
+            migrate(src_qmp, mig, context, timeout=120)
             src.close()  # QEMU's part ends here: the source is paused for good
             p_result = peer.wait()
             g_result = dst.wait()

@@ -4,7 +4,6 @@ chain parsing, every validation case, used-ring updates and notification decisio
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,20 +19,6 @@ from vhostuser.virtq.split import (
 )
 
 SIZE = 8
-
-
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam(1 << 20, guest_addr=0x10000)
-    yield r
-
-
-@pytest.fixture
-def mem(ram: GuestRam) -> Iterator[GuestMemory]:
-    m = GuestMemory()
-    m.add(ram.region(), mmap_region(ram.region(), ram.fd))
-    yield m
-    m.clear()
 
 
 def make(ram: GuestRam, mem: GuestMemory, event_idx: bool = False,

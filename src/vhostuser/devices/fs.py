@@ -18,13 +18,12 @@ import json
 import logging
 import mmap
 import os
-import queue
 import struct
-import threading
 from dataclasses import dataclass, field
 
-from ..engine.device import Carried, Device, Events, QueueService
-from ..engine.queue import DeviceQueue, ParentGone
+from ..engine.device import Carried, Device, Events
+from ..engine.pool import PooledService
+from ..engine.queue import DeviceQueue
 from ..fuse import abi
 from ..fuse.abi import Op
 from ..fuse.server import FileServer, ServerOptions
@@ -134,25 +133,15 @@ def _opcode(chain: Chain) -> int:
     return int(_OPCODE.unpack_from(head, 4)[0]) if len(head) == 8 else 0
 
 
-class FsService(QueueService):
-    """Serves the hiprio and request queues (in their worker). A pool thread completes
-    its request itself (the queue's lock orders it with the worker's completions), so the
-    driver hears of it without a hop through the worker's loop."""
+class FsService(PooledService):
+    """Serves the hiprio and request queues (in their worker): requests that may wait on
+    the host go to the pool, the others are answered at once."""
 
     def __init__(self, server: FileServer, queues: dict[int, DeviceQueue], events: Events,
                  threads: int) -> None:
         self.server = server
-        self.jobs: queue.SimpleQueue[tuple[DeviceQueue, Chain] | None] = queue.SimpleQueue()
-        self.pending = 0  # jobs given to the threads and not yet completed
-        self.idle = threading.Condition()
-        self.gone = False  # the engine's process died: nothing more may be completed
         self.bad = Limited(log)
-        for q in queues.values():
-            q.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._work, name=f"fuse-{i}", daemon=True)
-                        for i in range(threads)]
-        for t in self.threads:
-            t.start()
+        super().__init__(queues, threads, "fuse")
 
     def kicked(self, q: DeviceQueue) -> None:
         handle = self.server.handle
@@ -163,49 +152,14 @@ class FsService(QueueService):
                              op)
                 q.complete(chain, 0)
             elif op in POOLED:
-                with self.idle:
-                    self.pending += 1
-                self.jobs.put((q, chain))
+                self.submit(q, chain)
             else:
                 q.complete(chain, handle(chain.readable, chain.writable))
 
-    def _work(self) -> None:
-        """A pool thread: serve a job, complete it, notify the driver."""
-        while (job := self.jobs.get()) is not None:
-            q, chain = job
-            try:
-                try:
-                    written = self.server.handle(chain.readable, chain.writable)
-                except Exception:  # handle() answers every error itself: this is a bug
-                    log.exception("a FUSE request failed")
-                    written = 0
-                if not self.gone:
-                    q.complete(chain, written)
-                    q.notify()
-            except ParentGone:
-                self.gone = True  # the worker's loop finds out too, and stops
-            except Exception:
-                log.exception("a FUSE completion failed")
-            finally:
-                with self.idle:
-                    self.pending -= 1
-                    if not self.pending:
-                        self.idle.notify_all()
-
-    def offloaded(self) -> bool:
-        return self.pending > 0
+    def serve_chain(self, chain: Chain) -> int:
+        return self.server.handle(chain.readable, chain.writable)
 
     def carry(self) -> Carried:
         state, fds = self.server.export()
         return Carried(json.dumps(state).encode(), fds)
 
-    def quiesce(self) -> None:
-        with self.idle:
-            while self.pending:
-                self.idle.wait()
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()

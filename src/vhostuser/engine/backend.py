@@ -9,6 +9,7 @@ or signal, so the same engine serves AF_UNIX and virtio-vhost-user.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -454,8 +455,7 @@ class Backend:
         dirty, self.dirty_log = self.dirty_log, None
         if dirty is not None:
             dirty.release()
-            if isinstance(dirty.mapping, memoryview):
-                dirty.mapping.release()
+            _unmap(dirty.mapping)
 
     # -- in-flight tracking ------------------------------------------------------------------
 
@@ -528,11 +528,7 @@ class Backend:
             return
         if area.res is not None:
             self.res.close(area.res)
-        if isinstance(area.mapping, memoryview):
-            area.mapping.release()
-        close = getattr(area.mapping, "close", None)
-        if close is not None:
-            close()
+        _unmap(area.mapping)
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -840,6 +836,15 @@ def _groups(device: Device) -> list[list[int]]:
         raise ValueError(f"{device.name}: queue groups {groups} do not cover queues "
                          f"0..{device.num_queues - 1} once each")
     return groups
+
+
+def _unmap(mapping: Buffer) -> None:
+    """Let go of an area's mapping: a view of the transport's (AF_UNIX `map_area`) or a
+    mapping of our own (`new_area`)."""
+    if isinstance(mapping, memoryview):
+        mapping.release()
+    elif isinstance(mapping, mmap.mmap):
+        mapping.close()
 
 
 def _region_key(r: p.MemRegion) -> tuple[int, int, int]:

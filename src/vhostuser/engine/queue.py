@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from ..virtq.split import Chain, RingError, SplitQueue
@@ -117,13 +118,9 @@ class DeviceQueue:
         be cleared."""
         assert self.tracker is not None
         taken = self.tracker.taken
-        if self.lock is not None:
-            with self.lock:
-                for h in heads:
-                    taken(h)
-            return
-        for h in heads:
-            taken(h)
+        with self.lock or nullcontext():
+            for h in heads:
+                taken(h)
 
     def _pop_resubmitted(self, n: int) -> list[Chain]:
         chains: list[Chain] = []
