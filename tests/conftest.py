@@ -32,6 +32,8 @@ MODULE_MARKERS = {
     "test_bridge_hostile": ["daemon"],
     "test_check": ["daemon"],
     "test_split_ring": ["unit"],
+    "test_packed_ring": ["unit"],
+    "test_packed_daemon": ["daemon"],
     "test_inflight": ["unit"],
     "test_inflight_daemon": ["daemon"],
     "test_dirty_log": ["daemon"],

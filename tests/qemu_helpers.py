@@ -49,9 +49,12 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
-def blk_qemu_args(sock: Path, num_queues: int = 1, smp: int = 1) -> list[str]:
+def blk_qemu_args(sock: Path, num_queues: int = 1, smp: int = 1,
+                  packed: bool = False) -> list[str]:
+    """`packed`: the device offers packed virtqueues (Linux takes them)."""
+    ring = ",packed=on" if packed else ""
     args = ["-chardev", f"socket,id=c0,path={sock}",
-            "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"]
+            "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={num_queues}{ring}"]
     if smp > 1:
         args += ["-smp", str(smp)]
     return args

@@ -18,7 +18,7 @@ from vhostuser.engine.session import serve_connection
 from vhostuser.frontend.client import Frontend
 from vhostuser.protocol import VirtioFeature
 from vhostuser.transport.unix import PeerClosed, UnixChannel, UnixResources, connections
-from vhostuser.virtq.split import Chain
+from vhostuser.virtq.ring import Chain
 
 
 class Rendezvous(Device):

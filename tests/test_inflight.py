@@ -14,7 +14,8 @@ from vhostuser.engine.queue import DeviceQueue
 from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory
 from vhostuser.virtq.inflight import SplitInflight
-from vhostuser.virtq.split import DESC_F_WRITE, Chain, RingError, SplitQueue
+from vhostuser.virtq.ring import DESC_F_WRITE, Chain, RingError
+from vhostuser.virtq.split import SplitQueue
 
 SIZE = 8
 # The spec's layout: QueueRegionSplit, then DescStateSplit[desc_num].

@@ -18,7 +18,7 @@ from daemon import BLK_FEATURES, Daemon, blk_session
 from vhostuser.frontend.client import BackendError, Frontend
 from vhostuser.protocol import FrontendReq, ProtocolFeature, request
 from vhostuser.protocol import payloads as p
-from vhostuser.virtq.split import DESC_F_NEXT, DESC_F_WRITE
+from vhostuser.virtq.ring import DESC_F_NEXT, DESC_F_WRITE
 
 F = FrontendReq
 OK = 0

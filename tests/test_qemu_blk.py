@@ -55,10 +55,10 @@ def tagged(lines: list[str], tag: str) -> str:
 
 
 def guest(script: str, daemon: BlkDaemon, *, num_queues: int = 1, smp: int = 1,
-          modules: list[str] = BLK_MODULES, **kw: Any) -> GuestVM:
+          modules: list[str] = BLK_MODULES, packed: bool = False, **kw: Any) -> GuestVM:
     """A guest with one vhost-user-blk-pci device on ``daemon``'s socket."""
     return GuestVM(script, modules=modules, timeout=GUEST_TIMEOUT,
-                   qemu_args=blk_qemu_args(daemon.sock, num_queues, smp), **kw)
+                   qemu_args=blk_qemu_args(daemon.sock, num_queues, smp, packed), **kw)
 
 
 def run_guest(vm: GuestVM, daemon: BlkDaemon) -> GuestResult:
@@ -95,6 +95,7 @@ echo "SERIAL $(cat $dev/serial)"
 echo "RO $(cat $dev/ro)"
 echo "DISCARD_MAX $(cat $dev/queue/discard_max_bytes)"
 echo "QUEUES $(ls $dev/mq | tr '\\n' ' ')"
+echo "FEATURES $(cat $dev/device/features)"
 echo READY
 echo "PAT $(sha256sum < /pat)"
 # Fragment guest RAM: two tmpfs files grown 4 KiB at a time in turn, then one removed,
@@ -136,7 +137,8 @@ umount /mnt/fs
 """
 
 
-def test_read_write_filesystem_discard(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_read_write_filesystem_discard(tmp_path: Path, ring: str) -> None:
     debugfs = require_tool("debugfs", "e2fsprogs")
     e2fsck = require_tool("e2fsck", "e2fsprogs")
     dumpe2fs = require_tool("dumpe2fs", "e2fsprogs")
@@ -150,7 +152,7 @@ def test_read_write_filesystem_discard(tmp_path: Path) -> None:
 
     with BlkDaemon(tmp_path, img, ["--serial", serial]) as daemon:
         with (guest(RW_SCRIPT, daemon, modules=[*BLK_MODULES, "ext4"], errexit=True,
-                    files={"pat": pat}) as vm,
+                    files={"pat": pat}, packed=ring == "packed") as vm,
               watchdog(daemon, vm)):
             vm.start()
             vm.wait_for("READY\n")
@@ -169,6 +171,8 @@ def test_read_write_filesystem_discard(tmp_path: Path) -> None:
     assert tagged(out, "RO") == "0"
     assert int(tagged(out, "DISCARD_MAX")) > 0
     assert tagged(out, "QUEUES") == "0"
+    features = tagged(out, "FEATURES")  # the driver's: one character per bit, bit 0 first
+    assert features[34] == ("1" if ring == "packed" else "0"), features  # RING_PACKED
     # Reads in the guest return what it wrote, by both paths.
     assert tagged(out, "FRAGMENTED") == f"4096 {4 * MiB}"
     assert tagged(out, "PAT") == sha(pat)

@@ -51,9 +51,10 @@ def prerequisites() -> None:
     require_net_prerequisites()
 
 
-def guest(script: str, sock: Path, guest_mac: str, queues: int = 1, **kw: Any) -> GuestVM:
+def guest(script: str, sock: Path, guest_mac: str, queues: int = 1, packed: bool = False,
+          **kw: Any) -> GuestVM:
     return GuestVM(script, modules=NET_MODULES, timeout=GUEST_TIMEOUT,
-                   qemu_args=net_qemu_args(sock, guest_mac, queues), **kw)
+                   qemu_args=net_qemu_args(sock, guest_mac, queues, packed), **kw)
 
 
 def finish(vm: GuestVM, name: str, switch: SwitchDaemon) -> GuestResult:
@@ -118,13 +119,16 @@ def test_two_guests_ping_and_file_transfer(tmp_path: Path) -> None:
     mac_a, mac_b = mac(1), mac(2)
     t0 = time.monotonic()
     with SwitchDaemon(tmp_path, [f"{sock_a},mac={mac_a}", f"{sock_b},mac={mac_b}"]) as switch:
-        with guest(SENDER, sock_a, mac_a) as vm_a, guest(RECEIVER, sock_b, mac_b) as vm_b:
+        # A's NIC has packed rings, B's split ones: both layouts, and frames between them
+        with (guest(SENDER, sock_a, mac_a, packed=True) as vm_a,
+              guest(RECEIVER, sock_b, mac_b) as vm_b):
             vm_a.start()
             vm_b.start()
             wait_up(vm_a, "A", switch)
             wait_up(vm_b, "B", switch)
             # Both NICs are up: each port must be connected and run its rx/tx pair.
             switch.wait_queues({"port0": [0, 1], "port1": [0, 1]})
+            live = switch.stats()
             res_b = finish(vm_b, "B", switch)
             res_a = finish(vm_a, "A", switch)
         stats = switch.stats()
@@ -145,6 +149,9 @@ def test_two_guests_ping_and_file_transfer(tmp_path: Path) -> None:
     # The switch saw the traffic both ways: > FILE_MIB MiB of frames from A to B (the file
     # in ~1500-byte segments), the ACKs back, and learned each MAC at its own port.
     pa, pb = port_stats(stats, "port0"), port_stats(stats, "port1")
+    packed = 1 << 34  # VIRTIO_F_RING_PACKED, as the guests' drivers negotiated it
+    la, lb = port_stats(live, "port0"), port_stats(live, "port1")
+    assert int(la["features"], 16) & packed and not int(lb["features"], 16) & packed, ctx
     min_frames = FILE_MIB * MiB // 1500
     assert pa["rx_bytes"] > FILE_MIB * MiB and pa["rx_packets"] > min_frames, ctx
     assert pb["tx_bytes"] > FILE_MIB * MiB and pb["tx_packets"] > min_frames, ctx

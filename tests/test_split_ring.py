@@ -9,14 +9,14 @@ import pytest
 
 from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
-from vhostuser.virtq.split import (
+from vhostuser.virtq.ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
     RingError,
     RingLayout,
-    SplitQueue,
 )
+from vhostuser.virtq.split import SplitQueue
 
 SIZE = 8
 

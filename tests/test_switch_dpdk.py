@@ -60,7 +60,11 @@ def settled(sw: Sw) -> dict:
     raise AssertionError("switch counters never settled")
 
 
-@pytest.mark.parametrize("devargs", ["", "mrg_rxbuf=0,in_order=0", "queue_size=256"])
+IN_ORDER, RING_PACKED = 1 << 35, 1 << 34
+
+
+@pytest.mark.parametrize("devargs", ["", "mrg_rxbuf=0,in_order=0", "queue_size=256",
+                                     "packed_vq=1", "packed_vq=1,in_order=0,mrg_rxbuf=0"])
 def test_flowgen_macswap_through_the_switch(running: Callable[[str], tuple[Sw, Testpmd,
                                                                              Testpmd]],
                                             devargs: str) -> None:
@@ -79,6 +83,10 @@ def test_flowgen_macswap_through_the_switch(running: Callable[[str], tuple[Sw, T
     b.stop()
     a.stop()
     st = settled(sw)
+    for port in st["ports"]:  # what virtio_user negotiated (IN_ORDER is its default)
+        features = int(port["features"], 16)
+        assert bool(features & RING_PACKED) == ("packed_vq=1" in devargs), port
+        assert bool(features & IN_ORDER) == ("in_order=0" not in devargs), port
     pa, pb = a.port_stats()[0], b.port_stats()[0]
     s0, s1 = st["ports"][0], st["ports"][1]
     assert pa.tx_packets > 1000 and pb.rx_packets > 0 and pa.rx_packets > 0, (pa, pb, st)

@@ -17,7 +17,7 @@ from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
 from ..frontend.blk import BlkClient
 from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
 from ..protocol import payloads as p
-from ..virtq.split import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from .rig import PATTERN, RAM, WANT, WANT_PROTOCOL, Session, serves, session
 
 F = FrontendReq
@@ -120,7 +120,7 @@ def _stop_drains(path: str) -> str:
             blk.submit(T_IN, i * 8, in_len=4096, kick=False)
         s.fe.kick(0)
         base = s.fe.get_vring_base(0)
-        ring = s.fe.queues[0].ring
+        ring = s.ring()
         used = ring.used_idx()
         if used != base or not 0 <= base <= 16:
             raise Failed(f"after GET_VRING_BASE: base {base}, used idx {used}, 16 requests "
@@ -216,7 +216,7 @@ def _attack(path: str, build: Callable[[Session], None], what: str) -> str:
         s.setup()
         build(s)
         s.fe.kick(0)
-        ring = s.fe.queues[0].ring
+        ring = s.ring()
         deadline = time.monotonic() + SETTLE
         outcome = "not completed"
         try:
@@ -247,7 +247,7 @@ def _header(s: Session) -> tuple[int, int]:
 
 def _chain(s: Session, descs: list[tuple[int, int, int, int]]) -> None:
     """Descriptors 0.. as given (addr, len, flags, next); descriptor 0 made available."""
-    ring = s.fe.queues[0].ring
+    ring = s.ring()
     for i, (addr, n, flags, nxt) in enumerate(descs):
         ring.write_desc(i, addr, n, flags, nxt)
     ring.publish(0)
@@ -345,7 +345,7 @@ def _indirect_loop(path: str) -> str:
 @check("head-out-of-range", "an avail ring entry naming a descriptor past the ring's size")
 def _head(path: str) -> str:
     def build(s: Session) -> None:
-        ring = s.fe.queues[0].ring
+        ring = s.ring()
         ring.publish(ring.size + 7)
     return _attack(path, build, "head 71 in a ring of 64")
 
@@ -353,7 +353,7 @@ def _head(path: str) -> str:
 @check("avail-flood", "an avail index 2^15 ahead of the used index (more than the ring holds)")
 def _flood(path: str) -> str:
     def build(s: Session) -> None:
-        ring = s.fe.queues[0].ring
+        ring = s.ring()
         ring.avail_idx = 0x8000
         ring.avail16.store(1, 0x8000)
     return _attack(path, build, "avail idx 32768 in a ring of 64")
@@ -414,7 +414,7 @@ def _start_log(s: Session, size: int, file_size: int) -> tuple[int, mmap.mmap]:
         log[size:] = _guard(file_size - size)
         s.fe.call(F.SET_LOG_BASE, p.LogBase(size, 0), fds=(fd,), ack=False)
         s.fe.call(F.SET_FEATURES, p.U64(s.fe.features | LOG_ALL))
-        ring = s.fe.queues[0].ring
+        ring = s.ring()
         lay = ring.layout()
         s.fe.call(F.SET_VRING_ADDR, p.VringAddr(0, 1, lay.desc, lay.used, lay.avail,
                                                 ring.used_gpa))
@@ -453,7 +453,7 @@ def _log_writes(path: str) -> str:
             for h in heads:
                 status, data, n = blk.inflight[h]
                 want |= _pages(status, 1) | _pages(data, n)
-            used = s.fe.queues[0].ring.used_gpa
+            used = s.ring().used_gpa
             want |= _pages(used, 4 + 8 * len(heads))
             s.fe.kick(0)
             done = blk.complete(len(heads))
@@ -492,7 +492,7 @@ def _log_too_small(path: str) -> str:
                 hdr = s.ram.alloc(16, PAGE)
                 s.ram.at(hdr, 16)[:] = REQ_HEADER.pack(T_IN, 0, 0)
                 st = s.ram.alloc(1, PAGE)
-                ring = s.fe.queues[0].ring
+                ring = s.ring()
                 ring.add([(hdr, 16, False), (top, PAGE, True), (st, 1, True)])
                 s.fe.kick(0)
                 deadline = time.monotonic() + SETTLE

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from ..frontend.blk import BlkClient
 from ..frontend.client import Frontend
-from ..frontend.ring import GuestRam
+from ..frontend.ring import DriverRing, GuestRam
 from ..protocol import ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MemRegion
 
@@ -71,6 +71,12 @@ class Session:
             return None
         self.fe.setup_queue(0, 64)
         return BlkClient(self.fe, 0, arena=1 << 20)
+
+    def ring(self) -> DriverRing:
+        """Queue 0's ring (split: the checks do not negotiate RING_PACKED)."""
+        ring = self.fe.queues[0].ring
+        assert isinstance(ring, DriverRing)
+        return ring
 
     def close(self) -> None:
         try:

@@ -19,7 +19,7 @@ from ..engine.pool import PooledService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
-from ..virtq.split import Chain
+from ..virtq.ring import Chain
 from .image import punch, read_into, write_from, zero
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from ..procfs import PROC_FD
 from ..protocol import ProtocolFeature
 from ..ratelog import Limited
 from ..virtq.iov import iov_read
-from ..virtq.split import Chain
+from ..virtq.ring import Chain
 
 log = logging.getLogger(__name__)
 

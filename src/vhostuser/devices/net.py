@@ -24,6 +24,7 @@ F_MAC = 1 << 5
 F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
 F_MQ = 1 << 22
+F_IN_ORDER = 1 << 35  # VIRTIO_F_IN_ORDER
 
 HDR_F_NEEDS_CSUM = 1
 GSO_NONE = 0
@@ -107,7 +108,9 @@ class NetPort(Device):
         return self.queue_pairs  # vhost-user-net reports queue *pairs* (QEMU, DPDK)
 
     def features(self) -> int:
-        return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ
+        # IN_ORDER: every queue's chains are returned in the order they were taken
+        # (net_rings.py completes each burst whole, in ring order)
+        return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ | F_IN_ORDER
 
     def set_features(self, features: int) -> None:
         self.negotiated = features

@@ -20,7 +20,7 @@ import numpy as np
 from ..engine.queue import DeviceQueue
 from ..virtq.burst import DirectBurst, scatter_frames
 from ..virtq.iov import iov_write
-from ..virtq.split import DESC_F_WRITE, Chain
+from ..virtq.ring import DESC_F_WRITE, Chain
 from .net import F_MRG_RXBUF, GSO_NONE, HDR_F_NEEDS_CSUM, NetPort, rx_header, tx_header_ok
 
 MAX_BURST = 256

@@ -27,7 +27,7 @@ from ..engine.queue import DeviceQueue
 from ..engine.worker import parent_only_fds
 from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
-from ..virtq.split import Chain
+from ..virtq.ring import Chain
 from .scsi_control import ControlSocket
 from .scsi_disk import (
     CHECK_CONDITION,

@@ -36,7 +36,7 @@ from ..engine.device import Carried, Events, QueueService, Timer
 from ..engine.queue import DeviceQueue
 from ..ratelog import Limited
 from ..virtq.iov import iov_read, iov_slice, iov_write
-from ..virtq.split import Chain
+from ..virtq.ring import Chain
 from .vsock import (
     HDR,
     HOST_CID,

@@ -41,7 +41,8 @@ from ..virtq import dirtylog
 from ..virtq.atomic import U16Array
 from ..virtq.dirtylog import DirtyLog, log_bytes_for
 from ..virtq.inflight import MAX_QUEUE_SIZE, area_bytes, queue_region_bytes
-from ..virtq.split import RingLayout
+from ..virtq.packed import MAX_SIZE as MAX_PACKED_SIZE
+from ..virtq.ring import RingLayout
 from .device import STATE_BYTES, Carried, ConfigError, Device
 from .notify import NoNotifier, Notifier
 from .worker import (
@@ -62,7 +63,8 @@ Resource = Any  # an fd for AF_UNIX; whatever the transport passes in place of o
 
 # Plain ints: in Python 3.11, ~ on an IntFlag inverts only the defined bits.
 TRANSPORT_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
-                         | VirtioFeature.RING_EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES)
+                         | VirtioFeature.RING_EVENT_IDX | VirtioFeature.RING_PACKED
+                         | VirtioFeature.PROTOCOL_FEATURES)
 ENGINE_PROTOCOL_FEATURES = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                                | ProtocolFeature.RESET_DEVICE
                                | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS)
@@ -589,11 +591,16 @@ class Backend:
 
     def _set_vring_num(self, pl: p.VringState, _fds: list[Resource]) -> None:
         v = self._vring(pl.index)
-        n = pl.num
-        if n == 0 or n > self.device.max_queue_size or n & (n - 1):
-            raise RequestError(f"queue size {n} is not a power of 2 up to "
-                               f"{self.device.max_queue_size}")
+        n, top = pl.num, self.device.max_queue_size
+        if self._packed():
+            if not 1 <= n <= min(top, MAX_PACKED_SIZE):
+                raise RequestError(f"packed queue size {n} is not in 1..{top}")
+        elif n == 0 or n > top or n & (n - 1):
+            raise RequestError(f"queue size {n} is not a power of 2 up to {top}")
         self._change(v, size=n)
+
+    def _packed(self) -> bool:
+        return bool(self.features & VirtioFeature.RING_PACKED)
 
     def _set_vring_addr(self, pl: p.VringAddr, _fds: list[Resource]) -> None:
         v = self._vring(pl.index)
@@ -605,7 +612,7 @@ class Backend:
 
     def _set_vring_base(self, pl: p.VringState, _fds: list[Resource]) -> None:
         v = self._vring(pl.index)
-        if pl.num > 0xFFFF:
+        if not self._packed() and pl.num > 0xFFFF:
             raise RequestError(f"split ring base {pl.num:#x} exceeds 16 bits")
         self._change(v, base=pl.num)
 
@@ -716,6 +723,7 @@ class Backend:
             return
         event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
         indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
+        packed = self._packed()
         dirty = self._logging()
         specs = []
         for r in ready:
@@ -723,7 +731,7 @@ class Backend:
             layout = RingLayout(r.size, r.addr.desc, r.addr.avail, r.addr.used)
             log_used = r.addr.log if dirty is not None and r.addr.flags & VRING_F_LOG else None
             params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us,
-                                 log_used)
+                                 log_used, packed)
             area = self.inflight.region(r) if self.inflight is not None else None
             specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err, area,
                                    dirty))
@@ -752,12 +760,22 @@ class Backend:
         for index, (last, broken) in stopped.items():
             r = self.vrings[index]
             r.broken = broken
-            r.base = last if last is not None else self._used_idx(r)
+            if last is not None:
+                r.base = last
+            elif self._packed():
+                # a packed ring keeps no used index the device could resume from: the
+                # driver's state is unknown, and the queue stops
+                log.error("queue %d: its worker died; a packed ring cannot be resumed "
+                          "without knowing where it stood: the queue stops", index)
+                r.broken = True
+                r.err.notify()
+            else:
+                r.base = self._used_idx(r)
         self.device.stopped(sorted(stopped))
 
     def _used_idx(self, v: Vring) -> int:
-        """A worker that died: resume from used->idx (exact for devices that complete in
-        order; one that completes out of order needs inflight tracking, issue 9)."""
+        """A worker that died: resume a split ring from used->idx (exact for devices that
+        complete in order; the in-flight area covers those that do not)."""
         assert v.addr is not None
         try:
             cells = U16Array(self.mem.uva(v.addr.used, 4))

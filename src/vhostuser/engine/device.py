@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..virtq.split import Chain
+from ..virtq.ring import Chain
 from .queue import DeviceQueue
 
 STATE_BYTES = 56  # what `Device.state` may keep

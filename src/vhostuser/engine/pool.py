@@ -17,7 +17,7 @@ import queue
 import threading
 from abc import abstractmethod
 
-from ..virtq.split import Chain
+from ..virtq.ring import Chain
 from .device import QueueService
 from .queue import DeviceQueue, ParentGone
 

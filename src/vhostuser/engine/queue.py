@@ -22,14 +22,26 @@ import threading
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from ..virtq.split import Chain, RingError, SplitQueue
+from ..memory import GuestMemory
+from ..virtq.packed import PackedQueue
+from ..virtq.ring import Chain, DeviceRing, RingError, RingLayout
+from ..virtq.split import SplitQueue
 from .notify import Notifier
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..virtq.burst import DirectBurst
+    from ..virtq.dirtylog import DirtyLog
     from ..virtq.inflight import SplitInflight
+
+
+def open_ring(mem: GuestMemory, layout: RingLayout, base: int, packed: bool, event_idx: bool,
+              indirect: bool, log: DirtyLog | None = None,
+              log_used: int | None = None) -> DeviceRing:
+    """The device side of a ring of either layout (RingError if it cannot run)."""
+    kind = PackedQueue if packed else SplitQueue
+    return kind(mem, layout, base, event_idx, indirect, log, log_used)
 
 
 class ParentGone(Exception):
@@ -37,14 +49,15 @@ class ParentGone(Exception):
 
 
 class DeviceQueue:
-    """One running split virtqueue as a device uses it."""
+    """One running virtqueue (split or packed) as a device uses it."""
 
     __slots__ = ("_chains", "_lens", "_ppid", "_redone", "_resubmit", "call", "completed",
                  "error", "index", "lock", "popped", "ring", "tracker")
 
-    def __init__(self, ring: SplitQueue, index: int, call: Notifier,
+    def __init__(self, ring: DeviceRing, index: int, call: Notifier,
                  ppid: int | None = None, tracker: SplitInflight | None = None) -> None:
-        """`tracker`: the queue's in-flight record, already recovered against `ring`."""
+        """`tracker`: the queue's in-flight record, already recovered against `ring` (a
+        split ring's)."""
         self.ring = ring  # for the burst helpers below; take and complete through this class
         self.index = index
         self.call = call
@@ -123,11 +136,13 @@ class DeviceQueue:
                 taken(h)
 
     def _pop_resubmitted(self, n: int) -> list[Chain]:
+        ring = self.ring
+        assert isinstance(ring, SplitQueue)  # tracked rings are split rings
         chains: list[Chain] = []
         while self._resubmit and len(chains) < n:
             head = self._resubmit[-1]
             try:
-                chains.append(self.ring.read_chain(head))
+                chains.append(ring.read_chain(head))
             except RingError as e:
                 self.error = e
                 break
@@ -140,7 +155,7 @@ class DeviceQueue:
         from the ring stays marked in flight: were the back-end to die now, the next one
         would count it among those taken and serve it again, the same thing."""
         from_ring = min(n, self.popped - len(self._redone))
-        self.ring.last_avail = (self.ring.last_avail - from_ring) & 0xFFFF
+        self.ring.unpop(from_ring)
         for _ in range(n - from_ring):
             self._resubmit.append(self._redone.pop())
         self.popped -= n
@@ -150,10 +165,13 @@ class DeviceQueue:
         them one by one, which also reports what is wrong with them."""
         from ..virtq.burst import pop_direct
 
+        ring = self.ring
+        if not isinstance(ring, SplitQueue):
+            return None
         n = min(n, self.available(), self._room())
-        if n <= 0 or self._resubmit or self.ring.log is not None:
+        if n <= 0 or self._resubmit or ring.log is not None:
             return None  # while writes are logged, chains know where their buffers are
-        burst = pop_direct(self.ring, n, flags)
+        burst = pop_direct(ring, n, flags)
         if burst is not None:
             self.popped += len(burst.heads)
             if self.tracker is not None:
@@ -195,15 +213,17 @@ class DeviceQueue:
         from ..virtq.burst import push_heads
 
         self._check_parent()
+        ring = self.ring
+        assert isinstance(ring, SplitQueue)  # bursts are a split ring's (pop_direct)
         tracker = self.tracker
         listed = heads.tolist() if tracker is not None else []
         if tracker is not None:
             tracker.link(listed)
-        push_heads(self.ring, heads, written)
+        push_heads(ring, heads, written)
         self.completed += len(heads)
-        wanted = self.ring.publish()
+        wanted = ring.publish()
         if tracker is not None:
-            tracker.settle(listed, self.ring.used_idx)
+            tracker.settle(listed, ring.used_idx)
         if wanted:
             self.call.notify()
 
@@ -229,19 +249,21 @@ class DeviceQueue:
         heads = [c.head for c in self._chains] if tracker is not None else []
         if tracker is not None:
             tracker.link(heads)
-        self.ring.push_batch(self._chains, self._lens)
+        ring = self.ring
+        ring.push_batch(self._chains, self._lens)
         self.completed += len(self._chains)
-        log = self.ring.log
+        log = ring.log
         if log is not None:  # live migration: the chains' buffers are dirty
             for c in self._chains:
                 if c.writable_at:
                     log.mark_all(c.writable_at)
         self._chains, self._lens = [], []
-        wanted = self.ring.publish()
+        wanted = ring.publish()
         if log is not None:
             log.logged()
         if tracker is not None:
-            tracker.settle(heads, self.ring.used_idx)
+            assert isinstance(ring, SplitQueue)
+            tracker.settle(heads, ring.used_idx)
         if wanted:
             self.call.notify()
 

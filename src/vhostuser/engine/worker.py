@@ -44,10 +44,11 @@ from typing import Protocol
 from ..memory import Buffer, GuestMemory
 from ..virtq.dirtylog import DirtyLog
 from ..virtq.inflight import SplitInflight, queue_region_bytes
-from ..virtq.split import RingError, RingLayout, SplitQueue
+from ..virtq.ring import DeviceRing, RingError, RingLayout
+from ..virtq.split import SplitQueue
 from .device import Carried, Device, QueueService
 from .notify import Notifier
-from .queue import DeviceQueue, ParentGone
+from .queue import DeviceQueue, ParentGone, open_ring
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ _WAITING = b"W"  # still quiescing: the device waits for requests in flight on t
 _WAITING_EVERY = 2.0  # s between those
 QUIESCE_PATIENCE = 120.0  # s a stopping worker may keep saying it is waiting
 MAX_CARRIED = 256 << 20  # bytes of state a worker may hand over
-_ENTRY = struct.Struct("<HHB")  # per queue: index, last avail index, broken flag
+_ENTRY = struct.Struct("<HIB")  # per queue: index, base (GET_VRING_BASE), broken flag
 _CARRY_BYTES = 32768  # state bytes per message
 _CARRY_FDS = 200  # fds per message (SCM_MAX_FD is 253)
 _PR_SET_PDEATHSIG = 1
@@ -81,11 +82,12 @@ parent_only_fds: set[int] = set()
 class QueueParams:
     index: int
     layout: RingLayout
-    last_avail: int
+    base: int  # where the ring resumes (SET_VRING_BASE)
     event_idx: bool
     indirect: bool
     spin_us: int = DEFAULT_SPIN_US
     log_used: int | None = None  # the used ring's guest-physical address, to log its writes
+    packed: bool = False  # VIRTIO_F_RING_PACKED
 
 
 @dataclass(frozen=True)
@@ -332,10 +334,11 @@ class _Events:
         return out
 
 
-def _track(spec: QueueSpec, ring: SplitQueue) -> tuple[SplitInflight | None, list[int]]:
+def _track(spec: QueueSpec, ring: DeviceRing) -> tuple[SplitInflight | None, list[int]]:
     """The queue's in-flight record, recovered against its ring, and the heads to serve
-    again (RingError if the record and the ring disagree)."""
-    if spec.inflight is None:
+    again (RingError if the record and the ring disagree). Packed rings are not tracked
+    (the in-flight area's packed layout is not implemented)."""
+    if spec.inflight is None or not isinstance(ring, SplitQueue):
         return None, []
     area, offset = spec.inflight
     with memoryview(area) as whole:
@@ -367,8 +370,9 @@ class _Group:
         for s in specs:
             i = s.params.index
             try:
-                ring = SplitQueue(mem, s.params.layout, s.params.last_avail, s.params.event_idx,
-                                  s.params.indirect, s.log, s.params.log_used)
+                ring = open_ring(mem, s.params.layout, s.params.base, s.params.packed,
+                                 s.params.event_idx, s.params.indirect, s.log,
+                                 s.params.log_used)
             except RingError as e:
                 log.error("%s queue %d: cannot start: %s", self.name, i, e)
                 self.broken.add(i)
@@ -556,7 +560,7 @@ class _Group:
         for s in self.specs:
             i = s.params.index
             sq = self.started.get(i)  # a queue that broke reports where it stopped
-            last = sq.ring.last_avail if sq is not None else s.params.last_avail
+            last = sq.ring.base() if sq is not None else s.params.base
             entries.append(_ENTRY.pack(i, last, i in self.broken))
         if carried is not None:
             try:

@@ -22,6 +22,7 @@ from ..protocol import (
 from ..protocol import payloads as p
 from ..shutdown import readable
 from ..transport.unix import UnixChannel, connect
+from .packed_ring import FRESH_BASE, PackedDriverRing
 from .ring import DriverRing, GuestRam
 
 F = FrontendReq
@@ -33,7 +34,7 @@ class BackendError(Exception):
 
 @dataclass
 class QueueState:
-    ring: DriverRing
+    ring: DriverRing | PackedDriverRing
     kick: int  # eventfd we write to kick
     call: int  # eventfd the back-end signals
 
@@ -123,11 +124,18 @@ class Frontend:
         self.call(F.SET_MEM_TABLE, p.MemTable((self.ram.region(),)), fds=(self.ram.fd,))
 
     def setup_queue(self, index: int, size: int = 128, enable: bool = True,
-                    base: int = 0) -> QueueState:
-        ring = DriverRing(self.ram, size, bool(self.features & VirtioFeature.RING_EVENT_IDX))
-        ring.avail_idx = ring.last_used = ring.kicked_at = base
-        ring.avail16.store(1, base)
-        ring.used16.store(1, base)
+                    base: int | None = None) -> QueueState:
+        """A new ring (packed if RING_PACKED was negotiated) at `base` (None: a fresh
+        ring's)."""
+        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        ring: DriverRing | PackedDriverRing
+        if self.features & VirtioFeature.RING_PACKED:
+            ring = PackedDriverRing(self.ram, size, event_idx)
+            base = FRESH_BASE if base is None else base
+        else:
+            ring = DriverRing(self.ram, size, event_idx)
+            base = base or 0
+        ring.start_at(base)
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         lay = ring.layout()

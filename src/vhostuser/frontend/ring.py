@@ -8,14 +8,8 @@ import struct
 
 from ..protocol.payloads import MemRegion
 from ..virtq.atomic import U16Array, full_barrier
-from ..virtq.split import (
-    AVAIL_F_NO_INTERRUPT,
-    DESC_F_INDIRECT,
-    DESC_F_NEXT,
-    DESC_F_WRITE,
-    USED_F_NO_NOTIFY,
-    RingLayout,
-)
+from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout
+from ..virtq.split import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY
 
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<II")
@@ -88,6 +82,12 @@ class DriverRing:
     def layout(self) -> RingLayout:
         uva = self.ram.uva
         return RingLayout(self.size, uva(self.desc_gpa), uva(self.avail_gpa), uva(self.used_gpa))
+
+    def start_at(self, base: int) -> None:
+        """Indices as SET_VRING_BASE carries them (nothing in flight)."""
+        self.avail_idx = self.last_used = self.kicked_at = base
+        self.avail16.store(1, base)
+        self.used16.store(1, base)
 
     # -- submitting --------------------------------------------------------------------------
 

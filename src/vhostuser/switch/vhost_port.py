@@ -17,7 +17,7 @@ from ..devices.net_rings import put_frames, take_frames
 from ..engine.backend import Backend
 from ..engine.device import Carried, Device
 from ..engine.notify import Notifier
-from ..engine.queue import DeviceQueue
+from ..engine.queue import DeviceQueue, open_ring
 from ..engine.worker import QueueSpec, Running, Stopped, parent_only_fds
 from ..framer import close_fds
 from ..memory import GuestMemory, MemoryTableError
@@ -31,7 +31,7 @@ from ..transport.unix import (
     listen,
 )
 from ..transport.vvu import VvuLink, VvuResources, split_message
-from ..virtq.split import RingError, SplitQueue
+from ..virtq.ring import RingError
 from ..vvu.abi import S_BACKEND_UP
 from .port import Port
 
@@ -74,7 +74,7 @@ class InlineGroup:
         out: Stopped = {i: (last, True) for i, last in self.broken.items()}
         for iq in self.queues:
             self.port.queues.pop(iq.index, None)
-            out[iq.index] = (iq.q.ring.last_avail, iq.broken)
+            out[iq.index] = (iq.q.ring.base(), iq.broken)
             iq.q.release()
         self.port.changed()
         return out
@@ -275,12 +275,12 @@ class VhostPort(Port):
         for s in specs:
             p = s.params
             try:
-                ring = SplitQueue(mem, p.layout, p.last_avail, p.event_idx, p.indirect,
-                                  s.log, p.log_used)
+                ring = open_ring(mem, p.layout, p.base, p.packed, p.event_idx, p.indirect,
+                                 s.log, p.log_used)
             except RingError as e:  # a ring outside guest memory: this queue stays stopped
                 log.error("%s queue %d: cannot start: %s", self.name, p.index, e)
                 s.err.notify()
-                broken[p.index] = p.last_avail
+                broken[p.index] = p.base
                 continue
             iq = InlineQueue(self, DeviceQueue(ring, p.index, s.call), s.kick_fd, s.err)
             if not iq.is_tx:  # buffers posted to rx need no kick: we look when a frame comes
@@ -320,5 +320,5 @@ class VhostPort(Port):
         st = super().status()
         st.update(socket=self.path or self.vvu, connected=self.backend is not None,
                   queues=sorted(i for i, iq in self.queues.items() if not iq.broken),
-                  mtu=self.device.mtu)
+                  mtu=self.device.mtu, features=f"{self.device.negotiated:#x}")
         return st

@@ -22,7 +22,8 @@ as untrusted as the ring: every index read from it is checked.
 
 from __future__ import annotations
 
-from .split import RingError, SplitQueue
+from .ring import RingError
+from .split import SplitQueue
 
 QUEUE_HEADER = 16
 ENTRY = 16

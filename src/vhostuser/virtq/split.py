@@ -10,19 +10,17 @@ avail_event; aligned 4).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
+from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Chain, RingError, RingLayout
+from .walk import BufferWalk
 
 if TYPE_CHECKING:
     from .burst import BurstArrays
     from .dirtylog import DirtyLog
 
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
@@ -30,50 +28,8 @@ _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 
 
-class RingError(Exception):
-    """The driver broke the virtqueue rules; the queue cannot go on."""
-
-
-@dataclass(frozen=True)
-class RingLayout:
-    """Where a split ring of `size` entries lives (front-end virtual addresses)."""
-
-    size: int
-    desc: int
-    avail: int
-    used: int
-
-    def desc_bytes(self) -> int:
-        return 16 * self.size
-
-    def avail_bytes(self) -> int:
-        return 6 + 2 * self.size
-
-    def used_bytes(self) -> int:
-        return 6 + 8 * self.size
-
-
-class Chain:
-    """One available descriptor chain: its head and its guest buffers, in order; while
-    writes are logged (live migration), where its writable buffers are (gpa, length)."""
-
-    __slots__ = ("head", "readable", "writable", "writable_at")
-
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
-                 writable_at: list[tuple[int, int]] | None = None) -> None:
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.writable_at = writable_at
-
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
-
-    def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
-
-
 def check_layout(layout: RingLayout, max_size: int = 32768) -> None:
+    """A split ring's size is a power of 2; its areas are aligned."""
     size = layout.size
     if size == 0 or size > max_size or size & (size - 1):
         raise RingError(f"queue size {size} is not a power of 2 in 1..{max_size}")
@@ -83,7 +39,7 @@ def check_layout(layout: RingLayout, max_size: int = 32768) -> None:
             raise RingError(f"{name} address {addr:#x} is not {align}-byte aligned")
 
 
-class SplitQueue:
+class SplitQueue(BufferWalk):
     """Device-side state of one split virtqueue over mapped guest memory."""
 
     def __init__(self, mem: GuestMemory, layout: RingLayout, last_avail: int,
@@ -93,16 +49,15 @@ class SplitQueue:
         returned, and the used ring at guest-physical `log_used` if given (the ring's
         VHOST_VRING_F_LOG)."""
         check_layout(layout)
+        size = layout.size
         try:
-            self.desc = mem.uva(layout.desc, layout.desc_bytes())
-            avail = mem.uva(layout.avail, layout.avail_bytes())
-            self.used = mem.uva(layout.used, layout.used_bytes())
+            self.desc = mem.uva(layout.desc, 16 * size)
+            avail = mem.uva(layout.avail, 6 + 2 * size)
+            self.used = mem.uva(layout.used, 6 + 8 * size)
         except GuestMemoryError as e:
             raise RingError(f"ring outside guest memory: {e}") from e
-        self.mem = mem
-        self.size = layout.size
+        self._init_walk(mem, size, indirect)
         self.event_idx = event_idx
-        self.indirect = indirect
         self.avail16 = U16Array(avail)
         self.used16 = U16Array(self.used)
         self.avail_ring = avail[4 : 4 + 2 * self.size].cast("H")
@@ -111,10 +66,6 @@ class SplitQueue:
         self.signalled_used: int | None = None  # used idx at the last notify decision
         self._used_event_i = 2 + self.size  # u16 index of used_event in the avail ring
         self._avail_event_i = 2 + 4 * self.size  # u16 index of avail_event in the used ring
-        # The memory table cannot change under a running queue (the engine restarts it),
-        # so the regions are snapshotted for the fast translation path.
-        self._regions = tuple((r.desc.guest_addr, r.gpa_end, r.view) for r in mem.regions)
-        self._hit = self._regions[0] if self._regions else (0, 0, memoryview(b""))
         self._burst: BurstArrays | None = None  # numpy views for burst.py, made on demand
         self.log = log
         self.log_used = log_used
@@ -141,9 +92,12 @@ class SplitQueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self.read_chain(head)
 
-    def unpop(self) -> None:
-        """Give the chain popped last back to the ring, unused."""
-        self.last_avail = (self.last_avail - 1) & 0xFFFF
+    def unpop(self, n: int = 1) -> None:
+        """Give the `n` chains popped last back to the ring, unused."""
+        self.last_avail = (self.last_avail - n) & 0xFFFF
+
+    def base(self) -> int:
+        return self.last_avail
 
     def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
         """Pop `n` available chains; on a broken one, those before it and the error."""
@@ -208,39 +162,6 @@ class SplitQueue:
             if not flags & DESC_F_NEXT:
                 return Chain(head, readable, writable, at)
             i = nxt
-
-    def _indirect_table(self, head: int, addr: int, length: int, flags: int,
-                        nested: bool) -> memoryview:
-        if not self.indirect:
-            raise RingError(f"chain {head}: indirect descriptor not negotiated")
-        if nested:
-            raise RingError(f"chain {head}: nested indirect table")
-        if flags & DESC_F_NEXT:
-            raise RingError(f"chain {head}: indirect descriptor with NEXT")
-        if length == 0 or length % 16:
-            raise RingError(f"chain {head}: indirect table length {length} "
-                            "is not a non-zero multiple of 16")
-        if length >> 4 > self.size:
-            raise RingError(f"chain {head}: indirect table of {length >> 4} entries, "
-                            f"more than {self.size} descriptors")
-        try:
-            return self.mem.gpa(addr, length)
-        except GuestMemoryError as e:
-            raise RingError(f"chain {head}: indirect table: {e}") from e
-
-    def _translate(self, head: int, addr: int, length: int) -> list[memoryview]:
-        """Off the last region: scan the (few) regions, else the general path (which also
-        splits a buffer spanning adjoining regions). Remembers the region hit."""
-        end = addr + length
-        for hit in self._regions:
-            lo, hi, view = hit
-            if lo <= addr and end <= hi:
-                self._hit = hit
-                return [view[addr - lo : end - lo]]
-        try:
-            return self.mem.gpa_iov(addr, length)
-        except GuestMemoryError as e:
-            raise RingError(f"chain {head}: {e}") from e
 
     # -- used side ------------------------------------------------------------------------
 
@@ -307,5 +228,4 @@ class SplitQueue:
         self.used16.release()
         self.desc.release()
         self.used.release()
-        self._regions = ()
-        self._hit = (0, 0, memoryview(b""))
+        self._release_walk()

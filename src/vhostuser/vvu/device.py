@@ -18,7 +18,8 @@ import uuid as uuidlib
 from ..memory import GuestMemory, MemoryTableError
 from ..protocol.payloads import MemRegion
 from ..virtq.iov import iov_write
-from ..virtq.split import RingError, RingLayout, SplitQueue
+from ..virtq.ring import RingError, RingLayout
+from ..virtq.split import SplitQueue
 from .abi import (
     CFG_DOORBELL,
     CFG_NOTIFICATION,
