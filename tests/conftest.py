@@ -33,6 +33,7 @@ MODULE_MARKERS = {
     "test_check": ["daemon"],
     "test_split_ring": ["unit"],
     "test_packed_ring": ["unit"],
+    "test_inflight_packed": ["unit"],
     "test_packed_daemon": ["daemon"],
     "test_inflight": ["unit"],
     "test_inflight_daemon": ["daemon"],

@@ -5,13 +5,16 @@ test_qemu_packed.py and test_switch_dpdk.py)."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from daemon import BLK_FEATURES, Daemon, blk_session
 
 from vhostuser.frontend.blk import T_IN, T_OUT
 from vhostuser.frontend.packed_ring import PackedDriverRing
+from vhostuser.frontend.ring import GuestRam
 from vhostuser.protocol import VirtioFeature
 from vhostuser.virtq.packed import split_base
 
@@ -69,3 +72,71 @@ def test_multiqueue_packed(blk_daemon: Callable[..., Daemon]) -> None:
             assert blk.write(1000 + q, data) == OK
         for q, blk in enumerate(blks):
             assert blk.read(1000 + q, 512) == (OK, bytes([q]) * 512)
+
+
+# -- rings that break the rules: the queue stops, the daemon serves on ----------------------
+
+AVAIL, USED, NEXT, WRITE, INDIRECT = 0x80, 0x8000, 1, 2, 4
+DESC = struct.Struct("<QIHH")  # addr, len, id, flags (virtio 1.1+ §2.8)
+
+
+def malicious(d: Daemon, build: Callable[[PackedDriverRing, GuestRam], None], log: str,
+              stops: bool = True) -> None:
+    fe, _ = blk_session(d.sock, features=PACKED, size=8)
+    with fe:
+        ring = fe.queues[0].ring
+        assert isinstance(ring, PackedDriverRing)
+        build(ring, fe.ram)
+        fe.kick(0)
+        with pytest.raises(TimeoutError):  # nothing completes
+            fe.wait_used(0, timeout=1.0)
+        if stops:
+            d.wait_log(log)
+        else:
+            assert log not in d.log()
+        assert d.alive()
+    fe, (blk,) = blk_session(d.sock, features=PACKED, size=8)
+    with fe:
+        assert blk.read(1, 512)[0] == OK
+
+
+def test_a_chain_longer_than_the_ring(blk_daemon: Callable[..., Daemon]) -> None:
+    def build(ring: PackedDriverRing, ram: GuestRam) -> None:
+        hdr = ram.alloc(16)
+        for i in range(8):  # every descriptor available and chained: no end
+            DESC.pack_into(ring.desc, 16 * i, hdr, 16, 0, AVAIL | NEXT)
+    malicious(blk_daemon(), build, "longer than the ring")
+
+
+def test_a_buffer_outside_guest_memory(blk_daemon: Callable[..., Daemon],
+                                       image: Path) -> None:
+    before = image.read_bytes()
+
+    def build(ring: PackedDriverRing, ram: GuestRam) -> None:
+        hdr = ram.alloc(16)
+        ram.at(hdr, 16)[:] = struct.pack("<IIQ", 1, 0, 0)  # a write...
+        DESC.pack_into(ring.desc, 16, 0x7FFF_0000_0000, 4096, 0, AVAIL | NEXT)  # ...of this
+        DESC.pack_into(ring.desc, 32, ram.alloc(1), 1, 0, AVAIL | WRITE)
+        DESC.pack_into(ring.desc, 0, hdr, 16, 0, AVAIL | NEXT)
+    malicious(blk_daemon(), build, "is not mapped")
+    assert image.read_bytes() == before
+
+
+def test_a_nested_indirect_table(blk_daemon: Callable[..., Daemon]) -> None:
+    def build(ring: PackedDriverRing, ram: GuestRam) -> None:
+        table = ram.alloc(32)
+        DESC.pack_into(ram.at(table, 32), 0, ram.alloc(16), 16, 0, 0)
+        DESC.pack_into(ram.at(table, 32), 16, table, 32, 0, INDIRECT)
+        DESC.pack_into(ring.desc, 0, table, 32, 0, AVAIL | INDIRECT)
+    malicious(blk_daemon(), build, "nested indirect table")
+
+
+def test_descriptors_of_the_wrong_pass_are_not_taken(blk_daemon: Callable[..., Daemon]) -> None:
+    """A descriptor marked available for the second pass (AVAIL clear, USED set) or used
+    (both set) on the first is not available: nothing is served, nothing breaks."""
+    def build(ring: PackedDriverRing, ram: GuestRam) -> None:
+        hdr = ram.alloc(16)
+        ram.at(hdr, 16)[:] = struct.pack("<IIQ", 0, 0, 0)
+        DESC.pack_into(ring.desc, 0, hdr, 16, 0, USED | NEXT)
+        DESC.pack_into(ring.desc, 16, ram.alloc(1), 1, 0, AVAIL | USED | WRITE)
+    malicious(blk_daemon(), build, "queue 0: stopped", stops=False)

@@ -154,20 +154,22 @@ class Vring:
 @dataclass
 class InflightArea:
     """The front-end's in-flight area (INFLIGHT_SHMFD): one region per queue, each sized
-    for `queue_size` descriptors (virtq/inflight.py)."""
+    for `queue_size` descriptors, laid out for split or packed rings as negotiated when the
+    front-end asked for it (virtq/inflight.py, virtq/inflight_packed.py)."""
 
     mapping: Buffer
     num_queues: int
     queue_size: int
     res: Resource = None  # ours, made for GET_INFLIGHT_FD: kept until the area goes
     has_state: bool = True  # the state block is there (an area of ours, not an older one)
+    packed: bool = False
 
     # After the queues' regions, the device's state (Device.state): magic, u16 length, pad,
     # the bytes. Ours: a front-end keeps the area whole without reading it.
     STATE_MAGIC = b"VUST"
 
     def _state_view(self) -> memoryview:
-        at = area_bytes(self.num_queues, self.queue_size)
+        at = area_bytes(self.num_queues, self.queue_size, self.packed)
         return memoryview(self.mapping)[at : at + STATE_BLOCK]
 
     def save_state(self, state: bytes) -> None:
@@ -188,12 +190,17 @@ class InflightArea:
             n = int.from_bytes(v[4:6], "little")
             return bytes(v[8 : 8 + n]) if n <= STATE_BYTES else None
 
-    def region(self, v: Vring) -> tuple[Buffer, int] | None:
+    def region(self, v: Vring, packed: bool) -> tuple[Buffer, int] | None:
         if v.index >= self.num_queues or v.size > self.queue_size:
             log.error("queue %d (size %d) is outside the in-flight area (%d queues of %d): "
                       "not tracked", v.index, v.size, self.num_queues, self.queue_size)
             return None
-        return self.mapping, v.index * queue_region_bytes(self.queue_size)
+        if packed != self.packed:
+            log.error("queue %d: the in-flight area is laid out for %s rings, the ring is "
+                      "%s: not tracked", v.index, "packed" if self.packed else "split",
+                      "packed" if packed else "split")
+            return None
+        return self.mapping, v.index * queue_region_bytes(self.queue_size, packed)
 
 
 class Backend:
@@ -468,10 +475,14 @@ class Backend:
                                f"{self.device.num_queues}")
         qs = pl.queue_size
         limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
-        if qs == 0 or qs > limit or qs & (qs - 1):
+        if self._packed():
+            if not 1 <= qs <= limit:
+                raise RequestError(f"in-flight area for packed queues of {qs}: not in "
+                                   f"1..{limit}")
+        elif qs == 0 or qs > limit or qs & (qs - 1):
             raise RequestError(f"in-flight area for queues of {qs}: not a power of 2 up to "
                                f"{limit}")
-        return area_bytes(pl.num_queues, qs)
+        return area_bytes(pl.num_queues, qs, self._packed())
 
     def _get_inflight_fd(self, pl: p.Inflight, _fds: list[Resource]) -> Message | p.Inflight:
         try:
@@ -483,7 +494,8 @@ class Backend:
             log.error("GET_INFLIGHT_FD refused: %s", e)
             return p.Inflight(0, 0, pl.num_queues, pl.queue_size)
         self._drop_inflight()
-        self.inflight = InflightArea(mapping, pl.num_queues, pl.queue_size, res)
+        self.inflight = InflightArea(mapping, pl.num_queues, pl.queue_size, res,
+                                     packed=self._packed())
         self._save_state()
         return Message(0, p.Inflight(size, 0, pl.num_queues, pl.queue_size), fds=(res,))
 
@@ -499,7 +511,7 @@ class Backend:
                                     pl.mmap_offset)  # fds[0]: closed by handle()
         self._drop_inflight()
         self.inflight = area = InflightArea(mapping, pl.num_queues, pl.queue_size,
-                                            has_state=has_state)
+                                            has_state=has_state, packed=self._packed())
         state = area.saved_state()
         if state is not None and state != self.device.state():  # the last back-end's
             try:
@@ -732,7 +744,7 @@ class Backend:
             log_used = r.addr.log if dirty is not None and r.addr.flags & VRING_F_LOG else None
             params = QueueParams(r.index, layout, r.base, event_idx, indirect, self.poll_us,
                                  log_used, packed)
-            area = self.inflight.region(r) if self.inflight is not None else None
+            area = self.inflight.region(r, packed) if self.inflight is not None else None
             specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err, area,
                                    dirty))
         carried = self.carried.pop(g, None)

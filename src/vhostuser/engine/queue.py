@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory
+from ..virtq.inflight import SplitInflight
 from ..virtq.packed import PackedQueue
 from ..virtq.ring import Chain, DeviceRing, RingError, RingLayout
 from ..virtq.split import SplitQueue
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
     from ..virtq.burst import DirectBurst
     from ..virtq.dirtylog import DirtyLog
-    from ..virtq.inflight import SplitInflight
+    from ..virtq.inflight import InflightRecord
 
 
 def open_ring(mem: GuestMemory, layout: RingLayout, base: int, packed: bool, event_idx: bool,
@@ -51,13 +52,12 @@ class ParentGone(Exception):
 class DeviceQueue:
     """One running virtqueue (split or packed) as a device uses it."""
 
-    __slots__ = ("_chains", "_lens", "_ppid", "_redone", "_resubmit", "call", "completed",
-                 "error", "index", "lock", "popped", "ring", "tracker")
+    __slots__ = ("_chains", "_lens", "_ppid", "_recent", "_redone", "_resubmit", "call",
+                 "completed", "error", "index", "lock", "popped", "ring", "tracker")
 
     def __init__(self, ring: DeviceRing, index: int, call: Notifier,
-                 ppid: int | None = None, tracker: SplitInflight | None = None) -> None:
-        """`tracker`: the queue's in-flight record, already recovered against `ring` (a
-        split ring's)."""
+                 ppid: int | None = None, tracker: InflightRecord | None = None) -> None:
+        """`tracker`: the queue's in-flight record, already recovered against `ring`."""
         self.ring = ring  # for the burst helpers below; take and complete through this class
         self.index = index
         self.call = call
@@ -72,13 +72,15 @@ class DeviceQueue:
         # worker's thread.
         self.lock: threading.Lock | None = None
         self.tracker = tracker
-        self._resubmit: list[int] = []  # heads left in flight by a dead back-end, oldest last
+        # chains left in flight by a dead back-end (the tracker's names), oldest last
+        self._resubmit: list[int] = []
         self._redone: list[int] = []  # those handed out again, in order
+        self._recent: list[Chain] = []  # tracked: the chains taken from the ring lately
 
-    def resubmit(self, heads: list[int]) -> None:
-        """Hand these chains (heads oldest first, still marked in flight) out again before
+    def resubmit(self, items: list[int]) -> None:
+        """Hand these chains (oldest first, still marked in flight) out again before
         anything new from the ring."""
-        self._resubmit = heads[::-1]
+        self._resubmit = items[::-1]
 
     @property
     def inflight(self) -> int:
@@ -117,32 +119,38 @@ class DeviceQueue:
         if self._resubmit:
             return self._pop_resubmitted(avail)
         chains, error = self.ring.pop_batch(avail)
-        self.popped += len(chains)
         if error is not None:
             self.error = error
-        if self.tracker is not None:
-            self._mark_taken([c.head for c in chains])
+        if self.tracker is not None and chains and not self._mark_taken(chains):
+            return []
+        self.popped += len(chains)
         return chains
 
-    def _mark_taken(self, heads: list[int]) -> None:
+    def _mark_taken(self, chains: list[Chain]) -> bool:
         """Record chains taken in the in-flight area. Under the lock if completions come
         from other threads: between publishing a batch and clearing its flags, the driver
         may already have made one of its heads available again, and its new mark must not
-        be cleared."""
+        be cleared. False if the area is broken (the chains go back; the queue stops)."""
         assert self.tracker is not None
-        taken = self.tracker.taken
         with self.lock or nullcontext():
-            for h in heads:
-                taken(h)
+            try:
+                self.tracker.take(chains)
+            except RingError as e:
+                self.error = e
+                self.ring.unpop(len(chains))
+                return False
+        self._recent += chains
+        if len(self._recent) > 2 * self.ring.size:
+            del self._recent[: self.ring.size]
+        return True
 
     def _pop_resubmitted(self, n: int) -> list[Chain]:
-        ring = self.ring
-        assert isinstance(ring, SplitQueue)  # tracked rings are split rings
+        assert self.tracker is not None
         chains: list[Chain] = []
         while self._resubmit and len(chains) < n:
-            head = self._resubmit[-1]
+            item = self._resubmit[-1]
             try:
-                chains.append(ring.read_chain(head))
+                chains.append(self.tracker.reread(item))
             except RingError as e:
                 self.error = e
                 break
@@ -151,10 +159,13 @@ class DeviceQueue:
         return chains
 
     def unpop(self, n: int = 1) -> None:
-        """Give back the `n` chains taken last, untouched (not completed). A chain taken
-        from the ring stays marked in flight: were the back-end to die now, the next one
-        would count it among those taken and serve it again, the same thing."""
+        """Give back the `n` chains taken last, untouched (not completed)."""
         from_ring = min(n, self.popped - len(self._redone))
+        if self.tracker is not None and from_ring:
+            back = self._recent[-from_ring:]
+            del self._recent[-from_ring:]
+            with self.lock or nullcontext():
+                self.tracker.untake(back)
         self.ring.unpop(from_ring)
         for _ in range(n - from_ring):
             self._resubmit.append(self._redone.pop())
@@ -174,8 +185,12 @@ class DeviceQueue:
         burst = pop_direct(ring, n, flags)
         if burst is not None:
             self.popped += len(burst.heads)
-            if self.tracker is not None:
-                self._mark_taken(burst.heads.tolist())
+            tracker = self.tracker
+            if tracker is not None:
+                assert isinstance(tracker, SplitInflight)  # bursts are a split ring's
+                with self.lock or nullcontext():
+                    for h in burst.heads.tolist():
+                        tracker.taken(h)
         return burst
 
     # -- completing ----------------------------------------------------------------------------
@@ -216,6 +231,7 @@ class DeviceQueue:
         ring = self.ring
         assert isinstance(ring, SplitQueue)  # bursts are a split ring's (pop_direct)
         tracker = self.tracker
+        assert tracker is None or isinstance(tracker, SplitInflight)
         listed = heads.tolist() if tracker is not None else []
         if tracker is not None:
             tracker.link(listed)
@@ -245,12 +261,11 @@ class DeviceQueue:
             self.error = RingError("the device completed more chains than it took")
             return
         self._check_parent()
-        tracker = self.tracker
-        heads = [c.head for c in self._chains] if tracker is not None else []
+        tracker, ring = self.tracker, self.ring
         if tracker is not None:
-            tracker.link(heads)
-        ring = self.ring
-        ring.push_batch(self._chains, self._lens)
+            tracker.push(self._chains, self._lens)
+        else:
+            ring.push_batch(self._chains, self._lens)
         self.completed += len(self._chains)
         log = ring.log
         if log is not None:  # live migration: the chains' buffers are dirty
@@ -262,8 +277,7 @@ class DeviceQueue:
         if log is not None:
             log.logged()
         if tracker is not None:
-            assert isinstance(ring, SplitQueue)
-            tracker.settle(heads, ring.used_idx)
+            tracker.published()
         if wanted:
             self.call.notify()
 

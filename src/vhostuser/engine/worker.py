@@ -43,7 +43,10 @@ from typing import Protocol
 
 from ..memory import Buffer, GuestMemory
 from ..virtq.dirtylog import DirtyLog
-from ..virtq.inflight import SplitInflight, queue_region_bytes
+from ..virtq.inflight import InflightRecord, SplitInflight, queue_region_bytes
+from ..virtq.inflight_packed import PackedInflight
+from ..virtq.inflight_packed import queue_region_bytes as packed_region_bytes
+from ..virtq.packed import PackedQueue
 from ..virtq.ring import DeviceRing, RingError, RingLayout
 from ..virtq.split import SplitQueue
 from .device import Carried, Device, QueueService
@@ -334,18 +337,23 @@ class _Events:
         return out
 
 
-def _track(spec: QueueSpec, ring: DeviceRing) -> tuple[SplitInflight | None, list[int]]:
-    """The queue's in-flight record, recovered against its ring, and the heads to serve
-    again (RingError if the record and the ring disagree). Packed rings are not tracked
-    (the in-flight area's packed layout is not implemented)."""
-    if spec.inflight is None or not isinstance(ring, SplitQueue):
+def _track(spec: QueueSpec, ring: DeviceRing) -> tuple[InflightRecord | None, list[int]]:
+    """The queue's in-flight record, recovered against its ring, and the chains to serve
+    again (RingError if the record and the ring disagree)."""
+    if spec.inflight is None:
         return None, []
     area, offset = spec.inflight
+    tracker: SplitInflight | PackedInflight
     with memoryview(area) as whole:
-        tracker = SplitInflight(whole[offset : offset + queue_region_bytes(ring.size)],
-                                ring.size)
+        if isinstance(ring, PackedQueue):
+            tracker = PackedInflight(whole[offset : offset + packed_region_bytes(ring.size)],
+                                     ring.size)
+        else:
+            assert isinstance(ring, SplitQueue)
+            tracker = SplitInflight(whole[offset : offset + queue_region_bytes(ring.size)],
+                                    ring.size)
     try:
-        return tracker, tracker.recover(ring)
+        return tracker, tracker.recover(ring)  # type: ignore[arg-type]  # paired above
     except RingError:
         tracker.release()
         raise
@@ -378,6 +386,7 @@ class _Group:
                 self.broken.add(i)
                 s.err.notify()
                 continue
+            base = ring.base()
             try:
                 tracker, again = _track(s, ring)
             except RingError as e:
@@ -386,6 +395,9 @@ class _Group:
                 self.broken.add(i)
                 s.err.notify()
                 continue
+            if ring.base() != base:
+                log.info("%s queue %d: resumes at %#x, where the in-flight area says it stood "
+                         "(the front-end said %#x)", self.name, i, ring.base(), base)
             q = self.queues[i] = self.started[i] = DeviceQueue(ring, i, s.call, ppid, tracker)
             if again:
                 log.info("%s queue %d: %d request(s) left in flight by the last back-end: "

@@ -22,7 +22,10 @@ as untrusted as the ring: every index read from it is checked.
 
 from __future__ import annotations
 
-from .ring import RingError
+from typing import Protocol
+
+from . import inflight_packed
+from .ring import Chain, RingError
 from .split import SplitQueue
 
 QUEUE_HEADER = 16
@@ -32,19 +35,49 @@ VERSION = 1
 MAX_QUEUE_SIZE = 32768
 
 
-def queue_region_bytes(queue_size: int) -> int:
+def queue_region_bytes(queue_size: int, packed: bool = False) -> int:
     """Bytes one queue's region takes (padded to 64)."""
+    if packed:
+        return inflight_packed.queue_region_bytes(queue_size)
     return -(-(QUEUE_HEADER + ENTRY * queue_size) // ALIGN) * ALIGN
 
 
-def area_bytes(num_queues: int, queue_size: int) -> int:
-    return num_queues * queue_region_bytes(queue_size)
+def area_bytes(num_queues: int, queue_size: int, packed: bool = False) -> int:
+    return num_queues * queue_region_bytes(queue_size, packed)
+
+
+class InflightRecord(Protocol):
+    """One queue's region of the in-flight area as a running queue uses it (bound to its
+    ring by `recover`). Chains to serve again are named by an int of the layout's."""
+
+    def take(self, chains: list[Chain]) -> None:
+        """The device took `chains` from the ring (RingError: the region is broken)."""
+        ...
+
+    def untake(self, chains: list[Chain]) -> None:
+        """The chains taken last go back to the ring unused."""
+        ...
+
+    def push(self, chains: list[Chain], written: list[int]) -> None:
+        """Return chains into the ring (instead of the ring's own push_batch)."""
+        ...
+
+    def published(self) -> None:
+        """The ring published what was pushed."""
+        ...
+
+    def reread(self, item: int) -> Chain:
+        """A chain the last back-end left in flight, to serve again."""
+        ...
+
+    def release(self) -> None: ...
 
 
 class SplitInflight:
     """One split queue's region of the in-flight area, as the device side keeps it."""
 
-    __slots__ = ("_counters", "_flags", "_head16", "_next16", "_region", "counter", "size")
+    __slots__ = ("_batch", "_counters", "_flags", "_head16", "_next16", "_region", "counter",
+                 "ring", "size")
 
     def __init__(self, region: memoryview, ring_size: int) -> None:
         if len(region) < queue_region_bytes(ring_size):
@@ -60,6 +93,8 @@ class SplitInflight:
         self._next16 = entries.cast("H")  # u16 8 i + 3: next of head i
         self._counters = entries.cast("Q")  # u64 2 i + 1: counter of head i
         self.counter = 0
+        self.ring: SplitQueue | None = None
+        self._batch: list[int] = []
 
     # -- at start ------------------------------------------------------------------------------
 
@@ -67,6 +102,7 @@ class SplitInflight:
         """Bring the region in line with `ring` (just created, at the front-end's base) and
         return the heads to serve again, oldest first. The ring then resumes past them:
         used->idx plus their number. A region the ring contradicts raises RingError."""
+        self.ring = ring
         h, size = self._head16, self.size
         used = ring.used_idx
         if h[0] != 0 and h[0] != VERSION:
@@ -109,6 +145,29 @@ class SplitInflight:
 
     # -- running -------------------------------------------------------------------------------
 
+    def take(self, chains: list[Chain]) -> None:
+        for c in chains:
+            self.taken(c.head)
+
+    def untake(self, chains: list[Chain]) -> None:
+        """Nothing: a chain given back stays marked; were the back-end to die now, the next
+        one would count it among those taken and serve it again, the same thing."""
+
+    def push(self, chains: list[Chain], written: list[int]) -> None:
+        assert self.ring is not None
+        self._batch = [c.head for c in chains]
+        self.link(self._batch)
+        self.ring.push_batch(chains, written)
+
+    def published(self) -> None:
+        assert self.ring is not None
+        self.settle(self._batch, self.ring.used_idx)
+        self._batch = []
+
+    def reread(self, item: int) -> Chain:
+        assert self.ring is not None
+        return self.ring.read_chain(item)
+
     def taken(self, head: int) -> None:
         """The device took chain `head` from the avail ring."""
         self._counters[2 * head + 1] = self.counter
@@ -131,5 +190,6 @@ class SplitInflight:
         self._head16[3] = used_idx
 
     def release(self) -> None:
+        self.ring = None
         for v in (self._counters, self._next16, self._flags, self._head16, self._region):
             v.release()

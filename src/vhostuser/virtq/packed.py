@@ -166,14 +166,14 @@ class PackedQueue(BufferWalk):
         memory. It must (still) be available: a driver that takes one back breaks the
         rules."""
         size = self.size
-        pos, wrap = self.next_avail, self.avail_wrap
+        start = pos = self.next_avail
+        wrap = self.avail_wrap
         if not self._is_avail(pos, wrap):
             raise RingError(f"descriptor {pos} is not available (any more)")
         unpack, desc = _DESC.unpack_from, self.desc
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         at: list[tuple[int, int]] | None = [] if self.log is not None else None
-        lo, hi, view = self._hit
         n = 0
         while True:
             addr, length, bid, flags = unpack(desc, pos << 4)
@@ -181,25 +181,7 @@ class PackedQueue(BufferWalk):
             pos += 1
             if pos == size:
                 pos, wrap = 0, wrap ^ 1
-            if flags & DESC_F_INDIRECT:
-                self._walk_indirect(bid, addr, length, flags, readable, writable, at)
-                lo, hi, view = self._hit
-            elif length:
-                if lo <= addr and addr + length <= hi:
-                    bufs = [view[addr - lo : addr + length - lo]]
-                else:
-                    bufs = self._translate(bid, addr, length)
-                    lo, hi, view = self._hit
-                if flags & DESC_F_WRITE:
-                    writable += bufs
-                    if at is not None:
-                        at.append((addr, length))
-                elif writable:
-                    raise RingError(f"chain {bid}: readable descriptor after a writable one")
-                else:
-                    readable += bufs
-            elif writable and not flags & DESC_F_WRITE:
-                raise RingError(f"chain {bid}: readable descriptor after a writable one")
+            self._add(bid, addr, length, flags, readable, writable, at)
             if not flags & DESC_F_NEXT:
                 break
             if n >= size:
@@ -213,7 +195,43 @@ class PackedQueue(BufferWalk):
             self._ready_descs -= n
             if self._ready_descs < 0 or (self._ready == 0) != (self._ready_descs == 0):
                 self._ready = self._ready_descs = 0  # the driver rewrote what was counted
-        return Chain(bid, readable, writable, at, n)
+        chain = Chain(bid, readable, writable, at, n)
+        chain.token = start
+        return chain
+
+    def _add(self, bid: int, addr: int, length: int, flags: int, readable: list[memoryview],
+             writable: list[memoryview], at: list[tuple[int, int]] | None) -> None:
+        """One descriptor's buffer (or an indirect table's) onto the chain's lists."""
+        if flags & DESC_F_INDIRECT:
+            self._walk_indirect(bid, addr, length, flags, readable, writable, at)
+            return
+        if length:
+            lo, hi, view = self._hit
+            if lo <= addr and addr + length <= hi:
+                bufs = [view[addr - lo : addr + length - lo]]
+            else:
+                bufs = self._translate(bid, addr, length)
+            if flags & DESC_F_WRITE:
+                writable += bufs
+                if at is not None:
+                    at.append((addr, length))
+                return
+            if not writable:
+                readable += bufs
+                return
+        elif flags & DESC_F_WRITE or not writable:
+            return
+        raise RingError(f"chain {bid}: readable descriptor after a writable one")
+
+    def rebuild(self, bid: int, descs: list[tuple[int, int, int]]) -> Chain:
+        """A chain from copies of its descriptors (addr, len, flags), as the in-flight
+        area keeps them; checked as if read from the ring."""
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        at: list[tuple[int, int]] | None = [] if self.log is not None else None
+        for addr, length, flags in descs:
+            self._add(bid, addr, length, flags, readable, writable, at)
+        return Chain(bid, readable, writable, at, len(descs))
 
     def _walk_indirect(self, bid: int, addr: int, length: int, flags: int,
                        readable: list[memoryview], writable: list[memoryview],
@@ -238,6 +256,26 @@ class PackedQueue(BufferWalk):
         finally:
             table.release()
 
+    def descriptor(self, pos: int) -> tuple[int, int, int, int]:
+        """Ring descriptor `pos`: addr, len, id, flags."""
+        addr, length, bid, flags = _DESC.unpack_from(self.desc, pos << 4)
+        return addr, length, bid, flags
+
+    def used_at(self, pos: int, wrap: int, bid: int | None = None) -> bool:
+        """Whether descriptor `pos` is a used one written on a pass with `wrap` (and, if
+        given, for buffer `bid`)."""
+        _, _, got, flags = self.descriptor(pos)
+        return (flags & _AVAIL_BITS == (_AVAIL_BITS if wrap else 0)
+                and (bid is None or got == bid))
+
+    def resume(self, avail: int, avail_wrap: int, used: int, used_wrap: int) -> None:
+        """Move to these positions (in-flight recovery: the area knows better than the
+        front-end's base)."""
+        self.next_avail, self.avail_wrap = avail, avail_wrap
+        self.next_used, self.used_wrap = used, used_wrap
+        self._ready = self._ready_descs = 0
+        self._taken.clear()
+
     # -- used side ------------------------------------------------------------------------
 
     def push_batch(self, chains: list[Chain], written: list[int]) -> None:
@@ -255,6 +293,22 @@ class PackedQueue(BufferWalk):
             pos += c.ndesc
             if pos >= size:
                 pos, wrap = pos - size, wrap ^ 1
+        self.next_used, self.used_wrap = pos, wrap
+
+    def push_now(self, chain: Chain, written: int) -> None:
+        """Return one chain, visible to the driver at once (the flags store is the last);
+        in-flight tracking commits chains one at a time."""
+        if self._first is not None:
+            pos, flags = self._first
+            self._first = None
+            self.desc16.store(8 * pos + 7, flags)
+        pos, wrap = self.next_used, self.used_wrap
+        _USED.pack_into(self.desc, 16 * pos + 8, written, chain.head)
+        self.desc16.store(8 * pos + 7, (_AVAIL_BITS if wrap else 0)
+                          | (DESC_F_WRITE if written else 0))
+        pos += chain.ndesc
+        if pos >= self.size:
+            pos, wrap = pos - self.size, wrap ^ 1
         self.next_used, self.used_wrap = pos, wrap
 
     def _position(self, pos: int, wrap: int) -> int:

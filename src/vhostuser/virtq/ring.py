@@ -36,9 +36,10 @@ class Chain:
     """One available descriptor chain: its head (split: the head descriptor's index;
     packed: the buffer id) and its guest buffers, in order; `ndesc`: the ring descriptors
     it took (a packed ring's used side skips as many); while writes are logged (live
-    migration), where its writable buffers are (gpa, length)."""
+    migration), where its writable buffers are (gpa, length). `token`: the ring's own
+    (packed: where the chain starts in the ring, then its entry in the in-flight area)."""
 
-    __slots__ = ("head", "ndesc", "readable", "writable", "writable_at")
+    __slots__ = ("head", "ndesc", "readable", "token", "writable", "writable_at")
 
     def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
                  writable_at: list[tuple[int, int]] | None = None, ndesc: int = 1) -> None:
@@ -47,6 +48,7 @@ class Chain:
         self.writable = writable
         self.writable_at = writable_at
         self.ndesc = ndesc
+        self.token = 0
 
     def readable_len(self) -> int:
         return sum(len(v) for v in self.readable)
