@@ -242,3 +242,97 @@ def test_an_area_that_contradicts_itself_is_refused(ram: GuestRam, mem: GuestMem
 def test_a_region_too_small_is_refused() -> None:
     with pytest.raises(RingError, match="too small"):
         PackedInflight(memoryview(bytearray(32 + 32 * SIZE - 1)), SIZE)
+
+
+def test_a_whole_ring_in_flight_is_recovered(ram: GuestRam, mem: GuestMemory,
+                                             drv: PackedDriverRing, area: bytearray) -> None:
+    b = Backend(mem, drv, area)
+    ids = [add(ram, drv, n, n)[0] for n in (3, 1, 4)]  # every descriptor of the ring
+    assert [c.head for c in b.take(8)] == ids
+    b.close()
+    b2 = Backend(mem, drv, area)
+    assert header(area)["free_head"] == SIZE  # nothing free
+    again = b2.take(8)
+    assert [(c.head, c.ndesc) for c in again] == list(zip(ids, (3, 1, 4), strict=True))
+    b2.complete(again)
+    assert [bid for bid, _ in drv.take_used()] == ids
+    b2.close()
+
+
+@pytest.mark.parametrize("torn", ["whole commit", "wrap counter only"])
+def test_a_death_after_the_flag_was_cleared_commits(ram: GuestRam, mem: GuestMemory,
+                                                    area: bytearray, torn: str) -> None:
+    drv = PackedDriverRing(ram, 4)
+    b = Backend4(mem, drv, area)
+    (x, _), (y, _) = add(ram, drv, 3, 1), add(ram, drv, 1, 2)
+    cx, cy = b.q.pop_batch(2)
+    b.complete([cx])  # x's 3 descriptors: used at 3
+    before = bytes(area[:32])
+    b.complete([cy])  # across the end: used at 0, second pass
+    if torn == "whole commit":
+        area[14:16], area[18:20], area[21] = before[14:16], before[18:20], before[21]
+    else:  # old_used_idx stored, its wrap counter not
+        area[21] = before[21]
+    b.close()
+    assert [bid for bid, _ in drv.take_used()] == [x, y]
+    b2 = Backend4(mem, drv, area)
+    assert b2.again == [] and split_base(b2.ring.base()) == (0, 0, 0, 0)
+    (z, _) = add(ram, drv, 1, 3)
+    assert [c.head for c in b2.q.pop_batch(8)] == [z]
+    b2.close()
+
+
+def test_a_slot_the_driver_already_reused_commits(ram: GuestRam, mem: GuestMemory,
+                                                  area: bytearray) -> None:
+    """The used descriptor reached the ring, the back-end died before clearing the flag,
+    and the driver, having seen it, already made the slot available for its next pass:
+    the slot is no longer available on the committed pass, so the chain was returned."""
+    drv = PackedDriverRing(ram, 2)
+    b = Backend4(mem, drv, area, size=2)
+    (x, _) = add(ram, drv, 1, 1)
+    (cx,) = b.q.pop_batch(1)
+    write = b.ring.push_now
+
+    def dies(c: Chain, w: int) -> None:
+        write(c, w)
+        raise Died()
+
+    b.ring.push_now = dies  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        b.complete([cx])
+    b.close()
+    assert drv.take_used() == [(x, 1)]
+    (y, _), (z, _) = add(ram, drv, 1, 2), add(ram, drv, 1, 3)  # slots 1, then 0 again
+    b2 = Backend4(mem, drv, area, size=2)
+    assert b2.again == []
+    assert [c.head for c in b2.q.pop_batch(8)] == [y, z]
+    b2.close()
+
+
+def test_the_area_changed_after_recovery_changes_nothing(
+        ram: GuestRam, mem: GuestMemory, drv: PackedDriverRing, area: bytearray) -> None:
+    b = Backend(mem, drv, area)
+    (x, _) = add(ram, drv, 3, 7)
+    b.take(1)
+    b.close()
+    b2 = Backend(mem, drv, area)
+    # the front-end scribbles over the chain's entries before they are served again
+    struct.pack_into("<HHH", area, 32 + 2, 999, 999, 0)  # next, last, num of entry 0
+    struct.pack_into("<H", area, 32 + 32 + 2, 60000)  # next of entry 1
+    (c,) = b2.take(8)
+    assert (c.head, c.ndesc, bytes(c.readable[0][:1])) == (x, 3, b"\x07")
+    b2.complete([c])
+    assert drv.take_used() == [(x, 1)]
+    b2.close()
+
+
+class Backend4(Backend):
+    """A back-end on a ring of another size than SIZE."""
+
+    def __init__(self, mem: GuestMemory, drv: PackedDriverRing, area: bytearray,
+                 base: int = FRESH_BASE, size: int = 4) -> None:
+        self.ring = PackedQueue(mem, drv.layout(), base, False)
+        self.tracker = PackedInflight(memoryview(area), size)
+        self.again = self.tracker.recover(self.ring)
+        self.q = DeviceQueue(self.ring, 0, NoNotifier(), tracker=self.tracker)
+        self.q.resubmit(self.again)

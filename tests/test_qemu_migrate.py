@@ -26,6 +26,7 @@ from qemu_helpers import (
     migrate,
     require_guest_prerequisites,
 )
+from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
 from vhostuser.vm import GuestError, GuestVM
 
@@ -110,8 +111,13 @@ def _prerequisites() -> None:
     require_guest_prerequisites()
 
 
+@pytest.mark.parametrize("qemu", ["7.2", "11.1 inflight-migration"])
 def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
-        tmp_path: Path) -> None:
+        tmp_path: Path, qemu: str, request: pytest.FixtureRequest) -> None:
+    """With QEMU 11.1 and `inflight-migration=on`, QEMU moves the in-flight area with the
+    device and our back-ends negotiate GET_VRING_BASE_INFLIGHT: the source's, with one I/O
+    thread (the reader's 2 MiB reads queue up behind it), stops without serving what it
+    has not started, and the destination's serves it from the migrated area."""
     img = tmp_path / "mig.img"
     with img.open("wb") as f:
         f.truncate(48 * MiB)
@@ -121,17 +127,22 @@ def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
              "/reader.sh": READER.encode(), "/watcher.sh": WATCHER.encode()}
     src_sock, dst_sock = tmp_path / "src.sock", tmp_path / "dst.sock"
     src_qmp, dst_qmp, mig = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
-    a = BlkDaemon(tmp_path, img, name="src", sock=src_sock).start()
-    b = BlkDaemon(tmp_path, img, name="dst", sock=dst_sock).start()
+    new = qemu != "7.2"
+    binary = request.getfixturevalue("qemu11") if new else "qemu-system-x86_64"
+    extra = ["--io-threads", "1"] if new else []
+    a = BlkDaemon(tmp_path, img, extra, name="src", sock=src_sock).start()
+    b = BlkDaemon(tmp_path, img, extra, name="dst", sock=dst_sock).start()
 
     def device(sock: Path, qmp: Path) -> list[str]:
         return ["-chardev", f"socket,id=c0,path={sock}",
-                "-device", "vhost-user-blk-pci,chardev=c0",
+                "-device", "vhost-user-blk-pci,chardev=c0"
+                + (",inflight-migration=on" if new else ""),
                 "-qmp", f"unix:{qmp},server=on,wait=off"]
 
     src = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=300, files=files,
-                  qemu_args=device(src_sock, src_qmp))
+                  qemu_binary=binary, qemu_args=device(src_sock, src_qmp))
     dst = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=300, files=files,
+                  qemu_binary=binary,
                   qemu_args=[*device(dst_sock, dst_qmp), "-incoming", f"unix:{mig}"])
 
     def context() -> str:

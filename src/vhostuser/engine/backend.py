@@ -273,7 +273,8 @@ class Backend:
         return int(self.device.features()) | TRANSPORT_FEATURES | logging
 
     def offered_protocol_features(self) -> int:
-        tracking = ProtocolFeature.INFLIGHT_SHMFD if self.track_inflight else 0
+        tracking = (ProtocolFeature.INFLIGHT_SHMFD | ProtocolFeature.GET_VRING_BASE_INFLIGHT
+                    if self.track_inflight else 0)
         logging = ProtocolFeature.LOG_SHMFD if self.log_dirty else 0
         return (ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features) | tracking
                 | logging)
@@ -386,6 +387,9 @@ class Backend:
         extra = pl.value & ~self.offered_protocol_features()
         if extra:
             raise RequestError(f"protocol features {extra:#x} were not offered")
+        if (pl.value & ProtocolFeature.GET_VRING_BASE_INFLIGHT
+                and not pl.value & ProtocolFeature.INFLIGHT_SHMFD):
+            raise RequestError("GET_VRING_BASE_INFLIGHT needs INFLIGHT_SHMFD")
         self.protocol_features = pl.value
 
     def _set_owner(self, _pl: p.Empty, _fds: list[Resource]) -> None:
@@ -630,7 +634,7 @@ class Backend:
 
     def _get_vring_base(self, pl: p.VringState, _fds: list[Resource]) -> p.VringState:
         v = self._vring(pl.index)
-        self._stop(v)
+        self._stop(v, self._may_suspend())
         v.started = False
         v.broken = False
         self._drop_notifiers(v)
@@ -677,6 +681,8 @@ class Backend:
         # QEMU 7.2 enables rings before SET_FEATURES: offered is what counts here.
         if not self.offered_features() & VirtioFeature.PROTOCOL_FEATURES:
             raise RequestError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        if v.enabled and not pl.num:  # QEMU disables a ring before GET_VRING_BASE
+            self._stop(v, self._may_suspend())
         if v.enabled != bool(pl.num):
             self._change(v, enabled=bool(pl.num))
 
@@ -758,15 +764,22 @@ class Backend:
             raise
         self.running[g] = (running, frozenset(r.index for r in ready))
 
-    def _stop(self, v: Vring) -> None:
+    def _may_suspend(self) -> bool:
+        """GET_VRING_BASE_INFLIGHT: a ring stopped by GET_VRING_BASE (or disabled, which
+        QEMU does first) may leave requests not started in the in-flight area (QEMU
+        migrates the area with inflight-migration=on) instead of draining them."""
+        return (bool(self.protocol_features & ProtocolFeature.GET_VRING_BASE_INFLIGHT)
+                and self.inflight is not None)
+
+    def _stop(self, v: Vring, suspend: bool = False) -> None:
         """Stop v's group if it serves v (the whole group: its other queues restart with
         the next `_maybe_start`)."""
         if v.group in self.running and v.index in self.running[v.group][1]:
-            self._stop_group(v.group)
+            self._stop_group(v.group, suspend)
 
-    def _stop_group(self, g: int) -> None:
+    def _stop_group(self, g: int, suspend: bool = False) -> None:
         running, _ = self.running.pop(g)
-        stopped = running.stop()
+        stopped = running.stop(suspend)
         if running.carried is not None:
             self._hold(g, running.carried)
         for index, (last, broken) in stopped.items():
@@ -774,6 +787,10 @@ class Backend:
             r.broken = broken
             if last is not None:
                 r.base = last
+            elif (self._packed() and self.inflight is not None
+                  and self.inflight.region(r, True) is not None):
+                log.warning("queue %d: its worker died; the in-flight area says where the "
+                            "packed ring stood", index)  # its recovery decides
             elif self._packed():
                 # a packed ring keeps no used index the device could resume from: the
                 # driver's state is unknown, and the queue stops

@@ -92,6 +92,13 @@ class QueueService(ABC):
     def quiesce(self) -> None:  # noqa: B027 - nothing in flight by default
         """The queues stop: complete every chain still held."""
 
+    def suspend(self) -> None:
+        """The queues stop, and every queue has an in-flight area (GET_VRING_BASE with
+        GET_VRING_BASE_INFLIGHT): requests not started yet may be left uncompleted, the
+        area keeps them for whoever starts the rings next. Those started must still end
+        before this returns (nothing may touch guest memory after). By default: quiesce."""
+        self.quiesce()
+
     def carry(self) -> Carried | None:
         """After `quiesce`, before `close`: state the next worker of this group takes up
         (`Device.adopt`); its fds are the engine's from then on. None: nothing."""

@@ -82,6 +82,23 @@ class PooledService(QueueService):
             while self.pending:
                 self.idle.wait()
 
+    def suspend(self) -> None:
+        """Requests no thread has started stay uncompleted (the in-flight area records
+        them); those started end first."""
+        dropped = 0
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # a close already asked for: keep it for the threads
+                self.jobs.put(None)
+                break
+            dropped += 1
+        with self.idle:
+            self.pending -= dropped
+        self.quiesce()
+
     def close(self) -> None:
         for _ in self.threads:
             self.jobs.put(None)

@@ -75,7 +75,9 @@ class DeviceQueue:
         # chains left in flight by a dead back-end (the tracker's names), oldest last
         self._resubmit: list[int] = []
         self._redone: list[int] = []  # those handed out again, in order
-        self._recent: list[Chain] = []  # tracked: the chains taken from the ring lately
+        # tracked: the chains taken from the ring lately (bursts are not listed: they are a
+        # split ring's, whose give-backs need nothing of the area)
+        self._recent: list[Chain] = []
 
     def resubmit(self, items: list[int]) -> None:
         """Hand these chains (oldest first, still marked in flight) out again before

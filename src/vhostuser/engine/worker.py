@@ -60,6 +60,7 @@ __all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "DRAINED", "IDLE", "MORE", "ParentGon
            "parent_only_fds", "run_queue", "start_worker"]
 
 _STOP = b"S"
+_SUSPEND = b"P"  # STOP, but requests not started may stay in the in-flight areas
 _REPORT = b"R"  # + an entry per queue: the child's last message
 _CARRY = b"C"  # + a piece of the carried state, with some of its fds
 _CARRY_FAILED = b"F"  # the pieces sent so far are no good
@@ -116,7 +117,10 @@ class Running(Protocol):
 
     carried: Carried | None  # after stop: what the group's next run takes up
 
-    def stop(self) -> Stopped: ...
+    def stop(self, suspend: bool = False) -> Stopped:
+        """Stop serving; `suspend`: requests not started yet may stay in flight, recorded
+        in the in-flight areas (GET_VRING_BASE_INFLIGHT)."""
+        ...
 
 
 # Starts serving a group of queues, with what its last run left (if anything).
@@ -132,7 +136,8 @@ class Worker:
         self.indices = indices
         self.carried: Carried | None = None
 
-    def stop(self, timeout: float = 10.0, patience: float = QUIESCE_PATIENCE) -> Stopped:
+    def stop(self, suspend: bool = False, timeout: float = 10.0,
+             patience: float = QUIESCE_PATIENCE) -> Stopped:
         """Stop the worker; a queue's index is None if it died without answering. The
         worker has `timeout` seconds between messages; while it says it is still waiting
         for its device (requests in flight on the host), up to `patience` in all."""
@@ -142,7 +147,7 @@ class Worker:
         poisoned = False
         deadline = time.monotonic() + patience
         try:
-            self.ctrl.send(_STOP)
+            self.ctrl.send(_SUSPEND if suspend else _STOP)
             self.ctrl.settimeout(timeout)
             size = 1 + _ENTRY.size * len(self.indices)
             while True:
@@ -539,17 +544,21 @@ class _Group:
         self.events.clear()
 
     def _stop(self) -> int:
-        if not self.ctrl.recv(16):
+        msg = self.ctrl.recv(16)
+        if not msg:
             return 0  # the parent is gone
         live = dict(self.queues)
+        # suspend only where every queue's area keeps what is left in flight
+        suspend = msg[:1] == _SUSPEND and all(q.tracker is not None for q in live.values())
         carried = self.unadopted
-        if self.service is not None and self._serve_left() is _GONE:
+        if self.service is not None and not suspend and self._serve_left() is _GONE:
             return 1
         if self.service is not None:
             # even with every queue broken: the service's threads must be done before
             # its state is handed over
             with _Heartbeat(self.ctrl):
-                if self._run(self.service.quiesce) is _GONE:
+                stop = self.service.suspend if suspend else self.service.quiesce
+                if self._run(stop) is _GONE:
                     return 1
             try:
                 carried = self.service.carry()
@@ -561,10 +570,16 @@ class _Group:
             except Exception:
                 log.exception("%s: closing the queue service failed", self.name)
         for q in live.values():
-            if q.inflight:
+            if q.inflight and suspend:
+                log.info("%s queue %d: %d request(s) suspended, kept in the in-flight area",
+                         self.name, q.index, q.inflight)
+            elif q.inflight:
                 log.error("%s queue %d: stopped with %d requests not completed", self.name,
                           q.index, q.inflight)
-            if q.unserved:
+            if q.unserved and suspend:
+                log.info("%s queue %d: %d request(s) the last back-end left in flight stay "
+                         "in the in-flight area", self.name, q.index, q.unserved)
+            elif q.unserved:
                 log.error("%s queue %d: stopped with %d requests the last back-end left in "
                           "flight not served yet (still marked in the in-flight area)",
                           self.name, q.index, q.unserved)

@@ -70,7 +70,8 @@ class InlineGroup:
                  broken: dict[int, int]) -> None:
         self.port, self.queues, self.broken = port, queues, broken
 
-    def stop(self) -> Stopped:
+    def stop(self, suspend: bool = False) -> Stopped:
+        """(Nothing is ever held: frames are taken and returned in one go.)"""
         out: Stopped = {i: (last, True) for i, last in self.broken.items()}
         for iq in self.queues:
             self.port.queues.pop(iq.index, None)

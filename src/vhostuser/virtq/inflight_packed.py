@@ -19,8 +19,10 @@ chain: copy its descriptors into entries from the free list, set the head entry'
 its entries back to the free list and advance `used_idx` (the uncommitted state), write
 the used descriptor into the ring (the driver sees it), clear `inflight`, then commit:
 `old_*` = the current values. A crash between leaves `used_idx` ahead of `old_used_idx`:
-recovery looks at the ring to tell whether the used descriptor was written, and commits or
-rolls back. Chains are returned one at a time, so that at most one is uncommitted.
+recovery commits if the flag is clear or the descriptor at the committed position is no
+longer available on that pass (the spec's test), else rolls back. Chains are returned one
+at a time, so that at most one is uncommitted. No index is read back from the area once
+checked: what each chain holds is kept in the back-end's memory.
 
 After a crash the ring resumes at the committed used position; the avail position is that
 plus the descriptors of the chains in flight, which are handed out again from their copies,
@@ -55,8 +57,8 @@ def queue_region_bytes(queue_size: int) -> int:
 class PackedInflight:
     """One packed queue's region of the in-flight area, as the device side keeps it."""
 
-    __slots__ = ("_bytes", "_e16", "_e32", "_e64", "_flags", "_h16", "_region", "counter",
-                 "ring", "size")
+    __slots__ = ("_bytes", "_e16", "_e32", "_e64", "_flags", "_h16", "_held", "_region",
+                 "counter", "ring", "size")
 
     def __init__(self, region: memoryview, ring_size: int) -> None:
         if len(region) < queue_region_bytes(ring_size):
@@ -75,6 +77,9 @@ class PackedInflight:
         self._e64 = entries.cast("Q")  # counter at 4 i + 1, addr at 4 i + 3
         self.counter = 0
         self.ring: PackedQueue | None = None
+        # head entry -> the entries its chain holds, kept here: the area is the
+        # front-end's, and no index is read back from it once checked
+        self._held: dict[int, list[int]] = {}
 
     # -- at start ------------------------------------------------------------------------------
 
@@ -87,7 +92,7 @@ class PackedInflight:
         h, size = self._h16, self.size
         if h[_VERSION] not in (0, VERSION):
             raise RingError(f"in-flight region version {h[_VERSION]}, expected {VERSION}")
-        if h[_VERSION] == 0 or h[_DESC_NUM] != size or not self._ours(ring):
+        if h[_VERSION] == 0 or h[_DESC_NUM] != size or not self._ours():
             self._fresh(ring)
             return []
         b = self._bytes
@@ -98,11 +103,12 @@ class PackedInflight:
             raise RingError("in-flight region: a wrap counter other than 0 or 1")
         if (h[_USED], b[_WRAP]) != (h[_OLD_USED], b[_OLD_WRAP]):
             self._finish_return(ring)
-        heads, taken = self._chains()
+        heads = self._chains()
+        taken = {i for held in self._held.values() for i in held}
         # the free list is rebuilt from what no chain holds: nothing of it is trusted
         free = [i for i in range(size) if i not in taken]
         e16 = self._e16
-        for a, nxt in zip(free, [*free[1:], size], strict=True):
+        for a, nxt in zip(free, [*free[1:], size]):  # noqa: B905 - the last links to size
             e16[16 * a + _NEXT] = nxt
         h[_FREE] = h[_OLD_FREE] = free[0] if free else size
         used, wrap = h[_OLD_USED], b[_OLD_WRAP]
@@ -112,15 +118,16 @@ class PackedInflight:
         ring.resume(avail, avail_wrap, used, wrap)
         return heads
 
-    def _ours(self, ring: PackedQueue) -> bool:
-        """Whether the region describes this ring. A front-end keeps the area across a
-        back-end's crash (the region is right; the base it sends for a packed ring is
-        stale) and drops it when the driver resets the device (QEMU does). A region that
-        never saw a chain returned says nothing: the base decides then."""
-        h = self._h16
+    def _ours(self) -> bool:
+        """Whether the region says where the ring stands. A front-end keeps the area across
+        a back-end's crash (the region is right; the base it sends for a packed ring is
+        stale) and drops it when the driver resets the device (QEMU does). A region at the
+        start of the ring with nothing in flight says nothing: the base decides then (the
+        same place, if it is QEMU's stale one)."""
+        h, b = self._h16, self._bytes
         if any(self._flags[: ENTRY * self.size : ENTRY]):
             return True
-        return (h[_OLD_USED], self._bytes[_OLD_WRAP]) != (0, 1)
+        return (h[_USED], b[_WRAP]) != (0, 1) or (h[_OLD_USED], b[_OLD_WRAP]) != (0, 1)
 
     def _fresh(self, ring: PackedQueue) -> None:
         """Start the region afresh at the ring's position. The version is 0 while the
@@ -137,61 +144,60 @@ class PackedInflight:
         h[_VERSION] = VERSION
 
     def _finish_return(self, ring: PackedQueue) -> None:
-        """A death while a chain was being returned: the chain is at the free head. Its
-        used descriptor reached the ring if the committed used position holds a used
-        descriptor of this pass with its buffer id: then commit, else roll back."""
+        """A death while a chain was being returned (the uncommitted used position differs
+        from the committed one): the chain is at the free head. Its flag already cleared:
+        the used descriptor was written, commit. Else the spec's test: the descriptor at the
+        committed position is no longer available on that pass (the used one overwrote it,
+        or the driver, having seen it, already reused the slot): commit; still available:
+        roll back, and the chain is served again."""
         h, b, size = self._h16, self._bytes, self.size
         head = h[_FREE]
-        done = False
-        if head < size and self._flags[ENTRY * head] == 1:
-            last = self._e16[16 * head + _LAST]
-            if last < size:
-                bid = self._e16[16 * last + _ID]
-                done = ring.used_at(h[_OLD_USED], b[_OLD_WRAP], bid)
-        if done:
+        if head >= size:
+            raise RingError(f"in-flight region: free head {head} >= ring size {size}")
+        if self._flags[ENTRY * head] == 0 or not ring.available_at(h[_OLD_USED],
+                                                                   b[_OLD_WRAP]):
             self._flags[ENTRY * head] = 0
             h[_OLD_FREE], h[_OLD_USED], b[_OLD_WRAP] = h[_FREE], h[_USED], b[_WRAP]
         else:
             h[_FREE], h[_USED], b[_WRAP] = h[_OLD_FREE], h[_OLD_USED], b[_OLD_WRAP]
 
-    def _chains(self) -> tuple[list[int], set[int]]:
-        """The head entries in flight, oldest first, and every entry their chains hold."""
+    def _chains(self) -> list[int]:
+        """The head entries in flight, oldest first; what each holds goes to `_held`."""
         size, flags, e16, e64 = self.size, self._flags, self._e16, self._e64
         heads = [i for i in range(size) if flags[ENTRY * i]]
         if any(flags[ENTRY * i] != 1 for i in heads):
             raise RingError("in-flight region: a flag other than 0 or 1")
         taken: set[int] = set()
+        self._held = {}
         for head in heads:
             num = e16[16 * head + _NUM]
             if not 1 <= num <= size - len(taken):
                 raise RingError(f"in-flight region: chain at entry {head} of {num} "
                                 "descriptors does not fit the ring")
-            i = head
+            held, i = [], head
             for k in range(num):
                 if i >= size or i in taken:
                     raise RingError(f"in-flight region: chain at entry {head} runs into "
                                     f"entry {i}")
                 taken.add(i)
+                held.append(i)
                 if k + 1 < num:
                     i = e16[16 * i + _NEXT]
             if e16[16 * head + _LAST] != i:
                 raise RingError(f"in-flight region: chain at entry {head} ends at {i}, "
                                 f"not at its last entry {e16[16 * head + _LAST]}")
+            self._held[head] = held
         heads.sort(key=lambda i: e64[4 * i + 1])
         self.counter = (max((e64[4 * i + 1] for i in heads), default=0) + 1) & (2**64 - 1)
-        return heads, taken
+        return heads
 
     def reread(self, head: int) -> Chain:
         """The chain at head entry `head`, from its copy."""
         assert self.ring is not None
         e16, e32, e64 = self._e16, self._e32, self._e64
-        descs = []
-        i = head
-        for _ in range(e16[16 * head + _NUM]):
-            descs.append((e64[4 * i + 3], e32[8 * i + 5], e16[16 * i + _FLAGS]))
-            last = i
-            i = e16[16 * i + _NEXT]
-        chain = self.ring.rebuild(e16[16 * last + _ID], descs)
+        held = self._held[head]
+        descs = [(e64[4 * i + 3], e32[8 * i + 5], e16[16 * i + _FLAGS]) for i in held]
+        chain = self.ring.rebuild(e16[16 * held[-1] + _ID], descs)
         chain.token = head
         return chain
 
@@ -206,26 +212,23 @@ class PackedInflight:
                                          self._flags, self.size)
         for c in chains:
             head = e = h[_FREE]
-            last = e
+            held = []
             for k in range(c.ndesc):
-                if e >= size:
-                    raise RingError("in-flight region: no free entry left")
+                if e >= size or e in held:  # the front-end wrote into the area meanwhile
+                    raise RingError("in-flight region: the free list is broken")
                 addr, length, bid, f = ring.descriptor((c.token + k) % size)
                 e64[4 * e + 3], e32[8 * e + 5] = addr, length
                 e16[16 * e + _ID], e16[16 * e + _FLAGS] = bid, f
-                last, e = e, e16[16 * e + _NEXT]
+                held.append(e)
+                e = e16[16 * e + _NEXT]
+            last = held[-1]
             e16[16 * head + _NUM], e16[16 * head + _LAST] = c.ndesc, last
             e64[4 * head + 1] = self.counter
             self.counter = (self.counter + 1) & (2**64 - 1)
             flags[ENTRY * head] = 1
             h[_FREE] = h[_OLD_FREE] = e
+            self._held[head] = held
             c.token = head
-
-    def _last(self, head: int) -> int:
-        last = self._e16[16 * head + _LAST]
-        if last >= self.size:  # the front-end wrote into the area meanwhile
-            raise RingError(f"in-flight region: entry {head} ends at entry {last}")
-        return last
 
     def untake(self, chains: list[Chain]) -> None:
         """Chains given back to the ring unused (the last taken, newest last)."""
@@ -233,7 +236,7 @@ class PackedInflight:
         for c in reversed(chains):
             head = c.token
             flags[ENTRY * head] = 0
-            e16[16 * self._last(head) + _NEXT] = h[_FREE]
+            e16[16 * self._held.pop(head)[-1] + _NEXT] = h[_FREE]
             h[_FREE] = h[_OLD_FREE] = head
 
     def push(self, chains: list[Chain], written: list[int]) -> None:
@@ -243,7 +246,7 @@ class PackedInflight:
         h, b, e16, flags, size = self._h16, self._bytes, self._e16, self._flags, self.size
         for c, w in zip(chains, written, strict=True):
             head = c.token
-            e16[16 * self._last(head) + _NEXT] = h[_FREE]
+            e16[16 * self._held.pop(head)[-1] + _NEXT] = h[_FREE]
             h[_FREE] = head
             used, wrap = ring.next_used + c.ndesc, ring.used_wrap
             if used >= size:

@@ -261,12 +261,9 @@ class PackedQueue(BufferWalk):
         addr, length, bid, flags = _DESC.unpack_from(self.desc, pos << 4)
         return addr, length, bid, flags
 
-    def used_at(self, pos: int, wrap: int, bid: int | None = None) -> bool:
-        """Whether descriptor `pos` is a used one written on a pass with `wrap` (and, if
-        given, for buffer `bid`)."""
-        _, _, got, flags = self.descriptor(pos)
-        return (flags & _AVAIL_BITS == (_AVAIL_BITS if wrap else 0)
-                and (bid is None or got == bid))
+    def available_at(self, pos: int, wrap: int) -> bool:
+        """Whether descriptor `pos` is available on a pass with driver wrap counter `wrap`."""
+        return self._is_avail(pos, wrap)
 
     def resume(self, avail: int, avail_wrap: int, used: int, used_wrap: int) -> None:
         """Move to these positions (in-flight recovery: the area knows better than the
