@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -115,9 +116,11 @@ def _prerequisites() -> None:
 def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
         tmp_path: Path, qemu: str, request: pytest.FixtureRequest) -> None:
     """With QEMU 11.1 and `inflight-migration=on`, QEMU moves the in-flight area with the
-    device and our back-ends negotiate GET_VRING_BASE_INFLIGHT: the source's, with one I/O
-    thread (the reader's 2 MiB reads queue up behind it), stops without serving what it
-    has not started, and the destination's serves it from the migrated area."""
+    device, and our back-ends negotiate GET_VRING_BASE_INFLIGHT: the source's (one I/O
+    thread: the reader's 2 MiB reads queue up behind it) may stop without serving what it
+    has not started, and the destination's then serves it from the migrated area. (In
+    runs here the pool had always caught up by the time QEMU stopped the ring: fast local
+    storage; test_inflight_daemon.py makes the stop find requests queued.)"""
     img = tmp_path / "mig.img"
     with img.open("wb") as f:
         f.truncate(48 * MiB)
@@ -183,6 +186,11 @@ def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
         at = (FIRST_BLOCK + k * REGION_BLOCKS) * BLOCK
         assert disk[at : at + REGION_BLOCKS * BLOCK] == want[k]
     assert "dirty logging on" in a.log, context()  # the source's back-end logged
+    if new:  # QEMU 11.1 took GET_VRING_BASE_INFLIGHT (bit 20) and the area on both sides
+        for d in (a, b):
+            m = re.search(r"protocol features (0x[0-9a-f]+)", d.log)
+            assert m and int(m.group(1), 16) & (1 << 20 | 1 << 12) == 1 << 20 | 1 << 12, \
+                context()
     for d in (a, b):
         assert not QUEUE_FAILURE.search(d.log), context()
         assert "Traceback" not in d.log, context()

@@ -373,6 +373,8 @@ class Backend:
             return  # repeated once per queue pair by QEMU
         if (pl.value ^ self.features) & LOG_ALL:
             log.info("dirty logging %s", "on" if pl.value & LOG_ALL else "off")
+        if (pl.value ^ self.features) & ~LOG_ALL:
+            log.info("features %#x", pl.value)
         self.features = pl.value
         self.device.set_features(pl.value)
         if not pl.value & VirtioFeature.PROTOCOL_FEATURES:
@@ -390,6 +392,8 @@ class Backend:
         if (pl.value & ProtocolFeature.GET_VRING_BASE_INFLIGHT
                 and not pl.value & ProtocolFeature.INFLIGHT_SHMFD):
             raise RequestError("GET_VRING_BASE_INFLIGHT needs INFLIGHT_SHMFD")
+        if pl.value != self.protocol_features:
+            log.info("protocol features %#x", pl.value)
         self.protocol_features = pl.value
 
     def _set_owner(self, _pl: p.Empty, _fds: list[Resource]) -> None:
