@@ -2,12 +2,13 @@
 of its own and says PASS, FAIL (the back-end broke a rule of the spec, crashed, stopped
 serving, or wrote outside the memory it was given) or SKIP (the back-end does not offer
 what the check needs). The rules are the vhost-user spec's (QEMU docs/interop/
-vhost-user.rst) and the virtio spec's (2.7 split virtqueues)."""
+vhost-user.rst) and the virtio spec's (2.7 split virtqueues, 2.8 packed virtqueues)."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import select
 import struct
 import time
 from collections.abc import Callable
@@ -377,6 +378,131 @@ def _no_status(path: str) -> str:
 
 
 __all__ = ["CHECKS", "Result", "run"]
+
+
+# -- packed rings (virtio 1.1+ 2.8) ------------------------------------------------------------
+
+AVAIL, USED = 1 << 7, 1 << 15  # a packed descriptor's flags
+
+
+def _packed_session(s: Session, size: int) -> BlkClient:
+    offered = s.fe.get_u64(F.GET_FEATURES)
+    if not offered & VirtioFeature.RING_PACKED:
+        raise Skipped("VIRTIO_F_RING_PACKED not offered")
+    blk = s.setup(packed=True, size=size)
+    assert blk is not None
+    return blk
+
+
+@check("packed-io", "on a packed ring of 12 (not a power of 2): reads of 3-descriptor chains "
+                    "and through indirect tables over several passes; GET_VRING_BASE's word "
+                    "holds both positions and wrap counters, and the ring goes on from it")
+def _packed_io(path: str) -> str:
+    with session(path) as s:
+        blk = _packed_session(s, 12)
+        ring = s.packed_ring()
+        for i in range(20):  # 3 descriptors each (or 1 with a table): 3 passes and more
+            status, _ = blk.request(T_IN, i * 8, in_len=4096, indirect=bool(i % 4 == 3))
+            if status != 0:
+                raise Failed(f"read {i}: status {status}")
+        base = s.fe.get_vring_base(0)
+        if base != ring.base():
+            raise Failed(f"GET_VRING_BASE {base:#010x}; the driver stands at "
+                         f"{ring.base():#010x} (avail and used with their wrap counters)")
+        s.fe.start_queue(0, base)
+        for i in range(4):
+            status, _ = blk.read(i * 8, 512)
+            if status != 0:
+                raise Failed(f"after the restart: status {status}")
+        return f"20 reads, base {base:#010x} as the driver's, 4 more after the restart"
+
+
+def _packed_attack(path: str, build: Callable[[Session], None], what: str) -> str:
+    with session(path) as s:
+        _packed_session(s, 8)
+        build(s)
+        os.eventfd_write(s.fe.queues[0].kick, 1)
+        deadline = time.monotonic() + SETTLE
+        outcome = "not completed"
+        try:
+            while time.monotonic() < deadline:
+                if _packed_used_at_0(s):
+                    outcome = "completed"
+                    break
+                s.fe.sock.timeout = 0.05
+                try:
+                    s.fe.sock.recv_raw()
+                except TimeoutError:
+                    continue
+        except (ConnectionError, OSError):
+            outcome = "disconnected"
+        if not s.ram.guards_intact():
+            raise Failed(f"{what}: the back-end wrote outside the memory region it was given")
+    _alive(path)
+    return f"{what}: {outcome}; memory outside the region untouched; still serves"
+
+
+def _packed_used_at_0(s: Session) -> bool:
+    """Whether descriptor 0 was written back as used on the first pass."""
+    _, _, _, flags = _DESC.unpack_from(s.packed_ring().desc, 0)
+    return flags & (AVAIL | USED) == AVAIL | USED
+
+
+def _packed_chain(s: Session, descs: list[tuple[int, int, int]]) -> None:
+    """Ring descriptors 0.. (addr, len, flags), buffer id 0, the first one's flags last."""
+    ring = s.packed_ring()
+    for i, (addr, n, flags) in reversed(list(enumerate(descs))):
+        _DESC.pack_into(ring.desc, 16 * i, addr, n, 0, flags)
+
+
+@check("packed-too-long", "a packed chain of every descriptor, NEXT on all of them")
+def _packed_too_long(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, _ = _header(s)
+        _packed_chain(s, [(hdr, 16, AVAIL | DESC_F_NEXT)]
+                      + [(s.ram.alloc(512), 512, AVAIL | DESC_F_WRITE | DESC_F_NEXT)] * 7)
+    return _packed_attack(path, build, "8 chained descriptors in a ring of 8")
+
+
+@check("packed-outside", "a packed chain with a data buffer outside every memory region")
+def _packed_outside(path: str) -> str:
+    def build(s: Session) -> None:
+        hdr, status = _header(s)
+        _packed_chain(s, [(hdr, 16, AVAIL | DESC_F_NEXT),
+                          (s.ram.size + (1 << 30), 4096, AVAIL | DESC_F_WRITE | DESC_F_NEXT),
+                          (status, 1, AVAIL | DESC_F_WRITE)])
+    return _packed_attack(path, build, "a 4 KiB buffer 1 GiB past the region")
+
+
+@check("packed-wrong-pass", "a packed chain marked available for the second pass, then as "
+                            "used, is not taken; marked right, it is served")
+def _packed_wrong_pass(path: str) -> str:
+    with session(path) as s:
+        _packed_session(s, 8)
+        hdr, status = _header(s)
+        data = s.ram.alloc(4096)
+        call = s.fe.queues[0].call
+        for head in (USED, AVAIL | USED):
+            _packed_chain(s, [(hdr, 16, head | DESC_F_NEXT),
+                              (data, 4096, AVAIL | DESC_F_WRITE | DESC_F_NEXT),
+                              (status, 1, AVAIL | DESC_F_WRITE)])
+            os.eventfd_write(s.fe.queues[0].kick, 1)
+            select.select([call], [], [], SETTLE / 4)  # a completion would come with a call
+            if s.ram.at(status, 1)[0] != 0xFF:
+                raise Failed(f"a chain whose head's flags are {head:#x} on the first pass "
+                             "was served")
+        _packed_chain(s, [(hdr, 16, AVAIL | DESC_F_NEXT),
+                          (data, 4096, AVAIL | DESC_F_WRITE | DESC_F_NEXT),
+                          (status, 1, AVAIL | DESC_F_WRITE)])
+        os.eventfd_write(s.fe.queues[0].kick, 1)
+        deadline = time.monotonic() + SETTLE
+        while not _packed_used_at_0(s) and time.monotonic() < deadline:
+            select.select([call], [], [], 0.05)
+        if not _packed_used_at_0(s) or s.ram.at(status, 1)[0] != 0:
+            raise Failed("marked available for the first pass, the chain was not served "
+                         f"(status {s.ram.at(status, 1)[0]:#x})")
+    _alive(path)
+    return "neither wrong-pass marking taken; the right one served"
 
 
 # -- live migration's dirty log ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from ..frontend.blk import BlkClient
 from ..frontend.client import Frontend
+from ..frontend.packed_ring import PackedDriverRing
 from ..frontend.ring import DriverRing, GuestRam
 from ..protocol import ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MemRegion
@@ -64,18 +65,26 @@ class Session:
         self.fe.ram.close()
         self.ram = self.fe.ram = GuardedRam()
 
-    def setup(self, queue: bool = True) -> BlkClient | None:
-        self.fe.negotiate(WANT, WANT_PROTOCOL)
+    def setup(self, queue: bool = True, packed: bool = False,
+              size: int = 64) -> BlkClient | None:
+        """Negotiate (with RING_PACKED if `packed`), send the memory table, and set queue 0
+        up with `size` entries."""
+        self.fe.negotiate(WANT | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
         self.fe.set_mem_table()
         if not queue:
             return None
-        self.fe.setup_queue(0, 64)
+        self.fe.setup_queue(0, size)
         return BlkClient(self.fe, 0, arena=1 << 20)
 
     def ring(self) -> DriverRing:
-        """Queue 0's ring (split: the checks do not negotiate RING_PACKED)."""
+        """Queue 0's ring, split."""
         ring = self.fe.queues[0].ring
         assert isinstance(ring, DriverRing)
+        return ring
+
+    def packed_ring(self) -> PackedDriverRing:
+        ring = self.fe.queues[0].ring
+        assert isinstance(ring, PackedDriverRing)
         return ring
 
     def close(self) -> None:
