@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,10 @@ from qemu_helpers import (
     MiB,
     migrate,
     require_guest_prerequisites,
+    wait_until,
 )
+from test_qemu_vvu import start, start_device, wait_for
+from test_vvu_bridge import qsd_cmd
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
 from vhostuser.vm import GuestError, GuestVM
@@ -112,7 +117,64 @@ def _prerequisites() -> None:
     require_guest_prerequisites()
 
 
-@pytest.mark.parametrize("qemu", ["7.2", "11.1 inflight-migration"])
+class VvuSource:
+    """The source's disk served through the virtio-vhost-user device: the device process
+    (the consumer's socket) and, in a process appliance, vhost-user-blk (`--vvu`) or an
+    unmodified qemu-storage-daemon 7.2 behind vhost-user-vvu-bridge."""
+
+    def __init__(self, tmp_path: Path, img: Path, qsd: bool = False) -> None:
+        self.tmp = tmp_path
+        self.device = start_device(tmp_path)
+        vfu = str(tmp_path / "vfu.sock")
+        if qsd:
+            sock = tmp_path / "qsd.sock"
+            self.blk = start(["vhostuser.cli.vvu_bridge", "--vvu", vfu, "--backend-socket",
+                              str(sock), "--backend-cmd", qsd_cmd(img, sock), "-vv"],
+                             tmp_path / "src.log")
+        else:
+            self.blk = start(["vhostuser.cli.blk", "--vvu", vfu, "--blk-file", str(img),
+                              "-v"], tmp_path / "src.log")
+        wait_for(tmp_path / "device.log", "vfio-user client connected", self.device)
+        self.sock = tmp_path / "vhost.sock"
+
+    @property
+    def log(self) -> str:
+        return ((self.tmp / "src.log").read_text(errors="replace") + "--- device ---\n"
+                + (self.tmp / "device.log").read_text(errors="replace"))
+
+    def stop(self) -> int:
+        for proc in (self.blk, self.device):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(15) for proc in (self.blk, self.device)]
+        return max(codes, key=abs)
+
+
+class QsdDestination:
+    """qemu-storage-daemon 7.2 on AF_UNIX: the destination when the source is one too
+    (QEMU checks that the destination's device offers what the guest took)."""
+
+    def __init__(self, tmp_path: Path, img: Path, sock: Path) -> None:
+        self.path = tmp_path / "dst.log"
+        with self.path.open("wb") as f:
+            self.proc = subprocess.Popen(qsd_cmd(img, sock), shell=True, stdout=f,
+                                         stderr=subprocess.STDOUT)
+        wait_until(lambda: sock.exists() or self.proc.poll() is not None, 10)
+        assert self.proc.poll() is None, self.log
+
+    @property
+    def log(self) -> str:
+        return self.path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        rc = self.proc.wait(15)
+        return 0 if rc == -signal.SIGTERM else rc  # it ends by the signal, not exit(0)
+
+
+@pytest.mark.parametrize("qemu", ["7.2", "11.1 inflight-migration", "7.2 source through vvu",
+                                  "7.2 source through vvu, qemu-storage-daemon"])
 def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
         tmp_path: Path, qemu: str, request: pytest.FixtureRequest) -> None:
     """With QEMU 11.1 and `inflight-migration=on`, QEMU moves the in-flight area with the
@@ -120,7 +182,13 @@ def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
     thread: the reader's 2 MiB reads queue up behind it) may stop without serving what it
     has not started, and the destination's then serves it from the migrated area. (In
     runs here the pool had always caught up by the time QEMU stopped the ring: fast local
-    storage; test_inflight_daemon.py makes the stop find requests queued.)"""
+    storage; test_inflight_daemon.py makes the stop find requests queued.)
+
+    Through vvu: the source's disk is served through the virtio-vhost-user device by
+    vhost-user-blk in a process appliance, or by qemu-storage-daemon 7.2 (unmodified)
+    behind the bridge (then the destination is qemu-storage-daemon too: QEMU wants the
+    same device features there); the consumer QEMU's dirty log crosses the device in the
+    window and the appliance logs into it; the destination's back-end is on AF_UNIX."""
     img = tmp_path / "mig.img"
     with img.open("wb") as f:
         f.truncate(48 * MiB)
@@ -130,11 +198,20 @@ def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
              "/reader.sh": READER.encode(), "/watcher.sh": WATCHER.encode()}
     src_sock, dst_sock = tmp_path / "src.sock", tmp_path / "dst.sock"
     src_qmp, dst_qmp, mig = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
-    new = qemu != "7.2"
+    new = qemu.startswith("11.1")
     binary = request.getfixturevalue("qemu11") if new else "qemu-system-x86_64"
     extra = ["--io-threads", "1"] if new else []
-    a = BlkDaemon(tmp_path, img, extra, name="src", sock=src_sock).start()
-    b = BlkDaemon(tmp_path, img, extra, name="dst", sock=dst_sock).start()
+    a: BlkDaemon | VvuSource
+    if "vvu" in qemu:
+        a = VvuSource(tmp_path, img, qsd=qemu.endswith("qemu-storage-daemon"))
+        src_sock = a.sock
+    else:
+        a = BlkDaemon(tmp_path, img, extra, name="src", sock=src_sock).start()
+    b: BlkDaemon | QsdDestination
+    if qemu.endswith("qemu-storage-daemon"):
+        b = QsdDestination(tmp_path, img, dst_sock)
+    else:
+        b = BlkDaemon(tmp_path, img, extra, name="dst", sock=dst_sock).start()
 
     def device(sock: Path, qmp: Path) -> list[str]:
         return ["-chardev", f"socket,id=c0,path={sock}",
@@ -185,7 +262,10 @@ def test_a_guest_writing_through_our_back_end_migrates_and_loses_nothing(
     for k in range(REGIONS):
         at = (FIRST_BLOCK + k * REGION_BLOCKS) * BLOCK
         assert disk[at : at + REGION_BLOCKS * BLOCK] == want[k]
-    assert "dirty logging on" in a.log, context()  # the source's back-end logged
+    if qemu.endswith("qemu-storage-daemon"):  # the log's file reached QSD from the window
+        assert "consumer -> back-end: SET_LOG_BASE" in a.log, context()
+    else:
+        assert "dirty logging on" in a.log, context()  # the source's back-end logged
     if new:  # QEMU 11.1 took GET_VRING_BASE_INFLIGHT (bit 20) and the area on both sides
         for d in (a, b):
             m = re.search(r"protocol features (0x[0-9a-f]+)", d.log)

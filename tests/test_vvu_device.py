@@ -366,7 +366,7 @@ def test_every_message_kind_crosses(device: Device) -> None:
 
     from vhostuser.protocol import FRONTEND_SPECS, Channel, decode_request, expects_reply
     from vhostuser.protocol.codec import Fds, Reply
-    from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, FORBIDDEN
+    from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, FORBIDDEN, LOG_PROTOCOL_FEATURES
 
     link = VvuLink(device.vfu)
     fe = consumer(device.vhost)
@@ -374,20 +374,23 @@ def test_every_message_kind_crosses(device: Device) -> None:
     ram = GuestRam(1 << 20)
     region = p.MemRegion(0, 1 << 20, 0x7F0000000000, 0)
     payloads = {F.SET_MEM_TABLE: p.MemTable((region,)), F.ADD_MEM_REG: p.SingleMemRegion(region),
-                F.REM_MEM_REG: p.SingleMemRegion(region)}
+                F.REM_MEM_REG: p.SingleMemRegion(region),
+                F.SET_LOG_BASE: p.LogBase(4096, 0)}  # in the memory's file: offset 0 again
     crossed = []
-    for code, spec in FRONTEND_SPECS.items():
+    # SET_PROTOCOL_FEATURES first: the dirty log's requests cross once LOG_SHMFD is set
+    for code, spec in sorted(FRONTEND_SPECS.items(),
+                             key=lambda kv: kv[0] != F.SET_PROTOCOL_FEATURES):
         if code in FORBIDDEN:
             continue
         payload = payloads.get(code, SAMPLES[spec.payload])
-        if spec.fds is Fds.PER_REGION or code == F.ADD_MEM_REG:
+        if spec.fds is Fds.PER_REGION or code in (F.ADD_MEM_REG, F.SET_LOG_BASE):
             fds = [ram.fd]
         elif (spec.fds is Fds.VRING and not payload.nofd) or spec.fds is Fds.ONE:
             fds = [os.eventfd(0)]
         else:
             fds = []
         if code == F.SET_PROTOCOL_FEATURES:  # BACKEND_REQ, so that SET_BACKEND_REQ_FD may
-            payload = p.U64(ALLOWED_PROTOCOL_FEATURES)
+            payload = p.U64(ALLOWED_PROTOCOL_FEATURES | LOG_PROTOCOL_FEATURES)  # (and logs)
         if code == F.SET_BACKEND_REQ_FD:  # the consumer's end of a back-end channel
             backend_ends = socket.socketpair()
             os.close(fds[0])
@@ -397,15 +400,15 @@ def test_every_message_kind_crosses(device: Device) -> None:
         header, body, tokens = VvuChannel(link).recv_raw()
         got = decode_request(Channel.FRONTEND, header, body, None)
         if code == F.SET_PROTOCOL_FEATURES:
-            assert got.payload == p.U64(payload.value & ALLOWED_PROTOCOL_FEATURES)
+            assert got.payload == payload
         else:
             assert got == msg, F(code).name
         assert len(tokens) == len(fds)
         for fd in fds:
             if fd != ram.fd:
                 os.close(fd)
-        if expects_reply(Channel.FRONTEND, msg, 0):
-            assert FRONTEND_SPECS[code].when is Reply.ALWAYS
+        if expects_reply(Channel.FRONTEND, msg, ALLOWED_PROTOCOL_FEATURES | LOG_PROTOCOL_FEATURES):
+            assert FRONTEND_SPECS[code].when in (Reply.ALWAYS, Reply.IF_LOG_SHMFD)
             answer = SAMPLES[spec.reply] if spec.reply else p.U64(0)
             VvuChannel(link).send(reply_to(msg, answer))
             h, rbody, _ = fe.recv_raw()

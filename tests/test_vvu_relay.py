@@ -26,7 +26,7 @@ from vhostuser.protocol import (
 )
 from vhostuser.protocol import payloads as p
 from vhostuser.transport.unix import UnixChannel
-from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, Relay, RxResult
+from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, Relay, RxResult, WindowFile
 
 F = FrontendReq
 PF = ProtocolFeature
@@ -117,7 +117,7 @@ def test_request_and_reply_cross(setup: tuple[Relay, Driver, UnixChannel]) -> No
     assert delivered(drv) == request(F.GET_FEATURES)
     relay.from_driver(encode(reply_to(request(F.GET_FEATURES), p.U64((1 << 32) | (1 << 26)))))
     got = consumer_gets(fe, F.GET_FEATURES)
-    assert got.payload == p.U64(1 << 32)  # LOG_ALL masked: no dirty logging across
+    assert got.payload == p.U64((1 << 32) | (1 << 26))  # LOG_ALL crosses: the log does
 
 
 def test_protocol_features_masked_both_ways(setup: tuple[Relay, Driver, UnixChannel]) -> None:
@@ -127,15 +127,131 @@ def test_protocol_features_masked_both_ways(setup: tuple[Relay, Driver, UnixChan
     delivered(drv)
     relay.from_driver(encode(reply_to(request(F.GET_PROTOCOL_FEATURES), p.U64(everything))))
     offered = consumer_gets(fe, F.GET_PROTOCOL_FEATURES).payload.value
-    assert offered == ALLOWED_PROTOCOL_FEATURES
-    for bad in (PF.LOG_SHMFD, PF.BACKEND_SEND_FD, PF.INFLIGHT_SHMFD, PF.HOST_NOTIFIER,
+    assert offered == ALLOWED_PROTOCOL_FEATURES | PF.LOG_SHMFD
+    for bad in (PF.BACKEND_SEND_FD, PF.INFLIGHT_SHMFD, PF.HOST_NOTIFIER,
                 PF.PAGEFAULT, PF.DEVICE_STATE, PF.SHARED_OBJECT, PF.INBAND_NOTIFICATIONS):
         assert not offered & bad
     for good in (PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.STATUS, PF.RESET_DEVICE,
-                 PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ):
+                 PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ, PF.LOG_SHMFD):
         assert offered & good
     send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(everything)))
-    assert delivered(drv).payload == p.U64(ALLOWED_PROTOCOL_FEATURES)
+    assert delivered(drv).payload == p.U64(ALLOWED_PROTOCOL_FEATURES | PF.LOG_SHMFD)
+
+
+def test_no_dirty_log_with_a_pinned_window() -> None:
+    """An appliance VM's BAR is the device's own window file: the consumer's log file
+    cannot be placed in it, so neither LOG_SHMFD nor VHOST_F_LOG_ALL is offered."""
+    drv = Driver()
+    ram = GuestRam(1 << 20)
+    pinned = WindowFile(os.dup(ram.fd), (0, 0), 0, 1 << 20)
+    relay = Relay(drv, max_queues=4, pinned=pinned)
+    dev_sock, fe_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.set_backend_up(True)
+    relay.attach(dev_sock)
+    fe = UnixChannel(fe_sock)
+    try:
+        send(fe, relay, request(F.GET_PROTOCOL_FEATURES))
+        delivered(drv)
+        relay.from_driver(encode(reply_to(request(F.GET_PROTOCOL_FEATURES),
+                                          p.U64((1 << 22) - 1))))
+        assert consumer_gets(fe, F.GET_PROTOCOL_FEATURES).payload.value \
+            == ALLOWED_PROTOCOL_FEATURES
+        send(fe, relay, request(F.GET_FEATURES))
+        delivered(drv)
+        relay.from_driver(encode(reply_to(request(F.GET_FEATURES),
+                                          p.U64((1 << 32) | (1 << 26)))))
+        assert consumer_gets(fe, F.GET_FEATURES).payload == p.U64(1 << 32)
+    finally:
+        relay.close()
+        fe_sock.close()
+        ram.close()
+
+
+def test_the_dirty_log_crosses_in_the_window(setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    """SET_LOG_BASE: the log's file is placed in the window after the memory (and stays
+    there across a new memory table) and the request is relayed with its window offset;
+    SET_LOG_FD: the log doorbell (4 x 2N) signals its eventfd."""
+    relay, drv, fe = setup
+    send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(PF.LOG_SHMFD)))
+    delivered(drv)
+    ram = GuestRam(1 << 20)
+    send(fe, relay, request(F.SET_MEM_TABLE, p.MemTable((ram.region(),))), (ram.fd,))
+    delivered(drv)
+    log = GuestRam(64 << 10)  # a memfd of its own, as QEMU's log is
+    log.at(0x1000 + 7, 1)[0] = 0x5A
+    send(fe, relay, request(F.SET_LOG_BASE, p.LogBase(0x8000, 0x1000)), (log.fd,))
+    relayed = delivered(drv).payload
+    assert relayed == p.LogBase(0x8000, (2 << 20) + 0x1000)  # the next 2 MiB boundary
+    f = relay.file_at(relayed.mmap_offset + 7)
+    assert f is relay.log_file and os.pread(f.fd, 1, 0x1000 + 7) == b"\x5a"
+    relay.from_driver(encode(reply_to(request(F.SET_LOG_BASE), p.U64(0))))
+    assert consumer_gets(fe, F.SET_LOG_BASE).payload == p.U64(0)
+    send(fe, relay, request(F.SET_MEM_TABLE, p.MemTable((ram.region(),))), (ram.fd,))
+    delivered(drv)
+    assert relay.log_file in relay.files  # a new table leaves the log where it was
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    send(fe, relay, request(F.SET_LOG_FD), (efd,))
+    assert delivered(drv) == request(F.SET_LOG_FD)  # relayed without its fd
+    relay.doorbell(4 * 2 * relay.max_queues)
+    assert os.eventfd_read(efd) == 1
+    os.close(efd)
+    ram.close()
+    log.close()
+
+
+def test_memory_goes_back_to_its_place_before_a_kept_log(
+        setup: tuple[Relay, Driver, UnixChannel]) -> None:
+    """A new memory table after the log: the log keeps its place, the memory goes back to
+    the gap below it (not after it: the window would need twice the guest's memory); a
+    log replaced by another (QEMU makes one per migration) leaves the window."""
+    relay, drv, fe = setup
+    relay.window_size = 8 << 20
+    send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(PF.LOG_SHMFD)))
+    delivered(drv)
+    ram = GuestRam(3 << 20)
+    table = request(F.SET_MEM_TABLE, p.MemTable((ram.region(),)))
+    send(fe, relay, table, (ram.fd,))
+    assert delivered(drv).payload.regions[0].mmap_offset == 0
+    logs = []
+    for _ in range(70):  # more than the 64 files a consumer may have placed
+        log = GuestRam(64 << 10)
+        logs.append(log)
+        drv.buffers = 8  # the driver posts rxq buffers again
+        send(fe, relay, request(F.SET_LOG_BASE, p.LogBase(4096, 0)), (log.fd,))
+        assert delivered(drv).payload == p.LogBase(4096, 4 << 20)  # after the memory
+        relay.from_driver(encode(reply_to(request(F.SET_LOG_BASE), p.U64(0))))
+        consumer_gets(fe, F.SET_LOG_BASE)
+        assert len(relay.files) == 2
+    drv.buffers = 8
+    send(fe, relay, table, (ram.fd,))  # the same memory again: back at 0
+    assert delivered(drv).payload.regions[0].mmap_offset == 0
+    assert [(f.base, f.size) for f in relay.files] == [(0, 3 << 20), (4 << 20, 64 << 10)]
+    for x in (ram, *logs):
+        x.close()
+
+
+@pytest.mark.parametrize("bad", ["not-negotiated", "past-the-file", "not-an-eventfd",
+                                 "not-a-file", "zero-size"])
+def test_bad_dirty_log_requests_end_the_session(setup: tuple[Relay, Driver, UnixChannel],
+                                                bad: str) -> None:
+    relay, drv, fe = setup
+    if bad != "not-negotiated":
+        send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(PF.LOG_SHMFD)))
+        delivered(drv)
+    log = GuestRam(64 << 10)
+    if bad in ("not-an-eventfd", "not-a-file"):
+        r, w = os.pipe()
+        if bad == "not-a-file":
+            send(fe, relay, request(F.SET_LOG_BASE, p.LogBase(0, 0)), (r,))
+        else:
+            send(fe, relay, request(F.SET_LOG_FD), (r,))
+        os.close(w)
+    else:
+        size = 0 if bad == "zero-size" else 64 << 10
+        send(fe, relay, request(F.SET_LOG_BASE, p.LogBase(size, 4096)), (log.fd,))
+    assert not drv.rx and closed(fe)  # nothing reached the driver
+    assert relay.log_file is None and relay.log_fd is None
+    log.close()
 
 
 def test_memory_table_becomes_the_window(setup: tuple[Relay, Driver, UnixChannel]) -> None:
@@ -190,8 +306,9 @@ def test_refusals_are_nacked_with_reply_ack(setup: tuple[Relay, Driver, UnixChan
     send(fe, relay, request(F.SET_PROTOCOL_FEATURES, p.U64(PF.REPLY_ACK)))
     delivered(drv)
     r, w = os.pipe()
-    send(fe, relay, request(F.SET_LOG_FD, need_reply=True), (r,))  # needs an fd to cross
-    assert consumer_gets(fe, F.SET_LOG_FD).payload == p.U64(1)
+    send(fe, relay, request(F.SET_INFLIGHT_FD, p.Inflight(4096, 0, 1, 64),
+                            need_reply=True), (r,))  # needs an fd to cross
+    assert consumer_gets(fe, F.SET_INFLIGHT_FD).payload == p.U64(1)
     send(fe, relay, request(F.SET_VRING_CALL, p.VringFile.make(9), need_reply=True), (w,))
     assert consumer_gets(fe, F.SET_VRING_CALL).payload == p.U64(1)  # beyond max queues
     assert not drv.rx and relay.connected  # still in session

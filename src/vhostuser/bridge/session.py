@@ -52,6 +52,7 @@ from ..protocol import (
     reply_to,
 )
 from ..protocol import payloads as p
+from ..protocol.constants import LOG_ALL
 from ..shutdown import StopSignal
 from ..transport.unix import PeerClosed, UnixChannel
 from ..transport.vvu import V_FIRST_VRING, VvuLink, split_message
@@ -284,6 +285,13 @@ class BridgeSession:
                 self._drop_call(kind, pl.index)
         elif req == F.SET_BACKEND_REQ_FD:
             fds.append(self._backend_channel())
+        elif req == F.SET_LOG_BASE:  # the device placed the log in the window
+            assert isinstance(pl, p.LogBase)
+            fd, off = self.link.window_fd(p.MemRegion(0, pl.mmap_size, 0, pl.mmap_offset))
+            fds.append(fd)
+            return replace(msg, payload=p.LogBase(pl.mmap_size, off))
+        elif req == F.SET_LOG_FD:  # the log doorbell rings SET_LOG_FD's eventfd
+            self._call("log", 0, fds)
         elif expected_fds(Channel.FRONTEND, msg):
             raise MemoryTableError("the device let through a request with fds")
         return msg
@@ -336,15 +344,15 @@ class BridgeSession:
         self.rings.watch(vring, efd)
 
     def _call(self, kind: str, vring: int, fds: list[int]) -> None:
-        """The back-end's call (err) eventfd for `vring`, appended to `fds`: the doorbell's
-        own ioeventfd (vfio-user), or one of ours that rings the doorbell when signalled
-        (MMIO, in the appliance VM). The device may have dropped that doorbell by now (it
-        reads ahead of us: a GET_VRING_BASE came): then an eventfd nobody reads, as the
-        device ignores a doorbell with no target."""
+        """The back-end's call (err; "log": SET_LOG_FD's) eventfd for `vring`, appended to
+        `fds`: the doorbell's own ioeventfd (vfio-user), or one of ours that rings the
+        doorbell when signalled (MMIO, in the appliance VM). The device may have dropped
+        that doorbell by now (it reads ahead of us: a GET_VRING_BASE came): then an
+        eventfd nobody reads, as the device ignores a doorbell with no target."""
         if vring >= self.link.max_queues:
             raise MemoryTableError(f"vring {vring}: the device has {self.link.max_queues}")
         n = self.link.max_queues
-        offset = 4 * (vring if kind == "call" else n + vring)
+        offset = 4 * (vring if kind == "call" else n + vring if kind == "err" else 2 * n)
         self._drop_call(kind, vring)
         if isinstance(self.link.client, VfioUserClient):
             fd = self.link.doorbell_fd(offset)
@@ -397,9 +405,16 @@ class BridgeSession:
                       Channel.FRONTEND.name_of(header.request))
             if self.replies:
                 self.replies.popleft()
-            if header.request == F.GET_FEATURES and self._watches_rings() and len(body) == 8:
-                # the watcher reads split rings only: no packed rings for this consumer
-                value = int.from_bytes(body, "little") & ~(1 << F_RING_PACKED)
+            if header.request == F.GET_FEATURES and len(body) == 8:
+                value = int.from_bytes(body, "little")
+                if self._watches_rings():  # the watcher reads split rings only
+                    value &= ~(1 << F_RING_PACKED)
+                if not isinstance(self.link.client, VfioUserClient):
+                    value &= ~LOG_ALL  # no dirty log in an appliance VM (VvuResources)
+                body = value.to_bytes(8, "little")
+            elif (header.request == F.GET_PROTOCOL_FEATURES and len(body) == 8
+                  and not isinstance(self.link.client, VfioUserClient)):
+                value = int.from_bytes(body, "little") & ~int(ProtocolFeature.LOG_SHMFD)
                 body = value.to_bytes(8, "little")
             self._to_txq(encode_raw(header, body))
 

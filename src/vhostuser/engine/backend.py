@@ -99,6 +99,7 @@ class Resources(Protocol):
 
     max_mem_slots: int
     shared_areas: bool  # whether new_area and map_area work (in-flight areas)
+    shared_log: bool  # whether map_area works for SET_LOG_BASE's log (live migration)
 
     def map_region(self, desc: p.MemRegion, res: Resource) -> Buffer: ...
 
@@ -216,7 +217,7 @@ class Backend:
         self.runner = runner  # how a started queue is served: a worker process by default
         self.track_inflight = track_inflight and resources.shared_areas
         self.inflight: InflightArea | None = None
-        self.log_dirty = log_dirty and resources.shared_areas and dirtylog.available()
+        self.log_dirty = log_dirty and resources.shared_log and dirtylog.available()
         self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE's
         self.log_signal: Notifier | None = None  # SET_LOG_FD's
         self.mem = GuestMemory(resources.max_mem_slots)

@@ -117,6 +117,7 @@ class UnixResources:
 
     max_mem_slots = 509
     shared_areas = True
+    shared_log = True
 
     def map_region(self, desc: MemRegion, res: int) -> mmap.mmap:
         return mmap_region(desc, res)

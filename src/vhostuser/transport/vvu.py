@@ -81,7 +81,7 @@ FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_
 class Token:
     """Stands where the consumer's message carried an fd (the device consumed it)."""
 
-    kind: str  # "memory", "call", "err", "kick" or "backend"
+    kind: str  # "memory", "call", "err", "kick", "backend", "log" or "log-signal"
     vring: int = 0
 
 
@@ -449,7 +449,8 @@ def tokens_for(header: Header, body: bytes) -> list[Token]:
     n = expected_fds(Channel.FRONTEND, msg)
     kind = {F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err", F.SET_VRING_KICK: "kick",
             F.SET_MEM_TABLE: "memory", F.ADD_MEM_REG: "memory",
-            F.SET_BACKEND_REQ_FD: "backend"}.get(FrontendReq(msg.request))
+            F.SET_BACKEND_REQ_FD: "backend", F.SET_LOG_BASE: "log",
+            F.SET_LOG_FD: "log-signal"}.get(FrontendReq(msg.request))
     if kind is None or not n:
         return []
     vring = getattr(msg.payload, "index", 0)
@@ -461,6 +462,7 @@ class VvuResources:
 
     max_mem_slots = 8
     shared_areas = False  # no in-flight area crosses the device (yet)
+    shared_log = True  # the dirty log does: the device places it in the window
 
     def __init__(self, link: VvuLink, poll: bool = False, kick_fds: bool = True) -> None:
         """`kick_fds`: take the consumer's own kick eventfds where the device hands them
@@ -468,6 +470,10 @@ class VvuResources:
         self.link = link
         self.poll = poll or not link.interrupts
         self.kick_fds = kick_fds
+        # In an appliance VM the window is BAR 4, mapped once at attach: a log placed in it
+        # later is reached only through trapped accesses, where an atomic OR is a read and
+        # a write apart (a bit another worker set meanwhile is lost): no logging there.
+        self.shared_log = not isinstance(link.client, SysfsPciFunction)
         self.kicks: dict[int, tuple[Token, int]] = {}  # id(token) -> it, the kick fd
 
     def map_region(self, desc: MemRegion, res: Token) -> memoryview:
@@ -477,7 +483,12 @@ class VvuResources:
         raise MemoryTableError("no shared area crosses the virtio-vhost-user device")
 
     def map_area(self, res: Token, size: int, offset: int) -> memoryview:
-        raise MemoryTableError("no shared area crosses the virtio-vhost-user device")
+        """The dirty log: `size` bytes at window offset `offset` (SET_LOG_BASE as the
+        device relays it). No other area crosses the device."""
+        if res.kind != "log":
+            raise MemoryTableError("no shared area but the dirty log crosses the "
+                                   "virtio-vhost-user device")
+        return self.link.window_view(MemRegion(0, size, 0, offset))
 
     def check_kick(self, res: Token) -> None:
         pass  # the device took the consumer's kick fd; the token stands for it
@@ -508,7 +519,10 @@ class VvuResources:
         return self.link.pci.vectors[vector]
 
     def notifier(self, res: Token) -> Notifier:
+        """A call's, an err's or the dirty log's doorbell (SET_LOG_FD's, at 4 * 2N)."""
         n = self.link.max_queues
+        if res.kind == "log-signal":
+            return self.link.doorbell(4 * 2 * n)
         return self.link.doorbell(4 * (res.vring if res.kind == "call" else n + res.vring))
 
     def backend_channel(self, res: Token) -> VvuBackendChannel:

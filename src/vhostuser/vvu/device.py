@@ -428,6 +428,7 @@ class VvuDevice:
         r, n = self.relay, self.relay.max_queues
         return ([(DOORBELL_MULT * i, fd) for i, fd in sorted(r.calls.items())]
                 + [(DOORBELL_MULT * (n + i), fd) for i, fd in sorted(r.errs.items())]
+                + ([(DOORBELL_MULT * 2 * n, r.log_fd)] if r.log_fd is not None else [])
                 + [(NOTIFICATION_OFFSET + KICK_FDS + 4 * i, fd)
                    for i, fd in sorted(r.kicks.items())
                    if self.notify_vectors[i] == KICK_FD_VECTOR])

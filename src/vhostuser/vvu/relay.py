@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import socket
+import stat
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
@@ -50,14 +51,19 @@ PF = ProtocolFeature
 ALLOWED_PROTOCOL_FEATURES = int(PF.MQ | PF.RARP | PF.REPLY_ACK | PF.MTU | PF.BACKEND_REQ
                                 | PF.CROSS_ENDIAN | PF.CRYPTO_SESSION | PF.CONFIG
                                 | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
+# The dirty log crosses too (live migration), where the window can take its file: the
+# device places it in the window like a memory file (SET_LOG_BASE relayed with its window
+# offset) and the log doorbell signals SET_LOG_FD's eventfd. Not with a pinned window file
+# (an appliance VM's BAR): the log is a file of the consumer's own.
+LOG_PROTOCOL_FEATURES = int(PF.LOG_SHMFD)
 
 # Requests that would need fds to travel further than the device (or back).
 FORBIDDEN = frozenset({
-    F.SET_LOG_BASE, F.SET_LOG_FD, F.POSTCOPY_ADVISE,
-    F.POSTCOPY_LISTEN, F.POSTCOPY_END, F.GET_INFLIGHT_FD, F.SET_INFLIGHT_FD,
-    F.GPU_SET_SOCKET, F.IOTLB_MSG, F.GET_SHARED_OBJECT, F.SET_DEVICE_STATE_FD,
-    F.CHECK_DEVICE_STATE, F.GET_SHMEM_CONFIG,
+    F.POSTCOPY_ADVISE, F.POSTCOPY_LISTEN, F.POSTCOPY_END, F.GET_INFLIGHT_FD,
+    F.SET_INFLIGHT_FD, F.GPU_SET_SOCKET, F.IOTLB_MSG, F.GET_SHARED_OBJECT,
+    F.SET_DEVICE_STATE_FD, F.CHECK_DEVICE_STATE, F.GET_SHMEM_CONFIG,
 })
+LOG_REQUESTS = frozenset({F.SET_LOG_BASE, F.SET_LOG_FD})
 
 class RxResult(Enum):
     OK = auto()
@@ -108,6 +114,18 @@ class WindowFile:
     size: int  # the file's size: all of it is placed, whatever the regions use
 
 
+def _regular_file(fd: int, what: str) -> os.stat_result:
+    """fstat of a file the consumer sent to be placed in the window: a regular file (a
+    memfd), which a client can map; anything else is refused."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise RelayError(f"unusable {what} fd: {e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise RelayError(f"the {what} fd is not a regular file")
+    return st
+
+
 def _hung_up(fd: int) -> bool:
     """Whether the peer of socket `fd` has closed it (POLLHUP), without reading."""
     p = select.poll()
@@ -137,6 +155,14 @@ class Relay:
         self.awaiting: int | None = None  # the request whose reply the consumer waits for
         self.backend: UnixChannel | None = None  # the consumer's back-end request channel
         self.backend_awaiting: int | None = None  # a back-end request awaiting its ack
+        self.log_file: WindowFile | None = None  # SET_LOG_BASE's file, in the window
+        self.log_fd: int | None = None  # SET_LOG_FD's eventfd: the log doorbell's target
+
+    @property
+    def allowed_protocol_features(self) -> int:
+        """What may cross: the dirty log only where the window can hold its file."""
+        return ALLOWED_PROTOCOL_FEATURES | (LOG_PROTOCOL_FEATURES if self.pinned is None
+                                            else 0)
 
     # -- session ---------------------------------------------------------------------------
 
@@ -183,6 +209,10 @@ class Relay:
             for fd in table.values():
                 os.close(fd)
             table.clear()
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
+        self.log_file = None  # closed with the other files below
         self.parked = None
         self.awaiting = None
         self._drop_backend()
@@ -288,17 +318,23 @@ class Relay:
     def _from_consumer(self, header: Header, body: bytes, fds: list[int]) -> bytes:
         msg = decode_request(Channel.FRONTEND, header, body, len(fds))
         code = msg.request
-        if code in FORBIDDEN:
-            raise RelayError(f"{F(code).name} cannot cross the device")
+        if code in FORBIDDEN or (code in LOG_REQUESTS and not self.protocol_features
+                                 & LOG_PROTOCOL_FEATURES):
+            raise RelayError(f"{F(code).name} cannot cross the device"
+                             + (" (LOG_SHMFD not negotiated)" if code in LOG_REQUESTS else ""))
         if code == F.SET_PROTOCOL_FEATURES:
             assert isinstance(msg.payload, p.U64)
-            masked = msg.payload.value & ALLOWED_PROTOCOL_FEATURES
+            masked = msg.payload.value & self.allowed_protocol_features
             self.protocol_features = masked
             msg = Message(code, p.U64(masked), msg.flags)
         elif code in (F.SET_MEM_TABLE, F.ADD_MEM_REG, F.REM_MEM_REG):
             msg = self._memory(msg, fds)
         elif code in (F.SET_VRING_CALL, F.SET_VRING_ERR, F.SET_VRING_KICK):
             self._vring_fd(msg, fds)
+        elif code == F.SET_LOG_BASE:
+            msg = self._log_base(msg, fds)
+        elif code == F.SET_LOG_FD:
+            self._log_fd(fds)
         elif code == F.GET_VRING_BASE:
             assert isinstance(msg.payload, p.VringState)
             self._drop_vring(msg.payload.index)
@@ -335,6 +371,40 @@ class Relay:
         if fds:
             os.set_blocking(fds[0], False)
             table[pl.index] = fds.pop()
+
+    def _log_base(self, msg: Message, fds: list[int]) -> Message:
+        """Place the log's file in the window (it stays there across memory tables, as
+        the log does) and relay SET_LOG_BASE with the log's window offset."""
+        pl = msg.payload
+        assert isinstance(pl, p.LogBase)
+        fd = fds.pop()
+        try:
+            st = _regular_file(fd, "log")
+            if not pl.mmap_size or pl.mmap_offset + pl.mmap_size > st.st_size:
+                raise RelayError(f"a log of {pl.mmap_size} bytes at {pl.mmap_offset} in a "
+                                 f"{st.st_size}-byte file")
+            old = self.log_file
+            if (old is not None and old.file_id != (st.st_dev, st.st_ino)
+                    and old is not self.pinned and not any(
+                        old.base <= r.mmap_offset < old.base + old.size
+                        for r in self.regions)):
+                self.files.remove(old)  # a log replaced (QEMU makes one per migration)
+                os.close(old.fd)
+                self.log_file = None
+            f = self._file(fd, st)
+        finally:
+            os.close(fd)
+        self.log_file = f
+        return Message(msg.request, p.LogBase(pl.mmap_size, f.base + pl.mmap_offset),
+                       msg.flags)
+
+    def _log_fd(self, fds: list[int]) -> None:
+        if not fds or not is_eventfd(fds[0]):
+            raise RelayError("the SET_LOG_FD fd is not an eventfd")
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+        os.set_blocking(fds[0], False)
+        self.log_fd = fds.pop()
 
     def _drop_vring(self, index: int) -> None:
         for table in (self.kicks, self.calls, self.errs):
@@ -376,32 +446,47 @@ class Relay:
         return Message(code, p.SingleMemRegion(placed[0]), msg.flags)
 
     def _place(self, r: p.MemRegion, fd: int) -> p.MemRegion:
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise RelayError(f"unusable memory fd: {e}") from e
+        st = _regular_file(fd, "memory")
         if r.mmap_offset + r.size > st.st_size:
             raise RelayError(f"region {r} runs past the end of its file")
-        fid = (st.st_dev, st.st_ino)
-        f = next((x for x in self.files if x.file_id == fid), None)
-        if f is None:
-            if len(self.files) >= MAX_FILES:
-                raise RelayError(f"the consumer's memory is in more than {MAX_FILES} files")
-            end = self.files[-1].base + self.files[-1].size if self.files else 0
-            base = -(-end // FILE_ALIGN) * FILE_ALIGN
-            if base + st.st_size > self.window_size:
-                raise RelayError(f"the consumer's memory needs {base + st.st_size:#x} bytes "
-                                 f"of window, the BAR has {self.window_size:#x} "
-                                 "(--window-size)")
-            f = WindowFile(os.dup(fd), fid, base, st.st_size)
-            self.files.append(f)
+        f = self._file(fd, st)
         return p.MemRegion(r.guest_addr, r.size, r.user_addr, f.base + r.mmap_offset)
 
+    def _file(self, fd: int, st: os.stat_result) -> WindowFile:
+        """File `fd`'s place in the window: where it already is, else the first gap
+        (2 MiB aligned) that holds it between the files placed (`files` stays in window
+        order: a log kept across memory tables leaves the memory its old place)."""
+        fid = (st.st_dev, st.st_ino)
+        f = next((x for x in self.files if x.file_id == fid), None)
+        if f is not None:
+            return f
+        if len(self.files) >= MAX_FILES:
+            raise RelayError(f"the consumer's memory is in more than {MAX_FILES} files")
+        base, at = 0, len(self.files)
+        for i, x in enumerate(self.files):
+            if base + st.st_size <= x.base:
+                at = i
+                break
+            base = -(-(x.base + x.size) // FILE_ALIGN) * FILE_ALIGN
+        if base + st.st_size > self.window_size:
+            raise RelayError(f"the consumer's memory needs {base + st.st_size:#x} bytes "
+                             f"of window, the BAR has {self.window_size:#x} (--window-size)")
+        try:
+            dup = os.dup(fd)
+        except OSError as e:
+            raise RelayError(f"cannot keep the consumer's file: {e}") from e
+        f = WindowFile(dup, fid, base, st.st_size)
+        self.files.insert(at, f)
+        return f
+
     def _drop_files(self) -> None:
+        """Forget the memory files (a new table, or the session's end); the pinned window
+        file and the log's stay (the log's until the session ends)."""
+        keep = [f for f in (self.pinned, self.log_file) if f is not None]
         for f in self.files:
-            if f is not self.pinned:
+            if f not in keep:
                 os.close(f.fd)
-        self.files = [self.pinned] if self.pinned is not None else []
+        self.files = keep
         self.regions = []
 
     def file_at(self, offset: int) -> WindowFile | None:
@@ -523,10 +608,11 @@ class Relay:
         self.awaiting = None
         if msg.request == F.GET_PROTOCOL_FEATURES:
             assert isinstance(msg.payload, p.U64)
-            msg = Message(msg.request, p.U64(msg.payload.value & ALLOWED_PROTOCOL_FEATURES),
+            msg = Message(msg.request,
+                          p.U64(msg.payload.value & self.allowed_protocol_features),
                           VERSION | HeaderFlag.REPLY)
-        elif msg.request == F.GET_FEATURES:
-            assert isinstance(msg.payload, p.U64)
+        elif msg.request == F.GET_FEATURES and self.pinned is not None:
+            assert isinstance(msg.payload, p.U64)  # no dirty log: no VHOST_F_LOG_ALL
             msg = Message(msg.request, p.U64(msg.payload.value & ~LOG_ALL),
                           VERSION | HeaderFlag.REPLY)
         return msg
@@ -538,7 +624,8 @@ class Relay:
         if offset % multiplier:
             return
         i, n = offset // multiplier, self.max_queues
-        fd = self.calls.get(i) if i < n else self.errs.get(i - n) if i < 2 * n else None
+        fd = (self.calls.get(i) if i < n else self.errs.get(i - n) if i < 2 * n
+              else self.log_fd if i == 2 * n else None)
         if fd is not None:
             try:
                 os.eventfd_write(fd, 1)
