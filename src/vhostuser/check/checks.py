@@ -209,20 +209,26 @@ def _wrap_region(path: str) -> str:
 
 # -- malicious rings --------------------------------------------------------------------------
 
-def _attack(path: str, build: Callable[[Session], None], what: str) -> str:
-    """Make `build`'s chain available and kick: whatever the back-end does with it
-    (complete it with an error, ignore it, drop the connection), it must not write
-    outside its memory and must serve the next front-end."""
+def _attack(path: str, build: Callable[[Session], None], what: str,
+            packed: bool = False) -> str:
+    """Make `build`'s chain available (on a split ring of 64, or a packed ring of 8) and
+    kick: whatever the back-end does with it (complete it with an error, ignore it, drop
+    the connection), it must not write outside its memory and must serve the next
+    front-end."""
     with session(path) as s:
-        s.setup()
+        if packed:
+            _packed_session(s, 8)
+        else:
+            s.setup()
         build(s)
-        s.fe.kick(0)
-        ring = s.ring()
+        os.eventfd_write(s.fe.queues[0].kick, 1)
+        completed = (lambda: _packed_used_at_0(s)) if packed else (
+            lambda: s.ring().used_idx() != 0)
         deadline = time.monotonic() + SETTLE
         outcome = "not completed"
         try:
             while time.monotonic() < deadline:
-                if ring.used_idx() != 0:
+                if completed():
                     outcome = "completed"
                     break
                 s.fe.sock.timeout = 0.05
@@ -417,31 +423,6 @@ def _packed_io(path: str) -> str:
         return f"20 reads, base {base:#010x} as the driver's, 4 more after the restart"
 
 
-def _packed_attack(path: str, build: Callable[[Session], None], what: str) -> str:
-    with session(path) as s:
-        _packed_session(s, 8)
-        build(s)
-        os.eventfd_write(s.fe.queues[0].kick, 1)
-        deadline = time.monotonic() + SETTLE
-        outcome = "not completed"
-        try:
-            while time.monotonic() < deadline:
-                if _packed_used_at_0(s):
-                    outcome = "completed"
-                    break
-                s.fe.sock.timeout = 0.05
-                try:
-                    s.fe.sock.recv_raw()
-                except TimeoutError:
-                    continue
-        except (ConnectionError, OSError):
-            outcome = "disconnected"
-        if not s.ram.guards_intact():
-            raise Failed(f"{what}: the back-end wrote outside the memory region it was given")
-    _alive(path)
-    return f"{what}: {outcome}; memory outside the region untouched; still serves"
-
-
 def _packed_used_at_0(s: Session) -> bool:
     """Whether descriptor 0 was written back as used on the first pass."""
     _, _, _, flags = _DESC.unpack_from(s.packed_ring().desc, 0)
@@ -461,7 +442,7 @@ def _packed_too_long(path: str) -> str:
         hdr, _ = _header(s)
         _packed_chain(s, [(hdr, 16, AVAIL | DESC_F_NEXT)]
                       + [(s.ram.alloc(512), 512, AVAIL | DESC_F_WRITE | DESC_F_NEXT)] * 7)
-    return _packed_attack(path, build, "8 chained descriptors in a ring of 8")
+    return _attack(path, build, "8 chained descriptors in a ring of 8", packed=True)
 
 
 @check("packed-outside", "a packed chain with a data buffer outside every memory region")
@@ -471,7 +452,7 @@ def _packed_outside(path: str) -> str:
         _packed_chain(s, [(hdr, 16, AVAIL | DESC_F_NEXT),
                           (s.ram.size + (1 << 30), 4096, AVAIL | DESC_F_WRITE | DESC_F_NEXT),
                           (status, 1, AVAIL | DESC_F_WRITE)])
-    return _packed_attack(path, build, "a 4 KiB buffer 1 GiB past the region")
+    return _attack(path, build, "a 4 KiB buffer 1 GiB past the region", packed=True)
 
 
 @check("packed-wrong-pass", "a packed chain marked available for the second pass, then as "

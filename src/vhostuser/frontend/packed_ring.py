@@ -15,7 +15,7 @@ from ..virtq.packed import (
     join_base,
     split_base,
 )
-from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout
+from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout, need_event
 from .ring import GuestRam
 
 _DESC = struct.Struct("<QIHH")
@@ -106,8 +106,7 @@ class PackedDriverRing:
             return True
         off_wrap = self.device16.load(0)
         event = self._line(off_wrap & 0x7FFF, off_wrap >> 15)
-        m = 2 * self.size
-        return (new - event - 1) % m < (new - old) % m
+        return need_event(event, new, old, 2 * self.size)
 
     # -- completions -------------------------------------------------------------------------
 

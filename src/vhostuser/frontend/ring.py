@@ -8,7 +8,7 @@ import struct
 
 from ..protocol.payloads import MemRegion
 from ..virtq.atomic import U16Array, full_barrier
-from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout
+from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout, need_event
 from ..virtq.split import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY
 
 _DESC = struct.Struct("<QIHH")
@@ -126,7 +126,7 @@ class DriverRing:
         self.kicked_at = new
         if self.event_idx:
             event = self.used16.load(2 + 4 * self.size)
-            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            return need_event(event, new, old)
         return not self.used16.load(0) & USED_F_NO_NOTIFY
 
     # -- completions -------------------------------------------------------------------------

@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
-from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Chain, RingError, RingLayout
+from .ring import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    Chain,
+    RingError,
+    RingLayout,
+    need_event,
+)
 from .walk import BufferWalk
 
 if TYPE_CHECKING:
@@ -331,8 +339,7 @@ class PackedQueue(BufferWalk):
             return True
         off_wrap = self.driver16.load(0)
         event = self._position(off_wrap & 0x7FFF, off_wrap >> 15)
-        m = 2 * self.size
-        return (new - event - 1) % m < (new - old) % m
+        return need_event(event, new, old, 2 * self.size)
 
     def _log_rings(self) -> None:
         """While writes are logged: the descriptor ring and the device area were written."""

@@ -16,6 +16,13 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 
 
+def need_event(event: int, new: int, old: int, modulus: int = 1 << 16) -> bool:
+    """EVENT_IDX: whether moving an index from `old` to `new` passed `event` (the other
+    side asked to be told once index `event` is used or made available), on a line that
+    wraps at `modulus` (split: 2^16; packed: two passes of the ring)."""
+    return (new - event - 1) % modulus < (new - old) % modulus
+
+
 class RingError(Exception):
     """The driver broke the virtqueue rules; the queue cannot go on."""
 

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
-from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Chain, RingError, RingLayout
+from .ring import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    Chain,
+    RingError,
+    RingLayout,
+    need_event,
+)
 from .walk import BufferWalk
 
 if TYPE_CHECKING:
@@ -198,7 +206,7 @@ class SplitQueue(BufferWalk):
         if self.event_idx:
             old, self.signalled_used = self.signalled_used, new
             event = self.avail16.load(self._used_event_i)
-            return old is None or ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            return old is None or need_event(event, new, old)
         return not self.avail16.load(0) & AVAIL_F_NO_INTERRUPT
 
     # -- kick suppression ------------------------------------------------------------------
