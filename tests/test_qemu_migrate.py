@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -157,7 +158,7 @@ class QsdDestination:
     def __init__(self, tmp_path: Path, img: Path, sock: Path) -> None:
         self.path = tmp_path / "dst.log"
         with self.path.open("wb") as f:
-            self.proc = subprocess.Popen(qsd_cmd(img, sock), shell=True, stdout=f,
+            self.proc = subprocess.Popen(shlex.split(qsd_cmd(img, sock)), stdout=f,
                                          stderr=subprocess.STDOUT)
         wait_until(lambda: sock.exists() or self.proc.poll() is not None, 10)
         assert self.proc.poll() is None, self.log
@@ -170,7 +171,7 @@ class QsdDestination:
         if self.proc.poll() is None:
             self.proc.terminate()
         rc = self.proc.wait(15)
-        return 0 if rc == -signal.SIGTERM else rc  # it ends by the signal, not exit(0)
+        return 0 if rc == -signal.SIGTERM else rc  # QSD 7.2 dies of the signal itself
 
 
 @pytest.mark.parametrize("qemu", ["7.2", "11.1 inflight-migration", "7.2 source through vvu",
