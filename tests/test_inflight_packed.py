@@ -64,7 +64,7 @@ class Backend:
     def __init__(self, mem: GuestMemory, drv: PackedDriverRing, area: bytearray,
                  base: int = FRESH_BASE) -> None:
         self.ring = PackedQueue(mem, drv.layout(), base, False)
-        self.tracker = PackedInflight(memoryview(area), SIZE)
+        self.tracker = PackedInflight(memoryview(area), drv.size)
         self.again = self.tracker.recover(self.ring)
         self.q = DeviceQueue(self.ring, 0, NoNotifier(), tracker=self.tracker)
         self.q.resubmit(self.again)
@@ -259,11 +259,34 @@ def test_a_whole_ring_in_flight_is_recovered(ram: GuestRam, mem: GuestMemory,
     b2.close()
 
 
+def test_a_chain_as_long_as_the_largest_ring(mem: GuestMemory, ram: GuestRam) -> None:
+    """One chain of 32768 descriptors (the largest ring, every descriptor): recorded entry
+    by entry and served again from the copies, in time linear in its length."""
+    size = 32768
+    drv = PackedDriverRing(ram, size)
+    area = bytearray(2 << 20)
+    b = Backend(mem, drv, area)
+    gpa = ram.alloc(16)
+    ram.at(gpa, 1)[0] = 9
+    bid = drv.add([(gpa, 16, False)] + [(ram.alloc(1), 1, True)] * (size - 1))
+    (c,) = b.take(1)
+    assert (c.head, c.ndesc) == (bid, size)
+    e = entry(area, 0)
+    assert (e["inflight"], e["num"], e["last"]) == (1, size, size - 1)
+    b.close()
+    b2 = Backend(mem, drv, area)
+    (again,) = b2.take(1)
+    assert (again.head, again.ndesc, bytes(again.readable[0][:1])) == (bid, size, b"\x09")
+    b2.complete([again])
+    assert drv.take_used() == [(bid, 1)]
+    b2.close()
+
+
 @pytest.mark.parametrize("torn", ["whole commit", "wrap counter only"])
 def test_a_death_after_the_flag_was_cleared_commits(ram: GuestRam, mem: GuestMemory,
                                                     area: bytearray, torn: str) -> None:
     drv = PackedDriverRing(ram, 4)
-    b = Backend4(mem, drv, area)
+    b = Backend(mem, drv, area)
     (x, _), (y, _) = add(ram, drv, 3, 1), add(ram, drv, 1, 2)
     cx, cy = b.q.pop_batch(2)
     b.complete([cx])  # x's 3 descriptors: used at 3
@@ -275,7 +298,7 @@ def test_a_death_after_the_flag_was_cleared_commits(ram: GuestRam, mem: GuestMem
         area[21] = before[21]
     b.close()
     assert [bid for bid, _ in drv.take_used()] == [x, y]
-    b2 = Backend4(mem, drv, area)
+    b2 = Backend(mem, drv, area)
     assert b2.again == [] and split_base(b2.ring.base()) == (0, 0, 0, 0)
     (z, _) = add(ram, drv, 1, 3)
     assert [c.head for c in b2.q.pop_batch(8)] == [z]
@@ -288,7 +311,7 @@ def test_a_slot_the_driver_already_reused_commits(ram: GuestRam, mem: GuestMemor
     and the driver, having seen it, already made the slot available for its next pass:
     the slot is no longer available on the committed pass, so the chain was returned."""
     drv = PackedDriverRing(ram, 2)
-    b = Backend4(mem, drv, area, size=2)
+    b = Backend(mem, drv, area)
     (x, _) = add(ram, drv, 1, 1)
     (cx,) = b.q.pop_batch(1)
     write = b.ring.push_now
@@ -303,7 +326,7 @@ def test_a_slot_the_driver_already_reused_commits(ram: GuestRam, mem: GuestMemor
     b.close()
     assert drv.take_used() == [(x, 1)]
     (y, _), (z, _) = add(ram, drv, 1, 2), add(ram, drv, 1, 3)  # slots 1, then 0 again
-    b2 = Backend4(mem, drv, area, size=2)
+    b2 = Backend(mem, drv, area)
     assert b2.again == []
     assert [c.head for c in b2.q.pop_batch(8)] == [y, z]
     b2.close()
@@ -324,15 +347,3 @@ def test_the_area_changed_after_recovery_changes_nothing(
     b2.complete([c])
     assert drv.take_used() == [(x, 1)]
     b2.close()
-
-
-class Backend4(Backend):
-    """A back-end on a ring of another size than SIZE."""
-
-    def __init__(self, mem: GuestMemory, drv: PackedDriverRing, area: bytearray,
-                 base: int = FRESH_BASE, size: int = 4) -> None:
-        self.ring = PackedQueue(mem, drv.layout(), base, False)
-        self.tracker = PackedInflight(memoryview(area), size)
-        self.again = self.tracker.recover(self.ring)
-        self.q = DeviceQueue(self.ring, 0, NoNotifier(), tracker=self.tracker)
-        self.q.resubmit(self.again)

@@ -348,17 +348,20 @@ def _track(spec: QueueSpec, ring: DeviceRing) -> tuple[InflightRecord | None, li
     if spec.inflight is None:
         return None, []
     area, offset = spec.inflight
-    tracker: SplitInflight | PackedInflight
     with memoryview(area) as whole:
         if isinstance(ring, PackedQueue):
-            tracker = PackedInflight(whole[offset : offset + packed_region_bytes(ring.size)],
-                                     ring.size)
-        else:
-            assert isinstance(ring, SplitQueue)
-            tracker = SplitInflight(whole[offset : offset + queue_region_bytes(ring.size)],
+            packed = PackedInflight(whole[offset : offset + packed_region_bytes(ring.size)],
                                     ring.size)
+            return packed, _recovered(packed, lambda: packed.recover(ring))
+        assert isinstance(ring, SplitQueue)
+        split = SplitInflight(whole[offset : offset + queue_region_bytes(ring.size)], ring.size)
+        return split, _recovered(split, lambda: split.recover(ring))
+
+
+def _recovered(tracker: InflightRecord, recover: Callable[[], list[int]]) -> list[int]:
+    """What `recover` returns; the record released if it raises."""
     try:
-        return tracker, tracker.recover(ring)  # type: ignore[arg-type]  # paired above
+        return recover()
     except RingError:
         tracker.release()
         raise

@@ -212,10 +212,12 @@ class PackedInflight:
                                          self._flags, self.size)
         for c in chains:
             head = e = h[_FREE]
-            held = []
+            held: list[int] = []
+            seen: set[int] = set()
             for k in range(c.ndesc):
-                if e >= size or e in held:  # the front-end wrote into the area meanwhile
+                if e >= size or e in seen:  # the front-end wrote into the area meanwhile
                     raise RingError("in-flight region: the free list is broken")
+                seen.add(e)
                 addr, length, bid, f = ring.descriptor((c.token + k) % size)
                 e64[4 * e + 3], e32[8 * e + 5] = addr, length
                 e16[16 * e + _ID], e16[16 * e + _FLAGS] = bid, f
