@@ -21,10 +21,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ..engine.device import Carried, Device, Events
+from ..engine.device import Carried, Device, Events, StateError
 from ..engine.pool import PooledService
 from ..engine.queue import DeviceQueue
-from ..fuse import abi
+from ..fuse import abi, migration
 from ..fuse.abi import Op
 from ..fuse.server import FileServer, ServerOptions
 from ..procfs import PROC_FD
@@ -50,7 +50,8 @@ class FsOptions:
 
 class FsDevice(Device):
     name = "vhost-user-fs"
-    protocol_features = int(ProtocolFeature.CONFIG | ProtocolFeature.MQ)
+    protocol_features = int(ProtocolFeature.CONFIG | ProtocolFeature.MQ
+                            | ProtocolFeature.DEVICE_STATE)
 
     def __init__(self, opts: FsOptions) -> None:
         tag = opts.tag.encode()
@@ -104,6 +105,36 @@ class FsDevice(Device):
             log.exception("the last worker's FUSE session could not be taken up")
             self.server.abandon()
             carried.close()
+
+    def save_state(self, carried: dict[int, Carried]) -> bytes:
+        """The FUSE session by paths (fuse/migration.py), from what the worker handed over;
+        a session whose worker died meanwhile goes as one whose tables are lost."""
+        c = carried.get(0)
+        try:
+            if c is not None:
+                state = json.loads(c.data)
+                return migration.save(state, c.fds, self.root_fd)
+            if not self.session[0]:
+                return migration.save(None, [], self.root_fd)
+            lost = {"initialized": True, "minor": int(self.session[1]),
+                    "tables": {"next_node": 2, "next_fh": 1, "inodes": [], "handles": []}}
+            return migration.save(lost, [], self.root_fd)
+        except (migration.MigrationError, OSError) as e:
+            raise StateError(f"the FUSE session cannot be saved: {e}") from e
+
+    def load_state(self, data: bytes) -> dict[int, Carried]:
+        try:
+            state, fds = migration.load(data, self.root_fd, self.server.reopen,
+                                        self.server.tables.limit)
+        except migration.MigrationError as e:
+            raise StateError(f"the FUSE session cannot be taken up: {e}") from e
+        if state is None:
+            self._session_changed(False, 0)
+            return {}
+        self._session_changed(state["initialized"], state["minor"])
+        log.info("FUSE session taken up: %d nodes, %d open files",
+                 len(state["tables"]["inodes"]), len(state["tables"]["handles"]))
+        return {0: Carried(json.dumps(state).encode(), fds)}
 
     def reset(self) -> None:
         self.server.reset()

@@ -30,6 +30,10 @@ from ..protocol import (
 )
 from ..protocol import payloads as p
 from ..protocol.constants import (
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_NO_FD,
+    DEVICE_STATE_PHASE_STOPPED,
+    DEVICE_STATE_SAVE,
     LOG_ALL,
     VRING_F_LOG,
     BackendReq,
@@ -43,7 +47,7 @@ from ..virtq.dirtylog import DirtyLog, log_bytes_for
 from ..virtq.inflight import MAX_QUEUE_SIZE, area_bytes, queue_region_bytes
 from ..virtq.packed import MAX_SIZE as MAX_PACKED_SIZE
 from ..virtq.ring import RingLayout
-from .device import STATE_BYTES, Carried, ConfigError, Device
+from .device import STATE_BYTES, Carried, ConfigError, Device, StateError
 from .notify import NoNotifier, Notifier
 from .worker import (
     DEFAULT_SPIN_US,
@@ -87,7 +91,11 @@ _GATES = {
     FrontendReq.SET_LOG_FD: ProtocolFeature.LOG_SHMFD,
     FrontendReq.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
     FrontendReq.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+    FrontendReq.SET_DEVICE_STATE_FD: ProtocolFeature.DEVICE_STATE,
+    FrontendReq.CHECK_DEVICE_STATE: ProtocolFeature.DEVICE_STATE,
 }
+
+MAX_STATE_BYTES = 256 << 20  # the largest device state taken up (the front-end's bytes)
 
 
 class RequestError(Exception):
@@ -100,6 +108,7 @@ class Resources(Protocol):
     max_mem_slots: int
     shared_areas: bool  # whether new_area and map_area work (in-flight areas)
     shared_log: bool  # whether map_area works for SET_LOG_BASE's log (live migration)
+    shared_state: bool  # whether state_file and read_state_file work (DEVICE_STATE)
 
     def map_region(self, desc: p.MemRegion, res: Resource) -> Buffer: ...
 
@@ -110,6 +119,17 @@ class Resources(Protocol):
 
     def map_area(self, res: Resource, size: int, offset: int) -> Buffer:
         """The front-end's area `res`: `size` bytes from `offset`, mapped shared."""
+        ...
+
+    def state_file(self, data: bytes) -> Resource:
+        """A file for SET_DEVICE_STATE_FD's reply: `data` for the front-end to read from
+        its start to its end, or (empty) for it to write the state into. MemoryTableError
+        if it cannot be made."""
+        ...
+
+    def read_state_file(self, res: Resource, limit: int) -> bytes:
+        """What the front-end wrote into `state_file(b"")`; MemoryTableError past `limit`
+        bytes."""
         ...
 
     def check_kick(self, res: Resource) -> None:
@@ -150,6 +170,16 @@ class Vring:
     def ready(self) -> bool:
         return (self.started and self.enabled and not self.broken and self.size > 0
                 and self.addr is not None)
+
+
+@dataclass
+class StateTransfer:
+    """A SET_DEVICE_STATE_FD under way: the file given to the front-end in the reply (the
+    state to read, or where it writes the state), until CHECK_DEVICE_STATE."""
+
+    load: bool
+    res: Resource
+    saved: bool = False  # saving: the state was whole
 
 
 @dataclass
@@ -232,6 +262,7 @@ class Backend:
         self.running: dict[int, tuple[Running, frozenset[int]]] = {}
         self.carried: dict[int, Carried] = {}  # group -> what its last worker handed over
         self.backend_req: BackendChannel | None = None
+        self.transfer: StateTransfer | None = None  # SET_DEVICE_STATE_FD's
         H = FrontendReq
         self._handlers: dict[int, Callable[[Any, list[Resource]], Any]] = {
             H.GET_FEATURES: self._get_features,
@@ -265,6 +296,8 @@ class Backend:
             H.SET_LOG_FD: self._set_log_fd,
             H.GET_INFLIGHT_FD: self._get_inflight_fd,
             H.SET_INFLIGHT_FD: self._set_inflight_fd,
+            H.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            H.CHECK_DEVICE_STATE: self._check_device_state,
         }
 
     # -- dispatch --------------------------------------------------------------------------
@@ -277,8 +310,10 @@ class Backend:
         tracking = (ProtocolFeature.INFLIGHT_SHMFD | ProtocolFeature.GET_VRING_BASE_INFLIGHT
                     if self.track_inflight else 0)
         logging = ProtocolFeature.LOG_SHMFD if self.log_dirty else 0
-        return (ENGINE_PROTOCOL_FEATURES | int(self.device.protocol_features) | tracking
-                | logging)
+        device = int(self.device.protocol_features)
+        if not self.res.shared_state:
+            device &= ~int(ProtocolFeature.DEVICE_STATE)
+        return ENGINE_PROTOCOL_FEATURES | device | tracking | logging
 
     def receive(self, header: Header, body: bytes, fds: list[Resource]) -> Message | None:
         """Decode and serve one request whose framing (header) was valid. Raises
@@ -407,6 +442,7 @@ class Backend:
         self._drop_inflight()
         self._drop_log()  # QEMU starts rings again before it sends a log
         self._drop_carried()
+        self._drop_transfer()
         self.features = 0
         self.status = 0
 
@@ -426,6 +462,64 @@ class Backend:
             parent_only_fds.difference_update(c.fds)
             c.close()
         self.carried.clear()
+
+    # -- device state (DEVICE_STATE: live migration of a device with state) -----------------
+
+    def _set_device_state_fd(self, pl: p.DeviceStateParams, _fds: list[Resource]
+                             ) -> Message | p.U64:
+        """The state travels through a file of ours, given in the reply (the spec lets
+        either side make the channel): saving, it holds the whole state before the reply
+        goes, so the front-end reads it at its own pace and nothing here waits on a pipe
+        it may never drain; loading, the front-end writes into it and CHECK_DEVICE_STATE
+        reads it once the front-end is done. The front-end's pipe end is closed."""
+        self._drop_transfer()
+        try:
+            if pl.direction not in (DEVICE_STATE_SAVE, DEVICE_STATE_LOAD):
+                raise StateError(f"unknown transfer direction {pl.direction}")
+            if pl.phase != DEVICE_STATE_PHASE_STOPPED:
+                raise StateError(f"unknown migration phase {pl.phase}")
+            if self.running:
+                raise StateError("the device is not suspended: queues "
+                                 f"{sorted(i for _, q in self.running.values() for i in q)} "
+                                 "run")
+            load = pl.direction == DEVICE_STATE_LOAD
+            data = b"" if load else self.device.save_state(dict(self.carried))
+            res = self.res.state_file(data)
+        except (StateError, MemoryTableError) as e:
+            log.error("device state transfer refused: %s", e)
+            return p.U64(1 | DEVICE_STATE_NO_FD)
+        self.transfer = StateTransfer(load, res, saved=not load)
+        if not load:
+            log.info("device state saved (%d bytes)", len(data))
+        return Message(0, p.U64(0), fds=(res,))
+
+    def _check_device_state(self, _pl: p.Empty, _fds: list[Resource]) -> p.U64:
+        t, self.transfer = self.transfer, None
+        if t is None:
+            log.error("CHECK_DEVICE_STATE without a transfer (SET_DEVICE_STATE_FD)")
+            return p.U64(1)
+        try:
+            if not t.load:
+                return p.U64(0 if t.saved else 1)
+            if self.running:
+                raise StateError("queues started before the state was taken up")
+            data = self.res.read_state_file(t.res, MAX_STATE_BYTES)
+            carried = self.device.load_state(data)
+        except (StateError, MemoryTableError) as e:
+            log.error("device state not taken up: %s", e)
+            return p.U64(1)
+        finally:
+            self.res.close(t.res)
+        self._drop_carried()  # nothing of an earlier session is left
+        for g, c in carried.items():
+            self._hold(g, c)
+        log.info("device state loaded (%d bytes)", len(data))
+        return p.U64(0)
+
+    def _drop_transfer(self) -> None:
+        t, self.transfer = self.transfer, None
+        if t is not None:
+            self.res.close(t.res)
 
     def _set_status(self, pl: p.U64, _fds: list[Resource]) -> None:
         self.status = pl.value & 0xFF
@@ -871,6 +965,7 @@ class Backend:
             self.backend_req.close()
             self.backend_req = None
         self._drop_carried()
+        self._drop_transfer()
         self._drop_inflight()
         self._drop_log()
         if self.log_signal is not None:

@@ -31,6 +31,11 @@ class ConfigError(Exception):
     """A GET/SET_CONFIG the device refuses (the front-end gets a NACK or an empty reply)."""
 
 
+class StateError(Exception):
+    """The device's state cannot be saved or taken up (DEVICE_STATE): the migration fails,
+    the source serves on."""
+
+
 class Timer(Protocol):
     def cancel(self) -> None: ...
 
@@ -192,6 +197,21 @@ class Device(ABC):
     def restore(self, state: bytes) -> None:  # noqa: B027 - nothing to restore by default
         """What `state` returned in the back-end that had the in-flight area before (it
         died): take those settings up. Untrusted bytes (the area is the front-end's)."""
+
+    def save_state(self, carried: dict[int, Carried]) -> bytes:
+        """DEVICE_STATE (a device that offers it, in `protocol_features`): its state, for
+        another back-end's `load_state` (live migration), once every queue stopped; what
+        the groups' last workers handed over is in `carried` (group -> it), left as it is
+        (the source serves on if the migration fails). StateError if it cannot be saved
+        whole. Called in the engine's process."""
+        raise StateError(f"{self.name} has no state to migrate")
+
+    def load_state(self, data: bytes) -> dict[int, Carried]:
+        """What another back-end's `save_state` gave: what each group's next worker takes
+        up (`adopt`). Untrusted bytes (they come through the front-end): StateError for
+        anything it cannot take up whole. Called in the engine's process, no queue
+        running."""
+        raise StateError(f"{self.name} has no state to migrate")
 
     def adopt(self, carried: Carried) -> None:
         """In a group's new worker, before `serve`: what the group's last worker left

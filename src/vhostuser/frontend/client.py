@@ -20,6 +20,7 @@ from ..protocol import (
     request,
 )
 from ..protocol import payloads as p
+from ..protocol.constants import DEVICE_STATE_LOAD, DEVICE_STATE_SAVE
 from ..shutdown import readable
 from ..transport.unix import UnixChannel, connect
 from .packed_ring import FRESH_BASE, PackedDriverRing
@@ -99,6 +100,58 @@ class Frontend:
                                         p.Inflight(0, 0, num_queues, queue_size), ack=False)
         assert reply is not None and isinstance(reply.payload, p.Inflight)
         return reply.payload, (fds[0] if fds else None)
+
+    def save_device_state(self) -> bytes:
+        """DEVICE_STATE, saving: the back-end's state, read from our pipe or from the
+        channel the back-end gave instead, then CHECK_DEVICE_STATE (BackendError on a
+        failure either reports)."""
+        r, w = os.pipe()
+        try:
+            r = self._state_channel(DEVICE_STATE_SAVE, w, r)
+            chunks = []
+            while chunk := os.read(r, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(r)
+        self._check_device_state()
+        return b"".join(chunks)
+
+    def load_device_state(self, data: bytes) -> None:
+        """DEVICE_STATE, loading: `data` written into our pipe or the back-end's channel,
+        closed, then CHECK_DEVICE_STATE."""
+        r, w = os.pipe()
+        try:
+            w = self._state_channel(DEVICE_STATE_LOAD, r, w)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+        finally:
+            os.close(w)
+        self._check_device_state()
+
+    def _state_channel(self, direction: int, theirs: int, ours: int) -> int:
+        """SET_DEVICE_STATE_FD with `theirs` (closed here): our end of the channel (`ours`,
+        or the back-end's fd in its place, `ours` then closed; on a failure `ours` stays
+        the caller's)."""
+        try:
+            reply, fds = self.call_with_fds(F.SET_DEVICE_STATE_FD,
+                                            p.DeviceStateParams(direction, 0), fds=(theirs,),
+                                            ack=False)
+        finally:
+            os.close(theirs)
+        assert reply is not None and isinstance(reply.payload, p.U64)
+        if reply.payload.value & 0xFF:
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(f"SET_DEVICE_STATE_FD failed ({reply.payload.value:#x})")
+        if fds:
+            os.close(ours)
+            return fds[0]
+        return ours
+
+    def _check_device_state(self) -> None:
+        if (value := self.get_u64(F.CHECK_DEVICE_STATE)) != 0:
+            raise BackendError(f"CHECK_DEVICE_STATE failed ({value})")
 
     def get_u64(self, code: int) -> int:
         reply = self.call(code, ack=False)

@@ -509,6 +509,13 @@ class FileServer:
             raise OSError(errno.EROFS, "read-only export")
         return flags
 
+    def reopen(self, path_fd: int, is_dir: bool, flags: int) -> int:
+        """An open file of a migrated session's, opened again as OPEN (or OPENDIR)
+        opened it: `path_fd` is its node's O_PATH fd."""
+        if is_dir:
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=path_fd)
+        return self._reopen_file(path_fd, self._open_flags(flags & ~os.O_TRUNC))
+
     def _open_out(self, fh: int, is_dir: bool = False) -> bytes:
         flags = 0
         if self.opts.cache == "never" and not is_dir:

@@ -149,3 +149,9 @@ class DeviceStatus(IntFlag):
     FEATURES_OK = 8
     DEVICE_NEEDS_RESET = 64
     FAILED = 128
+
+# SET_DEVICE_STATE_FD: the transfer's direction and phase, and the reply's "no fd" flag.
+DEVICE_STATE_SAVE = 0  # back-end to front-end (the source)
+DEVICE_STATE_LOAD = 1  # front-end to back-end (the destination)
+DEVICE_STATE_PHASE_STOPPED = 0  # the only phase: every ring stopped
+DEVICE_STATE_NO_FD = 0x100

@@ -118,6 +118,7 @@ class UnixResources:
     max_mem_slots = 509
     shared_areas = True
     shared_log = True
+    shared_state = True
 
     def map_region(self, desc: MemRegion, res: int) -> mmap.mmap:
         return mmap_region(desc, res)
@@ -141,6 +142,38 @@ class UnixResources:
         region's are: a file too short for them is refused)."""
         mapping = mmap_region(MemRegion(0, size, 0, offset), res)
         return memoryview(mapping)[len(mapping) - size :]
+
+    def state_file(self, data: bytes) -> int:
+        """A memfd holding `data`, its offset at 0 (the front-end reads it to its end, or
+        writes into it from there)."""
+        try:
+            fd = os.memfd_create("vhost-user-device-state", os.MFD_CLOEXEC)
+        except OSError as e:
+            raise MemoryTableError(f"cannot create a file for the device state: {e}") from e
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.lseek(fd, 0, os.SEEK_SET)
+        except OSError as e:
+            os.close(fd)
+            raise MemoryTableError(f"cannot write the device state: {e}") from e
+        return fd
+
+    def read_state_file(self, res: int, limit: int) -> bytes:
+        """The whole of the file `res` (the front-end may have written it anywhere, grown
+        or shrunk it: its size counts, not the offset)."""
+        try:
+            size = os.fstat(res).st_size
+            if size > limit:
+                raise MemoryTableError(f"a device state of {size} bytes (at most {limit})")
+            data = os.pread(res, size, 0)
+        except OSError as e:
+            raise MemoryTableError(f"cannot read the device state: {e}") from e
+        if len(data) != size:
+            raise MemoryTableError(f"the device state changed size while read ({size} "
+                                   f"bytes, then {len(data)})")
+        return data
 
     def check_kick(self, res: int) -> None:
         _require_eventfd(res, "kick")

@@ -463,6 +463,7 @@ class VvuResources:
     max_mem_slots = 8
     shared_areas = False  # no in-flight area crosses the device (yet)
     shared_log = True  # the dirty log does: the device places it in the window
+    shared_state = False  # no DEVICE_STATE file crosses it (the relay refuses the requests)
 
     def __init__(self, link: VvuLink, poll: bool = False, kick_fds: bool = True) -> None:
         """`kick_fds`: take the consumer's own kick eventfds where the device hands them
@@ -489,6 +490,12 @@ class VvuResources:
             raise MemoryTableError("no shared area but the dirty log crosses the "
                                    "virtio-vhost-user device")
         return self.link.window_view(MemRegion(0, size, 0, offset))
+
+    def state_file(self, data: bytes) -> Token:
+        raise MemoryTableError("no device state crosses the virtio-vhost-user device")
+
+    def read_state_file(self, res: Token, limit: int) -> bytes:
+        raise MemoryTableError("no device state crosses the virtio-vhost-user device")
 
     def check_kick(self, res: Token) -> None:
         pass  # the device took the consumer's kick fd; the token stands for it
