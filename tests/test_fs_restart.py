@@ -153,9 +153,19 @@ def test_a_worker_killed_leaves_a_session_that_serves_on(daemon: Daemon) -> None
         with pytest.raises(FuseError) as e:
             c.read(a.nodeid, fh, 0, 3)
         assert e.value.errno == errno.EBADF
+        # new ids go on past the dead worker's: none is one the guest still holds
+        sub = c.lookup(1, b"sub")
+        assert sub.nodeid > a.nodeid
+        with pytest.raises(FuseError) as e:
+            c.getattr(a.nodeid)
+        assert e.value.errno == errno.ESTALE
         again = c.lookup(1, b"a.txt")  # from the root, as the guest's kernel does
-        assert again.attr.size == 10000
-        assert c.read(again.nodeid, c.open(again.nodeid, os.O_RDONLY), 0, 3) == b"012"
+        assert again.attr.size == 10000 and again.nodeid > a.nodeid
+        fh2 = c.open(again.nodeid, os.O_RDONLY)
+        assert fh2 > fh and c.read(again.nodeid, fh2, 0, 3) == b"012"
+        with pytest.raises(FuseError) as e:
+            c.read(a.nodeid, fh, 0, 3)
+        assert e.value.errno == errno.EBADF
     assert "serving on" in daemon.log()
 
 

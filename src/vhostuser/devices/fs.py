@@ -65,13 +65,15 @@ class FsDevice(Device):
         self.tag = tag
         self.num_queues = 1 + opts.request_queues
         self.root_fd = os.open(opts.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.server = FileServer(self.root_fd, PROC_FD, opts.server)
-        # Whether a FUSE session is on, and its minor version, as workers last set them
-        # (shared with them): a worker that starts without the last one's state (it died,
-        # or could not hand it over) serves the session on, its node ids stale, rather
-        # than answering EIO to a guest that will never send INIT again.
+        # Whether a FUSE session is on, its minor version, the next node id and handle, as
+        # workers last set them (shared with them): a worker that starts without the last
+        # one's state (it died, or could not hand it over) serves the session on, its node
+        # ids stale and new ones past them, rather than answering EIO to a guest that will
+        # never send INIT again.
         self._shared = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
         self.session = memoryview(self._shared).cast("q")
+        self._counters = self.session[2:4]
+        self.server = FileServer(self.root_fd, PROC_FD, opts.server, self._counters)
         self.server.on_session = self._session_changed
         self.adopted = False
 
@@ -117,7 +119,9 @@ class FsDevice(Device):
             if not self.session[0]:
                 return migration.save(None, [], self.root_fd)
             lost = {"initialized": True, "minor": int(self.session[1]),
-                    "tables": {"next_node": 2, "next_fh": 1, "inodes": [], "handles": []}}
+                    "tables": {"next_node": max(2, self.session[2]),
+                               "next_fh": max(1, self.session[3]), "inodes": [],
+                               "handles": []}}
             return migration.save(lost, [], self.root_fd)
         except (migration.MigrationError, OSError) as e:
             raise StateError(f"the FUSE session cannot be saved: {e}") from e
@@ -132,6 +136,8 @@ class FsDevice(Device):
             self._session_changed(False, 0)
             return {}
         self._session_changed(state["initialized"], state["minor"])
+        self.session[2] = state["tables"]["next_node"]  # if the first worker dies before
+        self.session[3] = state["tables"]["next_fh"]  # it takes the session up
         log.info("FUSE session taken up: %d nodes, %d open files",
                  len(state["tables"]["inodes"]), len(state["tables"]["handles"]))
         return {0: Carried(json.dumps(state).encode(), fds)}
@@ -142,6 +148,7 @@ class FsDevice(Device):
 
     def close(self) -> None:
         os.close(self.root_fd)
+        self._counters.release()
         self.session.release()
         self._shared.close()
 

@@ -72,15 +72,21 @@ def _stale() -> OSError:
 class Tables:
     """Inodes and handles of one FUSE session (the root inode is node id 1)."""
 
-    def __init__(self, root_fd: int, limit: int = 1 << 20) -> None:
+    def __init__(self, root_fd: int, limit: int = 1 << 20,
+                 counters: memoryview | None = None) -> None:
+        """`counters`: the next node id and handle (int64 each), shared with whoever
+        serves the session after this process: kept there as they grow, and taken up from
+        there, so that ids the client may still hold from a process that died are never
+        handed out again (for other files)."""
         self.lock = threading.Lock()
         self.limit = limit  # fds held at most (a node's, a handle's)
         self.held = 0  # fds held now: live nodes, forgotten nodes a handle keeps, handles
         self.inodes: dict[int, Inode] = {}
         self.by_key: dict[tuple[int, int], Inode] = {}
         self.handles: dict[int, Handle] = {}
-        self._next_node = 2
-        self._next_fh = 1
+        self.counters = counters
+        self._next_node = max(2, counters[0]) if counters is not None else 2
+        self._next_fh = max(1, counters[1]) if counters is not None else 1
         st = os.fstat(root_fd)
         self.root = Inode.of(1, root_fd, st)
         self.root.nlookup = 1 << 62  # never forgotten
@@ -101,6 +107,8 @@ class Tables:
                 ino = Inode.of(self._next_node, fd, st)
                 self.held += 1
                 self._next_node += 1
+                if self.counters is not None:
+                    self.counters[0] = self._next_node
                 self.inodes[ino.nodeid] = ino
                 self.by_key[(ino.dev, ino.ino)] = ino
                 fd = -1
@@ -157,6 +165,8 @@ class Tables:
             self.held += 1
             fh = self._next_fh
             self._next_fh += 1
+            if self.counters is not None:
+                self.counters[1] = self._next_fh
             h = self.handles[fh] = Handle(fd, inode, is_dir)
             inode.users += 1  # the handle keeps the inode's fd alive
         del h
@@ -261,6 +271,8 @@ class Tables:
         self.clear()
         with self.lock:
             self._next_node, self._next_fh = state["next_node"], state["next_fh"]
+            if self.counters is not None:
+                self.counters[0], self.counters[1] = self._next_node, self._next_fh
             nodes: dict[int, Inode] = {1: self.root}
             for nodeid, at, dev, ino, mode, nlookup, live in state["inodes"]:
                 i = nodes[nodeid] = Inode(nodeid, fds[at], dev, ino, mode)

@@ -175,8 +175,8 @@ def _load(s: dict[str, Any], root_fd: int, reopen: Reopen, limit: int,
           fds: list[int]) -> dict[str, Any]:
     initialized = _bool(s.get("initialized"), "initialized")
     minor = _int(s.get("minor"), 0, 2**32 - 1, "minor")
-    next_node = _int(s.get("next_node"), 2, 2**63, "next_node")
-    next_fh = _int(s.get("next_fh"), 1, 2**63, "next_fh")
+    next_node = _int(s.get("next_node"), 2, 2**62, "next_node")
+    next_fh = _int(s.get("next_fh"), 1, 2**62, "next_fh")
     raw_nodes = _list(s.get("nodes"), "nodes")
     raw_handles = _list(s.get("handles"), "handles")
     handles = []

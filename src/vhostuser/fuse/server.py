@@ -138,12 +138,13 @@ def _split(t: float) -> tuple[int, int]:
 class FileServer:
     """Serves FUSE requests for the directory open as `root_fd` (O_PATH)."""
 
-    def __init__(self, root_fd: int, proc_fd: int, opts: ServerOptions) -> None:
+    def __init__(self, root_fd: int, proc_fd: int, opts: ServerOptions,
+                 counters: memoryview | None = None) -> None:
         self.opts = opts
         self.proc_fd = proc_fd  # /proc, open: files are reopened as self/fd/N beneath it
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         # every node and handle holds an fd: leave some for the rest of the process
-        self.tables = Tables(root_fd, limit=max(256, min(soft, 1 << 20) - 1024))
+        self.tables = Tables(root_fd, max(256, min(soft, 1 << 20) - 1024), counters)
         self.ttl = _split(_TIMEOUTS[opts.cache])
         self.as_root = os.geteuid() == 0
         self.initialized = False
@@ -352,12 +353,14 @@ class FileServer:
 
     def resume_lost(self, minor: int) -> None:
         """Serve on a session whose tables are gone: the root answers, every other node
-        id is ESTALE and every handle EBADF, so the client looks names up again."""
+        id is ESTALE and every handle EBADF, so the client looks names up again; new
+        ones go on from the last ids handed out (Tables' counters), none the client holds."""
+        self.tables = Tables(self.tables.root.fd, self.tables.limit, self.tables.counters)
         self.initialized, self.minor = True, minor
 
     def abandon(self) -> None:
         """Drop the tables without closing anything (a restore that failed half way)."""
-        self.tables = Tables(self.tables.root.fd, self.tables.limit)
+        self.tables = Tables(self.tables.root.fd, self.tables.limit, self.tables.counters)
         self.initialized = False
 
     def restore(self, state: dict[str, Any], fds: list[int]) -> None:
