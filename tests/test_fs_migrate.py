@@ -111,12 +111,19 @@ def test_nodes_and_open_files_follow_the_guest(pair: tuple[Daemon, Daemon],
         with pytest.raises(FuseError) as e:
             c.getattr(gone.nodeid)
         assert e.value.errno == errno.ESTALE
-        # the lookup counts came along: one FORGET of a.txt's two leaves it
+        # the lookup counts came along: one FORGET of a.txt's two leaves it (the open
+        # file keeps the node's file, not its id: after the second FORGET it is gone)
         c.forget(na.nodeid, 1)
         assert c.getattr(na.nodeid).size == 10000
+        assert c.lookup(1, b"a.txt").nodeid == na.nodeid  # known: the same node, 2 lookups
+        c.forget(na.nodeid, 1)
+        assert c.getattr(na.nodeid).size == 10000
+        c.forget(na.nodeid, 1)
+        with pytest.raises(FuseError) as e:
+            c.getattr(na.nodeid)
+        assert e.value.errno == errno.ESTALE
+        assert c.read(na.nodeid, rfh, 0, 3) == b"012"  # the handle still reads
         # node ids go on from the source's: a new node is none the guest holds
-        again = c.lookup(1, b"a.txt")
-        assert again.nodeid == na.nodeid
         assert c.lookup(sub.nodeid, b"new.txt").nodeid == made.nodeid
         (share / "later.txt").write_bytes(b"")
         assert c.lookup(1, b"later.txt").nodeid > gone.nodeid
@@ -171,6 +178,13 @@ HOSTILE |= {
     "a number for a flag": _session([[2, "a.txt", "f", 1, 1]], []),
     "a directory opened as a file": _session([[2, "sub", "f", 1, True]], [[1, 2, False, 0]]),
     "a lone surrogate": _session([[2, "\ud800", "f", 1, True]], []),
+    "nested five thousand deep": b"[" * 5_000,  # past json's recursion limit
+    "a version of a megabyte": json.dumps({"format": "vhostuser-fs-session",
+                                           "version": "v" * (1 << 20)}).encode(),
+    "a version 1.0": json.dumps({"format": "vhostuser-fs-session", "version": 1.0,
+                                 "session": None}).encode(),
+    "a path of a megabyte": _session([[2, "x" * (1 << 20), "f", 1, True]], []),
+    "a million empty lists": b"[" + b"[]," * 1_000_000 + b"[]]",
 }
 
 
@@ -179,7 +193,9 @@ def test_a_hostile_state_is_refused_whole_and_the_daemon_serves_on(
     (tmp_path / "outside.txt").write_bytes(b"secret")
     (share / "link").symlink_to(tmp_path)
     d = fs_daemon(tmp_path, share, "dst")
+    engine_fds = f"/proc/{d.proc.pid}/fd"
     try:
+        before = len(os.listdir(engine_fds))
         for name, data in HOSTILE.items():
             fe = Frontend(d.sock)
             with fe:
@@ -200,9 +216,11 @@ def test_a_hostile_state_is_refused_whole_and_the_daemon_serves_on(
                 assert e.value.errno == errno.ESTALE, name
                 na = c.lookup(1, b"a.txt")
                 assert c.read(na.nodeid, c.open(na.nodeid, os.O_RDONLY), 0, 3) == b"012"
-        log = d.log()
+        log = d.wait_log("front-end disconnected", count=len(HOSTILE))
         assert log.count("device state not taken up") == len(HOSTILE)
-        assert "secret" not in log
+        assert len(log) < 100_000, "the front-end's bytes went into the log whole"
+        # every fd the refused states opened was closed
+        assert len(os.listdir(engine_fds)) == before
     finally:
         assert d.stop() == 0, d.log()
     assert "Traceback" not in d.log()

@@ -3,8 +3,9 @@ whose vhost-user-fs moves the back-end's state with DEVICE_STATE) to a second QE
 whose device is served by a second back-end on the same directory. The guest writes
 numbered lines through a file it opened before, in a loop that runs across the switch,
 holds a directory as its working directory and a file open that it has not read yet; on
-the destination it goes on with all three, with no new open and no new lookup of them.
-The host checks every line arrived once, in order."""
+the destination it goes on with all three through the node ids and handles the source
+gave (had the session not followed, the writes would fail with EBADF and the names in
+the directory with ESTALE). The host checks every line arrived once, in order."""
 
 from __future__ import annotations
 

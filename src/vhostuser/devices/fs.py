@@ -114,17 +114,19 @@ class FsDevice(Device):
         c = carried.get(0)
         try:
             if c is not None:
-                state = json.loads(c.data)
-                return migration.save(state, c.fds, self.root_fd)
-            if not self.session[0]:
-                return migration.save(None, [], self.root_fd)
-            lost = {"initialized": True, "minor": int(self.session[1]),
-                    "tables": {"next_node": max(2, self.session[2]),
-                               "next_fh": max(1, self.session[3]), "inodes": [],
-                               "handles": []}}
-            return migration.save(lost, [], self.root_fd)
+                data = migration.save(json.loads(c.data), c.fds, self.root_fd)
+            elif not self.session[0]:
+                data = migration.save(None, [], self.root_fd)
+            else:
+                lost = {"initialized": True, "minor": int(self.session[1]),
+                        "tables": {"next_node": max(2, self.session[2]),
+                                   "next_fh": max(1, self.session[3]), "inodes": [],
+                                   "handles": []}}
+                data = migration.save(lost, [], self.root_fd)
+            migration.check_size(data, self.server.tables.limit)  # or no destination takes it
         except (migration.MigrationError, OSError) as e:
             raise StateError(f"the FUSE session cannot be saved: {e}") from e
+        return data
 
     def load_state(self, data: bytes) -> dict[int, Carried]:
         try:

@@ -95,7 +95,7 @@ _GATES = {
     FrontendReq.CHECK_DEVICE_STATE: ProtocolFeature.DEVICE_STATE,
 }
 
-MAX_STATE_BYTES = 256 << 20  # the largest device state taken up (the front-end's bytes)
+MAX_STATE_BYTES = 64 << 20  # the largest device state taken up (the front-end's bytes)
 
 
 class RequestError(Exception):
@@ -179,7 +179,6 @@ class StateTransfer:
 
     load: bool
     res: Resource
-    saved: bool = False  # saving: the state was whole
 
 
 @dataclass
@@ -483,15 +482,28 @@ class Backend:
                                  f"{sorted(i for _, q in self.running.values() for i in q)} "
                                  "run")
             load = pl.direction == DEVICE_STATE_LOAD
-            data = b"" if load else self.device.save_state(dict(self.carried))
+            data = b"" if load else self._saved_state()
             res = self.res.state_file(data)
         except (StateError, MemoryTableError) as e:
             log.error("device state transfer refused: %s", e)
             return p.U64(1 | DEVICE_STATE_NO_FD)
-        self.transfer = StateTransfer(load, res, saved=not load)
+        self.transfer = StateTransfer(load, res)
         if not load:
             log.info("device state saved (%d bytes)", len(data))
         return Message(0, p.U64(0), fds=(res,))
+
+    def _saved_state(self) -> bytes:
+        try:
+            data = self.device.save_state(dict(self.carried))
+        except StateError:
+            raise
+        except Exception as e:  # a device's bug fails the migration, not the connection
+            log.exception("saving the device state failed")
+            raise StateError(f"internal error: {e}") from e
+        if len(data) > MAX_STATE_BYTES:
+            raise StateError(f"a state of {len(data)} bytes: more than a destination takes "
+                             f"({MAX_STATE_BYTES})")
+        return data
 
     def _check_device_state(self, _pl: p.Empty, _fds: list[Resource]) -> p.U64:
         t, self.transfer = self.transfer, None
@@ -500,13 +512,16 @@ class Backend:
             return p.U64(1)
         try:
             if not t.load:
-                return p.U64(0 if t.saved else 1)
+                return p.U64(0)  # the whole state was in the file before it went
             if self.running:
                 raise StateError("queues started before the state was taken up")
             data = self.res.read_state_file(t.res, MAX_STATE_BYTES)
             carried = self.device.load_state(data)
         except (StateError, MemoryTableError) as e:
             log.error("device state not taken up: %s", e)
+            return p.U64(1)
+        except Exception:  # a device's bug fails the migration, not the connection
+            log.exception("device state not taken up: internal error")
             return p.U64(1)
         finally:
             self.res.close(t.res)

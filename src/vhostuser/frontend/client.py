@@ -144,6 +144,8 @@ class Frontend:
             for fd in fds:
                 os.close(fd)
             raise BackendError(f"SET_DEVICE_STATE_FD failed ({reply.payload.value:#x})")
+        for fd in fds[1:]:
+            os.close(fd)
         if fds:
             os.close(ours)
             return fds[0]

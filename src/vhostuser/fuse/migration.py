@@ -32,6 +32,7 @@ FORMAT = "vhostuser-fs-session"
 VERSION = 1
 MAX_NODES = 1 << 20  # nodes and handles, each (what a session's tables hold at most)
 MAX_PATH = 4096
+MAX_BYTES = 64 << 20  # a saved session's size at most
 # what an open file's flags may be again (F_GETFL reports no O_CREAT, O_EXCL, O_TRUNC)
 REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_DIRECT | os.O_DSYNC | os.O_SYNC
                 | os.O_NOATIME | os.O_NONBLOCK | os.O_LARGEFILE)
@@ -57,8 +58,9 @@ def save(session: dict[str, Any] | None, fds: list[int], root_fd: int) -> bytes:
     tables = session["tables"]
     root = _path_of(root_fd)
     nodes, paths = [], {}
-    for nodeid, at, _dev, _ino, mode, nlookup, live in tables["inodes"]:
-        path = _find(fds[at], root, root_fd)
+    with _Walker(root_fd) as walker:
+        found = [(n, _find(fds[n[1]], root, walker)) for n in tables["inodes"]]
+    for (nodeid, _at, _dev, _ino, mode, nlookup, live), path in found:
         paths[nodeid] = path
         kind = "d" if stat.S_ISDIR(mode) else "l" if stat.S_ISLNK(mode) else "f"
         nodes.append([nodeid, None if path is None else os.fsdecode(path), kind, nlookup,
@@ -77,11 +79,23 @@ def save(session: dict[str, Any] | None, fds: list[int], root_fd: int) -> bytes:
     return json.dumps(doc).encode()
 
 
+def check_size(data: bytes, limit: int) -> None:
+    """Refuse a document that takes more to parse than a session of `limit` nodes and
+    handles can (json builds an object per list, string and number: bounded by counting
+    their delimiters first)."""
+    if len(data) > MAX_BYTES:
+        raise MigrationError(f"a saved session of {len(data)} bytes (at most {MAX_BYTES})")
+    for mark, per_entry in ((b"[", 1), (b",", 5), (b'"', 4)):
+        if data.count(mark) > per_entry * 2 * limit + 64:
+            raise MigrationError(f"more entries than a session of {limit} nodes and "
+                                 "handles holds")
+
+
 def _path_of(fd: int) -> bytes:
     return os.readlink(os.fsencode(own_fd(fd)), dir_fd=PROC_FD)
 
 
-def _find(fd: int, root: bytes, root_fd: int) -> bytes | None:
+def _find(fd: int, root: bytes, walker: _Walker) -> bytes | None:
     """The path of `fd`'s file beneath the shared directory, if it is still there."""
     try:
         path = _path_of(fd)
@@ -92,7 +106,7 @@ def _find(fd: int, root: bytes, root_fd: int) -> bytes | None:
         return None
     rel = path[len(prefix):]
     try:
-        found = _walk(root_fd, rel)
+        found = walker.open(rel)
     except (OSError, MigrationError):
         return None
     try:
@@ -102,25 +116,49 @@ def _find(fd: int, root: bytes, root_fd: int) -> bytes | None:
     return rel if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
 
 
-def _walk(root_fd: int, rel: bytes) -> int:
-    """An O_PATH fd on `rel` beneath `root_fd`, one component at a time: no symlink
-    followed (the last one is opened itself), no `.` or `..`."""
-    parts = rel.split(b"/")
-    if len(rel) > MAX_PATH or any(c in (b"", b".", b"..") or b"\0" in c for c in parts):
-        raise MigrationError(f"not a path beneath the shared directory: {rel!r}")
-    fd = root_fd
-    try:
-        for i, c in enumerate(parts):
-            last = i == len(parts) - 1
-            nxt = open_beneath(fd, c, os.O_PATH | (0 if last else os.O_DIRECTORY))
-            if fd != root_fd:
-                os.close(fd)
-            fd = nxt
-    except BaseException:
-        if fd != root_fd:
+class _Walker:
+    """Opens paths beneath the shared directory a component at a time, no symlink
+    followed (the last component is opened itself), no `.` or `..`; the directories on
+    the way are kept open for the next paths (nodes share their parents)."""
+
+    CACHED = 4096  # directories kept open at most
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.dirs: dict[bytes, int] = {}
+
+    def __enter__(self) -> _Walker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        dirs, self.dirs = self.dirs, {}
+        for fd in dirs.values():
             os.close(fd)
-        raise
-    return fd
+
+    def open(self, rel: bytes) -> int:
+        """An O_PATH fd on `rel` (the caller's)."""
+        if len(rel) > MAX_PATH:
+            raise MigrationError(f"a path of {len(rel)} bytes (at most {MAX_PATH})")
+        parts = rel.split(b"/")
+        if any(c in (b"", b".", b"..") or b"\0" in c for c in parts):
+            raise MigrationError(f"not a path beneath the shared directory: {_show(rel)}")
+        fd, at = self.root_fd, b""
+        for c in parts[:-1]:
+            at = at + b"/" + c if at else c
+            d = self.dirs.get(at)
+            if d is None:
+                d = open_beneath(fd, c, os.O_PATH | os.O_DIRECTORY)
+                if len(self.dirs) >= self.CACHED:
+                    self.__exit__()
+                self.dirs[at] = d
+            fd = d
+        return open_beneath(fd, parts[-1], os.O_PATH)
+
+
+def _show(v: object) -> str:
+    """`v` for a message, cut short (it may be the front-end's, and huge)."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:76] + "..."
 
 
 # -- taking up ---------------------------------------------------------------------------------
@@ -130,15 +168,16 @@ def load(data: bytes, root_fd: int, reopen: Reopen, limit: int
          ) -> tuple[dict[str, Any] | None, list[int]]:
     """FileServer.restore's state and fds (None: no session) from what `save` gave;
     `reopen` opens a handle's file again as the server opens it; at most `limit` fds."""
+    check_size(data, limit)
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MigrationError(f"not a saved session: {e}") from e
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise MigrationError(f"not a saved session: {_show(str(e))}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise MigrationError("not a saved vhost-user-fs session")
-    if doc.get("version") != VERSION:
-        raise MigrationError(f"a session saved in version {doc.get('version')!r} of its "
-                             f"format; this server reads version {VERSION}")
+    if type(doc.get("version")) is not int or doc["version"] != VERSION:
+        raise MigrationError(f"a session saved in version {_show(doc.get('version'))} of "
+                             f"its format; this server reads version {VERSION}")
     s = doc.get("session")
     if s is None:
         return None, []
@@ -146,7 +185,8 @@ def load(data: bytes, root_fd: int, reopen: Reopen, limit: int
         raise MigrationError("the session is not an object")
     fds: list[int] = []
     try:
-        return _load(s, root_fd, reopen, limit, fds), fds
+        with _Walker(root_fd) as walker:
+            return _load(s, walker, reopen, limit, fds), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -155,13 +195,13 @@ def load(data: bytes, root_fd: int, reopen: Reopen, limit: int
 
 def _int(v: object, lo: int, hi: int, what: str) -> int:
     if type(v) is not int or not lo <= v <= hi:
-        raise MigrationError(f"{what}: {v!r} is not a number from {lo} to {hi}")
+        raise MigrationError(f"{what}: {_show(v)} is not a number from {lo} to {hi}")
     return v
 
 
 def _bool(v: object, what: str) -> bool:
     if type(v) is not bool:
-        raise MigrationError(f"{what}: {v!r} is not true or false")
+        raise MigrationError(f"{what}: {_show(v)} is not true or false")
     return v
 
 
@@ -171,7 +211,7 @@ def _list(v: object, what: str) -> list[Any]:
     return v
 
 
-def _load(s: dict[str, Any], root_fd: int, reopen: Reopen, limit: int,
+def _load(s: dict[str, Any], walker: _Walker, reopen: Reopen, limit: int,
           fds: list[int]) -> dict[str, Any]:
     initialized = _bool(s.get("initialized"), "initialized")
     minor = _int(s.get("minor"), 0, 2**32 - 1, "minor")
@@ -182,7 +222,7 @@ def _load(s: dict[str, Any], root_fd: int, reopen: Reopen, limit: int,
     handles = []
     for h in raw_handles:
         if type(h) is not list or len(h) != 4:
-            raise MigrationError(f"a handle of another shape: {h!r}")
+            raise MigrationError(f"a handle of another shape: {_show(h)}")
         fh = _int(h[0], 1, next_fh - 1, "file handle")
         handles.append((fh, _int(h[1], 1, next_node - 1, f"handle {fh}'s node"),
                         _bool(h[2], f"handle {fh}'s kind"),
@@ -193,23 +233,27 @@ def _load(s: dict[str, Any], root_fd: int, reopen: Reopen, limit: int,
         raise MigrationError(f"{len(raw_nodes)} nodes and {len(handles)} open files: more "
                              f"than this server holds ({limit})")
     needed = {h[1] for h in handles}
-    inodes, at = [], {1: -1}
+    inodes, at, seen = [], {1: -1}, set()
     for n in raw_nodes:
         if type(n) is not list or len(n) != 5:
-            raise MigrationError(f"a node of another shape: {n!r}")
+            raise MigrationError(f"a node of another shape: {_show(n)}")
         nodeid = _int(n[0], 2, next_node - 1, "node id")
         path, kind = n[1], n[2]
-        if nodeid in at:
+        if nodeid in seen:
             raise MigrationError(f"node {nodeid} twice")
+        seen.add(nodeid)
         if (path is not None and type(path) is not str) or type(kind) is not str \
                 or kind not in _KINDS:
-            raise MigrationError(f"node {nodeid}: a path {path!r} of kind {kind!r}")
+            raise MigrationError(f"node {nodeid}: a path {_show(path)} of kind "
+                                 f"{_show(kind)}")
         nlookup = _int(n[3], 0, 2**62, f"node {nodeid}'s lookups")
         live = _bool(n[4], f"node {nodeid}'s liveness")
-        fd = None if path is None else _open_node(root_fd, path, kind)
+        if not live and nodeid not in needed:
+            continue  # forgotten, and no open file keeps it: nothing to take up
+        fd = None if path is None else _open_node(walker, path, kind)
         if fd is None:
             if nodeid in needed:
-                raise MigrationError(f"node {nodeid} ({path!r}), which a handle holds "
+                raise MigrationError(f"node {nodeid} ({_show(path)}), which a handle holds "
                                      f"open, is no {_KIND_NAMES[kind]} in the shared "
                                      "directory")
             continue  # stale: its node id answers ESTALE
@@ -222,7 +266,7 @@ def _load(s: dict[str, Any], root_fd: int, reopen: Reopen, limit: int,
         if nodeid not in at:
             raise MigrationError(f"file handle {fh} refers to node {nodeid}, which is not "
                                  "in the session")
-        path_fd = root_fd if nodeid == 1 else fds[at[nodeid]]
+        path_fd = walker.root_fd if nodeid == 1 else fds[at[nodeid]]
         try:
             fd = reopen(path_fd, is_dir, flags & REOPEN_FLAGS)
         except OSError as e:
@@ -235,18 +279,18 @@ def _load(s: dict[str, Any], root_fd: int, reopen: Reopen, limit: int,
                        "handles": out}}
 
 
-def _open_node(root_fd: int, path: str, kind: str) -> int | None:
+def _open_node(walker: _Walker, path: str, kind: str) -> int | None:
     """The node's O_PATH fd, or None if its path leads nowhere or to another kind."""
     try:
         raw = os.fsencode(path)
     except UnicodeError as e:
-        raise MigrationError(f"not a file name: {path!r}") from e
+        raise MigrationError(f"not a file name: {_show(path)}") from e
     try:
-        fd = _walk(root_fd, raw)
+        fd = walker.open(raw)
     except OSError as e:
         if e.errno in _GONE:
             return None
-        raise MigrationError(f"{path!r} cannot be opened: {e.strerror}") from e
+        raise MigrationError(f"{_show(path)} cannot be opened: {e.strerror}") from e
     if _KINDS[kind](os.fstat(fd).st_mode):
         return fd
     os.close(fd)
