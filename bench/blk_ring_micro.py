@@ -18,9 +18,10 @@ import time
 from vhostuser.devices.blk import BlkDevice, BlkOptions
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split_driver import DriverRing
 
 
 def main() -> None:

@@ -38,9 +38,10 @@ from vhostuser.devices.scsi_disk import LunOptions
 from vhostuser.devices.vsock import HDR, VsockDevice
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split_driver import DriverRing
 
 
 class _Timer:

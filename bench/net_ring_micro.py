@@ -16,11 +16,12 @@ import time
 from vhostuser.devices.net import F_MRG_RXBUF
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.worker import QueueParams, QueueSpec
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.protocol import VirtioFeature
 from vhostuser.switch.core import Switch
 from vhostuser.switch.vhost_port import VhostPort
+from vhostuser.virtq.guest_ram import GuestRam
+from vhostuser.virtq.split_driver import DriverRing
 
 FEATURES = VirtioFeature.VERSION_1 | F_MRG_RXBUF
 

@@ -15,8 +15,8 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.enviro
 
 from daemon import Daemon
 
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.virtq.guest_ram import GuestRam
 
 IMAGE_MB = 16
 
@@ -66,6 +66,7 @@ MODULE_MARKERS = {
     "test_qemu_fs_migrate": ["guest"],
     "test_fs_restart": ["daemon"],
     "test_fs_migrate": ["daemon"],
+    "test_layering": ["unit"],
     "test_fs_threads": ["daemon"],
     "test_net_tap": ["daemon"],
     "test_fuse_tables": ["unit"],

@@ -19,9 +19,9 @@ from daemon import BLK_FEATURES, Daemon, blk_session
 
 from vhostuser.frontend.blk import T_GET_ID, BlkClient
 from vhostuser.frontend.client import BackendError, Frontend
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
 from vhostuser.protocol import payloads as p
+from vhostuser.virtq.guest_ram import GuestRam
 
 OK, IOERR, UNSUPP = 0, 1, 2
 F_RO, F_MQ = 1 << 5, 1 << 12
@@ -497,7 +497,7 @@ def test_file_io_bounces_on_efault_and_resumes_short_transfers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guest memory the kernel cannot pin (a device BAR inside an appliance VM, read from a
     9p file: EFAULT) goes through a bounce buffer; short reads and writes are resumed."""
-    from vhostuser.devices import image as blkmod
+    from vhostuser import fileio as blkmod
 
     path = tmp_path / "f"
     content = os.urandom(3 * 4096)

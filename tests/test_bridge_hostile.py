@@ -30,7 +30,7 @@ from vhostuser.protocol import (
     request,
 )
 from vhostuser.protocol import payloads as p
-from vhostuser.transport.unix import UnixChannel
+from vhostuser.unix_channel import UnixChannel
 
 F = FrontendReq
 FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES

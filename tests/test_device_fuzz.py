@@ -18,11 +18,11 @@ from daemon import Daemon
 
 from vhostuser.frontend.client import Frontend
 from vhostuser.frontend.input import InputClient
-from vhostuser.frontend.ring import DriverRing
 from vhostuser.frontend.rng import RngClient
 from vhostuser.frontend.scsi import ScsiClient, lun_field
 from vhostuser.frontend.vsock import VsockClient
 from vhostuser.protocol import ProtocolFeature, VirtioFeature
+from vhostuser.virtq.split_driver import DriverRing
 
 ROUNDS = 800  # random requests per device
 FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES

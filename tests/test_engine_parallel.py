@@ -17,7 +17,9 @@ from vhostuser.engine.queue import DeviceQueue
 from vhostuser.engine.session import serve_connection
 from vhostuser.frontend.client import Frontend
 from vhostuser.protocol import VirtioFeature
-from vhostuser.transport.unix import PeerClosed, UnixChannel, UnixResources, connections
+from vhostuser.sockets import PeerClosed
+from vhostuser.transport.unix import UnixResources, connections
+from vhostuser.unix_channel import UnixChannel
 from vhostuser.virtq.ring import Chain
 
 

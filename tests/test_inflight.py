@@ -11,11 +11,12 @@ import pytest
 
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.inflight import SplitInflight
 from vhostuser.virtq.ring import DESC_F_WRITE, Chain, RingError
 from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split_driver import DriverRing
 
 SIZE = 8
 # The spec's layout: QueueRegionSplit, then DescStateSplit[desc_num].

@@ -21,9 +21,9 @@ from daemon import BLK_FEATURES, Daemon
 
 from vhostuser.frontend.blk import BlkClient
 from vhostuser.frontend.client import BackendError, Frontend, QueueState
-from vhostuser.frontend.ring import DriverRing
 from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
 from vhostuser.protocol import payloads as p
+from vhostuser.virtq.split_driver import DriverRing
 
 F = FrontendReq
 QSIZE = 128

@@ -14,11 +14,11 @@ import pytest
 
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
-from vhostuser.frontend.packed_ring import FRESH_BASE, PackedDriverRing
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.memory import GuestMemory
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.inflight_packed import PackedInflight
 from vhostuser.virtq.packed import PackedQueue, split_base
+from vhostuser.virtq.packed_driver import FRESH_BASE, PackedDriverRing
 from vhostuser.virtq.ring import Chain, RingError
 
 SIZE = 8

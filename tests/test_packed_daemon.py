@@ -14,10 +14,10 @@ import pytest
 from daemon import BLK_FEATURES, Daemon, blk_session
 
 from vhostuser.frontend.blk import T_IN, T_OUT
-from vhostuser.frontend.packed_ring import PackedDriverRing
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.protocol import VirtioFeature
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.packed import split_base
+from vhostuser.virtq.packed_driver import PackedDriverRing
 
 PACKED = BLK_FEATURES | VirtioFeature.RING_PACKED
 OK = 0

@@ -9,10 +9,10 @@ import struct
 
 import pytest
 
-from vhostuser.frontend.packed_ring import FRESH_BASE, PackedDriverRing
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.memory import GuestMemory
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.packed import PackedQueue, split_base
+from vhostuser.virtq.packed_driver import FRESH_BASE, PackedDriverRing
 from vhostuser.virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingError
 
 SIZE = 8

@@ -16,7 +16,7 @@ from vhostuser.framer import Framer
 from vhostuser.protocol import FrontendReq, ProtocolError, encode, request
 from vhostuser.protocol import payloads as p
 from vhostuser.sockets import FramedSocket, PeerClosed, PeerStalled, send_with_fds
-from vhostuser.transport.unix import vhost_user_framer
+from vhostuser.unix_channel import vhost_user_framer
 
 F = FrontendReq
 

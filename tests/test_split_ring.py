@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -17,6 +17,7 @@ from vhostuser.virtq.ring import (
     RingLayout,
 )
 from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split_driver import DriverRing
 
 SIZE = 8
 

@@ -23,14 +23,15 @@ from pathlib import Path
 import pytest
 from daemon import blk_session
 
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.protocol import FrontendReq, VirtioFeature, encode, reply_to, request
 from vhostuser.protocol import payloads as p
-from vhostuser.transport.unix import PeerClosed, UnixChannel
+from vhostuser.sockets import PeerClosed
 from vhostuser.transport.vvu import Token, VvuChannel, VvuLink, VvuResources
+from vhostuser.unix_channel import UnixChannel
 from vhostuser.vfio_user import protocol as vp
 from vhostuser.vfio_user.client import DeviceError, VfioUserClient
 from vhostuser.vfio_user.socket import VfioUserChannel
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.vvu.abi import CFG_NOTIFICATION
 
 F = FrontendReq
@@ -727,7 +728,7 @@ def test_consumer_memory_in_several_files(device: Device,
                                           appliance: Callable[..., subprocess.Popen]) -> None:
     """libblkio-style consumers keep rings and buffers in separate memfds: each file gets
     its own place in the window and the appliance maps each from its own region."""
-    from vhostuser.frontend.ring import GuestRam
+    from vhostuser.virtq.guest_ram import GuestRam
 
     appliance()
     fe, (blk,) = blk_session(device.vhost)

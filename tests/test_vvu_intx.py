@@ -17,12 +17,13 @@ import pytest
 from test_vvu_device import Device, consumer
 
 from vhostuser.appliance.virtio_pci import ISR, NO_VECTOR, VirtioPciDriver
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.protocol import FrontendReq, request
 from vhostuser.protocol import payloads as p
-from vhostuser.transport.unix import UnixChannel
+from vhostuser.unix_channel import UnixChannel
 from vhostuser.vfio_user import protocol as vp
 from vhostuser.vfio_user.client import VfioUserClient
+from vhostuser.virtq.guest_ram import GuestRam
+from vhostuser.virtq.split_driver import DriverRing
 from vhostuser.vvu.abi import CFG_NOTIFICATION, KICKS, S_BACKEND_UP
 
 CONFIG = 7

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from vhostuser.frontend.ring import GuestRam
 from vhostuser.protocol import (
     HEADER_SIZE,
     Channel,
@@ -25,7 +24,8 @@ from vhostuser.protocol import (
     request,
 )
 from vhostuser.protocol import payloads as p
-from vhostuser.transport.unix import UnixChannel
+from vhostuser.unix_channel import UnixChannel
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.vvu.relay import ALLOWED_PROTOCOL_FEATURES, Relay, RxResult, WindowFile
 
 F = FrontendReq

@@ -20,11 +20,12 @@ from qemu_helpers import group_members, wait_until
 from vhostuser.engine.queue import DeviceQueue, ParentGone
 from vhostuser.engine.worker import DRAINED, MORE, run_queue
 from vhostuser.frontend.blk import T_IN, T_OUT
-from vhostuser.frontend.ring import DriverRing, GuestRam
 from vhostuser.memory import GuestMemory, mmap_region
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split_driver import DriverRing
 
-RAM_NAME = "vhostuser-guest-ram"  # the Python front-end's memfd (frontend/ring.py)
+RAM_NAME = "vhostuser-guest-ram"  # the Python front-end's memfd (virtq/guest_ram.py)
 ROUNDS = 8
 
 

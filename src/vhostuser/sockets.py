@@ -16,6 +16,7 @@ import array
 import os
 import select
 import socket
+import stat
 import time
 from collections import deque
 from collections.abc import Callable
@@ -251,3 +252,47 @@ class FramedSocket(Generic[H]):
             close_fds(self._out.popleft()[1])
         self._backlog = 0
         self.sock.close()
+
+
+def listen(path: str, backlog: int = 1) -> socket.socket:
+    """Listen on `path`, replacing a stale socket file (not any other kind of file). The
+    path appears only once the socket listens (bound under a temporary name, then
+    renamed), so a client that sees it can connect at once."""
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(backlog)
+        os.rename(tmp, path)
+    except OSError:
+        sock.close()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return sock
+
+
+def connect(path: str, retry_for: float | None = None, interval: float = 0.1,
+            stop: StopSignal | None = None) -> socket.socket:
+    """Connect to a front-end that listens; retry until `retry_for` seconds pass
+    (forever if None)."""
+    deadline = None if retry_for is None else time.monotonic() + retry_for
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if retry_for == 0:  # one attempt, from an event loop: a full backlog is a no
+            sock.setblocking(False)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as e:
+            sock.close()
+            if deadline is not None and time.monotonic() > deadline:
+                raise ConnectionError(f"cannot connect to {path}: {e}") from e
+            if stop is not None:
+                stop.sleep(interval)
+            else:
+                time.sleep(interval)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..frontend.ring import GuestRam
+from ..virtq.guest_ram import GuestRam
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..frontend.ring import DriverRing, GuestRam
 from ..shutdown import readable
 from ..vfio_user.client import VfioUserClient
 from ..vfio_user.protocol import PciIrq
+from ..virtq.guest_ram import GuestRam
+from ..virtq.split_driver import DriverRing
 
 CONFIG_REGION = 7
 VENDOR_CAP = 0x09

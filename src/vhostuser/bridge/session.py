@@ -54,8 +54,9 @@ from ..protocol import (
 from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL
 from ..shutdown import StopSignal
-from ..transport.unix import PeerClosed, UnixChannel
+from ..sockets import PeerClosed
 from ..transport.vvu import V_FIRST_VRING, VvuLink, split_message
+from ..unix_channel import UnixChannel
 from ..vfio_user.client import DeviceError, VfioUserClient
 from ..vfio_user.errors import VfioUserError
 from ..vvu.abi import BACKEND_REQUESTS

@@ -17,10 +17,11 @@ from contextlib import contextmanager
 
 from ..frontend.blk import BlkClient
 from ..frontend.client import Frontend
-from ..frontend.packed_ring import PackedDriverRing
-from ..frontend.ring import DriverRing, GuestRam
 from ..protocol import ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MemRegion
+from ..virtq.guest_ram import GuestRam
+from ..virtq.packed_driver import PackedDriverRing
+from ..virtq.split_driver import DriverRing
 
 GUARD = 1 << 20
 PATTERN = bytes(range(256)) * (GUARD // 256)

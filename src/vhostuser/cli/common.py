@@ -19,8 +19,9 @@ from ..engine.session import serve_connection
 from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
 from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal
-from ..sockets import MESSAGE_TIMEOUT, set_message_timeout
-from ..transport.unix import PeerClosed, UnixChannel, UnixResources, connections, listen
+from ..sockets import MESSAGE_TIMEOUT, PeerClosed, listen, set_message_timeout
+from ..transport.unix import UnixResources, connections
+from ..unix_channel import UnixChannel
 from ..vfio_user.client import DeviceError
 
 log = logging.getLogger("vhostuser")

@@ -12,9 +12,10 @@ import sys
 from typing import Any, TextIO
 
 from ..shutdown import StopSignal
+from ..sockets import connect
 from ..trace.describe import text
 from ..trace.proxy import TraceSession, Writer
-from ..transport.unix import connect, connections
+from ..transport.unix import connections
 from .common import setup_logging, until_stopped
 
 

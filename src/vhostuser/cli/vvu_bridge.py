@@ -28,7 +28,7 @@ import time
 from ..bridge.session import REPLY_WAIT, BridgeSession, SessionEnded
 from ..engine.worker import DEFAULT_SPIN_US
 from ..shutdown import StopSignal
-from ..transport.unix import connect
+from ..sockets import connect
 from ..transport.vvu import VvuLink
 from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService
 from ..engine.pool import PooledService
 from ..engine.queue import DeviceQueue
+from ..fileio import punch, read_into, write_from, zero
 from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.ring import Chain
-from .image import punch, read_into, write_from, zero
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class BlkDevice(Device):
         mode = os.O_RDONLY if opts.read_only else os.O_RDWR
         self.fd = os.open(opts.path, mode)
         # With O_DIRECT, `fd` bypasses the page cache and `buffered` does what it cannot
-        # (transfers not aligned as the file system needs: devices/image.py).
+        # (transfers not aligned as the file system needs: fileio.py).
         self.buffered = self.fd
         if opts.direct:
             try:

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from ..ratelog import Limited
-from ..transport.unix import listen
+from ..sockets import listen
 
 log = logging.getLogger(__name__)
 

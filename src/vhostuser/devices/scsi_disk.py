@@ -18,8 +18,8 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from ..fileio import punch, read_into, write_from, zero
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
-from .image import punch, read_into, write_from, zero
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..engine.device import Carried, ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature
-from ..transport.unix import listen
+from ..sockets import listen
 
 log = logging.getLogger(__name__)
 

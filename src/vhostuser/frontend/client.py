@@ -22,9 +22,11 @@ from ..protocol import (
 from ..protocol import payloads as p
 from ..protocol.constants import DEVICE_STATE_LOAD, DEVICE_STATE_SAVE
 from ..shutdown import readable
-from ..transport.unix import UnixChannel, connect
-from .packed_ring import FRESH_BASE, PackedDriverRing
-from .ring import DriverRing, GuestRam
+from ..sockets import connect
+from ..unix_channel import UnixChannel
+from ..virtq.guest_ram import GuestRam
+from ..virtq.packed_driver import FRESH_BASE, PackedDriverRing
+from ..virtq.split_driver import DriverRing
 
 F = FrontendReq
 

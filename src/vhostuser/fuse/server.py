@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..devices.image import fallocate, read_into, write_from
+from ..fileio import fallocate, read_into, write_from
 from ..procfs import own_fd
 from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write

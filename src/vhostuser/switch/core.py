@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ..shutdown import StopSignal, Watch
-from ..transport.unix import listen
+from ..sockets import listen
 from .port import Port
 from .tap import TapPort
 from .vhost_port import VhostPort

@@ -22,15 +22,10 @@ from ..engine.worker import QueueSpec, Running, Stopped, parent_only_fds
 from ..framer import close_fds
 from ..memory import GuestMemory, MemoryTableError
 from ..protocol import Header, ProtocolError, encode
-from ..transport.unix import (
-    PeerClosed,
-    PeerStalled,
-    UnixChannel,
-    UnixResources,
-    connect,
-    listen,
-)
+from ..sockets import PeerClosed, PeerStalled, connect, listen
+from ..transport.unix import UnixResources
 from ..transport.vvu import VvuLink, VvuResources, split_message
+from ..unix_channel import UnixChannel
 from ..virtq.ring import RingError
 from ..vvu.abi import S_BACKEND_UP
 from .port import Port

@@ -25,7 +25,7 @@ from ..protocol import FrontendReq, ProtocolFeature
 from ..protocol.codec import Channel, Header, decode_request, encode_raw, expects_reply
 from ..protocol.errors import ProtocolError
 from ..shutdown import StopSignal
-from ..transport.unix import UnixChannel
+from ..unix_channel import UnixChannel
 from .describe import is_reply, reply_event, request_event
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,7 @@
-"""vhost-user over an AF_UNIX stream socket, fds passed with SCM_RIGHTS.
-
-The sender attaches fds to the sendmsg carrying the first header byte; the framing is
-`vhost_user_framer` (a 12-byte header, then exactly `size` bytes), the non-blocking socket
-work `sockets.FramedSocket`.
-"""
+"""The vhost-user back-end's AF_UNIX transport: front-end connections (listening,
+connecting, inherited fds) and the `Resources` the engine asks for (memory regions, areas,
+eventfds, the back-end channel), fds passed with SCM_RIGHTS (the message channel is
+`unix_channel.UnixChannel`)."""
 
 from __future__ import annotations
 
@@ -12,99 +10,16 @@ import logging
 import mmap
 import os
 import socket
-import stat
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from ..engine.notify import EventfdNotifier, Notifier, is_eventfd
-from ..framer import Framer
 from ..memory import MemoryTableError, mmap_region
-from ..protocol import HEADER_SIZE, MAX_FDS, Header, Message, ProtocolError, decode_header, encode
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
-from ..sockets import FramedSocket, PeerClosed, PeerStalled
+from ..sockets import connect, listen
+from ..unix_channel import UnixChannel
 
 log = logging.getLogger(__name__)
-
-Idle = tuple[float, Callable[[], None]]  # (seconds, what to call when that long idle)
-
-__all__ = ["PeerClosed", "PeerStalled", "UnixChannel", "UnixResources", "connect",
-           "connections", "listen", "vhost_user_framer"]
-
-
-def vhost_user_framer() -> Framer[Header]:
-    """The framing of vhost-user messages: a 12-byte header giving the body's size, up to
-    MAX_FDS fds on the first byte."""
-    def parse(data: bytes) -> tuple[Header, int]:
-        header = decode_header(data)
-        return header, header.size
-    return Framer(HEADER_SIZE, parse, MAX_FDS, ProtocolError)
-
-
-class UnixChannel:
-    """Framed vhost-user messages over a connected stream socket, which it makes
-    non-blocking. Event loops call `poll` when the socket is readable, `flush` when it is
-    writable (while `wants_write`), and `check` now and then; a loop that serves this
-    connection alone uses `recv_raw` and `send`, which wait, on this socket and the stop
-    signal only, within the message timeout."""
-
-    def __init__(self, sock: socket.socket, stop: StopSignal | None = None, *,
-                 timeout: float | None = None,
-                 message_timeout: float | None = None) -> None:
-        """`timeout`: how long `recv_raw` waits for a message (None: forever)."""
-        self.sock = sock
-        self.stream = FramedSocket(sock, vhost_user_framer(), message_timeout=message_timeout)
-        self.stop = stop
-        self.timeout = timeout
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def poll(self, limit: int = 64) -> list[tuple[Header, bytes, list[int]]]:
-        """The messages that have arrived, without blocking (at most `limit`). PeerClosed
-        at EOF, ProtocolError on a bad header (the connection must go)."""
-        self.stream.read(limit)
-        out = []
-        while (frame := self.stream.pop()) is not None:
-            out.append((frame.header, frame.body, frame.fds))
-        return out
-
-    def recv_raw(self, idle: Idle | None = None) -> tuple[Header, bytes, list[int]]:
-        """One message as (validated header, body, fds). Raises PeerClosed at EOF,
-        ProtocolError on a bad header, PeerStalled when the peer leaves a message half sent
-        for longer than the message timeout, TimeoutError after `timeout` with no message.
-        `idle` = (seconds, fn): call fn every that many seconds while no message comes."""
-        frame = self.stream.recv(self.timeout, self.stop, idle)
-        return frame.header, frame.body, frame.fds
-
-    def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Send `msg` (with `fds`, or else the message's own), waiting (within the message
-        timeout) until the peer has taken it."""
-        self.stream.send_waiting(encode(msg), fds or msg.fds, self.stop)
-
-    def send_nowait(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Send `msg` as far as the socket takes it; the rest waits for `flush`."""
-        self.stream.send(encode(msg), fds or msg.fds)
-
-    def send_bytes(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """An already encoded (or deliberately broken) message, waiting as `send` does."""
-        self.stream.send_waiting(data, fds, self.stop)
-
-    @property
-    def wants_write(self) -> bool:
-        return self.stream.wants_write
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def check(self, now: float | None = None, reading: bool = True) -> None:
-        self.stream.check(now, reading)
-
-    def deadline(self) -> float | None:
-        return self.stream.deadline()
-
-    def close(self) -> None:
-        self.stream.close()
 
 
 def _require_eventfd(fd: int, what: str) -> None:
@@ -204,50 +119,6 @@ class UnixResources:
             os.close(res)
         except OSError:
             pass
-
-
-def listen(path: str, backlog: int = 1) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file (not any other kind of file). The
-    path appears only once the socket listens (bound under a temporary name, then
-    renamed), so a client that sees it can connect at once."""
-    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        sock.bind(tmp)
-        sock.listen(backlog)
-        os.rename(tmp, path)
-    except OSError:
-        sock.close()
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return sock
-
-
-def connect(path: str, retry_for: float | None = None, interval: float = 0.1,
-            stop: StopSignal | None = None) -> socket.socket:
-    """Connect to a front-end that listens; retry until `retry_for` seconds pass
-    (forever if None)."""
-    deadline = None if retry_for is None else time.monotonic() + retry_for
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if retry_for == 0:  # one attempt, from an event loop: a full backlog is a no
-            sock.setblocking(False)
-        try:
-            sock.connect(path)
-            return sock
-        except OSError as e:
-            sock.close()
-            if deadline is not None and time.monotonic() > deadline:
-                raise ConnectionError(f"cannot connect to {path}: {e}") from e
-            if stop is not None:
-                stop.sleep(interval)
-            else:
-                time.sleep(interval)
 
 
 def connections(*, path: str | None = None, fd: int | None = None, client: bool = False,

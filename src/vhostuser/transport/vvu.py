@@ -34,7 +34,6 @@ from ..appliance.sysfs_pci import HugePageRam, MmioNotifier, SysfsPciError, Sysf
 from ..appliance.uio import UioInterrupts
 from ..appliance.virtio_pci import ISR, NO_VECTOR, VirtioPciDriver
 from ..engine.notify import EventfdNotifier, Notifier
-from ..frontend.ring import GuestRam
 from ..memory import MemoryTableError, seal_against_shrinking
 from ..protocol import (
     HEADER_SIZE,
@@ -50,7 +49,10 @@ from ..protocol import (
 )
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal, readable
+from ..sockets import PeerClosed
+from ..unix_channel import Idle
 from ..vfio_user.client import DeviceError, Region, VfioUserClient
+from ..virtq.guest_ram import GuestRam
 from ..vvu.abi import (
     CFG_DOORBELL,
     CFG_NOTIFICATION,
@@ -63,7 +65,6 @@ from ..vvu.abi import (
     S_FRONTEND_UP,
     WINDOW_BASE_CAP,
 )
-from .unix import Idle, PeerClosed
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..transport.unix import connect
+from ..sockets import connect
 from . import protocol as vp
 from .socket import VfioUserChannel, close_fds
 

@@ -13,8 +13,7 @@ from itertools import count
 
 from ..framer import Framer, close_fds
 from ..shutdown import StopSignal
-from ..sockets import FramedSocket, PeerClosed, PeerStalled
-from ..transport.unix import connect, listen
+from ..sockets import FramedSocket, PeerClosed, PeerStalled, connect, listen
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,

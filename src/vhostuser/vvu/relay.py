@@ -37,7 +37,8 @@ from ..protocol import (
 )
 from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL, VERSION
-from ..transport.unix import PeerClosed, PeerStalled, UnixChannel
+from ..sockets import PeerClosed, PeerStalled
+from ..unix_channel import UnixChannel
 from .abi import BACKEND_REQUESTS
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal, Watch
-from ..transport.unix import PeerClosed, connect, listen
+from ..sockets import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import PeerStalled, VfioUserChannel, close_fds
 from .abi import FIRST_FILE_REGION, WINDOW_BASE_CAP, WINDOW_FILE_TYPE

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import struct
 
-from ..virtq.atomic import U16Array, full_barrier
-from ..virtq.packed import (
+from .atomic import U16Array, full_barrier
+from .guest_ram import GuestRam
+from .packed import (
     DESC_F_AVAIL,
     DESC_F_USED,
     EVENT_DESC,
@@ -15,8 +16,7 @@ from ..virtq.packed import (
     join_base,
     split_base,
 )
-from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout, need_event
-from .ring import GuestRam
+from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingLayout, need_event
 
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<IH")  # len, id at offset 8

@@ -9,7 +9,7 @@ import errno
 import mmap
 import os
 
-from ..virtq.iov import iov_slice, iov_write
+from .virtq.iov import iov_slice, iov_write
 
 _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_ZERO_RANGE = 0x1, 0x2, 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
