@@ -55,7 +55,7 @@ from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL
 from ..shutdown import StopSignal
 from ..sockets import PeerClosed
-from ..transport.vvu import V_FIRST_VRING, VvuLink, split_message
+from ..transport.vvu import V_FIRST_VRING, LinkError, VvuLink, split_message
 from ..unix_channel import UnixChannel
 from ..vfio_user.client import DeviceError, VfioUserClient
 from ..vfio_user.errors import VfioUserError
@@ -222,7 +222,7 @@ class BridgeSession:
             msg = self._rewrite(msg, fds)
             log.debug("consumer -> back-end: %s%s", name, f" ({len(fds)} fds)" if fds else "")
             self.backend.stream.send(encode(msg), fds)
-        except (OSError, PeerClosed, MemoryTableError, DeviceError, ProtocolError,
+        except (OSError, PeerClosed, MemoryTableError, LinkError, DeviceError, ProtocolError,
                 VfioUserError) as e:
             raise SessionEnded(f"{name}: {e}") from e
         finally:
@@ -254,7 +254,7 @@ class BridgeSession:
                 key = (pl.region.guest_addr, pl.region.size)
                 known = self.region_fds.pop(key, None)
                 if known is None:
-                    raise MemoryTableError(f"REM_MEM_REG of a region never added: {pl.region}")
+                    raise SessionEnded(f"REM_MEM_REG of a region never added: {pl.region}")
                 fds.append(known[0])
                 out = replace(pl.region, mmap_offset=known[1])
                 self.rings.remove(pl.region)
@@ -294,7 +294,7 @@ class BridgeSession:
         elif req == F.SET_LOG_FD:  # the log doorbell rings SET_LOG_FD's eventfd
             self._call("log", 0, fds)
         elif expected_fds(Channel.FRONTEND, msg):
-            raise MemoryTableError("the device let through a request with fds")
+            raise SessionEnded("the device let through a request with fds")
         return msg
 
     def _region(self, r: p.MemRegion, fds: list[int]) -> p.MemRegion:
@@ -351,7 +351,7 @@ class BridgeSession:
         that doorbell by now (it reads ahead of us: a GET_VRING_BASE came): then an
         eventfd nobody reads, as the device ignores a doorbell with no target."""
         if vring >= self.link.max_queues:
-            raise MemoryTableError(f"vring {vring}: the device has {self.link.max_queues}")
+            raise LinkError(f"vring {vring}: the device has {self.link.max_queues}")
         n = self.link.max_queues
         offset = 4 * (vring if kind == "call" else n + vring if kind == "err" else 2 * n)
         self._drop_call(kind, vring)
@@ -422,7 +422,7 @@ class BridgeSession:
     def _to_txq(self, data: bytes) -> None:
         try:
             self.link.send(data)
-        except (OSError, MemoryTableError) as e:
+        except OSError as e:  # TxqFull among them
             raise SessionEnded(f"txq: {e}") from e
 
     def _backend_channel(self) -> int:

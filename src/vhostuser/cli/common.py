@@ -21,6 +21,7 @@ from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal
 from ..sockets import MESSAGE_TIMEOUT, PeerClosed, listen, set_message_timeout
 from ..transport.unix import UnixResources, connections
+from ..transport.vvu import LinkError
 from ..unix_channel import UnixChannel
 from ..vfio_user.client import DeviceError
 
@@ -104,7 +105,7 @@ def until_stopped(run: Callable[[StopSignal], None]) -> int:
         run(stop)
     except Shutdown:
         log.info("exiting")
-    except (OSError, ValueError, MemoryTableError, DeviceError) as e:
+    except (OSError, ValueError, MemoryTableError, LinkError, DeviceError) as e:
         return _failed(e, stop)
     finally:
         stop.close()
@@ -191,7 +192,7 @@ def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal,
                              closed=(PeerClosed,), poll_us=args.poll_us)
     except Shutdown as e:
         log.info("%s: exiting", e)
-    except (OSError, ValueError, MemoryTableError, DeviceError) as e:
+    except (OSError, ValueError, MemoryTableError, LinkError, DeviceError) as e:
         return _failed(e, stop)
     finally:
         if link is not None:

@@ -102,6 +102,11 @@ class RequestError(Exception):
     """The back-end refuses a well-formed request (NACKed when the front-end asked)."""
 
 
+class ResourceError(Exception):
+    """The transport cannot make, map or use a resource besides memory regions: a shared
+    area, an eventfd of the wrong kind, a device-state file, the back-end channel."""
+
+
 class Resources(Protocol):
     """What the engine needs from a transport besides messages."""
 
@@ -114,7 +119,7 @@ class Resources(Protocol):
 
     def new_area(self, size: int) -> tuple[Resource, Buffer]:
         """A zeroed area of `size` bytes to share with the front-end: what to send it, and
-        the mapping. MemoryTableError if it cannot be made."""
+        the mapping. ResourceError if it cannot be made."""
         ...
 
     def map_area(self, res: Resource, size: int, offset: int) -> Buffer:
@@ -123,17 +128,17 @@ class Resources(Protocol):
 
     def state_file(self, data: bytes) -> Resource:
         """A file for SET_DEVICE_STATE_FD's reply: `data` for the front-end to read from
-        its start to its end, or (empty) for it to write the state into. MemoryTableError
-        if it cannot be made."""
+        its start to its end, or (empty) for it to write the state into. ResourceError if
+        it cannot be made."""
         ...
 
     def read_state_file(self, res: Resource, limit: int) -> bytes:
-        """What the front-end wrote into `state_file(b"")`; MemoryTableError past `limit`
+        """What the front-end wrote into `state_file(b"")`; ResourceError past `limit`
         bytes."""
         ...
 
     def check_kick(self, res: Resource) -> None:
-        """Raise MemoryTableError unless `res` can serve as a kick."""
+        """Raise ResourceError unless `res` can serve as a kick."""
         ...
 
     def kick_fd(self, res: Resource) -> int | None: ...
@@ -341,7 +346,7 @@ class Backend:
         own = has_own_reply(Channel.FRONTEND, msg, self.protocol_features)
         try:
             result = self._dispatch(msg, fds)
-        except (RequestError, MemoryTableError, GuestMemoryError) as e:
+        except (RequestError, ResourceError, MemoryTableError, GuestMemoryError) as e:
             if own:
                 raise ProtocolError(f"{name} failed: {e}") from e
             log.error("%s refused: %s", name, e)
@@ -389,7 +394,7 @@ class Backend:
         log.info("config changed: CONFIG_CHANGE_MSG to the front-end")
         try:
             self.backend_req.send(request(BackendReq.CONFIG_CHANGE_MSG))
-        except (OSError, MemoryTableError) as e:  # MemoryTableError: txq full (vvu)
+        except OSError as e:  # the socket's, or a full txq (vvu)
             log.error("cannot send a back-end request: %s", e)
 
     def _set_backend_req_fd(self, _pl: p.Empty, fds: list[Resource]) -> None:
@@ -484,7 +489,7 @@ class Backend:
             load = pl.direction == DEVICE_STATE_LOAD
             data = b"" if load else self._saved_state()
             res = self.res.state_file(data)
-        except (StateError, MemoryTableError) as e:
+        except (StateError, ResourceError) as e:
             log.error("device state transfer refused: %s", e)
             return p.U64(1 | DEVICE_STATE_NO_FD)
         self.transfer = StateTransfer(load, res)
@@ -517,7 +522,7 @@ class Backend:
                 raise StateError("queues started before the state was taken up")
             data = self.res.read_state_file(t.res, MAX_STATE_BYTES)
             carried = self.device.load_state(data)
-        except (StateError, MemoryTableError) as e:
+        except (StateError, ResourceError) as e:
             log.error("device state not taken up: %s", e)
             return p.U64(1)
         except Exception:  # a device's bug fails the migration, not the connection
@@ -607,7 +612,7 @@ class Backend:
             self._no_rings_running()
             size = self._inflight_shape(pl) + STATE_BLOCK
             res, mapping = self.res.new_area(size)
-        except (RequestError, MemoryTableError) as e:
+        except (RequestError, ResourceError) as e:
             # mmap_size 0 and no fd: QEMU then goes on without in-flight tracking
             log.error("GET_INFLIGHT_FD refused: %s", e)
             return p.Inflight(0, 0, pl.num_queues, pl.queue_size)

@@ -20,7 +20,7 @@ from ..engine.notify import Notifier
 from ..engine.queue import DeviceQueue, open_ring
 from ..engine.worker import QueueSpec, Running, Stopped, parent_only_fds
 from ..framer import close_fds
-from ..memory import GuestMemory, MemoryTableError
+from ..memory import GuestMemory
 from ..protocol import Header, ProtocolError, encode
 from ..sockets import PeerClosed, PeerStalled, connect, listen
 from ..transport.unix import UnixResources
@@ -225,7 +225,7 @@ class VhostPort(Port):
                     if reply is not None:
                         link.send(encode(reply))
         except Exception as e:  # whatever it is, it ends this port's session only
-            if isinstance(e, ProtocolError | OSError | MemoryTableError):
+            if isinstance(e, ProtocolError | OSError):  # TxqFull among them
                 log.error("%s: dropping the consumer: %s", self.name, e)
             else:
                 log.exception("%s: dropping the consumer after an internal error", self.name)

@@ -12,8 +12,9 @@ import os
 import socket
 from collections.abc import Iterator
 
+from ..engine.backend import ResourceError
 from ..engine.notify import EventfdNotifier, Notifier, is_eventfd
-from ..memory import MemoryTableError, mmap_region
+from ..memory import mmap_region
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
 from ..sockets import connect, listen
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def _require_eventfd(fd: int, what: str) -> None:
     if not is_eventfd(fd):
-        raise MemoryTableError(f"the {what} fd is not an eventfd")
+        raise ResourceError(f"the {what} fd is not an eventfd")
 
 
 class UnixResources:
@@ -43,14 +44,14 @@ class UnixResources:
         try:
             fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
-            raise MemoryTableError(f"cannot create a shared area: {e}") from e
+            raise ResourceError(f"cannot create a shared area: {e}") from e
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             os.close(fd)
-            raise MemoryTableError(f"cannot create a shared area of {size} bytes: {e}") from e
+            raise ResourceError(f"cannot create a shared area of {size} bytes: {e}") from e
 
     def map_area(self, res: int, size: int, offset: int) -> memoryview:
         """The `size` bytes at `offset` of the front-end's file `res` (checked as a memory
@@ -64,7 +65,7 @@ class UnixResources:
         try:
             fd = os.memfd_create("vhost-user-device-state", os.MFD_CLOEXEC)
         except OSError as e:
-            raise MemoryTableError(f"cannot create a file for the device state: {e}") from e
+            raise ResourceError(f"cannot create a file for the device state: {e}") from e
         try:
             view = memoryview(data)
             while view:
@@ -72,7 +73,7 @@ class UnixResources:
             os.lseek(fd, 0, os.SEEK_SET)
         except OSError as e:
             os.close(fd)
-            raise MemoryTableError(f"cannot write the device state: {e}") from e
+            raise ResourceError(f"cannot write the device state: {e}") from e
         return fd
 
     def read_state_file(self, res: int, limit: int) -> bytes:
@@ -81,12 +82,12 @@ class UnixResources:
         try:
             size = os.fstat(res).st_size
             if size > limit:
-                raise MemoryTableError(f"a device state of {size} bytes (at most {limit})")
+                raise ResourceError(f"a device state of {size} bytes (at most {limit})")
             data = os.pread(res, size, 0)
         except OSError as e:
-            raise MemoryTableError(f"cannot read the device state: {e}") from e
+            raise ResourceError(f"cannot read the device state: {e}") from e
         if len(data) != size:
-            raise MemoryTableError(f"the device state changed size while read ({size} "
+            raise ResourceError(f"the device state changed size while read ({size} "
                                    f"bytes, then {len(data)})")
         return data
 
@@ -102,7 +103,7 @@ class UnixResources:
         try:
             _require_eventfd(res, "call/err")
             os.set_blocking(res, False)  # never block on a counter the front-end keeps full
-        except (MemoryTableError, OSError):
+        except (ResourceError, OSError):
             os.close(res)
             raise
         return EventfdNotifier(res)
@@ -112,7 +113,7 @@ class UnixResources:
             return UnixChannel(socket.socket(fileno=res))
         except OSError as e:
             os.close(res)
-            raise MemoryTableError(f"the back-end channel is not a socket: {e}") from e
+            raise ResourceError(f"the back-end channel is not a socket: {e}") from e
 
     def close(self, res: int) -> None:
         try:

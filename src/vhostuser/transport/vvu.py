@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from ..appliance.sysfs_pci import HugePageRam, MmioNotifier, SysfsPciError, SysfsPciFunction
 from ..appliance.uio import UioInterrupts
 from ..appliance.virtio_pci import ISR, NO_VECTOR, VirtioPciDriver
+from ..engine.backend import ResourceError
 from ..engine.notify import EventfdNotifier, Notifier
 from ..memory import MemoryTableError, seal_against_shrinking
 from ..protocol import (
@@ -78,6 +79,15 @@ PCI_PREFIX = "pci:"
 FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_IDX
 
 
+class LinkError(Exception):
+    """The device is not what the link needs: not a virtio-vhost-user device, a doorbell
+    or a vring it does not have."""
+
+
+class TxqFull(ConnectionError):
+    """No txq buffer is free: the device does not consume what we send."""
+
+
 @dataclass(frozen=True)
 class Token:
     """Stands where the consumer's message carried an fd (the device consumed it)."""
@@ -112,7 +122,7 @@ class VvuLink:
         pci = self.pci
         for need in (CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY):
             if need not in pci.caps:
-                raise MemoryTableError(f"not a virtio-vhost-user device: no cfg_type {need}")
+                raise LinkError(f"not a virtio-vhost-user device: no cfg_type {need}")
         self.max_queues = struct.unpack("<I", pci.config_read(4, 4))[0]
         if self.interrupts:
             pci.setup_vectors(V_FIRST_VRING + self.max_queues)
@@ -284,7 +294,7 @@ class VvuLink:
         for head, _ in self.txq.take_used():
             self.tx_free.append(self.tx_busy.pop(head))
         if not self.tx_free:
-            raise MemoryTableError("txq full: the device does not consume replies")
+            raise TxqFull("txq full: the device does not consume replies")
         gpa = self.tx_free.pop()
         self.ram.at(gpa, len(data))[:] = data
         self.tx_busy[self.txq.add([(gpa, len(data), False)])] = gpa
@@ -354,7 +364,7 @@ class VvuLink:
             return MmioNotifier(self.client.map_bar(cap.bar), cap.offset + offset)
         fd = self.doorbell_fd(offset)
         if fd is None:
-            raise MemoryTableError(f"the device has no doorbell eventfd at {offset:#x}")
+            raise LinkError(f"the device has no doorbell eventfd at {offset:#x}")
         return EventfdNotifier(fd)
 
     def doorbell_fd(self, offset: int) -> int | None:
@@ -482,21 +492,21 @@ class VvuResources:
         return self.link.window_view(desc)
 
     def new_area(self, size: int) -> tuple[Token, memoryview]:
-        raise MemoryTableError("no shared area crosses the virtio-vhost-user device")
+        raise ResourceError("no shared area crosses the virtio-vhost-user device")
 
     def map_area(self, res: Token, size: int, offset: int) -> memoryview:
         """The dirty log: `size` bytes at window offset `offset` (SET_LOG_BASE as the
         device relays it). No other area crosses the device."""
         if res.kind != "log":
-            raise MemoryTableError("no shared area but the dirty log crosses the "
+            raise ResourceError("no shared area but the dirty log crosses the "
                                    "virtio-vhost-user device")
         return self.link.window_view(MemRegion(0, size, 0, offset))
 
     def state_file(self, data: bytes) -> Token:
-        raise MemoryTableError("no device state crosses the virtio-vhost-user device")
+        raise ResourceError("no device state crosses the virtio-vhost-user device")
 
     def read_state_file(self, res: Token, limit: int) -> bytes:
-        raise MemoryTableError("no device state crosses the virtio-vhost-user device")
+        raise ResourceError("no device state crosses the virtio-vhost-user device")
 
     def check_kick(self, res: Token) -> None:
         pass  # the device took the consumer's kick fd; the token stands for it
@@ -529,9 +539,12 @@ class VvuResources:
     def notifier(self, res: Token) -> Notifier:
         """A call's, an err's or the dirty log's doorbell (SET_LOG_FD's, at 4 * 2N)."""
         n = self.link.max_queues
-        if res.kind == "log-signal":
-            return self.link.doorbell(4 * 2 * n)
-        return self.link.doorbell(4 * (res.vring if res.kind == "call" else n + res.vring))
+        offset = 4 * (2 * n if res.kind == "log-signal"
+                      else res.vring if res.kind == "call" else n + res.vring)
+        try:
+            return self.link.doorbell(offset)
+        except LinkError as e:
+            raise ResourceError(str(e)) from e
 
     def backend_channel(self, res: Token) -> VvuBackendChannel:
         return VvuBackendChannel(self.link)

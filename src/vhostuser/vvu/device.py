@@ -15,7 +15,7 @@ import stat
 import struct
 import uuid as uuidlib
 
-from ..memory import GuestMemory, MemoryTableError
+from ..memory import GuestMemory
 from ..protocol.payloads import MemRegion
 from ..virtq.iov import iov_write
 from ..virtq.ring import RingError, RingLayout
@@ -40,6 +40,10 @@ from .relay import Relay, RxResult, WindowFile
 from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciState
 
 log = logging.getLogger(__name__)
+
+
+class DmaError(Exception):
+    """A DMA region the client offered cannot be mapped."""
 
 SUBSYS_ID = 0x0040
 CLASS_OTHER = 0xFF0000
@@ -342,7 +346,7 @@ class VvuDevice:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             m = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
         except (OSError, ValueError) as e:
-            raise MemoryTableError(f"cannot map DMA region {iova:#x}+{size:#x}: {e}") from e
+            raise DmaError(f"cannot map DMA region {iova:#x}+{size:#x}: {e}") from e
         finally:
             os.close(fd)
         self._drop_queues()  # they are rebuilt against the new table

@@ -21,7 +21,7 @@ from ..sockets import PeerClosed, connect, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import PeerStalled, VfioUserChannel, close_fds
 from .abi import FIRST_FILE_REGION, WINDOW_BASE_CAP, WINDOW_FILE_TYPE
-from .device import BAR_DOORBELL, BAR_WINDOW, VvuDevice
+from .device import BAR_DOORBELL, BAR_WINDOW, DmaError, VvuDevice
 from .pci import PciAccessError
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class VvuServer:
         except vp.VfioUserError as e:
             log.error("%s refused: %s", msg.name, e)
             reply, rfds = vp.error_reply(msg, e.errno), []
-        except (PciAccessError, MemoryTableError, ValueError) as e:
+        except (PciAccessError, DmaError, MemoryTableError, ValueError) as e:
             log.error("%s failed: %s", msg.name, e)
             reply, rfds = vp.error_reply(msg, errno.EINVAL), []
         except Exception:  # a bug must not take the device down with the client's VM
