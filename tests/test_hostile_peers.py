@@ -480,7 +480,7 @@ def test_appliance_config_reads_are_answered_while_a_consumer_holds_back(
     the appliance's register reads (in an appliance VM those are vCPU MMIO traps)."""
     from test_vvu_device import Device
 
-    from vhostuser.transport.vvu import VvuLink
+    from vhostuser.appliance.vvu_link import VvuLink
 
     dev = Device(tmp_path, "--max-queues", "8", "--message-timeout", TIMEOUT)
     link = None

@@ -362,7 +362,9 @@ def test_vvu_port_serves_a_message_that_arrives_before_the_status_says_so() -> N
 
     class PolledLink:  # what VhostPort uses of VvuLink, with a status read every 50 ms
         interrupts = False
-        client = None  # not an appliance VM's PCI function: the dirty log may be offered
+
+        class access:  # as VvuLink.access: not an appliance VM's PCI function
+            shared_log = True  # the dirty log may be offered
 
         def __init__(self) -> None:
             self.real = S_BACKEND_UP | S_FRONTEND_UP  # the consumer has just connected

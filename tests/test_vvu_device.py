@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 from daemon import blk_session
 
+from vhostuser.appliance.vvu_link import VvuLink
 from vhostuser.protocol import FrontendReq, VirtioFeature, encode, reply_to, request
 from vhostuser.protocol import payloads as p
 from vhostuser.sockets import PeerClosed
-from vhostuser.transport.vvu import Token, VvuChannel, VvuLink, VvuResources
+from vhostuser.transport.vvu import Token, VvuChannel, VvuResources
 from vhostuser.unix_channel import UnixChannel
 from vhostuser.vfio_user import protocol as vp
 from vhostuser.vfio_user.client import DeviceError, VfioUserClient

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..appliance.virtio_pci import NO_VECTOR
+from ..appliance.vvu_link import V_FIRST_VRING, LinkError, VvuLink
 from ..engine.notify import Notifier
 from ..framer import close_fds
 from ..memory import MemoryTableError
@@ -55,9 +56,9 @@ from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL
 from ..shutdown import StopSignal
 from ..sockets import PeerClosed
-from ..transport.vvu import V_FIRST_VRING, LinkError, VvuLink, split_message
+from ..transport.vvu import split_message
 from ..unix_channel import UnixChannel
-from ..vfio_user.client import DeviceError, VfioUserClient
+from ..vfio_user.client import DeviceError
 from ..vfio_user.errors import VfioUserError
 from ..vvu.abi import BACKEND_REQUESTS
 from .kicks import F_RING_PACKED, Mapped, RingWatch
@@ -316,8 +317,7 @@ class BridgeSession:
     def _watches_rings(self) -> bool:
         """Whether kicks will come from the ring watcher (poll mode with no kick
         eventfds handed over)."""
-        return self.poll and not (self.kick_fds and isinstance(self.link.client,
-                                                               VfioUserClient))
+        return self.poll and not (self.kick_fds and self.link.access.hands_over_fds)
 
     def _kick(self, vring: int, fds: list[int]) -> None:
         """The back-end's kick eventfd for `vring`, appended to `fds`: the consumer's own
@@ -355,7 +355,7 @@ class BridgeSession:
         n = self.link.max_queues
         offset = 4 * (vring if kind == "call" else n + vring if kind == "err" else 2 * n)
         self._drop_call(kind, vring)
-        if isinstance(self.link.client, VfioUserClient):
+        if self.link.access.hands_over_fds:
             fd = self.link.doorbell_fd(offset)
             fds.append(fd if fd is not None
                        else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
@@ -410,11 +410,11 @@ class BridgeSession:
                 value = int.from_bytes(body, "little")
                 if self._watches_rings():  # the watcher reads split rings only
                     value &= ~(1 << F_RING_PACKED)
-                if not isinstance(self.link.client, VfioUserClient):
-                    value &= ~LOG_ALL  # no dirty log in an appliance VM (VvuResources)
+                if not self.link.access.shared_log:
+                    value &= ~LOG_ALL  # no dirty log in an appliance VM (vvu_access.py)
                 body = value.to_bytes(8, "little")
             elif (header.request == F.GET_PROTOCOL_FEATURES and len(body) == 8
-                  and not isinstance(self.link.client, VfioUserClient)):
+                  and not self.link.access.shared_log):
                 value = int.from_bytes(body, "little") & ~int(ProtocolFeature.LOG_SHMFD)
                 body = value.to_bytes(8, "little")
             self._to_txq(encode_raw(header, body))

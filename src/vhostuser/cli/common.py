@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from ..appliance.vvu_link import LinkError
 from ..engine.device import Device
 from ..engine.session import serve_connection
 from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
@@ -21,7 +22,6 @@ from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal
 from ..sockets import MESSAGE_TIMEOUT, PeerClosed, listen, set_message_timeout
 from ..transport.unix import UnixResources, connections
-from ..transport.vvu import LinkError
 from ..unix_channel import UnixChannel
 from ..vfio_user.client import DeviceError
 
@@ -176,7 +176,8 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device],
 def _run_vvu(args: argparse.Namespace, device: Device, stop: StopSignal,
              confine: Callable[[], None] | None) -> int:
     """Serve consumers through a virtio-vhost-user device, one session after another."""
-    from ..transport.vvu import VvuChannel, VvuLink, VvuResources
+    from ..appliance.vvu_link import VvuLink
+    from ..transport.vvu import VvuChannel, VvuResources
 
     link = None
     try:

@@ -25,11 +25,11 @@ import subprocess
 import sys
 import time
 
+from ..appliance.vvu_link import VvuLink
 from ..bridge.session import REPLY_WAIT, BridgeSession, SessionEnded
 from ..engine.worker import DEFAULT_SPIN_US
 from ..shutdown import StopSignal
 from ..sockets import connect
-from ..transport.vvu import VvuLink
 from .common import add_message_timeout, apply_message_timeout, setup_logging, until_stopped
 
 log = logging.getLogger("vhost-user-vvu-bridge")

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from ..appliance.vvu_link import VvuLink
 from ..devices.net import NetPort
 from ..devices.net_rings import put_frames, take_frames
 from ..engine.backend import Backend
@@ -24,7 +25,7 @@ from ..memory import GuestMemory
 from ..protocol import Header, ProtocolError, encode
 from ..sockets import PeerClosed, PeerStalled, connect, listen
 from ..transport.unix import UnixResources
-from ..transport.vvu import VvuLink, VvuResources, split_message
+from ..transport.vvu import VvuResources, split_message
 from ..unix_channel import UnixChannel
 from ..virtq.ring import RingError
 from ..vvu.abi import S_BACKEND_UP
