@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
 from ..frontend.blk import BlkClient
+from ..frontend.client import BackendError
 from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
 from ..protocol import payloads as p
 from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
@@ -205,6 +206,75 @@ def _wrap_region(path: str) -> str:
         s.fe.sock.send(msg, (s.ram.fd,))
         return msg.request
     return _expect_refusal(path, send, "a region at 2^64-4096 of 8 KiB")
+
+
+@check("mem-slots-limit", "as many memory regions as GET_MAX_MEM_SLOTS says, then one more: "
+                          "the last is refused, the others serve")
+def _slots(path: str) -> str:
+    with session(path) as s:
+        s.setup(queue=False)
+        if not s.fe.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+            raise Skipped("CONFIGURE_MEM_SLOTS not offered")
+        slots = s.fe.get_u64(F.GET_MAX_MEM_SLOTS)
+        if not 1 <= slots <= 4096:
+            raise Failed(f"GET_MAX_MEM_SLOTS says {slots}")
+        # the memory table holds one region already; the others: a page each, one page
+        # apart in guest-physical and user address, from the same file's guard zone
+        base, page = 1 << 40, 4096
+        outcome = ""
+        for i in range(slots):
+            at = base + 2 * i * page
+            region = p.MemRegion(at, page, s.ram.user_addr + at, 0)
+            msg = request(F.ADD_MEM_REG, p.SingleMemRegion(region), need_reply=True)
+            last = i == slots - 1  # region slots + 1
+            try:
+                s.fe.sock.send(msg, (s.ram.fd,))
+                _, body, fds = s.fe.sock.recv_raw()
+            except (ConnectionError, OSError) as e:
+                if not last:
+                    raise Failed(f"region {i + 2} of {slots}: disconnected") from e
+                outcome = f"region {slots + 1}: disconnected ({type(e).__name__})"
+                break
+            for fd in fds:
+                os.close(fd)
+            value = struct.unpack("<Q", body)[0] if len(body) == 8 else None
+            if not last and value != 0:
+                raise Failed(f"region {i + 2} of {slots} refused ({value})")
+            if last:
+                if value == 0:
+                    raise Failed(f"region {slots + 1} accepted: GET_MAX_MEM_SLOTS said {slots}")
+                outcome = f"region {slots + 1} refused ({value})"
+    _alive(path)
+    return f"{slots} slots: {outcome}; still serves"
+
+
+@check("ring-crosses-region", "a used ring that starts 4 bytes before the end of its memory "
+                              "region (its elements past it), then a request kicked")
+def _ring_crosses(path: str) -> str:
+    with session(path) as s:
+        s.setup(queue=False)
+        s.fe.setup_queue(0, 64, enable=False)
+        lay = s.ring().layout()
+        used = s.ram.uva(s.ram.guest_addr + s.ram.size - 4)
+        outcome = "accepted"
+        try:
+            s.fe.call(F.SET_VRING_ADDR, p.VringAddr(0, 0, lay.desc, used, lay.avail, 0))
+            s.fe.call(F.SET_VRING_ENABLE, p.VringState(0, 1))
+            blk = BlkClient(s.fe, 0, arena=1 << 20)
+            blk.submit(T_IN, 0, in_len=512)
+            s.fe.sock.timeout = SETTLE
+            try:
+                s.fe.sock.recv_raw()
+            except TimeoutError:
+                pass
+        except BackendError as e:
+            outcome = f"refused ({e})"
+        except (ConnectionError, OSError) as e:
+            outcome = f"disconnected ({type(e).__name__})"
+        if not s.ram.guards_intact():
+            raise Failed("the back-end wrote outside the memory region it was given")
+    _alive(path)
+    return f"SET_VRING_ADDR: {outcome}; memory outside the region untouched; still serves"
 
 
 # -- malicious rings --------------------------------------------------------------------------
