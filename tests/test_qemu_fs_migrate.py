@@ -10,15 +10,27 @@ the directory with ESTALE). The host checks every line arrived once, in order.""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from qemu_helpers import QUEUE_FAILURE, BackendDaemon, migrate, require_guest_prerequisites
+from qemu_helpers import (
+    QUEUE_FAILURE,
+    BackendDaemon,
+    migrate,
+    require_guest_prerequisites,
+    wait_until,
+)
+from test_codec import check_frames
 from test_qemu_fs import MODULES, fs_args
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
 from vhostuser.vm import GuestError, GuestVM
+
+FRAMES = Path(__file__).with_name("golden") / "frames_qemu11_ours_fs.jsonl"  # test_codec
 
 SCRIPT = r"""
 mount -t virtiofs t /mnt || echo "MOUNT-FAILED"
@@ -60,14 +72,21 @@ def test_a_guest_with_open_files_on_our_virtio_fs_migrates(tmp_path: Path,
     (share / "data.bin").write_bytes(data)
     src_qmp, dst_qmp, mig = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
     args = ["--shared-dir", str(share), "--tag", "t"]
+    traced, trace = tmp_path / "traced.sock", tmp_path / "trace.jsonl"
     with (BackendDaemon(tmp_path, "vhost-user-fs", args, name="src") as a,
           BackendDaemon(tmp_path, "vhost-user-fs", args, name="dst") as b):
+        # the source's messages through vhost-user-trace, recorded for test_codec.py
+        tracer = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.trace", "--listen",
+                                   str(traced), "--connect", str(a.sock), "--json",
+                                   "--frames", "--output", str(trace), "--once"],
+                                  stderr=subprocess.PIPE)
+        assert wait_until(traced.exists, 10), "the tracer did not listen"
 
         def device(sock: Path, qmp: Path) -> list[str]:
             return [*fs_args(sock, "t", 0), "-qmp", f"unix:{qmp},server=on,wait=off"]
 
         src = GuestVM(SCRIPT, modules=MODULES, timeout=240, qemu_binary=qemu11,
-                      qemu_args=device(a.sock, src_qmp))
+                      qemu_args=device(traced, src_qmp))
         dst = GuestVM(SCRIPT, modules=MODULES, timeout=240, qemu_binary=qemu11,
                       qemu_args=[*device(b.sock, dst_qmp), "-incoming", f"unix:{mig}"])
 
@@ -88,6 +107,9 @@ def test_a_guest_with_open_files_on_our_virtio_fs_migrates(tmp_path: Path,
         finally:
             src.close()
             dst.close()
+            if tracer.poll() is None:
+                tracer.terminate()
+            tracer.wait(10)
         assert a.stop() == 0 and b.stop() == 0, context()
     out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
     assert "MOUNT-FAILED" not in result.console and "WRITE-FAILED" not in result.console, \
@@ -101,3 +123,14 @@ def test_a_guest_with_open_files_on_our_virtio_fs_migrates(tmp_path: Path,
     assert "device state saved" in a.log and "device state loaded" in b.log, context()
     for d in (a, b):
         assert not QUEUE_FAILURE.search(d.log) and "Traceback" not in d.log, context()
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    frames = [e for e in events if "frame" in e]
+    assert check_frames(frames) == len(frames)
+    # the state crossed as the spec says: our memfd in SET's reply, CHECK answered 0
+    (state_fd,) = [e for e in frames if e.get("request") == "SET_DEVICE_STATE_FD"]
+    (reply,) = [e for e in frames if e.get("reply") == "SET_DEVICE_STATE_FD"]
+    (check,) = [e for e in frames if e.get("reply") == "CHECK_DEVICE_STATE"]
+    assert (state_fd["nfds"], reply["nfds"], reply["payload"]["value"]) == (1, 1, 0)
+    assert [f["kind"] for f in reply["fds"]] == ["memfd"] and check["payload"]["value"] == 0
+    if os.environ.get("VHOSTUSER_UPDATE_GOLDEN"):
+        FRAMES.write_text("".join(json.dumps(e) + "\n" for e in frames))

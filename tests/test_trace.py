@@ -23,10 +23,12 @@ from qemu_helpers import (
     require_tool,
     wait_until,
 )
+from test_codec import check_frames
 
 from vhostuser.vm import GuestVM
 
 GOLDEN = Path(__file__).with_name("golden") / "trace_qemu72_qsd72_blk.txt"
+FRAMES = Path(__file__).with_name("golden") / "frames_qemu72_qsd72_blk.jsonl"  # test_codec
 SCRIPT = r"""
 dd if=/pattern of=/dev/vda bs=64k seek=16 oflag=direct 2>/dev/null
 echo "READBACK $(dd if=/dev/vda bs=64k skip=16 count=16 iflag=direct 2>/dev/null | sha256sum)"
@@ -77,7 +79,8 @@ def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None
     try:
         assert wait_until(back.exists, 10), "qemu-storage-daemon did not listen"
         tracer = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.trace", "--listen",
-                                   str(front), "--connect", str(back), "--json", "--output",
+                                   str(front), "--connect", str(back), "--json", "--frames",
+                                   "--output",
                                    str(trace), "--once"], stderr=subprocess.PIPE)
         assert wait_until(front.exists, 10), "the tracer did not listen"
         vm = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=120, files={"pattern": pattern},
@@ -106,7 +109,9 @@ def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None
     assert kinds["ADD_MEM_REG"] == ["memfd"] and "SET_MEM_TABLE" not in kinds
     assert kinds["SET_VRING_KICK"] == ["eventfd"] and kinds["SET_VRING_CALL"] == ["eventfd"]
     assert kinds["SET_BACKEND_REQ_FD"] == ["socket"]  # our end of the interposed channel
+    assert check_frames(events) == len(requests + replies)  # the codec reads them all
     got = normalize(events)
     if os.environ.get("VHOSTUSER_UPDATE_GOLDEN"):
         GOLDEN.write_text("\n".join(got) + "\n")
+        FRAMES.write_text("".join(json.dumps(e) + "\n" for e in events if "frame" in e))
     assert got == GOLDEN.read_text().splitlines(), "\n".join(got)

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect", required=True, metavar="BACK.sock",
                     help="the back-end's socket (it listens)")
     ap.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    ap.add_argument("--frames", action="store_true",
+                    help="with --json: each message's bytes as they crossed (hex, header "
+                         "and payload) and its number of fds, for replaying or tests")
     ap.add_argument("--output", metavar="FILE", help="write the trace here (default stdout)")
     ap.add_argument("--once", action="store_true",
                     help="exit after the first front-end connection ends")
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="how long to retry connecting to the back-end (default 10 s)")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
+    if args.frames and not args.json:
+        ap.error("--frames needs --json")
     if not 0 < args.connect_timeout <= 3600:
         ap.error("--connect-timeout must be more than 0 and at most 3600 seconds")
     setup_logging(args.verbose)
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 front.close()
                 continue
             try:
-                TraceSession(front, back, writer.emit).run(stop)
+                TraceSession(front, back, writer.emit, frames=args.frames).run(stop)
             finally:
                 for s in (front, back):
                     try:

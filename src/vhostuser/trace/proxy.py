@@ -36,8 +36,12 @@ Emit = Callable[[dict[str, Any]], None]
 class TraceSession:
     """One front-end connection and its back-end connection, traced until either ends."""
 
-    def __init__(self, front: socket.socket, back: socket.socket, emit: Emit) -> None:
+    def __init__(self, front: socket.socket, back: socket.socket, emit: Emit,
+                 frames: bool = False) -> None:
+        """`frames`: each event also carries the message's bytes ("frame", hex) and its
+        number of fds ("nfds")."""
         self.emit_raw = emit
+        self.frames = frames
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
         self.protocol_features = 0
@@ -151,6 +155,9 @@ class TraceSession:
                     with self.lock:
                         self.pending.setdefault((channel, header.request), deque()).append(now)
         ev["dir"] = way
+        if self.frames:
+            ev["frame"] = encode_raw(header, body).hex()
+            ev["nfds"] = len(fds)
         self._event(ev, now)
 
     def _event(self, ev: dict[str, Any], now: float | None = None) -> None:
