@@ -16,24 +16,35 @@ def _unit(rel: Path) -> str:
 
 
 def imports() -> dict[str, set[tuple[str, str]]]:
-    """unit -> {(imported unit, the importing file)}, from every relative import and every
-    absolute `vhostuser.` import (TYPE_CHECKING-only ones included: mypy follows them)."""
+    """unit -> {(imported unit, the importing file)}, from every import of the package:
+    relative ones, `from vhostuser... import`, `import vhostuser...` (TYPE_CHECKING-only
+    ones included: mypy follows them)."""
     edges: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
         unit = _unit(rel)
         for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.ImportFrom):
-                continue
-            if node.level:
-                base = list(rel.parent.parts)[: len(rel.parent.parts) - (node.level - 1)]
-                target = base + (node.module.split(".") if node.module else [node.names[0].name])
-            elif node.module and node.module.startswith("vhostuser."):
-                target = node.module.split(".")[1:]
-            else:
-                continue
-            if target and target[0] != unit:
-                edges[unit].add((target[0], str(rel)))
+            targets: list[list[str]] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name.split(".")[1:] for a in node.names
+                           if a.name.startswith("vhostuser.")]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = list(rel.parent.parts)[: len(rel.parent.parts) - (node.level - 1)]
+                elif node.module == "vhostuser" or (node.module or "").startswith("vhostuser."):
+                    base = []
+                else:
+                    continue
+                module = (node.module or "").split(".")
+                if not node.level:
+                    module = module[1:]  # past "vhostuser"
+                if module and module[0]:
+                    targets = [base + module]
+                else:  # `from . import a, b`: each name is a module
+                    targets = [[*base, a.name] for a in node.names]
+            for target in targets:
+                if target and target[0] != unit:
+                    edges[unit].add((target[0], str(rel)))
     return edges
 
 

@@ -88,7 +88,11 @@ class VfioUserAccess:
     def __init__(self, path: str) -> None:
         self.client = VfioUserClient(path)
         self.function: PciFunction = self.client
-        self.ram = GuestRam(RAM_SIZE, guest_addr=0x1_0000_0000)
+        try:
+            self.ram = GuestRam(RAM_SIZE, guest_addr=0x1_0000_0000)
+        except BaseException:
+            self.client.close()
+            raise
 
     def started(self) -> None:
         pass
@@ -162,7 +166,11 @@ class SysfsAccess:
     def __init__(self, address: str) -> None:
         self.fn = SysfsPciFunction(address)
         self.function: PciFunction = self.fn
-        self.ram: GuestRam = HugePageRam()
+        try:
+            self.ram: GuestRam = HugePageRam()  # no huge page free: SysfsPciError
+        except BaseException:
+            self.fn.close()
+            raise
 
     def started(self) -> None:
         # an INTx of an earlier back-end's (or of the device with nobody to take it) left

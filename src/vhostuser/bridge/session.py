@@ -295,7 +295,8 @@ class BridgeSession:
         elif req == F.SET_LOG_FD:  # the log doorbell rings SET_LOG_FD's eventfd
             self._call("log", 0, fds)
         elif expected_fds(Channel.FRONTEND, msg):
-            raise SessionEnded("the device let through a request with fds")
+            raise SessionEnded(f"{Channel.FRONTEND.name_of(req)}: the device let through a "
+                               "request with fds")
         return msg
 
     def _region(self, r: p.MemRegion, fds: list[int]) -> p.MemRegion:

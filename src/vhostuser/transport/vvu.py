@@ -1,7 +1,7 @@
 """vhost-user over a virtio-vhost-user device: the appliance side.
 
-`VvuLink` brings the device up as a guest driver would (through our vfio-user client):
-rxq/txq with posted buffers, MSI-X vectors on eventfds, BACKEND_UP. `VvuChannel` and
+`VvuLink` (appliance/vvu_link.py) brings the device up as a guest driver would: rxq/txq
+with posted buffers, MSI-X vectors on eventfds, BACKEND_UP. `VvuChannel` and
 `VvuResources` then give the engine exactly what the AF_UNIX transport gives it: messages,
 and in place of each fd a token that `VvuResources` turns into the device's equivalent —
 
@@ -113,7 +113,7 @@ class VvuResources:
 
     max_mem_slots = 8
     shared_areas = False  # no in-flight area crosses the device (yet)
-    shared_log = True  # the dirty log does: the device places it in the window
+    shared_log: bool  # the dirty log does, where the device can place it in the window
     shared_state = False  # no DEVICE_STATE file crosses it (the relay refuses the requests)
 
     def __init__(self, link: VvuLink, poll: bool = False, kick_fds: bool = True) -> None:

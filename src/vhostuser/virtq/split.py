@@ -23,6 +23,7 @@ from .ring import (
     RingLayout,
     need_event,
 )
+from .split_kernel import KernelWalk
 from .walk import BufferWalk
 
 if TYPE_CHECKING:
@@ -75,6 +76,9 @@ class SplitQueue(BufferWalk):
         self._used_event_i = 2 + self.size  # u16 index of used_event in the avail ring
         self._avail_event_i = 2 + 4 * self.size  # u16 index of avail_event in the used ring
         self._burst: BurstArrays | None = None  # numpy views for burst.py, made on demand
+        # the compiled walk (split_kernel.py), made at the first batch; never while writes
+        # are logged (the Python walk records where the writable buffers are)
+        self._kernel: KernelWalk | bool | None = False if log is None else None
         self.log = log
         self.log_used = log_used
 
@@ -109,9 +113,21 @@ class SplitQueue(BufferWalk):
 
     def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
         """Pop `n` available chains; on a broken one, those before it and the error."""
-        chains: list[Chain] = []
-        ring, size, read = self.avail_ring, self.size, self.read_chain
+        kernel = self._kernel
+        if kernel is False:  # imported at the top: a sandboxed worker cannot import later
+            kernel = self._kernel = KernelWalk.for_queue(self)
         last = self.last_avail
+        if kernel is not None:
+            assert not isinstance(kernel, bool)
+            chains = kernel.walk(last, n)
+            last = (last + len(chains)) & 0xFFFF
+            if len(chains) == n:
+                self.last_avail = last
+                return chains, None
+            n -= len(chains)  # the rest, from the chain the kernel left, the Python way
+        else:
+            chains = []
+        ring, size, read = self.avail_ring, self.size, self.read_chain
         try:
             for _ in range(n):
                 head = ring[last % size]
@@ -231,6 +247,10 @@ class SplitQueue(BufferWalk):
     def release(self) -> None:
         """Let go of every view of guest memory this queue holds."""
         self._burst = None  # the numpy views first: they hold exports of the memoryviews
+        if self._kernel:
+            assert not isinstance(self._kernel, bool)
+            self._kernel.release()
+        self._kernel = None
         self.avail_ring.release()
         self.avail16.release()
         self.used16.release()

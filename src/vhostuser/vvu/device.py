@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 class DmaError(Exception):
     """A DMA region the client offered cannot be mapped."""
 
+
 SUBSYS_ID = 0x0040
 CLASS_OTHER = 0xFF0000
 

@@ -1,0 +1,141 @@
+"""The split ring's chain walk, compiled with numba, a batch of chains per call: the rules
+of `SplitQueue.read_chain` (the reference, which stays) run over numpy views of the
+descriptor table, the avail ring and the guest memory regions.
+
+The kernel takes a chain only whole and only when it is ordinary: it stops *before* the
+first chain it does not take — any broken rule, a buffer that spans two regions, an
+indirect table not 8-byte aligned in its region — and the Python walk takes that chain
+(raising its error, or handling the rare case). So every error message, and every case
+the kernel leaves out, has one place: split.py. The chain it hands back is made of the
+same views as the Python walk's.
+
+Used only where numba is installed (the `jit` extra) and VHOSTUSER_JIT=1: opt-in while it
+covers the walk alone (importing numba and loading the compiled code costs a process about
+0.4 s, which only a data path that gains more than that should pay); `available()` says.
+Compiled once per machine into numba's cache (NUMBA_CACHE_DIR; by default a directory of
+ours under the user's cache, so a read-only install works), and loaded before workers
+fork (`warm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from .ring import Chain
+
+if TYPE_CHECKING:
+    from .split import SplitQueue
+
+log = logging.getLogger(__name__)
+
+MAX_REGIONS = 4  # guest memory in more regions than this: the Python walk
+SEGS_PER_CHAIN = 8  # room for segments per chain asked for (a chain with more: still taken
+# whole by the kernel if the batch has room, else left to the Python walk)
+
+_kernel: Any = None
+_tried = False
+
+
+def available() -> bool:
+    """Whether the compiled walk is on: asked for (VHOSTUSER_JIT=1) and loadable here."""
+    return os.environ.get("VHOSTUSER_JIT", "0") == "1" and load()
+
+
+def load() -> bool:
+    """Compile the kernel (or load it from the cache); False where numba is missing or
+    cannot compile here (then the Python walk serves)."""
+    global _kernel, _tried
+    if not _tried:
+        _tried = True
+        os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+            "vhostuser-numba"))
+        try:
+            _kernel = _compile()
+        except Exception as e:  # no numba, or it cannot compile here: the Python walk
+            log.info("compiled chain walk unavailable (%s): the Python walk serves", e)
+            _kernel = None
+    return _kernel is not None
+
+
+def warm() -> None:
+    """Compile (or load from the cache) now, in the engine's process, before any worker
+    forks: a worker then has it without paying for it."""
+    if available():
+        import numpy as np
+
+        desc = np.zeros(4, np.uint64)
+        avail = np.zeros(2, np.uint16)
+        regions = np.zeros((1, 2), np.uint64)
+        meta = np.zeros((1, 3), np.int64)
+        segs = np.zeros((1, 3), np.int64)
+        heads = np.zeros(1, np.int64)
+        for n in range(1, MAX_REGIONS + 1):  # a version per number of regions
+            mems = tuple(np.zeros(2, np.uint64) for _ in range(n))
+            _kernel(desc, avail, 0, 0, 2, True, regions, mems, heads, meta, segs)
+
+
+def _compile() -> Any:
+    from . import split_walk_jit
+
+    return split_walk_jit.walk
+
+
+class KernelWalk:
+    """One split queue's arrays for the kernel (numpy views of its ring and of guest
+    memory), made when the queue starts; `None` from `for_queue` where the kernel cannot
+    serve it (a region not a multiple of 8 bytes, no regions)."""
+
+    def __init__(self, q: SplitQueue) -> None:
+        import numpy as np
+
+        self.np = np
+        regions = q._regions
+        self.views = [view for _, _, view in regions]
+        self.regions = np.array([(lo, hi) for lo, hi, _ in regions], dtype=np.uint64)
+        self._mems: Any = tuple(np.frombuffer(v, dtype=np.uint64) for v in self.views)
+        self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
+        self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
+        self.size = q.size
+        self.indirect = q.indirect
+        self.heads = np.zeros(q.size, np.int64)
+        self.meta = np.zeros((q.size, 3), np.int64)
+        self.segs = np.zeros((q.size * SEGS_PER_CHAIN, 3), np.int64)
+
+    @staticmethod
+    def for_queue(q: SplitQueue, asked: bool | None = None) -> KernelWalk | None:
+        """The kernel's arrays for `q`, if it is on (`asked`: regardless of VHOSTUSER_JIT)
+        and can serve the queue's memory."""
+        if not (available() if asked is None else asked and load()):
+            return None
+        if not 0 < len(q._regions) <= MAX_REGIONS or any(
+                len(v) % 8 or (hi - lo) % 8 or v.readonly for lo, hi, v in q._regions):
+            return None
+        return KernelWalk(q)
+
+    def walk(self, last: int, n: int) -> list[Chain]:
+        """The first chains of `n` from avail position `last` that the kernel takes whole
+        (all of them, or those before the first it leaves to the Python walk)."""
+        n = min(n, self.size)  # the output arrays' room (the kernel does not bound-check)
+        taken = _kernel(self.desc, self.avail, last, n, self.size, self.indirect,
+                        self.regions, self._mems, self.heads, self.meta, self.segs)
+        views = self.views
+        if not taken:
+            return []
+        heads, meta = self.heads[:taken].tolist(), self.meta[:taken].tolist()
+        end = meta[-1][0] + meta[-1][1] + meta[-1][2]
+        flat = self.segs[:end].tolist()
+        out = []
+        for k in range(taken):
+            first, nr, nw = meta[k]
+            bufs = [views[r][o : o + ln] for r, o, ln in flat[first : first + nr + nw]]
+            out.append(Chain(heads[k], bufs[:nr], bufs[nr:]))
+        return out
+
+    def release(self) -> None:
+        """Drop the numpy views (they hold exports of the queue's memoryviews)."""
+        self._mems = None
+        self.desc = self.avail = None
+        self.views = []

@@ -1,0 +1,101 @@
+"""The compiled split-ring walk (numba): imported only by split_kernel.py, and only where
+numba is installed. The rules are split.py's `read_chain`; see split_kernel.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+
+F_NEXT, F_WRITE, F_INDIRECT = np.uint64(DESC_F_NEXT), np.uint64(DESC_F_WRITE), np.uint64(
+    DESC_F_INDIRECT)
+LOW32, LOW16 = np.uint64(0xFFFFFFFF), np.uint64(0xFFFF)
+S4, S32, S48 = np.uint64(4), np.uint64(32), np.uint64(48)
+ZERO, EIGHT, SIXTEEN = np.uint64(0), np.uint64(8), np.uint64(16)
+
+
+@njit(cache=True, nogil=True)
+def find(regions: Any, addr: Any, length: Any) -> int:
+    """The region holding [addr, addr + length), or -1 (no wrap past 2^64)."""
+    for r in range(regions.shape[0]):
+        lo, hi = regions[r, 0], regions[r, 1]
+        if lo <= addr < hi and length <= hi - addr:
+            return r
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def walk(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
+         regions: Any, mems: Any, heads: Any, meta: Any, segs: Any) -> int:
+    """Walk up to `n` chains from avail position `last`: each chain's head into `heads`,
+    (first segment, readable ones, writable ones) into `meta`, its buffers as (region,
+    offset, length) into `segs`. Returns how many chains were taken whole."""
+    nseg = 0
+    cap = segs.shape[0]
+    for k in range(n):
+        head = np.int64(avail[(last + k) % size])
+        if head >= size:
+            return k
+        table = desc
+        tlen = np.int64(size)
+        base = np.int64(0)
+        in_indirect = False
+        seen = 0
+        nr = 0
+        nw = 0
+        first = nseg
+        i = head
+        while True:
+            if i >= tlen:
+                return k
+            seen += 1
+            if seen > tlen:
+                return k  # a loop
+            addr = table[base + 2 * i]
+            word = table[base + 2 * i + 1]
+            length = word & LOW32
+            flags = (word >> S32) & LOW16
+            if flags & F_INDIRECT:
+                if (not indirect_ok or in_indirect or flags & F_NEXT or length == ZERO
+                        or length % SIXTEEN != ZERO or length >> S4 > np.uint64(size)):
+                    return k
+                r = find(regions, addr, length)
+                if r < 0:
+                    return k
+                off = addr - regions[r, 0]
+                if off % EIGHT != ZERO:
+                    return k
+                table = mems[r]  # a tuple: literal_unroll is not needed for getitem
+                base = np.int64(off // EIGHT)
+                tlen = np.int64(length >> S4)
+                in_indirect = True
+                i = np.int64(0)
+                seen = 0
+                continue
+            if length != ZERO:
+                r = find(regions, addr, length)
+                if r < 0 or nseg >= cap:
+                    return k
+                if flags & F_WRITE:
+                    nw += 1
+                elif nw:
+                    return k  # readable after writable
+                else:
+                    nr += 1
+                segs[nseg, 0] = r
+                segs[nseg, 1] = np.int64(addr - regions[r, 0])
+                segs[nseg, 2] = np.int64(length)
+                nseg += 1
+            elif nw and not flags & F_WRITE:
+                return k
+            if not flags & F_NEXT:
+                break
+            i = np.int64(word >> S48)
+        heads[k] = head
+        meta[k, 0] = first
+        meta[k, 1] = nr
+        meta[k, 2] = nw
+    return n
