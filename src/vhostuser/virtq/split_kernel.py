@@ -94,8 +94,14 @@ class KernelWalk:
         self.np = np
         regions = q._regions
         self.views = [view for _, _, view in regions]
-        self.regions = np.array([(lo, hi) for lo, hi, _ in regions], dtype=np.uint64)
-        self._mems: Any = tuple(np.frombuffer(v, dtype=np.uint64) for v in self.views)
+        # each region as 64-bit words (indirect tables are read as such), its last 1-7
+        # bytes left out: a buffer or table there is the Python walk's
+        whole = [len(v) // 8 * 8 for v in self.views]
+        self.regions = np.array([(lo, lo + n) for (lo, _, _), n in zip(regions, whole,
+                                                                      strict=True)],
+                                dtype=np.uint64)
+        self._mems: Any = tuple(np.frombuffer(v[:n], dtype=np.uint64)
+                                for v, n in zip(self.views, whole, strict=True))
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
         self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
         self.size = q.size
@@ -110,8 +116,9 @@ class KernelWalk:
         and can serve the queue's memory."""
         if not (available() if asked is None else asked and load()):
             return None
-        if not 0 < len(q._regions) <= MAX_REGIONS or any(
-                len(v) % 8 or (hi - lo) % 8 or v.readonly for lo, hi, v in q._regions):
+        if not 0 < len(q._regions) <= MAX_REGIONS or any(v.readonly for _, _, v in q._regions):
+            log.info("compiled chain walk not used: %d memory regions (at most %d, writable)",
+                     len(q._regions), MAX_REGIONS)
             return None
         return KernelWalk(q)
 
