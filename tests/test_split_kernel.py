@@ -71,7 +71,8 @@ class Rig:
             flags |= DESC_F_WRITE
         if indirect_ok and rng.random() < 0.15:
             flags |= DESC_F_INDIRECT
-        length = rng.choice([0, 1, 16, 512, 4096, rng.randrange(1, 9000)])
+        length = rng.choice([0, 1, 16, 512, 4096, rng.randrange(1, 9000),
+                             rng.randrange(2**31, 2**32)])
         nxt = rng.randrange(n + 2) if rng.random() < 0.97 else rng.randrange(65536)
         addr = self.addr()
         if flags & DESC_F_INDIRECT and rng.random() < 0.8:
@@ -128,9 +129,10 @@ def test_the_compiled_walk_agrees_with_the_python_walk() -> None:
                                 else rng.randrange(65536))
                 avail.release()
                 n = rng.randrange(1, ring_size + 1)
-                py = SplitQueue(rig.mem, layout, last, False, indirect=True)
+                indirect = rng.random() < 0.8  # negotiated or not
+                py = SplitQueue(rig.mem, layout, last, False, indirect=indirect)
                 py._kernel = None  # the reference
-                jit = SplitQueue(rig.mem, layout, last, False, indirect=True)
+                jit = SplitQueue(rig.mem, layout, last, False, indirect=indirect)
                 kernel = jit._kernel = KernelWalk.for_queue(jit, asked=True)
                 assert kernel is not None  # numba is a test dependency
                 try:
@@ -145,3 +147,34 @@ def test_the_compiled_walk_agrees_with_the_python_walk() -> None:
         finally:
             rig.close()
     assert kernel_chains > ROUNDS // 4, f"seed {s}: the kernel took few chains itself"
+
+
+def test_a_region_that_ends_at_the_top_of_the_address_space() -> None:
+    """Guest memory may end exactly at 2^64 (the memory table allows it): the compiled
+    walk takes chains there as the Python walk does."""
+    top = GuestRam(1 << 16, guest_addr=2**64 - (1 << 16))
+    mem = GuestMemory()
+    mem.add(top.region(), mmap_region(top.region(), top.fd))
+    drv = DriverRing(top, 8)
+    try:
+        last_byte = 2**64 - 16
+        top.at(last_byte, 16)[:] = bytes(range(16))
+        drv.add([(last_byte, 16, False)])
+        drv.add([(last_byte - 4096, 8, False), (last_byte + 8, 8, True)])
+        py = SplitQueue(mem, drv.layout(), 0, False)
+        py._kernel = None
+        jit = SplitQueue(mem, drv.layout(), 0, False)
+        kernel = jit._kernel = KernelWalk.for_queue(jit, asked=True)
+        assert kernel is not None
+        try:
+            want = outcome(*py.pop_batch(2))
+            assert len(kernel.walk(0, 2)) == 2  # the kernel took both itself
+            assert outcome(*jit.pop_batch(2)) == want
+            assert want[0][0][1] == [bytes(range(16))]
+        finally:
+            py.release()
+            jit.release()
+    finally:
+        drv.release()
+        mem.clear()
+        top.close()

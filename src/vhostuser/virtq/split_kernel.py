@@ -97,13 +97,15 @@ class KernelWalk:
         # each region as 64-bit words (indirect tables are read as such), its last 1-7
         # bytes left out: a buffer or table there is the Python walk's
         whole = [len(v) // 8 * 8 for v in self.views]
-        self.regions = np.array([(lo, lo + n) for (lo, _, _), n in zip(regions, whole,
-                                                                      strict=True)],
-                                dtype=np.uint64)
+        self.regions = np.array([(lo, n) for (lo, _, _), n in zip(regions, whole,
+                                                                 strict=True)],
+                                dtype=np.uint64)  # start and length: a region may end at 2^64
         self._mems: Any = tuple(np.frombuffer(v[:n], dtype=np.uint64)
                                 for v, n in zip(self.views, whole, strict=True))
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
         self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
+        if self.desc.shape != (2 * q.size,) or self.avail.shape != (q.size,):
+            raise ValueError("the ring's views are not of its size")  # the kernel trusts them
         self.size = q.size
         self.indirect = q.indirect
         self.heads = np.zeros(q.size, np.int64)

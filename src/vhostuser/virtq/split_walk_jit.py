@@ -19,10 +19,11 @@ ZERO, EIGHT, SIXTEEN = np.uint64(0), np.uint64(8), np.uint64(16)
 
 @njit(cache=True, nogil=True)
 def find(regions: Any, addr: Any, length: Any) -> int:
-    """The region holding [addr, addr + length), or -1 (no wrap past 2^64)."""
+    """The region (start, bytes) holding [addr, addr + length), or -1; no sum is formed,
+    so nothing wraps past 2^64 (a region may end exactly there)."""
     for r in range(regions.shape[0]):
-        lo, hi = regions[r, 0], regions[r, 1]
-        if lo <= addr < hi and length <= hi - addr:
+        lo, n = regions[r, 0], regions[r, 1]
+        if addr >= lo and addr - lo < n and length <= n - (addr - lo):
             return r
     return -1
 
@@ -32,9 +33,12 @@ def walk(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, mems: Any, heads: Any, meta: Any, segs: Any) -> int:
     """Walk up to `n` chains from avail position `last`: each chain's head into `heads`,
     (first segment, readable ones, writable ones) into `meta`, its buffers as (region,
-    offset, length) into `segs`. Returns how many chains were taken whole."""
+    offset, length) into `segs`. Returns how many chains were taken whole. `regions`:
+    (guest-physical start, bytes) of each of `mems`; `desc` holds `size` descriptors,
+    `avail` `size` entries (the caller makes them so)."""
     nseg = 0
     cap = segs.shape[0]
+    n = min(n, heads.shape[0], meta.shape[0])  # the caller's room, whatever it asked
     for k in range(n):
         head = np.int64(avail[(last + k) % size])
         if head >= size:
