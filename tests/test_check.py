@@ -81,6 +81,9 @@ QSD_72: dict[str, tuple[str, bool]] = {
 }
 
 
+RING_CROSSES = "the request completed: a used element written past the region's end"
+
+
 def run_qsd(tmp_path: Path, name: str) -> tuple[dict[str, str], int | None]:
     qsd = require_tool("qemu-storage-daemon", "qemu-system-common")
     img, sock = tmp_path / f"{name}.img", tmp_path / f"{name}.sock"
@@ -116,6 +119,14 @@ def test_qemu_storage_daemon(tmp_path: Path, name: str) -> None:
         assert m is not None and died is None, result
         base, used = int(m.group(1)), int(m.group(2))
         assert base == 16 and used < base, result  # every read taken, not all of them used
+        return
+    if name == "ring-crosses-region":
+        # QSD completes the read through a used element past the region's end, in whatever
+        # its address space has after its mapping of the region: by that layout (random)
+        # it goes on, or it dies of it (both seen; the first CI run to see the latter: a
+        # connection refused to the next front-end)
+        assert result["status"] == "FAIL", result
+        assert (died is not None) == (result["detail"] != RING_CROSSES), result
         return
     assert (result["status"], died is not None) == QSD_72[name], result
     if name == "log-writes":  # the same pages marked as ours, and no more

@@ -21,6 +21,9 @@ from ..fileio import punch, read_into, write_from, zero
 from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.ring import Chain
+from ..virtq.split import SplitQueue
+from .blk_kernel import BlkKernel
+from .blk_kernel import available as compiled_available
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class BlkDevice(Device):
         self.capacity = os.fstat(self.fd).st_size // SECTOR
         self.writeback = True
         self.negotiated = 0
+        self.compiled = compiled_available()  # here, before workers fork
 
     # -- negotiation and config ------------------------------------------------------------
 
@@ -204,7 +208,8 @@ class BlkDevice(Device):
 
 class BlkQueue(InOrderService):
     """Serves requests of one queue (runs in that queue's worker process), each at once:
-    in order, synchronously."""
+    in order, synchronously; reads and writes in a compiled kernel where it is on
+    (blk_kernel.py), the rest here."""
 
     def __init__(self, dev: BlkDevice) -> None:
         self.dev = dev
@@ -212,10 +217,27 @@ class BlkQueue(InOrderService):
         self.buffered = dev.buffered if dev.buffered != dev.fd else None
         self.shared = dev.shared
         self.read_only = dev.opts.read_only
+        self.kernel = BlkKernel(dev.fd) if dev.compiled else None
 
     @property
     def capacity(self) -> int:
         return self.shared[1]  # follows a resize
+
+    def kicked(self, q: DeviceQueue) -> None:
+        if self.kernel is None:
+            super().kicked(q)
+            return
+        while True:  # the kernel serves what it can, this class the one it stopped before
+            q.serve_split(self._compiled)
+            chains = q.pop_batch(1)
+            if not chains:
+                return
+            q.complete_batch(chains, self.handle(q.index, chains))
+
+    def _compiled(self, ring: SplitQueue, n: int) -> int:
+        assert self.kernel is not None
+        writes = not self.read_only and self.dev.writeback
+        return self.kernel.serve(ring, n, self.capacity, writes)
 
     def handle(self, index: int, chains: list[Chain]) -> list[int]:
         return [self.serve(c) for c in chains]

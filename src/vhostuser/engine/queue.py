@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -194,6 +195,33 @@ class DeviceQueue:
                     for h in burst.heads.tolist():
                         tracker.taken(h)
         return burst
+
+    def serve_split(self, serve: Callable[[SplitQueue, int], int]) -> int:
+        """Let `serve` take and complete, in place, up to the given number of the chains
+        available on a split ring: a compiled kernel that serves them whole and writes
+        their used elements from the ring's used slot on; it returns how many it served,
+        from the first on, and here they become visible (one index store and at most one
+        notification). 0 where it may not be used — another ring, an in-flight area, writes
+        logged, chains to hand out again, completions from threads — or nothing is
+        available: then take chains the usual way."""
+        ring = self.ring
+        if (not isinstance(ring, SplitQueue) or ring.kernel is None or self.tracker is not None
+                or ring.log is not None or self._resubmit or self.lock is not None):
+            return 0
+        n = min(self.available(), self._room())
+        if n <= 0:
+            return 0
+        self.notify()  # what was staged goes first
+        self._check_parent()  # the kernel stores into guest memory
+        k = serve(ring, n)
+        if k:
+            ring.last_avail = (ring.last_avail + k) & 0xFFFF
+            ring.used_idx = (ring.used_idx + k) & 0xFFFF
+            self.popped += k
+            self.completed += k
+            if ring.publish():
+                self.call.notify()
+        return k
 
     # -- completing ----------------------------------------------------------------------------
 

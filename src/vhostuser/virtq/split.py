@@ -76,11 +76,16 @@ class SplitQueue(BufferWalk):
         self._used_event_i = 2 + self.size  # u16 index of used_event in the avail ring
         self._avail_event_i = 2 + 4 * self.size  # u16 index of avail_event in the used ring
         self._burst: BurstArrays | None = None  # numpy views for burst.py, made on demand
-        # the compiled walk (split_kernel.py), made at the first batch; never while writes
-        # are logged (the Python walk records where the writable buffers are)
-        self._kernel: KernelWalk | bool | None = False if log is None else None
         self.log = log
+        # the compiled walk (split_kernel.py) where it is on; never while writes are logged
+        # (the Python walk records where the writable buffers are)
+        self._kernel = KernelWalk.for_queue(self) if log is None else None
         self.log_used = log_used
+
+    @property
+    def kernel(self) -> KernelWalk | None:
+        """The compiled walk's arrays, where it serves this queue."""
+        return self._kernel
 
     def burst_arrays(self) -> BurstArrays:
         if self._burst is None:
@@ -114,11 +119,8 @@ class SplitQueue(BufferWalk):
     def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
         """Pop `n` available chains; on a broken one, those before it and the error."""
         kernel = self._kernel
-        if kernel is False:  # imported at the top: a sandboxed worker cannot import later
-            kernel = self._kernel = KernelWalk.for_queue(self)
         last = self.last_avail
         if kernel is not None:
-            assert not isinstance(kernel, bool)
             chains = kernel.walk(last, n)
             last = (last + len(chains)) & 0xFFFF
             if len(chains) == n:
@@ -247,8 +249,7 @@ class SplitQueue(BufferWalk):
     def release(self) -> None:
         """Let go of every view of guest memory this queue holds."""
         self._burst = None  # the numpy views first: they hold exports of the memoryviews
-        if self._kernel:
-            assert not isinstance(self._kernel, bool)
+        if self._kernel is not None:
             self._kernel.release()
         self._kernel = None
         self.avail_ring.release()

@@ -91,7 +91,6 @@ class KernelWalk:
     def __init__(self, q: SplitQueue) -> None:
         import numpy as np
 
-        self.np = np
         regions = q._regions
         self.views = [view for _, _, view in regions]
         # each region as 64-bit words (indirect tables are read as such), its last 1-7
@@ -100,8 +99,13 @@ class KernelWalk:
         self.regions = np.array([(lo, n) for (lo, _, _), n in zip(regions, whole,
                                                                  strict=True)],
                                 dtype=np.uint64)  # start and length: a region may end at 2^64
-        self._mems: Any = tuple(np.frombuffer(v[:n], dtype=np.uint64)
+        self.mems: Any = tuple(np.frombuffer(v[:n], dtype=np.uint64)
                                 for v, n in zip(self.views, whole, strict=True))
+        # for kernels that serve chains (devices/blk_kernel.py): the same regions as bytes
+        # and their addresses (for system calls), and the used ring's elements
+        self.mem8: Any = tuple(m.view(np.uint8) for m in self.mems)
+        self.bases: Any = np.array([b.ctypes.data for b in self.mem8], dtype=np.uint64)
+        self.used: Any = np.frombuffer(q.used, dtype=np.uint32, count=1 + 2 * q.size)[1:]
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
         self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
         if self.desc.shape != (2 * q.size,) or self.avail.shape != (q.size,):
@@ -129,7 +133,7 @@ class KernelWalk:
         (all of them, or those before the first it leaves to the Python walk)."""
         n = min(n, self.size)  # the output arrays' room (the kernel does not bound-check)
         taken = _kernel(self.desc, self.avail, last, n, self.size, self.indirect,
-                        self.regions, self._mems, self.heads, self.meta, self.segs)
+                        self.regions, self.mems, self.heads, self.meta, self.segs)
         views = self.views
         if not taken:
             return []
@@ -145,6 +149,6 @@ class KernelWalk:
 
     def release(self) -> None:
         """Drop the numpy views (they hold exports of the queue's memoryviews)."""
-        self._mems = None
-        self.desc = self.avail = None
+        self.mems = self.mem8 = self.bases = None
+        self.desc = self.avail = self.used = None
         self.views = []
