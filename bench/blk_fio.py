@@ -5,10 +5,10 @@ fio drives each back-end through libblkio's virtio-blk-vhost-user driver (fio is
 engine by bench/tools/build-fio.sh). For every back-end in the run:
 
 * one 1 GiB raw image in /dev/shm, filled with random data (not sparse), shared by all back-ends
-  (all jobs only read, so it stays unchanged); removed at the end unless --keep-image;
+  (the write job writes over it, in place); removed at the end unless --keep-image;
 * the back-end runs pinned to CPU 0 (``taskset -c 0``), fio pinned to CPU 1;
-* three fio jobs: 4 KiB randread QD32 (IOPS), 128 KiB sequential read QD32 (MiB/s) and
-  4 KiB randread QD1 (mean completion latency, microseconds);
+* four fio jobs (--job picks some): 4 KiB randread QD32 (IOPS), 128 KiB sequential read QD32
+  (MiB/s), 4 KiB randwrite QD32 (IOPS) and 4 KiB randread QD1 (mean completion latency, µs);
 * each job is repeated --repeat times and the median is reported.
 
 Back-end lifecycle: a *fresh back-end process* is started for every single fio run and stopped
@@ -89,6 +89,14 @@ JOBS: tuple[Job, ...] = (
         ("--rw=read", "--bs=128k", "--iodepth=32"),
         "mib_s",
         "MiB/s",
+        True,
+    ),
+    Job(
+        "randwrite-4k-qd32",
+        "4 KiB randwrite QD32",
+        ("--rw=randwrite", "--bs=4k", "--iodepth=32"),
+        "iops",
+        "kIOPS",
         True,
     ),
     Job(
@@ -497,6 +505,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the bridge watching the vrings (bridge-watch, the appliance VM's "
                         "poll-mode data path); leaves our own back-end out")
     p.add_argument("--only", choices=BACKENDS, help="benchmark only this back-end")
+    p.add_argument("--job", action="append", choices=[j.name for j in JOBS],
+                   help="run only this job (repeatable; default: all)")
     p.add_argument(
         "--qsd-aio",
         choices=("io_uring", "threads"),
@@ -517,6 +527,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     raw_argv = sys.argv[1:] if argv is None else argv
     args = parse_args(raw_argv)
+    if args.job:
+        global JOBS
+        JOBS = tuple(j for j in JOBS if j.name in args.job)
     started = dt.datetime.now().astimezone()
     if args.only:
         backends = [args.only]
