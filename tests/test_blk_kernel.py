@@ -5,10 +5,11 @@ flushes, GET_ID, discards, unknown types, the legacy barrier bit, sectors past t
 lengths not whole sectors, a header or a status byte of the wrong size, buffers in two
 regions, across them and outside memory, indirect tables, readable after writable — over
 an image that is shorter than the capacity the device believes (reads past its end come
-back short), in write-back and write-through mode, read-only too. One device serves them
-with the kernel, one without, from the same guest memory and images; afterwards guest
-memory (data, status bytes, used ring), the image, the ring's indices and the queue's
-error must be equal. Set VHOSTUSER_FUZZ_SEED to replay; the seed is in the message."""
+back short), in write-back and write-through mode, read-only too, with an in-flight area
+and without. One device serves them with the kernel, one without, from the same guest
+memory and images; afterwards guest memory (data, status bytes, used ring), the image, the
+ring's indices, the queue's error and the in-flight area (but for the counters of chains
+taken) must be equal. Set VHOSTUSER_FUZZ_SEED to replay; the seed is in the message."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq.guest_ram import GuestRam
+from vhostuser.virtq.inflight import ENTRY, QUEUE_HEADER, SplitInflight, queue_region_bytes
 from vhostuser.virtq.split import SplitQueue
 from vhostuser.virtq.split_driver import DriverRing
 
@@ -59,8 +61,10 @@ def _jit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Rig:
-    def __init__(self, rng: random.Random, tmp: Path, read_only: bool) -> None:
+    def __init__(self, rng: random.Random, tmp: Path, read_only: bool, tracked: bool) -> None:
         self.rng = rng
+        # each device's in-flight area (as QEMU gives one), kept from round to round
+        self.areas = [bytearray(queue_region_bytes(RING)) for _ in range(2)] if tracked else []
         self.rams = [GuestRam(RAM, guest_addr=A), GuestRam(RAM, guest_addr=B,
                                                             user_addr=0x7F10_0000_0000)]
         for r in self.rams:
@@ -138,29 +142,45 @@ class Rig:
             r.close()
 
 
-def serve(rig: Rig, dev: BlkDevice, last: int) -> tuple[object, ...]:
-    """`dev` serves what is available from `last` on; what it left behind."""
+def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
+    """Device `side` serves what is available from `last` on (with its in-flight area if
+    the rig has them); what it left behind."""
+    dev = rig.devs[side]
     ring = SplitQueue(rig.mem, rig.drv.layout(), last, False)
-    q = DeviceQueue(ring, 0, NoNotifier())
+    tracker = None
+    if rig.areas:
+        tracker = SplitInflight(memoryview(rig.areas[side]), RING)
+        assert tracker.recover(ring) == []
+    q = DeviceQueue(ring, 0, NoNotifier(), tracker=tracker)
     service = BlkQueue(dev)
     served = 0
     if service.kernel is not None:
         compiled = service._compiled
 
-        def counted(r: SplitQueue, n: int) -> int:
+        def counted(r: SplitQueue, n: int) -> list[int]:
             nonlocal served
-            k = compiled(r, n)
-            served += k
-            return k
+            heads = compiled(r, n)
+            served += len(heads)
+            return heads
 
         service._compiled = counted  # type: ignore[method-assign]
     try:
         service.kicked(q)
         q.notify()
         return (served, str(q.error), ring.last_avail, ring.used_idx, q.popped, q.completed,
-                [bytes(r.view) for r in rig.rams], Path(dev.opts.path).read_bytes())
+                [bytes(r.view) for r in rig.rams], Path(dev.opts.path).read_bytes(),
+                area(rig.areas[side]) if rig.areas else None)
     finally:
-        ring.release()
+        q.release()
+
+
+def area(region: bytearray) -> bytes:
+    """An in-flight region without the entries' counters (the kernel takes no chain in
+    flight: it completes each before the used index moves)."""
+    out = bytearray(region)
+    for at in range(QUEUE_HEADER + 8, QUEUE_HEADER + ENTRY * RING, ENTRY):
+        out[at : at + 8] = bytes(8)
+    return bytes(out)
 
 
 def differ(got: tuple[object, ...], want: tuple[object, ...]) -> list[str]:
@@ -172,11 +192,13 @@ def differ(got: tuple[object, ...], want: tuple[object, ...]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("read_only", [False, True])
-def test_the_kernel_serves_as_blk_py_does(tmp_path: Path, read_only: bool) -> None:
+@pytest.mark.parametrize(("read_only", "tracked"), [(False, False), (True, False),
+                                                    (False, True)])
+def test_the_kernel_serves_as_blk_py_does(tmp_path: Path, read_only: bool,
+                                          tracked: bool) -> None:
     s = seed()
     rng = random.Random(s)
-    rig = Rig(rng, tmp_path, read_only)
+    rig = Rig(rng, tmp_path, read_only, tracked)
     py, jit = rig.devs
     by_kernel = 0
     try:
@@ -186,19 +208,20 @@ def test_the_kernel_serves_as_blk_py_does(tmp_path: Path, read_only: bool) -> No
             writeback = rng.random() < 0.8
             py.writeback = jit.writeback = writeback
             before = [bytes(r.view) for r in rig.rams]
-            want = serve(rig, py, last)
+            want = serve(rig, 0, last)
             for r, b in zip(rig.rams, before, strict=True):
                 r.view[:] = b
-            got = serve(rig, jit, last)
+            got = serve(rig, 1, last)
             assert want[0] == 0
             by_kernel += got[0]  # type: ignore[operator]
             where = f"seed {s}, round {round_}"
             assert got[1:6] == want[1:6], where
             assert got[6] == want[6], f"{where}: guest memory differs at {differ(got, want)}"
             assert got[7] == want[7], f"{where}: the image differs"
+            assert got[8] == want[8], f"{where}: the in-flight areas differ"
             if got[1] != "None":  # a broken ring stops the queue: start a fresh one
                 rig.close()
-                rig = Rig(rng, tmp_path, read_only)
+                rig = Rig(rng, tmp_path, read_only, tracked)
                 py, jit = rig.devs
                 continue
             rig.drv.take_used()

@@ -39,6 +39,7 @@ from qemu_helpers import (
 )
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
+from vhostuser.devices.blk import COMPILED
 from vhostuser.vm import GuestError, GuestVM
 
 BLOCK = 64 << 10
@@ -289,11 +290,17 @@ def test_killed_out_of_order_backend_loses_nothing(tmp_path: Path, num_queues: i
 SERVED_AGAIN = re.compile(r"queue \d+: (\d+) request\(s\) left in flight by the last back-end")
 
 
-@pytest.mark.parametrize("num_queues", [1, 2])
+# with 2 queues, the compiled data path (VHOSTUSER_JIT=1): the kernel serves reads and
+# writes while QEMU's in-flight area is kept
+@pytest.mark.parametrize(("num_queues", "jit"), [(1, False), (2, True)])
 def test_killed_backend_loses_nothing_qemu11(qemu11: str, tmp_path: Path,  # noqa: F811
-                                              num_queues: int) -> None:
+                                              num_queues: int, jit: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     img = tmp_path / "kill.img"
     with img.open("wb") as f:
         f.truncate(32 * MiB)
-    _kill_storm(tmp_path, img, qemu11, num_queues,
-                seed=int.from_bytes(os.urandom(4), "little"))
+    monkeypatch.setenv("VHOSTUSER_JIT", "1" if jit else "0")
+    daemons = _kill_storm(tmp_path, img, qemu11, num_queues,
+                          seed=int.from_bytes(os.urandom(4), "little"))
+    compiled = [any(line.endswith(COMPILED) for line in d.log.splitlines()) for d in daemons]
+    assert compiled == [jit] * len(daemons)

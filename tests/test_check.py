@@ -19,6 +19,7 @@ from qemu_helpers import require_tool
 
 from vhostuser.check.checks import CHECKS
 from vhostuser.check.rig import GUARD, RAM, GuardedRam
+from vhostuser.devices.blk import COMPILED
 
 NAMES = [name for name, _, _ in CHECKS]
 
@@ -38,7 +39,11 @@ def check(sock: Path | str, *names: str) -> list[dict[str, str]]:
 LOG_WRITES = "26 pages written, all logged (0 more marked); nothing past the log"
 
 
-def test_ours_passes_every_check(blk_daemon: Callable[..., Daemon]) -> None:
+@pytest.mark.parametrize("jit", [False, True])
+def test_ours_passes_every_check(blk_daemon: Callable[..., Daemon], jit: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with the compiled data path (VHOSTUSER_JIT=1), the attacks on it included."""
+    monkeypatch.setenv("VHOSTUSER_JIT", "1" if jit else "0")
     d = blk_daemon()
     results = check(d.sock)
     assert [r["check"] for r in results] == NAMES
@@ -48,6 +53,7 @@ def test_ours_passes_every_check(blk_daemon: Callable[..., Daemon]) -> None:
     assert log_writes["detail"] == LOG_WRITES, log_writes
     assert d.alive()
     assert "Traceback" not in d.log()
+    assert any(line.endswith(COMPILED) for line in d.log().splitlines()) == jit
 
 
 def test_the_checks_are_listed() -> None:

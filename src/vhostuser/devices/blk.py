@@ -28,6 +28,7 @@ from .blk_kernel import available as compiled_available
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+COMPILED = "reads and writes served by the compiled kernel"
 
 # Feature bits
 F_SIZE_MAX = 1 << 1
@@ -218,6 +219,8 @@ class BlkQueue(InOrderService):
         self.shared = dev.shared
         self.read_only = dev.opts.read_only
         self.kernel = BlkKernel(dev.fd) if dev.compiled else None
+        if self.kernel is not None:
+            log.info(COMPILED)
 
     @property
     def capacity(self) -> int:
@@ -234,7 +237,7 @@ class BlkQueue(InOrderService):
                 return
             q.complete_batch(chains, self.handle(q.index, chains))
 
-    def _compiled(self, ring: SplitQueue, n: int) -> int:
+    def _compiled(self, ring: SplitQueue, n: int) -> list[int]:
         assert self.kernel is not None
         writes = not self.read_only and self.dev.writeback
         return self.kernel.serve(ring, n, self.capacity, writes)

@@ -8,8 +8,8 @@ The kernel serves only the common case whole: a read or a write of the usual lay
 range, moved in full. It stops before anything else — a flush, a discard, GET_ID, an
 error, a short read of a shrunk image, O_DIRECT refusing a buffer — and blk.py serves that
 request, so every rule and error message has one place. Used only where the compiled walk
-is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings without an in-flight area or a
-dirty log.
+is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings while writes are not logged, in
+order (not with --io-threads).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def available() -> bool:
             _kernel = blk_serve_jit.serve
             _warm()
         except Exception as e:  # it cannot compile here: blk.py serves every request
-            log.info("compiled blk kernel unavailable (%s): blk.py serves", e)
+            log.warning("compiled blk kernel unavailable (%s): blk.py serves", e)
             _kernel = None
     return _kernel is not None
 
@@ -60,7 +60,8 @@ def _warm() -> None:
         mem8 = tuple(m.view(np.uint8) for m in mems)
         _kernel(desc, avail, 0, 0, 2, True, regions, mems, mem8, np.zeros(nreg, np.uint64),
                 np.zeros(1, np.int64), np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64),
-                np.zeros((1, 2), np.uint64), np.zeros(4, np.uint32), 0, -1, 0, False)
+                np.zeros((1, 2), np.uint64), np.zeros(4, np.uint32), 0, np.zeros(1, np.int64),
+                -1, 0, False)
 
 
 class BlkKernel:
@@ -74,14 +75,15 @@ class BlkKernel:
         self.heads = np.zeros(1, np.int64)
         self.meta = np.zeros((1, 3), np.int64)
         self.iov = np.zeros((IOV_MAX, 2), np.uint64)
+        self.done = np.zeros(32768, np.int64)  # the heads served, for the largest ring
 
-    def serve(self, ring: SplitQueue, n: int, capacity: int, writes: bool) -> int:
-        """Serve up to `n` requests at the ring's next available and used slots: how many,
-        from the first on (`DeviceQueue.serve_split` makes them visible). `writes`: writes
-        may be served (not read-only, and no sync needed after each)."""
+    def serve(self, ring: SplitQueue, n: int, capacity: int, writes: bool) -> list[int]:
+        """Serve up to `n` requests at the ring's next available and used slots: the heads
+        of those served, from the first on (`DeviceQueue.serve_split` makes them visible).
+        `writes`: writes may be served (not read-only, and no sync needed after each)."""
         w = ring.kernel
         assert w is not None and w.desc is not None
-        return int(_kernel(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect,
-                           w.regions, w.mems, w.mem8, w.bases, self.heads, self.meta, w.segs,
-                           self.iov, w.used, ring.used_idx % ring.size, self.fd, capacity,
-                           writes))
+        k = _kernel(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
+                    w.mems, w.mem8, w.bases, self.heads, self.meta, w.segs, self.iov, w.used,
+                    ring.used_idx % ring.size, self.done, self.fd, capacity, writes)
+        return self.done[:k].tolist() if k else []

@@ -35,15 +35,17 @@ def _u64(m: Any, off: int, size: int) -> Any:
 @njit(cache=True, nogil=True)
 def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
           regions: Any, mems: Any, mem8: Any, bases: Any, heads: Any, meta: Any,
-          segs: Any, iov: Any, used: Any, used_at: int, fd: int, capacity: int,
+          segs: Any, iov: Any, used: Any, used_at: int, done: Any, fd: int, capacity: int,
           writes: bool) -> int:
     """Serve up to `n` requests from avail position `last`, each whole or not at all:
     walked by `walk`, read or written with preadv/pwritev, their status byte and used
     element (at used ring slots from `used_at` on) written. Stops before the first it does
     not serve: not a read or write of the usual layout (header alone, data, status byte
     alone), out of range or not whole sectors, a write when `writes` is off, an I/O that
-    fails or transfers less than asked. Returns how many it served. `mem8`: the regions
-    as byte arrays, `bases`: their addresses; `iov`: room for the iovec of one request."""
+    fails or transfers less than asked. Returns how many it served, their heads in `done`.
+    `mem8`: the regions as byte arrays, `bases`: their addresses; `iov`: room for the iovec
+    of one request."""
+    n = min(n, done.shape[0])
     for k in range(n):
         if walk(desc, avail, last + k, 1, size, indirect_ok, regions, mems, heads, meta,
                 segs) != 1:
@@ -73,16 +75,17 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
             return k
         at = np.int64(sector) * SECTOR
         if rtype == T_IN:
-            done = preadv(fd, iov.ctypes.data, count, at)
+            moved = preadv(fd, iov.ctypes.data, count, at)
             written = total + 1
         else:
-            done = pwritev(fd, iov.ctypes.data, count, at)
+            moved = pwritev(fd, iov.ctypes.data, count, at)
             written = 1
-        if done != total:
+        if moved != total:
             return k  # an error or a short transfer: blk.py's, which says what happened
         status = nr + nw - 1
         mem8[segs[status, 0]][segs[status, 1]] = 0  # S_OK
         slot = (used_at + k) % size
         used[2 * slot] = np.uint32(heads[0])
         used[2 * slot + 1] = np.uint32(written)
+        done[k] = heads[0]
     return n

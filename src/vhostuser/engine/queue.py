@@ -196,30 +196,42 @@ class DeviceQueue:
                         tracker.taken(h)
         return burst
 
-    def serve_split(self, serve: Callable[[SplitQueue, int], int]) -> int:
+    def serve_split(self, serve: Callable[[SplitQueue, int], list[int]]) -> int:
         """Let `serve` take and complete, in place, up to the given number of the chains
         available on a split ring: a compiled kernel that serves them whole and writes
-        their used elements from the ring's used slot on; it returns how many it served,
+        their used elements from the ring's used slot on; it returns the heads it served,
         from the first on, and here they become visible (one index store and at most one
-        notification). 0 where it may not be used — another ring, an in-flight area, writes
-        logged, chains to hand out again, completions from threads — or nothing is
-        available: then take chains the usual way."""
-        ring = self.ring
-        if (not isinstance(ring, SplitQueue) or ring.kernel is None or self.tracker is not None
-                or ring.log is not None or self._resubmit or self.lock is not None):
+        notification), recorded in the in-flight area as a batch completed. Returns how
+        many. 0 where it may not be used — a packed ring, writes logged, chains to hand
+        out again, completions from threads — or nothing is available: then take chains
+        the usual way.
+
+        A chain `serve` takes is not marked in flight: if the back-end dies before the
+        index moves, the next one resumes at the used index (after the chains the area
+        lists) and takes it from the ring again."""
+        ring, tracker = self.ring, self.tracker
+        if (not isinstance(ring, SplitQueue) or ring.kernel is None or ring.log is not None
+                or self._resubmit or self.lock is not None):
             return 0
+        assert tracker is None or isinstance(tracker, SplitInflight)  # a split ring's
         n = min(self.available(), self._room())
         if n <= 0:
             return 0
         self.notify()  # what was staged goes first
         self._check_parent()  # the kernel stores into guest memory
-        k = serve(ring, n)
+        heads = serve(ring, n)
+        k = len(heads)
         if k:
+            if tracker is not None:
+                tracker.link(heads)
             ring.last_avail = (ring.last_avail + k) & 0xFFFF
             ring.used_idx = (ring.used_idx + k) & 0xFFFF
             self.popped += k
             self.completed += k
-            if ring.publish():
+            wanted = ring.publish()
+            if tracker is not None:
+                tracker.settle(heads, ring.used_idx)
+            if wanted:
                 self.call.notify()
         return k
 

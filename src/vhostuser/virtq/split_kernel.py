@@ -55,7 +55,7 @@ def load() -> bool:
         try:
             _kernel = _compile()
         except Exception as e:  # no numba, or it cannot compile here: the Python walk
-            log.info("compiled chain walk unavailable (%s): the Python walk serves", e)
+            log.warning("compiled chain walk unavailable (%s): the Python walk serves", e)
             _kernel = None
     return _kernel is not None
 
