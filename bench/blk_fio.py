@@ -350,9 +350,10 @@ def parse_fio(path: Path, job: Job) -> float:
     fjob = data["jobs"][0]
     if fjob.get("error"):
         raise BenchError(f"fio job error {fjob['error']}")
-    read = fjob["read"]
+    way = "write" if "--rw=randwrite" in job.fio_args else "read"
+    read = fjob[way]
     if read["io_bytes"] == 0:
-        raise BenchError("fio read no data")
+        raise BenchError(f"fio: no data moved ({way})")
     if job.metric == "iops":
         return float(read["iops"]) / 1000.0
     if job.metric == "mib_s":
