@@ -71,7 +71,7 @@ class NetClient:
 
     def _repost(self, heads: list[int]) -> None:
         ring = self.fe.queues[self.rxq].ring
-        for h in heads:
-            gpa = self.rx_bufs.pop(h)
+        # every buffer taken back before any is added: an add may reuse a head not yet popped
+        for gpa in [self.rx_bufs.pop(h) for h in heads]:
             self.rx_bufs[ring.add([(gpa, self.buf_size, True)])] = gpa
         self.fe.kick(self.rxq)
