@@ -212,13 +212,14 @@ class BlkQueue(InOrderService):
     in order, synchronously; reads and writes in a compiled kernel where it is on
     (blk_kernel.py), the rest here."""
 
-    def __init__(self, dev: BlkDevice) -> None:
+    def __init__(self, dev: BlkDevice, compiled: bool = True) -> None:
+        """`compiled`: serve with the kernel where it is on (not under a pool's threads)."""
         self.dev = dev
         self.fd = dev.fd
         self.buffered = dev.buffered if dev.buffered != dev.fd else None
         self.shared = dev.shared
         self.read_only = dev.opts.read_only
-        self.kernel = BlkKernel(dev.fd) if dev.compiled else None
+        self.kernel = BlkKernel(dev.fd) if dev.compiled and compiled else None
         if self.kernel is not None:
             log.info(COMPILED)
 
@@ -230,12 +231,17 @@ class BlkQueue(InOrderService):
         if self.kernel is None:
             super().kicked(q)
             return
-        while True:  # the kernel serves what it can, this class the one it stopped before
-            q.serve_split(self._compiled)
-            chains = q.pop_batch(1)
+        # The kernel serves what it can, this class the one request it stopped before, in
+        # turns, up to a ring's worth (a batch, as the Python path takes one); all of it
+        # becomes visible at once when this returns.
+        budget = q.ring.size
+        while budget > 0:
+            budget -= q.serve_split(self._compiled, budget)
+            chains = q.pop_batch(1) if budget > 0 else []
             if not chains:
                 return
             q.complete_batch(chains, self.handle(q.index, chains))
+            budget -= 1
 
     def _compiled(self, ring: SplitQueue, n: int) -> list[int]:
         assert self.kernel is not None
@@ -380,7 +386,7 @@ class BlkPool(PooledService):
     completed out of order."""
 
     def __init__(self, dev: BlkDevice, queues: dict[int, DeviceQueue], threads: int) -> None:
-        self.blk = BlkQueue(dev)
+        self.blk = BlkQueue(dev, compiled=False)
         super().__init__(queues, threads, "blk-io")
 
     def kicked(self, q: DeviceQueue) -> None:

@@ -53,7 +53,8 @@ class ParentGone(Exception):
 class DeviceQueue:
     """One running virtqueue (split or packed) as a device uses it."""
 
-    __slots__ = ("_chains", "_lens", "_ppid", "_recent", "_redone", "_resubmit", "call",
+    __slots__ = ("_chains", "_lens", "_ppid", "_pushed", "_recent", "_redone", "_resubmit",
+                 "call",
                  "completed", "error", "index", "lock", "popped", "ring", "tracker")
 
     def __init__(self, ring: DeviceRing, index: int, call: Notifier,
@@ -65,6 +66,7 @@ class DeviceQueue:
         self._ppid = ppid  # the engine's process, checked before each store (None: we are it)
         self._chains: list[Chain] = []
         self._lens: list[int] = []
+        self._pushed = 0  # completions in the used ring, not yet published
         self.popped = 0  # chains handed to the device so far
         self.completed = 0  # chains returned to the driver so far
         self.error: RingError | None = None
@@ -196,43 +198,46 @@ class DeviceQueue:
                         tracker.taken(h)
         return burst
 
-    def serve_split(self, serve: Callable[[SplitQueue, int], list[int]]) -> int:
-        """Let `serve` take and complete, in place, up to the given number of the chains
-        available on a split ring: a compiled kernel that serves them whole and writes
-        their used elements from the ring's used slot on; it returns the heads it served,
-        from the first on, and here they become visible (one index store and at most one
-        notification), recorded in the in-flight area as a batch completed. Returns how
-        many. 0 where it may not be used — a packed ring, writes logged, chains to hand
-        out again, completions from threads — or nothing is available: then take chains
-        the usual way.
+    def serve_split(self, serve: Callable[[SplitQueue, int], list[int]], limit: int) -> int:
+        """Let `serve` take and complete, in place, up to `limit` of the chains available
+        on a split ring: a compiled kernel that serves them whole and writes their used
+        elements from the ring's used slot on; it returns the heads it served, from the
+        first on. They become visible with the other completions at the next `notify`
+        (one index store, at most one notification), recorded in the in-flight area as
+        completed. Returns how many. 0 where it may not be used — a packed ring, writes
+        logged, chains to hand out again, completions from threads — or nothing is
+        available: then take chains the usual way.
 
-        A chain `serve` takes is not marked in flight: if the back-end dies before the
-        index moves, the next one resumes at the used index (after the chains the area
-        lists) and takes it from the ring again."""
+        With an in-flight area, the chains `serve` took are marked in flight as soon as
+        it returns, as the chains taken the usual way are (before they are served): the
+        next back-end serves again every marked chain not published and resumes past them.
+        A death while `serve` runs leaves its chains unmarked, but they are the last ones
+        taken, so the resume point (the used index plus the marked chains) is the first
+        of them, and they are taken from the ring again."""
         ring, tracker = self.ring, self.tracker
         if (not isinstance(ring, SplitQueue) or ring.kernel is None or ring.log is not None
                 or self._resubmit or self.lock is not None):
             return 0
         assert tracker is None or isinstance(tracker, SplitInflight)  # a split ring's
-        n = min(self.available(), self._room())
+        n = min(self.available(), self._room(), limit)
         if n <= 0:
             return 0
-        self.notify()  # what was staged goes first
         self._check_parent()  # the kernel stores into guest memory
+        if self._chains and not self._push_staged():  # their used elements come first
+            return 0
         heads = serve(ring, n)
         k = len(heads)
         if k:
+            self._check_parent()  # a long batch of I/O: the area is not ours if it died
             if tracker is not None:
-                tracker.link(heads)
+                for h in heads:
+                    tracker.taken(h)
+                tracker.pushed(heads)
             ring.last_avail = (ring.last_avail + k) & 0xFFFF
             ring.used_idx = (ring.used_idx + k) & 0xFFFF
             self.popped += k
             self.completed += k
-            wanted = ring.publish()
-            if tracker is not None:
-                tracker.settle(heads, ring.used_idx)
-            if wanted:
-                self.call.notify()
+            self._pushed += k
         return k
 
     # -- completing ----------------------------------------------------------------------------
@@ -287,7 +292,7 @@ class DeviceQueue:
 
     def notify(self) -> None:
         """Make the staged completions visible to the driver and signal it if it asked."""
-        if not self._chains:
+        if not self._chains and not self._pushed:
             return
         if self.lock is not None:
             with self.lock:
@@ -296,12 +301,28 @@ class DeviceQueue:
         self._publish()
 
     def _publish(self) -> None:
-        if not self._chains:
+        if self._chains and not self._push_staged():
             return
+        if not self._pushed:
+            return
+        self._check_parent()
+        ring, tracker = self.ring, self.tracker
+        self._pushed = 0
+        wanted = ring.publish()
+        if ring.log is not None:
+            ring.log.logged()
+        if tracker is not None:
+            tracker.published()
+        if wanted:
+            self.call.notify()
+
+    def _push_staged(self) -> bool:
+        """Write the staged completions' used elements (not yet visible). False if the
+        device completed more chains than it took (the queue stops)."""
         if self.completed + len(self._chains) > self.popped:  # a device bug, not the guest's
             self._chains, self._lens = [], []
             self.error = RingError("the device completed more chains than it took")
-            return
+            return False
         self._check_parent()
         tracker, ring = self.tracker, self.ring
         if tracker is not None:
@@ -309,19 +330,14 @@ class DeviceQueue:
         else:
             ring.push_batch(self._chains, self._lens)
         self.completed += len(self._chains)
+        self._pushed += len(self._chains)
         log = ring.log
         if log is not None:  # live migration: the chains' buffers are dirty
             for c in self._chains:
                 if c.writable_at:
                     log.mark_all(c.writable_at)
         self._chains, self._lens = [], []
-        wanted = ring.publish()
-        if log is not None:
-            log.logged()
-        if tracker is not None:
-            tracker.published()
-        if wanted:
-            self.call.notify()
+        return True
 
     def _check_parent(self) -> None:
         if self._ppid is not None and os.getppid() != self._ppid:

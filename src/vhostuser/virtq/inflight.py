@@ -154,10 +154,16 @@ class SplitInflight:
         one would count it among those taken and serve it again, the same thing."""
 
     def push(self, chains: list[Chain], written: list[int]) -> None:
+        """Before the used index moves (several pushes may come before it does)."""
         assert self.ring is not None
-        self._batch = [c.head for c in chains]
-        self.link(self._batch)
+        self.pushed([c.head for c in chains])
         self.ring.push_batch(chains, written)
+
+    def pushed(self, heads: list[int]) -> None:
+        """The used elements of `heads` were written (by `push`, or by a kernel): they join
+        the batch `published` settles, all of its flags before the area's used index."""
+        self.link(heads)
+        self._batch += heads
 
     def published(self) -> None:
         assert self.ring is not None
