@@ -290,9 +290,9 @@ def test_killed_out_of_order_backend_loses_nothing(tmp_path: Path, num_queues: i
 SERVED_AGAIN = re.compile(r"queue \d+: (\d+) request\(s\) left in flight by the last back-end")
 
 
-# with 2 queues, the compiled data path (VHOSTUSER_JIT=1): the kernel serves reads and
-# writes while QEMU's in-flight area is kept
-@pytest.mark.parametrize(("num_queues", "jit"), [(1, False), (2, True)])
+# with 1 queue, the compiled data path (VHOSTUSER_JIT=1): the kernel serves reads and
+# writes while QEMU's in-flight area is kept (1 queue without it: the QEMU 7.2 storm)
+@pytest.mark.parametrize(("num_queues", "jit"), [(1, True), (2, False)])
 def test_killed_backend_loses_nothing_qemu11(qemu11: str, tmp_path: Path,  # noqa: F811
                                               num_queues: int, jit: bool,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
