@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from daemon import Program
 
 from vhostuser.vm import GuestError, GuestVM, find_busybox, find_kernel, find_qemu
 
@@ -178,19 +179,10 @@ class BackendDaemon:
         return f"{' '.join(self.cmd)}\n--- daemon log ---\n{self.log}"
 
     def start(self, timeout: float = 10.0) -> BackendDaemon:
-        with self.log_path.open("wb") as log:
-            # Its own session/process group: workers inherit the pgid, so leftovers can be
-            # found even after the daemon died and they were re-parented.
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        if not wait_until(lambda: self.proc.poll() is not None
-                          or _listening(self.pid, self.sock), timeout):
-            self.kill()  # __exit__ does not run when __enter__ fails
-            pytest.fail(f"back-end did not listen on {self.sock} within {timeout}s\n"
-                        f"{self.describe()}")
-        if self.proc.poll() is not None:
-            pytest.fail(f"back-end exited with {self.proc.returncode} at start\n"
-                        f"{self.describe()}")
+        # Its own session/process group: workers inherit the pgid, so leftovers can be
+        # found even after the daemon died and they were re-parented.
+        self.proc = Program(self.cmd, self.log_path, timeout=timeout,
+                            ready=lambda p: _listening(p.pid, self.sock))
         return self
 
     def workers(self) -> list[int]:

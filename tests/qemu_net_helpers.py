@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon import Program
 from qemu_helpers import require_guest_prerequisites, require_tool
 
 NET_MODULES = ["virtio_pci", "virtio_net"]
@@ -195,24 +196,11 @@ class SwitchDaemon:
                 + "\n".join(lines[-tail:]))
 
     def start(self, timeout: float = 20.0) -> SwitchDaemon:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
         # Each listening port's path (and the control socket) appears once it listens.
         paths = [Path(spec.split(",")[0]) for spec in self.ports
                  if ",client" not in spec and not spec.startswith("vvu=")]
         paths.append(self.control)
-        deadline = time.monotonic() + timeout
-        while not all(p.exists() for p in paths):
-            if self.proc.poll() is not None:
-                pytest.fail(f"the switch exited with {self.proc.returncode} at start\n"
-                            f"{self.describe()}")
-            if time.monotonic() > deadline:
-                missing = [str(p) for p in paths if not p.exists()]
-                self.kill()
-                pytest.fail(f"the switch did not create {missing} within {timeout}s\n"
-                            f"{self.describe()}")
-            time.sleep(0.05)
+        self.proc = Program(self.cmd, self.log_path, ready=paths, timeout=timeout)
         return self
 
     def stats(self) -> dict[str, Any]:

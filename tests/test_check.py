@@ -9,12 +9,11 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from daemon import Daemon
+from daemon import Daemon, Program
 from qemu_helpers import require_tool
 
 from vhostuser.check.checks import CHECKS
@@ -95,23 +94,16 @@ def run_qsd(tmp_path: Path, name: str) -> tuple[dict[str, str], int | None]:
     img, sock = tmp_path / f"{name}.img", tmp_path / f"{name}.sock"
     with open(img, "wb") as f:
         f.truncate(16 << 20)
-    proc = subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-         "--blockdev", "driver=raw,node-name=d0,file=f0",
-         "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
-         f"addr.path={sock},writable=on,num-queues=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Program([qsd, "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                    "--blockdev", "driver=raw,node-name=d0,file=f0",
+                    "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
+                    f"addr.path={sock},writable=on,num-queues=1"],
+                   tmp_path / f"{name}.log", ready=[sock])
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
         [result] = check(sock, name)
         died = proc.poll()
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
+        proc.stop(10)
     return result, died
 
 

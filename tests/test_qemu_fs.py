@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+from daemon import Program
 from qemu_helpers import BackendDaemon, require_guest_prerequisites, wait_until, watchdog
 
 from vhostuser.vm import GuestVM
@@ -131,19 +131,13 @@ def test_guest_uses_our_share_as_it_uses_virtiofsd(tmp_path: Path) -> None:
     with (BackendDaemon(tmp_path, "vhost-user-fs", ["--shared-dir", str(ours), "--tag",
                                                     "ours"], name="fs") as d,
           BackendDaemon(tmp_path, "vhost-user-fs", ["--shared-dir", str(ro), "--tag", "ro",
-                                                    "--readonly"], name="fs-ro") as dro,
-          ref_log.open("wb") as log, rust_log.open("wb") as rlog):
-        virtiofsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={ref_sock}", "-o",
-                                      f"source={ref}", "-o", "cache=auto"],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        rust_proc = subprocess.Popen([*rust_cmd, f"--socket-path={rust_sock}",
-                                      f"--shared-dir={rust}", "--sandbox=chroot",
-                                      "--cache=auto"],
-                                     stdout=rlog, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                                    "--readonly"], name="fs-ro") as dro):
+        virtiofsd = Program([VIRTIOFSD, f"--socket-path={ref_sock}", "-o", f"source={ref}",
+                             "-o", "cache=auto"], ref_log, ready=[ref_sock])
+        rust_proc = Program([*rust_cmd, f"--socket-path={rust_sock}", f"--shared-dir={rust}",
+                             "--sandbox=chroot", "--cache=auto"], rust_log,
+                            ready=[rust_sock], timeout=30)
         try:
-            assert wait_until(lambda: ref_sock.exists(), 10), ref_log.read_text()
-            assert wait_until(lambda: rust_sock.exists(), 30), rust_log.read_text()
             vm = GuestVM(SCRIPT, modules=MODULES, timeout=300, mem_mb=512,
                          qemu_args=[*fs_args(d.sock, "ours", 0), *fs_args(ref_sock, "ref", 1),
                                     *fs_args(rust_sock, "rust", 2),
@@ -151,13 +145,8 @@ def test_guest_uses_our_share_as_it_uses_virtiofsd(tmp_path: Path) -> None:
             with vm, watchdog(d, vm):
                 result = vm.run()
         finally:
-            virtiofsd.terminate()
-            virtiofsd.wait(10)
-            try:
-                os.killpg(rust_proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            rust_proc.wait(10)
+            virtiofsd.stop(10)
+            rust_proc.stop(10, group=True)
         assert result.status == 0, f"{result.console[-4000:]}\n{d.describe()}"
         assert d.stop() == 0, d.describe()
         assert dro.stop() == 0, dro.describe()

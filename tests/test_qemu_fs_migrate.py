@@ -12,17 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from daemon import Program
 from qemu_helpers import (
     QUEUE_FAILURE,
     BackendDaemon,
     migrate,
     require_guest_prerequisites,
-    wait_until,
 )
 from test_codec import check_frames
 from test_qemu_fs import MODULES, fs_args
@@ -76,11 +74,9 @@ def test_a_guest_with_open_files_on_our_virtio_fs_migrates(tmp_path: Path,
     with (BackendDaemon(tmp_path, "vhost-user-fs", args, name="src") as a,
           BackendDaemon(tmp_path, "vhost-user-fs", args, name="dst") as b):
         # the source's messages through vhost-user-trace, recorded for test_codec.py
-        tracer = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.trace", "--listen",
-                                   str(traced), "--connect", str(a.sock), "--json",
-                                   "--frames", "--output", str(trace), "--once"],
-                                  stderr=subprocess.PIPE)
-        assert wait_until(traced.exists, 10), "the tracer did not listen"
+        tracer = Program.python(["vhostuser.cli.trace", "--listen", str(traced), "--connect",
+                                 str(a.sock), "--json", "--frames", "--output", str(trace),
+                                 "--once"], tmp_path / "tracer.log", ready=[traced])
 
         def device(sock: Path, qmp: Path) -> list[str]:
             return [*fs_args(sock, "t", 0), "-qmp", f"unix:{qmp},server=on,wait=off"]
@@ -107,9 +103,7 @@ def test_a_guest_with_open_files_on_our_virtio_fs_migrates(tmp_path: Path,
         finally:
             src.close()
             dst.close()
-            if tracer.poll() is None:
-                tracer.terminate()
-            tracer.wait(10)
+            tracer.stop(10)
         assert a.stop() == 0 and b.stop() == 0, context()
     out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
     assert "MOUNT-FAILED" not in result.console and "WRITE-FAILED" not in result.console, \

@@ -18,10 +18,10 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
+from daemon import Program
 from qemu_helpers import (
     BLK_MODULES,
     QUEUE_FAILURE,
@@ -29,7 +29,6 @@ from qemu_helpers import (
     MiB,
     migrate,
     require_guest_prerequisites,
-    wait_until,
 )
 from test_qemu_vvu import start, start_device, wait_for
 from test_vvu_bridge import qsd_cmd
@@ -157,11 +156,7 @@ class QsdDestination:
 
     def __init__(self, tmp_path: Path, img: Path, sock: Path) -> None:
         self.path = tmp_path / "dst.log"
-        with self.path.open("wb") as f:
-            self.proc = subprocess.Popen(shlex.split(qsd_cmd(img, sock)), stdout=f,
-                                         stderr=subprocess.STDOUT)
-        wait_until(lambda: sock.exists() or self.proc.poll() is not None, 10)
-        assert self.proc.poll() is None, self.log
+        self.proc = Program(shlex.split(qsd_cmd(img, sock)), self.path, ready=[sock])
 
     @property
     def log(self) -> str:

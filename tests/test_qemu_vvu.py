@@ -12,11 +12,11 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from daemon import Program
 
 from vhostuser.vm import GuestVM
 
@@ -40,26 +40,17 @@ umount /mnt
 """
 
 
-def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", *argv], stdout=f,
-                                stderr=subprocess.STDOUT)
+def start(argv: list[str], log: Path) -> Program:
+    return Program.python(argv, log)
 
 
-def start_device(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+def start_device(tmp_path: Path, *extra: str) -> Program:
     """``vhost-user-vvu-device`` on tmp_path/vfu.sock (appliance) and tmp_path/vhost.sock
     (consumer), logging to device.log; returns once both sockets exist."""
     vfu, vhost = tmp_path / "vfu.sock", tmp_path / "vhost.sock"
-    dev = start(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu), "--socket-path",
-                 str(vhost), *extra, "-vv"], tmp_path / "device.log")
-    deadline = time.monotonic() + 20
-    while not (vhost.exists() and vfu.exists()):
-        if dev.poll() is not None or time.monotonic() > deadline:
-            dev.kill()
-            dev.wait()
-            pytest.fail("the device did not start:\n" + (tmp_path / "device.log").read_text())
-        time.sleep(0.05)
-    return dev
+    return Program.python(["vhostuser.cli.vvu_device", "--vfio-user-socket", str(vfu),
+                           "--socket-path", str(vhost), *extra, "-vv"],
+                          tmp_path / "device.log", ready=[vhost, vfu], timeout=20)
 
 
 def wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:

@@ -10,18 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon import Program
 from qemu_helpers import (
     BLK_MODULES,
     blk_qemu_args,
     require_guest_prerequisites,
     require_tool,
-    wait_until,
 )
 from test_codec import check_frames
 
@@ -69,30 +67,25 @@ def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None
         f.truncate(32 << 20)
     pattern = os.urandom(1 << 20)
     trace = tmp_path / "trace.jsonl"
-    server = subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=file0,filename={img}",
-         "--blockdev", "driver=raw,node-name=disk0,file=file0",
-         "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-         f"addr.path={back},writable=on,num-queues=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = Program([qsd, "--blockdev", f"driver=file,node-name=file0,filename={img}",
+                      "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                      "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,"
+                      f"addr.type=unix,addr.path={back},writable=on,num-queues=1"],
+                     tmp_path / "qsd.log", ready=[back])
     tracer = None
     try:
-        assert wait_until(back.exists, 10), "qemu-storage-daemon did not listen"
-        tracer = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.trace", "--listen",
-                                   str(front), "--connect", str(back), "--json", "--frames",
-                                   "--output",
-                                   str(trace), "--once"], stderr=subprocess.PIPE)
-        assert wait_until(front.exists, 10), "the tracer did not listen"
+        tracer = Program.python(["vhostuser.cli.trace", "--listen", str(front), "--connect",
+                                 str(back), "--json", "--frames", "--output", str(trace),
+                                 "--once"], tmp_path / "tracer.log", ready=[front])
         vm = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=120, files={"pattern": pattern},
                      qemu_args=blk_qemu_args(front))
         with vm:
             result = vm.run()
-        assert tracer.wait(30) == 0, tracer.stderr.read() if tracer.stderr else ""
+        assert tracer.wait(30) == 0, tracer.log()
     finally:
         for proc in (tracer, server):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(10)
+            if proc is not None:
+                proc.stop(10)
     assert result.status == 0, result.console[-3000:]
     out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
     assert out["READBACK"].split()[0] == hashlib.sha256(pattern).hexdigest()

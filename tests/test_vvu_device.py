@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon import blk_session
+from daemon import Program, blk_session
 
 from vhostuser.appliance.vvu_link import VvuLink
 from vhostuser.protocol import FrontendReq, VirtioFeature, encode, reply_to, request
@@ -43,23 +43,19 @@ class Device:
     def __init__(self, tmp: Path, *extra: str) -> None:
         self.vfu, self.vhost = str(tmp / "vfu.sock"), str(tmp / "vhost.sock")
         self.log_path = tmp / "device.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.vvu_device",
-                                      "--vfio-user-socket", self.vfu, "--socket-path",
-                                      self.vhost, "-vv", *extra],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not (os.path.exists(self.vhost) and os.path.exists(self.vfu)):
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.log()
-            time.sleep(0.05)
+        self.proc = Program.python(["vhostuser.cli.vvu_device", "--vfio-user-socket",
+                                    self.vfu, "--socket-path", self.vhost, "-vv", *extra],
+                                   self.log_path, ready=[self.vhost, self.vfu])
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.proc.log()
+
+    def connected(self, n: int = 1) -> bool:
+        """Whether `n` appliances have connected so far."""
+        return self.log().count("vfio-user client connected") >= n
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(15) == 0, self.log()
-        self._log.close()
+        assert self.proc.stop() == 0, self.log()
         assert "Traceback" not in self.log(), self.log()
 
 
@@ -278,14 +274,11 @@ def appliance(device: Device, tmp_path: Path) -> Iterator[Callable[..., subproce
 
     def start(*extra: str) -> subprocess.Popen:
         n = device.log().count("vfio-user client connected")
-        proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--vvu",
-                                 device.vfu, "--blk-file", str(tmp_path / "disk.img"), "-v",
-                                 *extra], start_new_session=True)
+        proc = Program.python(["vhostuser.cli.blk", "--vvu", device.vfu, "--blk-file",
+                               str(tmp_path / "disk.img"), "-v", *extra],
+                              tmp_path / f"appliance{len(procs)}.log",
+                              ready=lambda _: device.connected(n + 1))
         procs.append(proc)
-        deadline = time.monotonic() + 15
-        while device.log().count("vfio-user client connected") == n:
-            assert time.monotonic() < deadline and proc.poll() is None, device.log()
-            time.sleep(0.05)
         return proc
 
     with open(tmp_path / "disk.img", "wb") as f:
@@ -467,13 +460,10 @@ def test_switch_port_through_the_device(device: Device, tmp_path: Path, opts: st
     from vhostuser.frontend.net import NetClient
 
     plain, ctl = str(tmp_path / "plain.sock"), str(tmp_path / "ctl")
-    sw = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.switch", "--control", ctl,
-                           "--port", plain, "--port", f"vvu={device.vfu}{opts}", "-v"])
+    sw = Program.python(["vhostuser.cli.switch", "--control", ctl, "--port", plain, "--port",
+                         f"vvu={device.vfu}{opts}", "-v"], tmp_path / "switch.log",
+                        ready=lambda _: os.path.exists(plain) and device.connected())
     try:
-        deadline = time.monotonic() + 15
-        while not (os.path.exists(plain) and "vfio-user client connected" in device.log()):
-            assert sw.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         nets = []
         for path in (plain, device.vhost):
             fe = Frontend(path)
@@ -504,13 +494,10 @@ def test_vhost_user_net_through_the_device(device: Device, tmp_path: Path) -> No
     from vhostuser.frontend.net import NetClient
 
     ctl = str(tmp_path / "net.ctl")
-    net = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.net", "--vvu", device.vfu,
-                            "--control", ctl, "-v"])
+    net = Program.python(["vhostuser.cli.net", "--vvu", device.vfu, "--control", ctl, "-v"],
+                         tmp_path / "net.log",
+                         ready=lambda _: os.path.exists(ctl) and device.connected())
     try:
-        deadline = time.monotonic() + 15
-        while not (os.path.exists(ctl) and "vfio-user client connected" in device.log()):
-            assert net.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         fe = Frontend(device.vhost)
         fe.negotiate(NET)
         fe.set_mem_table()
@@ -542,14 +529,10 @@ def test_rng_through_the_device(device: Device, tmp_path: Path, mode: list[str])
     source = os.urandom(8192)
     (tmp_path / "source").write_bytes(source)
     n = device.log().count("vfio-user client connected")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.rng", "--vvu", device.vfu,
-                             "--source", str(tmp_path / "source"), "-v", *mode],
-                            start_new_session=True)
+    proc = Program.python(["vhostuser.cli.rng", "--vvu", device.vfu, "--source",
+                           str(tmp_path / "source"), "-v", *mode], tmp_path / "appliance.log",
+                          ready=lambda _: device.connected(n + 1))
     try:
-        deadline = time.monotonic() + 15
-        while device.log().count("vfio-user client connected") == n:
-            assert time.monotonic() < deadline and proc.poll() is None, device.log()
-            time.sleep(0.05)
         with Frontend(device.vhost) as fe:
             fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX)
             fe.set_mem_table()
@@ -571,17 +554,13 @@ def test_input_through_the_device(device: Device, tmp_path: Path) -> None:
 
     events = str(tmp_path / "events.sock")
     n = device.log().count("vfio-user client connected")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.input", "--vvu", device.vfu,
-                             "--events", events, "--kind", "mouse", "-v"],
-                            start_new_session=True)
+    proc = Program.python(["vhostuser.cli.input", "--vvu", device.vfu, "--events", events,
+                           "--kind", "mouse", "-v"], tmp_path / "appliance.log",
+                          ready=lambda _: device.connected(n + 1))
     client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     client.bind("")
     client.settimeout(10)
     try:
-        deadline = time.monotonic() + 15
-        while device.log().count("vfio-user client connected") == n:
-            assert time.monotonic() < deadline and proc.poll() is None, device.log()
-            time.sleep(0.05)
         with Frontend(device.vhost) as fe:
             fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES,
                          ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK)
@@ -614,14 +593,10 @@ def test_vsock_through_the_device(device: Device, tmp_path: Path) -> None:
     lst.listen()
     lst.settimeout(10)
     n = device.log().count("vfio-user client connected")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.vsock", "--vvu", device.vfu,
-                             "--guest-cid", "7", "--uds-path", uds, "-v"],
-                            start_new_session=True)
+    proc = Program.python(["vhostuser.cli.vsock", "--vvu", device.vfu, "--guest-cid", "7",
+                           "--uds-path", uds, "-v"], tmp_path / "appliance.log",
+                          ready=lambda _: device.connected(n + 1))
     try:
-        deadline = time.monotonic() + 15
-        while device.log().count("vfio-user client connected") == n:
-            assert time.monotonic() < deadline and proc.poll() is None, device.log()
-            time.sleep(0.05)
         with Frontend(device.vhost) as fe:
             fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES,
                          ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK)
@@ -656,13 +631,10 @@ def test_scsi_through_the_device(device: Device, tmp_path: Path) -> None:
     img = tmp_path / "lun0.img"
     img.write_bytes(bytes(4 << 20))
     n = device.log().count("vfio-user client connected")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.scsi", "--vvu", device.vfu,
-                             "--disk", str(img), "-v"], start_new_session=True)
+    proc = Program.python(["vhostuser.cli.scsi", "--vvu", device.vfu, "--disk", str(img),
+                           "-v"], tmp_path / "appliance.log",
+                          ready=lambda _: device.connected(n + 1))
     try:
-        deadline = time.monotonic() + 15
-        while device.log().count("vfio-user client connected") == n:
-            assert time.monotonic() < deadline and proc.poll() is None, device.log()
-            time.sleep(0.05)
         with Frontend(device.vhost) as fe:
             fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX)
             fe.set_mem_table()
@@ -694,14 +666,10 @@ def test_fs_through_the_device(device: Device, tmp_path: Path) -> None:
     share.mkdir()
     (share / "in.bin").write_bytes(data_in := os.urandom(300_000))
     n = device.log().count("vfio-user client connected")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.fs", "--vvu", device.vfu,
-                             "--shared-dir", str(share), "--tag", "vvu", "-v"],
-                            start_new_session=True)
+    proc = Program.python(["vhostuser.cli.fs", "--vvu", device.vfu, "--shared-dir",
+                           str(share), "--tag", "vvu", "-v"], tmp_path / "appliance.log",
+                          ready=lambda _: device.connected(n + 1))
     try:
-        deadline = time.monotonic() + 15
-        while device.log().count("vfio-user client connected") == n:
-            assert time.monotonic() < deadline and proc.poll() is None, device.log()
-            time.sleep(0.05)
         with Frontend(device.vhost) as fe:
             fe.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX)
             assert fe.get_config(40) == b"vvu".ljust(36, b"\0") + struct.pack("<I", 1)
