@@ -32,11 +32,13 @@ class Program(subprocess.Popen[bytes]):
 
     def __init__(self, argv: Sequence[str], log: Path | str,
                  ready: Iterable[Path | str] | Callable[[Program], bool] = (),
-                 timeout: float = 15.0, env: dict[str, str] | None = None) -> None:
+                 timeout: float = 15.0, env: dict[str, str] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.log_path = Path(log)
         with open(self.log_path, "wb") as out:
             super().__init__(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                             stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                             pass_fds=pass_fds)
         if callable(ready):
             def check() -> bool:
                 return ready(self)

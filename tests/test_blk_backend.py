@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from daemon import BLK_FEATURES, Daemon, blk_session
+from daemon import BLK_FEATURES, Daemon, Program, blk_session
 
 from vhostuser.frontend.blk import T_GET_ID, BlkClient
 from vhostuser.frontend.client import BackendError, Frontend
@@ -402,17 +402,15 @@ def test_inherited_listening_fd(tmp_path: Path, image: Path) -> None:
     lsock = socket.socket(socket.AF_UNIX)
     lsock.bind(path)
     lsock.listen(1)
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--fd",
-                             str(lsock.fileno()), "--blk-file", str(image)],
-                            pass_fds=[lsock.fileno()])
+    proc = Program.python(["vhostuser.cli.blk", "--fd", str(lsock.fileno()), "--blk-file",
+                           str(image)], tmp_path / "blk.log", pass_fds=[lsock.fileno()])
     lsock.close()
     try:
         fe, (blk,) = blk_session(path)
         with fe:
             assert blk.read(1, 512) == (OK, sector_pattern(1))
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+        assert proc.stop(10) == 0, proc.log()
 
 
 def test_client_mode_connects_to_a_listening_front_end(tmp_path: Path, image: Path) -> None:
@@ -422,8 +420,8 @@ def test_client_mode_connects_to_a_listening_front_end(tmp_path: Path, image: Pa
     lsock = socket.socket(socket.AF_UNIX)
     lsock.bind(path)
     lsock.listen(1)
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--client",
-                             "--socket-path", path, "--blk-file", str(image)])
+    proc = Program.python(["vhostuser.cli.blk", "--client", "--socket-path", path,
+                           "--blk-file", str(image)], tmp_path / "blk.log")
     try:
         for _ in range(2):  # it reconnects after we hang up
             lsock.settimeout(10)
@@ -435,8 +433,7 @@ def test_client_mode_connects_to_a_listening_front_end(tmp_path: Path, image: Pa
             with fe:
                 assert BlkClient(fe).request(T_GET_ID, in_len=20)[0] == OK
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+        assert proc.stop(10) == 0, proc.log()
 
 
 def test_print_capabilities() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemon import Program
 from qemu_helpers import require_guest_prerequisites
 
 from vhostuser.vm import (
@@ -68,24 +69,12 @@ def storage_daemon(tmp_path: Path, images: list[Path]) -> Iterator[list[Path]]:
             "--export", f"type=vhost-user-blk,id=exp{i},node-name=disk{i},"
             f"addr.type=unix,addr.path={sock},writable=on,num-queues=1",
         ]  # fmt: skip
-    log = (tmp_path / "qsd.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # the pid file is written once the exports are listening
+    proc = Program(cmd, tmp_path / "qsd.log", ready=[tmp_path / "qsd.pid", *socks])
     try:
-        deadline = time.monotonic() + 10
-        # The pid file is written once the exports are listening.
-        while not (tmp_path / "qsd.pid").exists() or not all(s.exists() for s in socks):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"qemu-storage-daemon failed: {(tmp_path / 'qsd.log').read_text()}")
-            time.sleep(0.05)
         yield socks
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        proc.stop(10)
 
 
 def blk_args(socks: list[Path]) -> list[str]:

@@ -619,6 +619,56 @@ def _pages(gpa: int, n: int) -> set[int]:
     return set(range(gpa // PAGE, (gpa + n - 1) // PAGE + 1))
 
 
+def _inflight_session(s: Session) -> None:
+    """Negotiate INFLIGHT_SHMFD as QEMU's vhost-user-blk does, memory table sent."""
+    s.fe.negotiate(WANT, WANT_PROTOCOL | ProtocolFeature.INFLIGHT_SHMFD)
+    if not s.fe.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+        raise Skipped("INFLIGHT_SHMFD not offered")
+    s.fe.set_mem_table()
+
+
+def _reads_settle(s: Session, n: int) -> str:
+    """Set queue 0 up (64 entries), make `n` reads available and kick; how it went."""
+    s.fe.setup_queue(0, 64)
+    blk = BlkClient(s.fe, 0, arena=1 << 20)
+    for i in range(n):
+        blk.submit(T_IN, i, in_len=512)
+    ring = s.ring()
+    deadline = time.monotonic() + SETTLE
+    while ring.used_idx() < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return f"{ring.used_idx()} of {n} reads completed"
+
+
+@check("inflight-too-small", "an in-flight area (SET_INFLIGHT_FD) of 64 bytes for a queue of "
+                             "64, which needs 1040: refused, or nothing written past it")
+def _inflight_too_small(path: str) -> str:
+    size = 64
+    with session(path) as s:
+        _inflight_session(s)
+        fd = os.memfd_create("vhost-user-check-inflight", os.MFD_CLOEXEC)
+        area: mmap.mmap | None = None
+        try:
+            os.ftruncate(fd, PAGE)
+            area = mmap.mmap(fd, PAGE, mmap.MAP_SHARED)
+            area[:] = _guard(PAGE)
+            try:
+                s.fe.call(F.SET_INFLIGHT_FD, p.Inflight(size, 0, 1, 64), fds=(fd,))
+                outcome = "accepted; " + _reads_settle(s, 4)
+            except BackendError as e:
+                outcome = f"refused ({e})"
+            except (ConnectionError, OSError, EOFError) as e:
+                outcome = f"refused: disconnected ({type(e).__name__})"
+            if area[size:] != _guard(PAGE)[size:]:
+                raise Failed("the back-end wrote past the end of the in-flight area")
+        finally:
+            if area is not None:
+                area.close()
+            os.close(fd)
+    _alive(path)
+    return f"{outcome}; nothing written past the area; still serves"
+
+
 @check("log-writes", "with LOG_ALL, every page the back-end writes (data read into guest "
                      "memory, status bytes, the used ring) is marked in the dirty log")
 def _log_writes(path: str) -> str:
