@@ -24,6 +24,7 @@ import pytest
 from daemon import Program, blk_session
 
 from vhostuser.appliance.vvu_link import VvuLink
+from vhostuser.devices.blk import COMPILED
 from vhostuser.protocol import FrontendReq, VirtioFeature, encode, reply_to, request
 from vhostuser.protocol import payloads as p
 from vhostuser.sockets import PeerClosed
@@ -269,10 +270,10 @@ def test_txq_message_without_request_ends_only_the_session(device: Device) -> No
 # -- vhost-user-blk served through the device ------------------------------------------------
 
 @pytest.fixture
-def appliance(device: Device, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
+def appliance(device: Device, tmp_path: Path) -> Iterator[Callable[..., Program]]:
+    procs: list[Program] = []
 
-    def start(*extra: str) -> subprocess.Popen:
+    def start(*extra: str) -> Program:
         n = device.log().count("vfio-user client connected")
         proc = Program.python(["vhostuser.cli.blk", "--vvu", device.vfu, "--blk-file",
                                str(tmp_path / "disk.img"), "-v", *extra],
@@ -295,10 +296,14 @@ def sector(s: int) -> bytes:
     return s.to_bytes(4, "little") * 128
 
 
+# poll mode with the compiled data path (VHOSTUSER_JIT=1): no kicks, the kernel serves
 @pytest.mark.parametrize("mode", [["--poll-us", "0"], ["--poll"]], ids=["interrupt", "poll"])
-def test_blk_through_the_device(device: Device, appliance: Callable[..., subprocess.Popen],
-                                tmp_path: Path, mode: list[str]) -> None:
-    appliance(*mode)
+def test_blk_through_the_device(device: Device, appliance: Callable[..., Program],
+                                tmp_path: Path, mode: list[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    jit = "--poll" in mode
+    monkeypatch.setenv("VHOSTUSER_JIT", "1" if jit else "0")
+    proc = appliance(*mode)
     fe, (blk,) = blk_session(device.vhost)
     with fe:
         for i in range(5):  # spaced out: with no polling window, each needs its kick
@@ -310,6 +315,7 @@ def test_blk_through_the_device(device: Device, appliance: Callable[..., subproc
         assert blk.get_id() == (OK, b"disk.img".ljust(20, b"\0"))
     img = (tmp_path / "disk.img").read_bytes()
     assert img[1000 * 512 : 1000 * 512 + len(data)] == data
+    assert any(line.endswith(COMPILED) for line in proc.log().splitlines()) == jit
 
 
 def test_consumer_and_appliance_come_back(device: Device,
