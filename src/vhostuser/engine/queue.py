@@ -54,8 +54,7 @@ class DeviceQueue:
     """One running virtqueue (split or packed) as a device uses it."""
 
     __slots__ = ("_chains", "_lens", "_ppid", "_pushed", "_recent", "_redone", "_resubmit",
-                 "call",
-                 "completed", "error", "index", "lock", "popped", "ring", "tracker")
+                 "call", "completed", "error", "index", "lock", "popped", "ring", "tracker")
 
     def __init__(self, ring: DeviceRing, index: int, call: Notifier,
                  ppid: int | None = None, tracker: InflightRecord | None = None) -> None:
@@ -301,11 +300,13 @@ class DeviceQueue:
         self._publish()
 
     def _publish(self) -> None:
-        if self._chains and not self._push_staged():
+        if self._chains:
+            if not self._push_staged():  # (which looked at the parent)
+                return
+        elif self._pushed:  # a kernel's completions alone
+            self._check_parent()
+        else:
             return
-        if not self._pushed:
-            return
-        self._check_parent()
         ring, tracker = self.ring, self.tracker
         self._pushed = 0
         wanted = ring.publish()
