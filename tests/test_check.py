@@ -124,9 +124,9 @@ def test_qemu_storage_daemon(tmp_path: Path, name: str) -> None:
         # QSD completes the read through a used element past the region's end, in whatever
         # its address space has after its mapping of the region: by that layout (random)
         # it goes on, or it dies of it (both seen; the first CI run to see the latter: a
-        # connection refused to the next front-end)
+        # connection refused to the next front-end), before the index moves or after
         assert result["status"] == "FAIL", result
-        assert (died is not None) == (result["detail"] != RING_CROSSES), result
+        assert result["detail"] == RING_CROSSES or died is not None, result
         return
     assert (result["status"], died is not None) == QSD_72[name], result
     if name == "log-writes":  # the same pages marked as ours, and no more

@@ -294,39 +294,41 @@ def _attack(path: str, build: Callable[[Session], None], what: str,
     the connection), it must not write outside its memory and must serve the next
     front-end."""
     err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    with session(path) as s:
-        if packed:
-            _packed_session(s, 8)
-        else:
-            s.setup()
-        # a back-end that stops the queue may say so (the spec's err eventfd): the check
-        # then ends at once instead of waiting the whole SETTLE
-        s.fe.call(F.SET_VRING_ERR, p.VringFile.make(0), fds=(err,))
-        build(s)
-        os.eventfd_write(s.fe.queues[0].kick, 1)
-        completed = (lambda: _packed_used_at_0(s)) if packed else (
-            lambda: s.ring().used_idx() != 0)
-        deadline = time.monotonic() + SETTLE
-        outcome = "not completed"
-        try:
-            while time.monotonic() < deadline:
-                if completed():
-                    outcome = "completed"
-                    break
-                if select.select([err], [], [], 0)[0]:
-                    outcome = "the queue stopped (its err eventfd signalled)"
-                    break
-                s.fe.sock.timeout = 0.02
-                try:
-                    s.fe.sock.recv_raw()
-                except TimeoutError:
-                    continue
-        except (ConnectionError, OSError):
-            outcome = "disconnected"
-        finally:
-            os.close(err)
-        if not s.ram.guards_intact():
-            raise Failed(f"{what}: the back-end wrote outside the memory region it was given")
+    try:
+        with session(path) as s:
+            if packed:
+                _packed_session(s, 8)
+            else:
+                s.setup()
+            # a back-end that stops the queue may say so (the spec's err eventfd): the
+            # check then ends at once instead of waiting the whole SETTLE
+            s.fe.call(F.SET_VRING_ERR, p.VringFile.make(0), fds=(err,))
+            build(s)
+            os.eventfd_write(s.fe.queues[0].kick, 1)
+            completed = (lambda: _packed_used_at_0(s)) if packed else (
+                lambda: s.ring().used_idx() != 0)
+            deadline = time.monotonic() + SETTLE
+            outcome = "not completed"
+            try:
+                while time.monotonic() < deadline:
+                    if completed():
+                        outcome = "completed"
+                        break
+                    if select.select([err], [], [], 0)[0]:
+                        outcome = "the queue stopped (its err eventfd signalled)"
+                        break
+                    s.fe.sock.timeout = 0.02
+                    try:
+                        s.fe.sock.recv_raw()
+                    except TimeoutError:
+                        continue
+            except (ConnectionError, OSError):
+                outcome = "disconnected"
+            if not s.ram.guards_intact():
+                raise Failed(f"{what}: the back-end wrote outside the memory region it was "
+                             "given")
+    finally:  # also when the check is skipped or the back-end cannot be reached
+        os.close(err)
     _alive(path)
     return f"{what}: {outcome}; memory outside the region untouched; still serves"
 

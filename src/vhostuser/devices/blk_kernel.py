@@ -75,7 +75,6 @@ class BlkKernel:
         self.heads = np.zeros(1, np.int64)
         self.meta = np.zeros((1, 3), np.int64)
         self.iov = np.zeros((IOV_MAX, 2), np.uint64)
-        self.done = np.zeros(32768, np.int64)  # the heads served, for the largest ring
 
     def serve(self, ring: SplitQueue, n: int, capacity: int, writes: bool) -> list[int]:
         """Serve up to `n` requests at the ring's next available and used slots: the heads
@@ -83,7 +82,9 @@ class BlkKernel:
         `writes`: writes may be served (not read-only, and no sync needed after each)."""
         w = ring.kernel
         assert w is not None and w.desc is not None
+        # the heads served go to the walk's own output array (a ring's worth; unused while
+        # this kernel walks a chain at a time into `self.heads`)
         k = _kernel(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
                     w.mems, w.mem8, w.bases, self.heads, self.meta, w.segs, self.iov, w.used,
-                    ring.used_idx % ring.size, self.done, self.fd, capacity, writes)
-        return self.done[:k].tolist() if k else []
+                    ring.used_idx % ring.size, w.heads, self.fd, capacity, writes)
+        return w.heads[:k].tolist() if k else []
