@@ -33,7 +33,8 @@ def port(name: str, mac: int, ram: GuestRam, qsize: int) -> tuple[VhostPort, lis
     mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
     rings = [DriverRing(ram, qsize) for _ in range(2)]
     p._run_queues([QueueSpec(QueueParams(i, drv.layout(), 0, False, True), None, NoNotifier(),
-                             NoNotifier()) for i, drv in enumerate(rings)], mem, p.device)
+                             NoNotifier()) for i, drv in enumerate(rings)], mem, p.device,
+                  None)
     return p, rings
 
 
@@ -90,7 +91,7 @@ def main() -> None:
         prof.enable()
         run(args.seconds)
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(40)
         return
     n, t = run(args.seconds)
     mode = "sink" if args.sink else "a -> b"

@@ -69,6 +69,7 @@ MODULE_MARKERS = {
     "test_layering": ["unit"],
     "test_split_kernel": ["unit"],
     "test_blk_kernel": ["unit"],
+    "test_net_kernel": ["unit"],
     "test_fs_threads": ["daemon"],
     "test_net_tap": ["daemon"],
     "test_fuse_tables": ["unit"],

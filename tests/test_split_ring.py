@@ -350,6 +350,7 @@ def test_direct_burst_matches_the_chain_walk_and_refuses_anything_odd(
 
 
 def test_scatter_frames_into_a_writable_burst(ram: GuestRam, mem: GuestMemory) -> None:
+    from vhostuser.devices.net_frames import Frames
     from vhostuser.virtq.burst import pop_direct, push_heads, scatter_frames
 
     drv, q = make(ram, mem)
@@ -359,9 +360,12 @@ def test_scatter_frames_into_a_writable_burst(ram: GuestRam, mem: GuestMemory) -
     b = pop_direct(q, 3, DESC_F_WRITE)
     assert b is not None
     frames = [b"a" * 20, b"bb" * 10, b"c" * 27]
-    assert scatter_frames(b, b"HDR!", [*frames[:2], b"x" * 29]) is None  # 4 + 29 > 32
+    too_long = Frames.of([*frames[:2], b"x" * 29])
+    assert scatter_frames(b, b"HDR!", too_long.data, too_long.offs,
+                          too_long.lens) is None  # 4 + 29 > 32
     assert bytes(ram.at(bufs[0], 4)) != b"HDR!"  # nothing written
-    written = scatter_frames(b, b"HDR!", frames)
+    packed = Frames.of(frames)
+    written = scatter_frames(b, b"HDR!", packed.data, packed.offs, packed.lens)
     assert written is not None and written.tolist() == [24, 24, 31]
     for g, f in zip(bufs, frames, strict=True):
         assert bytes(ram.at(g, 4 + len(f))) == b"HDR!" + f

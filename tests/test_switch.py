@@ -15,6 +15,7 @@ import pytest
 from daemon import Daemon
 
 from vhostuser.devices.net import F_MRG_RXBUF
+from vhostuser.devices.net_frames import Frames
 from vhostuser.frontend.client import Frontend
 from vhostuser.frontend.net import NetClient
 from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
@@ -273,13 +274,31 @@ class Sink(Port):
         super().__init__(name)
         self.got: list[bytes] = []
 
-    def deliver(self, frames: list[bytes]) -> None:
+    def deliver(self, frames: Frames) -> None:
         self.got += frames
 
 
-def test_forwarding_a_mixed_burst_matches_frame_by_frame_rules() -> None:
+@pytest.fixture(params=[False, True], ids=["arrays", "compiled"])
+def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Switch.forward with the compiled kernel (switch/route.py) or the array version."""
+    from vhostuser.switch import route
+
+    if request.param:
+        monkeypatch.setenv("VHOSTUSER_JIT", "1")
+        assert route.available()  # numba is a test dependency
+    else:
+        monkeypatch.setattr(route, "available", lambda: False)
+    return bool(request.param)
+
+
+def station(sw: object, mac: bytes) -> Port | None:
+    entry = sw.table.get(mac)  # type: ignore[attr-defined]
+    return None if entry is None else sw.ports[entry[0]]  # type: ignore[attr-defined]
+
+
+def test_forwarding_a_mixed_burst_matches_frame_by_frame_rules(compiled: bool) -> None:
     """One burst with known, unknown, broadcast and hairpin destinations: each frame goes
-    exactly where the rules say, in burst order per port (forward() groups by MAC)."""
+    exactly where the rules say, in burst order per port."""
     from vhostuser.switch.core import Switch
     from vhostuser.switch.vhost_port import VhostPort
 
@@ -287,37 +306,40 @@ def test_forwarding_a_mixed_burst_matches_frame_by_frame_rules() -> None:
     sw = Switch([VhostPort("v", "/nonexistent", bytes([2, 0, 0, 0, 0, 9]))])
     sw.ports = [a, b, c]
     mb, mc, ma, unknown = (bytes([2, 0, 0, 0, 0, k]) for k in (0xB, 0xC, 0xA, 0xD))
-    sw.forward(b, [frame(BCAST, mb)])
-    sw.forward(c, [frame(BCAST, mc)])
+    sw.forward(b, Frames.of([frame(BCAST, mb)]))
+    sw.forward(c, Frames.of([frame(BCAST, mc)]))
     assert a.got == [frame(BCAST, mb), frame(BCAST, mc)] and not b.got[1:]
     a.got.clear(), b.got.clear(), c.got.clear()
     burst = [frame(mb, ma, b"1" * 46), frame(unknown, ma, b"2" * 46),
              frame(mc, ma, b"3" * 46), frame(BCAST, ma, b"4" * 46),
              frame(ma, ma, b"5" * 46),  # to itself: learned at a just now, so a hairpin
              frame(mb, ma, b"6" * 46)]
-    sw.forward(a, burst)
+    sw.forward(a, Frames.of(burst))
     assert b.got == [burst[0], burst[1], burst[3], burst[5]]
     assert c.got == [burst[1], burst[2], burst[3]]
     assert a.got == [] and a.counters.drops == {"to_ingress_port": 1}
-    assert sw.macs[ma][0] is a and sw.macs[mb][0] is b
+    assert station(sw, ma) is a and station(sw, mb) is b and station(sw, unknown) is None
 
 
-def test_forward_equals_frame_by_frame_on_random_bursts() -> None:
-    """forward() groups a burst by MAC; on random bursts over a small MAC pool and random
-    starting tables (entries at the ingress, elsewhere, expired) it delivers exactly what
-    the frame-by-frame rules do, in the same order, with the same hairpin drops."""
+def test_forward_equals_frame_by_frame_on_random_bursts(compiled: bool) -> None:
+    """On random bursts over a small MAC pool and random starting tables (entries at the
+    ingress, elsewhere, expired; a table that is full) forward() delivers exactly what
+    the frame-by-frame rules do, in the same order, with the same hairpin drops, and
+    learns the same stations."""
     import random
 
     from vhostuser.switch.core import Switch
+    from vhostuser.switch.mac_table import MacTable
     from vhostuser.switch.vhost_port import VhostPort
 
-    def reference(macs: dict, ports: list, ingress: Port, frames: list[bytes],
+    def reference(macs: dict, limit: int, ports: list, ingress: Port, frames: list[bytes],
                   now: float, aging: float) -> tuple[dict, int]:
         out: dict = {p: [] for p in ports}
         drops = 0
         for f in frames:
-            if not f[6] & 1:  # multicast sources are never learned
-                macs[f[6:12]] = (ingress, now + aging)
+            src = f[6:12]
+            if not src[0] & 1 and (len(macs) < limit or src in macs):
+                macs[src] = (ingress, now + aging)  # multicast sources are never learned
             dst = f[:6]
             entry = None if dst[0] & 1 else macs.get(dst)
             if entry is not None and entry[1] >= now:
@@ -332,24 +354,62 @@ def test_forward_equals_frame_by_frame_on_random_bursts() -> None:
         return out, drops
 
     rng = random.Random(7)
-    pool = [bytes([2, 0, 0, 0, 0, k]) for k in range(5)] + [BCAST]
+    pool = [bytes([2, 0, 0, 0, 0, k]) for k in range(6)] + [BCAST, bytes([3, 0, 0, 0, 0, 1])]
     for trial in range(300):
         ports = [Sink(f"p{i}") for i in range(3)]
         sw = Switch([VhostPort("v", "/nonexistent", bytes([2, 0, 0, 0, 0, 9]))])
         sw.ports = list(ports)
+        limit = rng.choice([3, 5, 100])
+        sw.table = MacTable(limit)
+        table: dict = {}
         t = time.monotonic()
-        for m in pool[:5]:
-            if rng.random() < 0.6:
-                sw.macs[m] = (rng.choice(ports), t + rng.choice((-5.0, 100.0)))
+        for m in pool[:6]:
+            if rng.random() < 0.6 and len(table) < limit:
+                port, until = rng.choice(ports), t + rng.choice((-5.0, 100.0))
+                sw.table.learn(m, ports.index(port), until)
+                table[m] = (port, until)
         ingress = rng.choice(ports)
         frames = [frame(rng.choice(pool), rng.choice(pool), bytes([i]) * 46)
                   for i in range(rng.randint(1, 12))]
-        table = dict(sw.macs)
-        sw.forward(ingress, frames)
-        want, drops = reference(table, ports, ingress, frames, time.monotonic(), sw.aging)
+        sw.forward(ingress, Frames.of(frames))
+        want, drops = reference(table, limit, ports, ingress, frames, time.monotonic(),
+                                sw.aging)
         for port in ports:
             assert port.got == want[port], (trial, port.name)
         assert ingress.counters.drops.get("to_ingress_port", 0) == drops, trial
+        learned = {m: (sw.ports[p], round(x - t)) for m, p, x in sw.table.items()}
+        assert learned == {m: (p, round(x - t)) for m, (p, x) in table.items()}, trial
+
+
+def test_the_mac_table_keeps_what_a_dict_keeps() -> None:
+    """Many stations (long probe runs), then aging in steps: after each step every station
+    left is found with its port, every one aged out is gone, and the count is right."""
+    import random
+
+    from vhostuser.switch.mac_table import MacTable
+
+    rng = random.Random(3)
+    table, model = MacTable(), {}
+    for _ in range(60000):  # 46 % of the slots: long clusters
+        mac = bytes([2]) + rng.randbytes(5)
+        port, until = rng.randrange(8), rng.uniform(0, 100)
+        table.learn(mac, port, until)
+        model[mac] = (port, until)
+    full = MacTable(limit=2)
+    assert full.learn(b"\x02" * 6, 0, 1.0) and full.learn(b"\x04" * 6, 1, 1.0)
+    assert not full.learn(b"\x06" * 6, 0, 1.0) and full.get(b"\x06" * 6) is None
+    assert full.learn(b"\x02" * 6, 3, 2.0) and full.get(b"\x02" * 6) == (3, 2.0)
+    for now in (10.0, 50.0, 90.0, 101.0):
+        gone = [m for m, (_, x) in model.items() if x < now]
+        assert table.age(now) == len(gone)
+        for m in gone:
+            del model[m]
+        assert len(table) == len(model)
+        for m in rng.sample(gone, min(len(gone), 2000)):
+            assert table.get(m) is None
+        for m, (port, until) in model.items():
+            assert table.get(m) == (port, until)
+    assert len(table) == 0 and not table.keys.any()
 
 
 def test_vvu_port_serves_a_message_that_arrives_before_the_status_says_so() -> None:

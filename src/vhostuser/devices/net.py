@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from typing import Any
 
 from ..engine.device import ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature, VirtioFeature
+from . import net_kernel
 from .tap import open_tap, set_queue
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,11 @@ class NetPort(Device):
         self.negotiated = 0
         self.hdr_len = 12
         self.announce: list[bytes] = []  # RARP frames waiting to be sent into the switch
+        self.tx_arena: Any = None  # where the compiled transmit path puts frames (net_kernel)
         # standalone with a TAP: one TAP queue per pair, each pair in a worker of its own
         self.tap_fds = open_tap(tap, queue_pairs) if tap is not None else []
+        if self.tap_fds and net_kernel.available():  # loaded here, before workers fork
+            log.info("frames taken and delivered by the compiled kernels")
 
     def queue_num(self) -> int:
         return self.queue_pairs  # vhost-user-net reports queue *pairs* (QEMU, DPDK)

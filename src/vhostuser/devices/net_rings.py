@@ -7,7 +7,8 @@ for an offload we did not offer, a runt, an oversized frame or one from a multic
 is dropped and counted; every buffer goes back at once. Receive: each frame gets one chain
 (or, with MRG_RXBUF, as many as it needs: num_buffers says how many); a frame that finds no
 buffer is dropped (a guest that does not post buffers must not make us queue frames).
-Bursts of one-descriptor chains take the numpy path (virtq/burst.py).
+Bursts of one-descriptor chains take the numpy path (virtq/burst.py); with the compiled
+walk on, kernels take and deliver whole bursts (net_kernel.py). Frames travel as `Frames`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from ..engine.queue import DeviceQueue
 from ..virtq.burst import DirectBurst, scatter_frames
 from ..virtq.iov import iov_write
 from ..virtq.ring import DESC_F_WRITE, Chain
+from . import net_kernel
 from .net import F_MRG_RXBUF, GSO_NONE, HDR_F_NEEDS_CSUM, NetPort, rx_header, tx_header_ok
+from .net_frames import EMPTY, Frames
 
 MAX_BURST = 256
 
@@ -43,16 +46,26 @@ class Counters:
                 "drops": dict(self.drops)}
 
 
-def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> list[bytes]:
+def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     """Frames the guest transmitted on `q` (at most a burst); the buffers go back to the
-    guest at once (notified). Invalid frames are dropped and counted."""
-    n = q.available()
+    guest at once (notified). Invalid frames are dropped and counted. The compiled kernel
+    (net_kernel.py) takes what it can; bursts of one-descriptor chains take the numpy
+    path; the loop below is the reference for both."""
+    n = min(q.available(), MAX_BURST)
     if not n:
-        return []
-    burst = q.pop_direct(min(n, MAX_BURST))
+        return EMPTY
+    if net_kernel.available():
+        before = q.popped
+        taken = net_kernel.take(q, dev, c, n)
+        if taken is not None:
+            if q.popped != before:
+                q.notify()
+                return taken
+            n = 1  # it stopped before this chain: the loop below takes it
+    burst = q.pop_direct(n)
     if burst is not None:
         return _take_direct(q, burst, dev, c)
-    chains = q.pop_batch(min(n, MAX_BURST))
+    chains = q.pop_batch(n)
     hl, max_frame = dev.hdr_len, dev.max_frame()
     frames = []
     for chain in chains:
@@ -73,10 +86,10 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> list[bytes]:
     c.rx_packets += len(frames)
     q.complete_batch(chains, [0] * len(chains))
     q.notify()
-    return frames
+    return Frames.of(frames)
 
 
-def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> list[bytes]:
+def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> Frames:
     """`take_frames` for a burst of one-descriptor chains: the same checks, as array
     operations over the whole burst; then one copy per valid frame."""
     u8 = b.u8
@@ -103,73 +116,96 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> l
     c.rx_packets += len(frames)
     c.rx_bytes += int(size[ok].sum())
     q.complete_burst(b.heads)
-    return frames
+    return Frames.of(frames)
 
 
-def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: list[bytes]) -> None:
-    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit."""
+def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
+    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit. The
+    compiled kernel (net_kernel.py) delivers what it can, then the numpy burst path; the
+    loop below is the reference for both."""
     hl = dev.hdr_len
     mrg = bool(dev.negotiated & F_MRG_RXBUF)
     max_frame = dev.max_frame()
     avail = q.available()
+    if not avail:  # no buffer at all: every frame dropped (counted as the loop would)
+        over = int(np.count_nonzero(frames.lens > max_frame))
+        for reason, k in (("oversize", over), ("no_rx_buffer", len(frames) - over)):
+            if k:
+                c.drops[reason] += k
+        return
     hdr1 = rx_header(hl, 1)
-    while avail and frames:  # the burst path, as far as it goes; the rest below
+    if net_kernel.available():
+        while len(frames):
+            done = net_kernel.put(q, dev, c, frames, mrg)
+            if done is None:  # it cannot serve the queue now: the paths below
+                break
+            if done == len(frames):
+                q.notify()
+                return
+            # it stopped before frame `done`: the loop takes that one, the kernel the rest
+            avail = _put_one(q, dev, c, frames[done], q.available(), hdr1, mrg, max_frame)
+            frames = frames.pick(slice(done + 1, None))
+    while avail and len(frames):  # the burst path, as far as it goes; the rest below
         done = _put_direct(q, frames, hdr1, avail, max_frame, c)
         if not done:
             break
-        frames, avail = frames[done:], avail - done
-    if not frames:
-        return
+        frames, avail = frames.pick(slice(done, None)), avail - done
     for frame in frames:
-        need = hl + len(frame)
-        if len(frame) > max_frame:
-            c.drops["oversize"] += 1
-            continue
-        chain = q.pop() if avail else None
-        if chain is None:
-            avail = 0
-            c.drops["no_rx_buffer"] += 1
-            continue
-        avail -= 1
-        w = chain.writable
-        w0 = w[0] if w else None
-        if w0 is not None and len(w0) >= need:  # the usual case: one buffer
-            w0[:hl] = hdr1
-            w0[hl:need] = frame
-            q.complete(chain, need)
-        elif sum(map(len, w)) >= need:
-            iov_write(w, hdr1 + frame)
-            q.complete(chain, need)
-        elif mrg:
-            avail = _spread(q, chain, frame, hl, avail)
-            if avail < 0:
-                avail = 0
-                c.drops["no_rx_buffer"] += 1
-                continue
-        else:  # dropped; the buffer stays for a frame that fits (as DPDK does)
-            q.unpop()
-            avail += 1
-            c.drops["rx_buffer_too_small"] += 1
-            continue
-        c.tx_packets += 1
-        c.tx_bytes += len(frame)
+        avail = _put_one(q, dev, c, frame, avail, hdr1, mrg, max_frame)
     q.notify()
 
 
-def _put_direct(q: DeviceQueue, frames: list[bytes], hdr: bytes, avail: int,
+def _put_one(q: DeviceQueue, dev: NetPort, c: Counters, frame: bytes, avail: int,
+             hdr1: bytes, mrg: bool, max_frame: int) -> int:
+    """One frame into the chain (or with MRG_RXBUF, chains) it needs, `avail` of them
+    available; returns how many are left."""
+    hl = dev.hdr_len
+    need = hl + len(frame)
+    if len(frame) > max_frame:
+        c.drops["oversize"] += 1
+        return avail
+    chain = q.pop() if avail else None
+    if chain is None:
+        c.drops["no_rx_buffer"] += 1
+        return 0
+    avail -= 1
+    w = chain.writable
+    w0 = w[0] if w else None
+    if w0 is not None and len(w0) >= need:  # the usual case: one buffer
+        w0[:hl] = hdr1
+        w0[hl:need] = frame
+        q.complete(chain, need)
+    elif sum(map(len, w)) >= need:
+        iov_write(w, hdr1 + frame)
+        q.complete(chain, need)
+    elif mrg:
+        avail = _spread(q, chain, frame, hl, avail)
+        if avail < 0:
+            c.drops["no_rx_buffer"] += 1
+            return 0
+    else:  # dropped; the buffer stays for a frame that fits (as DPDK does)
+        q.unpop()
+        c.drops["rx_buffer_too_small"] += 1
+        return avail + 1
+    c.tx_packets += 1
+    c.tx_bytes += len(frame)
+    return avail
+
+
+def _put_direct(q: DeviceQueue, frames: Frames, hdr: bytes, avail: int,
                 max_frame: int, c: Counters) -> int:
     """`put_frames` for the leading frames that each get a one-descriptor buffer they fit:
     buffers taken, headers written and buffers returned with array operations (burst.py),
     one copy per frame. Returns how many frames it delivered (0: none, nothing done; the
     chain walk in `put_frames` takes the rest, with its drop counting)."""
     n = min(len(frames), avail)
-    if not n or max(map(len, frames[:n])) > max_frame:
+    if not n or int(frames.lens[:n].max()) > max_frame:
         return 0
     burst = q.pop_direct(n, DESC_F_WRITE)
     if burst is None:
         return 0
     k = len(burst.heads)
-    written = scatter_frames(burst, hdr, frames[:k])
+    written = scatter_frames(burst, hdr, frames.data, frames.offs[:k], frames.lens[:k])
     if written is None:
         q.unpop(k)  # give the buffers back
         return 0

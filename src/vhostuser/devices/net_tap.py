@@ -20,6 +20,7 @@ from ..engine.device import Events, QueueService, Timer
 from ..engine.queue import DeviceQueue
 from ..ratelog import Limited
 from .net import NetPort
+from .net_frames import Frames
 from .net_rings import Counters, put_frames, take_frames
 from .tap import set_queue
 
@@ -99,7 +100,7 @@ class NetTapService(QueueService):
                 self.retry = self.events.call_later(RETRY, self._retry)
                 break
         if frames:
-            put_frames(q, self.dev, self.counters, frames)
+            put_frames(q, self.dev, self.counters, Frames.of(frames))
 
     def _retry(self) -> None:
         self.retry = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -197,7 +197,8 @@ class DeviceQueue:
                         tracker.taken(h)
         return burst
 
-    def serve_split(self, serve: Callable[[SplitQueue, int], list[int]], limit: int) -> int:
+    def serve_split(self, serve: Callable[[SplitQueue, int], Sequence[int] | np.ndarray],
+                    limit: int) -> int:
         """Let `serve` take and complete, in place, up to `limit` of the chains available
         on a split ring: a compiled kernel that serves them whole and writes their used
         elements from the ring's used slot on; it returns the heads it served, from the
@@ -229,9 +230,10 @@ class DeviceQueue:
         if k:
             self._check_parent()  # a long batch of I/O: the area is not ours if it died
             if tracker is not None:
-                for h in heads:
+                listed = [int(h) for h in heads]  # (a kernel's may be an array)
+                for h in listed:
                     tracker.taken(h)
-                tracker.pushed(heads)
+                tracker.pushed(listed)
             ring.last_avail = (ring.last_avail + k) & 0xFFFF
             ring.used_idx = (ring.used_idx + k) & 0xFFFF
             self.popped += k

@@ -17,20 +17,24 @@ import time
 
 import numpy as np
 
+from ..devices import net_kernel
+from ..devices.net_frames import Frames
 from ..shutdown import StopSignal, Watch
 from ..sockets import listen
+from . import route
+from .mac_table import MAX_MACS, MacTable
 from .port import Port
 from .tap import TapPort
 from .vhost_port import VhostPort
 
 log = logging.getLogger(__name__)
 
-MAX_MACS = 65536
 _MAC_WEIGHTS = np.array([[1 << (8 * (5 - k)), 0] for k in range(6)]
                         + [[0, 1 << (8 * (5 - k))] for k in range(6)], dtype=np.uint64)
 VVU_LOOK = 0.001  # s between looks at an interrupt-less virtio-vhost-user device
 CONTROL_TIMEOUT = 5.0  # s a control client has to read the status
 PEER_CHECK = 0.25  # s between looks for front-ends that stalled mid-message
+COMPILED = "frames taken, switched and delivered by the compiled kernels"
 
 
 class Switch:
@@ -45,7 +49,7 @@ class Switch:
         self.control_path = control_path
         self.aging = aging
         self.spin = poll_us / 1e6
-        self.macs: dict[bytes, tuple[Port, float]] = {}
+        self.table = MacTable(MAX_MACS)  # learned stations: MAC -> index in self.ports
         self.started = time.monotonic()
         self._dirty = True
         for p in ports:
@@ -61,39 +65,61 @@ class Switch:
 
     # -- forwarding ----------------------------------------------------------------------------
 
-    def forward(self, ingress: Port, frames: list[bytes]) -> None:
+    def forward(self, ingress: Port, frames: Frames) -> None:
         """Learn the burst's source MACs at `ingress` and send each frame where its
-        destination says, with the outcome of frame-by-frame processing, but per distinct
-        MAC: the burst's MACs are gathered into arrays and grouped (a burst rarely holds
-        more than a few). Frame by frame, a destination learned from an earlier frame of
-        the same burst is at the ingress port from then on: those later frames are
-        hairpins; earlier ones go where the table said before the burst."""
-        if not frames:
+        destination says, as if frame by frame: learn its source, then look its
+        destination up (a known unicast goes to its port, never back to the ingress;
+        the rest floods). Compiled where the kernel is on (route.py), else with arrays."""
+        if not len(frames):
             return
         now = time.monotonic()
-        macs = self.macs
+        at = self.ports.index(ingress)
+        if route.available():
+            dest = route.route(frames, self.table, at, now, now + self.aging)
+            drops = int(np.count_nonzero(dest == route.HAIRPIN))
+            if drops:
+                ingress.counters.drops["to_ingress_port"] += drops
+            flood = dest == route.FLOOD
+            for j, p in enumerate(self.ports):
+                if j != at:
+                    chosen = flood | (dest == j)
+                    if chosen.all():
+                        _deliver(p, frames)
+                    elif chosen.any():
+                        _deliver(p, frames.pick(chosen))  # in burst order
+            return
+        self._forward_arrays(at, frames, now)
+
+    def _forward_arrays(self, at: int, frames: Frames, now: float) -> None:
+        """`forward` per distinct MAC: the burst's MACs are gathered into arrays and
+        grouped (a burst rarely holds more than a few). Frame by frame, a destination
+        learned from an earlier frame of the same burst is at the ingress port from then
+        on: those later frames are hairpins; earlier ones go where the table said before
+        the burst."""
+        table = self.table
+        ingress = self.ports[at]
         n = len(frames)
-        head = np.frombuffer(b"".join([f[:12] for f in frames]), np.uint8).reshape(n, 12)
+        head = frames.addresses()
         keys = head.astype(np.uint64) @ _MAC_WEIGHTS  # (dst, src) as 48-bit integers
         dsts, where, inverse = np.unique(keys[:, 0], return_index=True, return_inverse=True)
-        others = [p for p in self.ports if p is not ingress]
-        plan: list[list[Port] | None] = []  # per distinct destination, None: to ingress
+        others = [j for j in range(len(self.ports)) if j != at]
+        plan: list[list[int] | None] = []  # per distinct destination, None: to ingress
         for i in where.tolist():  # the table as it was before this burst
-            dst = frames[i][:6]
-            entry = None if dst[0] & 1 else macs.get(dst)
+            dst = head[i, :6].tobytes()
+            entry = None if dst[0] & 1 else table.get(dst)
             if entry is None or entry[1] < now:
                 plan.append(others)
             else:
-                plan.append(None if entry[0] is ingress else [entry[0]])
+                plan.append(None if entry[0] == at else [entry[0]])
         srcs, first = np.unique(keys[:, 1], return_index=True)
         expiry = now + self.aging
         learned_at: dict[int, int] = {}  # source key -> index of its first frame
-        for key, i in zip(srcs.tolist(), first.tolist(), strict=True):
-            src = frames[i][6:12]
+        order = np.argsort(first)  # in the order they come (a full table learns the first)
+        for key, i in zip(srcs[order].tolist(), first[order].tolist(), strict=True):
+            src = head[i, 6:12].tobytes()
             if src[0] & 1:  # never a station (ports drop such frames; the TAP may not)
                 continue
-            if len(macs) < MAX_MACS or src in macs:
-                macs[src] = (ingress, expiry)
+            if table.learn(src, at, expiry):
                 learned_at[key] = i
         hairpin = None  # frames dropped as hairpins (None: none)
         for j, key in enumerate(dsts.tolist()):
@@ -107,25 +133,22 @@ class Switch:
         drops = 0 if hairpin is None else int(np.count_nonzero(hairpin))
         if drops:
             ingress.counters.drops["to_ingress_port"] += drops
-        sends: dict[Port, list[int]] = {}
+        sends: dict[int, list[int]] = {}
         for j, ports in enumerate(plan):
             for p in ports or ():
                 sends.setdefault(p, []).append(j)
         for p, js in sends.items():
             if len(js) == len(dsts) and not drops:  # every frame (the usual case)
-                _deliver(p, frames)
+                _deliver(self.ports[p], frames)
                 continue
             chosen = np.isin(inverse, js)
             if hairpin is not None:
                 chosen &= ~hairpin
-            picked = np.flatnonzero(chosen).tolist()  # in burst order
-            if picked:
-                _deliver(p, [frames[i] for i in picked])
+            if chosen.any():
+                _deliver(self.ports[p], frames.pick(chosen))  # in burst order
 
     def age(self) -> None:
-        now = time.monotonic()
-        for mac in [m for m, (_, t) in self.macs.items() if t < now]:
-            del self.macs[mac]
+        self.table.age(time.monotonic())
 
     def pump(self) -> bool:
         """Move one burst from every port that has frames; returns whether any moved."""
@@ -138,8 +161,8 @@ class Switch:
                         did = True
                         self.forward(port, frames)
                 if port.device.announce:
-                    frames, port.device.announce = port.device.announce, []
-                    self.forward(port, frames)
+                    announce, port.device.announce = port.device.announce, []
+                    self.forward(port, Frames.of(announce))
             except Exception:  # a bug on one port's data path ends that port's connection
                 log.exception("%s: internal error on the data path; dropping the front-end",
                               port.name)
@@ -161,8 +184,9 @@ class Switch:
         return {
             "uptime_s": round(now - self.started, 3),
             "ports": [p.status() for p in self.ports],
-            "macs": [{"mac": m.hex(":"), "port": p.name, "expires_in_s": round(t - now, 1)}
-                     for m, (p, t) in self.macs.items() if t >= now],
+            "macs": [{"mac": m.hex(":"), "port": self.ports[p].name,
+                      "expires_in_s": round(t - now, 1)}
+                     for m, p, t in self.table.items() if t >= now],
         }
 
     def _serve_control(self) -> None:
@@ -197,6 +221,8 @@ class Switch:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop: StopSignal) -> None:
+        if net_kernel.available() and route.available():  # VHOSTUSER_JIT=1: loaded now,
+            log.info(COMPILED)  # not at the first frame
         for p in self.vports:
             p.open()
         if self.control_path:
@@ -300,7 +326,7 @@ class Switch:
                 iq.check()
 
 
-def _deliver(port: Port, frames: list[bytes]) -> None:
+def _deliver(port: Port, frames: Frames) -> None:
     """Frames out of `port`; a bug on its path ends its connection, not the ingress's."""
     try:
         port.deliver(frames)

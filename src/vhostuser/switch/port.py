@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from ..devices.net_frames import Frames
 from ..devices.net_rings import Counters
 
 
@@ -13,7 +14,7 @@ class Port(ABC):
         self.counters = Counters()
 
     @abstractmethod
-    def deliver(self, frames: list[bytes]) -> None:
+    def deliver(self, frames: Frames) -> None:
         """Send `frames` out of this port (dropping, and counting, what cannot go)."""
 
     def disconnect(self) -> None:  # noqa: B027 - a port with no peer has nothing to end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..devices.net_frames import Frames
 from ..devices.tap import open_tap
 from .port import Port
 
@@ -20,7 +21,7 @@ class TapPort(Port):
     def fileno(self) -> int:
         return self.fd
 
-    def take(self) -> list[bytes]:
+    def take(self) -> Frames:
         """Frames the host sent (a burst at most)."""
         frames = []
         c = self.counters
@@ -38,9 +39,9 @@ class TapPort(Port):
             frames.append(frame)
             c.rx_bytes += len(frame)
         c.rx_packets += len(frames)
-        return frames
+        return Frames.of(frames)
 
-    def deliver(self, frames: list[bytes]) -> None:
+    def deliver(self, frames: Frames) -> None:
         c = self.counters
         for f in frames:
             if len(f) > self.max_frame:

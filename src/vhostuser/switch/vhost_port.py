@@ -12,8 +12,11 @@ import os
 import socket
 from collections.abc import Callable
 
+import numpy as np
+
 from ..appliance.vvu_link import VvuLink
 from ..devices.net import NetPort
+from ..devices.net_frames import Frames
 from ..devices.net_rings import put_frames, take_frames
 from ..engine.backend import Backend
 from ..engine.device import Carried, Device
@@ -292,23 +295,25 @@ class VhostPort(Port):
     def tx_queues(self) -> list[InlineQueue]:
         return [iq for iq in self.queues.values() if iq.is_tx and not iq.broken]
 
-    def take_tx(self, iq: InlineQueue) -> list[bytes]:
+    def take_tx(self, iq: InlineQueue) -> Frames:
         """Frames the guest transmitted on `iq` (at most a burst)."""
         frames = take_frames(iq.q, self.device, self.counters)
         iq.check()
         return frames
 
-    def deliver(self, frames: list[bytes]) -> None:
+    def deliver(self, frames: Frames) -> None:
         rx = [iq for i, iq in sorted(self.queues.items()) if i % 2 == 0 and not iq.broken]
         if not rx:
             self.counters.drops["port_down"] += len(frames)
             return
+        groups: dict[int, Frames]
         if len(rx) == 1:
             groups = {0: frames}
         else:
-            groups = {}
-            for f in frames:  # spread flows over the rx queues, keeping each flow in order
-                groups.setdefault(hash(f[:12] + f[26:38]) % len(rx), []).append(f)
+            spread: dict[int, list[int]] = {}
+            for j, f in enumerate(frames):  # spread flows over the rx queues, each in order
+                spread.setdefault(hash(f[:12] + f[26:38]) % len(rx), []).append(j)
+            groups = {i: frames.pick(np.array(js)) for i, js in spread.items()}
         for i, fl in groups.items():
             put_frames(rx[i].q, self.device, self.counters, fl)
             rx[i].check()

@@ -1,0 +1,68 @@
+"""A burst of Ethernet frames as switch ports hand them on: one byte array and each frame's
+offset and length in it. A port's take fills it, the switch reads the MAC addresses of the
+whole burst at once and picks which frames go where, and a port's deliver copies frames
+out of it (the compiled receive path straight from the array into guest buffers).
+
+Frames a port took stay valid until that port takes again: the compiled transmit path
+reuses its array (devices/net_kernel.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+_ADDRS = np.arange(12)
+
+
+class Frames:
+    """Frame i is `data[offs[i] : offs[i] + lens[i]]`."""
+
+    __slots__ = ("data", "lens", "offs")
+
+    def __init__(self, data: np.ndarray, offs: np.ndarray, lens: np.ndarray) -> None:
+        self.data = data  # uint8
+        self.offs = offs  # int64
+        self.lens = lens  # int64
+
+    @classmethod
+    def of(cls, frames: Iterable[bytes]) -> Frames:
+        """Frames copied from byte strings."""
+        frames = list(frames)
+        lens = np.fromiter(map(len, frames), np.int64, len(frames))
+        offs = np.zeros(len(frames), np.int64)
+        np.cumsum(lens[:-1], out=offs[1:])
+        return cls(np.frombuffer(b"".join(frames), np.uint8), offs, lens)
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __getitem__(self, i: int) -> bytes:
+        o = int(self.offs[i])
+        return self.data[o : o + int(self.lens[i])].tobytes()
+
+    def __iter__(self) -> Iterator[bytes]:
+        view = self.data.data
+        for o, n in zip(self.offs.tolist(), self.lens.tolist(), strict=True):
+            yield bytes(view[o : o + n])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frames) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def pick(self, which: np.ndarray | slice) -> Frames:
+        """The frames at indices (or where a boolean mask is true), in that order."""
+        return Frames(self.data, self.offs[which], self.lens[which])
+
+    def addresses(self) -> np.ndarray:
+        """Each frame's destination and source MAC: an (n, 12) uint8 array (every frame a
+        port hands on is at least an Ethernet header long)."""
+        return self.data[self.offs[:, None] + _ADDRS]
+
+    def nbytes(self) -> int:
+        return int(self.lens.sum())
+
+
+EMPTY = Frames(np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))

@@ -1,0 +1,153 @@
+"""virtio-net bursts served by compiled kernels (net_serve_jit.py), a burst per call:
+
+- transmit: every chain walked (the compiled split walk), its header and frame checked,
+  the frame copied into the port's frame array, its used element written;
+- receive: frames copied from a `Frames` array into the guests' buffers behind their
+  header, spread over several chains with MRG_RXBUF, used elements written.
+
+No Python per frame. The used index, barriers and the notification stay the engine's
+(`DeviceQueue.serve_split`); the counters stay net_rings.py's `Counters`. The kernels stop
+before a chain the compiled walk does not take (it stops before anything unusual), and
+net_rings.py's frame-by-frame loops — the reference — take it on, with their error
+messages. Used only where the compiled walk is on (VHOSTUSER_JIT=1, split_kernel.py), on
+split rings while writes are not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..virtq.split_kernel import MAX_REGIONS
+from ..virtq.split_kernel import available as walk_available
+from .net_frames import Frames
+
+if TYPE_CHECKING:
+    from ..engine.queue import DeviceQueue
+    from ..virtq.split import SplitQueue
+    from .net import NetPort
+    from .net_rings import Counters
+
+log = logging.getLogger(__name__)
+
+# the kernels' drop counts (net_serve_jit.py's indices), as Counters names them
+DROPS = ("bad_header", "runt", "oversize", "bad_source_mac", "no_rx_buffer",
+         "rx_buffer_too_small")
+ARENA = 512 << 10  # bytes of frames a transmit burst may take (and one of the largest)
+
+_take: Any = None
+_put: Any = None
+_tried = False
+
+
+def available() -> bool:
+    """Whether the kernels are on (the compiled walk is, and these load too); loaded and
+    run once the first time: call it in the engine's process, before workers fork."""
+    global _take, _put, _tried
+    if not _tried and walk_available():
+        _tried = True
+        try:
+            from . import net_serve_jit
+
+            _take, _put = net_serve_jit.take, net_serve_jit.put
+            _warm()
+        except Exception as e:  # it cannot compile here: net_rings.py serves every frame
+            log.warning("compiled net kernels unavailable (%s): net_rings.py serves", e)
+            _take = _put = None
+    return _take is not None
+
+
+def _warm() -> None:
+    """Compile (or load from the cache) every version the queues will call."""
+    desc = np.zeros(4, np.uint64)
+    avail = np.zeros(2, np.uint16)
+    regions = np.zeros((1, 2), np.uint64)
+    i64 = np.zeros(1, np.int64)
+    m3 = np.zeros((1, 3), np.int64)
+    for nreg in range(1, MAX_REGIONS + 1):
+        mems = tuple(np.zeros(2, np.uint64) for _ in range(nreg))
+        ring = (desc, avail, 0, 0, 2, True, regions, mems)
+        chains = (np.zeros(nreg, np.uint64), i64, m3, m3, np.zeros(4, np.uint32), 0, 12)
+        _take(*ring, *chains, 1514, np.zeros(1, np.uint8), i64, i64,
+              np.zeros(6, np.int64))
+        _put(*ring, *chains, True, 1514, np.zeros(1, np.uint8), i64, i64,
+             np.zeros(12, np.uint8), np.zeros(6, np.int64), np.zeros(4, np.int64))
+
+
+def _count(c: Counters, drops: np.ndarray) -> None:
+    for name, k in zip(DROPS, drops.tolist(), strict=True):
+        if k:
+            c.drops[name] += k
+
+
+class _Arena:
+    """A port's transmit frame array and its offsets and lengths (a ring's worth)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = np.zeros(size, np.uint8)
+        self.offs = np.zeros(1024, np.int64)
+        self.lens = np.zeros(1024, np.int64)
+
+
+def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None:
+    """The frames of up to `limit` chains of transmit queue `q`, their buffers completed
+    (published at the next notify); none if it stopped before the first chain (the
+    chain-by-chain path then takes that one, and reports it if it is broken); None if the
+    kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). The frames
+    stay valid until the port takes again."""
+    max_frame = dev.max_frame()
+    arena: _Arena | None = dev.tx_arena
+    size = ARENA + dev.hdr_len + max_frame
+    if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
+        arena = dev.tx_arena = _Arena(size)
+    drops = np.zeros(len(DROPS), np.int64)
+    kept = -1
+
+    def serve(ring: SplitQueue, n: int) -> np.ndarray:
+        nonlocal kept
+        w = ring.kernel
+        assert w is not None and w.desc is not None
+        k, kept = _take(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect,
+                        w.regions, w.mems, w.bases, w.heads, w.meta, w.segs, w.used,
+                        ring.used_idx % ring.size, dev.hdr_len, max_frame, arena.data,
+                        arena.offs, arena.lens, drops)
+        return w.heads[:k]
+
+    q.serve_split(serve, limit)
+    if kept < 0:
+        return None
+    _count(c, drops)
+    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
+    c.rx_packets += kept
+    c.rx_bytes += frames.nbytes()
+    return frames
+
+
+def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) -> int | None:
+    """Deliver the leading frames of `frames` into receive queue `q` (published at the next
+    notify), dropping and counting what does not fit; returns how many frames it handled
+    (fewer than all: it stopped before a frame that needs a chain the compiled walk does
+    not take), None if the kernel cannot serve the queue now."""
+    hl = dev.hdr_len
+    hdr = np.zeros(12, np.uint8)
+    drops = np.zeros(len(DROPS), np.int64)
+    out = np.full(4, -1, np.int64)
+
+    def serve(ring: SplitQueue, n: int) -> np.ndarray:
+        w = ring.kernel
+        assert w is not None and w.desc is not None
+        _put(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
+             w.mems, w.bases, w.heads, w.meta, w.segs, w.used, ring.used_idx % ring.size, hl,
+             mrg, dev.max_frame(), frames.data, frames.offs, frames.lens, hdr, drops, out)
+        return w.heads[: out[0]]
+
+    q.serve_split(serve, q.ring.size)
+    _, handled, delivered, nbytes = out.tolist()
+    if handled < 0:
+        return None
+    _count(c, drops)
+    c.tx_packets += delivered
+    c.tx_bytes += nbytes
+    return int(handled)

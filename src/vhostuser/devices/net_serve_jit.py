@@ -1,0 +1,204 @@
+"""virtio-net's transmit and receive bursts in compiled kernels (numba): imported only by
+net_kernel.py, and only where numba is installed. The rules are net_rings.py's
+`take_frames` and `put_frames` (the frame-by-frame loops there are the reference) over
+split_walk_jit.py's walk; see net_kernel.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, types
+
+from ..virtq.split_walk_jit import walk
+
+# void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
+# blk_serve_jit.py's preadv); every range is checked before it is called
+memcpy: Any = types.ExternalFunction("memcpy", types.voidptr(types.uintp, types.uintp,
+                                                             types.uintp))
+
+HDR_F_NEEDS_CSUM = 1
+GSO_NONE = 0
+ETH_HLEN = 14
+# indices of the drop counts both kernels add to (net_kernel.DROPS names them)
+BAD_HEADER, RUNT, OVERSIZE, BAD_SOURCE, NO_RX_BUFFER, RX_TOO_SMALL = range(6)
+# the receive kernel's results: out[0..3]
+CHAINS, FRAMES, DELIVERED, DELIVERED_BYTES = range(4)
+
+
+@njit(cache=True, nogil=True)
+def _total(segs: Any, first: int, count: int) -> int:
+    t = 0
+    for s in range(first, first + count):
+        t += segs[s, 2]
+    return t
+
+
+@njit(cache=True, nogil=True)
+def _gather(bases: Any, segs: Any, first: int, count: int, limit: int, out: Any) -> None:
+    """Copy the first `limit` bytes of the buffers segs[first : first + count], taken as
+    one, to address `out` (the caller has checked the room)."""
+    for s in range(first, first + count):
+        if limit <= 0:
+            break
+        length = min(segs[s, 2], limit)
+        memcpy(out, bases[segs[s, 0]] + np.uint64(segs[s, 1]), length)
+        out += length
+        limit -= length
+
+
+@njit(cache=True, nogil=True)
+def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
+         regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
+         used_at: int, hl: int, max_frame: int, arena: Any, offs: Any, lens: Any,
+         drops: Any) -> tuple[int, int]:
+    """Take up to `n` transmitted chains from avail position `last`: each one frame behind
+    a header of `hl` bytes. A chain's bytes are copied into `arena` (as far as a frame may
+    go) and checked there; a valid frame stays (its offset and length into `offs`,
+    `lens`), an invalid one is counted in `drops`; every chain's used element (written 0)
+    goes to used ring slots from `used_at` on. Stops before the first chain the walk does
+    not take, and before one the arena has no room left for. Returns (chains taken,
+    frames kept); the heads are the walk's, in `heads`."""
+    n = min(n, offs.shape[0])
+    k = walk(desc, avail, last, n, size, indirect_ok, regions, mems, heads, meta, segs)
+    cap = arena.shape[0]
+    base = arena.ctypes.data
+    pos = 0
+    m = 0
+    for i in range(k):
+        first, nr = meta[i, 0], meta[i, 1]
+        total = _total(segs, first, nr)
+        body = total - hl
+        if body < 0:
+            drops[BAD_HEADER] += 1
+        else:
+            copy = min(total, hl + max_frame)  # (an oversize frame: what shows it is one)
+            if pos + copy > cap:
+                return i, m  # the arena is full: the rest at the next call
+            _gather(bases, segs, first, nr, copy, base + pos)
+            if arena[pos] & HDR_F_NEEDS_CSUM or arena[pos + 1] != GSO_NONE:
+                drops[BAD_HEADER] += 1
+            elif body < ETH_HLEN:
+                drops[RUNT] += 1
+            elif body > max_frame:
+                drops[OVERSIZE] += 1
+            elif arena[pos + hl + 6] & 1:
+                drops[BAD_SOURCE] += 1
+            else:
+                offs[m] = pos + hl
+                lens[m] = body
+                m += 1
+                pos += total
+        slot = (used_at + i) % size
+        used[2 * slot] = np.uint32(heads[i])
+        used[2 * slot + 1] = np.uint32(0)
+    return k, m
+
+
+@njit(cache=True, nogil=True)
+def _fill(bases: Any, segs: Any, first: int, count: int, hdr: Any, hl: int, frame: int,
+          start: int, stop: int) -> int:
+    """Write bytes [start, stop) of the stream `hdr` (`hl` bytes) + frame (at address
+    `frame`) into the buffers segs[first : first + count], in order, as far as they go;
+    returns how many bytes were written."""
+    p = start
+    for s in range(first, first + count):
+        if p >= stop:
+            break
+        dst = bases[segs[s, 0]] + np.uint64(segs[s, 1])
+        end = min(p + segs[s, 2], stop)
+        if p < hl:
+            h = min(end, hl) - p
+            memcpy(dst, hdr.ctypes.data + p, h)
+            dst += np.uint64(h)
+            p += h
+        if p < end:
+            memcpy(dst, frame + np.uint64(p - hl), end - p)
+            p = end
+    return p - start
+
+
+@njit(cache=True, nogil=True)
+def _used(used: Any, slot: int, head: int, written: int) -> None:
+    used[2 * slot] = np.uint32(head)
+    used[2 * slot + 1] = np.uint32(written)
+
+
+@njit(cache=True, nogil=True)
+def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
+        regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
+        used_at: int, hl: int, mrg: bool, max_frame: int, data: Any, offs: Any, lens: Any,
+        hdr: Any, drops: Any, out: Any) -> None:
+    """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the `n` chains
+    available from avail position `last`, in order, frame by frame as `put_frames` does:
+    each behind the header `hdr` (`hl` bytes; num_buffers, with `mrg` a frame spread over
+    as many chains as it takes), its used element at the next used slot from `used_at`.
+    Stops before a frame that would need a chain the walk did not take (the chain-by-chain
+    path takes that frame on). out: chains used, frames handled (delivered or dropped),
+    frames delivered, their bytes."""
+    k = walk(desc, avail, last, n, size, indirect_ok, regions, mems, heads, meta, segs)
+    whole = k == n  # every available chain walked: past them there is none
+    c = 0
+    f = 0
+    delivered = 0
+    nbytes = 0
+    nframes = lens.shape[0]
+    while f < nframes:
+        length = lens[f]
+        if offs[f] < 0 or length < 0 or offs[f] > data.shape[0] - length:
+            break  # not a frame of `data`: the reference loop's (a bug, not a guest's)
+        if length > max_frame:
+            drops[OVERSIZE] += 1
+            f += 1
+            continue
+        need = hl + length
+        if c >= k:
+            if not whole:
+                break
+            drops[NO_RX_BUFFER] += 1
+            f += 1
+            continue
+        room = _total(segs, meta[c, 0] + meta[c, 1], meta[c, 2])
+        if room >= need:
+            if hl >= 12:
+                hdr[10] = 1
+                hdr[11] = 0
+            _fill(bases, segs, meta[c, 0] + meta[c, 1], meta[c, 2], hdr, hl,
+                  data.ctypes.data + offs[f], 0, need)
+            _used(used, (used_at + c) % size, heads[c], need)
+            c += 1
+        elif mrg:
+            j = c
+            while room < need and j + 1 < k:
+                j += 1
+                room += _total(segs, meta[j, 0] + meta[j, 1], meta[j, 2])
+            if room < need:
+                if not whole:
+                    break
+                for x in range(c, k):  # the chains taken go back empty
+                    _used(used, (used_at + x) % size, heads[x], 0)
+                c = k
+                drops[NO_RX_BUFFER] += 1
+                f += 1
+                continue
+            nb = j - c + 1
+            hdr[10] = nb & 0xFF
+            hdr[11] = nb >> 8
+            p = 0
+            for x in range(c, j + 1):
+                w = _fill(bases, segs, meta[x, 0] + meta[x, 1], meta[x, 2], hdr, hl,
+                          data.ctypes.data + offs[f], p, need)
+                _used(used, (used_at + x) % size, heads[x], w)
+                p += w
+            c = j + 1
+        else:  # the buffer stays for a frame that fits
+            drops[RX_TOO_SMALL] += 1
+            f += 1
+            continue
+        delivered += 1
+        nbytes += length
+        f += 1
+    out[CHAINS] = c
+    out[FRAMES] = f
+    out[DELIVERED] = delivered
+    out[DELIVERED_BYTES] = nbytes

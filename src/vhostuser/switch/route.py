@@ -1,0 +1,54 @@
+"""A burst's forwarding decisions in a compiled kernel (route_jit.py), where the compiled
+walk is on (VHOSTUSER_JIT=1, virtq/split_kernel.py): one call learns every source and
+finds every destination, frame by frame. `Switch.forward`'s array version is the
+reference."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..devices.net_frames import Frames
+from ..virtq.split_kernel import available as walk_available
+from .mac_table import MacTable
+
+log = logging.getLogger(__name__)
+
+FLOOD, HAIRPIN = -1, -2  # route_jit.py's
+
+_route: Any = None
+_tried = False
+
+
+def available() -> bool:
+    """Whether the kernel is on; loaded the first time (before the switch's loop runs)."""
+    global _route, _tried
+    if not _tried and walk_available():
+        _tried = True
+        try:
+            from . import route_jit
+
+            _route = route_jit.route
+            assert (route_jit.FLOOD, route_jit.HAIRPIN) == (FLOOD, HAIRPIN)
+            frame = Frames.of([bytes(14)])
+            _route(frame.data, frame.offs, *_arrays(MacTable(1)), 1, 0, 0.0, 0.0,
+                   np.zeros(1, np.int32))
+        except Exception as e:  # it cannot compile here: the array version decides
+            log.warning("compiled forwarding unavailable (%s): the array version serves", e)
+            _route = None
+    return _route is not None
+
+
+def _arrays(t: MacTable) -> tuple[np.ndarray, ...]:
+    return t.keys, t.ports, t.expiry, t.count
+
+
+def route(frames: Frames, table: MacTable, ingress: int, now: float,
+          until: float) -> np.ndarray:
+    """Each frame's destination: a port's index, FLOOD or HAIRPIN (sources learned at
+    `ingress` until `until`)."""
+    dest = np.empty(len(frames), np.int32)
+    _route(frames.data, frames.offs, *_arrays(table), table.limit, ingress, now, until, dest)
+    return dest

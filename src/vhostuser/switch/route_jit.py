@@ -1,0 +1,65 @@
+"""The switch's forwarding decisions in a compiled kernel (numba): imported only by
+route.py, and only where numba is installed. The rules are core.py's `Switch.forward`
+(frame by frame: learn the source, then look the destination up); the table is
+mac_table.py's, whose hash and probing this repeats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from .mac_table import PRESENT, SLOTS_LOG2
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+SHIFT = np.uint64(64 - SLOTS_LOG2)
+FLOOD, HAIRPIN = -1, -2  # a frame's destination besides a port's index
+
+
+@njit(cache=True, nogil=True)
+def _mac(data: Any, at: int) -> Any:
+    k = np.uint64(PRESENT)
+    for j in range(6):
+        k |= np.uint64(data[at + j]) << np.uint64(8 * (5 - j))
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _slot(keys: Any, key: Any) -> Any:
+    mask = keys.shape[0] - 1
+    i = np.int64((key * GOLDEN) >> SHIFT)
+    while True:
+        k = keys[i]
+        if k == key or k == 0:
+            return i
+        i = (i + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def route(data: Any, offs: Any, keys: Any, ports: Any, expiry: Any, count: Any, limit: int,
+          ingress: int, now: float, until: float, dest: Any) -> None:
+    """For each frame (at data[offs[f]:], an Ethernet header at least) in order: learn its
+    unicast source at port `ingress` until `until` (a new station only while the table
+    holds fewer than `limit`), then set dest[f] to its destination's port, HAIRPIN if that
+    is `ingress`, FLOOD if it is multicast, unknown or expired at `now`."""
+    for f in range(offs.shape[0]):
+        at = offs[f]
+        if not data[at + 6] & 1:
+            src = _mac(data, at + 6)
+            i = _slot(keys, src)
+            if keys[i] == src or count[0] < limit:
+                if keys[i] != src:
+                    keys[i] = src
+                    count[0] += 1
+                ports[i] = ingress
+                expiry[i] = until
+        if data[at] & 1:
+            dest[f] = FLOOD
+            continue
+        dst = _mac(data, at)
+        i = _slot(keys, dst)
+        if keys[i] == dst and expiry[i] >= now:
+            dest[f] = HAIRPIN if ports[i] == ingress else ports[i]
+        else:
+            dest[f] = FLOOD
