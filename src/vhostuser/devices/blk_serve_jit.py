@@ -46,6 +46,7 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
     `mem8`: the regions as byte arrays, `bases`: their addresses; `iov`: room for the iovec
     of one request."""
     n = min(n, done.shape[0])
+    iov_at = iov.ctypes.data  # once: numba makes it at some cost
     for k in range(n):
         if walk(desc, avail, last + k, 1, size, indirect_ok, regions, mems, heads, meta,
                 segs) != 1:
@@ -75,16 +76,16 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
             return k
         at = np.int64(sector) * SECTOR
         if rtype == T_IN:
-            moved = preadv(fd, iov.ctypes.data, count, at)
+            moved = preadv(fd, iov_at, count, at)
             written = total + 1
         else:
-            moved = pwritev(fd, iov.ctypes.data, count, at)
+            moved = pwritev(fd, iov_at, count, at)
             written = 1
         if moved != total:
             return k  # an error or a short transfer: blk.py's, which says what happened
         status = nr + nw - 1
         mem8[segs[status, 0]][segs[status, 1]] = 0  # S_OK
-        slot = (used_at + k) % size
+        slot = (used_at + k) & (size - 1)
         used[2 * slot] = np.uint32(heads[0])
         used[2 * slot + 1] = np.uint32(written)
         done[k] = heads[0]

@@ -70,16 +70,35 @@ def _warm() -> None:
         mems = tuple(np.zeros(2, np.uint64) for _ in range(nreg))
         ring = (desc, avail, 0, 0, 2, True, regions, mems)
         chains = (np.zeros(nreg, np.uint64), i64, m3, m3, np.zeros(4, np.uint32), 0, 12)
-        _take(*ring, *chains, 1514, np.zeros(1, np.uint8), i64, i64,
-              np.zeros(6, np.int64))
-        _put(*ring, *chains, True, 1514, np.zeros(1, np.uint8), i64, i64,
-             np.zeros(12, np.uint8), np.zeros(6, np.int64), np.zeros(4, np.int64))
+        sc = _Scratch()
+        _take(*ring, *chains, 1514, np.zeros(1, np.uint8), i64, i64, sc.drops, sc.out)
+        _put(*ring, *chains, True, 1514, np.zeros(1, np.uint8), i64, i64, sc.hdr, sc.drops,
+             sc.out)
 
 
-def _count(c: Counters, drops: np.ndarray) -> None:
-    for name, k in zip(DROPS, drops.tolist(), strict=True):
-        if k:
-            c.drops[name] += k
+class _Scratch:
+    """The kernels' small outputs, made once per process (the switch and a TAP worker
+    serve their queues from one thread)."""
+
+    def __init__(self) -> None:
+        self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
+        self.out = np.zeros(5, np.int64)  # net_serve_jit.py's CHAINS..DROPPED
+        self.hdr = np.zeros(12, np.uint8)
+
+    def results(self, c: Counters) -> list[int]:
+        """The last call's `out` (-1s: the kernel did not run); its drops counted."""
+        out = self.out.tolist()
+        self.out[:] = -1
+        if out[4] > 0:
+            for name, k in zip(DROPS, self.drops.tolist(), strict=True):
+                if k:
+                    c.drops[name] += k
+            self.drops[:] = 0
+        return out
+
+
+_scratch = _Scratch()
+_scratch.out[:] = -1
 
 
 class _Arena:
@@ -102,27 +121,24 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None
     size = ARENA + dev.hdr_len + max_frame
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
         arena = dev.tx_arena = _Arena(size)
-    drops = np.zeros(len(DROPS), np.int64)
-    kept = -1
+    sc = _scratch
+    hl = dev.hdr_len
 
     def serve(ring: SplitQueue, n: int) -> np.ndarray:
-        nonlocal kept
         w = ring.kernel
         assert w is not None and w.desc is not None
-        k, kept = _take(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect,
-                        w.regions, w.mems, w.bases, w.heads, w.meta, w.segs, w.used,
-                        ring.used_idx % ring.size, dev.hdr_len, max_frame, arena.data,
-                        arena.offs, arena.lens, drops)
-        return w.heads[:k]
+        _take(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
+              w.mems, w.bases, w.heads, w.meta, w.segs, w.used, ring.used_idx % ring.size,
+              hl, max_frame, arena.data, arena.offs, arena.lens, sc.drops, sc.out)
+        return w.heads[: sc.out[0]]
 
     q.serve_split(serve, limit)
+    _, _, kept, nbytes, _ = sc.results(c)
     if kept < 0:
         return None
-    _count(c, drops)
-    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
     c.rx_packets += kept
-    c.rx_bytes += frames.nbytes()
-    return frames
+    c.rx_bytes += nbytes
+    return Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
 
 
 def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) -> int | None:
@@ -131,23 +147,21 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     (fewer than all: it stopped before a frame that needs a chain the compiled walk does
     not take), None if the kernel cannot serve the queue now."""
     hl = dev.hdr_len
-    hdr = np.zeros(12, np.uint8)
-    drops = np.zeros(len(DROPS), np.int64)
-    out = np.full(4, -1, np.int64)
+    sc = _scratch
 
     def serve(ring: SplitQueue, n: int) -> np.ndarray:
         w = ring.kernel
         assert w is not None and w.desc is not None
         _put(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
              w.mems, w.bases, w.heads, w.meta, w.segs, w.used, ring.used_idx % ring.size, hl,
-             mrg, dev.max_frame(), frames.data, frames.offs, frames.lens, hdr, drops, out)
-        return w.heads[: out[0]]
+             mrg, dev.max_frame(), frames.data, frames.offs, frames.lens, sc.hdr, sc.drops,
+             sc.out)
+        return w.heads[: sc.out[0]]
 
     q.serve_split(serve, q.ring.size)
-    _, handled, delivered, nbytes = out.tolist()
+    _, handled, delivered, nbytes, _ = sc.results(c)
     if handled < 0:
         return None
-    _count(c, drops)
     c.tx_packets += delivered
     c.tx_bytes += nbytes
-    return int(handled)
+    return handled

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from numba import njit, types
 
+from ..virtq.prefetch_jit import prefetch, prefetch_write
 from ..virtq.split_walk_jit import walk
 
 # void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
@@ -22,8 +23,12 @@ GSO_NONE = 0
 ETH_HLEN = 14
 # indices of the drop counts both kernels add to (net_kernel.DROPS names them)
 BAD_HEADER, RUNT, OVERSIZE, BAD_SOURCE, NO_RX_BUFFER, RX_TOO_SMALL = range(6)
-# the receive kernel's results: out[0..3]
-CHAINS, FRAMES, DELIVERED, DELIVERED_BYTES = range(4)
+AHEAD = 4  # chains ahead whose buffers are prefetched
+LINE = np.uint64(64)
+
+# both kernels' results, in `out`: chains used, frames handled (taken or dropped), frames
+# passed on, their bytes, frames dropped
+CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED = range(5)
 
 
 @njit(cache=True, nogil=True)
@@ -51,21 +56,27 @@ def _gather(bases: Any, segs: Any, first: int, count: int, limit: int, out: Any)
 def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
          used_at: int, hl: int, max_frame: int, arena: Any, offs: Any, lens: Any,
-         drops: Any) -> tuple[int, int]:
+         drops: Any, out: Any) -> None:
     """Take up to `n` transmitted chains from avail position `last`: each one frame behind
     a header of `hl` bytes. A chain's bytes are copied into `arena` (as far as a frame may
     go) and checked there; a valid frame stays (its offset and length into `offs`,
     `lens`), an invalid one is counted in `drops`; every chain's used element (written 0)
     goes to used ring slots from `used_at` on. Stops before the first chain the walk does
-    not take, and before one the arena has no room left for. Returns (chains taken,
-    frames kept); the heads are the walk's, in `heads`."""
+    not take, and before one the arena has no room left for. The heads taken are the
+    walk's, in `heads`; `out` says how many, and how many frames were kept."""
     n = min(n, offs.shape[0])
     k = walk(desc, avail, last, n, size, indirect_ok, regions, mems, heads, meta, segs)
     cap = arena.shape[0]
     base = arena.ctypes.data
+    dropped = drops.sum()
     pos = 0
     m = 0
+    nbytes = 0
     for i in range(k):
+        if i + AHEAD < k and meta[i + AHEAD, 1]:
+            at = bases[segs[meta[i + AHEAD, 0], 0]] + np.uint64(segs[meta[i + AHEAD, 0], 1])
+            prefetch(at)
+            prefetch(at + LINE)
         first, nr = meta[i, 0], meta[i, 1]
         total = _total(segs, first, nr)
         body = total - hl
@@ -74,7 +85,8 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         else:
             copy = min(total, hl + max_frame)  # (an oversize frame: what shows it is one)
             if pos + copy > cap:
-                return i, m  # the arena is full: the rest at the next call
+                k = i  # the arena is full: the rest at the next call
+                break
             _gather(bases, segs, first, nr, copy, base + pos)
             if arena[pos] & HDR_F_NEEDS_CSUM or arena[pos + 1] != GSO_NONE:
                 drops[BAD_HEADER] += 1
@@ -88,18 +100,23 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
                 offs[m] = pos + hl
                 lens[m] = body
                 m += 1
+                nbytes += body
                 pos += total
-        slot = (used_at + i) % size
+        slot = (used_at + i) & (size - 1)
         used[2 * slot] = np.uint32(heads[i])
         used[2 * slot + 1] = np.uint32(0)
-    return k, m
+    out[CHAINS] = k
+    out[FRAMES] = k
+    out[PASSED] = m
+    out[PASSED_BYTES] = nbytes
+    out[DROPPED] = drops.sum() - dropped
 
 
 @njit(cache=True, nogil=True)
-def _fill(bases: Any, segs: Any, first: int, count: int, hdr: Any, hl: int, frame: int,
+def _fill(bases: Any, segs: Any, first: int, count: int, hdr: Any, hl: int, frame: Any,
           start: int, stop: int) -> int:
-    """Write bytes [start, stop) of the stream `hdr` (`hl` bytes) + frame (at address
-    `frame`) into the buffers segs[first : first + count], in order, as far as they go;
+    """Write bytes [start, stop) of the stream header (`hl` bytes at address `hdr`) + frame
+    (at address `frame`) into the buffers segs[first : first + count], in order, as far as they go;
     returns how many bytes were written."""
     p = start
     for s in range(first, first + count):
@@ -109,7 +126,7 @@ def _fill(bases: Any, segs: Any, first: int, count: int, hdr: Any, hl: int, fram
         end = min(p + segs[s, 2], stop)
         if p < hl:
             h = min(end, hl) - p
-            memcpy(dst, hdr.ctypes.data + p, h)
+            memcpy(dst, hdr + np.uint64(p), h)
             dst += np.uint64(h)
             p += h
         if p < end:
@@ -125,6 +142,21 @@ def _used(used: Any, slot: int, head: int, written: int) -> None:
 
 
 @njit(cache=True, nogil=True)
+def _walk_more(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
+               regions: Any, mems: Any, heads: Any, meta: Any, segs: Any, k: int,
+               want: int) -> tuple[int, bool]:
+    """Walk up to `want` more of the `n` chains from avail position `last`, the `k` walked
+    already kept; returns (chains walked now, whether the walk stopped before one)."""
+    m = min(max(want, 32), n - k)
+    base = 0 if k == 0 else meta[k - 1, 0] + meta[k - 1, 1] + meta[k - 1, 2]
+    got = walk(desc, avail, last + k, m, size, indirect_ok, regions, mems, heads[k:],
+               meta[k:], segs[base:])
+    for j in range(k, k + got):
+        meta[j, 0] += base
+    return k + got, got < m
+
+
+@njit(cache=True, nogil=True)
 def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
         used_at: int, hl: int, mrg: bool, max_frame: int, data: Any, offs: Any, lens: Any,
@@ -134,10 +166,14 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     each behind the header `hdr` (`hl` bytes; num_buffers, with `mrg` a frame spread over
     as many chains as it takes), its used element at the next used slot from `used_at`.
     Stops before a frame that would need a chain the walk did not take (the chain-by-chain
-    path takes that frame on). out: chains used, frames handled (delivered or dropped),
-    frames delivered, their bytes."""
-    k = walk(desc, avail, last, n, size, indirect_ok, regions, mems, heads, meta, segs)
-    whole = k == n  # every available chain walked: past them there is none
+    path takes that frame on)."""
+    # chains are walked as frames need them (a ring's worth of buffers waits there
+    # usually, for far fewer frames): k walked so far; `stopped`: the walk left the next
+    dropped = drops.sum()
+    hdr_at = np.uint64(hdr.ctypes.data)
+    data_at = np.uint64(data.ctypes.data)
+    k = 0
+    stopped = False
     c = 0
     f = 0
     delivered = 0
@@ -152,31 +188,45 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             f += 1
             continue
         need = hl + length
+        if c >= k and not stopped and k < n:
+            k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok, regions, mems,
+                                    heads, meta, segs, k, nframes - f)
         if c >= k:
-            if not whole:
+            if stopped:
                 break
-            drops[NO_RX_BUFFER] += 1
+            drops[NO_RX_BUFFER] += 1  # every available chain is used
             f += 1
             continue
+        ahead = c + AHEAD
+        if ahead < k and meta[ahead, 2]:
+            at = bases[segs[meta[ahead, 0] + meta[ahead, 1], 0]] + np.uint64(
+                segs[meta[ahead, 0] + meta[ahead, 1], 1])
+            prefetch_write(at)
+            prefetch_write(at + LINE)
         room = _total(segs, meta[c, 0] + meta[c, 1], meta[c, 2])
         if room >= need:
             if hl >= 12:
                 hdr[10] = 1
                 hdr[11] = 0
-            _fill(bases, segs, meta[c, 0] + meta[c, 1], meta[c, 2], hdr, hl,
-                  data.ctypes.data + offs[f], 0, need)
-            _used(used, (used_at + c) % size, heads[c], need)
+            _fill(bases, segs, meta[c, 0] + meta[c, 1], meta[c, 2], hdr_at, hl,
+                  data_at + np.uint64(offs[f]), 0, need)
+            _used(used, (used_at + c) & (size - 1), heads[c], need)
             c += 1
         elif mrg:
             j = c
-            while room < need and j + 1 < k:
+            while room < need:
+                if j + 1 >= k and not stopped and k < n:
+                    k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok,
+                                            regions, mems, heads, meta, segs, k, 8)
+                if j + 1 >= k:
+                    break
                 j += 1
                 room += _total(segs, meta[j, 0] + meta[j, 1], meta[j, 2])
             if room < need:
-                if not whole:
+                if stopped:
                     break
                 for x in range(c, k):  # the chains taken go back empty
-                    _used(used, (used_at + x) % size, heads[x], 0)
+                    _used(used, (used_at + x) & (size - 1), heads[x], 0)
                 c = k
                 drops[NO_RX_BUFFER] += 1
                 f += 1
@@ -186,9 +236,9 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             hdr[11] = nb >> 8
             p = 0
             for x in range(c, j + 1):
-                w = _fill(bases, segs, meta[x, 0] + meta[x, 1], meta[x, 2], hdr, hl,
-                          data.ctypes.data + offs[f], p, need)
-                _used(used, (used_at + x) % size, heads[x], w)
+                w = _fill(bases, segs, meta[x, 0] + meta[x, 1], meta[x, 2], hdr_at, hl,
+                          data_at + np.uint64(offs[f]), p, need)
+                _used(used, (used_at + x) & (size - 1), heads[x], w)
                 p += w
             c = j + 1
         else:  # the buffer stays for a frame that fits
@@ -200,5 +250,6 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         f += 1
     out[CHAINS] = c
     out[FRAMES] = f
-    out[DELIVERED] = delivered
-    out[DELIVERED_BYTES] = nbytes
+    out[PASSED] = delivered
+    out[PASSED_BYTES] = nbytes
+    out[DROPPED] = drops.sum() - dropped

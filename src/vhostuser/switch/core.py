@@ -75,18 +75,22 @@ class Switch:
         now = time.monotonic()
         at = self.ports.index(ingress)
         if route.available():
-            dest = route.route(frames, self.table, at, now, now + self.aging)
-            drops = int(np.count_nonzero(dest == route.HAIRPIN))
-            if drops:
-                ingress.counters.drops["to_ingress_port"] += drops
-            flood = dest == route.FLOOD
-            for j, p in enumerate(self.ports):
-                if j != at:
-                    chosen = flood | (dest == j)
-                    if chosen.all():
+            dest, hairpins, common = route.route(frames, self.table, at, now, now + self.aging)
+            if hairpins:
+                ingress.counters.drops["to_ingress_port"] += hairpins
+            if common == route.FLOOD:  # the usual cases: a whole burst to one place
+                for j, p in enumerate(self.ports):
+                    if j != at:
                         _deliver(p, frames)
-                    elif chosen.any():
-                        _deliver(p, frames.pick(chosen))  # in burst order
+            elif common >= 0:
+                _deliver(self.ports[common], frames)
+            elif common == route.MIXED:
+                flood = dest == route.FLOOD
+                for j, p in enumerate(self.ports):
+                    if j != at:
+                        chosen = flood | (dest == j)
+                        if chosen.any():
+                            _deliver(p, frames.pick(chosen))  # in burst order
             return
         self._forward_arrays(at, frames, now)
 

@@ -16,7 +16,7 @@ from .mac_table import MacTable
 
 log = logging.getLogger(__name__)
 
-FLOOD, HAIRPIN = -1, -2  # route_jit.py's
+FLOOD, HAIRPIN, MIXED = -1, -2, -3  # route_jit.py's
 
 _route: Any = None
 _tried = False
@@ -31,7 +31,8 @@ def available() -> bool:
             from . import route_jit
 
             _route = route_jit.route
-            assert (route_jit.FLOOD, route_jit.HAIRPIN) == (FLOOD, HAIRPIN)
+            assert (route_jit.FLOOD, route_jit.HAIRPIN, route_jit.MIXED) == (FLOOD, HAIRPIN,
+                                                                             MIXED)
             frame = Frames.of([bytes(14)])
             _route(frame.data, frame.offs, *_arrays(MacTable(1)), 1, 0, 0.0, 0.0,
                    np.zeros(1, np.int32))
@@ -46,9 +47,10 @@ def _arrays(t: MacTable) -> tuple[np.ndarray, ...]:
 
 
 def route(frames: Frames, table: MacTable, ingress: int, now: float,
-          until: float) -> np.ndarray:
+          until: float) -> tuple[np.ndarray, int, int]:
     """Each frame's destination: a port's index, FLOOD or HAIRPIN (sources learned at
-    `ingress` until `until`)."""
+    `ingress` until `until`); how many are HAIRPIN; the destination all share, or MIXED."""
     dest = np.empty(len(frames), np.int32)
-    _route(frames.data, frames.offs, *_arrays(table), table.limit, ingress, now, until, dest)
-    return dest
+    hairpins, common = _route(frames.data, frames.offs, *_arrays(table), table.limit,
+                              ingress, now, until, dest)
+    return dest, hairpins, common

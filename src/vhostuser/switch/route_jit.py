@@ -14,7 +14,8 @@ from .mac_table import PRESENT, SLOTS_LOG2
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 SHIFT = np.uint64(64 - SLOTS_LOG2)
-FLOOD, HAIRPIN = -1, -2  # a frame's destination besides a port's index
+FLOOD, HAIRPIN, MIXED = -1, -2, -3  # a frame's destination besides a port's index;
+# MIXED: the burst's frames do not all go to the same one
 
 
 @njit(cache=True, nogil=True)
@@ -37,14 +38,33 @@ def _slot(keys: Any, key: Any) -> Any:
 
 
 @njit(cache=True, nogil=True)
+def _same_addresses(data: Any, a: int, b: int) -> bool:
+    for j in range(12):  # noqa: SIM110 - a loop numba compiles (not a generator)
+        if data[a + j] != data[b + j]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
 def route(data: Any, offs: Any, keys: Any, ports: Any, expiry: Any, count: Any, limit: int,
-          ingress: int, now: float, until: float, dest: Any) -> None:
+          ingress: int, now: float, until: float, dest: Any) -> tuple[int, int]:
     """For each frame (at data[offs[f]:], an Ethernet header at least) in order: learn its
     unicast source at port `ingress` until `until` (a new station only while the table
     holds fewer than `limit`), then set dest[f] to its destination's port, HAIRPIN if that
-    is `ingress`, FLOOD if it is multicast, unknown or expired at `now`."""
+    is `ingress`, FLOOD if it is multicast, unknown or expired at `now`. Returns (how
+    many are HAIRPIN, the destination all frames share or MIXED)."""
+    hairpins = 0
+    prev = -1
     for f in range(offs.shape[0]):
         at = offs[f]
+        if prev >= 0 and _same_addresses(data, at, prev):
+            # as the frame before (learning its source again changes nothing, and the
+            # table is as that frame's look-up left it): a flow's frames come in a row
+            dest[f] = dest[f - 1]
+            if dest[f] == HAIRPIN:
+                hairpins += 1
+            continue
+        prev = at
         if not data[at + 6] & 1:
             src = _mac(data, at + 6)
             i = _slot(keys, src)
@@ -60,6 +80,16 @@ def route(data: Any, offs: Any, keys: Any, ports: Any, expiry: Any, count: Any, 
         dst = _mac(data, at)
         i = _slot(keys, dst)
         if keys[i] == dst and expiry[i] >= now:
-            dest[f] = HAIRPIN if ports[i] == ingress else ports[i]
+            if ports[i] == ingress:
+                dest[f] = HAIRPIN
+                hairpins += 1
+            else:
+                dest[f] = ports[i]
         else:
             dest[f] = FLOOD
+    common = dest[0] if dest.shape[0] else MIXED
+    for f in range(1, dest.shape[0]):
+        if dest[f] != common:
+            common = MIXED
+            break
+    return hairpins, common

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from .prefetch_jit import prefetch
 from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 
 F_NEXT, F_WRITE, F_INDIRECT = np.uint64(DESC_F_NEXT), np.uint64(DESC_F_WRITE), np.uint64(
@@ -15,6 +16,7 @@ F_NEXT, F_WRITE, F_INDIRECT = np.uint64(DESC_F_NEXT), np.uint64(DESC_F_WRITE), n
 LOW32, LOW16 = np.uint64(0xFFFFFFFF), np.uint64(0xFFFF)
 S4, S32, S48 = np.uint64(4), np.uint64(32), np.uint64(48)
 ZERO, EIGHT, SIXTEEN = np.uint64(0), np.uint64(8), np.uint64(16)
+AHEAD = 8
 
 
 @njit(cache=True, nogil=True)
@@ -39,8 +41,15 @@ def walk(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     nseg = 0
     cap = segs.shape[0]
     n = min(n, heads.shape[0], meta.shape[0])  # the caller's room, whatever it asked
+    # a batch: the descriptors of the chains AHEAD places on are prefetched (the driver
+    # wrote them on another CPU); an address is dear to make, so not for one chain
+    desc_at = np.uint64(desc.ctypes.data) if n > AHEAD else ZERO
     for k in range(n):
-        head = np.int64(avail[(last + k) % size])
+        if k + AHEAD < n and desc_at:
+            ahead = np.uint64(avail[(last + k + AHEAD) & (size - 1)])
+            if ahead < np.uint64(size):
+                prefetch(desc_at + SIXTEEN * ahead)
+        head = np.int64(avail[(last + k) & (size - 1)])  # a power of 2: split.py checks
         if head >= size:
             return k
         table = desc
