@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from daemon import Daemon
 
@@ -54,8 +55,19 @@ class Sw:
         return self.stats()["ports"][i]
 
 
+COMPILED = "frames taken, switched and delivered by the compiled kernels"  # its log says
+
+
+@pytest.fixture(params=["python", "compiled"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The switch daemons a test starts run pure Python or with the compiled kernels
+    (VHOSTUSER_JIT=1; numba is a test dependency)."""
+    monkeypatch.setenv("VHOSTUSER_JIT", "1" if request.param == "compiled" else "0")
+    return str(request.param)
+
+
 @pytest.fixture
-def switch(tmp_path: Path) -> Iterator[Callable[..., Sw]]:
+def switch(tmp_path: Path, mode: str) -> Iterator[Callable[..., Sw]]:
     started: list[Daemon] = []
 
     def start(nports: int = 3, *extra: str, port_opts: str = "") -> Sw:
@@ -72,6 +84,7 @@ def switch(tmp_path: Path) -> Iterator[Callable[..., Sw]]:
     for d in started:
         assert d.stop() == 0, d.log()
         assert "Traceback" not in d.log(), d.log()
+        assert (COMPILED in d.log()) == (mode == "compiled"), d.log()
 
 
 def nothing(n: NetClient, timeout: float = 0.3) -> bool:
@@ -386,7 +399,7 @@ def test_the_mac_table_keeps_what_a_dict_keeps() -> None:
     left is found with its port, every one aged out is gone, and the count is right."""
     import random
 
-    from vhostuser.switch.mac_table import MacTable
+    from vhostuser.switch.mac_table import AGE_AT_ONCE, MacTable
 
     rng = random.Random(3)
     table, model = MacTable(), {}
@@ -401,7 +414,11 @@ def test_the_mac_table_keeps_what_a_dict_keeps() -> None:
     assert full.learn(b"\x02" * 6, 3, 2.0) and full.get(b"\x02" * 6) == (3, 2.0)
     for now in (10.0, 50.0, 90.0, 101.0):
         gone = [m for m, (_, x) in model.items() if x < now]
-        assert table.age(now) == len(gone)
+        removed = []  # a bounded number per call (the switch ages once a second)
+        while n := table.age(now):
+            assert n <= AGE_AT_ONCE
+            removed.append(n)
+        assert sum(removed) == len(gone) and len(removed) > len(gone) // AGE_AT_ONCE
         for m in gone:
             del model[m]
         assert len(table) == len(model)
@@ -455,3 +472,26 @@ def test_vvu_port_serves_a_message_that_arrives_before_the_status_says_so() -> N
     assert port.backend is not None
     assert len(link.sent) == 1
     assert decode_header(link.sent[0][:12]).request == FrontendReq.GET_FEATURES
+
+
+def test_a_guest_cannot_pile_its_addresses_into_one_run_of_slots() -> None:
+    """MACs spaced by a step chosen against a fixed multiplicative hash (a continued-
+    fraction approximation of the golden ratio's: with 0x9E3779B97F4A7C15 these 8000
+    addresses land in 6 slots) spread over the table like any others: each table draws
+    its own multiplier."""
+
+    from vhostuser.switch.mac_table import PRESENT, SLOTS_LOG2, MacTable
+
+    step = 0x43A53F82
+    macs = [m.to_bytes(6, "big") for m in (j * step % (1 << 48) for j in range(1, 20000))
+            if not m >> 40 & 1][:8000]
+    keys = np.array([int.from_bytes(m, "big") | PRESENT for m in macs], np.uint64)
+    golden = (keys * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - SLOTS_LOG2)
+    assert len(np.unique(golden)) <= 6  # the attack, against a fixed multiplier
+    table = MacTable()
+    for i, mac in enumerate(macs):
+        assert table.learn(mac, i % 4, 1.0)
+    occupied = np.flatnonzero(table.keys)
+    runs = np.split(occupied, np.flatnonzero(np.diff(occupied) != 1) + 1)
+    assert max(map(len, runs)) < 64, max(map(len, runs))
+    assert all(table.get(m) == (i % 4, 1.0) for i, m in enumerate(macs))

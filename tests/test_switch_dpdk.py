@@ -3,6 +3,7 @@ macswap on the other. Every packet is accounted for on both sides and in the swi
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,16 +11,18 @@ from pathlib import Path
 import pytest
 from daemon import Daemon
 from dpdk import Testpmd
-from test_switch import Sw
+from test_switch import COMPILED, Sw
 
 RUN_SECONDS = 2.0
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[Callable[[str], tuple[Sw, Testpmd, Testpmd]]]:
+def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            ) -> Iterator[Callable[[str, bool], tuple[Sw, Testpmd, Testpmd]]]:
     made: list[object] = []
 
-    def start(devargs: str) -> tuple[Sw, Testpmd, Testpmd]:
+    def start(devargs: str, compiled: bool) -> tuple[Sw, Testpmd, Testpmd]:
+        monkeypatch.setenv("VHOSTUSER_JIT", "1" if compiled else "0")
         paths = [str(tmp_path / f"p{i}.sock") for i in range(2)]
         ctl = str(tmp_path / "ctl")
         d = Daemon(["vhostuser.cli.switch", "--control", ctl, "--port", paths[0],
@@ -43,6 +46,8 @@ def running(tmp_path: Path) -> Iterator[Callable[[str], tuple[Sw, Testpmd, Testp
         if isinstance(m, Daemon):
             assert m.stop() == 0, m.log()
             assert "Traceback" not in m.log(), m.log()
+            compiled = os.environ["VHOSTUSER_JIT"] == "1"
+            assert (COMPILED in m.log()) == compiled, m.log()
 
 
 def settled(sw: Sw) -> dict:
@@ -63,12 +68,15 @@ def settled(sw: Sw) -> dict:
 IN_ORDER, RING_PACKED = 1 << 35, 1 << 34
 
 
-@pytest.mark.parametrize("devargs", ["", "mrg_rxbuf=0,in_order=0", "queue_size=256",
-                                     "packed_vq=1", "packed_vq=1,in_order=0,mrg_rxbuf=0"])
-def test_flowgen_macswap_through_the_switch(running: Callable[[str], tuple[Sw, Testpmd,
-                                                                             Testpmd]],
-                                            devargs: str) -> None:
-    sw, a, b = running(devargs)
+@pytest.mark.parametrize(("devargs", "compiled"), [
+    ("", False), ("mrg_rxbuf=0,in_order=0", False), ("queue_size=256", False),
+    ("packed_vq=1", False), ("packed_vq=1,in_order=0,mrg_rxbuf=0", False),
+    # the compiled kernels serve split rings (packed ones: the Python path, as above)
+    ("", True), ("mrg_rxbuf=0,in_order=0", True), ("queue_size=256", True)])
+def test_flowgen_macswap_through_the_switch(
+        running: Callable[[str, bool], tuple[Sw, Testpmd, Testpmd]], devargs: str,
+        compiled: bool) -> None:
+    sw, a, b = running(devargs, compiled)
     a.wait_link_up()
     b.wait_link_up()
     b.start()

@@ -28,12 +28,13 @@ class Frames:
 
     @classmethod
     def of(cls, frames: Iterable[bytes]) -> Frames:
-        """Frames copied from byte strings."""
+        """Frames copied from byte strings (into a writable array, as a port's are: the
+        compiled kernels then have one version to load)."""
         frames = list(frames)
         lens = np.fromiter(map(len, frames), np.int64, len(frames))
         offs = np.zeros(len(frames), np.int64)
         np.cumsum(lens[:-1], out=offs[1:])
-        return cls(np.frombuffer(b"".join(frames), np.uint8), offs, lens)
+        return cls(np.frombuffer(bytearray(b"".join(frames)), np.uint8), offs, lens)
 
     def __len__(self) -> int:
         return len(self.lens)

@@ -77,8 +77,8 @@ def _warm() -> None:
 
 
 class _Scratch:
-    """The kernels' small outputs, made once per process (the switch and a TAP worker
-    serve their queues from one thread)."""
+    """The kernels' small outputs, made once per process: the switch and a TAP worker
+    serve their queues from one thread (a caller with threads would need one each)."""
 
     def __init__(self) -> None:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
@@ -104,10 +104,10 @@ _scratch.out[:] = -1
 class _Arena:
     """A port's transmit frame array and its offsets and lengths (a ring's worth)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, frames: int) -> None:
         self.data = np.zeros(size, np.uint8)
-        self.offs = np.zeros(1024, np.int64)
-        self.lens = np.zeros(1024, np.int64)
+        self.offs = np.zeros(frames, np.int64)
+        self.lens = np.zeros(frames, np.int64)
 
 
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None:
@@ -120,7 +120,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None
     arena: _Arena | None = dev.tx_arena
     size = ARENA + dev.hdr_len + max_frame
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
-        arena = dev.tx_arena = _Arena(size)
+        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
     sc = _scratch
     hl = dev.hdr_len
 

@@ -84,7 +84,7 @@ class Switch:
                         _deliver(p, frames)
             elif common >= 0:
                 _deliver(self.ports[common], frames)
-            elif common == route.MIXED:
+            elif common != route.HAIRPIN:  # MIXED, or SHORT (which goes nowhere)
                 flood = dest == route.FLOOD
                 for j, p in enumerate(self.ports):
                     if j != at:

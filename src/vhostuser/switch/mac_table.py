@@ -4,29 +4,27 @@ that the compiled forwarding kernel (route_jit.py) and Python share.
 Open addressing with linear probing over 2^17 slots, at most half of them used (so a
 probe always ends at a free slot), removal by backward shift (no tombstones). A key is the
 48-bit address, most significant byte first, with bit 48 set (0 marks a free slot). The
-hash is Fibonacci hashing of the key; route_jit.py computes the same.
+hash is multiply-shift with a random odd multiplier drawn for each table: a guest cannot
+choose source addresses that pile up in one run of slots (with a fixed multiplier it can,
+and every look-up then walks the run); route_jit.py computes the same.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import numpy as np
 
 MAX_MACS = 65536
 SLOTS_LOG2 = 17  # 2 * MAX_MACS slots
-_GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 PRESENT = 1 << 48
+AGE_AT_ONCE = 4096  # expired stations removed per `age` call at most (the rest: the next)
 
 
 def key_of(mac: bytes) -> int:
     return int.from_bytes(mac, "big") | PRESENT
-
-
-def home(key: int) -> int:
-    """A key's first slot."""
-    return ((key * _GOLDEN) & _MASK64) >> (64 - SLOTS_LOG2)
 
 
 class MacTable:
@@ -38,6 +36,11 @@ class MacTable:
         self.ports = np.zeros(1 << SLOTS_LOG2, np.int32)
         self.expiry = np.zeros(1 << SLOTS_LOG2, np.float64)
         self.count = np.zeros(1, np.int64)  # an array: the kernel updates it in place
+        self.multiplier = secrets.randbits(64) | 1
+
+    def home(self, key: int) -> int:
+        """A key's first slot."""
+        return ((key * self.multiplier) & _MASK64) >> (64 - SLOTS_LOG2)
 
     def __len__(self) -> int:
         return int(self.count[0])
@@ -45,7 +48,7 @@ class MacTable:
     def _slot(self, key: int) -> int:
         """The slot holding `key`, or the free slot where it would go."""
         mask = len(self.keys) - 1
-        i = home(key)
+        i = self.home(key)
         keys = self.keys
         while True:
             k = int(keys[i])
@@ -79,8 +82,10 @@ class MacTable:
             yield mac, int(self.ports[i]), float(self.expiry[i])
 
     def age(self, now: float) -> int:
-        """Forget the stations that expired before `now`; returns how many."""
-        gone = self.keys[(self.keys != 0) & (self.expiry < now)].tolist()
+        """Forget stations that expired before `now` (AGE_AT_ONCE at most: a flood of
+        them costs the loop a bounded pause each second; until removed, an expired one
+        is unknown to look-ups anyway); returns how many."""
+        gone = self.keys[(self.keys != 0) & (self.expiry < now)][:AGE_AT_ONCE].tolist()
         for key in gone:
             self._remove(self._slot(int(key)))
         return len(gone)
@@ -94,7 +99,7 @@ class MacTable:
             k = int(keys[j])
             if not k:
                 break
-            h = home(k)
+            h = self.home(k)
             # the entry at j stays if its home lies cyclically in (i, j]
             if (i < j and i < h <= j) or (j < i and (h > i or h <= j)):
                 continue

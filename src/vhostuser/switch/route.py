@@ -16,7 +16,7 @@ from .mac_table import MacTable
 
 log = logging.getLogger(__name__)
 
-FLOOD, HAIRPIN, MIXED = -1, -2, -3  # route_jit.py's
+FLOOD, HAIRPIN, MIXED, SHORT = -1, -2, -3, -4  # route_jit.py's
 
 _route: Any = None
 _tried = False
@@ -31,26 +31,23 @@ def available() -> bool:
             from . import route_jit
 
             _route = route_jit.route
-            assert (route_jit.FLOOD, route_jit.HAIRPIN, route_jit.MIXED) == (FLOOD, HAIRPIN,
-                                                                             MIXED)
-            frame = Frames.of([bytes(14)])
-            _route(frame.data, frame.offs, *_arrays(MacTable(1)), 1, 0, 0.0, 0.0,
-                   np.zeros(1, np.int32))
+            assert (route_jit.FLOOD, route_jit.HAIRPIN, route_jit.MIXED,
+                    route_jit.SHORT) == (FLOOD, HAIRPIN, MIXED, SHORT)
+            route(Frames.of([bytes(14)]), MacTable(1), 0, 0.0, 0.0)
         except Exception as e:  # it cannot compile here: the array version decides
             log.warning("compiled forwarding unavailable (%s): the array version serves", e)
             _route = None
     return _route is not None
 
 
-def _arrays(t: MacTable) -> tuple[np.ndarray, ...]:
-    return t.keys, t.ports, t.expiry, t.count
-
-
 def route(frames: Frames, table: MacTable, ingress: int, now: float,
           until: float) -> tuple[np.ndarray, int, int]:
-    """Each frame's destination: a port's index, FLOOD or HAIRPIN (sources learned at
-    `ingress` until `until`); how many are HAIRPIN; the destination all share, or MIXED."""
-    dest = np.empty(len(frames), np.int32)
-    hairpins, common = _route(frames.data, frames.offs, *_arrays(table), table.limit,
-                              ingress, now, until, dest)
+    """Each frame's destination: a port's index, FLOOD, HAIRPIN or SHORT (sources learned
+    at `ingress` until `until`); how many are HAIRPIN; the destination all share, or
+    MIXED."""
+    n = min(len(frames.offs), len(frames.lens))
+    dest = np.empty(n, np.int32)
+    hairpins, common = _route(frames.data, frames.offs, frames.lens, table.keys, table.ports,
+                              table.expiry, table.count, np.uint64(table.multiplier),
+                              table.limit, ingress, now, until, dest)
     return dest, hairpins, common

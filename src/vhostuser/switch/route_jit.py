@@ -12,10 +12,10 @@ from numba import njit
 
 from .mac_table import PRESENT, SLOTS_LOG2
 
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 SHIFT = np.uint64(64 - SLOTS_LOG2)
-FLOOD, HAIRPIN, MIXED = -1, -2, -3  # a frame's destination besides a port's index;
-# MIXED: the burst's frames do not all go to the same one
+FLOOD, HAIRPIN, MIXED, SHORT = -1, -2, -3, -4  # a frame's destination besides a port's
+# index; MIXED: the burst's frames do not all go to the same one; SHORT: not a frame of
+# `data` with an Ethernet header (never from a port: they drop runts; dropped here too)
 
 
 @njit(cache=True, nogil=True)
@@ -27,9 +27,9 @@ def _mac(data: Any, at: int) -> Any:
 
 
 @njit(cache=True, nogil=True)
-def _slot(keys: Any, key: Any) -> Any:
+def _slot(keys: Any, multiplier: Any, key: Any) -> Any:
     mask = keys.shape[0] - 1
-    i = np.int64((key * GOLDEN) >> SHIFT)
+    i = np.int64((key * multiplier) >> SHIFT)
     while True:
         k = keys[i]
         if k == key or k == 0:
@@ -46,17 +46,23 @@ def _same_addresses(data: Any, a: int, b: int) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def route(data: Any, offs: Any, keys: Any, ports: Any, expiry: Any, count: Any, limit: int,
-          ingress: int, now: float, until: float, dest: Any) -> tuple[int, int]:
+def route(data: Any, offs: Any, lens: Any, keys: Any, ports: Any, expiry: Any, count: Any,
+          multiplier: Any, limit: int, ingress: int, now: float, until: float,
+          dest: Any) -> tuple[int, int]:
     """For each frame (at data[offs[f]:], an Ethernet header at least) in order: learn its
     unicast source at port `ingress` until `until` (a new station only while the table
     holds fewer than `limit`), then set dest[f] to its destination's port, HAIRPIN if that
     is `ingress`, FLOOD if it is multicast, unknown or expired at `now`. Returns (how
-    many are HAIRPIN, the destination all frames share or MIXED)."""
+    many are HAIRPIN, the destination all frames share or MIXED). `dest`, `offs` and
+    `lens` are of one length (route.py makes them so)."""
     hairpins = 0
     prev = -1
-    for f in range(offs.shape[0]):
+    for f in range(dest.shape[0]):
         at = offs[f]
+        if at < 0 or lens[f] < 12 or at > data.shape[0] - 12:
+            dest[f] = SHORT
+            prev = -1
+            continue
         if prev >= 0 and _same_addresses(data, at, prev):
             # as the frame before (learning its source again changes nothing, and the
             # table is as that frame's look-up left it): a flow's frames come in a row
@@ -67,7 +73,7 @@ def route(data: Any, offs: Any, keys: Any, ports: Any, expiry: Any, count: Any, 
         prev = at
         if not data[at + 6] & 1:
             src = _mac(data, at + 6)
-            i = _slot(keys, src)
+            i = _slot(keys, multiplier, src)
             if keys[i] == src or count[0] < limit:
                 if keys[i] != src:
                     keys[i] = src
@@ -78,7 +84,7 @@ def route(data: Any, offs: Any, keys: Any, ports: Any, expiry: Any, count: Any, 
             dest[f] = FLOOD
             continue
         dst = _mac(data, at)
-        i = _slot(keys, dst)
+        i = _slot(keys, multiplier, dst)
         if keys[i] == dst and expiry[i] >= now:
             if ports[i] == ingress:
                 dest[f] = HAIRPIN
