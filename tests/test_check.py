@@ -16,17 +16,17 @@ import pytest
 from daemon import Daemon, Program
 from qemu_helpers import require_tool
 
-from vhostuser.check.checks import CHECKS
+from vhostuser.check.checks import checks_for
 from vhostuser.check.rig import GUARD, RAM, GuardedRam
 from vhostuser.devices.blk import COMPILED
 
-NAMES = [name for name, _, _ in CHECKS]
+NAMES = [name for name, _, _ in checks_for("blk")]
 
 
-def check(sock: Path | str, *names: str) -> list[dict[str, str]]:
+def check(sock: Path | str, *names: str, kind: str = "blk") -> list[dict[str, str]]:
     args = [a for n in names for a in ("--check", n)]
     r = subprocess.run([sys.executable, "-m", "vhostuser.cli.check", str(sock), "--json",
-                        *args], capture_output=True, text=True, timeout=300)
+                        "--type", kind, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode in (0, 1), r.stderr
     results = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.returncode == (1 if any(x["status"] == "FAIL" for x in results) else 0)

@@ -1,8 +1,11 @@
-"""The checks of vhost-user-check, for a vhost-user-blk back-end. Each runs on connections
-of its own and says PASS, FAIL (the back-end broke a rule of the spec, crashed, stopped
-serving, or wrote outside the memory it was given) or SKIP (the back-end does not offer
-what the check needs). The rules are the vhost-user spec's (QEMU docs/interop/
-vhost-user.rst) and the virtio spec's (2.7 split virtqueues, 2.8 packed virtqueues)."""
+"""The checks of vhost-user-check, for a vhost-user-blk or vhost-user-net back-end. Each
+runs on connections of its own and says PASS, FAIL (the back-end broke a rule of the spec,
+crashed, stopped serving, or wrote outside the memory it was given) or SKIP (the back-end
+does not offer what the check needs). The rules are the vhost-user spec's (QEMU
+docs/interop/vhost-user.rst) and the virtio spec's (2.7 split virtqueues, 2.8 packed
+virtqueues). Most checks are the protocol's and the rings' and run for both types (rig.py
+says what a queue and the probe are for each); those that make requests of the device
+are its own (the blk ones here, the net ones in net_checks.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +18,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
+from ..devices.net import F_MRG_RXBUF
 from ..frontend.blk import BlkClient
 from ..frontend.client import BackendError
+from ..frontend.net import NetClient
 from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
 from ..protocol import payloads as p
 from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from .rig import PATTERN, RAM, WANT, WANT_PROTOCOL, Session, serves, session
+from .rig import (
+    KIND,
+    KINDS,
+    PATTERN,
+    PROBE_FRAME,
+    RAM,
+    WANT,
+    WANT_PROTOCOL,
+    Session,
+    attacked,
+    serves,
+    session,
+)
 
 F = FrontendReq
 _DESC = struct.Struct("<QIHH")
@@ -43,18 +60,35 @@ class Skipped(Exception):
 
 
 CHECKS: list[tuple[str, str, Callable[[str], str]]] = []
+FOR: dict[str, tuple[str, ...]] = {}  # check name -> the device types it is for
 
 
-def check(name: str, what: str) -> Callable[[Callable[[str], str]], Callable[[str], str]]:
+def check(name: str, what: str, kinds: tuple[str, ...] = KINDS,
+          ) -> Callable[[Callable[[str], str]], Callable[[str], str]]:
     def register(fn: Callable[[str], str]) -> Callable[[str], str]:
         CHECKS.append((name, what, fn))
+        FOR[name] = kinds
         return fn
     return register
 
 
-def run(path: str, only: list[str] | None = None) -> list[Result]:
+def checks_for(kind: str) -> list[tuple[str, str, Callable[[str], str]]]:
+    from . import net_checks  # noqa: F401 - registers the net ones
+
+    return [c for c in CHECKS if kind in FOR[c[0]]]
+
+
+def run(path: str, only: list[str] | None = None, kind: str = "blk") -> list[Result]:
+    token = KIND.set(kind)
+    try:
+        return _run(path, only, kind)
+    finally:
+        KIND.reset(token)
+
+
+def _run(path: str, only: list[str] | None, kind: str) -> list[Result]:
     out = []
-    for name, _what, fn in CHECKS:
+    for name, _what, fn in checks_for(kind):
         if only and name not in only:
             continue
         try:
@@ -93,7 +127,7 @@ def _features(path: str) -> str:
         return f"features {offered:#x}, protocol features {pf:#x}"
 
 
-@check("io", "a read and GET_ID on a set-up queue complete with status OK")
+@check("io", "a read and GET_ID on a set-up queue complete with status OK", kinds=("blk",))
 def _io(path: str) -> str:
     with session(path) as s:
         blk = s.setup()
@@ -113,7 +147,8 @@ def _io(path: str) -> str:
 
 
 @check("stop-drains", "GET_VRING_BASE returns once every request the back-end took is "
-                      "used (base == used idx), and the ring goes on from that base")
+                      "used (base == used idx), and the ring goes on from that base",
+                      kinds=("blk",))
 def _stop_drains(path: str) -> str:
     with session(path) as s:
         blk = s.setup()
@@ -136,7 +171,7 @@ def _stop_drains(path: str) -> str:
         return f"base {base} = used idx; the other {16 - base} served after the restart"
 
 
-@check("reconnect", "a new connection after one that went away is served")
+@check("reconnect", "a new connection after one that went away is served", kinds=("blk",))
 def _reconnect(path: str) -> str:
     for _ in range(3):
         with session(path) as s:
@@ -251,17 +286,24 @@ def _slots(path: str) -> str:
 @check("ring-crosses-region", "a used ring that starts 4 bytes before the end of its memory "
                               "region (its elements past it), then a request kicked")
 def _ring_crosses(path: str) -> str:
+    q = attacked()
     with session(path) as s:
         s.setup(queue=False)
-        s.fe.setup_queue(0, 64, enable=False)
+        if KIND.get() == "net":  # the receive queue as usual, the transmit queue attacked
+            s.fe.negotiate(WANT | F_MRG_RXBUF, WANT_PROTOCOL)
+            s.fe.set_mem_table()
+            s.fe.setup_queue(0, 64)
+        s.fe.setup_queue(q, 64, enable=False)
         lay = s.ring().layout()
         used = s.ram.uva(s.ram.guest_addr + s.ram.size - 4)
         outcome = "accepted"
         try:
-            s.fe.call(F.SET_VRING_ADDR, p.VringAddr(0, 0, lay.desc, used, lay.avail, 0))
-            s.fe.call(F.SET_VRING_ENABLE, p.VringState(0, 1))
-            blk = BlkClient(s.fe, 0, arena=1 << 20)
-            blk.submit(T_IN, 0, in_len=512)
+            s.fe.call(F.SET_VRING_ADDR, p.VringAddr(q, 0, lay.desc, used, lay.avail, 0))
+            s.fe.call(F.SET_VRING_ENABLE, p.VringState(q, 1))
+            if KIND.get() == "net":
+                NetClient(s.fe, rx_buffers=8).send([PROBE_FRAME])
+            else:
+                BlkClient(s.fe, 0, arena=1 << 20).submit(T_IN, 0, in_len=512)
             # the ring's idx is the region's last 2 bytes, its elements all past the end:
             # a back-end that moves idx has written an element outside the region (into
             # whatever it has mapped there, where no guard of ours can see it)
@@ -302,9 +344,9 @@ def _attack(path: str, build: Callable[[Session], None], what: str,
                 s.setup()
             # a back-end that stops the queue may say so (the spec's err eventfd): the
             # check then ends at once instead of waiting the whole SETTLE
-            s.fe.call(F.SET_VRING_ERR, p.VringFile.make(0), fds=(err,))
+            s.fe.call(F.SET_VRING_ERR, p.VringFile.make(attacked()), fds=(err,))
             build(s)
-            os.eventfd_write(s.fe.queues[0].kick, 1)
+            os.eventfd_write(s.fe.queues[attacked()].kick, 1)
             completed = (lambda: _packed_used_at_0(s)) if packed else (
                 lambda: s.ring().used_idx() != 0)
             deadline = time.monotonic() + SETTLE
@@ -455,7 +497,7 @@ def _flood(path: str) -> str:
     return _attack(path, build, "avail idx 32768 in a ring of 64")
 
 
-@check("short-header", "a request header of 8 bytes (shorter than virtio-blk's 16)")
+@check("short-header", "a request header of 8 bytes (shorter than virtio-blk's 16)", kinds=("blk",))
 def _short_header(path: str) -> str:
     def build(s: Session) -> None:
         hdr, status = _header(s)
@@ -463,7 +505,7 @@ def _short_header(path: str) -> str:
     return _attack(path, build, "an 8-byte header")
 
 
-@check("no-status", "a request with no device-writable status byte")
+@check("no-status", "a request with no device-writable status byte", kinds=("blk",))
 def _no_status(path: str) -> str:
     def build(s: Session) -> None:
         hdr, _ = _header(s)
@@ -472,7 +514,7 @@ def _no_status(path: str) -> str:
     return _attack(path, build, "GET_ID whose buffers are all read-only")
 
 
-__all__ = ["CHECKS", "Result", "run"]
+__all__ = ["CHECKS", "Result", "checks_for", "run"]
 
 
 # -- packed rings (virtio 1.1+ 2.8) ------------------------------------------------------------
@@ -480,21 +522,22 @@ __all__ = ["CHECKS", "Result", "run"]
 AVAIL, USED = 1 << 7, 1 << 15  # a packed descriptor's flags
 
 
-def _packed_session(s: Session, size: int) -> BlkClient:
+def _packed_session(s: Session, size: int) -> BlkClient | None:
+    """The queues set up on packed rings of `size`; blk's client (net: None)."""
     offered = s.fe.get_u64(F.GET_FEATURES)
     if not offered & VirtioFeature.RING_PACKED:
         raise Skipped("VIRTIO_F_RING_PACKED not offered")
-    blk = s.setup(packed=True, size=size)
-    assert blk is not None
-    return blk
+    return s.setup(packed=True, size=size)
 
 
 @check("packed-io", "on a packed ring of 12 (not a power of 2): reads of 3-descriptor chains "
                     "and through indirect tables over several passes; GET_VRING_BASE's word "
-                    "holds both positions and wrap counters, and the ring goes on from it")
+                    "holds both positions and wrap counters, and the ring goes on from it",
+                    kinds=("blk",))
 def _packed_io(path: str) -> str:
     with session(path) as s:
         blk = _packed_session(s, 12)
+        assert blk is not None
         ring = s.packed_ring()
         for i in range(20):  # 3 descriptors each (or 1 with a table): 3 passes and more
             status, _ = blk.request(T_IN, i * 8, in_len=4096, indirect=bool(i % 4 == 3))
@@ -545,7 +588,7 @@ def _packed_outside(path: str) -> str:
 
 
 @check("packed-wrong-pass", "a packed chain marked available for the second pass, then as "
-                            "used, is not taken; marked right, it is served")
+                            "used, is not taken; marked right, it is served", kinds=("blk",))
 def _packed_wrong_pass(path: str) -> str:
     with session(path) as s:
         _packed_session(s, 8)
@@ -652,7 +695,8 @@ def _reads_settle(s: Session, n: int) -> str:
 
 
 @check("inflight-too-small", "an in-flight area (SET_INFLIGHT_FD) of 64 bytes for a queue of "
-                             "64, which needs 1040: refused, or nothing written past it")
+                             "64, which needs 1040: refused, or nothing written past it",
+                             kinds=("blk",))
 def _inflight_too_small(path: str) -> str:
     size = 64
     with session(path) as s:
@@ -681,7 +725,8 @@ def _inflight_too_small(path: str) -> str:
 
 
 @check("log-writes", "with LOG_ALL, every page the back-end writes (data read into guest "
-                     "memory, status bytes, the used ring) is marked in the dirty log")
+                     "memory, status bytes, the used ring) is marked in the dirty log",
+                     kinds=("blk",))
 def _log_writes(path: str) -> str:
     with session(path) as s:
         blk = _logging_session(s)
@@ -722,7 +767,7 @@ def _log_writes(path: str) -> str:
 
 
 @check("log-too-small", "a dirty log too small for guest memory: refused, or at least "
-                        "nothing written past it and the back-end serves on")
+                        "nothing written past it and the back-end serves on", kinds=("blk",))
 def _log_too_small(path: str) -> str:
     with session(path) as s:
         _logging_session(s)

@@ -2,6 +2,12 @@
 zones around the region the back-end is given, and a probe that tells whether the back-end
 still serves.
 
+The device type under check (`KIND`, which `checks.run` sets) decides what setting a
+queue up means and what the probe does: for blk, queue 0 and a read of sector 0; for net,
+the receive and transmit queues and a frame transmitted (its buffer must come back). Ring
+attacks go to `attacked(...)`: blk's queue 0, net's transmit queue, which a back-end
+reads on its own (a receive queue is read only when a frame comes).
+
 The guard zones: the memory file is GUARD + size + GUARD bytes; the region starts at
 `mmap_offset` GUARD. A back-end that maps the region as QEMU's libvhost-user and DPDK do
 (offset 0, `mmap_offset + size` bytes) maps the leading guard too, so a write it makes below
@@ -14,9 +20,12 @@ import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
+from ..devices.net import F_MRG_RXBUF
 from ..frontend.blk import BlkClient
 from ..frontend.client import Frontend
+from ..frontend.net import NetClient
 from ..protocol import ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MemRegion
 from ..virtq.guest_ram import GuestRam
@@ -30,6 +39,15 @@ WANT = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
         | VirtioFeature.RING_EVENT_IDX)
 WANT_PROTOCOL = (ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ
                  | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+KINDS = ("blk", "net")
+KIND: ContextVar[str] = ContextVar("kind", default="blk")  # the device type under check
+NET_TX = 1  # net's transmit queue (of pair 0)
+PROBE_FRAME = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(46)
+
+
+def attacked() -> int:
+    """The queue that ring attacks go to, for the device type under check."""
+    return NET_TX if KIND.get() == "net" else 0
 
 
 class GuardedRam(GuestRam):
@@ -68,8 +86,12 @@ class Session:
 
     def setup(self, queue: bool = True, packed: bool = False,
               size: int = 64) -> BlkClient | None:
-        """Negotiate (with RING_PACKED if `packed`), send the memory table, and set queue 0
-        up with `size` entries."""
+        """Negotiate (with RING_PACKED if `packed`), send the memory table, and set the
+        queues of the device type under check up with `size` entries; blk's client (net:
+        None, `setup_net` gives its client)."""
+        if KIND.get() == "net" and queue:
+            self.setup_net(packed, size)
+            return None
         self.fe.negotiate(WANT | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
         self.fe.set_mem_table()
         if not queue:
@@ -77,14 +99,25 @@ class Session:
         self.fe.setup_queue(0, size)
         return BlkClient(self.fe, 0, arena=1 << 20)
 
-    def ring(self) -> DriverRing:
-        """Queue 0's ring, split."""
-        ring = self.fe.queues[0].ring
+    def setup_net(self, packed: bool = False, size: int = 64,
+                  rx_buffers: int = 16) -> NetClient:
+        """As `setup`, for a net back-end: both queues of pair 0 (MRG_RXBUF asked for),
+        `rx_buffers` receive buffers posted."""
+        self.fe.negotiate(WANT | F_MRG_RXBUF | (VirtioFeature.RING_PACKED if packed else 0),
+                          WANT_PROTOCOL)
+        self.fe.set_mem_table()
+        for q in (0, NET_TX):
+            self.fe.setup_queue(q, size)
+        return NetClient(self.fe, rx_buffers=min(rx_buffers, size))
+
+    def ring(self, index: int | None = None) -> DriverRing:
+        """A queue's ring (the attacked one by default), split."""
+        ring = self.fe.queues[attacked() if index is None else index].ring
         assert isinstance(ring, DriverRing)
         return ring
 
     def packed_ring(self) -> PackedDriverRing:
-        ring = self.fe.queues[0].ring
+        ring = self.fe.queues[attacked()].ring
         assert isinstance(ring, PackedDriverRing)
         return ring
 
@@ -110,9 +143,15 @@ def session(path: str, reply_timeout: float = 5.0) -> Iterator[Session]:
 
 
 def serves(path: str) -> str | None:
-    """None if a fresh front-end can read sector 0 through the back-end; else why not."""
+    """None if a fresh front-end can do I/O through the back-end (blk: read sector 0; net:
+    transmit a frame and have its buffer back); else why not."""
     try:
         with session(path) as s:
+            if KIND.get() == "net":
+                net = s.setup_net()
+                net.send([PROBE_FRAME])
+                s.fe.wait_used(NET_TX, 1, timeout=5.0)
+                return None
             blk = s.setup()
             assert blk is not None
             status, _ = blk.read(0, 512)

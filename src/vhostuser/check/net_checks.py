@@ -1,0 +1,143 @@
+"""vhost-user-check's checks that make requests of a vhost-user-net back-end: frames on the
+transmit queue of pair 0, which a back-end reads on its own. What becomes of a frame is
+the back-end's business (a switch port floods it, a sink drops it, testpmd's io mode sends
+it back); what is checked is that every buffer comes back, that GET_VRING_BASE drains,
+and that frames no device should take whole (shorter than their header, asking for an
+offload that was not negotiated, longer than any frame) neither crash the back-end nor
+make it write outside its memory. The rules: virtio 1.x §5.1.6 (device operation) and
+vhost-user's ring rules."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Sequence
+
+from ..protocol import VirtioFeature
+from ..virtq.ring import DESC_F_NEXT
+from .checks import Failed, _alive, _attack, _chain, check
+from .rig import NET_TX, PROBE_FRAME, Session, session
+
+_HDR = struct.Struct("<BBHHHHH")  # virtio_net_hdr with num_buffers: 12 bytes
+HDR_F_NEEDS_CSUM, GSO_TCPV4 = 1, 1
+FRAMES = 16
+
+
+def _frame(i: int) -> bytes:
+    return PROBE_FRAME[:12] + b"\x88\xb5" + bytes([i]) * 50
+
+
+@check("net-io", "frames transmitted, one through an indirect table, all come back used",
+       kinds=("net",))
+def _net_io(path: str) -> str:
+    with session(path) as s:
+        net = s.setup_net()
+        net.send([_frame(i) for i in range(FRAMES)])
+        done = s.fe.wait_used(NET_TX, FRAMES, timeout=5.0)
+        ring = s.ring(NET_TX)
+        indirect = bool(s.fe.features & VirtioFeature.RING_INDIRECT_DESC)
+        if indirect:
+            hdr = s.ram.alloc(12)
+            body = s.ram.alloc(64)
+            s.ram.at(body, 64)[:] = _frame(99)
+            ring.add([(hdr, 12, False), (body, 64, False)], indirect=True)
+            s.fe.kick(NET_TX)
+            done += s.fe.wait_used(NET_TX, 1, timeout=5.0)
+        return (f"{len(done)} frames used" + (", one of them through an indirect table"
+                                               if indirect else ""))
+
+
+@check("net-stop-drains", "GET_VRING_BASE on the transmit queue returns once every frame "
+                          "the back-end took is used, and the queue goes on from that base",
+       kinds=("net",))
+def _net_stop_drains(path: str) -> str:
+    with session(path) as s:
+        s.setup_net()
+        ring = s.ring(NET_TX)
+        for i in range(FRAMES):
+            gpa = s.ram.alloc(12 + 64)
+            s.ram.at(gpa, 12 + 64)[:] = bytes(12) + _frame(i)
+            ring.add([(gpa, 12 + 64, False)])
+        os.eventfd_write(s.fe.queues[NET_TX].kick, 1)
+        base = s.fe.get_vring_base(NET_TX)
+        used = ring.used_idx()
+        if used != base or not 0 <= base <= FRAMES:
+            raise Failed(f"after GET_VRING_BASE: base {base}, used idx {used}, {FRAMES} "
+                         "frames made available (a frame taken but not used is lost)")
+        s.fe.start_queue(NET_TX, base)
+        os.eventfd_write(s.fe.queues[NET_TX].kick, 1)
+        deadline = time.monotonic() + 5.0
+        while ring.used_idx() != FRAMES and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if ring.used_idx() != FRAMES:
+            raise Failed(f"after the restart at {base}: used idx {ring.used_idx()} of "
+                         f"{FRAMES}")
+        return f"base {base} = used idx; the other {FRAMES - base} used after the restart"
+
+
+@check("net-reconnect", "a new connection after ones that went away with frames in flight "
+                        "is served", kinds=("net",))
+def _net_reconnect(path: str) -> str:
+    for _ in range(3):
+        with session(path) as s:
+            s.setup_net().send([_frame(i) for i in range(4)])
+    _alive(path)
+    return "three connections dropped with frames in flight, the fourth served"
+
+
+def _tx_chain(s: Session, descs: Sequence[tuple[bytes | int, int]]) -> None:
+    """A transmit chain of readable buffers: (contents, 0) written to fresh memory, or
+    (guest address, length) as given."""
+    out = []
+    for i, (what, n) in enumerate(descs):
+        nxt = DESC_F_NEXT if i + 1 < len(descs) else 0
+        if isinstance(what, bytes):
+            gpa = s.ram.alloc(max(len(what), 1))
+            s.ram.at(gpa, len(what))[:] = what
+            out.append((gpa, len(what), nxt, i + 1))
+        else:
+            out.append((what, n, nxt, i + 1))
+    _chain(s, out)
+
+
+@check("net-short-frame", "a transmitted chain of 8 bytes, shorter than the virtio-net "
+                          "header", kinds=("net",))
+def _net_short(path: str) -> str:
+    return _attack(path, lambda s: _tx_chain(s, [(bytes(8), 0)]), "an 8-byte frame")
+
+
+@check("net-offload-not-negotiated", "a frame whose header asks for a checksum and TCP "
+                                     "segmentation, neither negotiated", kinds=("net",))
+def _net_offload(path: str) -> str:
+    hdr = _HDR.pack(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
+    return _attack(path, lambda s: _tx_chain(s, [(hdr + _frame(1) * 40, 0)]),
+                   "NEEDS_CSUM and GSO_TCPV4 without CSUM or HOST_TSO4")
+
+
+@check("net-oversize", "a frame of 65550 bytes over 17 descriptors, longer than any MTU",
+       kinds=("net",))
+def _net_oversize(path: str) -> str:
+    parts = [(bytes(12) + _frame(2), 0)] + [(bytes(4096), 0)] * 16
+    return _attack(path, lambda s: _tx_chain(s, parts), "a 65 KiB frame")
+
+
+@check("net-rx-outside", "a receive buffer outside every memory region, then a broadcast "
+                         "frame transmitted (a back-end that sends frames back to the port "
+                         "meets it)", kinds=("net",))
+def _net_rx_outside(path: str) -> str:
+    with session(path) as s:
+        net = s.setup_net(rx_buffers=0)
+        rx = s.ring(0)
+        rx.add([(s.ram.size + (1 << 30), 2048, True)])  # the first buffer a frame meets
+        net.post_rx(8)
+        net.send([_frame(3)])
+        deadline = time.monotonic() + 1.0
+        while rx.used_idx() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        outcome = "a frame came back" if rx.used_idx() else "no frame came back"
+        if not s.ram.guards_intact():
+            raise Failed("the back-end wrote outside the memory region it was given")
+    _alive(path)
+    return f"{outcome}; memory outside the region untouched; still serves"
+
