@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +101,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(f"{module}: list it in MODULE_MARKERS (tests/conftest.py)")
         for name in names:
             item.add_marker(name)
+
+
+# every compiled kernel, loaded the way a daemon loads them (VHOSTUSER_JIT=1)
+_WARM = """
+from vhostuser.devices import blk_kernel, net_kernel
+from vhostuser.switch import route
+from vhostuser.virtq import split_kernel
+split_kernel.warm()
+assert blk_kernel.available() and net_kernel.available() and route.available()
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_compiled() -> None:
+    """Compile the numba kernels into numba's cache once, in a process of their own,
+    before any test starts a daemon with VHOSTUSER_JIT=1: a daemon's first start on a
+    machine compiles them (15-25 s here), which a test's wait for the daemon's socket is
+    not there to measure; later starts load them from the cache."""
+    subprocess.run([sys.executable, "-c", _WARM], env={**os.environ, "VHOSTUSER_JIT": "1"},
+                   check=True, timeout=900)
 
 
 @pytest.fixture

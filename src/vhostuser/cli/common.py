@@ -129,6 +129,9 @@ def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
+    # numba's own debug output (bytecode dumps as it compiles the kernels) is not ours to
+    # show, and at DEBUG it makes a first compile take minutes
+    logging.getLogger("numba").setLevel(max(level, logging.INFO))
 
 
 def run(args: argparse.Namespace, make_device: Callable[[], Device],

@@ -57,6 +57,7 @@ class Switch:
         self._control: socket.socket | None = None
         self._readers: dict[socket.socket, tuple[memoryview, float]] = {}  # control clients
         self._current: Watch | None = None  # what the loop watches now
+        self._kickless = False  # a queue polls all the time (made with the watch)
 
     def _changed(self) -> None:
         self._dirty = True
@@ -250,6 +251,8 @@ class Switch:
                     pass
 
     def _watch(self, stop: StopSignal) -> Watch:
+        # a transmit queue with no kick fd (SET_VRING_KICK's NOFD) is polled all the time
+        self._kickless = any(iq.kick_fd is None for p in self.vports for iq in p.tx_queues())
         w = self._current = Watch(stop)
         if self._control is not None:
             w.add(self._control.fileno(), self._serve_control)
@@ -287,8 +290,7 @@ class Switch:
                 for p in unwired:
                     p.on_vvu_event()
                 next_look = now + VVU_LOOK
-            polling = bool(unwired) or any(iq.kick_fd is None for p in self.vports
-                                           for iq in p.tx_queues())
+            polling = bool(unwired) or self._kickless
             if now < busy_until or polling:
                 timeout = 0
             else:

@@ -55,6 +55,7 @@ class InlineQueue:
         if self.q.error is not None and not self.broken:
             log.error("%s queue %d: stopped: %s", self.port.name, self.index, self.q.error)
             self.broken = True
+            self.port.forget_queues()
             self.err.notify()
 
 
@@ -76,6 +77,7 @@ class InlineGroup:
             self.port.queues.pop(iq.index, None)
             out[iq.index] = (iq.q.ring.base(), iq.broken)
             iq.q.release()
+        self.port.forget_queues()
         self.port.changed()
         return out
 
@@ -97,6 +99,8 @@ class VhostPort(Port):
         self.client = client
         self.device = NetPort(mac, queue_pairs, mtu)
         self.queues: dict[int, InlineQueue] = {}
+        self._tx: list[InlineQueue] | None = None  # the running ones, made when asked
+        self._rx: list[InlineQueue] | None = None
         self.listener: socket.socket | None = None
         self.conn: UnixChannel | None = None
         self.backend: Backend | None = None
@@ -287,13 +291,27 @@ class VhostPort(Port):
                 iq.q.disable_kicks()
             self.queues[p.index] = iq
             queues.append(iq)
+        self.forget_queues()
         self.changed()
         return InlineGroup(self, queues, broken)
 
     # -- data path -----------------------------------------------------------------------------
 
+    def forget_queues(self) -> None:
+        """The queues changed (started, stopped, broken): the lists are made again."""
+        self._tx = self._rx = None
+
     def tx_queues(self) -> list[InlineQueue]:
-        return [iq for iq in self.queues.values() if iq.is_tx and not iq.broken]
+        if self._tx is None:
+            self._tx = [iq for iq in self.queues.values() if iq.is_tx and not iq.broken]
+        return self._tx
+
+    def rx_queues(self) -> list[InlineQueue]:
+        """In queue order (flows are spread over them by position)."""
+        if self._rx is None:
+            self._rx = [iq for i, iq in sorted(self.queues.items())
+                        if i % 2 == 0 and not iq.broken]
+        return self._rx
 
     def take_tx(self, iq: InlineQueue) -> Frames:
         """Frames the guest transmitted on `iq` (at most a burst)."""
@@ -302,7 +320,7 @@ class VhostPort(Port):
         return frames
 
     def deliver(self, frames: Frames) -> None:
-        rx = [iq for i, iq in sorted(self.queues.items()) if i % 2 == 0 and not iq.broken]
+        rx = self.rx_queues()
         if not rx:
             self.counters.drops["port_down"] += len(frames)
             return
