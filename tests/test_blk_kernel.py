@@ -13,12 +13,12 @@ taken) must be equal. Set VHOSTUSER_FUZZ_SEED to replay; the seed is in the mess
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 from pathlib import Path
 
 import pytest
+from fuzz_memory import A, TwoRegions, seed
 
 from vhostuser.devices import blk_kernel
 from vhostuser.devices.blk import (
@@ -41,16 +41,10 @@ from vhostuser.virtq.split import SplitQueue
 from vhostuser.virtq.split_driver import DriverRing
 
 ROUNDS = 250
-A = 0x100000
 RAM = 2 << 20  # two regions of 2 MiB, adjoining
 B = A + RAM
 IMAGE = 1 << 20
 CAPACITY = 2 * IMAGE // 512  # the device believes the image twice as long as it is
-
-
-def seed() -> int:
-    env = os.environ.get("VHOSTUSER_FUZZ_SEED")
-    return int(env) if env else int.from_bytes(os.urandom(4), "little")
 
 
 @pytest.fixture(autouse=True)
@@ -59,23 +53,12 @@ def _jit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert blk_kernel.available()  # numba is a test dependency
 
 
-class Rig:
+class Rig(TwoRegions):
     def __init__(self, rng: random.Random, tmp: Path, read_only: bool, tracked: bool,
                  size: int, event_idx: bool) -> None:
-        self.rng = rng
-        self.size, self.event_idx = size, event_idx
+        super().__init__(rng, RAM, size, event_idx)
         # each device's in-flight area (as QEMU gives one), kept from round to round
         self.areas = [bytearray(queue_region_bytes(size)) for _ in range(2)] if tracked else []
-        self.rams = [GuestRam(RAM, guest_addr=A), GuestRam(RAM, guest_addr=B,
-                                                            user_addr=0x7F10_0000_0000)]
-        for r in self.rams:
-            r.view[:] = rng.randbytes(RAM)
-        self.mem = GuestMemory()
-        for r in self.rams:
-            self.mem.add(r.region(), mmap_region(r.region(), r.fd))
-        self.drv = DriverRing(self.rams[0], size, event_idx)
-        self.drv.start_at(65536 - 3 * size)  # the 16-bit indices wrap early on
-        self.arena = self.rams[0].alloc(RAM // 2, 4096)
         image = rng.randbytes(IMAGE)
         self.devs = []
         for name, compiled in (("py", False), ("jit", True)):
@@ -85,19 +68,6 @@ class Rig:
             dev.compiled = compiled
             dev.capacity = CAPACITY
             self.devs.append(dev)
-
-    def buf(self, n: int) -> int:
-        """Where a buffer of `n` bytes goes: mostly the first region, sometimes the second,
-        across the two, or outside memory."""
-        rng = self.rng
-        pick = rng.random()
-        if pick < 0.75:
-            return self.arena + rng.randrange(RAM // 2 - n)
-        if pick < 0.93:
-            return B + rng.randrange(RAM - n)
-        if pick < 0.995:
-            return B - rng.randrange(1, n + 1) if n else B
-        return rng.choice([0, A + 2 * RAM, 2**64 - 8])
 
     def request(self) -> list[tuple[int, int, bool]]:
         """One request's buffers (address, length, device-writable)."""
@@ -137,10 +107,7 @@ class Rig:
     def close(self) -> None:
         for d in self.devs:
             d.close()
-        self.drv.release()
-        self.mem.clear()
-        for r in self.rams:
-            r.close()
+        super().close()
 
 
 def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
@@ -181,7 +148,7 @@ def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
         q.notify()
         assert publishes <= 1  # the batch made visible at once, however it was served
         return (served, str(q.error), ring.last_avail, ring.used_idx, q.popped, q.completed,
-                [bytes(r.view) for r in rig.rams], Path(dev.opts.path).read_bytes(),
+                rig.contents(), Path(dev.opts.path).read_bytes(),
                 area(rig.areas[side], rig.size) if rig.areas else None)
     finally:
         q.release()
@@ -194,15 +161,6 @@ def area(region: bytearray, size: int) -> bytes:
     for at in range(QUEUE_HEADER + 8, QUEUE_HEADER + ENTRY * size, ENTRY):
         out[at : at + 8] = bytes(8)
     return bytes(out)
-
-
-def differ(got: tuple[object, ...], want: tuple[object, ...]) -> list[str]:
-    out = []
-    for base, g, w in zip((A, B), got[6], want[6], strict=True):  # type: ignore[call-overload]
-        at = [i for i in range(len(g)) if g[i] != w[i]]
-        if at:
-            out.append(f"{base + at[0]:#x}..{base + at[-1]:#x} ({len(at)} bytes)")
-    return out
 
 
 @pytest.mark.parametrize(("read_only", "tracked", "size", "event_idx"), [
@@ -221,17 +179,17 @@ def test_the_kernel_serves_as_blk_py_does(tmp_path: Path, read_only: bool, track
             rig.batch()
             writeback = rng.random() < 0.8
             py.writeback = jit.writeback = writeback
-            before = [bytes(r.view) for r in rig.rams]
+            before = rig.contents()
             want = serve(rig, 0, last)
-            for r, b in zip(rig.rams, before, strict=True):
-                r.view[:] = b
+            rig.restore(before)
             got = serve(rig, 1, last)
             assert want[0] == 0
             by_kernel += got[0]  # type: ignore[operator]
             completed += got[5]  # type: ignore[operator]
             where = f"seed {s}, round {round_}"
             assert got[1:6] == want[1:6], where
-            assert got[6] == want[6], f"{where}: guest memory differs at {differ(got, want)}"
+            assert got[6] == want[6], (
+                f"{where}: guest memory differs at {rig.differ(got[6], want[6])}")
             assert got[7] == want[7], f"{where}: the image differs"
             assert got[8] == want[8], f"{where}: the in-flight areas differ"
             if got[1] != "None":  # a broken ring stops the queue: start a fresh one

@@ -17,10 +17,10 @@ VHOSTUSER_FUZZ_SEED to replay; the seed is in the message."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
+from fuzz_memory import TwoRegions, seed
 
 from vhostuser.devices import net_kernel
 from vhostuser.devices.net import F_MRG_RXBUF, NetPort
@@ -28,21 +28,11 @@ from vhostuser.devices.net_frames import Frames
 from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
-from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.protocol import VirtioFeature
-from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.split import SplitQueue
-from vhostuser.virtq.split_driver import DriverRing
 
-A = 0x100000
 RAM = 4 << 20  # two regions, adjoining
-B = A + RAM
 MAC = bytes([2, 0, 0, 0, 0, 1])
-
-
-def seed() -> int:
-    env = os.environ.get("VHOSTUSER_FUZZ_SEED")
-    return int(env) if env else int.from_bytes(os.urandom(4), "little")
 
 
 @pytest.fixture(autouse=True)
@@ -51,21 +41,10 @@ def _jit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert net_kernel.available()  # numba is a test dependency
 
 
-class Rig:
+class Rig(TwoRegions):
     def __init__(self, rng: random.Random, size: int, event_idx: bool, features: int,
                  mtu: int) -> None:
-        self.rng = rng
-        self.size, self.event_idx = size, event_idx
-        self.rams = [GuestRam(RAM, guest_addr=A), GuestRam(RAM, guest_addr=B,
-                                                            user_addr=0x7F10_0000_0000)]
-        for r in self.rams:
-            r.view[:] = rng.randbytes(RAM)
-        self.mem = GuestMemory()
-        for r in self.rams:
-            self.mem.add(r.region(), mmap_region(r.region(), r.fd))
-        self.drv = DriverRing(self.rams[0], size, event_idx)
-        self.drv.start_at(65536 - 3 * size)  # the 16-bit indices wrap early on
-        self.arena = self.rams[0].alloc(RAM // 2, 4096)
+        super().__init__(rng, RAM, size, event_idx)
         self.devs = [NetPort(MAC, mtu=mtu), NetPort(MAC, mtu=mtu)]
         for d in self.devs:
             d.set_features(features)
@@ -74,24 +53,8 @@ class Rig:
     def hl(self) -> int:
         return self.devs[0].hdr_len
 
-    def buf(self, n: int) -> int:
-        """Where a buffer of `n` bytes goes: mostly the first region, sometimes the second,
-        across the two, or outside memory."""
-        rng = self.rng
-        pick = rng.random()
-        if pick < 0.75:
-            return self.arena + rng.randrange(RAM // 2 - n)
-        if pick < 0.95:
-            return B + rng.randrange(RAM - n)
-        if pick < 0.997:
-            return B - rng.randrange(1, n + 1) if n else B
-        return rng.choice([0, A + 2 * RAM, 2**64 - 8])
-
-    def write(self, gpa: int, data: bytes) -> None:
-        for r, lo in zip(self.rams, (A, B), strict=True):
-            start, end = max(gpa, lo), min(gpa + len(data), lo + RAM)
-            if start < end:
-                r.at(start, end - start)[:] = data[start - gpa : end - gpa]
+    def buf(self, n: int, odds: tuple[float, float, float] = (0.75, 0.95, 0.997)) -> int:
+        return super().buf(n, odds)
 
     def tx_chain(self) -> list[tuple[int, int, bool]]:
         """A transmitted frame's buffers (address, length, device-writable)."""
@@ -151,12 +114,6 @@ class Rig:
                 for _ in range(rng.randrange(1, 2 * self.size))]
         return Frames.of([rng.randbytes(n) for n in lens])
 
-    def close(self) -> None:
-        self.drv.release()
-        self.mem.clear()
-        for r in self.rams:
-            r.close()
-
 
 def run(rig: Rig, side: int, last: int, step: object) -> tuple[object, ...]:
     """Port `side` takes or delivers (`step(q, dev, counters)`), with the kernels (1) or
@@ -171,7 +128,7 @@ def run(rig: Rig, side: int, last: int, step: object) -> tuple[object, ...]:
         out = step(q, dev, c)  # type: ignore[operator]
         q.notify()
         return (out, c.as_dict(), str(q.error), ring.last_avail, ring.used_idx, q.popped,
-                q.completed, [bytes(r.view) for r in rig.rams])
+                q.completed, rig.contents())
     finally:
         q.release()
 
@@ -184,15 +141,6 @@ def take_all(q: DeviceQueue, dev: NetPort, c: Counters) -> list[bytes]:
         frames += take_frames(q, dev, c)  # copied out before the next take reuses them
         assert q.popped > before or q.error is not None
     return frames
-
-
-def differ(got: tuple[object, ...], want: tuple[object, ...]) -> list[str]:
-    out = []
-    for base, g, w in zip((A, B), got[7], want[7], strict=True):  # type: ignore[call-overload]
-        at = [i for i in range(len(g)) if g[i] != w[i]]
-        if at:
-            out.append(f"{base + at[0]:#x}..{base + at[-1]:#x} ({len(at)} bytes)")
-    return out
 
 
 CASES = [  # (ring size, event_idx, features, MTU)
@@ -242,14 +190,14 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
                     def step(q: DeviceQueue, dev: NetPort, c: Counters,
                              frames: Frames = frames) -> None:
                         put_frames(q, dev, c, frames)
-                before = [bytes(r.view) for r in rig.rams]
+                before = rig.contents()
                 want = run(rig, 0, last, step)
-                for r, b in zip(rig.rams, before, strict=True):
-                    r.view[:] = b
+                rig.restore(before)
                 got = run(rig, 1, last, step)
                 where = f"seed {s}, round {round_} ({kind})"
                 assert got[:7] == want[:7], where
-                assert got[7] == want[7], f"{where}: guest memory differs at {differ(got, want)}"
+                assert got[7] == want[7], (
+                    f"{where}: guest memory differs at {rig.differ(got[7], want[7])}")
                 counters: dict = got[1]  # type: ignore[assignment]
                 total[kind] += counters["rx_packets"] + counters["tx_packets"]
                 if got[2] != "None":  # a broken ring stops the queue: start a fresh one

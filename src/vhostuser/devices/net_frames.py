@@ -48,11 +48,6 @@ class Frames:
         for o, n in zip(self.offs.tolist(), self.lens.tolist(), strict=True):
             yield bytes(view[o : o + n])
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Frames) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
     def pick(self, which: np.ndarray | slice) -> Frames:
         """The frames at indices (or where a boolean mask is true), in that order."""
         return Frames(self.data, self.offs[which], self.lens[which])
