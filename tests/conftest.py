@@ -63,6 +63,8 @@ MODULE_MARKERS = {
     "test_blk_kill": ["guest"],
     "test_qemu_blk": ["guest"],
     "test_qemu_net": ["guest"],
+    "test_qemu_net_offload": ["guest"],
+    "test_net_offload": ["unit"],
     "test_qemu_rng": ["guest"],
     "test_qemu_fs": ["guest"],
     "test_qemu_fs_migrate": ["guest"],

@@ -45,7 +45,7 @@ def mac(n: int) -> str:
 
 
 def net_qemu_args(sock: Path, guest_mac: str, queues: int = 1,
-                  packed: bool = False) -> list[str]:
+                  packed: bool = False, props: str = "") -> list[str]:
     """A virtio-net-pci NIC on a vhost-user switch port (``queues`` pairs; with more than
     one, the guest gets ``mq=on`` and 2 vCPUs so that it uses them).
 
@@ -54,12 +54,15 @@ def net_qemu_args(sock: Path, guest_mac: str, queues: int = 1,
     when the guest driver sets DRIVER_OK on any vhost-user-net device - also with DPDK's
     net_vhost as the back-end, so it is not the switch's doing. Per-queue evidence then
     comes from the guest's ``ethtool -S`` counters rather than /proc/interrupts.
-    ``packed``: the NIC offers packed virtqueues.
+    ``packed``: the NIC offers packed virtqueues; ``props``: more virtio-net-pci
+    properties (``guest_tso4=off,...``).
     """
     netdev = f"vhost-user,id=n0,chardev=c0,queues={queues}"
     device = f"virtio-net-pci,netdev=n0,mac={guest_mac},vectors=0"
     if packed:
         device += ",packed=on"
+    if props:
+        device += f",{props}"
     args = ["-chardev", f"socket,id=c0,path={sock}", "-netdev", netdev]
     if queues > 1:
         args += ["-device", f"{device},mq=on", "-smp", "2"]

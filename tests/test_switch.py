@@ -14,9 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from daemon import Daemon
+from test_net_offload import check_tcp_segment, tcp_frame
 
 from vhostuser.devices.net import F_MRG_RXBUF
 from vhostuser.devices.net_frames import Frames
+from vhostuser.devices.net_offload import (
+    F_CSUM,
+    F_GUEST_CSUM,
+    F_GUEST_TSO4,
+    F_HOST_TSO4,
+    GSO_NONE,
+    GSO_TCPV4,
+    HDR,
+    NEEDS_CSUM,
+)
 from vhostuser.frontend.client import Frontend
 from vhostuser.frontend.net import NetClient
 from vhostuser.protocol import FrontendReq, ProtocolFeature, VirtioFeature
@@ -245,6 +256,42 @@ def test_multiqueue_pairs(switch: Callable[..., Sw]) -> None:
                 pass
     assert len(got) == 40
     assert sw.port_stats(1)["tx_packets"] == 40
+
+
+def test_offloads_carried_or_finished(switch: Callable[..., Sw]) -> None:
+    """A GSO frame and a checksum left to the device, flooded: the port that negotiated
+    the offloads gets them as sent, header and all; the one that did not gets complete
+    frames (checked against RFC 1071 by test_net_offload's helpers); a header that lies is
+    dropped and counted."""
+    sw = switch(3)
+    tso = NET | F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_GUEST_TSO4
+    a, b, c = sw.port(0, features=tso, buf_size=8192), sw.port(1, features=tso), sw.port(2)
+    payload = bytes(range(256)) * 16  # 4096 bytes: 3 segments of 1448 at most
+    gso = tcp_frame(False, payload)
+    gso_hdr = HDR.pack(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16) + b"\1\0"
+    a.send([gso], header=gso_hdr)
+    hdr, f = b.recv()[0]
+    assert f == gso and hdr[:10] == gso_hdr[:10]
+    assert hdr[10:] == b"\3\0"  # num_buffers: 4150 bytes in 2 KiB buffers
+    segs = [f for _, f in c.recv(3)]
+    assert b"".join(check_tcp_segment(s, False)[2] for s in segs) == payload
+    small = tcp_frame(False, b"checksum me")
+    csum_hdr = HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 34, 16) + b"\1\0"
+    a.send([small], header=csum_hdr)
+    hdr, f = b.recv()[0]
+    assert f == small and hdr == csum_hdr
+    (_, f), = c.recv()
+    check_tcp_segment(f, False)
+    assert f[:50] == small[:50] and f[52:] == small[52:]
+    a.send([gso], header=HDR.pack(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 38, 16) + b"\1\0")
+    a.send([frame(BCAST, MAC[1])])  # (after the dropped one: it was taken)
+    assert b.recv()[0][1] == frame(BCAST, MAC[1]) and c.recv()[0][1] == frame(BCAST, MAC[1])
+    st = sw.stats()["ports"]
+    assert st[0]["drops"] == {"bad_offload": 1}
+    assert st[0]["offloads"] == {"rx_gso": 1, "rx_csum": 1}
+    assert st[1]["offloads"] == {"tx_gso": 1, "tx_csum": 1}
+    assert st[2]["offloads"] == {"segmented": 1, "segments": 3, "checksummed": 1}
+    assert not st[1]["drops"] and not st[2]["drops"]
 
 
 def test_malicious_ring_stops_one_port_only(switch: Callable[..., Sw]) -> None:

@@ -14,13 +14,13 @@ import struct
 import time
 from collections.abc import Sequence
 
+from ..devices.net_offload import GSO_TCPV4, NEEDS_CSUM
 from ..protocol import VirtioFeature
 from ..virtq.ring import DESC_F_NEXT
 from .checks import Failed, _alive, _attack, _chain, check
 from .rig import NET_TX, PROBE_FRAME, Session, session
 
 _HDR = struct.Struct("<BBHHHHH")  # virtio_net_hdr with num_buffers: 12 bytes
-HDR_F_NEEDS_CSUM, GSO_TCPV4 = 1, 1
 FRAMES = 16
 
 
@@ -110,7 +110,7 @@ def _net_short(path: str) -> str:
 @check("net-offload-not-negotiated", "a frame whose header asks for a checksum and TCP "
                                      "segmentation, neither negotiated", kinds=("net",))
 def _net_offload(path: str) -> str:
-    hdr = _HDR.pack(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
+    hdr = _HDR.pack(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
     return _attack(path, lambda s: _tx_chain(s, [(hdr + _frame(1) * 40, 0)]),
                    "NEEDS_CSUM and GSO_TCPV4 without CSUM or HOST_TSO4")
 

@@ -5,8 +5,11 @@ optional TAP uplink, with MAC learning and per-port counters.
                       --control /tmp/sw.ctl
     vhost-user-switch stats --control /tmp/sw.ctl
 
-A port is PATH[,client][,mac=XX:XX:XX:XX:XX:XX][,queues=N][,mtu=N]: by default the switch
-listens on PATH; with `client` it connects to a front-end listening there (and reconnects).
+A port is PATH[,client][,mac=XX:XX:XX:XX:XX:XX][,queues=N][,mtu=N][,offloads=off]: by
+default the switch listens on PATH; with `client` it connects to a front-end listening
+there (and reconnects). A port offers checksum and segmentation offloads unless
+`offloads=off`; the switch finishes such frames in software for ports (and the TAP) that
+did not negotiate them.
 A port vvu=VFU[,poll][,...] is served through the virtio-vhost-user device whose vfio-user
 socket is VFU (with `poll`, its rings are polled rather than kicked); inside the appliance
 VM, vvu=pci:ADDRESS is the device on the VM's own PCI bus (its INTx through
@@ -50,6 +53,8 @@ def parse_port(spec: str, index: int) -> VhostPort:
             kw["poll"] = True
         elif key == "mac":
             kw["mac"] = parse_mac(val)
+        elif key == "offloads" and val in ("on", "off"):
+            kw["offloads"] = val == "on"
         elif key in ("queues", "mtu") and val.isdigit():
             kw["queue_pairs" if key == "queues" else "mtu"] = int(val)
         else:

@@ -2,8 +2,10 @@
 RARP announcement. The data path on the queues is in net_rings.py, the packet switching in
 `vhostuser.switch`; a port of the switch is a `NetPort` device.
 
-No checksum or segmentation offload is offered: every frame a guest sends is complete and
-valid as it is, so it can leave any port (another guest, a TAP device) unchanged.
+A switch port offers the checksum and segmentation offloads (net_offload.py): frames keep
+their header through the switch and are finished in software for a port that cannot take
+them. A port bridged to a TAP device offers none: every frame a guest sends there is
+complete as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..engine.device import ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature, VirtioFeature
 from . import net_kernel
+from .net_offload import F_GUEST_ANNOUNCE, GSO_NONE, NEEDS_CSUM, OFFLOADS
 from .tap import open_tap, set_queue
 
 log = logging.getLogger(__name__)
@@ -28,8 +31,6 @@ F_STATUS = 1 << 16
 F_MQ = 1 << 22
 F_IN_ORDER = 1 << 35  # VIRTIO_F_IN_ORDER
 
-HDR_F_NEEDS_CSUM = 1
-GSO_NONE = 0
 S_LINK_UP = 1
 
 ETH_HLEN = 14
@@ -55,7 +56,7 @@ def rx_header(hdr_len: int, num_buffers: int = 1) -> bytes:
 def tx_header_ok(hdr: bytes | memoryview) -> bool:
     """A transmitted frame's header asks for nothing we did not offer (no checksum to
     finish, no segmentation)."""
-    return not hdr[0] & HDR_F_NEEDS_CSUM and hdr[1] == GSO_NONE
+    return not hdr[0] & NEEDS_CSUM and hdr[1] == GSO_NONE
 
 
 def parse_mac(text: str) -> bytes:
@@ -90,7 +91,7 @@ class NetPort(Device):
                             | ProtocolFeature.CONFIG)
 
     def __init__(self, mac: bytes, queue_pairs: int = 1, mtu: int = 1500,
-                 tap: str | None = None) -> None:
+                 tap: str | None = None, offloads: bool = True) -> None:
         if not 1 <= queue_pairs <= 128:
             raise ValueError(f"queue pairs must be 1..128, not {queue_pairs}")
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -100,6 +101,7 @@ class NetPort(Device):
         self.num_queues = 2 * queue_pairs
         self.max_queue_size = 1024
         self.mtu = mtu
+        self.offloads = offloads and tap is None
         self.negotiated = 0
         self.hdr_len = 12
         self.announce: list[bytes] = []  # RARP frames waiting to be sent into the switch
@@ -114,8 +116,11 @@ class NetPort(Device):
 
     def features(self) -> int:
         # IN_ORDER: every queue's chains are returned in the order they were taken
-        # (net_rings.py completes each burst whole, in ring order)
-        return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ | F_IN_ORDER
+        # (net_rings.py completes each burst whole, in ring order); GUEST_ANNOUNCE: a
+        # front-end that has the guest announce itself after a migration may (QEMU does
+        # then, and sends no RARP)
+        offloads = OFFLOADS | F_GUEST_ANNOUNCE if self.offloads else 0
+        return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ | F_IN_ORDER | offloads
 
     def set_features(self, features: int) -> None:
         self.negotiated = features

@@ -3,6 +3,10 @@ offset and length in it. A port's take fills it, the switch reads the MAC addres
 whole burst at once and picks which frames go where, and a port's deliver copies frames
 out of it (the compiled receive path straight from the array into guest buffers).
 
+Frames that ask for an offload (a checksum to finish, a packet to segment: net_offload.py)
+carry their virtio-net header in `vnet`, a row of 10 bytes per frame (zeros for a complete
+frame); a burst of complete frames, the usual case, has none.
+
 Frames a port took stay valid until that port takes again: the compiled transmit path
 reuses its array (devices/net_kernel.py).
 """
@@ -17,24 +21,30 @@ _ADDRS = np.arange(12)
 
 
 class Frames:
-    """Frame i is `data[offs[i] : offs[i] + lens[i]]`."""
+    """Frame i is `data[offs[i] : offs[i] + lens[i]]`, its header `vnet[i]` if any."""
 
-    __slots__ = ("data", "lens", "offs")
+    __slots__ = ("data", "lens", "offs", "vnet")
 
-    def __init__(self, data: np.ndarray, offs: np.ndarray, lens: np.ndarray) -> None:
+    def __init__(self, data: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                 vnet: np.ndarray | None = None) -> None:
         self.data = data  # uint8
         self.offs = offs  # int64
         self.lens = lens  # int64
+        self.vnet = vnet  # (n, 10) uint8, or None: every frame complete
 
     @classmethod
-    def of(cls, frames: Iterable[bytes]) -> Frames:
+    def of(cls, frames: Iterable[bytes], headers: list[bytes] | None = None) -> Frames:
         """Frames copied from byte strings (into a writable array, as a port's are: the
-        compiled kernels then have one version to load)."""
+        compiled kernels then have one version to load), with their virtio-net headers
+        (10 bytes each) if any asks for an offload."""
         frames = list(frames)
         lens = np.fromiter(map(len, frames), np.int64, len(frames))
         offs = np.zeros(len(frames), np.int64)
         np.cumsum(lens[:-1], out=offs[1:])
-        return cls(np.frombuffer(bytearray(b"".join(frames)), np.uint8), offs, lens)
+        vnet = None
+        if headers is not None and any(h[0] or h[1] for h in headers):
+            vnet = np.frombuffer(bytearray(b"".join(headers)), np.uint8).reshape(-1, 10)
+        return cls(np.frombuffer(bytearray(b"".join(frames)), np.uint8), offs, lens, vnet)
 
     def __len__(self) -> int:
         return len(self.lens)
@@ -50,7 +60,8 @@ class Frames:
 
     def pick(self, which: np.ndarray | slice) -> Frames:
         """The frames at indices (or where a boolean mask is true), in that order."""
-        return Frames(self.data, self.offs[which], self.lens[which])
+        return Frames(self.data, self.offs[which], self.lens[which],
+                      None if self.vnet is None else self.vnet[which])
 
     def addresses(self) -> np.ndarray:
         """Each frame's destination and source MAC: an (n, 12) uint8 array (every frame a

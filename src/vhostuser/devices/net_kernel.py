@@ -71,7 +71,8 @@ def _warm() -> None:
         ring = (desc, avail, 0, 0, 2, True, regions, mems)
         chains = (np.zeros(nreg, np.uint64), i64, m3, m3, np.zeros(4, np.uint32), 0, 12)
         sc = _Scratch()
-        _take(*ring, *chains, 1514, np.zeros(1, np.uint8), i64, i64, sc.drops, sc.out)
+        _take(*ring, *chains, 1514, False, np.zeros(1, np.uint8), i64, i64, sc.drops,
+              sc.out)
         _put(*ring, *chains, True, 1514, np.zeros(1, np.uint8), i64, i64, sc.hdr, sc.drops,
              sc.out)
 
@@ -110,12 +111,14 @@ class _Arena:
         self.lens = np.zeros(frames, np.int64)
 
 
-def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None:
+def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
+         offloads: bool = False) -> Frames | None:
     """The frames of up to `limit` chains of transmit queue `q`, their buffers completed
     (published at the next notify); none if it stopped before the first chain (the
     chain-by-chain path then takes that one, and reports it if it is broken); None if the
-    kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). The frames
-    stay valid until the port takes again."""
+    kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). With
+    `offloads` negotiated it also stops before a frame whose header asks for one. The
+    frames stay valid until the port takes again."""
     max_frame = dev.max_frame()
     arena: _Arena | None = dev.tx_arena
     size = ARENA + dev.hdr_len + max_frame
@@ -129,7 +132,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None
         assert w is not None and w.desc is not None
         _take(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
               w.mems, w.bases, w.heads, w.meta, w.segs, w.used, ring.used_idx % ring.size,
-              hl, max_frame, arena.data, arena.offs, arena.lens, sc.drops, sc.out)
+              hl, max_frame, offloads, arena.data, arena.offs, arena.lens, sc.drops, sc.out)
         return w.heads[: sc.out[0]]
 
     q.serve_split(serve, limit)

@@ -3,28 +3,47 @@ a receive queue (virtio 1.x §5.1.6), with the counters a port keeps. Whoever mo
 frames (the switch, a TAP) calls these with the queues the engine runs.
 
 Transmit: every chain is one frame behind the virtio-net header; a frame whose header asks
-for an offload we did not offer, a runt, an oversized frame or one from a multicast source
-is dropped and counted; every buffer goes back at once. Receive: each frame gets one chain
-(or, with MRG_RXBUF, as many as it needs: num_buffers says how many); a frame that finds no
-buffer is dropped (a guest that does not post buffers must not make us queue frames).
+for an offload not negotiated (or does not match its packet: net_offload.py), a runt, an
+oversized frame or one from a multicast source is dropped and counted; every buffer goes
+back at once. A frame that asks for an offload travels with its header (`Frames.vnet`);
+delivered, it keeps it where the port negotiated the offload, else it is finished first.
+Receive: each frame gets one chain (or, with MRG_RXBUF, as many as it needs: num_buffers
+says how many); a frame that finds no buffer is dropped (a guest that does not post
+buffers must not make us queue frames).
 Bursts of one-descriptor chains take the numpy path (virtq/burst.py); with the compiled
 walk on, kernels take and deliver whole bursts (net_kernel.py). Frames travel as `Frames`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..engine.queue import DeviceQueue
+from ..ratelog import Limited
 from ..virtq.burst import DirectBurst, scatter_frames
 from ..virtq.iov import iov_write
 from ..virtq.ring import DESC_F_WRITE, Chain
 from . import net_kernel
-from .net import F_MRG_RXBUF, GSO_NONE, HDR_F_NEEDS_CSUM, NetPort, rx_header, tx_header_ok
+from .net import F_MRG_RXBUF, NetPort, rx_header, tx_header_ok
 from .net_frames import EMPTY, Frames
+from .net_offload import (
+    F_CSUM,
+    GSO_NONE,
+    MAX_GSO_FRAME,
+    NEEDS_CSUM,
+    PLAIN,
+    OffloadError,
+    accepts,
+    check_tx,
+    finish,
+)
+
+log = logging.getLogger(__name__)
+_bad_offload = Limited(log)
 
 MAX_BURST = 256
 
@@ -39,11 +58,15 @@ class Counters:
     tx_packets: int = 0
     tx_bytes: int = 0
     drops: Counter[str] = field(default_factory=Counter)
+    # rx_gso/rx_csum: frames that came with a GSO (checksum) request; tx_gso/tx_csum: ones
+    # delivered with theirs; segmented: GSO frames cut into `segments` frames for the port,
+    # checksummed: checksums finished for it
+    offloads: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                 "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
-                "drops": dict(self.drops)}
+                "drops": dict(self.drops), "offloads": dict(self.offloads)}
 
 
 def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
@@ -54,39 +77,52 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     n = min(q.available(), MAX_BURST)
     if not n:
         return EMPTY
+    offloads = dev.negotiated & F_CSUM  # (which every other transmit offload needs)
     if net_kernel.available():
         before = q.popped
-        taken = net_kernel.take(q, dev, c, n)
+        taken = net_kernel.take(q, dev, c, n, bool(offloads))
         if taken is not None:
             if q.popped != before:
                 q.notify()
                 return taken
             n = 1  # it stopped before this chain: the loop below takes it
-    burst = q.pop_direct(n)
+    burst = None if offloads else q.pop_direct(n)
     if burst is not None:
         return _take_direct(q, burst, dev, c)
     chains = q.pop_batch(n)
     hl, max_frame = dev.hdr_len, dev.max_frame()
-    frames = []
+    frames, headers = [], []
     for chain in chains:
         r = chain.readable
         buf = r[0] if len(r) == 1 else b"".join(r)
         size = len(buf) - hl
-        if size < 0 or not tx_header_ok(buf[:hl]):
+        hdr = bytes(buf[:hl])  # read once: the guest may change it meanwhile
+        if size < 0 or (not offloads and not tx_header_ok(hdr)):
             c.drops["bad_header"] += 1
         elif size < 14:
             c.drops["runt"] += 1
-        elif size > max_frame:
+        elif size > (MAX_GSO_FRAME if offloads and hdr[1] != GSO_NONE else max_frame):
             c.drops["oversize"] += 1
         elif buf[hl + 6] & 1:
             c.drops["bad_source_mac"] += 1
         else:
-            frames.append(bytes(buf[hl:]))
+            frame = bytes(buf[hl:])
+            vnet = PLAIN
+            if offloads and (hdr[0] & NEEDS_CSUM or hdr[1] != GSO_NONE):
+                try:
+                    vnet = check_tx(hdr, frame, dev.negotiated)
+                except OffloadError as e:
+                    c.drops["bad_offload"] += 1
+                    _bad_offload.log(logging.WARNING, "queue %d: frame dropped: %s", q.index, e)
+                    continue
+                c.offloads["rx_gso" if vnet[1] != GSO_NONE else "rx_csum"] += 1
+            frames.append(frame)
+            headers.append(vnet)
             c.rx_bytes += size
     c.rx_packets += len(frames)
     q.complete_batch(chains, [0] * len(chains))
     q.notify()
-    return Frames.of(frames)
+    return Frames.of(frames, headers)
 
 
 def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> Frames:
@@ -97,7 +133,7 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
     size = b.lengths - hl
     has_hdr = size >= 0
     at = np.where(has_hdr, b.offsets, 0)  # in bounds whatever the buffer's length
-    bad = ~has_hdr | (u8[at] & HDR_F_NEEDS_CSUM != 0) | (u8[at + 1] != GSO_NONE)
+    bad = ~has_hdr | (u8[at] & NEEDS_CSUM != 0) | (u8[at + 1] != GSO_NONE)
     runt = ~bad & (size < 14)
     over = ~bad & ~runt & (size > max_frame)
     ok = ~(bad | runt | over)
@@ -120,9 +156,51 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
 
 
 def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
-    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit. The
-    compiled kernel (net_kernel.py) delivers what it can, then the numpy burst path; the
-    loop below is the reference for both."""
+    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit."""
+    if frames.vnet is None:
+        _put_complete(q, dev, c, frames)
+    else:
+        _put_offloaded(q, dev, c, frames)
+    q.notify()
+
+
+def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
+    """`put_frames` for a burst where frames ask for offloads: each goes with its header
+    if the port negotiated that offload, else finished in software (its checksum filled
+    in, or segmented); in burst order."""
+    assert frames.vnet is not None
+    mrg = bool(dev.negotiated & F_MRG_RXBUF)
+    complete: list[bytes] = []  # complete frames waiting to go, in order
+    for i, vnet in enumerate(frames.vnet.tobytes()[k : k + 10]
+                             for k in range(0, 10 * len(frames), 10)):
+        if vnet == PLAIN:
+            complete.append(frames[i])
+        elif accepts(vnet, dev.negotiated):
+            if complete:
+                _put_complete(q, dev, c, Frames.of(complete))
+                complete = []
+            hdr = (vnet + b"\1\0")[: dev.hdr_len]  # num_buffers 1 (more: _spread)
+            gso = vnet[1] != GSO_NONE
+            before = c.tx_packets
+            _put_one(q, dev, c, frames[i], q.available(), hdr, mrg,
+                     MAX_GSO_FRAME if gso else dev.max_frame())
+            if c.tx_packets != before:
+                c.offloads["tx_gso" if gso else "tx_csum"] += 1
+        else:
+            done = finish(frames[i], vnet)
+            if vnet[1] != GSO_NONE:
+                c.offloads["segmented"] += 1
+                c.offloads["segments"] += len(done)
+            else:
+                c.offloads["checksummed"] += 1
+            complete.extend(done)
+    if complete:
+        _put_complete(q, dev, c, Frames.of(complete))
+
+
+def _put_complete(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
+    """`put_frames` for complete frames. The compiled kernel (net_kernel.py) delivers what
+    it can, then the numpy burst path; the loop below is the reference for both."""
     hl = dev.hdr_len
     mrg = bool(dev.negotiated & F_MRG_RXBUF)
     max_frame = dev.max_frame()
@@ -140,7 +218,6 @@ def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> Non
             if done is None:  # it cannot serve the queue now: the paths below
                 break
             if done == len(frames):
-                q.notify()
                 return
             # it stopped before frame `done`: the loop takes that one, the kernel the rest
             avail = _put_one(q, dev, c, frames[done], q.available(), hdr1, mrg, max_frame)
@@ -152,13 +229,12 @@ def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> Non
         frames, avail = frames.pick(slice(done, None)), avail - done
     for frame in frames:
         avail = _put_one(q, dev, c, frame, avail, hdr1, mrg, max_frame)
-    q.notify()
 
 
 def _put_one(q: DeviceQueue, dev: NetPort, c: Counters, frame: bytes, avail: int,
              hdr1: bytes, mrg: bool, max_frame: int) -> int:
-    """One frame into the chain (or with MRG_RXBUF, chains) it needs, `avail` of them
-    available; returns how many are left."""
+    """One frame behind header `hdr1` (num_buffers 1) into the chain (or with MRG_RXBUF,
+    chains) it needs, `avail` of them available; returns how many are left."""
     hl = dev.hdr_len
     need = hl + len(frame)
     if len(frame) > max_frame:
@@ -179,7 +255,7 @@ def _put_one(q: DeviceQueue, dev: NetPort, c: Counters, frame: bytes, avail: int
         iov_write(w, hdr1 + frame)
         q.complete(chain, need)
     elif mrg:
-        avail = _spread(q, chain, frame, hl, avail)
+        avail = _spread(q, chain, hdr1, frame, avail)
         if avail < 0:
             c.drops["no_rx_buffer"] += 1
             return 0
@@ -215,11 +291,12 @@ def _put_direct(q: DeviceQueue, frames: Frames, hdr: bytes, avail: int,
     return k
 
 
-def _spread(q: DeviceQueue, first: Chain, frame: bytes, hl: int, avail: int) -> int:
-    """MRG_RXBUF: lay one frame over as many chains as it takes; the header of the first
-    says how many. Returns the chains still available, -1 if they ran out (the chains
-    taken go back empty)."""
-    data = bytearray(rx_header(hl, 1) + frame)
+def _spread(q: DeviceQueue, first: Chain, hdr: bytes, frame: bytes, avail: int) -> int:
+    """MRG_RXBUF: lay one frame behind `hdr` over as many chains as it takes; the header's
+    num_buffers says how many. Returns the chains still available, -1 if they ran out
+    (the chains taken go back empty)."""
+    hl = len(hdr)
+    data = bytearray(hdr + frame)
     chains = [first]
     room = sum(len(v) for v in first.writable)
     while room < len(data):

@@ -12,14 +12,13 @@ from numba import njit, types
 
 from ..virtq.prefetch_jit import prefetch, prefetch_write
 from ..virtq.split_walk_jit import walk
+from .net_offload import GSO_NONE, NEEDS_CSUM
 
 # void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
 # blk_serve_jit.py's preadv); every range is checked before it is called
 memcpy: Any = types.ExternalFunction("memcpy", types.voidptr(types.uintp, types.uintp,
                                                              types.uintp))
 
-HDR_F_NEEDS_CSUM = 1
-GSO_NONE = 0
 ETH_HLEN = 14
 # indices of the drop counts both kernels add to (net_kernel.DROPS names them)
 BAD_HEADER, RUNT, OVERSIZE, BAD_SOURCE, NO_RX_BUFFER, RX_TOO_SMALL = range(6)
@@ -55,14 +54,15 @@ def _gather(bases: Any, segs: Any, first: int, count: int, limit: int, out: Any)
 @njit(cache=True, nogil=True)
 def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
-         used_at: int, hl: int, max_frame: int, arena: Any, offs: Any, lens: Any,
-         drops: Any, out: Any) -> None:
+         used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any, offs: Any,
+         lens: Any, drops: Any, out: Any) -> None:
     """Take up to `n` transmitted chains from avail position `last`: each one frame behind
     a header of `hl` bytes. A chain's bytes are copied into `arena` (as far as a frame may
     go) and checked there; a valid frame stays (its offset and length into `offs`,
     `lens`), an invalid one is counted in `drops`; every chain's used element (written 0)
     goes to used ring slots from `used_at` on. Stops before the first chain the walk does
-    not take, and before one the arena has no room left for. The heads taken are the
+    not take, before one the arena has no room left for, and (with `offloads`) before a
+    frame whose header asks for an offload (net_rings.py checks those). The heads taken are the
     walk's, in `heads`; `out` says how many, and how many frames were kept."""
     n = min(n, offs.shape[0])
     k = walk(desc, avail, last, n, size, indirect_ok, regions, mems, heads, meta, segs)
@@ -88,7 +88,10 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
                 k = i  # the arena is full: the rest at the next call
                 break
             _gather(bases, segs, first, nr, copy, base + pos)
-            if arena[pos] & HDR_F_NEEDS_CSUM or arena[pos + 1] != GSO_NONE:
+            if arena[pos] & NEEDS_CSUM or arena[pos + 1] != GSO_NONE:
+                if offloads:
+                    k = i
+                    break
                 drops[BAD_HEADER] += 1
             elif body < ETH_HLEN:
                 drops[RUNT] += 1

@@ -85,7 +85,7 @@ class InlineGroup:
 class VhostPort(Port):
     def __init__(self, name: str, path: str | None, mac: bytes, *, client: bool = False,
                  fd: int | None = None, vvu: str | None = None, poll: bool = False,
-                 queue_pairs: int = 1, mtu: int = 1500,
+                 queue_pairs: int = 1, mtu: int = 1500, offloads: bool = True,
                  changed: Callable[[], None] = lambda: None,
                  message_timeout: float | None = None) -> None:
         super().__init__(name)
@@ -97,7 +97,7 @@ class VhostPort(Port):
         self.poll = poll
         self.link: VvuLink | None = None
         self.client = client
-        self.device = NetPort(mac, queue_pairs, mtu)
+        self.device = NetPort(mac, queue_pairs, mtu, offloads=offloads)
         self.queues: dict[int, InlineQueue] = {}
         self._tx: list[InlineQueue] | None = None  # the running ones, made when asked
         self._rx: list[InlineQueue] | None = None

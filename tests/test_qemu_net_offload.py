@@ -1,0 +1,108 @@
+"""Checksum and segmentation offloads through ``vhost-user-switch``, with two QEMU guests
+whose Linux drivers use them.
+
+Guest A's NIC has every offload: it sends TCP in 64 KiB GSO frames and takes them whole.
+Guest B's NIC sends GSO frames too, but takes neither checksums nor GSO frames
+(``guest_csum=off,guest_tso4=off,...``): what A sends B must be segmented and checksummed
+by the switch, in software, and B's TCP stack checks every checksum (a wrong one is
+counted in InCsumErrors and the segment dropped, so the transfer would stall). Both send
+64 MiB to each other at the same time; the data (64 copies of a seeded 1 MiB file put in
+both initramfs) is known to the test, which compares the sha256 each receiver prints.
+The switch's counters say which way each frame went (carried whole or cut).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+from qemu_net_helpers import (
+    NET_MODULES,
+    SwitchDaemon,
+    format_drops,
+    guest_net_setup,
+    mac,
+    net_qemu_args,
+    port_stats,
+    retry,
+    tagged,
+    wait_reachable,
+)
+
+from vhostuser.vm import GuestError, GuestVM
+
+A_IP, B_IP = "192.0.2.50", "192.0.2.51"
+COPIES = 64  # of the 1 MiB file: 64 MiB each way
+NO_GUEST_OFFLOADS = "guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off"
+
+
+def script(me: str, peer: str) -> str:
+    """Receive on port 5000 into sha256sum while sending the 64 MiB to the peer's."""
+    return guest_net_setup(me) + f"""
+echo "OFFLOADS $(cat /sys/class/net/eth0/features 2>/dev/null)"
+# nc's stdin: a FIFO this shell holds open, so it never ends (at the end of its stdin,
+# busybox nc shuts its sending side down, and the sending nc stops at that)
+mkfifo /tmp/hold
+exec 3<>/tmp/hold
+(timeout 250 nc -l -p 5000 <&3 | sha256sum > /tmp/rx.sha) &
+{wait_reachable(peer)}
+send() {{ i=0; while [ $i -lt {COPIES} ]; do cat /data; i=$((i + 1)); done; }}
+{retry(f"send | nc {peer} 5000", 300)}
+echo "SEND_RETRIES $i"
+wait
+echo "RX $(cut -d' ' -f1 /tmp/rx.sha)"
+awk '/^Tcp:/ {{ if (!c) {{ for (i = 2; i <= NF; i++) if ($i == "InCsumErrors") c = i }}
+               else {{ print "CSUM_ERRORS " $c; exit }} }}' /proc/net/snmp
+"""
+
+
+@pytest.fixture(scope="module")
+def data() -> bytes:
+    return random.Random(0x7509).randbytes(1 << 20)
+
+
+def test_tso_both_ways_segmented_and_carried(tmp_path: Path, data: bytes) -> None:
+    sock_a, sock_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    mac_a, mac_b = mac(0x50), mac(0x51)
+    want = hashlib.sha256(data * COPIES).hexdigest()
+    files: dict[str, bytes | Path] = {"data": data}
+    with SwitchDaemon(tmp_path, [f"{sock_a},mac={mac_a}", f"{sock_b},mac={mac_b}"]) as switch:
+        vm_a = GuestVM(script(A_IP, B_IP), modules=NET_MODULES, timeout=300, files=files,
+                       qemu_args=net_qemu_args(sock_a, mac_a))
+        vm_b = GuestVM(script(B_IP, A_IP), modules=NET_MODULES, timeout=300, files=files,
+                       qemu_args=net_qemu_args(sock_b, mac_b, props=NO_GUEST_OFFLOADS))
+        with vm_a, vm_b:
+            vm_a.start()
+            vm_b.start()
+            try:
+                res_a, res_b = vm_a.wait(), vm_b.wait()
+            except GuestError as e:
+                pytest.fail(f"{e}\n{switch.describe()}")
+        stats = switch.stats()
+        rc = switch.stop()
+    ctx = (f"\n--- A ---\n{res_a.output}--- B ---\n{res_b.output}"
+           f"--- stats ---\n{json.dumps(stats, indent=1)}\n{switch.describe()}")
+    assert rc == 0 and "Traceback" not in switch.log, ctx
+    assert res_a.status == 0 and res_b.status == 0, ctx
+    assert tagged(res_a.lines, "RX") == want, "B -> A (GSO carried) damaged" + ctx
+    assert tagged(res_b.lines, "RX") == want, "A -> B (segmented) damaged" + ctx
+    assert tagged(res_a.lines, "CSUM_ERRORS") == "0", ctx
+    assert tagged(res_b.lines, "CSUM_ERRORS") == "0", ctx
+
+    pa, pb = port_stats(stats, "port0"), port_stats(stats, "port1")
+    oa, ob = pa["offloads"], pb["offloads"]
+    # both guests sent GSO frames; A's were cut for B, B's went to A whole
+    assert oa.get("rx_gso", 0) > 100 and ob.get("rx_gso", 0) > 100, ctx
+    assert ob.get("segmented", 0) > 100, ctx
+    assert ob["segments"] > 2 * ob["segmented"], ctx
+    assert oa.get("tx_gso", 0) > 100 and not oa.get("segmented"), ctx
+    # 64 MiB in frames of at most 1514 bytes can only reach B as 45,000+ frames; A's
+    # frames (with B's ACKs among them) average more than any MTU-sized frame could
+    assert pb["tx_packets"] > COPIES * (1 << 20) // 1514, ctx
+    assert pa["tx_bytes"] > COPIES << 20, ctx
+    assert pa["tx_bytes"] / pa["tx_packets"] > 1514, ctx
+    assert not format_drops(pa) and not format_drops(pb), ctx
+    print(f"offloads: A {oa}, B {ob}; frames to A {pa['tx_packets']}, to B {pb['tx_packets']}")
