@@ -6,6 +6,7 @@ this run: the test fails if DPDK's behaviour or the checker's verdict on it chan
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from test_check import check
 from test_switch import COMPILED
 
 from vhostuser.check.checks import checks_for
+from vhostuser.check.net_checks import _LIES
 
 NET = [name for name, _, _ in checks_for("net")]
 
@@ -26,14 +28,20 @@ def test_ours_passes_every_net_check(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                      jit: bool) -> None:
     """The ring attacks go to the transmit queue, which the compiled kernels serve."""
     monkeypatch.setenv("VHOSTUSER_JIT", "1" if jit else "0")
-    sock = tmp_path / "net.sock"
-    d = Daemon(["vhostuser.cli.net", "--socket-path", str(sock)], sock, tmp_path / "net.log")
+    sock, ctl = tmp_path / "net.sock", tmp_path / "ctl"
+    d = Daemon(["vhostuser.cli.net", "--socket-path", str(sock), "--control", str(ctl)], sock,
+               tmp_path / "net.log")
     try:
         results = check(sock, kind="net")
         assert [r["check"] for r in results] == NET
         bad = [r for r in results if r["status"] != "PASS"]
         assert bad == [], bad
         assert d.alive()
+        # net-offload-lies: each of its frames refused (nothing else makes that drop)
+        stats = json.loads(subprocess.run(
+            [sys.executable, "-m", "vhostuser.cli.switch", "stats", "--control", str(ctl)],
+            capture_output=True, text=True, check=True, timeout=30).stdout)
+        assert stats["ports"][0]["drops"]["bad_offload"] == len(_LIES), stats
     finally:
         assert d.stop() == 0, d.log()
     assert "Traceback" not in d.log()
@@ -51,7 +59,8 @@ def test_the_net_checks_are_listed_and_blk_ones_refused() -> None:
     assert r.returncode == 2 and "not a check for net: no-status" in r.stderr
 
 
-# What DPDK 22.11's vhost PMD did (testpmd, io forwarding; every check against one process)
+# What DPDK 22.11's vhost PMD did (testpmd, io forwarding, tso=1; every check against one
+# process)
 # (recorded 2026-12-01, Debian 12's dpdk 22.11.11-0+deb12u1): the verdict, and the outcome
 # the detail reports where it says what became of the attack.
 DPDK_2211: dict[str, tuple[str, str]] = {name: ("PASS", "") for name in NET} | {
@@ -78,9 +87,10 @@ DPDK_2211: dict[str, tuple[str, str]] = {name: ("PASS", "") for name in NET} | {
 
 def test_dpdk_vhost(tmp_path: Path) -> None:
     """All the checks against one testpmd (none has crashed it: a crash would fail the
-    checks after it, and this test with them)."""
+    checks after it, and this test with them). `tso=1`: its port offers CSUM and TSO, so
+    the offload checks meet them."""
     sock = tmp_path / "dpdk.sock"
-    with Testpmd.vhost(sock, forward_mode="io", cpu=0,
+    with Testpmd.vhost(sock, forward_mode="io", cpu=0, devargs="tso=1",
                        log_path=tmp_path / "testpmd.log") as be:
         be.start()
         results = check(sock, kind="net")

@@ -14,10 +14,22 @@ import struct
 import time
 from collections.abc import Sequence
 
-from ..devices.net_offload import GSO_TCPV4, NEEDS_CSUM
+from ..devices.net_offload import (
+    F_CSUM,
+    F_HOST_ECN,
+    F_HOST_TSO4,
+    F_HOST_TSO6,
+    F_HOST_UFO,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    NEEDS_CSUM,
+)
 from ..protocol import VirtioFeature
 from ..virtq.ring import DESC_F_NEXT
-from .checks import Failed, _alive, _attack, _chain, check
+from .checks import Failed, Skipped, _alive, _attack, _chain, check
 from .rig import NET_TX, PROBE_FRAME, Session, session
 
 _HDR = struct.Struct("<BBHHHHH")  # virtio_net_hdr with num_buffers: 12 bytes
@@ -113,6 +125,66 @@ def _net_offload(path: str) -> str:
     hdr = _HDR.pack(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
     return _attack(path, lambda s: _tx_chain(s, [(hdr + _frame(1) * 40, 0)]),
                    "NEEDS_CSUM and GSO_TCPV4 without CSUM or HOST_TSO4")
+
+
+def _ipv4(proto: int, l4: bytes, total: int | None = None, frag: int = 0x4000) -> bytes:
+    """An IPv4 packet of 192.0.2.1 -> 192.0.2.2 behind the probe frame's addresses (its
+    header checksum left 0: the checks are about what the device does with it)."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total or 20 + len(l4), 1, frag, 64, proto, 0,
+                     bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    return PROBE_FRAME[:12] + b"\x08\x00" + ip + l4
+
+
+_TCP = struct.pack("!HHIIBBHHH", 40000, 5000, 1, 1, 5 << 4, 0x18, 500, 0, 0)
+_UDP = struct.pack("!HHHH", 4000, 4001, 8 + 3000, 0)
+
+# (what, header, frame): GSO and checksum requests their packets do not match
+_LIES = [
+    ("an MSS of 1", (GSO_TCPV4, 1, 34, 16), _ipv4(6, _TCP + bytes(3000))),
+    ("an MSS of 0", (GSO_TCPV4, 0, 34, 16), _ipv4(6, _TCP + bytes(3000))),
+    ("the checksum past the frame", (GSO_NONE, 0, 60000, 16), _ipv4(6, _TCP + bytes(100))),
+    ("the checksum field's last byte past the frame", (GSO_NONE, 0, 34, 119),
+     _ipv4(6, _TCP + bytes(100))),
+    ("TCPv6 segmentation of an IPv4 packet", (GSO_TCPV6, 1448, 34, 16),
+     _ipv4(6, _TCP + bytes(3000))),
+    ("TCP segmentation of a UDP packet", (GSO_TCPV4, 1448, 34, 16),
+     _ipv4(17, _UDP + bytes(3000))),
+    ("a TCP header of 60 bytes in a packet of 30", (GSO_TCPV4, 1448, 34, 16),
+     _ipv4(6, _TCP[:12] + b"\xf0" + _TCP[13:] + bytes(10))),
+    ("an IP total length past the frame", (GSO_TCPV4, 1448, 34, 16),
+     _ipv4(6, _TCP + bytes(3000), total=60000)),
+    ("an IPv4 fragment", (GSO_UDP, 1448, 34, 6), _ipv4(17, _UDP + bytes(3000), frag=0x2001)),
+    ("an ECN request of a truncated frame", (GSO_TCPV4 | GSO_ECN, 1448, 34, 16),
+     _ipv4(6, _TCP)[:40]),
+    ("not IP at all", (GSO_TCPV4, 1448, 34, 16), PROBE_FRAME + bytes(3000)),
+]
+
+
+@check("net-offload-lies", "with checksum and segmentation offloads negotiated, frames "
+                           "whose headers do not match their packets (an MSS of 0 or 1, a "
+                           "checksum past the frame, the wrong GSO type, lengths past the "
+                           "frame, a fragment, not IP)", kinds=("net",))
+def _net_offload_lies(path: str) -> str:
+    want = F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_UFO | F_HOST_ECN
+    with session(path) as s:
+        s.setup_net(features=want)
+        if s.fe.features & (F_CSUM | F_HOST_TSO4) != F_CSUM | F_HOST_TSO4:
+            raise Skipped("CSUM and HOST_TSO4 not offered")
+        ring = s.ring(NET_TX)
+        for _, (gso, size, start, offset), frame in _LIES:
+            data = _HDR.pack(NEEDS_CSUM, gso, 54, size, start, offset, 0) + frame
+            gpa = s.ram.alloc(len(data))
+            s.ram.at(gpa, len(data))[:] = data
+            ring.add([(gpa, len(data), False)])
+        s.fe.kick(NET_TX)
+        try:
+            s.fe.wait_used(NET_TX, len(_LIES), timeout=5.0)
+        except TimeoutError:
+            raise Failed(f"{ring.used_idx()} of {len(_LIES)} frames used") from None
+        if not s.ram.guards_intact():
+            raise Failed("the back-end wrote outside the memory region it was given")
+    _alive(path)
+    return f"{len(_LIES)} frames used; served on"
 
 
 @check("net-oversize", "a frame of 65550 bytes over 17 descriptors, longer than any MTU",

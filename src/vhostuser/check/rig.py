@@ -100,11 +100,11 @@ class Session:
         return BlkClient(self.fe, 0, arena=1 << 20)
 
     def setup_net(self, packed: bool = False, size: int = 64,
-                  rx_buffers: int = 16) -> NetClient:
-        """As `setup`, for a net back-end: both queues of pair 0 (MRG_RXBUF asked for),
-        `rx_buffers` receive buffers posted."""
-        self.fe.negotiate(WANT | F_MRG_RXBUF | (VirtioFeature.RING_PACKED if packed else 0),
-                          WANT_PROTOCOL)
+                  rx_buffers: int = 16, features: int = 0) -> NetClient:
+        """As `setup`, for a net back-end: both queues of pair 0 (MRG_RXBUF and
+        `features` asked for), `rx_buffers` receive buffers posted."""
+        self.fe.negotiate(WANT | F_MRG_RXBUF | features
+                          | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
         self.fe.set_mem_table()
         for q in (0, NET_TX):
             self.fe.setup_queue(q, size)
