@@ -1,9 +1,13 @@
-"""DPDK testpmd (virtio_user front-ends) on two ports of our switch: flowgen on one,
-macswap on the other. Every packet is accounted for on both sides and in the switch."""
+"""DPDK testpmd (virtio_user front-ends) on ports of our switch: flowgen on one, macswap
+on the other, every packet accounted for on both sides and in the switch; and testpmd's
+csum engine asking for checksum and TCP segmentation offloads on frames the switch then
+hands to a TAP device, whose kernel checks them."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +15,7 @@ from pathlib import Path
 import pytest
 from daemon import Daemon
 from dpdk import Testpmd
+from qemu_net_helpers import Netns, SwitchDaemon
 from test_switch import COMPILED, Sw
 
 RUN_SECONDS = 2.0
@@ -114,3 +119,51 @@ def test_flowgen_macswap_through_the_switch(
     assert s0["rx_bytes"] == pa.tx_bytes and s1["tx_bytes"] == pb.rx_bytes
     # the switch learned flowgen's and macswap's addresses on the right ports
     assert {m["port"] for m in st["macs"]} == {"port0", "port1"}
+
+
+TAP, TAP_IP, PEER_IP = "vuc0", "192.0.2.1", "192.0.2.30"
+DATAGRAMS, TCP_PAYLOAD, MSS = 50, 1400, 500
+PROBE = Path(__file__).with_name("tap_checksum_probe.py")
+
+
+def test_testpmd_csum_engine_offloads_reach_the_tap_finished(tmp_path: Path) -> None:
+    """Frames from the namespace go out of the TAP with wrong UDP/TCP checksums; testpmd's
+    csum engine (UDP and TCP checksums in "hw", TSO at 500) sends them back through the
+    switch with NEEDS_CSUM (and GSO for the 1400-byte segment), which the switch finishes
+    in software for the TAP. The namespace's kernel delivers a datagram only if its
+    checksum is right, and answers each TCP segment with a RST only if its checksum is."""
+    sock = tmp_path / "p0.sock"
+    with Netns("-csum") as ns:
+        for key in ("all", "default"):
+            ns.run("sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+        ns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
+        ns.run("ip", "addr", "add", f"{TAP_IP}/24", "dev", TAP)
+        ns.run("ip", "link", "set", TAP, "up")
+        tap_mac = ns.run("cat", f"/sys/class/net/{TAP}/address").stdout.strip()
+        with SwitchDaemon(tmp_path, [str(sock)], tap=TAP, netns=ns.name) as switch:
+            with Testpmd.virtio_user(sock, forward_mode="csum", cpu=1, name="csum",
+                                     testpmd_args=[f"--eth-peer=0,{tap_mac}",
+                                                   "--tx-offloads=0x2c"],
+                                     log_path=tmp_path / "csum.log") as tp:
+                for cmd in ("port stop 0", "csum set ip sw 0", "csum set udp hw 0",
+                            "csum set tcp hw 0", f"tso set {MSS} 0", "port start 0"):
+                    tp.command(cmd)
+                tp.wait_link_up()
+                tp.start()
+                probe = ns.run(sys.executable, str(PROBE), TAP, TAP_IP, PEER_IP,
+                               str(DATAGRAMS), str(TCP_PAYLOAD), str(MSS), timeout=60)
+                fwd = tp.stop()
+                stats = switch.stats()
+            assert switch.stop() == 0, switch.describe()
+    got = json.loads(probe.stdout)
+    counts = {k: v if isinstance(v, int) else len(v) for k, v in got.items()}
+    ctx = f"\n{counts}\n{json.dumps(stats, indent=1)}\n{fwd}"
+    port, tap = stats["ports"][0], stats["ports"][1]
+    assert int(port["features"], 16) & 0x801 == 0x801, ctx  # CSUM, HOST_TSO4 negotiated
+    assert sorted(got["received"]) == sorted(got["sent"]), ctx
+    assert got["UdpInCsumErrors"] == 0 and got["UdpInDatagrams"] == DATAGRAMS, ctx
+    segments = -(-TCP_PAYLOAD // MSS)
+    assert got["TcpInCsumErrors"] == 0 and got["TcpOutRsts"] == segments, ctx
+    assert port["offloads"] == {"rx_csum": DATAGRAMS, "rx_gso": 1}, ctx
+    assert tap["offloads"] == {"checksummed": DATAGRAMS, "segmented": 1,
+                               "segments": segments}, ctx
