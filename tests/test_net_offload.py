@@ -237,6 +237,18 @@ def test_headers_that_lie_are_refused() -> None:
         with pytest.raises(OffloadError):
             check_tx(hdr, bad, ALL_TX)
             pytest.fail(what)
+    big = tcp_frame(False, bytes(60000))
+    with pytest.raises(OffloadError, match="segments"):  # 1250 segments of 48 bytes
+        check_tx(HDR.pack(NEEDS_CSUM, tso, 0, 48, 34, 16), big, ALL_TX)
+    assert check_tx(HDR.pack(NEEDS_CSUM, tso, 0, 536, 34, 16), big, ALL_TX)  # 112 of 536
+    with pytest.raises(OffloadError, match="Ethernet header"):  # would rewrite the MACs
+        check_tx(HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 6, 0), frame, ALL_TX)
+    with_options = bytearray(udp_frame(False, bytes(3000)))
+    with_options[14] = 0x46  # an IPv4 header of 24 bytes: options copied to no fragment
+    with_options[34:34] = bytes(4)
+    with_options[16:18] = (int.from_bytes(with_options[16:18], "big") + 4).to_bytes(2, "big")
+    with pytest.raises(OffloadError, match="options"):
+        check_tx(HDR.pack(NEEDS_CSUM, GSO_UDP, 0, 1472, 38, 6), bytes(with_options), ALL_TX)
     short = tcp_frame(False, bytes(10))
     with pytest.raises(OffloadError):  # a 60-byte TCP header in 30 bytes
         check_tx(hdr, short[:46] + b"\xf0" + short[47:], ALL_TX)
@@ -268,3 +280,13 @@ def test_random_headers_and_frames() -> None:
         for out in finish(bytes(frame), vnet):
             assert len(out) <= max(len(frame), 18 + 60 + 60 + 65535)
     assert accepted > 1000
+
+
+def test_a_segment_with_cwr_is_an_ecn_frame() -> None:
+    """CWR in a GSO frame's TCP header makes it an ECN frame whatever the header says: a
+    receiver without GUEST_ECN must not get it whole."""
+    frame = tcp_frame(False, bytes(3000), flags=0x80 | 0x10)
+    hdr = HDR.pack(NEEDS_CSUM, GSO_TCPV4, 0, 1448, 34, 16)
+    assert check_tx(hdr, frame, ALL_TX)[1] == GSO_TCPV4 | GSO_ECN
+    with pytest.raises(OffloadError, match="CWR"):
+        check_tx(hdr, frame, F_CSUM | F_HOST_TSO4)

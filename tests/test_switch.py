@@ -294,6 +294,22 @@ def test_offloads_carried_or_finished(switch: Callable[..., Sw]) -> None:
     assert not st[1]["drops"] and not st[2]["drops"]
 
 
+def test_a_gso_frame_that_finds_too_few_buffers_leaves_them_to_the_next(
+        switch: Callable[..., Sw]) -> None:
+    """A 20 KiB GSO frame for a port with four 2 KiB buffers posted is dropped (counted)
+    and the buffers stay posted: the small frame behind it gets one."""
+    sw = switch(2)
+    tso = NET | F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_GUEST_TSO4
+    a, b = sw.port(0, features=tso, buf_size=32768), sw.port(1, features=tso, rx_buffers=4)
+    gso = tcp_frame(False, bytes(20000))
+    a.send([gso], header=HDR.pack(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16) + b"\1\0")
+    a.send([frame(BCAST, MAC[1])])
+    (hdr, f), = b.recv()
+    assert f == frame(BCAST, MAC[1]) and hdr == bytes(10) + b"\1\0"
+    st = sw.port_stats(1)
+    assert st["drops"] == {"no_rx_buffer": 1} and st["tx_packets"] == 1
+
+
 def test_malicious_ring_stops_one_port_only(switch: Callable[..., Sw]) -> None:
     sw = switch(3)
     a, b, c = (sw.port(i) for i in range(3))

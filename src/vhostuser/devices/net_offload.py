@@ -14,7 +14,9 @@ packet segmented (TCP) or fragmented (UDP) into frames with complete headers and
 Every header a guest writes is untrusted: a GSO frame must parse as the packet its header
 says (Ethernet, an optional VLAN tag, IPv4 without fragments or IPv6 without extension
 headers, TCP or UDP whose checksum field is where `csum_start`/`csum_offset` point), with
-an MSS of at least `MIN_MSS`, so no frame can make the switch cut thousands of segments.
+an MSS of at least `MIN_MSS` and at most `MAX_SEGMENTS` pieces, so no frame can make the
+switch cut thousands of segments; a checksum alone must lie past the Ethernet header (the
+switch has checked and learned the addresses by the time it is filled in).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6 = 0, 1, 3, 4
 GSO_ECN = 0x80
 
 MIN_MSS = 48  # Linux's lowest TCP MSS (tcp_min_snd_mss); UDP fragments are 8-aligned
+MAX_SEGMENTS = 256  # pieces one GSO frame may be cut into (64 KiB at an MSS of 256)
 MAX_GSO_FRAME = 14 + 4 + 65535  # Ethernet, a VLAN tag and the largest IP packet
 
 HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -167,7 +170,7 @@ def check_tx(hdr: bytes | memoryview, frame: bytes, negotiated: int) -> bytes:
     complete frame, else the header, normalised (flags it may not set cleared). Raises
     OffloadError for a header that asks for an offload not negotiated, or one its frame
     does not fit."""
-    flags, gso, hdr_len, gso_size, start, offset = HDR.unpack(bytes(hdr[:HDR_SIZE]))
+    flags, gso, _, gso_size, start, offset = HDR.unpack(bytes(hdr[:HDR_SIZE]))
     if not flags & NEEDS_CSUM and gso == GSO_NONE:
         return PLAIN  # (DATA_VALID and RSC_INFO are the device's to set: ignored)
     if not flags & NEEDS_CSUM or not negotiated & F_CSUM:
@@ -176,8 +179,11 @@ def check_tx(hdr: bytes | memoryview, frame: bytes, negotiated: int) -> bytes:
     if start + offset + 2 > len(frame):
         raise OffloadError(f"checksum at {start}+{offset} past the frame's {len(frame)} "
                            "bytes")
+    l2 = 18 if len(frame) >= 14 and int.from_bytes(frame[12:14], "big") in _ETH_VLAN else 14
+    if start < l2:
+        raise OffloadError(f"checksum start {start} inside the Ethernet header")
     if gso == GSO_NONE:
-        return HDR.pack(NEEDS_CSUM, GSO_NONE, hdr_len, 0, start, offset)
+        return HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, start, offset)
     kind, ecn = gso & ~GSO_ECN, gso & GSO_ECN
     need = {GSO_TCPV4: F_HOST_TSO4, GSO_TCPV6: F_HOST_TSO6, GSO_UDP: F_HOST_UFO}.get(kind)
     if need is None:
@@ -188,12 +194,23 @@ def check_tx(hdr: bytes | memoryview, frame: bytes, negotiated: int) -> bytes:
     if p is None or p.end != len(frame):
         raise OffloadError("a GSO frame that is not one whole TCP/UDP packet")
     if kind == GSO_UDP:
-        if p.proto != _UDP or offset != 6 or gso_size < 8:
+        if p.proto != _UDP or offset != 6:
             raise OffloadError("a UDP GSO header that does not match its packet")
+        if not p.ipv6 and p.l4 - p.l3 != 20:  # options that go in the first fragment only
+            raise OffloadError("UDP fragmentation of an IPv4 packet with options")
+        pieces = -(-(p.end - p.l4) // max(gso_size & ~7, 1))
     elif p.proto != _TCP or p.ipv6 != (kind == GSO_TCPV6) or offset != 16:
         raise OffloadError("a TCP GSO header that does not match its packet")
-    elif gso_size < MIN_MSS:
-        raise OffloadError(f"an MSS of {gso_size} (below {MIN_MSS})")
+    else:
+        if frame[p.l4 + 13] & _CWR and not ecn:  # congestion window reduced: an ECN frame
+            if not negotiated & F_HOST_ECN:
+                raise OffloadError("a segment with CWR set, HOST_ECN not negotiated")
+            gso |= GSO_ECN
+        pieces = -(-(p.end - p.payload) // max(gso_size, 1))
+    if gso_size < (8 if kind == GSO_UDP else MIN_MSS):
+        raise OffloadError(f"a GSO size of {gso_size}")
+    if pieces > MAX_SEGMENTS:
+        raise OffloadError(f"{pieces} segments of {gso_size} bytes (at most {MAX_SEGMENTS})")
     if start != p.l4:
         raise OffloadError(f"checksum start {start}, not the L4 header at {p.l4}")
     return HDR.pack(NEEDS_CSUM, gso, p.payload, gso_size, start, offset)

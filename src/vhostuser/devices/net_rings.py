@@ -85,8 +85,9 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
             if q.popped != before:
                 q.notify()
                 return taken
-            n = 1  # it stopped before this chain: the loop below takes it
-    burst = None if offloads else q.pop_direct(n)
+            if not offloads:  # it stopped before this chain: the loop below takes it
+                n = 1  # (with offloads, before a frame that asks for one: the rest too)
+    burst = q.pop_direct(n)
     if burst is not None:
         return _take_direct(q, burst, dev, c)
     chains = q.pop_batch(n)
@@ -109,13 +110,10 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
             frame = bytes(buf[hl:])
             vnet = PLAIN
             if offloads and (hdr[0] & NEEDS_CSUM or hdr[1] != GSO_NONE):
-                try:
-                    vnet = check_tx(hdr, frame, dev.negotiated)
-                except OffloadError as e:
-                    c.drops["bad_offload"] += 1
-                    _bad_offload.log(logging.WARNING, "queue %d: frame dropped: %s", q.index, e)
+                checked = _offload(q, dev, c, hdr, frame)
+                if checked is None:
                     continue
-                c.offloads["rx_gso" if vnet[1] != GSO_NONE else "rx_csum"] += 1
+                vnet = checked
             frames.append(frame)
             headers.append(vnet)
             c.rx_bytes += size
@@ -125,17 +123,41 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     return Frames.of(frames, headers)
 
 
+def _offload(q: DeviceQueue, dev: NetPort, c: Counters, hdr: bytes,
+             frame: bytes) -> bytes | None:
+    """The header a frame that asks for an offload travels with (net_offload.check_tx), or
+    None: dropped and counted. `hdr` and `frame` are copies: the guest cannot change them
+    between the checks."""
+    try:
+        vnet = check_tx(hdr, frame, dev.negotiated)
+    except OffloadError as e:
+        c.drops["bad_offload"] += 1
+        _bad_offload.log(logging.WARNING, "queue %d: frame dropped: %s", q.index, e)
+        return None
+    gso = vnet[1] != GSO_NONE
+    if not gso and len(frame) > dev.max_frame():
+        c.drops["oversize"] += 1
+        return None
+    c.offloads["rx_gso" if gso else "rx_csum"] += 1
+    return vnet
+
+
 def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> Frames:
     """`take_frames` for a burst of one-descriptor chains: the same checks, as array
-    operations over the whole burst; then one copy per valid frame."""
+    operations over the whole burst; then one copy per valid frame (and a look at each
+    header that asks for an offload)."""
     u8 = b.u8
     hl, max_frame = dev.hdr_len, dev.max_frame()
+    offloads = bool(dev.negotiated & F_CSUM)
     size = b.lengths - hl
     has_hdr = size >= 0
     at = np.where(has_hdr, b.offsets, 0)  # in bounds whatever the buffer's length
-    bad = ~has_hdr | (u8[at] & NEEDS_CSUM != 0) | (u8[at + 1] != GSO_NONE)
+    gso = u8[at + 1] != GSO_NONE
+    asks = has_hdr & ((u8[at] & NEEDS_CSUM != 0) | gso)
+    bad = ~has_hdr | (asks & (not offloads))
     runt = ~bad & (size < 14)
-    over = ~bad & ~runt & (size > max_frame)
+    limit = np.where(gso, MAX_GSO_FRAME, max_frame) if offloads else max_frame
+    over = ~bad & ~runt & (size > limit)
     ok = ~(bad | runt | over)
     src_mc = ok & (u8[np.where(ok, b.offsets + hl + 6, 0)] & 1 != 0)
     ok &= ~src_mc
@@ -149,10 +171,23 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
     frames = [bytes(view[s:e]) for s, e in zip(starts.tolist(),
                                                (b.offsets + b.lengths)[ok].tolist(),
                                                strict=True)]
+    headers = None
+    if offloads and asks[ok].any():
+        headers, kept = [], []
+        for frame, s, asked in zip(frames, starts.tolist(), asks[ok].tolist(), strict=True):
+            vnet = PLAIN
+            if asked:
+                checked = _offload(q, dev, c, bytes(view[s - hl : s]), frame)
+                if checked is None:
+                    continue
+                vnet = checked
+            kept.append(frame)
+            headers.append(vnet)
+        frames = kept
     c.rx_packets += len(frames)
-    c.rx_bytes += int(size[ok].sum())
+    c.rx_bytes += sum(map(len, frames)) if headers is not None else int(size[ok].sum())
     q.complete_burst(b.heads)
-    return Frames.of(frames)
+    return Frames.of(frames, headers)
 
 
 def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
@@ -186,6 +221,8 @@ def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) ->
                      MAX_GSO_FRAME if gso else dev.max_frame())
             if c.tx_packets != before:
                 c.offloads["tx_gso" if gso else "tx_csum"] += 1
+        elif q.available() <= len(complete):  # no buffer left for it: why cut it up?
+            c.drops["no_rx_buffer"] += 1
         else:
             done = finish(frames[i], vnet)
             if vnet[1] != GSO_NONE:
@@ -255,10 +292,11 @@ def _put_one(q: DeviceQueue, dev: NetPort, c: Counters, frame: bytes, avail: int
         iov_write(w, hdr1 + frame)
         q.complete(chain, need)
     elif mrg:
-        avail = _spread(q, chain, hdr1, frame, avail)
-        if avail < 0:
+        left = _spread(q, chain, hdr1, frame, avail)
+        if left < 0:  # too few buffers for it: they stay for the frames behind
             c.drops["no_rx_buffer"] += 1
-            return 0
+            return avail + 1
+        avail = left
     else:  # dropped; the buffer stays for a frame that fits (as DPDK does)
         q.unpop()
         c.drops["rx_buffer_too_small"] += 1
@@ -294,7 +332,7 @@ def _put_direct(q: DeviceQueue, frames: Frames, hdr: bytes, avail: int,
 def _spread(q: DeviceQueue, first: Chain, hdr: bytes, frame: bytes, avail: int) -> int:
     """MRG_RXBUF: lay one frame behind `hdr` over as many chains as it takes; the header's
     num_buffers says how many. Returns the chains still available, -1 if they ran out
-    (the chains taken go back empty)."""
+    (the chains taken are given back untouched, for the frames behind it)."""
     hl = len(hdr)
     data = bytearray(hdr + frame)
     chains = [first]
@@ -302,7 +340,7 @@ def _spread(q: DeviceQueue, first: Chain, hdr: bytes, frame: bytes, avail: int) 
     while room < len(data):
         chain = q.pop() if avail else None
         if chain is None:
-            q.complete_batch(chains, [0] * len(chains))
+            q.unpop(len(chains))
             return -1
         avail -= 1
         chains.append(chain)

@@ -228,10 +228,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             if room < need:
                 if stopped:
                     break
-                for x in range(c, k):  # the chains taken go back empty
-                    _used(used, (used_at + x) & (size - 1), heads[x], 0)
-                c = k
-                drops[NO_RX_BUFFER] += 1
+                drops[NO_RX_BUFFER] += 1  # the chains stay for the frames behind
                 f += 1
                 continue
             nb = j - c + 1
