@@ -1,5 +1,5 @@
 """Checksum and segmentation offloads through ``vhost-user-switch``, with two QEMU guests
-whose Linux drivers use them.
+whose Linux drivers use them, and through ``vhost-user-net --tap`` to a network namespace.
 
 Guest A's NIC has every offload: it sends TCP in 64 KiB GSO frames and takes them whole.
 Guest B's NIC sends GSO frames too, but takes neither checksums nor GSO frames
@@ -9,6 +9,10 @@ counted in InCsumErrors and the segment dropped, so the transfer would stall). B
 64 MiB to each other at the same time; the data (64 copies of a seeded 1 MiB file put in
 both initramfs) is known to the test, which compares the sha256 each receiver prints.
 The switch's counters say which way each frame went (carried whole or cut).
+
+With ``--tap``, the TAP is opened with IFF_VNET_HDR: the guest's GSO frames go to the
+namespace's kernel whole, and the kernel's come to the guest whole; the TAP's own counters
+show frames larger than any MTU both ways.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from daemon import Daemon
 from qemu_net_helpers import (
     NET_MODULES,
+    Netns,
     SwitchDaemon,
     format_drops,
     guest_net_setup,
@@ -32,24 +40,24 @@ from qemu_net_helpers import (
     wait_reachable,
 )
 
-from vhostuser.vm import GuestError, GuestVM
+from vhostuser.vm import GuestError, GuestVM, find_busybox
 
 A_IP, B_IP = "192.0.2.50", "192.0.2.51"
 COPIES = 64  # of the 1 MiB file: 64 MiB each way
 NO_GUEST_OFFLOADS = "guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off"
 
 
-def script(me: str, peer: str) -> str:
-    """Receive on port 5000 into sha256sum while sending the 64 MiB to the peer's."""
+def script(me: str, peer: str, copies: int = COPIES) -> str:
+    """Receive on port 5000 into sha256sum while sending the data to the peer's."""
     return guest_net_setup(me) + f"""
-echo "OFFLOADS $(cat /sys/class/net/eth0/features 2>/dev/null)"
 # nc's stdin: a FIFO this shell holds open, so it never ends (at the end of its stdin,
 # busybox nc shuts its sending side down, and the sending nc stops at that)
 mkfifo /tmp/hold
 exec 3<>/tmp/hold
 (timeout 250 nc -l -p 5000 <&3 | sha256sum > /tmp/rx.sha) &
+echo LISTENING
 {wait_reachable(peer)}
-send() {{ i=0; while [ $i -lt {COPIES} ]; do cat /data; i=$((i + 1)); done; }}
+send() {{ i=0; while [ $i -lt {copies} ]; do cat /data; i=$((i + 1)); done; }}
 {retry(f"send | nc {peer} 5000", 300)}
 echo "SEND_RETRIES $i"
 wait
@@ -106,3 +114,76 @@ def test_tso_both_ways_segmented_and_carried(tmp_path: Path, data: bytes) -> Non
     assert pa["tx_bytes"] / pa["tx_packets"] > 1514, ctx
     assert not format_drops(pa) and not format_drops(pb), ctx
     print(f"offloads: A {oa}, B {ob}; frames to A {pa['tx_packets']}, to B {pb['tx_packets']}")
+
+
+TAP, NS_IP, G_IP = "vuo0", "192.0.2.1", "192.0.2.60"
+TAP_COPIES = 16
+
+
+def test_tso_through_a_tap_both_ways(tmp_path: Path, data: bytes) -> None:
+    want = hashlib.sha256(data * TAP_COPIES).hexdigest()
+    sock = tmp_path / "net.sock"
+    busybox = str(find_busybox())
+    with Netns("-tso") as ns:
+        for key in ("all", "default"):
+            ns.run("sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+        ns.run("ip", "link", "set", "lo", "up")
+        ns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
+        ns.run("ip", "addr", "add", f"{NS_IP}/24", "dev", TAP)
+        ns.run("ip", "link", "set", TAP, "up")
+        exec_ns = ("ip", "netns", "exec", ns.name)
+        d = Daemon(["vhostuser.cli.net", "--socket-path", str(sock), "--tap", TAP], sock,
+                   tmp_path / "net.log", prefix=exec_ns)
+        # the namespace's side: a receiver whose stdin stays open, and later a sender
+        rx = subprocess.Popen([*exec_ns, "sh", "-c", f"{busybox} nc -l -p 5000 | sha256sum"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            vm = GuestVM(script(G_IP, NS_IP, TAP_COPIES), modules=NET_MODULES, timeout=240,
+                         files={"data": data}, qemu_args=net_qemu_args(sock, mac(0x60)))
+            with vm:
+                vm.start()
+                try:
+                    vm.wait_for("\nLISTENING\n", 120)
+                except GuestError as e:
+                    pytest.fail(f"{e}\n{d.log()}")
+                sent = send_to_guest(exec_ns, busybox, data * TAP_COPIES)
+                res = vm.wait()
+            try:
+                got, _ = rx.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the namespace's receiver did not finish:\n{res.output}\n"
+                            f"{d.log()[-3000:]}")
+        finally:
+            if rx.poll() is None:
+                rx.kill()
+            assert d.stop() == 0, d.log()
+        stats = json.loads(ns.run("ip", "-j", "-s", "link", "show", TAP).stdout)[0]["stats64"]
+    ctx = f"\n{res.output}\n{stats}\n{d.log()[-3000:]}"
+    assert sent, "the namespace could not send to the guest" + ctx
+    assert res.status == 0 and "Traceback" not in d.log(), ctx
+    assert tagged(res.lines, "RX") == want, "namespace -> guest damaged" + ctx
+    assert got.split()[0] == want, "guest -> namespace damaged" + ctx
+    assert tagged(res.lines, "CSUM_ERRORS") == "0", ctx
+    # the TAP's rx is what the guest sent, its tx what the kernel handed to the guest:
+    # each averages more than any frame of the 1500-byte MTU could (GSO frames, whole)
+    for way in ("rx", "tx"):
+        assert stats[way]["bytes"] > TAP_COPIES << 20, ctx
+        assert stats[way]["bytes"] / stats[way]["packets"] > 1514, ctx
+
+
+def send_to_guest(exec_ns: tuple[str, ...], busybox: str, payload: bytes) -> bool:
+    """Stream `payload` to the guest's port 5000 from the namespace (the guest said it
+    listens; its nc may take a moment to bind: a refused connection is tried again)."""
+    for _ in range(50):
+        tx = subprocess.Popen([*exec_ns, busybox, "nc", G_IP, "5000"], stdin=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        try:
+            assert tx.stdin is not None
+            tx.stdin.write(payload)
+            tx.stdin.close()
+        except BrokenPipeError:  # refused: nc is gone
+            pass
+        if tx.wait(120) == 0:
+            return True
+        time.sleep(0.2)
+    return False

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mac", default="52:54:00:5c:00:01", help="MAC in the config space")
     ap.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
     ap.add_argument("--mtu", type=int, default=1500)
+    ap.add_argument("--offloads", choices=("on", "off"), default="on",
+                    help="offer checksum and segmentation offloads (on a TAP: the kernel's, "
+                         "through IFF_VNET_HDR)")
     ap.add_argument("--control", metavar="PATH", help="serve counters as JSON on this socket")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_SPIN_US, metavar="US")
     ap.add_argument("--print-capabilities", action="store_true")
@@ -64,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--control goes without --tap (counters are the switch's: use "
                      "vhost-user-switch --port ... --tap ... --control ...)")
         setup_logging(args.verbose)
-        return run(args, lambda: NetPort(mac, args.queues, args.mtu, tap=args.tap))
+        return run(args, lambda: NetPort(mac, args.queues, args.mtu, tap=args.tap,
+                                         offloads=args.offloads == "on"))
     setup_logging(args.verbose)
     try:
         port = VhostPort("port0", args.socket_path, mac, client=args.client,
                          fd=args.fd, vvu=args.vvu, poll=args.poll, queue_pairs=args.queues,
-                         mtu=args.mtu)
+                         mtu=args.mtu, offloads=args.offloads == "on")
         switch = Switch([port], None, args.control, poll_us=args.poll_us)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

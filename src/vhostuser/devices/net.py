@@ -4,8 +4,9 @@ RARP announcement. The data path on the queues is in net_rings.py, the packet sw
 
 A switch port offers the checksum and segmentation offloads (net_offload.py): frames keep
 their header through the switch and are finished in software for a port that cannot take
-them. A port bridged to a TAP device offers none: every frame a guest sends there is
-complete as it is.
+them. A port bridged to a TAP device opens it with IFF_VNET_HDR and offers what the kernel
+takes (all but UFO): frames go to the kernel with their headers, and the kernel hands us
+unfinished frames only as far as the guest negotiated to take them (TUNSETOFFLOAD).
 """
 
 from __future__ import annotations
@@ -19,8 +20,27 @@ from ..engine.device import ConfigError, Device, Events, QueueService
 from ..engine.queue import DeviceQueue
 from ..protocol.constants import ProtocolFeature, VirtioFeature
 from . import net_kernel
-from .net_offload import F_GUEST_ANNOUNCE, GSO_NONE, NEEDS_CSUM, OFFLOADS
-from .tap import open_tap, set_queue
+from .net_offload import (
+    F_GUEST_ANNOUNCE,
+    F_GUEST_CSUM,
+    F_GUEST_ECN,
+    F_GUEST_TSO4,
+    F_GUEST_TSO6,
+    GSO_NONE,
+    NEEDS_CSUM,
+    OFFLOADS,
+    TAP_OFFLOADS,
+)
+from .tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    VNET_HDR_LEN,
+    open_tap,
+    set_offload,
+    set_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +121,14 @@ class NetPort(Device):
         self.num_queues = 2 * queue_pairs
         self.max_queue_size = 1024
         self.mtu = mtu
-        self.offloads = offloads and tap is None
+        self.offloads = offloads
         self.negotiated = 0
         self.hdr_len = 12
         self.announce: list[bytes] = []  # RARP frames waiting to be sent into the switch
         self.tx_arena: Any = None  # where the compiled transmit path puts frames (net_kernel)
         # standalone with a TAP: one TAP queue per pair, each pair in a worker of its own
-        self.tap_fds = open_tap(tap, queue_pairs) if tap is not None else []
+        self.tap_fds = open_tap(tap, queue_pairs, offloads) if tap is not None else []
+        self.vnet_tap = bool(self.tap_fds) and offloads  # frames behind VNET_HDR_LEN
         if self.tap_fds and net_kernel.available():  # loaded here, before workers fork
             log.info("frames taken and delivered by the compiled kernels")
 
@@ -119,12 +140,31 @@ class NetPort(Device):
         # (net_rings.py completes each burst whole, in ring order); GUEST_ANNOUNCE: a
         # front-end that has the guest announce itself after a migration may (QEMU does
         # then, and sends no RARP)
-        offloads = OFFLOADS | F_GUEST_ANNOUNCE if self.offloads else 0
+        offloads = 0
+        if self.offloads:
+            offloads = (TAP_OFFLOADS if self.tap_fds else OFFLOADS) | F_GUEST_ANNOUNCE
         return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ | F_IN_ORDER | offloads
 
     def set_features(self, features: int) -> None:
         self.negotiated = features
         self.hdr_len = header_size(features)
+        if self.vnet_tap:
+            self._tap_offloads(features)
+
+    def _tap_offloads(self, features: int) -> None:
+        """The TAP hands us unfinished frames only as far as the guest takes them (if the
+        kernel refuses, it finishes every frame itself, which is slower but right)."""
+        flags = 0
+        if features & F_GUEST_CSUM:
+            flags = TUN_F_CSUM
+            for bit, tun in ((F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6),
+                             (F_GUEST_ECN, TUN_F_TSO_ECN)):
+                if features & bit:
+                    flags |= tun
+        try:
+            set_offload(self.tap_fds[0], flags)
+        except OSError as e:
+            log.warning("cannot set the TAP's offloads to %#x: %s", flags, e.strerror)
 
     def get_config(self) -> bytes:
         return _CONFIG.pack(self.mac, S_LINK_UP, self.queue_pairs, self.mtu)
@@ -140,7 +180,8 @@ class NetPort(Device):
     def send_rarp(self, mac: bytes) -> None:
         if self.tap_fds:  # straight out to the host's network
             try:
-                os.write(self.tap_fds[0], rarp_frame(mac))
+                os.write(self.tap_fds[0],
+                         bytes(VNET_HDR_LEN if self.vnet_tap else 0) + rarp_frame(mac))
             except OSError as e:
                 raise ConfigError(f"cannot send the RARP announcement: {e.strerror}") from e
             return
@@ -153,6 +194,8 @@ class NetPort(Device):
         self.negotiated = 0
         self.hdr_len = 12
         self.announce.clear()
+        if self.vnet_tap:
+            self._tap_offloads(0)
 
     def queue_groups(self) -> list[list[int]]:
         return [[2 * k, 2 * k + 1] for k in range(self.queue_pairs)]  # rx with its tx

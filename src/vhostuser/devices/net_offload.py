@@ -41,6 +41,7 @@ F_GUEST_ANNOUNCE = 1 << 21
 TX_OFFLOADS = F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_ECN | F_HOST_UFO
 RX_OFFLOADS = F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN | F_GUEST_UFO
 OFFLOADS = TX_OFFLOADS | RX_OFFLOADS
+TAP_OFFLOADS = OFFLOADS & ~(F_HOST_UFO | F_GUEST_UFO)  # what a TAP takes and gives
 
 # header flags and GSO types
 NEEDS_CSUM = 1
@@ -234,17 +235,30 @@ def accepts(hdr: bytes, negotiated: int) -> bool:
     return bool(negotiated & need.get(gso & ~GSO_ECN, 0))
 
 
+def from_host(hdr: bytes, negotiated: int) -> bytes:
+    """The header of a frame a TAP handed us (with IFF_VNET_HDR), as the switch's frames
+    carry one: flags the driver may not get cleared (DATA_VALID without GUEST_CSUM)."""
+    flags = hdr[0] & (NEEDS_CSUM | DATA_VALID)
+    if not negotiated & F_GUEST_CSUM:
+        flags &= NEEDS_CSUM  # (and finished before it goes to the guest: `accepts`)
+    return bytes([flags]) + bytes(hdr[1:HDR_SIZE])
+
+
 def finish(frame: bytes, hdr: bytes) -> list[bytes]:
-    """`frame` (whose header `check_tx` returned) as complete frames: its checksum filled
-    in, or the packet cut into `gso_size` segments (TCP) or fragments (UDP)."""
+    """`frame` as complete frames: its checksum filled in, or the packet cut into
+    `gso_size` segments (TCP) or fragments (UDP). Raises OffloadError for a GSO frame
+    that is not one whole TCP/UDP packet (`check_tx` passes none such)."""
     flags, gso, _, gso_size, start, offset = HDR.unpack(hdr)
     if gso == GSO_NONE:
         out = bytearray(frame)
         if flags & NEEDS_CSUM:
+            if start + offset + 2 > len(out):
+                raise OffloadError(f"checksum at {start}+{offset} past the frame")
             finish_checksum(out, start, offset)
         return [bytes(out)]
     p = parse(frame)
-    assert p is not None, "check_tx passed it"
+    if p is None or gso_size < 8 or (gso & ~GSO_ECN != GSO_UDP and gso_size < MIN_MSS):
+        raise OffloadError("a GSO frame that is not one whole TCP/UDP packet")
     if gso & ~GSO_ECN == GSO_UDP:
         return _fragment(frame, p, gso_size)
     return _segment(frame, p, gso_size)

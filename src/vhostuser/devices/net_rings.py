@@ -224,7 +224,11 @@ def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) ->
         elif q.available() <= len(complete):  # no buffer left for it: why cut it up?
             c.drops["no_rx_buffer"] += 1
         else:
-            done = finish(frames[i], vnet)
+            try:
+                done = finish(frames[i], vnet)
+            except OffloadError:  # (a TAP's frame, not one check_tx passed)
+                c.drops["bad_offload"] += 1
+                continue
             if vnet[1] != GSO_NONE:
                 c.offloads["segmented"] += 1
                 c.offloads["segments"] += len(done)

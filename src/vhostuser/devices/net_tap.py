@@ -21,12 +21,14 @@ from ..engine.queue import DeviceQueue
 from ..ratelog import Limited
 from .net import NetPort
 from .net_frames import Frames
+from .net_offload import HDR_SIZE, from_host
 from .net_rings import Counters, put_frames, take_frames
-from .tap import set_queue
+from .tap import VNET_HDR_LEN, set_queue
 
 log = logging.getLogger(__name__)
 
 MAX_READ = 64  # frames read from the TAP per look
+READ_SIZE = VNET_HDR_LEN + 65536 + 64  # a GSO frame from the kernel, behind its header
 RETRY = 1.0  # s before reading again a TAP that failed
 
 
@@ -66,11 +68,16 @@ class NetTapService(QueueService):
 
     def to_tap(self, q: DeviceQueue) -> None:
         """One burst (the engine calls again while the ring has more, so a flood from the
-        guest cannot hold the worker)."""
+        guest cannot hold the worker). With IFF_VNET_HDR each frame goes behind its
+        header: the kernel finishes what it asks for."""
         c = self.counters
-        for f in take_frames(q, self.dev, c):
+        frames = take_frames(q, self.dev, c)
+        vnet = frames.vnet
+        plain = bytes(VNET_HDR_LEN) if self.dev.vnet_tap else b""
+        for i, f in enumerate(frames):
+            hdr = plain if vnet is None or not plain else vnet[i].tobytes() + b"\0\0"
             try:
-                os.write(self.fd, f)
+                os.writev(self.fd, (hdr, f))
             except BlockingIOError:
                 c.drops["tap_full"] += 1
             except OSError as e:  # the interface is down, say
@@ -90,7 +97,7 @@ class NetTapService(QueueService):
         frames = []
         for _ in range(min(room, MAX_READ)):
             try:
-                frames.append(os.read(self.fd, 65536))
+                frames.append(os.read(self.fd, READ_SIZE))
             except BlockingIOError:
                 break
             except OSError as e:  # the interface went away, say: look again later
@@ -99,7 +106,12 @@ class NetTapService(QueueService):
                 self._unwatch()
                 self.retry = self.events.call_later(RETRY, self._retry)
                 break
-        if frames:
+        if frames and self.dev.vnet_tap:  # each behind its header
+            hdrs = [from_host(f[:HDR_SIZE], self.dev.negotiated) for f in frames
+                    if len(f) >= VNET_HDR_LEN]
+            frames = [f[VNET_HDR_LEN:] for f in frames if len(f) >= VNET_HDR_LEN]
+            put_frames(q, self.dev, self.counters, Frames.of(frames, hdrs))
+        elif frames:
             put_frames(q, self.dev, self.counters, Frames.of(frames))
 
     def _retry(self) -> None:

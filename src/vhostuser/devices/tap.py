@@ -1,4 +1,7 @@
-"""TAP interfaces (/dev/net/tun): one fd per queue, frames without packet information."""
+"""TAP interfaces (/dev/net/tun): one fd per queue, frames without packet information; with
+`vnet_hdr`, each behind a 12-byte virtio-net header (IFF_VNET_HDR), so checksums and
+segmentation can be left to the kernel, and it leaves them to us as far as `set_offload`
+says."""
 
 from __future__ import annotations
 
@@ -14,16 +17,22 @@ _IFF_MULTI_QUEUE = 0x0100
 _IFF_ATTACH_QUEUE = 0x0200
 _IFF_DETACH_QUEUE = 0x0400
 _IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_TUNSETOFFLOAD = 0x400454D0
+_TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 1, 2, 4, 8
+VNET_HDR_LEN = 12  # virtio_net_hdr_mrg_rxbuf, whatever the guest's own header is
 
 
-def open_tap(ifname: str, queues: int = 1) -> list[int]:
+def open_tap(ifname: str, queues: int = 1, vnet_hdr: bool = False) -> list[int]:
     """Attach to the TAP interface `ifname` (created if missing, as the kernel does):
     `queues` non-blocking fds, a multi-queue interface when more than one. Queues past the
     first are detached (`set_queue`) until their pair runs: the kernel spreads the host's
     flows over the attached queues only."""
     if not 0 < len(ifname.encode()) < 16 or "/" in ifname:
         raise ValueError(f"bad interface name {ifname!r}")
-    flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
+    flags = (_IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
+             | (_IFF_VNET_HDR if vnet_hdr else 0))
     fds: list[int] = []
     try:
         for _ in range(queues):
@@ -38,6 +47,8 @@ def open_tap(ifname: str, queues: int = 1) -> list[int]:
                 hint = (" (a single-queue TAP cannot take several queues: create it with "
                         "`ip tuntap add ... multi_queue`)" if queues > 1 else "")
                 raise OSError(e.errno, f"cannot attach TAP {ifname}: {e.strerror}{hint}") from e
+            if vnet_hdr:
+                fcntl.ioctl(fd, _TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
         for fd in fds[1:]:
             set_queue(fd, False)
     except BaseException:
@@ -55,3 +66,9 @@ def set_queue(fd: int, attached: bool) -> None:
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: it already is
             raise
+
+
+def set_offload(fd: int, flags: int) -> None:
+    """What the kernel may hand us unfinished (TUN_F_*: checksums, TSO): the interface's
+    own offloads, for all its queues."""
+    fcntl.ioctl(fd, _TUNSETOFFLOAD, flags)
