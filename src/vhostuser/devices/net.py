@@ -153,18 +153,22 @@ class NetPort(Device):
 
     def _tap_offloads(self, features: int) -> None:
         """The TAP hands us unfinished frames only as far as the guest takes them (if the
-        kernel refuses, it finishes every frame itself, which is slower but right)."""
+        kernel refuses that, less: checksums only, or none; net_rings.py finishes what the
+        guest cannot take either way)."""
         flags = 0
         if features & F_GUEST_CSUM:
             flags = TUN_F_CSUM
-            for bit, tun in ((F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6),
-                             (F_GUEST_ECN, TUN_F_TSO_ECN)):
+            for bit, tun in ((F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6)):
                 if features & bit:
                     flags |= tun
-        try:
-            set_offload(self.tap_fds[0], flags)
-        except OSError as e:
-            log.warning("cannot set the TAP's offloads to %#x: %s", flags, e.strerror)
+            if flags & (TUN_F_TSO4 | TUN_F_TSO6) and features & F_GUEST_ECN:
+                flags |= TUN_F_TSO_ECN  # (the kernel takes ECN only with TSO)
+        for attempt in dict.fromkeys((flags, flags & TUN_F_CSUM, 0)):
+            try:
+                set_offload(self.tap_fds[0], attempt)
+                return
+            except OSError as e:
+                log.warning("cannot set the TAP's offloads to %#x: %s", attempt, e.strerror)
 
     def get_config(self) -> bytes:
         return _CONFIG.pack(self.mac, S_LINK_UP, self.queue_pairs, self.mtu)

@@ -14,8 +14,9 @@ packet segmented (TCP) or fragmented (UDP) into frames with complete headers and
 Every header a guest writes is untrusted: a GSO frame must parse as the packet its header
 says (Ethernet, an optional VLAN tag, IPv4 without fragments or IPv6 without extension
 headers, TCP or UDP whose checksum field is where `csum_start`/`csum_offset` point), with
-an MSS of at least `MIN_MSS` and at most `MAX_SEGMENTS` pieces, so no frame can make the
-switch cut thousands of segments; a checksum alone must lie past the Ethernet header (the
+an MSS of at least `MIN_MSS`; the switch cuts a frame into at most `MAX_SEGMENTS` pieces
+(a frame that would take more is dropped for a port that cannot take it whole), so no
+frame makes it cut thousands; a checksum alone must lie past the Ethernet header (the
 switch has checked and learned the addresses by the time it is filled in).
 """
 
@@ -199,19 +200,13 @@ def check_tx(hdr: bytes | memoryview, frame: bytes, negotiated: int) -> bytes:
             raise OffloadError("a UDP GSO header that does not match its packet")
         if not p.ipv6 and p.l4 - p.l3 != 20:  # options that go in the first fragment only
             raise OffloadError("UDP fragmentation of an IPv4 packet with options")
-        pieces = -(-(p.end - p.l4) // max(gso_size & ~7, 1))
     elif p.proto != _TCP or p.ipv6 != (kind == GSO_TCPV6) or offset != 16:
         raise OffloadError("a TCP GSO header that does not match its packet")
     else:
-        if frame[p.l4 + 13] & _CWR and not ecn:  # congestion window reduced: an ECN frame
-            if not negotiated & F_HOST_ECN:
-                raise OffloadError("a segment with CWR set, HOST_ECN not negotiated")
-            gso |= GSO_ECN
-        pieces = -(-(p.end - p.payload) // max(gso_size, 1))
+        if frame[p.l4 + 13] & _CWR:  # congestion window reduced: an ECN frame, which a
+            gso |= GSO_ECN  # port without GUEST_ECN gets segmented (CWR on the first only)
     if gso_size < (8 if kind == GSO_UDP else MIN_MSS):
         raise OffloadError(f"a GSO size of {gso_size}")
-    if pieces > MAX_SEGMENTS:
-        raise OffloadError(f"{pieces} segments of {gso_size} bytes (at most {MAX_SEGMENTS})")
     if start != p.l4:
         raise OffloadError(f"checksum start {start}, not the L4 header at {p.l4}")
     return HDR.pack(NEEDS_CSUM, gso, p.payload, gso_size, start, offset)
@@ -237,10 +232,13 @@ def accepts(hdr: bytes, negotiated: int) -> bool:
 
 def from_host(hdr: bytes, negotiated: int) -> bytes:
     """The header of a frame a TAP handed us (with IFF_VNET_HDR), as the switch's frames
-    carry one: flags the driver may not get cleared (DATA_VALID without GUEST_CSUM)."""
+    carry one: flags the driver may not get cleared (DATA_VALID without GUEST_CSUM), and
+    nothing but flags unless it asks for a checksum."""
     flags = hdr[0] & (NEEDS_CSUM | DATA_VALID)
     if not negotiated & F_GUEST_CSUM:
         flags &= NEEDS_CSUM  # (and finished before it goes to the guest: `accepts`)
+    if not flags & NEEDS_CSUM:
+        return bytes([flags]) + bytes(HDR_SIZE - 1)
     return bytes([flags]) + bytes(hdr[1:HDR_SIZE])
 
 
@@ -256,10 +254,22 @@ def finish(frame: bytes, hdr: bytes) -> list[bytes]:
                 raise OffloadError(f"checksum at {start}+{offset} past the frame")
             finish_checksum(out, start, offset)
         return [bytes(out)]
-    p = parse(frame)
-    if p is None or gso_size < 8 or (gso & ~GSO_ECN != GSO_UDP and gso_size < MIN_MSS):
+    p, kind = parse(frame), gso & ~GSO_ECN
+    if p is None or kind not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP) or (
+            p.proto != (_UDP if kind == GSO_UDP else _TCP)) or (
+            kind != GSO_UDP and p.ipv6 != (kind == GSO_TCPV6)):
         raise OffloadError("a GSO frame that is not one whole TCP/UDP packet")
-    if gso & ~GSO_ECN == GSO_UDP:
+    if kind == GSO_UDP:
+        if gso_size < 8 or (not p.ipv6 and p.l4 - p.l3 != 20):
+            raise OffloadError("a UDP GSO frame that cannot be fragmented")
+        pieces = -(-(p.end - p.l4) // (gso_size & ~7))
+    else:
+        if gso_size < MIN_MSS:
+            raise OffloadError(f"an MSS of {gso_size}")
+        pieces = -(-(p.end - p.payload) // gso_size)
+    if pieces > MAX_SEGMENTS:
+        raise OffloadError(f"{pieces} segments of {gso_size} bytes (at most {MAX_SEGMENTS})")
+    if kind == GSO_UDP:
         return _fragment(frame, p, gso_size)
     return _segment(frame, p, gso_size)
 

@@ -219,7 +219,7 @@ def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) ->
             before = c.tx_packets
             _put_one(q, dev, c, frames[i], q.available(), hdr, mrg,
                      MAX_GSO_FRAME if gso else dev.max_frame())
-            if c.tx_packets != before:
+            if c.tx_packets != before and (gso or vnet[0] & NEEDS_CSUM):
                 c.offloads["tx_gso" if gso else "tx_csum"] += 1
         elif q.available() <= len(complete):  # no buffer left for it: why cut it up?
             c.drops["no_rx_buffer"] += 1

@@ -13,6 +13,7 @@ pairs than offered still gets them all.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -107,9 +108,11 @@ class NetTapService(QueueService):
                 self.retry = self.events.call_later(RETRY, self._retry)
                 break
         if frames and self.dev.vnet_tap:  # each behind its header
-            hdrs = [from_host(f[:HDR_SIZE], self.dev.negotiated) for f in frames
-                    if len(f) >= VNET_HDR_LEN]
-            frames = [f[VNET_HDR_LEN:] for f in frames if len(f) >= VNET_HDR_LEN]
+            whole = [f for f in frames if len(f) >= VNET_HDR_LEN + 14]
+            if len(whole) != len(frames):
+                self.counters.drops["runt"] += len(frames) - len(whole)
+            hdrs = [from_host(f[:HDR_SIZE], self.dev.negotiated) for f in whole]
+            frames = [f[VNET_HDR_LEN:] for f in whole]
             put_frames(q, self.dev, self.counters, Frames.of(frames, hdrs))
         elif frames:
             put_frames(q, self.dev, self.counters, Frames.of(frames))
@@ -123,3 +126,6 @@ class NetTapService(QueueService):
         if self.retry is not None:
             self.retry.cancel()
         self._unwatch()
+        q = self.txq or self.rxq
+        if q is not None:  # what this pair moved (the switch's counters, for a TAP port)
+            log.info("pair %d counters: %s", q.index // 2, json.dumps(self.counters.as_dict()))

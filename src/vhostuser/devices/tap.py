@@ -49,6 +49,9 @@ def open_tap(ifname: str, queues: int = 1, vnet_hdr: bool = False) -> list[int]:
                 raise OSError(e.errno, f"cannot attach TAP {ifname}: {e.strerror}{hint}") from e
             if vnet_hdr:
                 fcntl.ioctl(fd, _TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        # the interface's offloads outlive whoever set them (a TAP made beforehand may
+        # have them on from an earlier run): none until the guest says what it takes
+        set_offload(fds[0], 0)
         for fd in fds[1:]:
             set_queue(fd, False)
     except BaseException:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..devices.net_frames import Frames
-from ..devices.net_offload import PLAIN, finish
+from ..devices.net_offload import PLAIN, OffloadError, finish
 from ..devices.tap import open_tap
 from .port import Port
 
@@ -70,7 +70,11 @@ class TapPort(Port):
             if hdr == PLAIN:
                 out.append(f)
                 continue
-            done = finish(f, hdr)
+            try:
+                done = finish(f, hdr)
+            except OffloadError:  # more pieces than the switch cuts a frame into
+                self.counters.drops["bad_offload"] += 1
+                continue
             if hdr[1]:
                 self.counters.offloads["segmented"] += 1
                 self.counters.offloads["segments"] += len(done)
