@@ -21,7 +21,9 @@ from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
 from ..devices.net import F_MRG_RXBUF
 from ..frontend.blk import BlkClient
 from ..frontend.client import BackendError
+from ..frontend.fs import FsClient
 from ..frontend.net import NetClient
+from ..fuse.abi import ROOT_ID, Op
 from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
 from ..protocol import payloads as p
 from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
@@ -73,7 +75,7 @@ def check(name: str, what: str, kinds: tuple[str, ...] = KINDS,
 
 
 def checks_for(kind: str) -> list[tuple[str, str, Callable[[str], str]]]:
-    from . import net_checks  # noqa: F401 - registers the net ones
+    from . import fs_checks, net_checks  # noqa: F401 - register theirs
 
     return [c for c in CHECKS if kind in FOR[c[0]]]
 
@@ -289,8 +291,8 @@ def _ring_crosses(path: str) -> str:
     q = attacked()
     with session(path) as s:
         s.setup(queue=False)
-        if KIND.get() == "net":  # the receive queue as usual, the transmit queue attacked
-            s.fe.negotiate(WANT | F_MRG_RXBUF, WANT_PROTOCOL)
+        if KIND.get() in ("net", "fs"):  # queue 0 as usual (net's receive queue, fs's
+            s.fe.negotiate(WANT | F_MRG_RXBUF, WANT_PROTOCOL)  # hiprio), q attacked
             s.fe.set_mem_table()
             s.fe.setup_queue(0, 64)
         s.fe.setup_queue(q, 64, enable=False)
@@ -302,6 +304,8 @@ def _ring_crosses(path: str) -> str:
             s.fe.call(F.SET_VRING_ENABLE, p.VringState(q, 1))
             if KIND.get() == "net":
                 NetClient(s.fe, rx_buffers=8).send([PROBE_FRAME])
+            elif KIND.get() == "fs":  # (before FUSE_INIT: answered anyway, with EIO)
+                FsClient(s.fe, q, arena=1 << 20).submit(Op.GETATTR, ROOT_ID, bytes(16))
             else:
                 BlkClient(s.fe, 0, arena=1 << 20).submit(T_IN, 0, in_len=512)
             # the ring's idx is the region's last 2 bytes, its elements all past the end:

@@ -4,9 +4,10 @@ still serves.
 
 The device type under check (`KIND`, which `checks.run` sets) decides what setting a
 queue up means and what the probe does: for blk, queue 0 and a read of sector 0; for net,
-the receive and transmit queues and a frame transmitted (its buffer must come back). Ring
-attacks go to `attacked(...)`: blk's queue 0, net's transmit queue, which a back-end
-reads on its own (a receive queue is read only when a frame comes).
+the receive and transmit queues and a frame transmitted (its buffer must come back); for
+fs, the hiprio and request queues and FUSE_INIT then GETATTR of the root. Ring attacks go
+to `attacked(...)`: blk's queue 0, net's transmit queue, which a back-end reads on its own
+(a receive queue is read only when a frame comes), fs's request queue.
 
 The guard zones: the memory file is GUARD + size + GUARD bytes; the region starts at
 `mmap_offset` GUARD. A back-end that maps the region as QEMU's libvhost-user and DPDK do
@@ -25,7 +26,9 @@ from contextvars import ContextVar
 from ..devices.net import F_MRG_RXBUF
 from ..frontend.blk import BlkClient
 from ..frontend.client import Frontend
+from ..frontend.fs import FsClient
 from ..frontend.net import NetClient
+from ..fuse.abi import ROOT_ID
 from ..protocol import ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MemRegion
 from ..virtq.guest_ram import GuestRam
@@ -39,15 +42,16 @@ WANT = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
         | VirtioFeature.RING_EVENT_IDX)
 WANT_PROTOCOL = (ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ
                  | ProtocolFeature.CONFIGURE_MEM_SLOTS)
-KINDS = ("blk", "net")
+KINDS = ("blk", "net", "fs")
 KIND: ContextVar[str] = ContextVar("kind", default="blk")  # the device type under check
 NET_TX = 1  # net's transmit queue (of pair 0)
+FS_REQUESTS = 1  # fs's first request queue (0 is hiprio)
 PROBE_FRAME = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(46)
 
 
 def attacked() -> int:
     """The queue that ring attacks go to, for the device type under check."""
-    return NET_TX if KIND.get() == "net" else 0
+    return {"net": NET_TX, "fs": FS_REQUESTS}.get(KIND.get(), 0)
 
 
 class GuardedRam(GuestRam):
@@ -92,6 +96,9 @@ class Session:
         if KIND.get() == "net" and queue:
             self.setup_net(packed, size)
             return None
+        if KIND.get() == "fs" and queue:
+            self.setup_fs(packed, size)
+            return None
         self.fe.negotiate(WANT | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
         self.fe.set_mem_table()
         if not queue:
@@ -109,6 +116,15 @@ class Session:
         for q in (0, NET_TX):
             self.fe.setup_queue(q, size)
         return NetClient(self.fe, rx_buffers=min(rx_buffers, size))
+
+    def setup_fs(self, packed: bool = False, size: int = 64) -> FsClient:
+        """As `setup`, for a virtio-fs back-end: the hiprio and first request queues, no
+        FUSE_INIT sent yet."""
+        self.fe.negotiate(WANT | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
+        self.fe.set_mem_table()
+        for q in (0, FS_REQUESTS):
+            self.fe.setup_queue(q, size)
+        return FsClient(self.fe, FS_REQUESTS, arena=1 << 20)
 
     def ring(self, index: int | None = None) -> DriverRing:
         """A queue's ring (the attacked one by default), split."""
@@ -151,6 +167,11 @@ def serves(path: str) -> str | None:
                 net = s.setup_net()
                 net.send([PROBE_FRAME])
                 s.fe.wait_used(NET_TX, 1, timeout=5.0)
+                return None
+            if KIND.get() == "fs":
+                fs = s.setup_fs()
+                fs.init()
+                fs.getattr(ROOT_ID)
                 return None
             blk = s.setup()
             assert blk is not None
