@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from daemon import Daemon, Program
 from test_check import check
-from test_qemu_fs import VIRTIOFSD
+from test_qemu_fs import VIRTIOFSD, rust_virtiofsd
 
 from vhostuser.check.checks import checks_for
 
@@ -133,3 +134,31 @@ def test_qemu_72_virtiofsd(tmp_path: Path) -> None:
         statuses, outcome = VIRTIOFSD_72[name]
         assert status in statuses and outcome in detail, (name, status, detail)
         assert all(rc >= 0 for rc in exits), f"{name}: virtiofsd died by a signal: {exits}"
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_rust_virtiofsd_spins_after_an_avail_flood(tmp_path: Path) -> None:
+    """Debian sid's Rust virtiofsd (1.14): an avail index 2^15 ahead of the ring makes it
+    spin on the queue for good, a CPU's worth, even after the front-end has gone (with
+    its default log level it also logs an error line each time round: 1.5 GB in 30 s
+    here, so this test turns its log off). Recorded in docs/check-results.md."""
+    sock = tmp_path / "rust.sock"
+    proc = Program([*rust_virtiofsd(), f"--socket-path={sock}",
+                    f"--shared-dir={share(tmp_path)}", "--sandbox=chroot", "--cache=auto",
+                    "--log-level=off"], tmp_path / "rust-virtiofsd.log", ready=[sock],
+                   timeout=60)
+    try:
+        [result] = check(sock, "avail-flood", kind="fs")  # (its session is over then)
+        assert result["status"] == "FAIL" and "no message" in result["detail"], result
+        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == "virtiofsd"
+        start, t0 = cpu_ticks(proc.pid), time.monotonic()
+        while time.monotonic() - t0 < 1.0:  # one second of its CPU time, measured
+            time.sleep(0.1)
+        spent = (cpu_ticks(proc.pid) - start) / os.sysconf("SC_CLK_TCK")
+        assert proc.poll() is None and spent > 0.5, (spent, proc.log()[-2000:])
+    finally:
+        proc.stop(10, group=True)
