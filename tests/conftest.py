@@ -55,6 +55,7 @@ MODULE_MARKERS = {
     "test_vvu_device": ["daemon"],
     "test_vvu_intx": ["daemon"],
     "test_worker_lifetime": ["daemon"],
+    "test_worker_fds": ["daemon"],
     "test_rng": ["daemon"],
     "test_input": ["daemon"],
     "test_vsock": ["daemon"],

@@ -17,3 +17,12 @@ def own_fd(fd: int) -> str:
 def fd_target(fd: int) -> str:
     """What our fd `fd` refers to, as /proc/self/fd/N reads ("anon_inode:[eventfd]")."""
     return os.readlink(own_fd(fd), dir_fd=PROC_FD)
+
+
+def own_fds() -> list[int]:
+    """Our open fds (as /proc/self/fd lists them, less the one that lists them)."""
+    listing = os.open("self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=PROC_FD)
+    try:
+        return [fd for fd in map(int, os.listdir(listing)) if fd != listing]
+    finally:
+        os.close(listing)

@@ -47,6 +47,9 @@ class UnixChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def fds(self) -> list[int]:
+        return [self.sock.fileno()]  # workers hold the connection (engine/worker.py)
+
     def poll(self, limit: int = 64) -> list[tuple[Header, bytes, list[int]]]:
         """The messages that have arrived, without blocking (at most `limit`). PeerClosed
         at EOF, ProtocolError on a bad header (the connection must go)."""

@@ -257,6 +257,10 @@ class SysfsPciFunction:
             v = self.typed[region, size] = self._bar(region).cast(fmt)
         return v
 
+    def fds(self) -> list[int]:
+        """Its config space and its lock (the BARs are mappings)."""
+        return [fd for fd in (self._config, self._lock) if fd >= 0]
+
     def close(self) -> None:
         for v in (*self.typed.values(), *self.views.values()):
             v.release()
@@ -285,6 +289,9 @@ class MmioNotifier:
 
     def notify(self) -> None:
         self.view[self.index] = 1
+
+    def fds(self) -> tuple[int, ...]:
+        return ()  # the mapping is enough
 
     def close(self) -> None:
         self.view.release()

@@ -69,6 +69,11 @@ class DeviceAccess(Protocol):
         """A dup of the ioeventfd behind register `offset` of `bar`, if there is one."""
         ...
 
+    def fds(self) -> list[int]:
+        """The device's, as a worker holds them (as it holds a vhost-user connection: the
+        device sees the back-end gone only once its workers are)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -150,6 +155,9 @@ class VfioUserAccess:
             os.close(fd)
         return found
 
+    def fds(self) -> list[int]:
+        return [self.client.chan.fileno()]
+
     def close(self) -> None:
         self.client.close()
         self.ram.close()
@@ -210,6 +218,9 @@ class SysfsAccess:
 
     def io_fd(self, bar: int, offset: int) -> int | None:
         return None
+
+    def fds(self) -> list[int]:
+        return self.fn.fds()
 
     def close(self) -> None:
         self.fn.close()

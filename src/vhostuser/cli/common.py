@@ -17,7 +17,7 @@ from typing import NoReturn
 from ..appliance.vvu_link import LinkError
 from ..engine.device import Device
 from ..engine.session import serve_connection
-from ..engine.worker import DEFAULT_SPIN_US, parent_only_fds
+from ..engine.worker import DEFAULT_SPIN_US
 from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal
 from ..sockets import MESSAGE_TIMEOUT, PeerClosed, listen, set_message_timeout
@@ -148,7 +148,6 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device],
         split_kernel.warm()
         log.info("the compiled chain walk is on (VHOSTUSER_JIT=1)")
     stop = StopSignal()
-    parent_only_fds.update(stop.fds())
     if args.vvu is not None:
         return _run_vvu(args, device, stop, confine)
     path, fd = args.socket_path, args.fd

@@ -199,6 +199,9 @@ class BlkDevice(Device):
                         "without --io-threads", untracked)
         return BlkQueue(self)
 
+    def worker_fds(self) -> list[int]:
+        return [self.fd, self.buffered]
+
     def close(self) -> None:
         if self.buffered != self.fd:
             os.close(self.buffered)

@@ -148,6 +148,9 @@ class FsDevice(Device):
         self.server.reset()
         self._session_changed(False, 0)
 
+    def worker_fds(self) -> list[int]:
+        return [self.root_fd]
+
     def close(self) -> None:
         os.close(self.root_fd)
         self._counters.release()

@@ -138,6 +138,9 @@ class InputDevice(Device):
     def reset(self) -> None:
         self.select = self.subsel = 0
 
+    def worker_fds(self) -> list[int]:
+        return [self.source.fileno()]
+
     def close(self) -> None:
         self.source.close()
 

@@ -224,6 +224,9 @@ class NetPort(Device):
             except OSError as e:
                 log.warning("TAP queue %d: cannot detach it: %s", pair, e.strerror)
 
+    def worker_fds(self) -> list[int]:
+        return list(self.tap_fds)
+
     def close(self) -> None:
         for fd in self.tap_fds:
             os.close(fd)

@@ -151,11 +151,11 @@ def finish_checksum(frame: bytearray, start: int, offset: int) -> None:
     struct.pack_into("!H", frame, start + offset, _fold(_sum(memoryview(frame)[start:])))
 
 
-def _pseudo(frame: bytes | bytearray, p: Packet, length: int) -> int:
+def _pseudo(frame: bytes | bytearray, p: Packet) -> int:
+    """The pseudo-header's sum, less the L4 length (each segment adds its own)."""
     if p.ipv6:
-        addrs = frame[p.l3 + 8 : p.l3 + 40]
-        return _sum(addrs) + length + p.proto
-    return _sum(frame[p.l3 + 12 : p.l3 + 20]) + length + p.proto
+        return _sum(frame[p.l3 + 8 : p.l3 + 40]) + p.proto
+    return _sum(frame[p.l3 + 12 : p.l3 + 20]) + p.proto
 
 
 def _ipv4_checksum(h: bytearray, l3: int) -> None:
@@ -192,24 +192,38 @@ def check_tx(hdr: bytes | memoryview, frame: bytes, negotiated: int) -> bytes:
         raise OffloadError(f"unknown GSO type {gso:#x}")
     if not negotiated & need or (ecn and not negotiated & F_HOST_ECN):
         raise OffloadError(f"GSO type {gso:#x} not negotiated")
+    p = _gso_packet(frame, gso, gso_size)
+    if offset != (6 if kind == GSO_UDP else 16):
+        raise OffloadError(f"checksum offset {offset}: not the "
+                           f"{'UDP' if kind == GSO_UDP else 'TCP'} checksum's")
+    if kind != GSO_UDP and frame[p.l4 + 13] & _CWR:  # congestion window reduced: an ECN
+        gso |= GSO_ECN  # frame, segmented for a port without GUEST_ECN (CWR on the first)
+    if start != p.l4:
+        raise OffloadError(f"checksum start {start}, not the L4 header at {p.l4}")
+    return HDR.pack(NEEDS_CSUM, gso, p.payload, gso_size, start, offset)
+
+
+def _gso_packet(frame: bytes, gso: int, gso_size: int) -> Packet:
+    """The packet of a GSO frame, which must be one whole TCP or UDP packet of its GSO type:
+    TCP over the IP version the type names; UDP fragments not of an IPv4 packet with
+    options (they go in the first fragment alone); a GSO size Linux would take. Raises
+    OffloadError."""
+    kind = gso & ~GSO_ECN
+    if kind not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP):
+        raise OffloadError(f"unknown GSO type {gso:#x}")
     p = parse(frame)
     if p is None or p.end != len(frame):
         raise OffloadError("a GSO frame that is not one whole TCP/UDP packet")
     if kind == GSO_UDP:
-        if p.proto != _UDP or offset != 6:
+        if p.proto != _UDP:
             raise OffloadError("a UDP GSO header that does not match its packet")
-        if not p.ipv6 and p.l4 - p.l3 != 20:  # options that go in the first fragment only
+        if not p.ipv6 and p.l4 - p.l3 != 20:
             raise OffloadError("UDP fragmentation of an IPv4 packet with options")
-    elif p.proto != _TCP or p.ipv6 != (kind == GSO_TCPV6) or offset != 16:
+    elif p.proto != _TCP or p.ipv6 != (kind == GSO_TCPV6):
         raise OffloadError("a TCP GSO header that does not match its packet")
-    else:
-        if frame[p.l4 + 13] & _CWR:  # congestion window reduced: an ECN frame, which a
-            gso |= GSO_ECN  # port without GUEST_ECN gets segmented (CWR on the first only)
     if gso_size < (8 if kind == GSO_UDP else MIN_MSS):
         raise OffloadError(f"a GSO size of {gso_size}")
-    if start != p.l4:
-        raise OffloadError(f"checksum start {start}, not the L4 header at {p.l4}")
-    return HDR.pack(NEEDS_CSUM, gso, p.payload, gso_size, start, offset)
+    return p
 
 
 # -- delivery --------------------------------------------------------------------------------
@@ -254,18 +268,10 @@ def finish(frame: bytes, hdr: bytes) -> list[bytes]:
                 raise OffloadError(f"checksum at {start}+{offset} past the frame")
             finish_checksum(out, start, offset)
         return [bytes(out)]
-    p, kind = parse(frame), gso & ~GSO_ECN
-    if p is None or kind not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP) or (
-            p.proto != (_UDP if kind == GSO_UDP else _TCP)) or (
-            kind != GSO_UDP and p.ipv6 != (kind == GSO_TCPV6)):
-        raise OffloadError("a GSO frame that is not one whole TCP/UDP packet")
+    p, kind = _gso_packet(frame, gso, gso_size), gso & ~GSO_ECN
     if kind == GSO_UDP:
-        if gso_size < 8 or (not p.ipv6 and p.l4 - p.l3 != 20):
-            raise OffloadError("a UDP GSO frame that cannot be fragmented")
         pieces = -(-(p.end - p.l4) // (gso_size & ~7))
     else:
-        if gso_size < MIN_MSS:
-            raise OffloadError(f"an MSS of {gso_size}")
         pieces = -(-(p.end - p.payload) // gso_size)
     if pieces > MAX_SEGMENTS:
         raise OffloadError(f"{pieces} segments of {gso_size} bytes (at most {MAX_SEGMENTS})")
@@ -301,7 +307,7 @@ def _segment(frame: bytes, p: Packet, mss: int) -> list[bytes]:
         h[p.l4 + 13] = tcp_flags & ~((_FIN | _PSH) if not last else 0) & ~(_CWR if i else 0)
         h[p.l4 + 16 : p.l4 + 18] = b"\0\0"
         if header_sum is None:
-            header_sum = _pseudo(h, p, 0)
+            header_sum = _pseudo(h, p)
         total = header_sum + seg_len + _sum(h[p.l4 :]) + _sum(chunk)
         struct.pack_into("!H", h, p.l4 + 16, _fold(total))
         segs.append(bytes(h) + chunk)

@@ -64,6 +64,9 @@ class RngDevice(Device):
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> RngService:
         return RngService(self, queues[0], events)
 
+    def worker_fds(self) -> list[int]:
+        return [self.fd]
+
     def close(self) -> None:
         os.close(self.fd)
         self.window.release()

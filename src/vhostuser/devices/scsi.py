@@ -24,7 +24,6 @@ from typing import Any
 
 from ..engine.device import ConfigError, Device, Events, InOrderService, QueueService, Timer
 from ..engine.queue import DeviceQueue
-from ..engine.worker import parent_only_fds
 from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.ring import Chain
@@ -154,7 +153,6 @@ class ScsiDevice(Device):
     def serve_control(self, path: str) -> None:
         """Take LUN commands on the UNIX socket `path` (devices/scsi_control.py)."""
         self.control = ControlSocket(path)
-        parent_only_fds.add(self.control.fileno())  # workers leave it alone
         self.pending: list[tuple[socket.socket, dict[str, Any]]] = []
 
     def tick(self) -> bool:
@@ -261,6 +259,9 @@ class ScsiDevice(Device):
         if CONTROLQ in queues or EVENTQ in queues:
             return ControlService(self, queues, events)
         return RequestService(self, min(queues))
+
+    def worker_fds(self) -> list[int]:
+        return [lun.fd for lun in self.luns.values()]  # not the control socket
 
     def close(self) -> None:
         for lun in self.luns.values():

@@ -85,6 +85,9 @@ class VsockDevice(Device):
             return Muxer(self, queues, events)
         return EventQueue()
 
+    def worker_fds(self) -> list[int]:
+        return [self.listener.fileno()]  # the streams' worker accepts on it
+
     def close(self) -> None:
         self.listener.close()
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,7 +55,6 @@ from .worker import (
     QueueSpec,
     Runner,
     Running,
-    parent_only_fds,
     start_worker,
 )
 
@@ -241,14 +240,17 @@ class InflightArea:
 class Backend:
     def __init__(self, device: Device, resources: Resources,
                  poll_us: int = DEFAULT_SPIN_US, runner: Runner = start_worker,
-                 track_inflight: bool = True, log_dirty: bool = True) -> None:
+                 track_inflight: bool = True, log_dirty: bool = True,
+                 hold: Sequence[int] = ()) -> None:
         """`track_inflight`: offer INFLIGHT_SHMFD, `log_dirty`: LOG_SHMFD and
         VHOST_F_LOG_ALL (live migration), where the transport shares areas; a runner that
-        does not take `QueueSpec.inflight` or `.log` up must say False."""
+        does not take `QueueSpec.inflight` or `.log` up must say False. `hold`: the
+        session's fds its workers keep open (Channel.fds)."""
         self.device = device
         self.res = resources
         self.poll_us = poll_us
         self.runner = runner  # how a started queue is served: a worker process by default
+        self.hold = tuple(hold)
         self.track_inflight = track_inflight and resources.shared_areas
         self.inflight: InflightArea | None = None
         self.log_dirty = log_dirty and resources.shared_log and dirtylog.available()
@@ -455,15 +457,12 @@ class Backend:
         worker may inherit it (a host socket would never see EOF)."""
         old = self.carried.pop(g, None)
         if old is not None:
-            parent_only_fds.difference_update(old.fds)
             old.close()
         self.carried[g] = carried
-        parent_only_fds.update(carried.fds)
 
     def _drop_carried(self) -> None:
         """What workers handed over belongs to the session that ends."""
         for c in self.carried.values():
-            parent_only_fds.difference_update(c.fds)
             c.close()
         self.carried.clear()
 
@@ -873,10 +872,8 @@ class Backend:
             specs.append(QueueSpec(params, self.res.kick_fd(r.kick), r.call, r.err, area,
                                    dirty))
         carried = self.carried.pop(g, None)
-        if carried is not None:  # the group's new worker keeps these
-            parent_only_fds.difference_update(carried.fds)
         try:
-            running = self.runner(specs, self.mem, self.device, carried)
+            running = self.runner(specs, self.mem, self.device, carried, self.hold)
         except BaseException:
             if carried is not None:  # kept for the next try
                 self._hold(g, carried)

@@ -183,6 +183,12 @@ class Device(ABC):
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""
 
+    def worker_fds(self) -> list[int]:
+        """The fds of the device's own that its workers use (an image, a TAP queue, a
+        socket they accept on): a worker lets go of every fd of the engine's but these and
+        its queues' (engine/worker.py). Called in the engine's process as a worker starts."""
+        return []
+
     def stopped(self, indices: list[int]) -> None:  # noqa: B027 - optional hook
         """The worker of these queues is gone (stopped, or died): called in the engine's
         process, to clear what the device shares with workers about them."""

@@ -22,6 +22,10 @@ def is_eventfd(fd: int) -> bool:
 class Notifier(Protocol):
     def notify(self) -> None: ...
 
+    def fds(self) -> tuple[int, ...]:
+        """What a worker that signals it must keep open."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -41,6 +45,9 @@ class EventfdNotifier:
         except OSError:  # not ours to fix (the front-end closed or broke its end): the
             pass  # ring still completes; the front-end just is not woken
 
+    def fds(self) -> tuple[int, ...]:
+        return (self.fd,) if self.fd >= 0 else ()
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -52,6 +59,9 @@ class NoNotifier:
 
     def notify(self) -> None:
         pass
+
+    def fds(self) -> tuple[int, ...]:
+        return ()
 
     def close(self) -> None:
         pass

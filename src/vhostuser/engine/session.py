@@ -27,6 +27,11 @@ class Channel(Protocol):
 
     def send(self, msg: Message) -> None: ...
 
+    def fds(self) -> list[int]:
+        """What the session's workers hold open: the front-end must see the session end
+        only once none of them can store into a used ring (engine/worker.py)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -35,7 +40,7 @@ def serve_connection(channel: Channel, resources: Resources, device: Device,
                      poll_us: int = DEFAULT_SPIN_US) -> None:
     """Serve until the front-end disconnects (`closed` exceptions) or breaks the protocol;
     either way every resource of the connection is released."""
-    backend = Backend(device, resources, poll_us)
+    backend = Backend(device, resources, poll_us, hold=channel.fds())
     try:
         while True:
             header, body, fds = channel.recv_raw(idle=(TICK, backend.tick))

@@ -37,11 +37,12 @@ import struct
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..memory import Buffer, GuestMemory
+from ..procfs import PROC_FD, own_fds
 from ..virtq.dirtylog import DirtyLog
 from ..virtq.inflight import InflightRecord, SplitInflight, queue_region_bytes
 from ..virtq.inflight_packed import PackedInflight
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CTRL_LOOK", "DEFAULT_SPIN_US", "DRAINED", "IDLE", "MORE", "ParentGone",
            "QueueParams", "QueueSpec", "Runner", "Running", "Stopped", "Worker",
-           "parent_only_fds", "run_queue", "start_worker"]
+           "run_queue", "start_worker"]
 
 _STOP = b"S"
 _SUSPEND = b"P"  # STOP, but requests not started may stay in the in-flight areas
@@ -76,11 +77,6 @@ _POLL_IDLE_ROUNDS = 200  # poll mode: empty rounds before napping 1 ms between l
 DEFAULT_SPIN_US = 200  # look for more work this long after the ring empties
 CTRL_LOOK = 0.001  # s a queue is served before the worker looks at everything else
 _GONE = object()  # the parent is gone
-
-# fds of the parent's that a worker must not hold open: a listening socket (a restarted
-# back-end binds the path anew), the stop-signal pipe. Never the connection: see above.
-parent_only_fds: set[int] = set()
-
 
 @dataclass(frozen=True)
 class QueueParams:
@@ -123,8 +119,10 @@ class Running(Protocol):
         ...
 
 
-# Starts serving a group of queues, with what its last run left (if anything).
-Runner = Callable[[list[QueueSpec], GuestMemory, Device, Carried | None], Running]
+# Starts serving a group of queues, with what its last run left (if anything) and the fds
+# of the session it serves that its processes must hold (the connection: see above).
+Runner = Callable[[list[QueueSpec], GuestMemory, Device, Carried | None, Sequence[int]],
+                  Running]
 
 
 class Worker:
@@ -200,11 +198,14 @@ def _recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], bo
 
 
 def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
-                 carried: Carried | None = None) -> Worker:
+                 carried: Carried | None = None, hold: Sequence[int] = ()) -> Worker:
     """Fork a worker for `specs`. `carried` (what the group's last worker left) goes to
     the child, which takes it up; the parent's copies are closed once it has forked. If
-    the fork fails, `carried` is untouched (the caller keeps it)."""
+    the fork fails, `carried` is untouched (the caller keeps it). `hold`: the session's
+    fds the worker keeps open (the connection); of the parent's other fds it keeps only
+    those `kept_fds` names."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    keep = kept_fds(specs, device, carried, hold) | {child.fileno()}
     ppid = os.getpid()
     try:
         pid = os.fork()
@@ -220,7 +221,7 @@ def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
     status = 1
     try:
         parent.close()
-        _become_worker(ppid, keep=carried.fds if carried is not None else ())
+        _become_worker(ppid, keep)
         status = _Group(specs, mem, device, child, ppid, carried).serve()
     except BaseException:  # never let a child unwind into the parent's stack
         traceback.print_exc()
@@ -228,12 +229,40 @@ def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
         os._exit(status)
 
 
-def _become_worker(ppid: int, keep: Iterable[int] = ()) -> None:
-    for fd in parent_only_fds.difference(keep):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def kept_fds(specs: list[QueueSpec], device: Device, carried: Carried | None,
+             hold: Sequence[int]) -> set[int]:
+    """The fds a worker keeps of its parent's: the standard streams and /proc (procfs.py),
+    the session's (`hold`), its queues' kick, call and err fds and the dirty log's signal,
+    what the group's last worker left, and what the device says its workers use."""
+    keep = {0, 1, 2, PROC_FD, *hold, *device.worker_fds()}
+    for s in specs:
+        if s.kick_fd is not None:
+            keep.add(s.kick_fd)
+        keep.update(s.call.fds(), s.err.fds())
+        if s.log is not None and s.log.signal is not None:
+            keep.update(s.log.signal.fds())
+    if carried is not None:
+        keep.update(carried.fds)
+    return keep
+
+
+def _release_parent_fds(keep: set[int]) -> None:
+    """Let go of every fd but `keep`: the parent's listening socket (a restarted back-end
+    binds the path anew), its stop pipe, the other workers' control sockets, what other
+    groups' workers left (a host socket would never see EOF), other sessions' fds. Each is
+    made a copy of one dead fd (a pipe's write end that nobody reads) rather than closed:
+    its file is let go all the same, and a number some object still holds cannot reach
+    the next file to take it: a write fails with EPIPE, a read with EBADF."""
+    fds = own_fds()
+    reader, dead = os.pipe()
+    os.close(reader)
+    for fd in fds:
+        if fd not in keep and fd != dead:
+            os.dup2(dead, fd, inheritable=False)
+
+
+def _become_worker(ppid: int, keep: set[int]) -> None:
+    _release_parent_fds(keep)
     signal.set_wakeup_fd(-1)  # the parent's stop pipe is the parent's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent stops us, in order

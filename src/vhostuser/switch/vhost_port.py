@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from ..engine.backend import Backend
 from ..engine.device import Carried, Device
 from ..engine.notify import Notifier
 from ..engine.queue import DeviceQueue, open_ring
-from ..engine.worker import QueueSpec, Running, Stopped, parent_only_fds
+from ..engine.worker import QueueSpec, Running, Stopped
 from ..framer import close_fds
 from ..memory import GuestMemory
 from ..protocol import Header, ProtocolError, encode
@@ -126,7 +126,6 @@ class VhostPort(Port):
             self.listener = listen(self.path)
         if self.listener is not None:
             self.listener.setblocking(False)
-            parent_only_fds.add(self.listener.fileno())
 
     def try_connect(self) -> bool:
         """Client mode: one attempt to reach the front-end."""
@@ -153,7 +152,6 @@ class VhostPort(Port):
         self._attach(sock)
 
     def _attach(self, sock: socket.socket) -> None:
-        parent_only_fds.add(sock.fileno())
         self.conn = UnixChannel(sock, message_timeout=self.message_timeout)
         self.backend = Backend(self.device, UnixResources(), runner=self._run_queues,
                                track_inflight=False)
@@ -251,7 +249,6 @@ class VhostPort(Port):
             except OSError as e:
                 log.error("%s: the virtio-vhost-user device failed: %s", self.name, e)
         if self.conn is not None:
-            parent_only_fds.discard(self.conn.fileno())
             self.conn.close()
             self.conn = None
         self.changed()
@@ -262,7 +259,6 @@ class VhostPort(Port):
         if link is not None:
             link.close()
         if self.listener is not None:
-            parent_only_fds.discard(self.listener.fileno())
             self.listener.close()
             self.listener = None
             if self.path is not None:
@@ -272,7 +268,8 @@ class VhostPort(Port):
                     pass
 
     def _run_queues(self, specs: list[QueueSpec], mem: GuestMemory, device: Device,
-                    carried: Carried | None) -> Running:
+                    carried: Carried | None, hold: Sequence[int]) -> Running:
+        """The engine's `Runner`, in this process (`hold` is for processes of its own)."""
         if carried is not None:
             carried.close()
         queues, broken = [], {}

@@ -131,12 +131,9 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
     - `fd`: an inherited socket; a listening one is accepted on, a connected one is used
       once.
     """
-    from ..engine.worker import parent_only_fds
-
     if fd is not None:
         sock = socket.socket(fileno=fd)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            parent_only_fds.add(fd)
             yield from _accepting(sock, once, stop)
         else:  # a connection: workers hold it too (engine/worker.py)
             yield sock
@@ -149,11 +146,9 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
             if once:
                 return
     listener = listen(path)
-    parent_only_fds.add(listener.fileno())
     try:
         yield from _accepting(listener, once, stop)
     finally:
-        parent_only_fds.discard(listener.fileno())
         listener.close()
         try:
             os.unlink(path)

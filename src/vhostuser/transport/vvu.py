@@ -76,6 +76,9 @@ class VvuChannel:
         log.debug("txq: reply to %d", msg.request)
         self.link.send(encode(msg))
 
+    def fds(self) -> list[int]:
+        return self.link.access.fds()  # as a connection is held: the device
+
     def close(self) -> None:
         pass  # the link outlives a session
 
