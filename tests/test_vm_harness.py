@@ -19,10 +19,13 @@ import pytest
 from daemon import Program
 from qemu_helpers import require_guest_prerequisites
 
+from vhostuser.guest_kernel import bootable_kernel, has_pvh_entry
 from vhostuser.vm import (
     GuestError,
     GuestVM,
     build_initramfs,
+    find_busybox,
+    find_kernel,
     resolve_modules,
 )
 
@@ -214,3 +217,22 @@ def test_vhost_user_blk_ext4(kver: str, tmp_path: Path) -> None:
         [debugfs, "-R", "cat /guest.txt", str(vda)], check=True, capture_output=True, text=True
     )
     assert cat.stdout == "written in the guest\n"
+
+
+def test_the_kernel_boots_uncompressed(kver: str, tmp_path: Path) -> None:
+    """Guests get the kernel's ELF vmlinux, which QEMU starts at its PVH entry point (no
+    decompression under TCG): the very kernel of /boot, its banner inside; a kernel that
+    cannot be so is used as it is."""
+    kernel, version = find_kernel()
+    elf = bootable_kernel(kernel)
+    assert elf != kernel
+    data = elf.read_bytes()
+    assert data[:4] == b"\x7fELF"
+    assert f"Linux version {version} ".encode() in data
+    assert has_pvh_entry(data)
+    busybox = find_busybox()  # an ELF without the note
+    assert not has_pvh_entry(busybox.read_bytes())
+    cut = tmp_path / "vmlinuz-cut"  # its payload truncated: not decompressible
+    cut.write_bytes(kernel.read_bytes()[: kernel.stat().st_size // 2])
+    assert bootable_kernel(cut) == cut
+    assert bootable_kernel(busybox) == busybox

@@ -37,6 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import cast
 
+from .guest_kernel import bootable_kernel
+
 __all__ = [
     "EXIT_MARKER",
     "START_MARKER",
@@ -469,7 +471,7 @@ class GuestVM:
             self.script, self.modules, self._tmpdir / "initramfs.cpio",
             kver=kver, errexit=self.errexit, files=self.files,
         )  # fmt: skip
-        cmd = self.command(qemu, kernel, initrd)
+        cmd = self.command(qemu, bootable_kernel(kernel), initrd)
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
