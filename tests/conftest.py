@@ -34,6 +34,7 @@ MODULE_MARKERS = {
     "test_check": ["daemon"],
     "test_check_net": ["daemon", "dpdk"],
     "test_check_fs": ["daemon"],
+    "test_check_scsi": ["daemon"],
     "test_split_ring": ["unit"],
     "test_packed_ring": ["unit"],
     "test_inflight_packed": ["unit"],

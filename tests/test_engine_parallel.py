@@ -33,7 +33,7 @@ class Rendezvous(Device):
     def features(self) -> int:
         return 0
 
-    def worker_fds(self) -> list[int]:
+    def worker_fds(self, indices: list[int]) -> list[int]:
         return [fd for pair in self.pipes for fd in pair]
 
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> Handler:

@@ -7,10 +7,15 @@ by its own worker, against what the kernel lists for the socket path."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from daemon import Daemon, blk_session
+from qemu_helpers import wait_until
 
 
 def _targets(pid: int) -> dict[int, str]:
@@ -70,13 +75,45 @@ def test_workers_keep_their_session_and_let_go_of_the_rest(
             # the worker's end of its control pair, which the parent has closed
             assert len(sockets - parent_sockets) == 1, mine
             assert not _of_kind(mine, "pipe") & parent_pipes, "the parent's stop pipe"
-            assert str(image) in mine.values()
+            assert os.path.realpath(image) in mine.values()
             # of the parent's eventfds, its own queue's alone (same numbers after fork)
             own = {fd for fd, t in mine.items()
                    if t == "anon_inode:[eventfd]" and fd in parent_eventfds}
             assert 2 <= len(own) <= 3, (own, parent_eventfds)  # kick, call (and err)
         assert held[0] == held[1]  # both hold the same connection
+        # the second worker forked while the first one's eventfds were open in the parent
         own_sets = [{fd for fd, t in _targets(pid).items()
                      if t == "anon_inode:[eventfd]" and fd in parent_eventfds}
                     for pid in workers]
         assert not own_sets[0] & own_sets[1], "a worker holds its sibling's eventfds"
+
+
+def test_a_listening_socket_on_stdin_stays_with_the_parent(tmp_path: Path,
+                                                           image: Path) -> None:
+    """inetd's way (`--fd 0`, the listening socket as standard input): the workers keep
+    their standard streams, but not that one."""
+    path = str(tmp_path / "blk.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    with open(tmp_path / "blk.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--fd", "0",
+                                 "--blk-file", str(image)], stdin=listener.fileno(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    inode = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+    listener.close()
+    try:
+        fe, [blk] = blk_session(path)
+        with fe:
+            assert blk.read(0, 512)[0] == 0
+            assert wait_until(lambda: len(_children(proc.pid)) == 1, 10)
+            [worker] = _children(proc.pid)
+            assert _targets(proc.pid)[0] == inode
+            assert inode not in _targets(worker).values()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0, (tmp_path / "blk.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -4,6 +4,7 @@ are relative to it: `self/fd/N` is resolved for whichever process asks."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 PROC_FD = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -20,9 +21,19 @@ def fd_target(fd: int) -> str:
 
 
 def own_fds() -> list[int]:
-    """Our open fds (as /proc/self/fd lists them, less the one that lists them)."""
+    """Our open fds (as /proc/self/fd lists them, less those that listed them: ours, and
+    the copy `os.listdir` reads through)."""
     listing = os.open("self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=PROC_FD)
     try:
-        return [fd for fd in map(int, os.listdir(listing)) if fd != listing]
+        listed = [fd for fd in map(int, os.listdir(listing)) if fd != listing]
     finally:
         os.close(listing)
+    return [fd for fd in listed if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True

@@ -23,11 +23,13 @@ from ..frontend.blk import BlkClient
 from ..frontend.client import BackendError
 from ..frontend.fs import FsClient
 from ..frontend.net import NetClient
+from ..frontend.scsi import ScsiClient
 from ..fuse.abi import ROOT_ID, Op
 from ..protocol import FrontendReq, HeaderFlag, ProtocolFeature, VirtioFeature, request
 from ..protocol import payloads as p
 from ..virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from .rig import (
+    INQUIRY,
     KIND,
     KINDS,
     PATTERN,
@@ -75,7 +77,7 @@ def check(name: str, what: str, kinds: tuple[str, ...] = KINDS,
 
 
 def checks_for(kind: str) -> list[tuple[str, str, Callable[[str], str]]]:
-    from . import fs_checks, net_checks  # noqa: F401 - register theirs
+    from . import fs_checks, net_checks, scsi_checks  # noqa: F401 - register theirs
 
     return [c for c in CHECKS if kind in FOR[c[0]]]
 
@@ -291,10 +293,11 @@ def _ring_crosses(path: str) -> str:
     q = attacked()
     with session(path) as s:
         s.setup(queue=False)
-        if KIND.get() in ("net", "fs"):  # queue 0 as usual (net's receive queue, fs's
-            s.fe.negotiate(WANT | F_MRG_RXBUF, WANT_PROTOCOL)  # hiprio), q attacked
+        if q:  # the queues before it as usual (net's receive queue, fs's hiprio, scsi's
+            s.fe.negotiate(WANT | F_MRG_RXBUF, WANT_PROTOCOL)  # control and events)
             s.fe.set_mem_table()
-            s.fe.setup_queue(0, 64)
+            for before in range(q):
+                s.fe.setup_queue(before, 64)
         s.fe.setup_queue(q, 64, enable=False)
         lay = s.ring().layout()
         used = s.ram.uva(s.ram.guest_addr + s.ram.size - 4)
@@ -306,6 +309,8 @@ def _ring_crosses(path: str) -> str:
                 NetClient(s.fe, rx_buffers=8).send([PROBE_FRAME])
             elif KIND.get() == "fs":  # (before FUSE_INIT: answered anyway, with EIO)
                 FsClient(s.fe, q, arena=1 << 20).submit(Op.GETATTR, ROOT_ID, bytes(16))
+            elif KIND.get() == "scsi":
+                ScsiClient(s.fe, q, arena=1 << 20).submit(INQUIRY, data_in=96)
             else:
                 BlkClient(s.fe, 0, arena=1 << 20).submit(T_IN, 0, in_len=512)
             # the ring's idx is the region's last 2 bytes, its elements all past the end:

@@ -5,9 +5,10 @@ still serves.
 The device type under check (`KIND`, which `checks.run` sets) decides what setting a
 queue up means and what the probe does: for blk, queue 0 and a read of sector 0; for net,
 the receive and transmit queues and a frame transmitted (its buffer must come back); for
-fs, the hiprio and request queues and FUSE_INIT then GETATTR of the root. Ring attacks go
-to `attacked(...)`: blk's queue 0, net's transmit queue, which a back-end reads on its own
-(a receive queue is read only when a frame comes), fs's request queue.
+fs, the hiprio and request queues and FUSE_INIT then GETATTR of the root; for scsi, the
+control, event and first request queues and an INQUIRY of LUN 0. Ring attacks go to
+`attacked(...)`: blk's queue 0, net's transmit queue, which a back-end reads on its own
+(a receive queue is read only when a frame comes), fs's and scsi's request queue.
 
 The guard zones: the memory file is GUARD + size + GUARD bytes; the region starts at
 `mmap_offset` GUARD. A back-end that maps the region as QEMU's libvhost-user and DPDK do
@@ -28,6 +29,7 @@ from ..frontend.blk import BlkClient
 from ..frontend.client import Frontend
 from ..frontend.fs import FsClient
 from ..frontend.net import NetClient
+from ..frontend.scsi import ScsiClient
 from ..fuse.abi import ROOT_ID
 from ..protocol import ProtocolFeature, VirtioFeature
 from ..protocol.payloads import MemRegion
@@ -42,16 +44,18 @@ WANT = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
         | VirtioFeature.RING_EVENT_IDX)
 WANT_PROTOCOL = (ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ
                  | ProtocolFeature.CONFIGURE_MEM_SLOTS)
-KINDS = ("blk", "net", "fs")
+KINDS = ("blk", "net", "fs", "scsi")
 KIND: ContextVar[str] = ContextVar("kind", default="blk")  # the device type under check
 NET_TX = 1  # net's transmit queue (of pair 0)
 FS_REQUESTS = 1  # fs's first request queue (0 is hiprio)
+SCSI_REQUESTS = 2  # scsi's first request queue (0 is control, 1 events)
+INQUIRY = bytes([0x12, 0, 0, 0, 96, 0])  # SPC-4 INQUIRY, standard data, 96 bytes
 PROBE_FRAME = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(46)
 
 
 def attacked() -> int:
     """The queue that ring attacks go to, for the device type under check."""
-    return {"net": NET_TX, "fs": FS_REQUESTS}.get(KIND.get(), 0)
+    return {"net": NET_TX, "fs": FS_REQUESTS, "scsi": SCSI_REQUESTS}.get(KIND.get(), 0)
 
 
 class GuardedRam(GuestRam):
@@ -99,6 +103,9 @@ class Session:
         if KIND.get() == "fs" and queue:
             self.setup_fs(packed, size)
             return None
+        if KIND.get() == "scsi" and queue:
+            self.setup_scsi(packed, size)
+            return None
         self.fe.negotiate(WANT | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
         self.fe.set_mem_table()
         if not queue:
@@ -125,6 +132,15 @@ class Session:
         for q in (0, FS_REQUESTS):
             self.fe.setup_queue(q, size)
         return FsClient(self.fe, FS_REQUESTS, arena=1 << 20)
+
+    def setup_scsi(self, packed: bool = False, size: int = 64) -> ScsiClient:
+        """As `setup`, for a virtio-scsi back-end: the control, event and first request
+        queues."""
+        self.fe.negotiate(WANT | (VirtioFeature.RING_PACKED if packed else 0), WANT_PROTOCOL)
+        self.fe.set_mem_table()
+        for q in range(SCSI_REQUESTS + 1):
+            self.fe.setup_queue(q, size)
+        return ScsiClient(self.fe, SCSI_REQUESTS, arena=1 << 20)
 
     def ring(self, index: int | None = None) -> DriverRing:
         """A queue's ring (the attacked one by default), split."""
@@ -172,6 +188,12 @@ def serves(path: str) -> str | None:
                 fs = s.setup_fs()
                 fs.init()
                 fs.getattr(ROOT_ID)
+                return None
+            if KIND.get() == "scsi":
+                r = s.setup_scsi().command(INQUIRY, data_in=96)
+                if r.response != 0 or r.status != 0 or len(r.data) < 36:
+                    return (f"an INQUIRY of LUN 0 on a fresh connection: response "
+                            f"{r.response}, status {r.status}, {len(r.data)} bytes")
                 return None
             blk = s.setup()
             assert blk is not None

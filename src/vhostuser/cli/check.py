@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("socket", metavar="SOCKET", help="the back-end's vhost-user socket")
     ap.add_argument("--type", choices=KINDS, default="blk",
                     help="the device type: blk (virtio-blk requests on queue 0), net "
-                         "(frames on the transmit queue of pair 0) or fs (FUSE requests on "
-                         "the first request queue)")
+                         "(frames on the transmit queue of pair 0), fs (FUSE requests on "
+                         "the first request queue) or scsi (commands on the first request "
+                         "queue)")
     ap.add_argument("--check", action="append", choices=names, metavar="NAME",
                     help="run only this check (repeat for more); --list shows them")
     ap.add_argument("--list", action="store_true", help="list the checks and exit")

@@ -199,7 +199,7 @@ class BlkDevice(Device):
                         "without --io-threads", untracked)
         return BlkQueue(self)
 
-    def worker_fds(self) -> list[int]:
+    def worker_fds(self, indices: list[int]) -> list[int]:
         return [self.fd, self.buffered]
 
     def close(self) -> None:

@@ -148,7 +148,7 @@ class FsDevice(Device):
         self.server.reset()
         self._session_changed(False, 0)
 
-    def worker_fds(self) -> list[int]:
+    def worker_fds(self, indices: list[int]) -> list[int]:
         return [self.root_fd]
 
     def close(self) -> None:

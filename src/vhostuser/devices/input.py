@@ -138,7 +138,7 @@ class InputDevice(Device):
     def reset(self) -> None:
         self.select = self.subsel = 0
 
-    def worker_fds(self) -> list[int]:
+    def worker_fds(self, indices: list[int]) -> list[int]:
         return [self.source.fileno()]
 
     def close(self) -> None:

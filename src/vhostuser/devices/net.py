@@ -224,8 +224,8 @@ class NetPort(Device):
             except OSError as e:
                 log.warning("TAP queue %d: cannot detach it: %s", pair, e.strerror)
 
-    def worker_fds(self) -> list[int]:
-        return list(self.tap_fds)
+    def worker_fds(self, indices: list[int]) -> list[int]:
+        return [self.tap_fds[min(indices) // 2]] if self.tap_fds else []  # its pair's
 
     def close(self) -> None:
         for fd in self.tap_fds:

@@ -64,7 +64,7 @@ class RngDevice(Device):
     def serve(self, queues: dict[int, DeviceQueue], events: Events) -> RngService:
         return RngService(self, queues[0], events)
 
-    def worker_fds(self) -> list[int]:
+    def worker_fds(self, indices: list[int]) -> list[int]:
         return [self.fd]
 
     def close(self) -> None:

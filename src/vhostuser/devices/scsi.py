@@ -260,7 +260,7 @@ class ScsiDevice(Device):
             return ControlService(self, queues, events)
         return RequestService(self, min(queues))
 
-    def worker_fds(self) -> list[int]:
+    def worker_fds(self, indices: list[int]) -> list[int]:
         return [lun.fd for lun in self.luns.values()]  # not the control socket
 
     def close(self) -> None:

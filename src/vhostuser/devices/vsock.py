@@ -85,8 +85,9 @@ class VsockDevice(Device):
             return Muxer(self, queues, events)
         return EventQueue()
 
-    def worker_fds(self) -> list[int]:
-        return [self.listener.fileno()]  # the streams' worker accepts on it
+    def worker_fds(self, indices: list[int]) -> list[int]:
+        muxer = RXQ in indices or TXQ in indices  # it accepts there (`serve`)
+        return [self.listener.fileno()] if muxer else []
 
     def close(self) -> None:
         self.listener.close()

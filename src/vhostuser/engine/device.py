@@ -183,10 +183,11 @@ class Device(ABC):
     def reset(self) -> None:  # noqa: B027 - optional hook
         """RESET_DEVICE, or the front-end disconnected."""
 
-    def worker_fds(self) -> list[int]:
-        """The fds of the device's own that its workers use (an image, a TAP queue, a
-        socket they accept on): a worker lets go of every fd of the engine's but these and
-        its queues' (engine/worker.py). Called in the engine's process as a worker starts."""
+    def worker_fds(self, indices: list[int]) -> list[int]:
+        """The fds of the device's own that the worker of queues `indices` uses (an image,
+        its TAP queue, a socket it accepts on): a worker lets go of every fd of the
+        engine's but these and its queues' (engine/worker.py), so one left out fails there
+        (EBADF, EPIPE). Called in the engine's process as the worker starts."""
         return []
 
     def stopped(self, indices: list[int]) -> None:  # noqa: B027 - optional hook

@@ -30,6 +30,7 @@ import heapq
 import itertools
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -231,10 +232,13 @@ def start_worker(specs: list[QueueSpec], mem: GuestMemory, device: Device,
 
 def kept_fds(specs: list[QueueSpec], device: Device, carried: Carried | None,
              hold: Sequence[int]) -> set[int]:
-    """The fds a worker keeps of its parent's: the standard streams and /proc (procfs.py),
-    the session's (`hold`), its queues' kick, call and err fds and the dirty log's signal,
-    what the group's last worker left, and what the device says its workers use."""
-    keep = {0, 1, 2, PROC_FD, *hold, *device.worker_fds()}
+    """The fds a worker keeps of its parent's: the standard streams (unless one is the
+    listening socket: `--fd 0` from inetd) and /proc (procfs.py), the session's (`hold`),
+    its queues' kick, call and err fds and the dirty log's signal, what the group's last
+    worker left, and what the device says its workers use."""
+    indices = [s.params.index for s in specs]
+    keep = {fd for fd in (0, 1, 2) if not _listening(fd)}
+    keep.update((PROC_FD, *hold, *device.worker_fds(indices)))
     for s in specs:
         if s.kick_fd is not None:
             keep.add(s.kick_fd)
@@ -246,6 +250,14 @@ def kept_fds(specs: list[QueueSpec], device: Device, carried: Carried | None,
     return keep
 
 
+def _listening(fd: int) -> bool:
+    try:
+        return bool(socket.socket(fileno=os.dup(fd)).getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # closed, or not a socket
+        return False
+
+
 def _release_parent_fds(keep: set[int]) -> None:
     """Let go of every fd but `keep`: the parent's listening socket (a restarted back-end
     binds the path anew), its stop pipe, the other workers' control sockets, what other
@@ -253,19 +265,32 @@ def _release_parent_fds(keep: set[int]) -> None:
     made a copy of one dead fd (a pipe's write end that nobody reads) rather than closed:
     its file is let go all the same, and a number some object still holds cannot reach
     the next file to take it: a write fails with EPIPE, a read with EBADF."""
-    fds = own_fds()
-    reader, dead = os.pipe()
+    try:
+        fds = own_fds()
+        reader, dead = os.pipe()
+    except OSError:  # no fd left for the listing or the pipe: plain closes, then
+        _close_all_but(keep)
+        return
     os.close(reader)
     for fd in fds:
         if fd not in keep and fd != dead:
             os.dup2(dead, fd, inheritable=False)
 
 
+def _close_all_but(keep: set[int]) -> None:
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    low = 0
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, limit if limit != resource.RLIM_INFINITY else 1 << 20)
+
+
 def _become_worker(ppid: int, keep: set[int]) -> None:
-    _release_parent_fds(keep)
     signal.set_wakeup_fd(-1)  # the parent's stop pipe is the parent's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent stops us, in order
+    _release_parent_fds(keep)
     try:  # die with the parent
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):

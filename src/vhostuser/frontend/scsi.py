@@ -44,6 +44,14 @@ class ScsiClient:
 
     def command(self, cdb: bytes, lun: int = 0, data_out: bytes = b"", data_in: int = 0,
                 target: int = 0, field: bytes | None = None) -> Result:
+        resp, din = self.submit(cdb, lun, data_out, data_in, target, field)
+        [(_, written)] = self.fe.wait_used(self.queue)
+        return self.result(resp, din, written)
+
+    def submit(self, cdb: bytes, lun: int = 0, data_out: bytes = b"", data_in: int = 0,
+               target: int = 0, field: bytes | None = None) -> tuple[int, int]:
+        """Make a command available and kick, not waiting: where its response and data-in
+        go (0: none)."""
         ram = self.fe.ram
         req = REQ.pack(field if field is not None else lun_field(lun, target), 0, 0, 0, 0,
                         cdb.ljust(32, b"\0"))
@@ -65,12 +73,16 @@ class ScsiClient:
             bufs.append((din, data_in, True))
         self.fe.queues[self.queue].ring.add(bufs)
         self.fe.kick(self.queue)
-        [(_, written)] = self.fe.wait_used(self.queue)
+        return resp, din
+
+    def result(self, resp: int, din: int, written: int) -> Result:
+        """A completed command's result, from its response (and data-in) buffers."""
+        ram = self.fe.ram
         if written < RESP_SIZE:
             raise ValueError(f"response of {written} bytes")
         sense_len, resid, _qual, status, response = RESP.unpack(bytes(ram.at(resp, RESP.size)))
         sense = bytes(ram.at(resp + RESP.size, min(sense_len, 96)))
-        data = bytes(ram.at(din, written - RESP_SIZE)) if data_in else b""
+        data = bytes(ram.at(din, written - RESP_SIZE)) if din else b""
         return Result(response, status, sense, data, resid)
 
     def control(self, request: bytes, reply_len: int) -> bytes:
