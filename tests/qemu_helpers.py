@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from daemon import Program
 
-from vhostuser.vm import GuestError, GuestVM, find_busybox, find_kernel, find_qemu
+from testbed.guest import GuestError, GuestVM, find_busybox, find_kernel, find_qemu
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # testbed/ is run from here
 
 MiB = 1 << 20
 BLK_MODULES = ["virtio_pci", "virtio_blk"]

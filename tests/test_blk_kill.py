@@ -39,8 +39,8 @@ from qemu_helpers import (
 )
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
+from testbed.guest import GuestError, GuestVM
 from vhostuser.devices.blk import COMPILED
-from vhostuser.vm import GuestError, GuestVM
 
 BLOCK = 64 << 10
 PATTERN_BLOCKS = 32  # /P: 2 MiB of random data; round r writes P[r % 16 : r % 16 + 16]

@@ -1,7 +1,7 @@
 """End-to-end tests of our vhost-user-blk back-end with QEMU guests.
 
 Each test starts ``vhost-user-blk`` as a subprocess (log in tmp_path), boots a TCG guest
-(vhostuser.vm) with a vhost-user-blk-pci device on its socket, and checks what the guest
+(testbed.guest) with a vhost-user-blk-pci device on its socket, and checks what the guest
 saw and what landed in the image file on the host. The back-end is always stopped with
 SIGTERM at the end: it must exit 0 and leave no worker process behind.
 
@@ -30,7 +30,7 @@ from qemu_helpers import (
     watchdog,
 )
 
-from vhostuser.vm import GuestResult, GuestVM, find_busybox
+from testbed.guest import GuestResult, GuestVM, find_busybox
 
 KiB = 1 << 10
 GUEST_TIMEOUT = 60  # boots take 6-9 s under TCG; the longest script runs ~15 s

@@ -16,7 +16,7 @@ import pytest
 from daemon import Program
 from qemu_helpers import BackendDaemon, require_guest_prerequisites, wait_until, watchdog
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 SID_QEMU = Path(__file__).resolve().parents[1] / "scripts" / "sid-qemu"

@@ -26,7 +26,7 @@ from test_codec import check_frames
 from test_qemu_fs import MODULES, fs_args
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
-from vhostuser.vm import GuestError, GuestVM
+from testbed.guest import GuestError, GuestVM
 
 FRAMES = Path(__file__).with_name("golden") / "frames_qemu11_ours_fs.jsonl"  # test_codec
 

@@ -19,7 +19,7 @@ import pytest
 from qemu_helpers import BackendDaemon, require_guest_prerequisites, watchdog
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 SCRIPT = r"""
 for e in /sys/class/input/event*; do

@@ -34,7 +34,7 @@ from test_qemu_vvu import start, start_device, wait_for
 from test_vvu_bridge import qsd_cmd
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
-from vhostuser.vm import GuestError, GuestVM
+from testbed.guest import GuestError, GuestVM
 
 BLOCK = 64 << 10
 REGION_BLOCKS = 16  # 1 MiB regions

@@ -1,7 +1,7 @@
 """End-to-end tests of ``vhost-user-switch`` with QEMU guests (and a TAP uplink).
 
 Each test starts the switch as a subprocess (``-vv``, log in tmp_path, counters read with
-``vhost-user-switch stats``), boots TCG guests (vhostuser.vm) with a virtio-net-pci NIC on
+``vhost-user-switch stats``), boots TCG guests (testbed.guest) with a virtio-net-pci NIC on
 its ports, and checks what the guests saw and what the switch counted. The switch is
 always stopped with SIGTERM at the end and must exit 0.
 
@@ -40,7 +40,7 @@ from qemu_net_helpers import (
     wait_reachable,
 )
 
-from vhostuser.vm import GuestError, GuestResult, GuestVM, find_busybox
+from testbed.guest import GuestError, GuestResult, GuestVM, find_busybox
 
 MiB = 1 << 20
 GUEST_TIMEOUT = 120  # boots take 6-9 s under TCG, more with two guests on 2 CPUs

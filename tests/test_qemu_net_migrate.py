@@ -28,7 +28,7 @@ from qemu_net_helpers import (
     wait_reachable,
 )
 
-from vhostuser.vm import GuestError, GuestVM
+from testbed.guest import GuestError, GuestVM
 
 G_IP, P_IP = "192.0.2.50", "192.0.2.51"
 PINGS = 150  # at 0.2 s: 30 s, across the migration

@@ -41,7 +41,7 @@ from qemu_net_helpers import (
     wait_reachable,
 )
 
-from vhostuser.vm import GuestError, GuestVM, find_busybox
+from testbed.guest import GuestError, GuestVM, find_busybox
 
 A_IP, B_IP = "192.0.2.50", "192.0.2.51"
 COPIES = 64  # of the 1 MiB file: 64 MiB each way

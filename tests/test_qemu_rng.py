@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from qemu_helpers import BackendDaemon, require_guest_prerequisites, watchdog
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 SCRIPT = """
 echo "CURRENT $(cat /sys/class/misc/hw_random/rng_current)"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from qemu_helpers import BackendDaemon, require_guest_prerequisites, require_tool, watchdog
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 MiB = 1 << 20
 MODULES = ["virtio_pci", "virtio_scsi", "sd_mod", "ext4"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from qemu_helpers import BackendDaemon, require_guest_prerequisites, watchdog
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "vmw_vsock_virtio_transport"]
 SCRIPT = r"""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from daemon import Program
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 MB = 1 << 20
 PATTERN_AT = 8 * MB

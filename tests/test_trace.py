@@ -23,7 +23,7 @@ from qemu_helpers import (
 )
 from test_codec import check_frames
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 GOLDEN = Path(__file__).with_name("golden") / "trace_qemu72_qsd72_blk.txt"
 FRAMES = Path(__file__).with_name("golden") / "frames_qemu72_qsd72_blk.jsonl"  # test_codec

@@ -1,4 +1,4 @@
-"""Tests for the guest-VM harness (vhostuser.vm).
+"""Tests for the guest-VM harness (testbed.guest).
 
 The guest tests need qemu-system-x86, qemu-system-common (qemu-storage-daemon),
 linux-image-amd64, busybox-static and e2fsprogs. They fail (never skip) if those are
@@ -19,8 +19,7 @@ import pytest
 from daemon import Program
 from qemu_helpers import require_guest_prerequisites
 
-from vhostuser.guest_kernel import bootable_kernel, has_pvh_entry
-from vhostuser.vm import (
+from testbed.guest import (
     GuestError,
     GuestVM,
     build_initramfs,
@@ -28,6 +27,7 @@ from vhostuser.vm import (
     find_kernel,
     resolve_modules,
 )
+from testbed.kernel import bootable_kernel, has_pvh_entry
 
 BLK_MODULES = ["virtio_pci", "virtio_blk"]
 MiB = 1 << 20

@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 
 import pytest
+from qemu_helpers import CHECKOUT
 from test_qemu_vvu import PATTERN_AT, SCRIPT, start_device
 from test_vvu_qemu import qemu11  # noqa: F401  (fixture)
 
-from vhostuser.appliance.vm import READY, appliance_vm, qemu_wrapper, wait_backend_up
-from vhostuser.vm import GuestVM
+from testbed.appliance import READY, appliance_vm, qemu_wrapper, wait_backend_up
+from testbed.guest import GuestVM
 
 MB = 1 << 20
 CONSUMER_MB = 256
@@ -149,8 +150,8 @@ def test_consumer_disk_served_from_an_appliance_vm(qemu11_host_root: str, tmp_pa
 
 def test_the_readme_demo(qemu11: str, tmp_path: Path) -> None:  # noqa: F811
     """`scripts/demo`'s program, as the README runs it (default: the appliance VM)."""
-    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--keep", str(tmp_path)],
-                       capture_output=True, text=True, timeout=400)
+    r = subprocess.run([sys.executable, "-m", "testbed.demo", "--keep", str(tmp_path)],
+                       capture_output=True, text=True, timeout=400, cwd=CHECKOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "appliance: the device is pci:0000:" in r.stdout
     assert "host: debugfs reads /hello.txt from disk.img: written by the guest" in r.stdout

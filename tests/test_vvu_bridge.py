@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from qemu_helpers import require_tool
+from qemu_helpers import CHECKOUT, require_tool
 from test_qemu_vvu import MB, PATTERN_AT, SCRIPT, start, start_device, wait_for
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 SID_QEMU = Path(__file__).resolve().parents[1] / "scripts" / "sid-qemu"
 
@@ -232,9 +232,9 @@ def test_the_demo_with_qemu_storage_daemon(tmp_path: Path) -> None:
     """`scripts/demo --backend qsd --appliance process`: the seeds' diagram with an
     unmodified C back-end in the appliance (the VM appliance runs the same bridge in
     test_vvu_appliance_vm.py)."""
-    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--backend", "qsd",
+    r = subprocess.run([sys.executable, "-m", "testbed.demo", "--backend", "qsd",
                         "--appliance", "process", "--keep", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "host: debugfs reads /hello.txt from disk.img: written by the guest" in r.stdout
     assert ("written by qemu-storage-daemon in an appliance process, through the "

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 from dpdk import Testpmd
+from qemu_helpers import CHECKOUT
 from qemu_net_helpers import NET_MODULES, guest_net_setup, net_qemu_args, ping_result, tagged
 from test_qemu_vvu import start, start_device, wait_for
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 PINGS = 5
 SCRIPT = guest_net_setup("192.0.2.1") + f"""
@@ -66,9 +67,9 @@ def test_the_demo_with_dpdk(tmp_path: Path) -> None:
     """`scripts/demo --backend dpdk --appliance process`: testpmd behind the bridge answers
     the demo guest's pings, and the demo checks testpmd's counts against the guest's (the
     VM appliance runs the same bridge and testpmd in test_vvu_appliance_vm.py)."""
-    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.demo", "--backend", "dpdk",
+    r = subprocess.run([sys.executable, "-m", "testbed.demo", "--backend", "dpdk",
                         "--appliance", "process", "--keep", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     loss = [ln for ln in r.stdout.splitlines() if "packet loss" in ln]
     assert loss and ping_result(loss[0].strip()) == (5, 5, 0), r.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostuser.vm import GuestVM
+from testbed.guest import GuestVM
 
 ROOT = Path(__file__).resolve().parent.parent
 SID_QEMU = ROOT / "scripts" / "sid-qemu"

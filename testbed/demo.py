@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..appliance.vm import READY, SID_QEMU, appliance_vm, qemu_wrapper, wait_backend_up
-from ..vm import GuestError, GuestVM
+from .appliance import READY, SID_QEMU, appliance_vm, qemu_wrapper, wait_backend_up
+from .guest import GuestError, GuestVM
 
 GUEST_SCRIPT = r"""
 echo "guest: /dev/vda is $(cat /sys/block/vda/size) sectors, serial '$(cat /sys/block/vda/serial)'"
@@ -64,7 +64,7 @@ def say(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vhost-user-demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=64, help="disk image size (default 64)")
     ap.add_argument("--keep", metavar="DIR", help="keep the image and logs in DIR")

@@ -2,7 +2,7 @@
 chroot of ``scripts/sid-qemu``) with the virtio-vhost-user device attached over vfio-user,
 running one of our back-ends *inside* it with ``--vvu pci:ADDRESS``.
 
-The guest is the usual throw-away busybox initramfs (`vhostuser.vm.GuestVM`). It runs the
+The guest is the usual throw-away busybox initramfs (`testbed.guest.GuestVM`). It runs the
 host's Python and this package from a read-only 9p share of the host's root file system
 (chroot), so nothing is installed into it; a second, writable share (`share`, seen as /mnt
 inside) holds the back-end's files, e.g. the disk image.
@@ -17,9 +17,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..vm import GuestError, GuestVM
+from .guest import GuestError, GuestVM
 
-SID_QEMU = Path(__file__).resolve().parents[3] / "scripts" / "sid-qemu"
+SID_QEMU = Path(__file__).resolve().parents[1] / "scripts" / "sid-qemu"
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "tun", "uio_pci_generic"]
 READY = "APPLIANCE pci:"  # printed with the device's address before the back-end starts
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import cast
 
-from .guest_kernel import bootable_kernel
+from .kernel import bootable_kernel
 
 __all__ = [
     "EXIT_MARKER",
