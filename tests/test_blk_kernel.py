@@ -21,17 +21,8 @@ import pytest
 from fuzz_memory import A, TwoRegions, seed
 
 from vhostuser.devices import blk_kernel
-from vhostuser.devices.blk import (
-    T_BARRIER,
-    T_DISCARD,
-    T_FLUSH,
-    T_GET_ID,
-    T_IN,
-    T_OUT,
-    BlkDevice,
-    BlkOptions,
-    BlkQueue,
-)
+from vhostuser.devices.blk import BlkDevice, BlkOptions, BlkQueue
+from vhostuser.devices.blk_abi import T_BARRIER, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
 from vhostuser.memory import GuestMemory, mmap_region

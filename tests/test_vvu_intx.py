@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from test_vvu_device import Device, consumer
 
-from vhostuser.appliance.virtio_pci import ISR, NO_VECTOR, VirtioPciDriver
+from vhostuser.appliance.virtio_pci import VirtioPciDriver
 from vhostuser.protocol import FrontendReq, request
 from vhostuser.protocol import payloads as p
+from vhostuser.protocol.virtio_pci import NO_VECTOR, VirtioCfgType
 from vhostuser.unix_channel import UnixChannel
 from vhostuser.vfio_user import protocol as vp
 from vhostuser.vfio_user.client import VfioUserClient
@@ -73,7 +74,7 @@ class IntxDriver:
         self.client.write_u(CONFIG, COMMAND, 2, (cmd | set_bits) & ~clear_bits)
 
     def isr(self) -> int:
-        cap = self.pci.caps[ISR]
+        cap = self.pci.caps[VirtioCfgType.ISR]
         return self.client.read_u(cap.bar, cap.offset, 1)
 
     def kicks(self) -> int:

@@ -6,28 +6,24 @@ import struct
 
 import pytest
 
+from vhostuser.protocol.constants import DeviceStatus
+from vhostuser.protocol.virtio_pci import NO_VECTOR, CapId, Common, VirtioCfgType
 from vhostuser.vvu.pci import (
     Bar,
     Capability,
-    CapId,
     MsixTable,
     PciAccessError,
     PciConfig,
-    VirtioCfgType,
     msix_cap,
     virtio_cap,
     virtio_cap64,
 )
 from vhostuser.vvu.virtio_pci import (
-    NO_VECTOR,
-    VIRTIO_F_RING_RESET,
-    VIRTIO_F_VERSION_1,
-    Common,
-    DeviceStatus,
     VirtioPciBar,
     VirtioPciState,
 )
 
+VIRTIO_F_VERSION_1, VIRTIO_F_RING_RESET = 32, 40  # virtio 1.x §6: bit numbers
 V1 = 1 << VIRTIO_F_VERSION_1
 NVEC = 5
 

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..vfio_user.constants import PciRegion
 from ..virtq.guest_ram import GuestRam
 
 log = logging.getLogger(__name__)
 
-CONFIG_REGION = 7  # the vfio-user region index of config space, kept for the same API
 SYSFS = Path("/sys/bus/pci/devices")
 BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 MAP_HUGETLB = 0x40000  # not exported by Python's mmap module
@@ -214,14 +214,14 @@ class SysfsPciFunction:
         return m
 
     def read(self, region: int, offset: int, count: int) -> bytes:
-        if region == CONFIG_REGION:
+        if region == PciRegion.CONFIG:
             return os.pread(self._config, count, offset).ljust(count, b"\xff")
         if count in _FMT and offset % count == 0:
             return self.read_u(region, offset, count).to_bytes(count, "little")
         return bytes(self._bar(region)[offset : offset + count])
 
     def write(self, region: int, offset: int, data: bytes) -> None:
-        if region == CONFIG_REGION:
+        if region == PciRegion.CONFIG:
             os.pwrite(self._config, data, offset)
         elif len(data) in _FMT and offset % len(data) == 0:
             self.write_u(region, offset, len(data), int.from_bytes(data, "little"))
@@ -305,7 +305,7 @@ def physical_address(mapping: mmap.mmap) -> int:
     page = os.sysconf("SC_PAGE_SIZE")
     with open("/proc/self/pagemap", "rb", buffering=0) as f:
         f.seek(vaddr // page * 8)
-        (entry,) = struct.unpack("<Q", f.read(8))
+        entry: int = struct.unpack("<Q", f.read(8))[0]
     pfn = entry & ((1 << 55) - 1)
     if not entry >> 63 or not pfn:
         raise SysfsPciError("no physical address for DMA memory (not root, or not present)")

@@ -10,24 +10,17 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..protocol.constants import DeviceStatus, VirtioFeature
+from ..protocol.virtio_pci import NO_VECTOR, CapId, Common, VirtioCfgType
 from ..shutdown import readable
 from ..vfio_user.client import VfioUserClient
+from ..vfio_user.constants import PciRegion
 from ..vfio_user.protocol import PciIrq
 from ..virtq.guest_ram import GuestRam
 from ..virtq.split_driver import DriverRing
 
-CONFIG_REGION = 7
-VENDOR_CAP = 0x09
-COMMON, NOTIFY, ISR, DEVICE = 1, 2, 3, 4
-NO_VECTOR = 0xFFFF
-
-# struct virtio_pci_common_cfg offsets
-DFSELECT, DF, GFSELECT, GF, MSIX_CONFIG, NUM_QUEUES, STATUS = 0, 4, 8, 12, 16, 18, 20
-Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOTIFY_OFF = 22, 24, 26, 28, 30
-Q_DESC, Q_DRIVER, Q_DEVICE = 32, 40, 48
-S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET = 1, 2, 4, 8, 64
-
-
+_FOUND = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
+_NEGOTIATED = _FOUND | DeviceStatus.FEATURES_OK
 RESET_TIMEOUT = 5.0  # s a device may take to complete a reset
 
 
@@ -50,7 +43,7 @@ def find_caps(config: bytes) -> dict[int, Cap]:
     ptr, seen = config[0x34] & ~3, set()
     while ptr and ptr not in seen and ptr + 16 <= len(config):
         seen.add(ptr)
-        if config[ptr] == VENDOR_CAP:
+        if config[ptr] == CapId.VENDOR:
             cap_len, cfg_type, bar = config[ptr + 2], config[ptr + 3], config[ptr + 4]
             offset, length = struct.unpack_from("<II", config, ptr + 8)
             if cfg_type == 8 and cap_len >= 24:  # virtio_pci_cap64
@@ -82,12 +75,13 @@ class VirtioPciDriver:
         self.dev = dev
         self.ram = ram
         dev.dma_map(ram.guest_addr, ram.size, ram.fd)
-        self.config = dev.read(CONFIG_REGION, 0, 256)
+        self.config = dev.read(PciRegion.CONFIG, 0, 256)
         self.caps = find_caps(self.config)
-        for need in (COMMON, NOTIFY, ISR, DEVICE):
+        for need in (VirtioCfgType.COMMON, VirtioCfgType.NOTIFY, VirtioCfgType.ISR,
+                     VirtioCfgType.DEVICE):
             if need not in self.caps:
                 raise DriverError(f"device has no virtio capability of type {need}")
-        self.notify_mult = struct.unpack_from("<I", self.caps[NOTIFY].raw, 16)[0]
+        self.notify_mult = struct.unpack_from("<I", self.caps[VirtioCfgType.NOTIFY].raw, 16)[0]
         self.vectors: list[int] = []  # eventfd per MSI-X vector
         self.rings: dict[int, DriverRing] = {}
         self.notify_at: dict[int, int] = {}  # queue -> its notify register's BAR offset
@@ -100,21 +94,21 @@ class VirtioPciDriver:
     # -- register access -------------------------------------------------------------------
 
     def _common(self, off: int, size: int, value: int | None = None) -> int:
-        c = self.caps[COMMON]
+        c = self.caps[VirtioCfgType.COMMON]
         if value is None:
             return self.dev.read_u(c.bar, c.offset + off, size)
         self.dev.write_u(c.bar, c.offset + off, size, value)
         return value
 
     def status(self) -> int:
-        return self._common(STATUS, 1)
+        return self._common(Common.DEVICE_STATUS, 1)
 
     def config_read(self, offset: int, size: int) -> bytes:
-        c = self.caps[DEVICE]
+        c = self.caps[VirtioCfgType.DEVICE]
         return self.dev.read(c.bar, c.offset + offset, size)
 
     def config_write(self, offset: int, data: bytes) -> None:
-        c = self.caps[DEVICE]
+        c = self.caps[VirtioCfgType.DEVICE]
         self.dev.write(c.bar, c.offset + offset, data)
 
     # -- initialisation --------------------------------------------------------------------
@@ -131,59 +125,62 @@ class VirtioPciDriver:
 
     def init(self, wanted: int, config_vector: int = NO_VECTOR) -> int:
         """Reset, acknowledge, negotiate; returns the features both sides have."""
-        self._common(STATUS, 1, 0)
+        self._common(Common.DEVICE_STATUS, 1, 0)
         deadline = time.monotonic() + RESET_TIMEOUT
         while self.status() != 0:  # virtio 1.x 4.1.4.3.2: wait until the reset completes
             if time.monotonic() > deadline:
                 raise DriverError(f"the device did not complete its reset within "
                                   f"{RESET_TIMEOUT:g} s (status {self.status():#x})")
-        self._common(STATUS, 1, S_ACK | S_DRIVER)
+        self._common(Common.DEVICE_STATUS, 1, _FOUND)
         offered = 0
         for word in (0, 1):
-            self._common(DFSELECT, 4, word)
-            offered |= self._common(DF, 4) << (32 * word)
+            self._common(Common.DEVICE_FEATURE_SELECT, 4, word)
+            offered |= self._common(Common.DEVICE_FEATURE, 4) << (32 * word)
         self.features = offered & wanted
         for word in (0, 1):
-            self._common(GFSELECT, 4, word)
-            self._common(GF, 4, (self.features >> (32 * word)) & 0xFFFFFFFF)
-        self._common(STATUS, 1, S_ACK | S_DRIVER | S_FEATURES_OK)
-        if not self.status() & S_FEATURES_OK:
+            self._common(Common.DRIVER_FEATURE_SELECT, 4, word)
+            self._common(Common.DRIVER_FEATURE, 4, (self.features >> (32 * word)) & 0xFFFFFFFF)
+        self._common(Common.DEVICE_STATUS, 1, _NEGOTIATED)
+        if not self.status() & DeviceStatus.FEATURES_OK:
             raise DriverError(f"device refused features {self.features:#x}")
-        self._common(MSIX_CONFIG, 2, config_vector)
+        self._common(Common.CONFIG_MSIX_VECTOR, 2, config_vector)
         return self.features
 
     def setup_queue(self, index: int, size: int, vector: int = NO_VECTOR) -> DriverRing:
-        self._common(Q_SELECT, 2, index)
-        if size > self._common(Q_SIZE, 2):
+        self._common(Common.QUEUE_SELECT, 2, index)
+        if size > self._common(Common.QUEUE_SIZE, 2):
             raise DriverError(f"queue {index}: size {size} above the device's maximum")
-        self._common(Q_SIZE, 2, size)
-        ring = DriverRing(self.ram, size, bool(self.features & (1 << 29)))
-        for off, gpa in ((Q_DESC, ring.desc_gpa), (Q_DRIVER, ring.avail_gpa),
-                         (Q_DEVICE, ring.used_gpa)):
+        self._common(Common.QUEUE_SIZE, 2, size)
+        ring = DriverRing(self.ram, size, bool(self.features & VirtioFeature.RING_EVENT_IDX))
+        for off, gpa in ((Common.QUEUE_DESC, ring.desc_gpa),
+                         (Common.QUEUE_DRIVER, ring.avail_gpa),
+                         (Common.QUEUE_DEVICE, ring.used_gpa)):
             self._common(off, 4, gpa & 0xFFFFFFFF)
             self._common(off + 4, 4, gpa >> 32)
-        if self._common(Q_MSIX, 2, vector) != vector or self._common(Q_MSIX, 2) != vector:
+        if (self._common(Common.QUEUE_MSIX_VECTOR, 2, vector) != vector
+                or self._common(Common.QUEUE_MSIX_VECTOR, 2) != vector):
             raise DriverError(f"queue {index}: vector {vector} refused")
-        self._common(Q_ENABLE, 2, 1)
-        n = self.caps[NOTIFY]
-        self.notify_at[index] = n.offset + self._common(Q_NOTIFY_OFF, 2) * self.notify_mult
+        self._common(Common.QUEUE_ENABLE, 2, 1)
+        n = self.caps[VirtioCfgType.NOTIFY]
+        self.notify_at[index] = (n.offset
+                                 + self._common(Common.QUEUE_NOTIFY_OFF, 2) * self.notify_mult)
         self.rings[index] = ring
         return ring
 
     def reset(self) -> None:
         """Status 0: the device resets (its vectors, queues and interrupt sources too);
         not waited for."""
-        self._common(STATUS, 1, 0)
+        self._common(Common.DEVICE_STATUS, 1, 0)
 
     def driver_ok(self) -> None:
-        self._common(STATUS, 1, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)
+        self._common(Common.DEVICE_STATUS, 1, _NEGOTIATED | DeviceStatus.DRIVER_OK)
 
     # -- data path -------------------------------------------------------------------------
 
     def notify(self, index: int) -> None:
         """One register write (the queue's notify address is learned at set-up: on a PCI
         bus every access is a trap)."""
-        self.dev.write_u(self.caps[NOTIFY].bar, self.notify_at[index], 2, index)
+        self.dev.write_u(self.caps[VirtioCfgType.NOTIFY].bar, self.notify_at[index], 2, index)
 
     def kick(self, index: int) -> None:
         if self.rings[index].needs_kick():

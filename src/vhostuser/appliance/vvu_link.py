@@ -14,6 +14,7 @@ import time
 
 from ..engine.notify import Notifier
 from ..protocol.payloads import MemRegion
+from ..protocol.virtio_pci import NO_VECTOR, VirtioCfgType
 from ..shutdown import StopSignal, readable
 from ..sockets import PeerClosed
 from ..unix_channel import Idle
@@ -22,6 +23,7 @@ from ..vvu.abi import (
     CFG_DOORBELL,
     CFG_NOTIFICATION,
     CFG_SHARED_MEMORY,
+    FEATURES,
     KICK_FD_VECTOR,
     KICK_FDS,
     KICKS,
@@ -29,7 +31,7 @@ from ..vvu.abi import (
     S_FRONTEND_UP,
 )
 from .uio import UioInterrupts
-from .virtio_pci import ISR, NO_VECTOR, VirtioPciDriver
+from .virtio_pci import VirtioPciDriver
 from .vvu_access import open_access
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ V_CONFIG, V_RXQ, V_TXQ, V_FIRST_VRING = 0, 1, 2, 3
 RX_BUFFERS, BUFFER_SIZE = 32, 8192  # a message is at most 12 + 4096 bytes
 POLL_INTERVAL = 0.0005  # seconds between looks at rxq with no interrupts
 STATUS_POLL = 0.05  # seconds between reads of the status register with no interrupts
-FEATURES = (1 << 32) | (1 << 28) | (1 << 29)  # VERSION_1, INDIRECT_DESC, EVENT_IDX
 
 
 class LinkError(Exception):
@@ -111,7 +112,7 @@ class VvuLink:
     def _acknowledge(self) -> list[int]:
         """INTx: the vectors whose sources fired, from ISR status (config change; a queue:
         rxq or txq) and the KICKS bitmap (vring i: V_FIRST_VRING + i), both read-to-clear."""
-        isr_cap, note = self.pci.caps[ISR], self.pci.caps[CFG_NOTIFICATION]
+        isr_cap, note = self.pci.caps[VirtioCfgType.ISR], self.pci.caps[CFG_NOTIFICATION]
         isr = self.client.read_u(isr_cap.bar, isr_cap.offset, 1)
         fired = ([V_CONFIG] if isr & 2 else []) + ([V_RXQ, V_TXQ] if isr & 1 else [])
         for word in range((self.max_queues + 31) // 32):

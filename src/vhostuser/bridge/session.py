@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..appliance.virtio_pci import NO_VECTOR
 from ..appliance.vvu_link import V_FIRST_VRING, LinkError, VvuLink
 from ..engine.notify import Notifier
 from ..framer import close_fds
@@ -54,6 +53,7 @@ from ..protocol import (
 )
 from ..protocol import payloads as p
 from ..protocol.constants import LOG_ALL
+from ..protocol.virtio_pci import NO_VECTOR
 from ..shutdown import StopSignal
 from ..sockets import PeerClosed
 from ..transport.vvu import split_message

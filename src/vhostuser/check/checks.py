@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..devices.blk import REQ_HEADER, T_GET_ID, T_IN
+from ..devices.blk_abi import REQ_HEADER, T_GET_ID, T_IN
 from ..devices.net import F_MRG_RXBUF
 from ..frontend.blk import BlkClient
 from ..frontend.client import BackendError
@@ -356,8 +356,9 @@ def _attack(path: str, build: Callable[[Session], None], what: str,
             s.fe.call(F.SET_VRING_ERR, p.VringFile.make(attacked()), fds=(err,))
             build(s)
             os.eventfd_write(s.fe.queues[attacked()].kick, 1)
-            completed = (lambda: _packed_used_at_0(s)) if packed else (
-                lambda: s.ring().used_idx() != 0)
+            def completed() -> bool:
+                return _packed_used_at_0(s) if packed else s.ring().used_idx() != 0
+
             deadline = time.monotonic() + SETTLE
             outcome = "not completed"
             try:
@@ -566,7 +567,7 @@ def _packed_io(path: str) -> str:
 
 def _packed_used_at_0(s: Session) -> bool:
     """Whether descriptor 0 was written back as used on the first pass."""
-    _, _, _, flags = _DESC.unpack_from(s.packed_ring().desc, 0)
+    flags: int = _DESC.unpack_from(s.packed_ring().desc, 0)[3]
     return flags & (AVAIL | USED) == AVAIL | USED
 
 

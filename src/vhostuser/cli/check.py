@@ -1,7 +1,8 @@
-"""vhost-user-check: check a vhost-user-blk, -net or -fs back-end listening on SOCKET
-against the vhost-user and virtio specs, and against a hostile front-end: negotiation,
-I/O, stop and restart, reconnects; malformed messages; malicious descriptor chains and
-requests (blk), frames (net) or FUSE requests (fs), with guard zones around the memory
+"""vhost-user-check: check a vhost-user-blk, -net, -fs or -scsi back-end listening on
+SOCKET against the vhost-user and virtio specs, and against a hostile front-end:
+negotiation, I/O, stop and restart, reconnects; malformed messages; malicious descriptor
+chains and requests (blk), frames (net), FUSE requests (fs) or SCSI commands (scsi),
+with guard zones around the memory
 it is given to catch writes outside it. Every check runs on connections of its own; a
 back-end that crashes fails that check and, unless restarted, the rest.
 

@@ -22,34 +22,40 @@ from ..protocol.constants import ProtocolFeature
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.ring import Chain
 from ..virtq.split import SplitQueue
+from .blk_abi import (
+    F_BLK_SIZE,
+    F_CONFIG_WCE,
+    F_DISCARD,
+    F_FLUSH,
+    F_MQ,
+    F_RO,
+    F_SEG_MAX,
+    F_SIZE_MAX,
+    F_WRITE_ZEROES,
+    ID_BYTES,
+    REQ_HEADER,
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    SECTOR,
+    SEG_F_UNMAP,
+    SEGMENT,
+    T_BARRIER,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    T_WRITE_ZEROES,
+)
 from .blk_kernel import BlkKernel
 from .blk_kernel import available as compiled_available
 
 log = logging.getLogger(__name__)
+_HDR, _SEG = REQ_HEADER, SEGMENT
 
-SECTOR = 512
 COMPILED = "reads and writes served by the compiled kernel"
 
-# Feature bits
-F_SIZE_MAX = 1 << 1
-F_SEG_MAX = 1 << 2
-F_RO = 1 << 5
-F_BLK_SIZE = 1 << 6
-F_FLUSH = 1 << 9
-F_CONFIG_WCE = 1 << 11
-F_MQ = 1 << 12
-F_DISCARD = 1 << 13
-F_WRITE_ZEROES = 1 << 14
-
-# Request types and status codes
-T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-T_BARRIER = 0x80000000  # legacy bit, masked as SPDK and QEMU's contrib back-end do
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-ID_BYTES = 20
-SEG_F_UNMAP = 1
-
-REQ_HEADER = _HDR = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
-SEGMENT = _SEG = struct.Struct("<QII")  # discard/write-zeroes: sector, num_sectors, flags
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")  # up to write_zeroes_may_unmap: 60 bytes
 CONFIG_SIZE = 96  # with secure-erase and zoned fields, left zero (not offered)
 WRITEBACK_OFFSET = 32

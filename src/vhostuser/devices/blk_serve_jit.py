@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit, types
 
 from ..virtq.split_walk_jit import walk
+from .blk_abi import SECTOR, T_IN, T_OUT
 
 # ssize_t preadv/pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset): the
 # iovec pointer passed as an address (an integer of the same width on every 64-bit ABI)
@@ -18,8 +19,6 @@ _IO = types.intp(types.int32, types.uintp, types.int32, types.int64)
 preadv: Any = types.ExternalFunction("preadv", _IO)
 pwritev: Any = types.ExternalFunction("pwritev", _IO)
 
-T_IN, T_OUT = 0, 1
-SECTOR = 512
 HEADER = 16
 
 

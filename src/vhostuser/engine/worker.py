@@ -251,11 +251,21 @@ def kept_fds(specs: list[QueueSpec], device: Device, carried: Carried | None,
 
 
 def _listening(fd: int) -> bool:
+    """Whether `fd` is a listening socket (asked of a copy, closed whatever it is)."""
     try:
-        return bool(socket.socket(fileno=os.dup(fd)).getsockopt(
-            socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except OSError:  # closed, or not a socket
+        copy = os.dup(fd)
+    except OSError:  # not open
         return False
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return False
+    with sock:
+        try:
+            return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        except OSError:
+            return False
 
 
 def _release_parent_fds(keep: set[int]) -> None:

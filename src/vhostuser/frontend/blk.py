@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..devices.blk import (  # the virtio-blk ABI, defined once
+from ..devices.blk_abi import (  # the virtio-blk ABI, defined once
     REQ_HEADER,
     SEGMENT,
     T_DISCARD,

@@ -40,8 +40,12 @@ _KIND_NAMES = {"d": "directory", "l": "symlink", "f": "file"}
 # a path that leads nowhere (now): the node goes stale
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV})
 Reopen = Callable[[int, bool, int], int]  # (O_PATH fd, a directory, flags) -> an open fd
-_KINDS = {"d": stat.S_ISDIR, "l": stat.S_ISLNK,
-          "f": lambda m: not stat.S_ISDIR(m) and not stat.S_ISLNK(m)}
+def _is_file(mode: int) -> bool:
+    return not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode)
+
+
+_KINDS: dict[str, Callable[[int], bool]] = {"d": stat.S_ISDIR, "l": stat.S_ISLNK,
+                                           "f": _is_file}
 
 
 class MigrationError(Exception):

@@ -349,5 +349,6 @@ def flow_hash(frames: Frames) -> np.ndarray:
     at = frames.offs[:, None] + _FLOW
     inside = frames.lens[:, None] > _FLOW
     b = np.where(inside, frames.data[np.where(inside, at, 0)], 0).astype(np.uint64)
-    return (b * _FLOW_WEIGHTS).sum(axis=1)
+    hashes: np.ndarray = (b * _FLOW_WEIGHTS).sum(axis=1)
+    return hashes
 

@@ -29,7 +29,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..appliance.virtio_pci import NO_VECTOR
 from ..appliance.vvu_link import V_FIRST_VRING, LinkError, VvuLink
 from ..engine.backend import ResourceError
 from ..engine.notify import Notifier
@@ -46,6 +45,7 @@ from ..protocol import (
     expected_fds,
 )
 from ..protocol.payloads import MemRegion
+from ..protocol.virtio_pci import NO_VECTOR
 from ..shutdown import StopSignal
 from ..unix_channel import Idle
 

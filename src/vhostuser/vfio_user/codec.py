@@ -58,7 +58,7 @@ class Header:
 
     @property
     def is_reply(self) -> bool:
-        return self.flags & HeaderFlag.TYPE_MASK == MsgType.REPLY
+        return int(self.flags & HeaderFlag.TYPE_MASK) == MsgType.REPLY
 
     @property
     def no_reply(self) -> bool:
@@ -92,7 +92,7 @@ def decode_header(data: bytes | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_
         raise BadSize(f"{what}: message size {h.size} is smaller than the header", h)
     if h.size > max_size:
         raise BadSize(f"{what}: message size {h.size} exceeds {max_size}", h)
-    kind = h.flags & HeaderFlag.TYPE_MASK
+    kind = int(h.flags & HeaderFlag.TYPE_MASK)
     if kind not in (MsgType.COMMAND, MsgType.REPLY):
         raise BadFlags(f"{what}: unknown message type {kind} (flags {h.flags:#x})", h)
     if h.flags & ~KNOWN_HEADER_FLAGS:
@@ -122,7 +122,7 @@ class Message:
 
     @property
     def is_reply(self) -> bool:
-        return self.flags & HeaderFlag.TYPE_MASK == MsgType.REPLY
+        return int(self.flags & HeaderFlag.TYPE_MASK) == MsgType.REPLY
 
     @property
     def no_reply(self) -> bool:

@@ -18,7 +18,8 @@ def _prefetch(write: int) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
             fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
+                builder.module, fnty, "llvm.prefetch.p0")
             # (address, write?, locality 3: keep in all cache levels, data cache)
             builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, write),
                               ir.Constant(i32, 3), ir.Constant(i32, 1)])

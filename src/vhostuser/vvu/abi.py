@@ -4,13 +4,20 @@ capability that carry the consumer's memory files (docs/vvu-design.md)."""
 
 from __future__ import annotations
 
-from ..protocol.constants import BackendReq
+from ..protocol.constants import BackendReq, VirtioFeature
+from ..protocol.virtio_pci import VirtioCfgType
 
 VIRTIO_ID = 63  # virtio device id of virtio-vhost-user
 PCI_VENDOR, PCI_DEVICE = 0x1AF4, 0x1040 + VIRTIO_ID
 
-# virtio-pci vendor capability cfg_types beyond the standard 1..5
-CFG_DOORBELL, CFG_NOTIFICATION, CFG_SHARED_MEMORY = 6, 7, 8
+# the device's features: those of its own two queues (rxq, txq)
+FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+            | VirtioFeature.RING_EVENT_IDX)
+
+# virtio-pci vendor capability cfg_types beyond the standard 1..5, and the window: virtio's
+# shared memory capability
+CFG_DOORBELL, CFG_NOTIFICATION = 6, 7
+CFG_SHARED_MEMORY = VirtioCfgType.SHARED_MEMORY
 
 # the notification structure: a vring's vector may be KICK_FD_VECTOR, "the driver reads
 # the consumer's kick eventfd itself" (a vfio-user client: GET_REGION_IO_FDS on the

@@ -17,6 +17,7 @@ import uuid as uuidlib
 
 from ..memory import GuestMemory
 from ..protocol.payloads import MemRegion
+from ..protocol.virtio_pci import NO_VECTOR
 from ..virtq.iov import iov_write
 from ..virtq.ring import RingError, RingLayout
 from ..virtq.split import SplitQueue
@@ -24,6 +25,7 @@ from .abi import (
     CFG_DOORBELL,
     CFG_NOTIFICATION,
     CFG_SHARED_MEMORY,
+    FEATURES,
     FIRST_FILE_REGION,
     KICK_FD_VECTOR,
     KICK_FDS,
@@ -37,7 +39,7 @@ from .intx import IntxLine
 from .msix import MsixTable
 from .pci import Bar, PciAccessError, PciConfig, msix_cap, virtio_cap, virtio_cap64
 from .relay import Relay, RxResult, WindowFile
-from .virtio_pci import NO_VECTOR, VIRTIO_F_VERSION_1, VirtioPciBar, VirtioPciState
+from .virtio_pci import VirtioPciBar, VirtioPciState
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ SHMID_MEMORY = 0
 RXQ, TXQ = 0, 1
 QUEUE_SIZE = 256
 CONFIG_SIZE = 24
-FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << 28) | (1 << 29)  # + INDIRECT_DESC, EVENT_IDX
 _EVENT_IDX, _INDIRECT = 1 << 29, 1 << 28
 
 

@@ -29,21 +29,20 @@ from __future__ import annotations
 
 import struct
 from dataclasses import KW_ONLY, dataclass
-from enum import IntEnum, IntFlag
+from enum import IntFlag
 
+from ..protocol.virtio_pci import CapId
 from .msix import MsixTable, PciAccessError, check_access
 
 __all__ = [
     "CONFIG_SPACE_SIZE",
     "Bar",
-    "CapId",
     "Capability",
     "Command",
     "MsixTable",
     "PciAccessError",
     "PciConfig",
     "Status",
-    "VirtioCfgType",
     "msix_cap",
     "virtio_cap",
     "virtio_cap64",
@@ -89,23 +88,6 @@ class Status(IntFlag):
 
 W1C_STATUS = (Status.MASTER_PARITY_ERROR | Status.SIG_TARGET_ABORT | Status.REC_TARGET_ABORT
               | Status.REC_MASTER_ABORT | Status.SIG_SYSTEM_ERROR | Status.DETECTED_PARITY)
-
-
-class CapId(IntEnum):
-    VENDOR = 0x09  # virtio's structures are vendor-specific capabilities
-    MSIX = 0x11
-
-
-class VirtioCfgType(IntEnum):
-    """``cfg_type`` of a virtio vendor capability (virtio 1.x §4.1.4)."""
-
-    COMMON = 1
-    NOTIFY = 2
-    ISR = 3
-    DEVICE = 4
-    PCI = 5
-    SHARED_MEMORY = 8
-    VENDOR = 9
 
 
 # ------------------------------------------------------------------------------- BARs
@@ -377,5 +359,5 @@ class PciConfig:
         if bar is None:
             raise ValueError(f"BAR{index} is not a declared BAR")
         at = BAR0 + 4 * index
-        raw = struct.unpack_from("<Q" if bar.mem64 else "<I", self._data, at)[0]
+        raw: int = struct.unpack_from("<Q" if bar.mem64 else "<I", self._data, at)[0]
         return raw & bar.address_mask & ~0xF

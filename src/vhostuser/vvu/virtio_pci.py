@@ -42,15 +42,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
+from enum import IntFlag
 from typing import Protocol
 
+from ..protocol.constants import DeviceStatus, VirtioFeature
+from ..protocol.virtio_pci import NO_VECTOR, Common, VirtioCfgType
 from .msix import PciAccessError, check_access
-from .pci import Capability, VirtioCfgType, virtio_cap
+from .pci import Capability, virtio_cap
 
-NO_VECTOR = 0xFFFF
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_RING_RESET = 40
 FEATURE_WINDOWS = 4  # driver_feature windows kept: bits 0..127
 
 COMMON_CFG_SIZE = 0x40
@@ -58,43 +57,9 @@ ISR_CFG_SIZE = 4
 NOTIFY_OFF_MULTIPLIER = 4
 
 
-class DeviceStatus(IntFlag):
-    ACKNOWLEDGE = 1
-    DRIVER = 2
-    DRIVER_OK = 4
-    FEATURES_OK = 8
-    DEVICE_NEEDS_RESET = 0x40
-    FAILED = 0x80
-
-
 class Isr(IntFlag):
     QUEUE = 1
     CONFIG = 2
-
-
-class Common(IntEnum):
-    """Byte offsets in ``struct virtio_pci_common_cfg``."""
-
-    DEVICE_FEATURE_SELECT = 0x00
-    DEVICE_FEATURE = 0x04
-    DRIVER_FEATURE_SELECT = 0x08
-    DRIVER_FEATURE = 0x0C
-    CONFIG_MSIX_VECTOR = 0x10
-    NUM_QUEUES = 0x12
-    DEVICE_STATUS = 0x14
-    CONFIG_GENERATION = 0x15
-    QUEUE_SELECT = 0x16
-    QUEUE_SIZE = 0x18
-    QUEUE_MSIX_VECTOR = 0x1A
-    QUEUE_ENABLE = 0x1C
-    QUEUE_NOTIFY_OFF = 0x1E
-    QUEUE_DESC = 0x20
-    QUEUE_DRIVER = 0x28
-    QUEUE_DEVICE = 0x30
-    QUEUE_NOTIFY_DATA = 0x38
-    QUEUE_RESET = 0x3A
-    ADMIN_QUEUE_INDEX = 0x3C
-    ADMIN_QUEUE_NUM = 0x3E
 
 
 _COMMON = struct.Struct("<IIIIHHBBHHHHHQQQHHHH")
@@ -147,7 +112,7 @@ class VirtioPciState:
                  on_queue_reset: Callable[[int], None] | None = None,
                  on_notify: Callable[[int], None] | None = None,
                  on_status: Callable[[int], None] | None = None) -> None:
-        if not device_features >> VIRTIO_F_VERSION_1 & 1:
+        if not device_features & VirtioFeature.VERSION_1:
             raise ValueError("a modern virtio device must offer VIRTIO_F_VERSION_1")
         if not 0 <= device_features < 1 << 32 * FEATURE_WINDOWS:
             raise ValueError("device features beyond bit 127")
@@ -280,7 +245,7 @@ class VirtioPciState:
 
     def _features_acceptable(self) -> bool:
         accepted = self.driver_features
-        return not accepted & ~self.device_features and bool(accepted >> VIRTIO_F_VERSION_1 & 1)
+        return not accepted & ~self.device_features and bool(accepted & VirtioFeature.VERSION_1)
 
     def _write_status(self, value: int) -> None:
         if value == 0:
@@ -307,7 +272,7 @@ class VirtioPciState:
             if value == 1 and not q.enabled:
                 q.enabled = True
                 self.on_queue_enable(index)
-        elif value == 1 and self.driver_features >> VIRTIO_F_RING_RESET & 1:  # QUEUE_RESET
+        elif value == 1 and self.driver_features & VirtioFeature.RING_RESET:  # QUEUE_RESET
             q.reset()
             self.on_queue_reset(index)
 
