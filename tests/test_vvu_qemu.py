@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -101,3 +102,25 @@ def test_guest_sees_the_device(qemu11: str, tmp_path: Path) -> None:
         log.close()
     text = (tmp_path / "device.log").read_text()
     assert "vfio-user client connected" in text and "Traceback" not in text
+
+
+def test_the_appliance_sees_a_checkout_on_a_file_system_of_its_own(
+        qemu11: str, tmp_path: Path) -> None:
+    """`sid-qemu run -H` shows the appliance VM the host's root, from which it runs this
+    checkout: a checkout on a mount of its own (a tmpfs /tmp, a /home partition), here
+    with a space in its path, is there too, read-only; a bind of / alone left it empty."""
+    mnt = tmp_path / "separate"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "separate", str(mnt)], check=True)
+    try:
+        checkout = mnt / "a checkout"
+        (checkout / "scripts").mkdir(parents=True)
+        shutil.copy(SID_QEMU, checkout / "scripts")
+        (checkout / "marker").write_text("seen\n")
+        inside = f"/run/host{checkout}/marker"
+        r = subprocess.run([str(checkout / "scripts" / "sid-qemu"), "exec", "-H", "--", "sh",
+                            "-c", f'cat "{inside}"; echo x > "{inside}.new" || echo READ-ONLY'],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.split() == ["seen", "READ-ONLY"], r.stdout + r.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
