@@ -41,12 +41,16 @@ OK = 0
 
 
 class Device:
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, *extra: str, listener: socket.socket | None = None) -> None:
+        """`listener`: the consumer's listening socket, handed over as --fd."""
         self.vfu, self.vhost = str(tmp / "vfu.sock"), str(tmp / "vhost.sock")
         self.log_path = tmp / "device.log"
+        consumer = (["--socket-path", self.vhost] if listener is None
+                    else ["--fd", str(listener.fileno())])
         self.proc = Program.python(["vhostuser.cli.vvu_device", "--vfio-user-socket",
-                                    self.vfu, "--socket-path", self.vhost, "-vv", *extra],
-                                   self.log_path, ready=[self.vhost, self.vfu])
+                                    self.vfu, *consumer, "-vv", *extra], self.log_path,
+                                   ready=[self.vhost, self.vfu],
+                                   pass_fds=[listener.fileno()] if listener else [])
 
     def log(self) -> str:
         return self.proc.log()
@@ -316,6 +320,33 @@ def test_blk_through_the_device(device: Device, appliance: Callable[..., Program
     img = (tmp_path / "disk.img").read_bytes()
     assert img[1000 * 512 : 1000 * 512 + len(data)] == data
     assert any(line.endswith(COMPILED) for line in proc.log().splitlines()) == jit
+
+
+def test_the_consumer_socket_inherited_as_an_fd(tmp_path: Path) -> None:
+    """--fd: the consumer's listening socket made by whoever starts the device (a service
+    manager) and handed over: a consumer is served through it, twice, and the device
+    leaves the socket file in place when it exits (not its to remove)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "vhost.sock"))
+    listener.listen()
+    device = Device(tmp_path, listener=listener)
+    listener.close()
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"".join(sector(s) for s in range(2048)))
+    proc = Program.python(["vhostuser.cli.blk", "--vvu", device.vfu, "--blk-file", str(img),
+                           "-v"], tmp_path / "appliance.log",
+                          ready=lambda _: device.connected())
+    try:
+        for rnd in range(2):
+            fe, (blk,) = blk_session(device.vhost)
+            with fe:
+                assert blk.read(100 + rnd, 512) == (OK, sector(100 + rnd))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.log()
+        device.stop()
+    assert os.path.exists(device.vhost)
+    assert device.log().count("consumer connected") == 2
 
 
 def test_consumer_and_appliance_come_back(device: Device,
@@ -806,3 +837,25 @@ def test_backend_request_through_the_device(device: Device) -> None:
     be.close()
     fe.close()
     link.close()
+
+
+def test_a_consumer_fd_that_is_no_listening_socket_is_refused(tmp_path: Path) -> None:
+    r_pipe, w_pipe = os.pipe()
+    conn, peer = socket.socketpair()
+    try:
+        for fd, why in ((r_pipe, "Socket operation on non-socket"),
+                        (conn.fileno(), "is not a listening socket")):
+            r = subprocess.run([sys.executable, "-m", "vhostuser.cli.vvu_device",
+                                "--vfio-user-socket", str(tmp_path / "vfu.sock"), "--fd",
+                                str(fd)], pass_fds=[fd], capture_output=True, text=True,
+                               timeout=30)
+            assert r.returncode == 1 and why in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-m", "vhostuser.cli.vvu_device",
+                            "--vfio-user-socket", "a", "--socket-path", "b", "--fd", "3"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "not allowed with" in r.stderr, r.stderr
+    finally:
+        for fd in (r_pipe, w_pipe):
+            os.close(fd)
+        conn.close()
+        peer.close()

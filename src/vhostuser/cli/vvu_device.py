@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vfio-user-socket", required=True, metavar="PATH",
                     help="where the appliance's VMM (vfio-user client) connects")
-    ap.add_argument("--socket-path", required=True, metavar="PATH",
-                    help="the vhost-user socket for the consumer's VMM")
+    consumer = ap.add_mutually_exclusive_group(required=True)
+    consumer.add_argument("--socket-path", metavar="PATH",
+                          help="the vhost-user socket for the consumer's VMM")
+    consumer.add_argument("--fd", type=int, metavar="FD",
+                          help="an inherited listening socket for the consumer's VMM")
     ap.add_argument("--client", action="store_true",
                     help="connect to a consumer listening on --socket-path (reconnecting)")
     ap.add_argument("--max-queues", type=int, default=64, metavar="N",
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.vfio_user_socket == args.socket_path:
         ap.error("--vfio-user-socket and --socket-path must differ")
+    if args.fd is not None and args.client:
+        ap.error("--client connects to --socket-path: not with --fd")
     apply_message_timeout(ap, args)
     setup_logging(args.verbose)
     try:
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return until_stopped(VvuServer(dev, args.vfio_user_socket, args.socket_path,
+    consumer_side = args.socket_path if args.fd is None else args.fd
+    return until_stopped(VvuServer(dev, args.vfio_user_socket, consumer_side,
                                    args.client).run)
 
 

@@ -35,11 +35,14 @@ ACCEPT_PAUSE = 0.1  # s: out of fds, the listener stays readable; pause between 
 
 
 class VvuServer:
-    def __init__(self, device: VvuDevice, vfio_path: str, vhost_path: str,
+    def __init__(self, device: VvuDevice, vfio_path: str, vhost: str | int,
                  consumer_client: bool = False) -> None:
+        """`vhost`: the consumer's vhost-user socket path, or an inherited listening
+        socket's fd."""
         self.dev = device
         self.vfio_path = vfio_path
-        self.vhost_path = vhost_path
+        self.vhost_path = vhost if isinstance(vhost, str) else None
+        self.vhost_fd = vhost if isinstance(vhost, int) else None
         self.consumer_client = consumer_client
         self.vfio_listener: socket.socket | None = None
         self.vhost_listener: socket.socket | None = None
@@ -278,9 +281,16 @@ class VvuServer:
         self.dev.relay.attach(sock)
 
     def open(self) -> None:
-        self.vfio_listener = listen(self.vfio_path)
-        if not self.consumer_client:
+        if self.vhost_fd is not None:
+            sock = socket.socket(fileno=self.vhost_fd)
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.detach()
+                raise ValueError(f"--fd {self.vhost_fd} is not a listening socket")
+            self.vhost_listener = sock
+        elif not self.consumer_client:
+            assert self.vhost_path is not None
             self.vhost_listener = listen(self.vhost_path)
+        self.vfio_listener = listen(self.vfio_path)
 
     def run(self, stop: StopSignal) -> None:
         self.open()
@@ -297,6 +307,7 @@ class VvuServer:
                 if (self.consumer_client and self.dev.relay.conn is None
                         and time.monotonic() >= next_connect):
                     try:
+                        assert self.vhost_path is not None
                         self.dev.relay.attach(connect(self.vhost_path, retry_for=0))
                     except ConnectionError:
                         next_connect = time.monotonic() + 0.5
@@ -366,6 +377,7 @@ class VvuServer:
             if sock is not None:
                 sock.close()
                 try:
-                    os.unlink(path)
+                    if path is not None:  # (an inherited socket's path is not ours)
+                        os.unlink(path)
                 except OSError:
                     pass
