@@ -98,7 +98,7 @@ def tokens_for(header: Header, body: bytes) -> list[Token]:
     """The tokens standing for the fds the consumer's message carried."""
     try:
         msg = decode_request(Channel.FRONTEND, header, body, None)
-    except Exception:
+    except ProtocolError:
         return []  # the engine's own decoding reports the error
     n = expected_fds(Channel.FRONTEND, msg)
     kind = {F.SET_VRING_CALL: "call", F.SET_VRING_ERR: "err", F.SET_VRING_KICK: "kick",
