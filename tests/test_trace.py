@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from qemu_helpers import (
     require_tool,
 )
 from test_codec import check_frames
+from test_qemu_blk import RESIZE_SCRIPT, resize_while_the_guest_runs, tagged
 
 from testbed.guest import GuestVM
 
@@ -76,7 +78,8 @@ def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None
     try:
         tracer = Program.python(["vhostuser.cli.trace", "--listen", str(front), "--connect",
                                  str(back), "--json", "--frames", "--output", str(trace),
-                                 "--once"], tmp_path / "tracer.log", ready=[front])
+                                 "--once", "--type", "blk"], tmp_path / "tracer.log",
+                                ready=[front])
         vm = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=120, files={"pattern": pattern},
                      qemu_args=blk_qemu_args(front))
         with vm:
@@ -108,3 +111,44 @@ def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None
         GOLDEN.write_text("\n".join(got) + "\n")
         FRAMES.write_text("".join(json.dumps(e) + "\n" for e in events if "frame" in e))
     assert got == GOLDEN.read_text().splitlines(), "\n".join(got)
+
+
+def test_the_backend_channel_through_the_tracer_as_text(tmp_path: Path) -> None:
+    """The back-end's own requests pass the tracer too: QEMU 7.2 and our vhost-user-blk
+    through it, the image grown while the guest runs; the back-end's CONFIG_CHANGE_MSG
+    crosses the channel the tracer interposed (SET_BACKEND_REQ_FD), QEMU reads the config
+    again (the new capacity in the trace), the guest sees the new size. The trace is the
+    text a person reads (no --json), device feature bits by name (--type blk)."""
+    img, back, front = tmp_path / "disk.img", tmp_path / "back.sock", tmp_path / "front.sock"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    trace = tmp_path / "trace.txt"
+    server = Program.python(["vhostuser.cli.blk", "--socket-path", str(back), "--blk-file",
+                             str(img), "-v"], tmp_path / "blk.log", ready=[back])
+    tracer = None
+    try:
+        tracer = Program.python(["vhostuser.cli.trace", "--listen", str(front), "--connect",
+                                 str(back), "--output", str(trace), "--once", "--type",
+                                 "blk"], tmp_path / "tracer.log", ready=[front])
+        with GuestVM(RESIZE_SCRIPT, modules=BLK_MODULES, timeout=120,
+                     qemu_args=blk_qemu_args(front)) as vm:
+            result = resize_while_the_guest_runs(vm, img, 24 << 20)
+        assert tracer.wait(30) == 0, tracer.log()
+    finally:
+        for proc in (tracer, server):
+            if proc is not None:
+                proc.stop(10)
+    assert result.status == 0, result.console[-3000:]
+    assert tagged(result.lines, "AFTER") == str((24 << 20) // 512)
+    lines = trace.read_text().splitlines()
+    said = [ln.split(None, 1)[1] for ln in lines]  # without the time
+    change = next(i for i, ln in enumerate(said)
+                  if ln.startswith("back-end  >> CONFIG_CHANGE_MSG"))
+    # (no NEED_REPLY asked: no reply); QEMU reads the config again, the new capacity
+    assert said[change + 1].startswith("front-end > GET_CONFIG offset 0, size "), said
+    reread = re.fullmatch(r"back-end  < reply to GET_CONFIG offset 0, size \d+, flags 0, "
+                          r"data ([0-9a-f]+) \[[0-9.]+ ms\]", said[change + 2])
+    assert reread, said[change + 2]
+    assert int.from_bytes(bytes.fromhex(reread[1][:16]), "little") == (24 << 20) // 512
+    offered = next(ln for ln in said if ln.startswith("back-end  < reply to GET_FEATURES"))
+    assert "BLK_FLUSH" in offered.split("|") and "bit " not in offered, offered

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from ..shutdown import StopSignal
 from ..sockets import connect
 from ..trace.describe import text
+from ..trace.device_bits import DEVICE_BITS
 from ..trace.proxy import TraceSession, Writer
 from ..transport.unix import connections
 from .common import setup_logging, until_stopped
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="exit after the first front-end connection ends")
     ap.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
                     help="how long to retry connecting to the back-end (default 10 s)")
+    ap.add_argument("--type", choices=sorted(DEVICE_BITS), metavar="TYPE",
+                    help="the device type, to name its feature bits (vhost-user does not "
+                         f"say it): {', '.join(sorted(DEVICE_BITS))}")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     if args.frames and not args.json:
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 front.close()
                 continue
             try:
-                TraceSession(front, back, writer.emit, frames=args.frames).run(stop)
+                TraceSession(front, back, writer.emit, frames=args.frames,
+                             device=DEVICE_BITS.get(args.type or "")).run(stop)
             finally:
                 for s in (front, back):
                     try:

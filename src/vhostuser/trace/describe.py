@@ -17,6 +17,7 @@ from ..protocol import payloads as p
 from ..protocol.codec import Channel, Header, decode_reply, decode_request
 from ..protocol.constants import HeaderFlag
 from ..protocol.errors import ProtocolError
+from .device_bits import LOG_ALL_BIT
 
 # which payload fields are feature masks, for which request
 _FEATURE_FIELDS: dict[tuple[Channel, int], type[IntFlag]] = {
@@ -27,8 +28,10 @@ _FEATURE_FIELDS: dict[tuple[Channel, int], type[IntFlag]] = {
 }
 
 
-def feature_names(value: int, flags: type[IntFlag]) -> list[str]:
-    """Set bits by name; a bit the enum does not know (a device-type bit) as `bit N`."""
+def feature_names(value: int, flags: type[IntFlag],
+                  device: dict[int, str] | None = None) -> list[str]:
+    """Set bits by name: the enum's, VHOST_F_LOG_ALL, and with `device` (a device type's
+    table, device_bits.py) its bits; any other as `bit N`."""
     out = []
     for bit in range(64):
         if value >> bit & 1:
@@ -36,6 +39,8 @@ def feature_names(value: int, flags: type[IntFlag]) -> list[str]:
                 name = flags(1 << bit).name
             except ValueError:
                 name = None
+            if name is None and flags is VirtioFeature:
+                name = "LOG_ALL" if bit == LOG_ALL_BIT else (device or {}).get(bit)
             out.append(name or f"bit {bit}")
     return out
 
@@ -66,13 +71,14 @@ def fd_info(fd: int) -> dict[str, Any]:
     return info
 
 
-def _fields(payload: Any, channel: Channel, request: int) -> dict[str, Any]:
+def _fields(payload: Any, channel: Channel, request: int,
+            device: dict[int, str] | None) -> dict[str, Any]:
     if isinstance(payload, p.Raw | type) or not dataclasses.is_dataclass(payload):
         return {"raw": payload.pack().hex()} if hasattr(payload, "pack") else {}
     out: dict[str, Any] = dataclasses.asdict(payload)  # type: ignore[arg-type]
     flags = _FEATURE_FIELDS.get((channel, request))
     if flags is not None and "value" in out:
-        out["names"] = feature_names(out["value"], flags)
+        out["names"] = feature_names(out["value"], flags, device)
     if isinstance(payload, p.VringFile):
         out = {"index": payload.index, "nofd": payload.nofd}
     if isinstance(payload, p.Config):
@@ -83,16 +89,17 @@ def _fields(payload: Any, channel: Channel, request: int) -> dict[str, Any]:
     return out
 
 
-def request_event(channel: Channel, header: Header, body: bytes,
-                  fds: list[int]) -> dict[str, Any]:
-    """A request as it passes (decoding errors are reported, the bytes pass anyway)."""
+def request_event(channel: Channel, header: Header, body: bytes, fds: list[int],
+                  device: dict[int, str] | None = None) -> dict[str, Any]:
+    """A request as it passes (decoding errors are reported, the bytes pass anyway);
+    `device`: the device type's feature bit names (device_bits.py)."""
     ev: dict[str, Any] = {"request": channel.name_of(header.request), "code": header.request,
                           "size": header.size}
     if header.need_reply:
         ev["need_reply"] = True
     try:
         msg = decode_request(channel, header, body, len(fds))
-        ev["payload"] = _fields(msg.payload, channel, header.request)
+        ev["payload"] = _fields(msg.payload, channel, header.request, device)
     except ProtocolError as e:
         ev["error"] = str(e)
     if fds:
@@ -100,13 +107,13 @@ def request_event(channel: Channel, header: Header, body: bytes,
     return ev
 
 
-def reply_event(channel: Channel, header: Header, body: bytes,
-                fds: list[int]) -> dict[str, Any]:
+def reply_event(channel: Channel, header: Header, body: bytes, fds: list[int],
+                device: dict[int, str] | None = None) -> dict[str, Any]:
     ev: dict[str, Any] = {"reply": channel.name_of(header.request), "code": header.request,
                           "size": header.size}
     try:
         msg = decode_reply(channel, header.request, header, body, len(fds))
-        ev["payload"] = _fields(msg.payload, channel, header.request)
+        ev["payload"] = _fields(msg.payload, channel, header.request, device)
     except ProtocolError as e:
         ev["error"] = str(e)
     if fds:

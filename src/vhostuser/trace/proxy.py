@@ -37,11 +37,12 @@ class TraceSession:
     """One front-end connection and its back-end connection, traced until either ends."""
 
     def __init__(self, front: socket.socket, back: socket.socket, emit: Emit,
-                 frames: bool = False) -> None:
+                 frames: bool = False, device: dict[int, str] | None = None) -> None:
         """`frames`: each event also carries the message's bytes ("frame", hex) and its
-        number of fds ("nfds")."""
+        number of fds ("nfds"); `device`: the device type's feature bits by name."""
         self.emit_raw = emit
         self.frames = frames
+        self.device = device
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
         self.protocol_features = 0
@@ -130,13 +131,13 @@ class TraceSession:
                 fds: list[int]) -> None:
         now = time.monotonic()
         if is_reply(header):
-            ev = reply_event(channel, header, body, fds)
+            ev = reply_event(channel, header, body, fds, self.device)
             with self.lock:
                 waiting = self.pending.get((channel, header.request))
                 if waiting:
                     ev["ms"] = (now - waiting.popleft()) * 1000
         else:
-            ev = request_event(channel, header, body, fds)
+            ev = request_event(channel, header, body, fds, self.device)
             try:
                 msg = decode_request(channel, header, body, None)
             except ProtocolError:
