@@ -4,6 +4,8 @@ bad frames, virtio-net header and MRG_RXBUF handling, control messages, reconnec
 from __future__ import annotations
 
 import json
+import os
+import socket
 import struct
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon import Daemon
+from daemon import Daemon, Program
 from test_net_offload import check_tcp_segment, tcp_frame
 
 from vhostuser.devices.net import F_MRG_RXBUF
@@ -333,6 +335,8 @@ def test_bad_command_lines(tmp_path: Path) -> None:
                       (["--port", "a,mac=zz"], "bad MAC"),
                       (["--port", "a,queues=0"], "queue pairs"),
                       (["--port", "a", "--port", "a"], "share a socket path"),
+                      (["--port", "fd=x"], "fd= needs a number"),
+                      (["--port", "fd=0,client"], "unknown option"),
                       (["--port", "a", "--tap", "x" * 20], "bad interface name")):
         r = run(*args)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -558,3 +562,29 @@ def test_a_guest_cannot_pile_its_addresses_into_one_run_of_slots() -> None:
     runs = np.split(occupied, np.flatnonzero(np.diff(occupied) != 1) + 1)
     assert max(map(len, runs)) < 64, max(map(len, runs))
     assert all(table.get(m) == (i % 4, 1.0) for i, m in enumerate(macs))
+
+
+def test_a_port_on_an_inherited_listening_socket(tmp_path: Path) -> None:
+    """`--port fd=N`: a listening socket made by whoever starts the switch (a service
+    manager, as QEMU's --fd) is a port like any other, accepted on again after its
+    front-end goes; the switch leaves its socket file alone."""
+    inherited = socket.socket(socket.AF_UNIX)
+    inherited.bind(str(tmp_path / "p1.sock"))
+    inherited.listen()
+    paths, ctl = [str(tmp_path / "p0.sock"), str(tmp_path / "p1.sock")], str(tmp_path / "ctl")
+    proc = Program.python(["vhostuser.cli.switch", "--control", ctl, "--port", paths[0],
+                           "--port", f"fd={inherited.fileno()}"], tmp_path / "switch.log",
+                          ready=[paths[0], ctl], pass_fds=[inherited.fileno()])
+    inherited.close()
+    try:
+        sw = Sw(None, paths, ctl)  # type: ignore[arg-type]
+        a = sw.port(0)
+        for rnd in range(2):  # the inherited port's front-end comes, goes, comes back
+            b = sw.port(1)
+            a.send([frame(BCAST, MAC[1], bytes([rnd]) * 46)])
+            assert b.recv()[0][1][14:15] == bytes([rnd])
+            b.fe.close()
+        assert sw.port_stats(1)["tx_packets"] == 2
+    finally:
+        assert proc.stop() == 0, proc.log()
+    assert os.path.exists(paths[1]) and "Traceback" not in proc.log()

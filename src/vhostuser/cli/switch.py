@@ -10,6 +10,8 @@ default the switch listens on PATH; with `client` it connects to a front-end lis
 there (and reconnects). A port offers checksum and segmentation offloads unless
 `offloads=off`; the switch finishes such frames in software for ports (and the TAP) that
 did not negotiate them.
+A port fd=N[,...] is an inherited socket, as QEMU's --fd: a listening one (accepted on,
+again after each disconnect) or one connection.
 A port vvu=VFU[,poll][,...] is served through the virtio-vhost-user device whose vfio-user
 socket is VFU (with `poll`, its rings are polled rather than kicked); inside the appliance
 VM, vvu=pci:ADDRESS is the device on the VM's own PCI bus (its INTx through
@@ -45,9 +47,13 @@ def parse_port(spec: str, index: int) -> VhostPort:
     kw: dict[str, object] = {"mac": bytes([0x52, 0x54, 0x00, 0x5C, 0, index + 1])}
     if first.startswith("vvu="):  # served through a virtio-vhost-user device
         kw["vvu"], path = first[4:], None
+    elif first.startswith("fd="):  # inherited from whoever started the switch
+        if not first[3:].isdigit():
+            raise ValueError(f"port {spec!r}: fd= needs a number")
+        kw["fd"], path = int(first[3:]), None
     for opt in opts:
         key, _, val = opt.partition("=")
-        if key == "client" and not val and "vvu" not in kw:
+        if key == "client" and not val and path is not None:
             kw["client"] = True
         elif key == "poll" and not val and "vvu" in kw:
             kw["poll"] = True
@@ -121,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         ports = [parse_port(spec, i) for i, spec in enumerate(args.port)]
-        if len({p.path or p.vvu for p in ports}) != len(ports):
-            raise ValueError("two ports share a socket path")
+        if len({p.path or p.vvu or p.fd for p in ports}) != len(ports):
+            raise ValueError("two ports share a socket path or an fd")
         tap = TapPort(args.tap) if args.tap else None
         switch = Switch(ports, tap, args.control, args.aging, args.poll_us)
     except (ValueError, OSError) as e:
