@@ -96,6 +96,6 @@ def appliance_vm(vfio_user_socket: Path, share: Path, backend: Sequence[str], qe
                    qemu_args=["-cpu", "max",  # numpy needs more than TCG's qemu64 (SSE4.2)
                               "-device", device,
                               "-virtfs", "local,path=/run/host,mount_tag=host,"
-                                         "security_model=none,readonly=on",
+                                         "security_model=none,readonly=on,multidevs=remap",
                               "-virtfs", f"local,path={share},mount_tag=share,"
                                          "security_model=none", *qemu_args])

@@ -844,7 +844,7 @@ def test_a_consumer_fd_that_is_no_listening_socket_is_refused(tmp_path: Path) ->
     conn, peer = socket.socketpair()
     try:
         for fd, why in ((r_pipe, "Socket operation on non-socket"),
-                        (conn.fileno(), "is not a listening socket")):
+                        (conn.fileno(), "is not a listening UNIX stream socket")):
             r = subprocess.run([sys.executable, "-m", "vhostuser.cli.vvu_device",
                                 "--vfio-user-socket", str(tmp_path / "vfu.sock"), "--fd",
                                 str(fd)], pass_fds=[fd], capture_output=True, text=True,
@@ -854,6 +854,14 @@ def test_a_consumer_fd_that_is_no_listening_socket_is_refused(tmp_path: Path) ->
                             "--vfio-user-socket", "a", "--socket-path", "b", "--fd", "3"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and "not allowed with" in r.stderr, r.stderr
+        # a vfio-user socket that cannot be made: said, and the consumer's is not left
+        vh = tmp_path / "vh.sock"
+        r = subprocess.run([sys.executable, "-m", "vhostuser.cli.vvu_device",
+                            "--vfio-user-socket", str(tmp_path / "no dir" / "vfu.sock"),
+                            "--socket-path", str(vh)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 1 and "--vfio-user-socket" in r.stderr, r.stderr
+        assert not vh.exists()
     finally:
         for fd in (r_pipe, w_pipe):
             os.close(fd)

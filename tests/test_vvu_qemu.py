@@ -107,11 +107,15 @@ def test_guest_sees_the_device(qemu11: str, tmp_path: Path) -> None:
 def test_the_appliance_sees_a_checkout_on_a_file_system_of_its_own(
         qemu11: str, tmp_path: Path) -> None:
     """`sid-qemu run -H` shows the appliance VM the host's root, from which it runs this
-    checkout: a checkout on a mount of its own (a tmpfs /tmp, a /home partition), here
-    with a space in its path, is there too, read-only; a bind of / alone left it empty."""
-    mnt = tmp_path / "separate"
+    checkout: a checkout on a mount of its own (a tmpfs /tmp, a /home partition), here a
+    mount inside another one and a space in its path, is there too, read-only; a bind of
+    / alone left it empty."""
+    outer = tmp_path / "separate"
+    outer.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "outer", str(outer)], check=True)
+    mnt = outer / "inner mount"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "separate", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "inner", str(mnt)], check=True)
     try:
         checkout = mnt / "a checkout"
         (checkout / "scripts").mkdir(parents=True)
@@ -124,3 +128,4 @@ def test_the_appliance_sees_a_checkout_on_a_file_system_of_its_own(
         assert r.stdout.split() == ["seen", "READ-ONLY"], r.stdout + r.stderr
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", str(outer)], check=True)

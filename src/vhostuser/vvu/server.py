@@ -34,6 +34,13 @@ MAX_DATA = 1 << 20
 ACCEPT_PAUSE = 0.1  # s: out of fds, the listener stays readable; pause between tries
 
 
+def _listen(path: str, what: str) -> socket.socket:
+    try:
+        return listen(path)
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {path}: {e.strerror}") from e
+
+
 class VvuServer:
     def __init__(self, device: VvuDevice, vfio_path: str, vhost: str | int,
                  consumer_client: bool = False) -> None:
@@ -283,19 +290,22 @@ class VvuServer:
     def open(self) -> None:
         if self.vhost_fd is not None:
             sock = socket.socket(fileno=self.vhost_fd)
-            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
+                    or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
                 sock.detach()
-                raise ValueError(f"--fd {self.vhost_fd} is not a listening socket")
+                raise ValueError(f"--fd {self.vhost_fd} is not a listening UNIX stream "
+                                 "socket")
+            sock.setblocking(False)
             self.vhost_listener = sock
         elif not self.consumer_client:
             assert self.vhost_path is not None
-            self.vhost_listener = listen(self.vhost_path)
-        self.vfio_listener = listen(self.vfio_path)
+            self.vhost_listener = _listen(self.vhost_path, "--socket-path")
+        self.vfio_listener = _listen(self.vfio_path, "--vfio-user-socket")
 
     def run(self, stop: StopSignal) -> None:
-        self.open()
         next_connect = 0.0
         try:
+            self.open()  # (in the try: what it made is removed if the rest fails)
             while True:
                 timeout = 500 if self.consumer_client and self.dev.relay.conn is None else -1
                 deadline = self._deadline()
