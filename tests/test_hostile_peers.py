@@ -409,6 +409,7 @@ def test_driver_gives_up_on_a_device_that_never_resets(monkeypatch: pytest.Monke
     """The appliance's driver waits for a reset to complete (status reads 0) for a bounded
     time, then fails clearly, instead of spinning forever on a device that never does."""
     from vhostuser.appliance import virtio_pci as vpci
+    from vhostuser.protocol.virtio_pci import VirtioCfgType
 
     class StuckDevice:  # status stays DRIVER_OK whatever is written
         def read_u(self, bar: int, offset: int, size: int) -> int:
@@ -420,7 +421,8 @@ def test_driver_gives_up_on_a_device_that_never_resets(monkeypatch: pytest.Monke
     monkeypatch.setattr(vpci, "RESET_TIMEOUT", 0.2)
     drv = vpci.VirtioPciDriver.__new__(vpci.VirtioPciDriver)
     drv.dev = StuckDevice()  # type: ignore[assignment]
-    drv.caps = {vpci.COMMON: vpci.Cap(vpci.COMMON, 0, 0, 0x38, b"")}
+    common = VirtioCfgType.COMMON
+    drv.caps = {common: vpci.Cap(common, 0, 0, 0x38, b"")}
     t0 = time.monotonic()
     with pytest.raises(vpci.DriverError, match="did not complete its reset"):
         drv.init(0)
