@@ -257,6 +257,14 @@ class SysfsPciFunction:
             v = self.typed[region, size] = self._bar(region).cast(fmt)
         return v
 
+    def irq_count(self, index: int) -> int:
+        """None that an eventfd can take: MSI-X needs vfio; through sysfs a process has
+        INTx alone, by uio_pci_generic (appliance/uio.py)."""
+        return 0
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        raise SysfsPciError("interrupts through sysfs are INTx by uio_pci_generic alone")
+
     def fds(self) -> list[int]:
         """Its config space and its lock (the BARs are mappings)."""
         return [fd for fd in (self._config, self._lock) if fd >= 0]

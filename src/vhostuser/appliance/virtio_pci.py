@@ -13,7 +13,6 @@ from typing import Protocol
 from ..protocol.constants import DeviceStatus, VirtioFeature
 from ..protocol.virtio_pci import NO_VECTOR, CapId, Common, VirtioCfgType
 from ..shutdown import readable
-from ..vfio_user.client import VfioUserClient
 from ..vfio_user.constants import PciRegion
 from ..vfio_user.protocol import PciIrq
 from ..virtq.guest_ram import GuestRam
@@ -69,6 +68,14 @@ class PciFunction(Protocol):
 
     def write_u(self, region: int, offset: int, size: int, value: int) -> None: ...
 
+    def irq_count(self, index: int) -> int:
+        """How many interrupts of kind `index` (PciIrq) the function can signal to us."""
+        ...
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        """Have interrupts start.. of kind `index` signal `fds`."""
+        ...
+
 
 class VirtioPciDriver:
     def __init__(self, dev: PciFunction, ram: GuestRam) -> None:
@@ -114,8 +121,6 @@ class VirtioPciDriver:
     # -- initialisation --------------------------------------------------------------------
 
     def setup_vectors(self, count: int) -> list[int]:
-        if not isinstance(self.dev, VfioUserClient):
-            raise DriverError("interrupt vectors need the device over vfio-user")
         have = self.dev.irq_count(PciIrq.MSIX)
         if have < count:
             raise DriverError(f"device has {have} MSI-X vectors, {count} wanted")
