@@ -5,16 +5,14 @@ and the capability list are read from sysfs inside the guest."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import struct
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from daemon import Program
 
 from testbed.guest import GuestVM
 
@@ -56,15 +54,10 @@ def caps(cfg: bytes) -> list[tuple[int, bytes]]:
 
 def test_guest_sees_the_device(qemu11: str, tmp_path: Path) -> None:
     vfu, vhost = str(tmp_path / "vfu.sock"), str(tmp_path / "vhost.sock")
-    log = open(tmp_path / "device.log", "wb")  # noqa: SIM115
-    dev = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.vvu_device",
-                            "--vfio-user-socket", vfu, "--socket-path", vhost,
-                            "--max-queues", "32", "--window-size", "512M", "-v"],
-                           stdout=log, stderr=subprocess.STDOUT)
+    dev = Program.python(["vhostuser.cli.vvu_device", "--vfio-user-socket", vfu,
+                          "--socket-path", vhost, "--max-queues", "32", "--window-size",
+                          "512M", "-v"], tmp_path / "device.log", ready=[vhost, vfu])
     try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(vhost) and time.monotonic() < deadline:
-            time.sleep(0.05)
         device = json.dumps({"driver": "vfio-user-pci",
                              "socket": {"type": "unix", "path": vfu}})
         with GuestVM(SCRIPT, modules=["virtio_pci"], qemu_binary=qemu11, timeout=180,
@@ -97,10 +90,8 @@ def test_guest_sees_the_device(qemu11: str, tmp_path: Path) -> None:
         msix = [c for cid, c in found if cid == 0x11]
         assert len(msix) == 1 and (struct.unpack_from("<H", msix[0], 2)[0] & 0x7FF) + 1 == 35
     finally:
-        dev.terminate()
-        assert dev.wait(15) == 0
-        log.close()
-    text = (tmp_path / "device.log").read_text()
+        assert dev.stop() == 0, dev.log()
+    text = dev.log()
     assert "vfio-user client connected" in text and "Traceback" not in text
 
 
