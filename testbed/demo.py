@@ -1,7 +1,7 @@
-"""vhost-user-demo: boot a throw-away consumer VM whose disk is served by our Python
-vhost-user-blk running *in an appliance VM*, through the virtio-vhost-user device; let the
-consumer make a filesystem and write to it, then read the result back from the image file
-on the host.
+"""scripts/demo (python -m testbed.demo): boot a throw-away consumer VM whose disk is
+served by our Python vhost-user-blk running *in an appliance VM*, through the
+virtio-vhost-user device; let the consumer make a filesystem and write to it, then read
+the result back from the image file on the host.
 
   consumer guest /dev/vda
     -> QEMU 7.2 (vhost-user-blk-pci)  --vhost-user socket-->  vhost-user-vvu-device
