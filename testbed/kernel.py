@@ -16,14 +16,18 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import logging
 import lzma
 import os
 import stat
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["bootable_kernel", "has_pvh_entry", "payload_of"]
+
+log = logging.getLogger(__name__)
 
 _XZ, _GZIP = b"\xfd7zXZ\x00", b"\x1f\x8b\x08"
 _PT_NOTE = 4
@@ -96,19 +100,41 @@ def _cache_dir() -> Path:
 def bootable_kernel(kernel: Path) -> Path:
     """`kernel` uncompressed, if it can be (see above); else `kernel`."""
     image = kernel.read_bytes()
-    out = _cache_dir() / f"vmlinux-{hashlib.sha256(image).hexdigest()[:24]}"
-    if out.exists():
-        return out
     payload = payload_of(image)
     elf = _decompress(payload) if payload is not None else None
     if elf is None or not has_pvh_entry(elf):
         return kernel
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".vmlinux-")
+    try:
+        cache = _cache_dir()
+    except OSError as e:
+        log.warning("booting %s compressed (slower under TCG): %s", kernel, e)
+        return kernel
+    _sweep(cache)
+    out = cache / f"vmlinux-{hashlib.sha256(image).hexdigest()[:24]}"
+    try:
+        if out.read_bytes() == elf:  # (a file cut short by a crash is written again)
+            return out
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".vmlinux-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(elf)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)
         raise
     return out
+
+
+def _sweep(cache: Path, age: float = 600.0) -> None:
+    """Half-written copies a killed process left (older than `age` seconds)."""
+    now = time.time()
+    for stale in cache.glob(".vmlinux-*"):
+        try:
+            if now - stale.lstat().st_mtime > age:
+                stale.unlink()
+        except OSError:
+            pass

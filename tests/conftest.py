@@ -84,6 +84,7 @@ MODULE_MARKERS = {
     "test_trace": ["guest"],
     "test_scsi_hotplug": ["daemon"],
     "test_trace_proxy": ["daemon"],
+    "test_trace_names": ["unit"],
     "test_qemu_input": ["guest"],
     "test_qemu_vsock": ["guest"],
     "test_qemu_scsi": ["guest"],

@@ -336,10 +336,12 @@ def test_bad_command_lines(tmp_path: Path) -> None:
                       (["--port", "a,queues=0"], "queue pairs"),
                       (["--port", "a", "--port", "a"], "share a socket path"),
                       (["--port", "fd=x"], "fd= needs a number"),
+                      (["--port", "p.sock", "--port", "fd=999"], "port1: fd 999"),
                       (["--port", "fd=0,client"], "unknown option"),
                       (["--port", "a", "--tap", "x" * 20], "bad interface name")):
         r = run(*args)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "p.sock").exists()  # port0's, removed when port1 failed
     r = run("stats", "--control", str(tmp_path / "none"))
     assert r.returncode == 1 and "cannot read" in r.stderr
     out = subprocess.run([sys.executable, "-m", "vhostuser.cli.net", "--print-capabilities"],

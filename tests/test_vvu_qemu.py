@@ -102,12 +102,15 @@ def test_the_appliance_sees_a_checkout_on_a_file_system_of_its_own(
     mount inside another one and a space in its path, is there too, read-only; a bind of
     / alone left it empty."""
     outer = tmp_path / "separate"
-    outer.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "outer", str(outer)], check=True)
     mnt = outer / "inner mount"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "inner", str(mnt)], check=True)
+    outer.mkdir()
+    mounted = []
     try:
+        subprocess.run(["mount", "-t", "tmpfs", "outer", str(outer)], check=True)
+        mounted.append(outer)
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "inner", str(mnt)], check=True)
+        mounted.append(mnt)
         checkout = mnt / "a checkout"
         (checkout / "scripts").mkdir(parents=True)
         shutil.copy(SID_QEMU, checkout / "scripts")
@@ -118,5 +121,5 @@ def test_the_appliance_sees_a_checkout_on_a_file_system_of_its_own(
                            capture_output=True, text=True, timeout=60)
         assert r.stdout.split() == ["seen", "READ-ONLY"], r.stdout + r.stderr
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-        subprocess.run(["umount", str(outer)], check=True)
+        for m in reversed(mounted):
+            subprocess.run(["umount", "--lazy", str(m)], check=False)

@@ -123,7 +123,8 @@ class VirtioPciDriver:
     def setup_vectors(self, count: int) -> list[int]:
         have = self.dev.irq_count(PciIrq.MSIX)
         if have < count:
-            raise DriverError(f"device has {have} MSI-X vectors, {count} wanted")
+            raise DriverError(f"{count} MSI-X vectors wanted, {have} to be had (through "
+                              "sysfs none: INTx only)")
         self.vectors = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         self.dev.set_irq_eventfds(PciIrq.MSIX, 0, self.vectors)
         return self.vectors

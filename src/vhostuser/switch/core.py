@@ -228,12 +228,12 @@ class Switch:
     def run(self, stop: StopSignal) -> None:
         if net_kernel.available() and route.available():  # VHOSTUSER_JIT=1: loaded now,
             log.info(COMPILED)  # not at the first frame
-        for p in self.vports:
-            p.open()
-        if self.control_path:
-            self._control = listen(self.control_path)
-            self._control.setblocking(False)
-        try:
+        try:  # (what a port made is removed if a later one fails)
+            for p in self.vports:
+                p.open()
+            if self.control_path:
+                self._control = listen(self.control_path)
+                self._control.setblocking(False)
             self._loop(stop)
         finally:
             for p in self.vports:

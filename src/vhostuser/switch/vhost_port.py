@@ -116,7 +116,13 @@ class VhostPort(Port):
             self.link.begin_session()
             return
         if self.fd is not None:  # inherited: a listening socket, or one connection
-            sock = socket.socket(fileno=self.fd)
+            try:
+                sock = socket.socket(fileno=self.fd)
+            except OSError as e:
+                raise OSError(e.errno, f"{self.name}: fd {self.fd}: {e.strerror}") from e
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                sock.detach()
+                raise ValueError(f"{self.name}: fd {self.fd} is not a UNIX stream socket")
             if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 self._attach(sock)
                 return

@@ -5,7 +5,9 @@ whatever the type."""
 
 from __future__ import annotations
 
-LOG_ALL_BIT = 26
+from ..protocol.constants import LOG_ALL
+
+LOG_ALL_BIT = LOG_ALL.bit_length() - 1
 
 DEVICE_BITS: dict[str, dict[int, str]] = {
     "blk": {0: "BLK_BARRIER", 1: "BLK_SIZE_MAX", 2: "BLK_SEG_MAX", 4: "BLK_GEOMETRY",
@@ -19,14 +21,15 @@ DEVICE_BITS: dict[str, dict[int, str]] = {
             12: "NET_HOST_TSO6", 13: "NET_HOST_ECN", 14: "NET_HOST_UFO",
             15: "NET_MRG_RXBUF", 16: "NET_STATUS", 17: "NET_CTRL_VQ", 18: "NET_CTRL_RX",
             19: "NET_CTRL_VLAN", 20: "NET_CTRL_RX_EXTRA", 21: "NET_GUEST_ANNOUNCE",
-            22: "NET_MQ", 23: "NET_CTRL_MAC_ADDR", 51: "NET_DEVICE_STATS",
+            22: "NET_MQ", 23: "NET_CTRL_MAC_ADDR", 50: "NET_DEVICE_STATS",
+            51: "NET_HASH_TUNNEL",
             52: "NET_VQ_NOTF_COAL", 53: "NET_NOTF_COAL", 54: "NET_GUEST_USO4",
             55: "NET_GUEST_USO6", 56: "NET_HOST_USO", 57: "NET_HASH_REPORT",
             59: "NET_GUEST_HDRLEN", 60: "NET_RSS", 61: "NET_RSC_EXT", 62: "NET_STANDBY",
             63: "NET_SPEED_DUPLEX"},
     "scsi": {0: "SCSI_INOUT", 1: "SCSI_HOTPLUG", 2: "SCSI_CHANGE", 3: "SCSI_T10_PI"},
     "fs": {0: "FS_NOTIFICATION"},
-    "vsock": {0: "VSOCK_STREAM", 1: "VSOCK_SEQPACKET"},
+    "vsock": {0: "VSOCK_STREAM", 1: "VSOCK_SEQPACKET", 2: "VSOCK_NO_IMPLIED_STREAM"},
     "input": {},
     "rng": {},
     "gpio": {0: "GPIO_IRQ"},
