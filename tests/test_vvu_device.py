@@ -843,7 +843,7 @@ def test_a_consumer_fd_that_is_no_listening_socket_is_refused(tmp_path: Path) ->
     r_pipe, w_pipe = os.pipe()
     conn, peer = socket.socketpair()
     try:
-        for fd, why in ((r_pipe, "Socket operation on non-socket"),
+        for fd, why in ((r_pipe, f"--fd {r_pipe}: Socket operation on non-socket"),
                         (conn.fileno(), "is not a listening UNIX stream socket")):
             r = subprocess.run([sys.executable, "-m", "vhostuser.cli.vvu_device",
                                 "--vfio-user-socket", str(tmp_path / "vfu.sock"), "--fd",

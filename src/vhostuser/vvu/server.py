@@ -289,7 +289,10 @@ class VvuServer:
 
     def open(self) -> None:
         if self.vhost_fd is not None:
-            sock = socket.socket(fileno=self.vhost_fd)
+            try:
+                sock = socket.socket(fileno=self.vhost_fd)
+            except OSError as e:
+                raise OSError(e.errno, f"--fd {self.vhost_fd}: {e.strerror}") from e
             if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
                     or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
                 sock.detach()
