@@ -254,6 +254,35 @@ class FramedSocket(Generic[H]):
         self.sock.close()
 
 
+def inherited(fd: int, what: str) -> tuple[socket.socket, bool]:
+    """The UNIX stream socket `fd` that whoever started us handed over (QEMU's --fd
+    convention), and whether it listens; OSError naming `what` for anything else (the fd
+    is left as it was: not ours to close)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}: {e.strerror}") from e
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise OSError(f"{what} is not a UNIX stream socket")
+    return sock, bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
+def is_listening(fd: int) -> bool:
+    """Whether `fd` is a listening socket (asked of a copy, closed whatever it is)."""
+    try:
+        copy = os.dup(fd)
+    except OSError:  # not open
+        return False
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return False
+    with sock:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
 def listen(path: str, backlog: int = 1) -> socket.socket:
     """Listen on `path`, replacing a stale socket file (not any other kind of file). The
     path appears only once the socket listens (bound under a temporary name, then

@@ -44,6 +44,7 @@ from typing import Protocol
 
 from ..memory import Buffer, GuestMemory
 from ..procfs import PROC_FD, own_fds
+from ..sockets import is_listening
 from ..virtq.dirtylog import DirtyLog
 from ..virtq.inflight import InflightRecord, SplitInflight, queue_region_bytes
 from ..virtq.inflight_packed import PackedInflight
@@ -237,7 +238,7 @@ def kept_fds(specs: list[QueueSpec], device: Device, carried: Carried | None,
     its queues' kick, call and err fds and the dirty log's signal, what the group's last
     worker left, and what the device says its workers use."""
     indices = [s.params.index for s in specs]
-    keep = {fd for fd in (0, 1, 2) if not _listening(fd)}
+    keep = {fd for fd in (0, 1, 2) if not is_listening(fd)}
     keep.update((PROC_FD, *hold, *device.worker_fds(indices)))
     for s in specs:
         if s.kick_fd is not None:
@@ -248,24 +249,6 @@ def kept_fds(specs: list[QueueSpec], device: Device, carried: Carried | None,
     if carried is not None:
         keep.update(carried.fds)
     return keep
-
-
-def _listening(fd: int) -> bool:
-    """Whether `fd` is a listening socket (asked of a copy, closed whatever it is)."""
-    try:
-        copy = os.dup(fd)
-    except OSError:  # not open
-        return False
-    try:
-        sock = socket.socket(fileno=copy)
-    except OSError:  # not a socket
-        os.close(copy)
-        return False
-    with sock:
-        try:
-            return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        except OSError:
-            return False
 
 
 def _release_parent_fds(keep: set[int]) -> None:

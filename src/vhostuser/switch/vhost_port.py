@@ -26,7 +26,7 @@ from ..engine.worker import QueueSpec, Running, Stopped
 from ..framer import close_fds
 from ..memory import GuestMemory
 from ..protocol import Header, ProtocolError, encode
-from ..sockets import PeerClosed, PeerStalled, connect, listen
+from ..sockets import PeerClosed, PeerStalled, connect, inherited, listen
 from ..transport.unix import UnixResources
 from ..transport.vvu import VvuResources, split_message
 from ..unix_channel import UnixChannel
@@ -116,14 +116,8 @@ class VhostPort(Port):
             self.link.begin_session()
             return
         if self.fd is not None:  # inherited: a listening socket, or one connection
-            try:
-                sock = socket.socket(fileno=self.fd)
-            except OSError as e:
-                raise OSError(e.errno, f"{self.name}: fd {self.fd}: {e.strerror}") from e
-            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-                sock.detach()
-                raise ValueError(f"{self.name}: fd {self.fd} is not a UNIX stream socket")
-            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock, listening = inherited(self.fd, f"{self.name}: fd {self.fd}")
+            if not listening:
                 self._attach(sock)
                 return
             self.listener = sock

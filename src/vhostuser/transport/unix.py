@@ -17,7 +17,7 @@ from ..engine.notify import EventfdNotifier, Notifier, is_eventfd
 from ..memory import mmap_region
 from ..protocol.payloads import MemRegion
 from ..shutdown import StopSignal
-from ..sockets import connect, listen
+from ..sockets import connect, inherited, listen
 from ..unix_channel import UnixChannel
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ def connections(*, path: str | None = None, fd: int | None = None, client: bool 
       once.
     """
     if fd is not None:
-        sock = socket.socket(fileno=fd)
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock, listening = inherited(fd, f"--fd {fd}")
+        if listening:
             yield from _accepting(sock, once, stop)
         else:  # a connection: workers hold it too (engine/worker.py)
             yield sock

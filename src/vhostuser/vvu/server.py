@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ..memory import MemoryTableError
 from ..shutdown import Shutdown, StopSignal, Watch
-from ..sockets import PeerClosed, connect, listen
+from ..sockets import PeerClosed, connect, inherited, listen
 from ..vfio_user import protocol as vp
 from ..vfio_user.socket import PeerStalled, VfioUserChannel, close_fds
 from .abi import FIRST_FILE_REGION, WINDOW_BASE_CAP, WINDOW_FILE_TYPE
@@ -289,15 +289,10 @@ class VvuServer:
 
     def open(self) -> None:
         if self.vhost_fd is not None:
-            try:
-                sock = socket.socket(fileno=self.vhost_fd)
-            except OSError as e:
-                raise OSError(e.errno, f"--fd {self.vhost_fd}: {e.strerror}") from e
-            if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
-                    or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            sock, listening = inherited(self.vhost_fd, f"--fd {self.vhost_fd}")
+            if not listening:
                 sock.detach()
-                raise ValueError(f"--fd {self.vhost_fd} is not a listening UNIX stream "
-                                 "socket")
+                raise OSError(f"--fd {self.vhost_fd} is not a listening UNIX stream socket")
             sock.setblocking(False)
             self.vhost_listener = sock
         elif not self.consumer_client:
