@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,25 @@ def normalize(events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+@contextmanager
+def tracing(tmp_path: Path, server: Program, back: Path, front: Path,
+            *args: str) -> Iterator[None]:
+    """vhost-user-trace between `front` and `server` listening on `back`, for one session
+    of a blk device (`args`: its output options); it must end cleanly after the session,
+    and both are stopped whatever happens."""
+    tracer = None
+    try:
+        tracer = Program.python(["vhostuser.cli.trace", "--listen", str(front), "--connect",
+                                 str(back), "--once", "--type", "blk", *args],
+                                tmp_path / "tracer.log", ready=[front])
+        yield
+        assert tracer.wait(30) == 0, tracer.log()
+    finally:
+        for proc in (tracer, server):
+            if proc is not None:
+                proc.stop(10)
+
+
 def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None:
     qsd = require_tool("qemu-storage-daemon", "qemu-system-common")
     img, back, front = tmp_path / "disk.img", tmp_path / "back.sock", tmp_path / "front.sock"
@@ -74,21 +95,11 @@ def test_qemu_and_qemu_storage_daemon_through_the_tracer(tmp_path: Path) -> None
                       "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,"
                       f"addr.type=unix,addr.path={back},writable=on,num-queues=1"],
                      tmp_path / "qsd.log", ready=[back])
-    tracer = None
-    try:
-        tracer = Program.python(["vhostuser.cli.trace", "--listen", str(front), "--connect",
-                                 str(back), "--json", "--frames", "--output", str(trace),
-                                 "--once", "--type", "blk"], tmp_path / "tracer.log",
-                                ready=[front])
+    with tracing(tmp_path, server, back, front, "--json", "--frames", "--output", str(trace)):
         vm = GuestVM(SCRIPT, modules=BLK_MODULES, timeout=120, files={"pattern": pattern},
                      qemu_args=blk_qemu_args(front))
         with vm:
             result = vm.run()
-        assert tracer.wait(30) == 0, tracer.log()
-    finally:
-        for proc in (tracer, server):
-            if proc is not None:
-                proc.stop(10)
     assert result.status == 0, result.console[-3000:]
     out = dict(ln.split(" ", 1) for ln in result.lines if " " in ln)
     assert out["READBACK"].split()[0] == hashlib.sha256(pattern).hexdigest()
@@ -125,19 +136,10 @@ def test_the_backend_channel_through_the_tracer_as_text(tmp_path: Path) -> None:
     trace = tmp_path / "trace.txt"
     server = Program.python(["vhostuser.cli.blk", "--socket-path", str(back), "--blk-file",
                              str(img), "-v"], tmp_path / "blk.log", ready=[back])
-    tracer = None
-    try:
-        tracer = Program.python(["vhostuser.cli.trace", "--listen", str(front), "--connect",
-                                 str(back), "--output", str(trace), "--once", "--type",
-                                 "blk"], tmp_path / "tracer.log", ready=[front])
-        with GuestVM(RESIZE_SCRIPT, modules=BLK_MODULES, timeout=120,
-                     qemu_args=blk_qemu_args(front)) as vm:
-            result = resize_while_the_guest_runs(vm, img, 24 << 20)
-        assert tracer.wait(30) == 0, tracer.log()
-    finally:
-        for proc in (tracer, server):
-            if proc is not None:
-                proc.stop(10)
+    vm = GuestVM(RESIZE_SCRIPT, modules=BLK_MODULES, timeout=120,
+                 qemu_args=blk_qemu_args(front))
+    with tracing(tmp_path, server, back, front, "--output", str(trace)), vm:
+        result = resize_while_the_guest_runs(vm, img, 24 << 20)
     assert result.status == 0, result.console[-3000:]
     assert tagged(result.lines, "AFTER") == str((24 << 20) // 512)
     lines = trace.read_text().splitlines()

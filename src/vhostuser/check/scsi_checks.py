@@ -86,8 +86,8 @@ def _illegal(r: Result, what: str, ascs: tuple[int, ...]) -> str:
     return f"ILLEGAL REQUEST {asc:#04x}/{ascq:#04x}"
 
 
-@check("scsi-io", "INQUIRY, READ CAPACITY(10), READ(10) of block 0 and REPORT LUNS of "
-                  "target 0 answer", kinds=("scsi",))
+@check("scsi-io", "INQUIRY, READ CAPACITY, READ of block 0 and REPORT LUNS of target 0 "
+                  "answer", kinds=("scsi",))
 def _scsi_io(path: str) -> str:
     with session(path) as s:
         scsi = s.setup_scsi()
