@@ -34,7 +34,7 @@ def port(name: str, mac: int, ram: GuestRam, qsize: int) -> tuple[VhostPort, lis
     rings = [DriverRing(ram, qsize) for _ in range(2)]
     p._run_queues([QueueSpec(QueueParams(i, drv.layout(), 0, False, True), None, NoNotifier(),
                              NoNotifier()) for i, drv in enumerate(rings)], mem, p.device,
-                  None)
+                  None, ())
     return p, rings
 
 

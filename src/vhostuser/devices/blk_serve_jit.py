@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from numba import njit, types
 
-from ..virtq.split_walk_jit import walk
+from ..virtq.split_walk_jit import ring_views, walk
+from ..virtq.views_jit import i64_rows, i64s, u8s, u64_rows
 from .blk_abi import SECTOR, T_IN, T_OUT
 
 # ssize_t preadv/pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset): the
@@ -31,9 +32,15 @@ def _u64(m: Any, off: int, size: int) -> Any:
     return v
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _bytes_at(bases: Any, segs: Any, s: int) -> Any:
+    """Buffer segs[s] as a byte array."""
+    return u8s(bases[segs[s, 0]] + np.uint64(segs[s, 1]), segs[s, 2])
+
+
 @njit(cache=True, nogil=True)
 def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-          regions: Any, mems: Any, mem8: Any, bases: Any, heads: Any, meta: Any,
+          regions: Any, bases: Any, heads: Any, meta: Any,
           segs: Any, iov: Any, used: Any, used_at: int, done: Any, fd: int, capacity: int,
           writes: bool) -> int:
     """Serve up to `n` requests from avail position `last`, each whole or not at all:
@@ -42,20 +49,19 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
     not serve: not a read or write of the usual layout (header alone, data, status byte
     alone), out of range or not whole sectors, a write when `writes` is off, an I/O that
     fails or transfers less than asked. Returns how many it served, their heads in `done`.
-    `mem8`: the regions as byte arrays, `bases`: their addresses; `iov`: room for the iovec
-    of one request."""
+    `bases`: the regions' addresses; `iov`: room for the iovec of one request."""
     n = min(n, done.shape[0])
     iov_at = iov.ctypes.data  # once: numba makes it at some cost
     for k in range(n):
-        if walk(desc, avail, last + k, 1, size, indirect_ok, regions, mems, heads, meta,
+        if walk(desc, avail, last + k, 1, size, indirect_ok, regions, bases, heads, meta,
                 segs) != 1:
             return k
         nr, nw = meta[0, 1], meta[0, 2]
         if nr == 0 or nw == 0 or segs[0, 2] != HEADER or segs[nr + nw - 1, 2] != 1:
             return k
-        hdr = mem8[segs[0, 0]]
-        rtype = _u64(hdr, segs[0, 1], 4)
-        sector = _u64(hdr, segs[0, 1] + 8, 8)
+        hdr = _bytes_at(bases, segs, 0)
+        rtype = _u64(hdr, 0, 4)
+        sector = _u64(hdr, 8, 8)
         if rtype == T_IN and nr == 1:
             first, count = 1, nw - 1
         elif rtype == T_OUT and nw == 1 and writes:
@@ -83,9 +89,35 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
         if moved != total:
             return k  # an error or a short transfer: blk.py's, which says what happened
         status = nr + nw - 1
-        mem8[segs[status, 0]][segs[status, 1]] = 0  # S_OK
+        _bytes_at(bases, segs, status)[0] = 0  # S_OK
         slot = (used_at + k) & (size - 1)
         used[2 * slot] = np.uint32(heads[0])
         used[2 * slot + 1] = np.uint32(written)
         done[k] = heads[0]
     return n
+
+
+# What `serve_at` is given besides a ring's context (split_walk_jit.py): the addresses of
+# the kernel's own arrays (a chain's head and meta, the iovec) and the iovec's length.
+HEADS, META, IOV, IOV_LEN = range(4)
+
+
+def serve_ctx(heads: Any, meta: Any, iov: Any) -> Any:
+    """A context over these arrays (the caller keeps them while it is used)."""
+    if not (heads.dtype == meta.dtype == np.int64 and iov.dtype == np.uint64
+            and heads.shape == (1,) and meta.shape == (1, 3) and iov.ndim == 2
+            and iov.shape[1] == 2 and all(a.flags.c_contiguous for a in (heads, meta, iov))):
+        raise ValueError("not the arrays of a blk context")
+    return np.array([heads.ctypes.data, meta.ctypes.data, iov.ctypes.data, len(iov)],
+                    np.uint64)
+
+
+@njit(cache=True, nogil=True)
+def serve_at(ring: Any, own: Any, last: int, n: int, used_at: int, fd: int, capacity: int,
+             writes: bool) -> int:
+    """`serve` over a ring's context and its own; the heads served go to the ring's
+    heads array (which `serve` does not use: it walks a chain at a time into its own)."""
+    desc, avail, used, regions, bases, done, _, segs, size, indirect = ring_views(ring)
+    return serve(desc, avail, last, n, size, indirect, regions, bases, i64s(own[HEADS], 1),
+                 i64_rows(own[META], 1, 3), segs, u64_rows(own[IOV], own[IOV_LEN], 2), used,
+                 used_at, done, fd, capacity, writes)

@@ -146,7 +146,7 @@ class NetPort(Device):
         return F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_MQ | F_IN_ORDER | offloads
 
     def set_features(self, features: int) -> None:
-        self.negotiated = features
+        self.negotiated = int(features)  # (a plain int: the data path tests bits per burst)
         self.hdr_len = header_size(features)
         if self.vnet_tap:
             self._tap_offloads(features)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..virtq.split_kernel import MAX_REGIONS
 from ..virtq.split_kernel import available as walk_available
 from .net_frames import Frames
 
@@ -37,44 +36,41 @@ DROPS = ("bad_header", "runt", "oversize", "bad_source_mac", "no_rx_buffer",
          "rx_buffer_too_small")
 ARENA = 512 << 10  # bytes of frames a transmit burst may take (and one of the largest)
 
-_take: Any = None
-_put: Any = None
+_jit: Any = None  # net_serve_jit, once loaded
 _tried = False
 
 
 def available() -> bool:
     """Whether the kernels are on (the compiled walk is, and these load too); loaded and
     run once the first time: call it in the engine's process, before workers fork."""
-    global _take, _put, _tried
+    global _jit, _tried
     if not _tried and walk_available():
         _tried = True
         try:
             from . import net_serve_jit
 
-            _take, _put = net_serve_jit.take, net_serve_jit.put
+            _jit = net_serve_jit
+            _scratch.made()
             _warm()
         except Exception as e:  # it cannot compile here: net_rings.py serves every frame
             log.warning("compiled net kernels unavailable (%s): net_rings.py serves", e)
-            _take = _put = None
-    return _take is not None
+            _jit = None
+    return _jit is not None
 
 
 def _warm() -> None:
-    """Compile (or load from the cache) every version the queues will call."""
-    desc = np.zeros(4, np.uint64)
-    avail = np.zeros(2, np.uint16)
-    regions = np.zeros((1, 2), np.uint64)
-    i64 = np.zeros(1, np.int64)
-    m3 = np.zeros((1, 3), np.int64)
-    for nreg in range(1, MAX_REGIONS + 1):
-        mems = tuple(np.zeros(2, np.uint64) for _ in range(nreg))
-        ring = (desc, avail, 0, 0, 2, True, regions, mems)
-        chains = (np.zeros(nreg, np.uint64), i64, m3, m3, np.zeros(4, np.uint32), 0, 12)
-        sc = _Scratch()
-        _take(*ring, *chains, 1514, False, np.zeros(1, np.uint8), i64, i64, sc.drops,
-              sc.out)
-        _put(*ring, *chains, True, 1514, np.zeros(1, np.uint8), i64, i64, sc.hdr, sc.drops,
-             sc.out)
+    """Compile (or load from the cache) both kernels."""
+    from ..virtq import split_walk_jit
+
+    ring = split_walk_jit.ring_ctx(
+        np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
+        np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
+        np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64), True)
+    arena = _Arena(16, 1)
+    _jit.take_at(ring, arena.ctx, 0, 0, 0, 12, 1514, False)
+    _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.data, arena.offs,
+                arena.lens)
+    _scratch.results(None)
 
 
 class _Scratch:
@@ -85,30 +81,36 @@ class _Scratch:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
         self.out = np.zeros(5, np.int64)  # net_serve_jit.py's CHAINS..DROPPED
         self.hdr = np.zeros(12, np.uint8)
+        self.ctx: Any = None  # the receive kernel's (net_serve_jit.put_ctx)
 
-    def results(self, c: Counters) -> list[int]:
-        """The last call's `out` (-1s: the kernel did not run); its drops counted."""
+    def made(self) -> None:
+        self.ctx = _jit.put_ctx(self.hdr, self.drops, self.out)
+
+    def results(self, c: Counters | None) -> list[int]:
+        """The last call's `out`; its drops counted (and cleared)."""
         out = self.out.tolist()
-        self.out[:] = -1
         if out[4] > 0:
-            for name, k in zip(DROPS, self.drops.tolist(), strict=True):
-                if k:
-                    c.drops[name] += k
+            if c is not None:
+                for name, k in zip(DROPS, self.drops.tolist(), strict=True):
+                    if k:
+                        c.drops[name] += k
             self.drops[:] = 0
         return out
 
 
 _scratch = _Scratch()
-_scratch.out[:] = -1
 
 
 class _Arena:
-    """A port's transmit frame array and its offsets and lengths (a ring's worth)."""
+    """A port's transmit frame array and its offsets and lengths (a ring's worth), and
+    the transmit kernel's context over them."""
 
     def __init__(self, size: int, frames: int) -> None:
         self.data = np.zeros(size, np.uint8)
         self.offs = np.zeros(frames, np.int64)
         self.lens = np.zeros(frames, np.int64)
+        self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, _scratch.drops,
+                                 _scratch.out)
 
 
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
@@ -126,19 +128,21 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
         arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
     sc = _scratch
     hl = dev.hdr_len
+    ran = False
 
     def serve(ring: SplitQueue, n: int) -> np.ndarray:
+        nonlocal ran
         w = ring.kernel
-        assert w is not None and w.desc is not None
-        _take(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
-              w.mems, w.bases, w.heads, w.meta, w.segs, w.used, ring.used_idx % ring.size,
-              hl, max_frame, offloads, arena.data, arena.offs, arena.lens, sc.drops, sc.out)
+        assert w is not None and w.ctx is not None
+        _jit.take_at(w.ctx, arena.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl,
+                     max_frame, offloads)
+        ran = True
         return w.heads[: sc.out[0]]
 
     q.serve_split(serve, limit)
-    _, _, kept, nbytes, _ = sc.results(c)
-    if kept < 0:
+    if not ran:
         return None
+    _, _, kept, nbytes, _ = sc.results(c)
     c.rx_packets += kept
     c.rx_bytes += nbytes
     return Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
@@ -151,20 +155,21 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     not take), None if the kernel cannot serve the queue now."""
     hl = dev.hdr_len
     sc = _scratch
+    ran = False
 
     def serve(ring: SplitQueue, n: int) -> np.ndarray:
+        nonlocal ran
         w = ring.kernel
-        assert w is not None and w.desc is not None
-        _put(w.desc, w.avail, ring.last_avail, n, ring.size, ring.indirect, w.regions,
-             w.mems, w.bases, w.heads, w.meta, w.segs, w.used, ring.used_idx % ring.size, hl,
-             mrg, dev.max_frame(), frames.data, frames.offs, frames.lens, sc.hdr, sc.drops,
-             sc.out)
+        assert w is not None and w.ctx is not None
+        _jit.put_at(w.ctx, sc.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl, mrg,
+                    dev.max_frame(), frames.data, frames.offs, frames.lens)
+        ran = True
         return w.heads[: sc.out[0]]
 
     q.serve_split(serve, q.ring.size)
-    _, handled, delivered, nbytes, _ = sc.results(c)
-    if handled < 0:
+    if not ran:
         return None
+    _, handled, delivered, nbytes, _ = sc.results(c)
     c.tx_packets += delivered
     c.tx_bytes += nbytes
     return handled

@@ -11,7 +11,8 @@ import numpy as np
 from numba import njit, types
 
 from ..virtq.prefetch_jit import prefetch, prefetch_write
-from ..virtq.split_walk_jit import walk
+from ..virtq.split_walk_jit import ring_views, walk
+from ..virtq.views_jit import i64s, u8s
 from .net_offload import GSO_NONE, NEEDS_CSUM
 
 # void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
@@ -22,12 +23,14 @@ memcpy: Any = types.ExternalFunction("memcpy", types.voidptr(types.uintp, types.
 ETH_HLEN = 14
 # indices of the drop counts both kernels add to (net_kernel.DROPS names them)
 BAD_HEADER, RUNT, OVERSIZE, BAD_SOURCE, NO_RX_BUFFER, RX_TOO_SMALL = range(6)
+NDROPS = 6
 AHEAD = 4  # chains ahead whose buffers are prefetched
 LINE = np.uint64(64)
 
 # both kernels' results, in `out`: chains used, frames handled (taken or dropped), frames
 # passed on, their bytes, frames dropped
 CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED = range(5)
+NOUT = 5
 
 
 @njit(cache=True, nogil=True)
@@ -53,7 +56,7 @@ def _gather(bases: Any, segs: Any, first: int, count: int, limit: int, out: Any)
 
 @njit(cache=True, nogil=True)
 def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-         regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
+         regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
          used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any, offs: Any,
          lens: Any, drops: Any, out: Any) -> None:
     """Take up to `n` transmitted chains from avail position `last`: each one frame behind
@@ -65,7 +68,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     frame whose header asks for an offload (net_rings.py checks those). The heads taken are the
     walk's, in `heads`; `out` says how many, and how many frames were kept."""
     n = min(n, offs.shape[0])
-    k = walk(desc, avail, last, n, size, indirect_ok, regions, mems, heads, meta, segs)
+    k = walk(desc, avail, last, n, size, indirect_ok, regions, bases, heads, meta, segs)
     cap = arena.shape[0]
     base = arena.ctypes.data
     dropped = drops.sum()
@@ -146,13 +149,13 @@ def _used(used: Any, slot: int, head: int, written: int) -> None:
 
 @njit(cache=True, nogil=True)
 def _walk_more(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-               regions: Any, mems: Any, heads: Any, meta: Any, segs: Any, k: int,
+               regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, k: int,
                want: int) -> tuple[int, bool]:
     """Walk up to `want` more of the `n` chains from avail position `last`, the `k` walked
     already kept; returns (chains walked now, whether the walk stopped before one)."""
     m = min(max(want, 32), n - k)
     base = 0 if k == 0 else meta[k - 1, 0] + meta[k - 1, 1] + meta[k - 1, 2]
-    got = walk(desc, avail, last + k, m, size, indirect_ok, regions, mems, heads[k:],
+    got = walk(desc, avail, last + k, m, size, indirect_ok, regions, bases, heads[k:],
                meta[k:], segs[base:])
     for j in range(k, k + got):
         meta[j, 0] += base
@@ -161,7 +164,7 @@ def _walk_more(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok:
 
 @njit(cache=True, nogil=True)
 def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-        regions: Any, mems: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
+        regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
         used_at: int, hl: int, mrg: bool, max_frame: int, data: Any, offs: Any, lens: Any,
         hdr: Any, drops: Any, out: Any) -> None:
     """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the `n` chains
@@ -192,7 +195,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             continue
         need = hl + length
         if c >= k and not stopped and k < n:
-            k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok, regions, mems,
+            k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok, regions, bases,
                                     heads, meta, segs, k, nframes - f)
         if c >= k:
             if stopped:
@@ -220,7 +223,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             while room < need:
                 if j + 1 >= k and not stopped and k < n:
                     k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok,
-                                            regions, mems, heads, meta, segs, k, 8)
+                                            regions, bases, heads, meta, segs, k, 8)
                 if j + 1 >= k:
                     break
                 j += 1
@@ -253,3 +256,55 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[PASSED] = delivered
     out[PASSED_BYTES] = nbytes
     out[DROPPED] = drops.sum() - dropped
+
+
+# What `take_at` and `put_at` are given besides a ring's context (split_walk_jit.py): the
+# addresses and lengths of the other arrays they use. A transmit context: the port's frame
+# array, offsets, lengths, and the drop counts and results; a receive one: the header, the
+# drop counts and results.
+DATA, DATA_LEN, OFFS, LENS, FRAMES_LEN, DROPS, OUT = range(7)
+HDR = DATA
+
+
+def take_ctx(data: Any, offs: Any, lens: Any, drops: Any, out: Any) -> Any:
+    """A transmit context (the caller keeps the arrays while it is used)."""
+    if not (data.dtype == np.uint8 and offs.dtype == lens.dtype == np.int64
+            and len(offs) == len(lens) and drops.dtype == out.dtype == np.int64
+            and len(drops) == NDROPS and len(out) == NOUT
+            and all(a.flags.c_contiguous and a.ndim == 1
+                    for a in (data, offs, lens, drops, out))):
+        raise ValueError("not the arrays of a transmit context")
+    return np.array([data.ctypes.data, len(data), offs.ctypes.data, lens.ctypes.data,
+                     len(offs), drops.ctypes.data, out.ctypes.data], np.uint64)
+
+
+def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
+    """A receive context (the caller keeps the arrays while it is used)."""
+    if not (hdr.dtype == np.uint8 and len(hdr) == 12 and drops.dtype == out.dtype == np.int64
+            and len(drops) == NDROPS and len(out) == NOUT
+            and all(a.flags.c_contiguous and a.ndim == 1 for a in (hdr, drops, out))):
+        raise ValueError("not the arrays of a receive context")
+    return np.array([hdr.ctypes.data, 0, 0, 0, 0, drops.ctypes.data, out.ctypes.data],
+                    np.uint64)
+
+
+@njit(cache=True, nogil=True)
+def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_frame: int,
+            offloads: bool) -> None:
+    """`take` over a ring's context and a transmit context."""
+    desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
+    nf = port[FRAMES_LEN]
+    take(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
+         used_at, hl, max_frame, offloads, u8s(port[DATA], port[DATA_LEN]),
+         i64s(port[OFFS], nf), i64s(port[LENS], nf), i64s(port[DROPS], NDROPS),
+         i64s(port[OUT], NOUT))
+
+
+@njit(cache=True, nogil=True)
+def put_at(ring: Any, scratch: Any, last: int, n: int, used_at: int, hl: int, mrg: bool,
+           max_frame: int, data: Any, offs: Any, lens: Any) -> None:
+    """`put` over a ring's context and a receive context."""
+    desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
+    put(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
+        used_at, hl, mrg, max_frame, data, offs, lens, u8s(scratch[HDR], 12),
+        i64s(scratch[DROPS], NDROPS), i64s(scratch[OUT], NOUT))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ class MacTable:
         self.expiry = np.zeros(1 << SLOTS_LOG2, np.float64)
         self.count = np.zeros(1, np.int64)  # an array: the kernel updates it in place
         self.multiplier = secrets.randbits(64) | 1
+        self.kernel_ctx: Any = None  # the compiled forwarding's view of it (route.py)
 
     def home(self, key: int) -> int:
         """A key's first slot."""

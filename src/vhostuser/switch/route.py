@@ -18,26 +18,26 @@ log = logging.getLogger(__name__)
 
 FLOOD, HAIRPIN, MIXED, SHORT = -1, -2, -3, -4  # route_jit.py's
 
-_route: Any = None
+_jit: Any = None  # route_jit, once loaded
 _tried = False
 
 
 def available() -> bool:
     """Whether the kernel is on; loaded the first time (before the switch's loop runs)."""
-    global _route, _tried
+    global _jit, _tried
     if not _tried and walk_available():
         _tried = True
         try:
             from . import route_jit
 
-            _route = route_jit.route
+            _jit = route_jit
             assert (route_jit.FLOOD, route_jit.HAIRPIN, route_jit.MIXED,
                     route_jit.SHORT) == (FLOOD, HAIRPIN, MIXED, SHORT)
             route(Frames.of([bytes(14)]), MacTable(1), 0, 0.0, 0.0)
         except Exception as e:  # it cannot compile here: the array version decides
             log.warning("compiled forwarding unavailable (%s): the array version serves", e)
-            _route = None
-    return _route is not None
+            _jit = None
+    return _jit is not None
 
 
 def route(frames: Frames, table: MacTable, ingress: int, now: float,
@@ -47,7 +47,9 @@ def route(frames: Frames, table: MacTable, ingress: int, now: float,
     MIXED."""
     n = min(len(frames.offs), len(frames.lens))
     dest = np.empty(n, np.int32)
-    hairpins, common = _route(frames.data, frames.offs, frames.lens, table.keys, table.ports,
-                              table.expiry, table.count, np.uint64(table.multiplier),
-                              table.limit, ingress, now, until, dest)
+    if table.kernel_ctx is None:  # (made once: the table keeps its arrays)
+        table.kernel_ctx = _jit.table_ctx(table.keys, table.ports, table.expiry, table.count,
+                                          table.multiplier, table.limit)
+    hairpins, common = _jit.route_at(table.kernel_ctx, frames.data, frames.offs, frames.lens,
+                                     ingress, now, until, dest)
     return dest, hairpins, common

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from ..virtq.views_jit import f64s, i32s, i64s, u64s
 from .mac_table import PRESENT, SLOTS_LOG2
 
 SHIFT = np.uint64(64 - SLOTS_LOG2)
@@ -47,7 +48,7 @@ def _same_addresses(data: Any, a: int, b: int) -> bool:
 
 @njit(cache=True, nogil=True)
 def route(data: Any, offs: Any, lens: Any, keys: Any, ports: Any, expiry: Any, count: Any,
-          multiplier: Any, limit: int, ingress: int, now: float, until: float,
+          multiplier: Any, limit: Any, ingress: int, now: float, until: float,
           dest: Any) -> tuple[int, int]:
     """For each frame (at data[offs[f]:], an Ethernet header at least) in order: learn its
     unicast source at port `ingress` until `until` (a new station only while the table
@@ -99,3 +100,31 @@ def route(data: Any, offs: Any, lens: Any, keys: Any, ports: Any, expiry: Any, c
             common = MIXED
             break
     return hairpins, common
+
+
+# A table's context (virtq/views_jit.py): its arrays' addresses, their length, its hash
+# multiplier and its limit.
+KEYS, PORTS, EXPIRY, COUNT, SLOTS, MULTIPLIER, LIMIT = range(7)
+
+
+def table_ctx(keys: Any, ports: Any, expiry: Any, count: Any, multiplier: int,
+              limit: int) -> Any:
+    """The context of a table of these arrays (the caller keeps them while it is used)."""
+    n = len(keys)
+    if not (keys.dtype == np.uint64 and ports.dtype == np.int32 and expiry.dtype == np.float64
+            and count.dtype == np.int64 and len(ports) == len(expiry) == n and len(count) == 1
+            and n == 1 << SLOTS_LOG2
+            and all(a.flags.c_contiguous and a.ndim == 1 for a in (keys, ports, expiry, count))):
+        raise ValueError("not the arrays of a MAC table")
+    return np.array([keys.ctypes.data, ports.ctypes.data, expiry.ctypes.data,
+                     count.ctypes.data, n, multiplier, limit], np.uint64)
+
+
+@njit(cache=True, nogil=True)
+def route_at(table: Any, data: Any, offs: Any, lens: Any, ingress: int, now: float,
+             until: float, dest: Any) -> tuple[int, int]:
+    """`route` over a table's context."""
+    n = table[SLOTS]
+    return route(data, offs, lens, u64s(table[KEYS], n), i32s(table[PORTS], n),
+                 f64s(table[EXPIRY], n), i64s(table[COUNT], 1), table[MULTIPLIER],
+                 np.int64(table[LIMIT]), ingress, now, until, dest)

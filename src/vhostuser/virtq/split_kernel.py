@@ -30,11 +30,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_REGIONS = 4  # guest memory in more regions than this: the Python walk
+MAX_REGIONS = 64  # guest memory in more regions than this: the Python walk (the kernel
+# looks a buffer's region up by scanning them)
 SEGS_PER_CHAIN = 8  # room for segments per chain asked for (a chain with more: still taken
 # whole by the kernel if the batch has room, else left to the Python walk)
 
 _kernel: Any = None
+_jit: Any = None  # split_walk_jit, once loaded
 _tried = False
 
 
@@ -66,21 +68,20 @@ def warm() -> None:
     if available():
         import numpy as np
 
-        desc = np.zeros(4, np.uint64)
-        avail = np.zeros(2, np.uint16)
-        regions = np.zeros((1, 2), np.uint64)
-        meta = np.zeros((1, 3), np.int64)
-        segs = np.zeros((1, 3), np.int64)
-        heads = np.zeros(1, np.int64)
-        for n in range(1, MAX_REGIONS + 1):  # a version per number of regions
-            mems = tuple(np.zeros(2, np.uint64) for _ in range(n))
-            _kernel(desc, avail, 0, 0, 2, True, regions, mems, heads, meta, segs)
+        from . import split_walk_jit as jit
+
+        arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
+                  np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
+                  np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))
+        jit.walk_at(jit.ring_ctx(*arrays, True), 0, 0)
 
 
 def _compile() -> Any:
+    global _jit
     from . import split_walk_jit
 
-    return split_walk_jit.walk
+    _jit = split_walk_jit
+    return split_walk_jit.walk_at
 
 
 class KernelWalk:
@@ -99,11 +100,9 @@ class KernelWalk:
         self.regions = np.array([(lo, n) for (lo, _, _), n in zip(regions, whole,
                                                                  strict=True)],
                                 dtype=np.uint64)  # start and length: a region may end at 2^64
-        self.mems: Any = tuple(np.frombuffer(v[:n], dtype=np.uint64)
-                                for v, n in zip(self.views, whole, strict=True))
-        # for kernels that serve chains (devices/blk_kernel.py): the same regions as bytes
-        # and their addresses (for system calls), and the used ring's elements
-        self.mem8: Any = tuple(m.view(np.uint8) for m in self.mems)
+        # the regions' addresses (the views hold them mapped while the kernels use them)
+        self.mem8: Any = tuple(np.frombuffer(v[:n], dtype=np.uint8)
+                               for v, n in zip(self.views, whole, strict=True))
         self.bases: Any = np.array([b.ctypes.data for b in self.mem8], dtype=np.uint64)
         self.used: Any = np.frombuffer(q.used, dtype=np.uint32, count=1 + 2 * q.size)[1:]
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
@@ -115,6 +114,10 @@ class KernelWalk:
         self.heads = np.zeros(q.size, np.int64)
         self.meta = np.zeros((q.size, 3), np.int64)
         self.segs = np.zeros((q.size * SEGS_PER_CHAIN, 3), np.int64)
+        # what the kernels are given: the addresses of all of the above
+        self.ctx: Any = _jit.ring_ctx(self.desc, self.avail, self.used, self.regions,
+                                      self.bases, self.heads, self.meta, self.segs,
+                                      self.indirect)
 
     @staticmethod
     def for_queue(q: SplitQueue, asked: bool | None = None) -> KernelWalk | None:
@@ -132,8 +135,8 @@ class KernelWalk:
         """The first chains of `n` from avail position `last` that the kernel takes whole
         (all of them, or those before the first it leaves to the Python walk)."""
         n = min(n, self.size)  # the output arrays' room (the kernel does not bound-check)
-        taken = _kernel(self.desc, self.avail, last, n, self.size, self.indirect,
-                        self.regions, self.mems, self.heads, self.meta, self.segs)
+        assert self.ctx is not None  # (not released)
+        taken = _kernel(self.ctx, last, n)
         views = self.views
         if not taken:
             return []
@@ -149,6 +152,7 @@ class KernelWalk:
 
     def release(self) -> None:
         """Drop the numpy views (they hold exports of the queue's memoryviews)."""
-        self.mems = self.mem8 = self.bases = None
+        self.ctx = None  # first: its addresses are the arrays'
+        self.mem8 = self.bases = None
         self.desc = self.avail = self.used = None
         self.views = []

@@ -1,0 +1,77 @@
+"""Arrays at addresses, inside compiled kernels (numba): imported only by the *_jit.py
+modules, and only where numba is installed.
+
+Why: calling a compiled function from Python costs about 0.15 µs for every array passed
+(numba checks its type and wraps it for the call), so a kernel given the twenty arrays
+of a ring and a port pays 3 µs per call, as much as serving a burst of small frames.
+A kernel is given instead one array of addresses and lengths (`Ctx` below, made once
+when the ring or port is set up) and rebuilds its arrays from it, which costs nothing.
+
+Who makes a context keeps every array it names alive as long as the context is used:
+the addresses are not references (split_kernel.KernelWalk drops its context with them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.numpy_support import carray
+
+
+def _pointer_typer(typingctx: Any, addr: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.uintp), codegen
+
+
+_pointer: Any = intrinsic(_pointer_typer)  # _pointer(address): a void * (uintp -> voidptr)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def u8s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.uint8)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def u16s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.uint16)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def u32s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.uint32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def u64s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.uint64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def i64s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.int64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def u64_rows(addr: Any, n: Any, width: int) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n), width), np.uint64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def i64_rows(addr: Any, n: Any, width: int) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n), width), np.int64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def f64s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.float64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def i32s(addr: Any, n: Any) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.int32)
