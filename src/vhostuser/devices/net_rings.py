@@ -74,11 +74,9 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     guest at once (notified). Invalid frames are dropped and counted. The compiled kernel
     (net_kernel.py) takes what it can; bursts of one-descriptor chains take the numpy
     path; the loop below is the reference for both."""
-    n = min(q.available(), MAX_BURST)
-    if not n:
-        return EMPTY
     offloads = dev.negotiated & F_CSUM  # (which every other transmit offload needs)
-    if net_kernel.available():
+    n = MAX_BURST
+    if net_kernel.available():  # (it looks at what is available itself)
         before = q.popped
         taken = net_kernel.take(q, dev, c, n, bool(offloads))
         if taken is not None:
@@ -87,6 +85,9 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
                 return taken
             if not offloads:  # it stopped before this chain: the loop below takes it
                 n = 1  # (with offloads, before a frame that asks for one: the rest too)
+    n = min(q.available(), n)
+    if not n:
+        return EMPTY
     burst = q.pop_direct(n)
     if burst is not None:
         return _take_direct(q, burst, dev, c)
@@ -242,18 +243,9 @@ def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) ->
 def _put_complete(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
     """`put_frames` for complete frames. The compiled kernel (net_kernel.py) delivers what
     it can, then the numpy burst path; the loop below is the reference for both."""
-    hl = dev.hdr_len
     mrg = bool(dev.negotiated & F_MRG_RXBUF)
     max_frame = dev.max_frame()
-    avail = q.available()
-    if not avail:  # no buffer at all: every frame dropped (counted as the loop would)
-        over = int(np.count_nonzero(frames.lens > max_frame))
-        for reason, k in (("oversize", over), ("no_rx_buffer", len(frames) - over)):
-            if k:
-                c.drops[reason] += k
-        return
-    hdr1 = rx_header(hl, 1)
-    if net_kernel.available():
+    if net_kernel.available():  # (it looks at what is available itself)
         while len(frames):
             done = net_kernel.put(q, dev, c, frames, mrg)
             if done is None:  # it cannot serve the queue now: the paths below
@@ -261,8 +253,17 @@ def _put_complete(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> 
             if done == len(frames):
                 return
             # it stopped before frame `done`: the loop takes that one, the kernel the rest
-            avail = _put_one(q, dev, c, frames[done], q.available(), hdr1, mrg, max_frame)
+            _put_one(q, dev, c, frames[done], q.available(), rx_header(dev.hdr_len, 1), mrg,
+                     max_frame)
             frames = frames.pick(slice(done + 1, None))
+    hdr1 = rx_header(dev.hdr_len, 1)
+    avail = q.available()
+    if not avail:  # no buffer at all: every frame dropped (counted as the loop would)
+        over = int(np.count_nonzero(frames.lens > max_frame))
+        for reason, k in (("oversize", over), ("no_rx_buffer", len(frames) - over)):
+            if k:
+                c.drops[reason] += k
+        return
     while avail and len(frames):  # the burst path, as far as it goes; the rest below
         done = _put_direct(q, frames, hdr1, avail, max_frame, c)
         if not done:
