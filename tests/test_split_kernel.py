@@ -178,3 +178,50 @@ def test_a_region_that_ends_at_the_top_of_the_address_space() -> None:
         drv.release()
         mem.clear()
         top.close()
+
+
+def test_memory_in_many_regions() -> None:
+    """Guest memory in twelve regions (QEMU makes one per RAM block and hot-plugged DIMM;
+    with CONFIGURE_MEM_SLOTS there may be many): the compiled walk takes chains whose
+    buffers and indirect tables lie in any of them, as the Python walk does."""
+    rams = [GuestRam(1 << 16, guest_addr=(k + 1) << 20, user_addr=0x7F00_0000_0000 + (k << 24))
+            for k in range(12)]
+    mem = GuestMemory()
+    for r in rams:
+        mem.add(r.region(), mmap_region(r.region(), r.fd))
+    drv = DriverRing(rams[0], 32)
+    try:
+        for k, r in enumerate(rams):
+            data = r.alloc(64)
+            r.at(data, 64)[:] = bytes([k]) * 64
+            out = rams[-1 - k].alloc(32)
+            if k % 2:  # through an indirect table in the region after
+                table_ram = rams[(k + 1) % len(rams)]
+                table = table_ram.alloc(32, 16)
+                table_ram.at(table, 32)[:] = struct.pack(
+                    "<QIHHQIHH", data, 64, DESC_F_NEXT, 1, out, 32, DESC_F_WRITE, 0)
+                head = drv.free.pop()
+                drv.write_desc(head, table, 32, DESC_F_INDIRECT, 0)
+                drv.chains[head] = [head]
+                drv.publish(head)
+            else:
+                drv.add([(data, 64, False), (out, 32, True)])
+        py = SplitQueue(mem, drv.layout(), 0, False, indirect=True)
+        py._kernel = None
+        jit = SplitQueue(mem, drv.layout(), 0, False, indirect=True)
+        kernel = jit._kernel = KernelWalk.for_queue(jit, asked=True)
+        assert kernel is not None
+        try:
+            want = outcome(*py.pop_batch(12))
+            assert len(kernel.walk(0, 12)) == 12  # the kernel took every one itself
+            assert outcome(*jit.pop_batch(12)) == want
+            assert [chain[1] for chain in want[0]] == [[bytes([k]) * 64] for k in range(12)]
+        finally:
+            py.release()
+            jit.release()
+        assert kernel.ctx is None  # released with the arrays its addresses point into
+    finally:
+        drv.release()
+        mem.clear()
+        for r in rams:
+            r.close()
