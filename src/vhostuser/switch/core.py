@@ -34,6 +34,8 @@ _MAC_WEIGHTS = np.array([[1 << (8 * (5 - k)), 0] for k in range(6)]
 VVU_LOOK = 0.001  # s between looks at an interrupt-less virtio-vhost-user device
 CONTROL_TIMEOUT = 5.0  # s a control client has to read the status
 PEER_CHECK = 0.25  # s between looks for front-ends that stalled mid-message
+BUSY_POLL = 50e-6  # s between looks at the loop's fds while frames keep coming (a look
+# is a poll(2) call: once per burst it cost about 5 % of a small-frame burst)
 COMPILED = "frames taken, switched and delivered by the compiled kernels"
 
 
@@ -277,7 +279,7 @@ class Switch:
     def _loop(self, stop: StopSignal) -> None:
         watch = self._watch(stop)
         busy_until = 0.0
-        next_age = next_connect = next_look = next_check = time.monotonic()
+        next_age = next_connect = next_look = next_check = next_poll = time.monotonic()
         # ports on a virtio-vhost-user device with no interrupts (in an appliance VM): their
         # messages and session changes are looked for every VVU_LOOK seconds
         unwired = [p for p in self.vports if p.link is not None and not p.link.event_fds()]
@@ -300,7 +302,9 @@ class Switch:
                     busy_until = time.monotonic() + self.spin
                     self._kicks(False)
                     continue
-            watch.dispatch(timeout)
+            if timeout or now >= next_poll:  # (busy: every BUSY_POLL, not every burst)
+                watch.dispatch(timeout)
+                next_poll = now + BUSY_POLL
             if timeout:
                 self._kicks(False)
             if self.pump():
