@@ -225,3 +225,33 @@ def test_memory_in_many_regions() -> None:
         mem.clear()
         for r in rams:
             r.close()
+
+
+def test_memory_mapped_at_an_odd_offset_is_walked_in_python() -> None:
+    """A front-end may give a region an mmap offset that is no multiple of 8 (nothing in
+    vhost-user forbids it): the kernels read descriptors and indirect tables as aligned
+    words, so the queue is walked in Python instead, and its chains are served all the
+    same."""
+    ram = GuestRam(1 << 16, guest_addr=0x10000)
+    whole = ram.region()
+    desc = replace(whole, guest_addr=whole.guest_addr + 4, size=whole.size - 4,
+                   user_addr=whole.user_addr + 4, mmap_offset=4)
+    mem = GuestMemory()
+    mem.add(desc, mmap_region(desc, ram.fd))
+    ram.alloc(16)  # (the ring in the mapped part)
+    drv = DriverRing(ram, 8)
+    try:
+        data = ram.alloc(16)
+        ram.at(data, 16)[:] = bytes(range(16))
+        drv.add([(data, 16, False)])
+        q = SplitQueue(mem, drv.layout(), 0, False)
+        try:
+            assert KernelWalk.for_queue(q, asked=True) is None
+            chains, error = q.pop_batch(1)
+            assert error is None and [bytes(b) for b in chains[0].readable] == [bytes(range(16))]
+        finally:
+            q.release()
+    finally:
+        drv.release()
+        mem.clear()
+        ram.close()

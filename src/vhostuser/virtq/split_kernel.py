@@ -104,6 +104,8 @@ class KernelWalk:
         self.mem8: Any = tuple(np.frombuffer(v[:n], dtype=np.uint8)
                                for v, n in zip(self.views, whole, strict=True))
         self.bases: Any = np.array([b.ctypes.data for b in self.mem8], dtype=np.uint64)
+        if any(int(b) % 8 for b in self.bases):  # the kernels read indirect tables as words
+            raise ValueError("guest memory mapped at an address not a multiple of 8")
         self.used: Any = np.frombuffer(q.used, dtype=np.uint32, count=1 + 2 * q.size)[1:]
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
         self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
@@ -129,7 +131,11 @@ class KernelWalk:
             log.info("compiled chain walk not used: %d memory regions (at most %d, writable)",
                      len(q._regions), MAX_REGIONS)
             return None
-        return KernelWalk(q)
+        try:
+            return KernelWalk(q)
+        except ValueError as e:  # (a front-end may map memory at any byte offset)
+            log.info("compiled chain walk not used: %s", e)
+            return None
 
     def walk(self, last: int, n: int) -> list[Chain]:
         """The first chains of `n` from avail position `last` that the kernel takes whole

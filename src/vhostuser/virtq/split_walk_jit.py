@@ -131,6 +131,8 @@ def ring_ctx(desc: Any, avail: Any, used: Any, regions: Any, bases: Any, heads: 
     for a, dtype, shape in shapes:
         if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
             raise ValueError(f"a ring array is {a.dtype}{a.shape}, not {np.dtype(dtype)}{shape}")
+        if not a.flags.aligned:  # (compiled code may assume it)
+            raise ValueError(f"a ring array of {a.dtype} is not aligned in memory")
     ctx = np.zeros(12, np.uint64)
     for i, (a, _, _) in enumerate(shapes):
         ctx[i] = a.ctypes.data
