@@ -3,7 +3,8 @@
 seeded, bounded differential fuzz.
 
 Transmit: chains with the header and frame in one buffer or cut anywhere over several
-(inside the header too), empty descriptors, a header asking for checksum or segmentation,
+(inside the header too), empty descriptors, a header asking for checksum or segmentation
+(with the offloads negotiated too: the headers the frames travel with must be equal),
 runts, frames at and past the MTU's limit, multicast sources, a writable buffer after the
 frame, readable after writable, buffers in two regions, across them and outside memory,
 indirect tables. Receive: bursts of frames (some too long) into chains of one to three
@@ -18,6 +19,7 @@ VHOSTUSER_FUZZ_SEED to replay; the seed is in the message."""
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from fuzz_memory import TwoRegions, seed
@@ -25,6 +27,7 @@ from fuzz_memory import TwoRegions, seed
 from vhostuser.devices import net_kernel
 from vhostuser.devices.net import F_MRG_RXBUF, NetPort
 from vhostuser.devices.net_frames import Frames
+from vhostuser.devices.net_offload import F_CSUM, MAX_GSO_FRAME, OFFLOADS, PLAIN
 from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
@@ -63,11 +66,19 @@ class Rig(TwoRegions):
         body = rng.choice([rng.randrange(14, top + 1)] * 20 + [
             rng.randrange(14), 14, 60, top, top + 1, top + rng.randrange(2, 200)])
         hdr = bytearray(hl)
-        if rng.random() < 0.02:
+        offloads = bool(self.devs[0].negotiated & F_CSUM)  # (then asking is common)
+        if rng.random() < (0.3 if offloads else 0.02):
             hdr[0] = 1  # NEEDS_CSUM
-        if rng.random() < 0.02:
-            hdr[1] = rng.choice([1, 3, 4, 0x80])
+            struct.pack_into("<HH", hdr, 6, rng.randrange(90), rng.randrange(40))
+        if rng.random() < (0.1 if offloads else 0.02):
+            hdr[1] = rng.choice([1, 3, 4, 0x80, 0x81, 5])
+            struct.pack_into("<HH", hdr, 2, rng.randrange(128), rng.choice([0, 8, 48, 1448]))
         frame = bytearray(rng.randbytes(body))
+        if offloads and rng.random() < 0.05:  # a TCP/IPv4 segmentation a port may take
+            frame = tcp4(rng, rng.choice([rng.randrange(2000), top, MAX_GSO_FRAME - 54,
+                                          MAX_GSO_FRAME - 53]))
+            hdr[:10] = struct.pack("<BBHHHH", 1, 1, 54, rng.choice([0, 48, 1448]), 34, 16)
+            body = len(frame)
         if body > 6:
             frame[6] = frame[6] | 1 if rng.random() < 0.05 else frame[6] & 0xFE
         data = bytes(hdr + frame)
@@ -115,6 +126,17 @@ class Rig(TwoRegions):
         return Frames.of([rng.randbytes(n) for n in lens])
 
 
+def tcp4(rng: random.Random, payload: int) -> bytearray:
+    """An Ethernet frame of one whole TCP/IPv4 packet (its IP length may be wrong: it is
+    16 bits) with `payload` bytes, from a unicast source."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, (40 + payload) & 0xFFFF, 1, 0, 64, 6, 0,
+                     bytes(4), bytes(4))
+    tcp = struct.pack("!HHIIBBHHH", 1, 2, 3, 4, 5 << 4, rng.choice([0x10, 0x18, 0x90]),
+                      1024, 0, 0)
+    return bytearray(bytes(MAC) + bytes([2, 0, 0, 0, 0, 2]) + b"\x08\x00" + ip + tcp
+                     + rng.randbytes(payload))
+
+
 def run(rig: Rig, side: int, last: int, step: object) -> tuple[object, ...]:
     """Port `side` takes or delivers (`step(q, dev, counters)`), with the kernels (1) or
     without (0); what it left behind."""
@@ -133,18 +155,23 @@ def run(rig: Rig, side: int, last: int, step: object) -> tuple[object, ...]:
         q.release()
 
 
-def take_all(q: DeviceQueue, dev: NetPort, c: Counters) -> list[bytes]:
-    """Every frame available, a burst at a time (the kernel may take fewer per call)."""
-    frames: list[bytes] = []
+def take_all(q: DeviceQueue, dev: NetPort, c: Counters) -> list[tuple[bytes, bytes]]:
+    """Every frame available and the header it travels with, a burst at a time (the
+    kernel may take fewer per call)."""
+    frames: list[tuple[bytes, bytes]] = []
     while q.available():
         before = q.popped
-        frames += take_frames(q, dev, c)  # copied out before the next take reuses them
+        taken = take_frames(q, dev, c)  # copied out before the next take reuses them
+        vnet = [PLAIN] * len(taken) if taken.vnet is None else [
+            row.tobytes() for row in taken.vnet]
+        frames += zip(taken, vnet, strict=True)
         assert q.popped > before or q.error is not None
     return frames
 
 
 CASES = [  # (ring size, event_idx, features, MTU)
     (16, False, VirtioFeature.VERSION_1, 1500),
+    (64, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF | OFFLOADS, 1500),  # frames may ask
     (256, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF, 1500),
     (64, False, F_MRG_RXBUF, 9000),  # legacy with MRG: 12-byte header; bursts over 512 KiB
     (32, True, 0, 1500),  # the 10-byte header
@@ -157,12 +184,14 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     s = seed()
     rng = random.Random(s)
     rig = Rig(rng, size, event_idx, int(features), mtu)
-    counts = {"take": 0, "put": 0}
+    counts = {"take": 0, "put": 0, "offloads": 0}
     real_take, real_put = net_kernel.take, net_kernel.put
 
     def take(*args: object) -> Frames | None:
         out = real_take(*args)  # type: ignore[arg-type]
         counts["take"] += len(out) if out is not None else 0
+        if out is not None and out.vnet is not None:  # frames that go with their header
+            counts["offloads"] += int(out.vnet[:, :2].any(axis=1).sum())
         return out
 
     def put(*args: object) -> int | None:
@@ -213,3 +242,5 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     for kind in ("take", "put"):
         assert counts[kind] > total[kind] // 3, (
             f"seed {s}: the {kind} kernel handled few frames ({counts[kind]} of {total[kind]})")
+    if features & F_CSUM:  # the kernel took frames that ask for a checksum or segmentation
+        assert counts["offloads"] > 20, f"seed {s}: {counts['offloads']} offload frames"

@@ -53,10 +53,10 @@ def _warm() -> None:
 
     from ..virtq import split_walk_jit
 
-    ring = split_walk_jit.ring_ctx(
-        np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
-        np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
-        np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64), True)
+    arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
+              np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
+              np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))  # (kept: the context
+    ring = split_walk_jit.ring_ctx(*arrays, True)  # points into them)
     k = BlkKernel(-1)
     _jit.serve_at(ring, k.ctx, 0, 0, 0, -1, 0, False)
 

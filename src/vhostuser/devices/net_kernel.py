@@ -16,12 +16,16 @@ split rings while writes are not logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..virtq.split_kernel import available as walk_available
 from .net_frames import Frames
+from .net_offload import HDR_SIZE, MAX_GSO_FRAME
+
+Check = Callable[[bytes, bytes], "bytes | None"]  # (header, frame) -> its header, or None
 
 if TYPE_CHECKING:
     from ..engine.queue import DeviceQueue
@@ -62,10 +66,10 @@ def _warm() -> None:
     """Compile (or load from the cache) both kernels."""
     from ..virtq import split_walk_jit
 
-    ring = split_walk_jit.ring_ctx(
-        np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
-        np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
-        np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64), True)
+    arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
+              np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
+              np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))  # (kept: the context
+    ring = split_walk_jit.ring_ctx(*arrays, True)  # points into them)
     arena = _Arena(16, 1)
     _jit.take_at(ring, arena.ctx, 0, 0, 0, 12, 1514, False)
     _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.data, arena.offs,
@@ -79,7 +83,7 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
-        self.out = np.zeros(5, np.int64)  # net_serve_jit.py's CHAINS..DROPPED
+        self.out = np.zeros(6, np.int64)  # net_serve_jit.py's CHAINS..ASKED
         self.hdr = np.zeros(12, np.uint8)
         self.ctx: Any = None  # the receive kernel's (net_serve_jit.put_ctx)
 
@@ -109,21 +113,24 @@ class _Arena:
         self.data = np.zeros(size, np.uint8)
         self.offs = np.zeros(frames, np.int64)
         self.lens = np.zeros(frames, np.int64)
-        self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, _scratch.drops,
+        self.asks = np.zeros(frames, np.uint8)  # whether a frame asked for an offload
+        self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, _scratch.drops,
                                  _scratch.out)
 
 
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
-         offloads: bool = False) -> Frames | None:
+         check: Check | None = None) -> Frames | None:
     """The frames of up to `limit` chains of transmit queue `q`, their buffers completed
     (published at the next notify); none if it stopped before the first chain (the
     chain-by-chain path then takes that one, and reports it if it is broken); None if the
-    kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). With
-    `offloads` negotiated it also stops before a frame whose header asks for one. The
+    kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). `check`:
+    offloads are negotiated (F_CSUM), and this says what header a frame that asks for
+    one travels with (net_offload.check_tx), or None: dropped (it counted why). The
     frames stay valid until the port takes again."""
     max_frame = dev.max_frame()
+    offloads = check is not None
     arena: _Arena | None = dev.tx_arena
-    size = ARENA + dev.hdr_len + max_frame
+    size = ARENA + dev.hdr_len + (MAX_GSO_FRAME if offloads else max_frame)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
         arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
     sc = _scratch
@@ -142,10 +149,37 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     q.serve_split(serve, limit)
     if not ran:
         return None
-    _, _, kept, nbytes, _ = sc.results(c)
+    _, _, kept, nbytes, _, asked = sc.results(c)
     c.rx_packets += kept
     c.rx_bytes += nbytes
-    return Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
+    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
+    if asked:
+        assert check is not None  # (the kernel passes on such frames only then)
+        return _checked(frames, arena.asks[:kept], hl, c, check)
+    return frames
+
+
+def _checked(frames: Frames, asks: np.ndarray, hl: int, c: Counters,
+             check: Check) -> Frames:
+    """`frames` with the headers of those that asked for an offload (`asks`), as `check`
+    finds them (each frame and header read from the arena: the guest cannot change them
+    meanwhile); those it refuses left out."""
+    vnet = np.zeros((len(frames), HDR_SIZE), np.uint8)
+    keep: np.ndarray | None = None
+    data = frames.data
+    for i in np.flatnonzero(asks).tolist():
+        off, length = int(frames.offs[i]), int(frames.lens[i])
+        header = check(data[off - hl : off].tobytes(), data[off : off + length].tobytes())
+        if header is None:  # dropped (and counted)
+            if keep is None:
+                keep = np.ones(len(frames), bool)
+            keep[i] = False
+            c.rx_packets -= 1
+            c.rx_bytes -= length
+        else:
+            vnet[i] = np.frombuffer(header, np.uint8)
+    out = Frames(frames.data, frames.offs, frames.lens, vnet if vnet[:, :2].any() else None)
+    return out if keep is None else out.pick(keep)
 
 
 def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) -> int | None:
@@ -169,7 +203,7 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     q.serve_split(serve, q.ring.size)
     if not ran:
         return None
-    _, handled, delivered, nbytes, _ = sc.results(c)
+    _, handled, delivered, nbytes, _, _ = sc.results(c)
     c.tx_packets += delivered
     c.tx_bytes += nbytes
     return handled

@@ -16,6 +16,7 @@ walk on, kernels take and deliver whole bursts (net_kernel.py). Frames travel as
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,20 +75,19 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     guest at once (notified). Invalid frames are dropped and counted. The compiled kernel
     (net_kernel.py) takes what it can; bursts of one-descriptor chains take the numpy
     path; the loop below is the reference for both."""
+    n = min(q.available(), MAX_BURST)  # (an idle queue costs one look)
+    if not n:
+        return EMPTY
     offloads = dev.negotiated & F_CSUM  # (which every other transmit offload needs)
-    n = MAX_BURST
-    if net_kernel.available():  # (it looks at what is available itself)
+    if net_kernel.available():
         before = q.popped
-        taken = net_kernel.take(q, dev, c, n, bool(offloads))
+        check = functools.partial(_offload, q, dev, c) if offloads else None
+        taken = net_kernel.take(q, dev, c, n, check)
         if taken is not None:
             if q.popped != before:
                 q.notify()
                 return taken
-            if not offloads:  # it stopped before this chain: the loop below takes it
-                n = 1  # (with offloads, before a frame that asks for one: the rest too)
-    n = min(q.available(), n)
-    if not n:
-        return EMPTY
+            n = 1  # it stopped before this chain: the loop below takes it
     burst = q.pop_direct(n)
     if burst is not None:
         return _take_direct(q, burst, dev, c)

@@ -13,7 +13,7 @@ from numba import njit, types
 from ..virtq.prefetch_jit import prefetch, prefetch_write
 from ..virtq.split_walk_jit import ring_views, walk
 from ..virtq.views_jit import i64s, u8s
-from .net_offload import GSO_NONE, NEEDS_CSUM
+from .net_offload import GSO_NONE, MAX_GSO_FRAME, NEEDS_CSUM
 
 # void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
 # blk_serve_jit.py's preadv); every range is checked before it is called
@@ -29,8 +29,9 @@ LINE = np.uint64(64)
 
 # both kernels' results, in `out`: chains used, frames handled (taken or dropped), frames
 # passed on, their bytes, frames dropped
-CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED = range(5)
-NOUT = 5
+# (and for the transmit kernel, how many of those passed on asked for an offload)
+CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED, ASKED = range(6)
+NOUT = 6
 
 
 @njit(cache=True, nogil=True)
@@ -58,15 +59,18 @@ def _gather(bases: Any, segs: Any, first: int, count: int, limit: int, out: Any)
 def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
          used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any, offs: Any,
-         lens: Any, drops: Any, out: Any) -> None:
+         lens: Any, asks: Any, drops: Any, out: Any) -> None:
     """Take up to `n` transmitted chains from avail position `last`: each one frame behind
     a header of `hl` bytes. A chain's bytes are copied into `arena` (as far as a frame may
     go) and checked there; a valid frame stays (its offset and length into `offs`,
     `lens`), an invalid one is counted in `drops`; every chain's used element (written 0)
     goes to used ring slots from `used_at` on. Stops before the first chain the walk does
-    not take, before one the arena has no room left for, and (with `offloads`) before a
-    frame whose header asks for an offload (net_rings.py checks those). The heads taken are the
-    walk's, in `heads`; `out` says how many, and how many frames were kept."""
+    not take and before one the arena has no room left for. With `offloads` (F_CSUM
+    negotiated) a frame whose header asks for one (a checksum, segmentation: up to
+    MAX_GSO_FRAME bytes then) stays with its header in front of it and `asks` set for it:
+    net_rings.py checks that header against its frame (net_offload.check_tx). The heads
+    taken are the walk's, in `heads`; `out` says how many, and how many frames were
+    kept."""
     n = min(n, offs.shape[0])
     k = walk(desc, avail, last, n, size, indirect_ok, regions, bases, heads, meta, segs)
     cap = arena.shape[0]
@@ -75,6 +79,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     pos = 0
     m = 0
     nbytes = 0
+    nasked = 0
     for i in range(k):
         if i + AHEAD < k and meta[i + AHEAD, 1]:
             at = bases[segs[meta[i + AHEAD, 0], 0]] + np.uint64(segs[meta[i + AHEAD, 0], 1])
@@ -86,25 +91,27 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         if body < 0:
             drops[BAD_HEADER] += 1
         else:
-            copy = min(total, hl + max_frame)  # (an oversize frame: what shows it is one)
+            # as far as a frame may go (an oversize frame: what shows it is one)
+            copy = min(total, hl + (MAX_GSO_FRAME if offloads else max_frame))
             if pos + copy > cap:
                 k = i  # the arena is full: the rest at the next call
                 break
             _gather(bases, segs, first, nr, copy, base + pos)
-            if arena[pos] & NEEDS_CSUM or arena[pos + 1] != GSO_NONE:
-                if offloads:
-                    k = i
-                    break
+            gso = arena[pos + 1] != GSO_NONE
+            asked = (arena[pos] & NEEDS_CSUM) != 0 or gso
+            if asked and not offloads:
                 drops[BAD_HEADER] += 1
             elif body < ETH_HLEN:
                 drops[RUNT] += 1
-            elif body > max_frame:
+            elif body > (MAX_GSO_FRAME if gso else max_frame):
                 drops[OVERSIZE] += 1
             elif arena[pos + hl + 6] & 1:
                 drops[BAD_SOURCE] += 1
             else:
                 offs[m] = pos + hl
                 lens[m] = body
+                asks[m] = asked
+                nasked += asked
                 m += 1
                 nbytes += body
                 pos += total
@@ -116,6 +123,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[PASSED] = m
     out[PASSED_BYTES] = nbytes
     out[DROPPED] = drops.sum() - dropped
+    out[ASKED] = nasked
 
 
 @njit(cache=True, nogil=True)
@@ -256,26 +264,28 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[PASSED] = delivered
     out[PASSED_BYTES] = nbytes
     out[DROPPED] = drops.sum() - dropped
+    out[ASKED] = 0
 
 
 # What `take_at` and `put_at` are given besides a ring's context (split_walk_jit.py): the
 # addresses and lengths of the other arrays they use. A transmit context: the port's frame
 # array, offsets, lengths, and the drop counts and results; a receive one: the header, the
 # drop counts and results.
-DATA, DATA_LEN, OFFS, LENS, FRAMES_LEN, DROPS, OUT = range(7)
+DATA, DATA_LEN, OFFS, LENS, ASKS, FRAMES_LEN, DROPS, OUT = range(8)
 HDR = DATA
 
 
-def take_ctx(data: Any, offs: Any, lens: Any, drops: Any, out: Any) -> Any:
+def take_ctx(data: Any, offs: Any, lens: Any, asks: Any, drops: Any, out: Any) -> Any:
     """A transmit context (the caller keeps the arrays while it is used)."""
-    if not (data.dtype == np.uint8 and offs.dtype == lens.dtype == np.int64
-            and len(offs) == len(lens) and drops.dtype == out.dtype == np.int64
+    if not (data.dtype == asks.dtype == np.uint8 and offs.dtype == lens.dtype == np.int64
+            and len(offs) == len(lens) == len(asks) and drops.dtype == out.dtype == np.int64
             and len(drops) == NDROPS and len(out) == NOUT
             and all(a.flags.c_contiguous and a.ndim == 1
-                    for a in (data, offs, lens, drops, out))):
+                    for a in (data, offs, lens, asks, drops, out))):
         raise ValueError("not the arrays of a transmit context")
     return np.array([data.ctypes.data, len(data), offs.ctypes.data, lens.ctypes.data,
-                     len(offs), drops.ctypes.data, out.ctypes.data], np.uint64)
+                     asks.ctypes.data, len(offs), drops.ctypes.data, out.ctypes.data],
+                    np.uint64)
 
 
 def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
@@ -284,7 +294,7 @@ def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
             and len(drops) == NDROPS and len(out) == NOUT
             and all(a.flags.c_contiguous and a.ndim == 1 for a in (hdr, drops, out))):
         raise ValueError("not the arrays of a receive context")
-    return np.array([hdr.ctypes.data, 0, 0, 0, 0, drops.ctypes.data, out.ctypes.data],
+    return np.array([hdr.ctypes.data, 0, 0, 0, 0, 0, drops.ctypes.data, out.ctypes.data],
                     np.uint64)
 
 
@@ -296,8 +306,8 @@ def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_
     nf = port[FRAMES_LEN]
     take(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
          used_at, hl, max_frame, offloads, u8s(port[DATA], port[DATA_LEN]),
-         i64s(port[OFFS], nf), i64s(port[LENS], nf), i64s(port[DROPS], NDROPS),
-         i64s(port[OUT], NOUT))
+         i64s(port[OFFS], nf), i64s(port[LENS], nf), u8s(port[ASKS], nf),
+         i64s(port[DROPS], NDROPS), i64s(port[OUT], NOUT))
 
 
 @njit(cache=True, nogil=True)

@@ -38,7 +38,9 @@ class MacTable:
         self.expiry = np.zeros(1 << SLOTS_LOG2, np.float64)
         self.count = np.zeros(1, np.int64)  # an array: the kernel updates it in place
         self.multiplier = secrets.randbits(64) | 1
-        self.kernel_ctx: Any = None  # the compiled forwarding's view of it (route.py)
+        # the compiled forwarding's view of it (route.py): the arrays' addresses, and
+        # `multiplier` and `limit` copied (neither may change once it is made)
+        self.kernel_ctx: Any = None
 
     def home(self, key: int) -> int:
         """A key's first slot."""

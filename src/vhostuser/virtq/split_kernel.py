@@ -4,7 +4,7 @@ descriptor table, the avail ring and the guest memory regions.
 
 The kernel takes a chain only whole and only when it is ordinary: it stops *before* the
 first chain it does not take — any broken rule, a buffer that spans two regions, an
-indirect table not 8-byte aligned in its region — and the Python walk takes that chain
+indirect table not 8-byte aligned where it is mapped — and the Python walk takes that chain
 (raising its error, or handling the rare case). So every error message, and every case
 the kernel leaves out, has one place: split.py. The chain it hands back is made of the
 same views as the Python walk's.
@@ -86,8 +86,10 @@ def _compile() -> Any:
 
 class KernelWalk:
     """One split queue's arrays for the kernel (numpy views of its ring and of guest
-    memory), made when the queue starts; `None` from `for_queue` where the kernel cannot
-    serve it (a region not a multiple of 8 bytes, no regions)."""
+    memory) and their context (the kernels' one argument for all of them: views_jit.py),
+    made when the queue starts; `None` from `for_queue` where the kernel cannot serve it
+    (no regions, more than MAX_REGIONS, a read-only one, ring areas not aligned where
+    they are mapped)."""
 
     def __init__(self, q: SplitQueue) -> None:
         import numpy as np
@@ -104,8 +106,6 @@ class KernelWalk:
         self.mem8: Any = tuple(np.frombuffer(v[:n], dtype=np.uint8)
                                for v, n in zip(self.views, whole, strict=True))
         self.bases: Any = np.array([b.ctypes.data for b in self.mem8], dtype=np.uint64)
-        if any(int(b) % 8 for b in self.bases):  # the kernels read indirect tables as words
-            raise ValueError("guest memory mapped at an address not a multiple of 8")
         self.used: Any = np.frombuffer(q.used, dtype=np.uint32, count=1 + 2 * q.size)[1:]
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
         self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
@@ -133,7 +133,7 @@ class KernelWalk:
             return None
         try:
             return KernelWalk(q)
-        except ValueError as e:  # (a front-end may map memory at any byte offset)
+        except ValueError as e:  # ring arrays the kernels cannot take (not aligned)
             log.info("compiled chain walk not used: %s", e)
             return None
 

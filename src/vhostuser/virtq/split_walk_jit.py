@@ -78,11 +78,11 @@ def walk(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
                 r = find(regions, addr, length)
                 if r < 0:
                     return k
-                off = addr - regions[r, 0]
-                if off % EIGHT != ZERO:
+                at = bases[r] + (addr - regions[r, 0])  # where it is mapped here
+                if at % EIGHT != ZERO:  # (read as words below)
                     return k
                 tlen = np.int64(length >> S4)
-                table = u64s(bases[r] + off, 2 * tlen)  # inside the region: find said
+                table = u64s(at, 2 * tlen)  # inside the region: find said
                 in_indirect = True
                 i = np.int64(0)
                 seen = 0
@@ -131,8 +131,9 @@ def ring_ctx(desc: Any, avail: Any, used: Any, regions: Any, bases: Any, heads: 
     for a, dtype, shape in shapes:
         if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
             raise ValueError(f"a ring array is {a.dtype}{a.shape}, not {np.dtype(dtype)}{shape}")
-        if not a.flags.aligned:  # (compiled code may assume it)
-            raise ValueError(f"a ring array of {a.dtype} is not aligned in memory")
+        # (the views the kernels make from a context are typed aligned and writable)
+        if not a.flags.aligned or not a.flags.writeable:
+            raise ValueError(f"a ring array of {a.dtype} is not aligned and writable")
     ctx = np.zeros(12, np.uint64)
     for i, (a, _, _) in enumerate(shapes):
         ctx[i] = a.ctypes.data
