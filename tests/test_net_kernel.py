@@ -27,7 +27,7 @@ from fuzz_memory import TwoRegions, seed
 from vhostuser.devices import net_kernel
 from vhostuser.devices.net import F_MRG_RXBUF, NetPort
 from vhostuser.devices.net_frames import Frames
-from vhostuser.devices.net_offload import F_CSUM, MAX_GSO_FRAME, OFFLOADS, PLAIN
+from vhostuser.devices.net_offload import F_CSUM, OFFLOADS, PLAIN
 from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
@@ -75,9 +75,12 @@ class Rig(TwoRegions):
             struct.pack_into("<HH", hdr, 2, rng.randrange(128), rng.choice([0, 8, 48, 1448]))
         frame = bytearray(rng.randbytes(body))
         if offloads and rng.random() < 0.05:  # a TCP/IPv4 segmentation a port may take
-            frame = tcp4(rng, rng.choice([rng.randrange(2000), top, MAX_GSO_FRAME - 54,
-                                          MAX_GSO_FRAME - 53]))
-            hdr[:10] = struct.pack("<BBHHHH", 1, 1, 54, rng.choice([0, 48, 1448]), 34, 16)
+            vlan = rng.random() < 0.3
+            frame = tcp4(rng, rng.choice([rng.randrange(2000), top, 65535 - 40]), vlan)
+            if rng.random() < 0.1:
+                frame += b"\0"  # a byte past the packet (the largest, tagged: oversize)
+            hdr[:10] = struct.pack("<BBHHHH", 1, 1, 54 + 4 * vlan, rng.choice([0, 48, 1448]),
+                                   34 + 4 * vlan, 16)
             body = len(frame)
         if body > 6:
             frame[6] = frame[6] | 1 if rng.random() < 0.05 else frame[6] & 0xFE
@@ -126,14 +129,15 @@ class Rig(TwoRegions):
         return Frames.of([rng.randbytes(n) for n in lens])
 
 
-def tcp4(rng: random.Random, payload: int) -> bytearray:
-    """An Ethernet frame of one whole TCP/IPv4 packet (its IP length may be wrong: it is
-    16 bits) with `payload` bytes, from a unicast source."""
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, (40 + payload) & 0xFFFF, 1, 0, 64, 6, 0,
-                     bytes(4), bytes(4))
+def tcp4(rng: random.Random, payload: int, vlan: bool) -> bytearray:
+    """An Ethernet frame (VLAN-tagged or not) of one whole TCP/IPv4 packet with `payload`
+    bytes (65495 at most: MAX_GSO_FRAME with a tag), from a unicast source."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + payload, 1, 0, 64, 6, 0, bytes(4),
+                     bytes(4))
     tcp = struct.pack("!HHIIBBHHH", 1, 2, 3, 4, 5 << 4, rng.choice([0x10, 0x18, 0x90]),
                       1024, 0, 0)
-    return bytearray(bytes(MAC) + bytes([2, 0, 0, 0, 0, 2]) + b"\x08\x00" + ip + tcp
+    tag = b"\x81\x00\x00\x05" if vlan else b""
+    return bytearray(bytes(MAC) + bytes([2, 0, 0, 0, 0, 2]) + tag + b"\x08\x00" + ip + tcp
                      + rng.randbytes(payload))
 
 
@@ -172,6 +176,7 @@ def take_all(q: DeviceQueue, dev: NetPort, c: Counters) -> list[tuple[bytes, byt
 CASES = [  # (ring size, event_idx, features, MTU)
     (16, False, VirtioFeature.VERSION_1, 1500),
     (64, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF | OFFLOADS, 1500),  # frames may ask
+    (32, False, OFFLOADS, 1500),  # and with the 10-byte header
     (256, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF, 1500),
     (64, False, F_MRG_RXBUF, 9000),  # legacy with MRG: 12-byte header; bursts over 512 KiB
     (32, True, 0, 1500),  # the 10-byte header

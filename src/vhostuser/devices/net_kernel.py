@@ -130,7 +130,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     max_frame = dev.max_frame()
     offloads = check is not None
     arena: _Arena | None = dev.tx_arena
-    size = ARENA + dev.hdr_len + (MAX_GSO_FRAME if offloads else max_frame)
+    size = ARENA + dev.hdr_len + (max(MAX_GSO_FRAME, max_frame) if offloads else max_frame)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
         arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
     sc = _scratch

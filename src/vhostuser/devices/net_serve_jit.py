@@ -68,7 +68,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     not take and before one the arena has no room left for. With `offloads` (F_CSUM
     negotiated) a frame whose header asks for one (a checksum, segmentation: up to
     MAX_GSO_FRAME bytes then) stays with its header in front of it and `asks` set for it:
-    net_rings.py checks that header against its frame (net_offload.check_tx). The heads
+    net_kernel.py has that header checked against its frame (net_offload.check_tx). The heads
     taken are the walk's, in `heads`; `out` says how many, and how many frames were
     kept."""
     n = min(n, offs.shape[0])
@@ -92,7 +92,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             drops[BAD_HEADER] += 1
         else:
             # as far as a frame may go (an oversize frame: what shows it is one)
-            copy = min(total, hl + (MAX_GSO_FRAME if offloads else max_frame))
+            copy = min(total, hl + (max(MAX_GSO_FRAME, max_frame) if offloads else max_frame))
             if pos + copy > cap:
                 k = i  # the arena is full: the rest at the next call
                 break
