@@ -9,9 +9,10 @@ runts, frames at and past the MTU's limit, multicast sources, a writable buffer 
 frame, readable after writable, buffers in two regions, across them and outside memory,
 indirect tables. Receive: bursts of frames (some too long) into chains of one to three
 writable buffers of every size (so frames fit, spread with MRG_RXBUF, or do not fit), a
-readable buffer first, the same broken chains. Both with the 10- and 12-byte header, with
-and without MRG_RXBUF and event_idx, the 16-bit indices wrapping, MTUs where a burst does
-not fit the kernel's frame array. One port takes or delivers with the kernels, one
+readable buffer first, the same broken chains; with the offloads negotiated, frames with
+headers to go with them (or, one refused, frame by frame). Both with the 10- and 12-byte
+header, with and without MRG_RXBUF and event_idx, the 16-bit indices wrapping, MTUs where
+a burst does not fit the kernel's frame array. One port takes or delivers with the kernels, one
 without, from the same guest memory; the frames taken, the counters, guest memory (data,
 headers, used ring), the ring's indices and the queue's error must be equal. Set
 VHOSTUSER_FUZZ_SEED to replay; the seed is in the message."""
@@ -126,7 +127,21 @@ class Rig(TwoRegions):
         top = self.devs[0].max_frame()
         lens = [rng.choice([rng.randrange(14, top + 1)] * 8 + [60, top, top + 1, 1514])
                 for _ in range(rng.randrange(1, 2 * self.size))]
-        return Frames.of([rng.randbytes(n) for n in lens])
+        if not self.devs[0].negotiated & F_CSUM or rng.random() < 0.3:
+            return Frames.of([rng.randbytes(n) for n in lens])
+        # frames with headers, as a port that took them from its guest passes them on:
+        # checksums to finish, segmentations (up to MAX_GSO_FRAME), DATA_VALID, none;
+        # now and then one the port does not take as it is (then all go frame by frame)
+        rows = [PLAIN, struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 16), bytes([2]) + bytes(9),
+                struct.pack("<BBHHHH", 1, 1, 54, 1448, 34, 16),
+                struct.pack("<BBHHHH", 1, 4, 74, 1428, 54, 16),
+                struct.pack("<BBHHHH", 1, 0x81, 54, 1448, 34, 16)]
+        if rng.random() < 0.1:
+            rows.append(struct.pack("<BBHHHH", 1, 5, 54, 1448, 34, 16))  # unknown GSO type
+        headers = [rng.choice(rows) for _ in lens]
+        lens = [rng.choice([n, n, rng.randrange(top, 65554), 65553, 65554]) if h[1] else n
+                for n, h in zip(lens, headers, strict=True)]
+        return Frames.of([rng.randbytes(n) for n in lens], headers)
 
 
 def tcp4(rng: random.Random, payload: int, vlan: bool) -> bytearray:
@@ -189,7 +204,7 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     s = seed()
     rng = random.Random(s)
     rig = Rig(rng, size, event_idx, int(features), mtu)
-    counts = {"take": 0, "put": 0, "offloads": 0}
+    counts = {"take": 0, "put": 0, "offloads": 0, "offloads_put": 0}
     real_take, real_put = net_kernel.take, net_kernel.put
 
     def take(*args: object) -> Frames | None:
@@ -204,6 +219,8 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
         before = c.tx_packets  # type: ignore[attr-defined]
         done = real_put(*args)  # type: ignore[arg-type]
         counts["put"] += c.tx_packets - before  # type: ignore[attr-defined]
+        if args[3].vnet is not None:  # type: ignore[attr-defined]
+            counts["offloads_put"] += c.tx_packets - before  # type: ignore[attr-defined]
         return done
 
     total = {"take": 0, "put": 0}
@@ -247,5 +264,6 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     for kind in ("take", "put"):
         assert counts[kind] > total[kind] // 3, (
             f"seed {s}: the {kind} kernel handled few frames ({counts[kind]} of {total[kind]})")
-    if features & F_CSUM:  # the kernel took frames that ask for a checksum or segmentation
+    if features & F_CSUM:  # the kernels took and delivered frames with their headers
         assert counts["offloads"] > 20, f"seed {s}: {counts['offloads']} offload frames"
+        assert counts["offloads_put"] > 20, f"seed {s}: {counts['offloads_put']} delivered"

@@ -73,7 +73,7 @@ def _warm() -> None:
     arena = _Arena(16, 1)
     _jit.take_at(ring, arena.ctx, 0, 0, 0, 12, 1514, False)
     _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.data, arena.offs,
-                arena.lens)
+                arena.lens, _NO_VNET, False)
     _scratch.results(None)
 
 
@@ -83,7 +83,7 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
-        self.out = np.zeros(6, np.int64)  # net_serve_jit.py's CHAINS..ASKED
+        self.out = np.zeros(8, np.int64)  # net_serve_jit.py's CHAINS..TX_CSUM
         self.hdr = np.zeros(12, np.uint8)
         self.ctx: Any = None  # the receive kernel's (net_serve_jit.put_ctx)
 
@@ -103,6 +103,7 @@ class _Scratch:
 
 
 _scratch = _Scratch()
+_NO_VNET = np.zeros((0, HDR_SIZE), np.uint8)  # frames without headers (the kernels' type)
 
 
 class _Arena:
@@ -149,7 +150,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     q.serve_split(serve, limit)
     if not ran:
         return None
-    _, _, kept, nbytes, _, asked = sc.results(c)
+    _, _, kept, nbytes, _, asked, _, _ = sc.results(c)
     c.rx_packets += kept
     c.rx_bytes += nbytes
     frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
@@ -186,24 +187,32 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     """Deliver the leading frames of `frames` into receive queue `q` (published at the next
     notify), dropping and counting what does not fit; returns how many frames it handled
     (fewer than all: it stopped before a frame that needs a chain the compiled walk does
-    not take), None if the kernel cannot serve the queue now."""
+    not take), None if the kernel cannot serve the queue now. Frames with headers
+    (`frames.vnet`) go with them: the caller has made sure the port takes each as it is
+    (net_offload.accepts)."""
     hl = dev.hdr_len
     sc = _scratch
     ran = False
+    has_vnet = frames.vnet is not None
+    vnet = _NO_VNET if frames.vnet is None else np.ascontiguousarray(frames.vnet)
 
     def serve(ring: SplitQueue, n: int) -> np.ndarray:
         nonlocal ran
         w = ring.kernel
         assert w is not None and w.ctx is not None
         _jit.put_at(w.ctx, sc.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl, mrg,
-                    dev.max_frame(), frames.data, frames.offs, frames.lens)
+                    dev.max_frame(), frames.data, frames.offs, frames.lens, vnet, has_vnet)
         ran = True
         return w.heads[: sc.out[0]]
 
     q.serve_split(serve, q.ring.size)
     if not ran:
         return None
-    _, handled, delivered, nbytes, _, _ = sc.results(c)
+    _, handled, delivered, nbytes, _, _, gso, csum = sc.results(c)
     c.tx_packets += delivered
     c.tx_bytes += nbytes
+    if gso:
+        c.offloads["tx_gso"] += gso
+    if csum:
+        c.offloads["tx_csum"] += csum
     return handled

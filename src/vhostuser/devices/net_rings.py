@@ -203,7 +203,28 @@ def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> Non
 def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
     """`put_frames` for a burst where frames ask for offloads: each goes with its header
     if the port negotiated that offload, else finished in software (its checksum filled
-    in, or segmented); in burst order."""
+    in, or segmented); in burst order. Where the port takes every frame's header as it
+    is (the usual case: ports that negotiated the same offloads), the compiled kernel
+    delivers them with their headers; `_put_each` is the reference."""
+    assert frames.vnet is not None
+    if net_kernel.available():
+        kinds = np.unique(frames.vnet[:, 0].astype(np.uint16) << 8 | frames.vnet[:, 1])
+        if all(accepts(bytes([k >> 8, k & 0xFF]), dev.negotiated) for k in kinds.tolist()):
+            mrg = bool(dev.negotiated & F_MRG_RXBUF)
+            while len(frames):
+                done = net_kernel.put(q, dev, c, frames, mrg)
+                if done is None:  # it cannot serve the queue now: the loop below
+                    break
+                if done == len(frames):
+                    return
+                # it stopped before frame `done`: the loop takes that one, the kernel the rest
+                _put_each(q, dev, c, frames.pick(slice(done, done + 1)))
+                frames = frames.pick(slice(done + 1, None))
+    _put_each(q, dev, c, frames)
+
+
+def _put_each(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
+    """`_put_offloaded` frame by frame."""
     assert frames.vnet is not None
     mrg = bool(dev.negotiated & F_MRG_RXBUF)
     complete: list[bytes] = []  # complete frames waiting to go, in order

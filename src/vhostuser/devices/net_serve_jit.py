@@ -29,9 +29,11 @@ LINE = np.uint64(64)
 
 # both kernels' results, in `out`: chains used, frames handled (taken or dropped), frames
 # passed on, their bytes, frames dropped
-# (and for the transmit kernel, how many of those passed on asked for an offload)
-CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED, ASKED = range(6)
-NOUT = 6
+# (and for the transmit kernel, how many of those passed on asked for an offload; for the
+# receive kernel, how many of those delivered went with a GSO header, how many with a
+# checksum to finish)
+CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED, ASKED, TX_GSO, TX_CSUM = range(8)
+NOUT = 8
 
 
 @njit(cache=True, nogil=True)
@@ -174,13 +176,15 @@ def _walk_more(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok:
 def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
         used_at: int, hl: int, mrg: bool, max_frame: int, data: Any, offs: Any, lens: Any,
-        hdr: Any, drops: Any, out: Any) -> None:
+        vnet: Any, has_vnet: bool, hdr: Any, drops: Any, out: Any) -> None:
     """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the `n` chains
     available from avail position `last`, in order, frame by frame as `put_frames` does:
     each behind the header `hdr` (`hl` bytes; num_buffers, with `mrg` a frame spread over
     as many chains as it takes), its used element at the next used slot from `used_at`.
-    Stops before a frame that would need a chain the walk did not take (the chain-by-chain
-    path takes that frame on)."""
+    With `has_vnet`, frame f goes with the header vnet[f] (10 bytes, one the port takes
+    as it is: net_offload.accepts) and may be up to MAX_GSO_FRAME long if it is a GSO
+    frame. Stops before a frame that would need a chain the walk did not take (the
+    chain-by-chain path takes that frame on)."""
     # chains are walked as frames need them (a ring's worth of buffers waits there
     # usually, for far fewer frames): k walked so far; `stopped`: the walk left the next
     dropped = drops.sum()
@@ -192,12 +196,17 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     f = 0
     delivered = 0
     nbytes = 0
+    ngso = 0
+    ncsum = 0
     nframes = lens.shape[0]
+    if has_vnet:
+        nframes = min(nframes, vnet.shape[0])
     while f < nframes:
         length = lens[f]
         if offs[f] < 0 or length < 0 or offs[f] > data.shape[0] - length:
             break  # not a frame of `data`: the reference loop's (a bug, not a guest's)
-        if length > max_frame:
+        gso = has_vnet and vnet[f, 1] != GSO_NONE
+        if length > (MAX_GSO_FRAME if gso else max_frame):
             drops[OVERSIZE] += 1
             f += 1
             continue
@@ -218,6 +227,9 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             prefetch_write(at)
             prefetch_write(at + LINE)
         room = _total(segs, meta[c, 0] + meta[c, 1], meta[c, 2])
+        if has_vnet:
+            for j in range(10):
+                hdr[j] = vnet[f, j]
         if room >= need:
             if hl >= 12:
                 hdr[10] = 1
@@ -258,7 +270,15 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             continue
         delivered += 1
         nbytes += length
+        if gso:
+            ngso += 1
+        elif has_vnet and vnet[f, 0] & NEEDS_CSUM:
+            ncsum += 1
         f += 1
+    if has_vnet:
+        hdr[:10] = 0  # (the header of complete frames)
+    out[TX_GSO] = ngso
+    out[TX_CSUM] = ncsum
     out[CHAINS] = c
     out[FRAMES] = f
     out[PASSED] = delivered
@@ -312,9 +332,10 @@ def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_
 
 @njit(cache=True, nogil=True)
 def put_at(ring: Any, scratch: Any, last: int, n: int, used_at: int, hl: int, mrg: bool,
-           max_frame: int, data: Any, offs: Any, lens: Any) -> None:
+           max_frame: int, data: Any, offs: Any, lens: Any, vnet: Any,
+           has_vnet: bool) -> None:
     """`put` over a ring's context and a receive context."""
     desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
     put(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
-        used_at, hl, mrg, max_frame, data, offs, lens, u8s(scratch[HDR], 12),
+        used_at, hl, mrg, max_frame, data, offs, lens, vnet, has_vnet, u8s(scratch[HDR], 12),
         i64s(scratch[DROPS], NDROPS), i64s(scratch[OUT], NOUT))
