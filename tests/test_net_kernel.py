@@ -69,12 +69,19 @@ class Rig(TwoRegions):
         hdr = bytearray(hl)
         offloads = bool(self.devs[0].negotiated & F_CSUM)  # (then asking is common)
         if rng.random() < (0.3 if offloads else 0.02):
-            hdr[0] = 1  # NEEDS_CSUM
-            struct.pack_into("<HH", hdr, 6, rng.randrange(90), rng.randrange(40))
+            hdr[0] = rng.choice([1, 1, 3])  # NEEDS_CSUM (and DATA_VALID, which it clears)
+            start, offset = rng.choice([rng.randrange(90), 13, 14, 17, 18]), rng.randrange(40)
+            struct.pack_into("<HHHH", hdr, 2, rng.choice([0, 54]), rng.choice([0, 1448]),
+                             start, offset)  # (hdr_len, gso_size mean nothing without GSO:
+            # cleared), csum_start, csum_offset
+            if rng.random() < 0.3:  # the checksum at the frame's end, or just past it
+                body = max(14, start + offset + rng.choice([1, 2, 3]))
         if rng.random() < (0.1 if offloads else 0.02):
             hdr[1] = rng.choice([1, 3, 4, 0x80, 0x81, 5])
             struct.pack_into("<HH", hdr, 2, rng.randrange(128), rng.choice([0, 8, 48, 1448]))
         frame = bytearray(rng.randbytes(body))
+        if body >= 14 and rng.random() < 0.2:  # VLAN-tagged (the checksum's start is past it)
+            frame[12:14] = rng.choice([b"\x81\x00", b"\x88\xa8"])
         if offloads and rng.random() < 0.05:  # a TCP/IPv4 segmentation a port may take
             vlan = rng.random() < 0.3
             frame = tcp4(rng, rng.choice([rng.randrange(2000), top, 65535 - 40]), vlan)

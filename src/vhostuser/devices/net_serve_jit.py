@@ -24,6 +24,7 @@ ETH_HLEN = 14
 # indices of the drop counts both kernels add to (net_kernel.DROPS names them)
 BAD_HEADER, RUNT, OVERSIZE, BAD_SOURCE, NO_RX_BUFFER, RX_TOO_SMALL = range(6)
 NDROPS = 6
+ASKS, CHECKSUM = 1, 2  # `asks`: a frame's header to check, or one checked here
 AHEAD = 4  # chains ahead whose buffers are prefetched
 LINE = np.uint64(64)
 
@@ -58,6 +59,24 @@ def _gather(bases: Any, segs: Any, first: int, count: int, limit: int, out: Any)
 
 
 @njit(cache=True, nogil=True)
+def _checksum_ok(arena: Any, pos: int, hl: int, body: int) -> bool:
+    """Whether the header at arena[pos] asks for a checksum (no segmentation) that
+    net_offload.check_tx passes as it stands: start and offset inside the frame behind it
+    (`body` bytes), past its Ethernet header (and VLAN tag). If so, the header is made
+    the one check_tx returns: NEEDS_CSUM alone, the start and offset."""
+    start = np.int64(arena[pos + 6]) | np.int64(arena[pos + 7]) << 8
+    offset = np.int64(arena[pos + 8]) | np.int64(arena[pos + 9]) << 8
+    etype = np.int64(arena[pos + hl + 12]) << 8 | np.int64(arena[pos + hl + 13])
+    l2 = 18 if etype == 0x8100 or etype == 0x88A8 else 14
+    if start + offset + 2 > body or start < l2:
+        return False  # (check_tx says why)
+    arena[pos] = NEEDS_CSUM
+    for j in range(1, 6):  # no GSO, hdr_len, gso_size
+        arena[pos + j] = 0
+    return True
+
+
+@njit(cache=True, nogil=True)
 def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
          used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any, offs: Any,
@@ -70,7 +89,9 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     not take and before one the arena has no room left for. With `offloads` (F_CSUM
     negotiated) a frame whose header asks for one (a checksum, segmentation: up to
     MAX_GSO_FRAME bytes then) stays with its header in front of it and `asks` set for it:
-    net_kernel.py has that header checked against its frame (net_offload.check_tx). The heads
+    CHECKSUM where the kernel found the header good (a checksum alone, inside the frame:
+    the header is then made what net_offload.check_tx would make it), else ASKS:
+    net_kernel.py has that header checked against its frame (check_tx). The heads
     taken are the walk's, in `heads`; `out` says how many, and how many frames were
     kept."""
     n = min(n, offs.shape[0])
@@ -112,7 +133,9 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             else:
                 offs[m] = pos + hl
                 lens[m] = body
-                asks[m] = asked
+                asks[m] = ASKS if asked else 0
+                if asked and not gso and _checksum_ok(arena, pos, hl, body):
+                    asks[m] = CHECKSUM
                 nasked += asked
                 m += 1
                 nbytes += body
