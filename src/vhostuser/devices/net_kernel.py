@@ -83,7 +83,7 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
-        self.out = np.zeros(8, np.int64)  # net_serve_jit.py's CHAINS..TX_CSUM
+        self.out = np.zeros(9, np.int64)  # net_serve_jit.py's CHAINS..TX_CSUM
         self.hdr = np.zeros(12, np.uint8)
         self.ctx: Any = None  # the receive kernel's (net_serve_jit.put_ctx)
 
@@ -104,7 +104,6 @@ class _Scratch:
 
 _scratch = _Scratch()
 _NO_VNET = np.zeros((0, HDR_SIZE), np.uint8)  # frames without headers (the kernels' type)
-_HDR_BYTES = np.arange(HDR_SIZE)
 
 
 class _Arena:
@@ -115,9 +114,10 @@ class _Arena:
         self.data = np.zeros(size, np.uint8)
         self.offs = np.zeros(frames, np.int64)
         self.lens = np.zeros(frames, np.int64)
-        self.asks = np.zeros(frames, np.uint8)  # whether a frame asked for an offload
-        self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, _scratch.drops,
-                                 _scratch.out)
+        self.asks = np.zeros(frames, np.uint8)  # whether a frame's header is to be checked
+        self.vnet = np.zeros((frames, HDR_SIZE), np.uint8)  # each frame's header
+        self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, self.vnet,
+                                 _scratch.drops, _scratch.out)
 
 
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
@@ -151,10 +151,14 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     q.serve_split(serve, limit)
     if not ran:
         return None
-    _, _, kept, nbytes, _, asked, _, _ = sc.results(c)
+    _, _, kept, nbytes, _, asked, checked, _, _ = sc.results(c)
     c.rx_packets += kept
     c.rx_bytes += nbytes
-    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
+    if not asked and not checked:
+        return Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
+    if checked:
+        c.offloads["rx_csum"] += checked
+    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept], arena.vnet[:kept])
     if asked:
         assert check is not None  # (the kernel passes on such frames only then)
         return _checked(frames, arena.asks[:kept], hl, c, check)
@@ -163,17 +167,13 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
 
 def _checked(frames: Frames, asks: np.ndarray, hl: int, c: Counters,
              check: Check) -> Frames:
-    """`frames` with the headers of those that asked for an offload (`asks`): a checksum
-    the kernel found good (CHECKSUM: the header it left in front of the frame), or as
-    `check` finds them (ASKS: each frame and header read from the arena, where the guest
-    cannot change them meanwhile); those it refuses left out."""
-    vnet = np.zeros((len(frames), HDR_SIZE), np.uint8)
+    """`frames` (their headers as the kernel left them) with the headers it did not check
+    (ASKS) as `check` finds them (each frame and header read from the arena, where the
+    guest cannot change them meanwhile); those it refuses left out."""
+    vnet = frames.vnet
+    assert vnet is not None
     keep: np.ndarray | None = None
     data = frames.data
-    good = asks == _jit.CHECKSUM
-    if good.any():
-        vnet[good] = data[frames.offs[good, None] - hl + _HDR_BYTES]
-        c.offloads["rx_csum"] += int(np.count_nonzero(good))
     for i in np.flatnonzero(asks == _jit.ASKS).tolist():
         off, length = int(frames.offs[i]), int(frames.lens[i])
         header = check(data[off - hl : off].tobytes(), data[off : off + length].tobytes())
@@ -181,6 +181,7 @@ def _checked(frames: Frames, asks: np.ndarray, hl: int, c: Counters,
             if keep is None:
                 keep = np.ones(len(frames), bool)
             keep[i] = False
+            vnet[i] = 0  # (so that `vnet` says whether the frames kept ask for anything)
             c.rx_packets -= 1
             c.rx_bytes -= length
         else:
@@ -214,7 +215,7 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     q.serve_split(serve, q.ring.size)
     if not ran:
         return None
-    _, handled, delivered, nbytes, _, _, gso, csum = sc.results(c)
+    _, handled, delivered, nbytes, _, _, _, gso, csum = sc.results(c)
     c.tx_packets += delivered
     c.tx_bytes += nbytes
     if gso:

@@ -12,7 +12,7 @@ from numba import njit, types
 
 from ..virtq.prefetch_jit import prefetch, prefetch_write
 from ..virtq.split_walk_jit import ring_views, walk
-from ..virtq.views_jit import i64s, u8s
+from ..virtq.views_jit import i64s, u8_rows, u8s
 from .net_offload import GSO_NONE, MAX_GSO_FRAME, NEEDS_CSUM
 
 # void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
@@ -30,11 +30,11 @@ LINE = np.uint64(64)
 
 # both kernels' results, in `out`: chains used, frames handled (taken or dropped), frames
 # passed on, their bytes, frames dropped
-# (and for the transmit kernel, how many of those passed on asked for an offload; for the
-# receive kernel, how many of those delivered went with a GSO header, how many with a
-# checksum to finish)
-CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED, ASKED, TX_GSO, TX_CSUM = range(8)
-NOUT = 8
+# (and for the transmit kernel, how many of those passed on have a header to check, how
+# many one it checked; for the receive kernel, how many of those delivered went with a
+# GSO header, how many with a checksum to finish)
+CHAINS, FRAMES, PASSED, PASSED_BYTES, DROPPED, ASKED, CHECKED, TX_GSO, TX_CSUM = range(9)
+NOUT = 9
 
 
 @njit(cache=True, nogil=True)
@@ -80,7 +80,7 @@ def _checksum_ok(arena: Any, pos: int, hl: int, body: int) -> bool:
 def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
          used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any, offs: Any,
-         lens: Any, asks: Any, drops: Any, out: Any) -> None:
+         lens: Any, asks: Any, vnet: Any, drops: Any, out: Any) -> None:
     """Take up to `n` transmitted chains from avail position `last`: each one frame behind
     a header of `hl` bytes. A chain's bytes are copied into `arena` (as far as a frame may
     go) and checked there; a valid frame stays (its offset and length into `offs`,
@@ -91,7 +91,8 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     MAX_GSO_FRAME bytes then) stays with its header in front of it and `asks` set for it:
     CHECKSUM where the kernel found the header good (a checksum alone, inside the frame:
     the header is then made what net_offload.check_tx would make it), else ASKS:
-    net_kernel.py has that header checked against its frame (check_tx). The heads
+    net_kernel.py has that header checked against its frame (check_tx). Each frame kept
+    has its header in `vnet` (10 bytes: zeros where it asks for nothing). The heads
     taken are the walk's, in `heads`; `out` says how many, and how many frames were
     kept."""
     n = min(n, offs.shape[0])
@@ -103,6 +104,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     m = 0
     nbytes = 0
     nasked = 0
+    nchecked = 0
     for i in range(k):
         if i + AHEAD < k and meta[i + AHEAD, 1]:
             at = bases[segs[meta[i + AHEAD, 0], 0]] + np.uint64(segs[meta[i + AHEAD, 0], 1])
@@ -136,7 +138,11 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
                 asks[m] = ASKS if asked else 0
                 if asked and not gso and _checksum_ok(arena, pos, hl, body):
                     asks[m] = CHECKSUM
-                nasked += asked
+                    nchecked += 1
+                elif asked:
+                    nasked += 1
+                for j in range(10):
+                    vnet[m, j] = arena[pos + j] if asked else 0
                 m += 1
                 nbytes += body
                 pos += total
@@ -149,6 +155,7 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[PASSED_BYTES] = nbytes
     out[DROPPED] = drops.sum() - dropped
     out[ASKED] = nasked
+    out[CHECKED] = nchecked
 
 
 @njit(cache=True, nogil=True)
@@ -307,28 +314,31 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[PASSED] = delivered
     out[PASSED_BYTES] = nbytes
     out[DROPPED] = drops.sum() - dropped
-    out[ASKED] = 0
+
 
 
 # What `take_at` and `put_at` are given besides a ring's context (split_walk_jit.py): the
 # addresses and lengths of the other arrays they use. A transmit context: the port's frame
 # array, offsets, lengths, and the drop counts and results; a receive one: the header, the
 # drop counts and results.
-DATA, DATA_LEN, OFFS, LENS, ASKS, FRAMES_LEN, DROPS, OUT = range(8)
+DATA, DATA_LEN, OFFS, LENS, ASKS_AT, VNET, FRAMES_LEN, DROPS, OUT = range(9)
 HDR = DATA
 
 
-def take_ctx(data: Any, offs: Any, lens: Any, asks: Any, drops: Any, out: Any) -> Any:
+def take_ctx(data: Any, offs: Any, lens: Any, asks: Any, vnet: Any, drops: Any,
+             out: Any) -> Any:
     """A transmit context (the caller keeps the arrays while it is used)."""
-    if not (data.dtype == asks.dtype == np.uint8 and offs.dtype == lens.dtype == np.int64
-            and len(offs) == len(lens) == len(asks) and drops.dtype == out.dtype == np.int64
+    if not (data.dtype == asks.dtype == vnet.dtype == np.uint8
+            and offs.dtype == lens.dtype == np.int64
+            and len(offs) == len(lens) == len(asks) and vnet.shape == (len(offs), 10)
+            and drops.dtype == out.dtype == np.int64
             and len(drops) == NDROPS and len(out) == NOUT
-            and all(a.flags.c_contiguous and a.ndim == 1
-                    for a in (data, offs, lens, asks, drops, out))):
+            and all(a.flags.c_contiguous for a in (data, offs, lens, asks, vnet, drops, out))
+            and all(a.ndim == 1 for a in (data, offs, lens, asks, drops, out))):
         raise ValueError("not the arrays of a transmit context")
     return np.array([data.ctypes.data, len(data), offs.ctypes.data, lens.ctypes.data,
-                     asks.ctypes.data, len(offs), drops.ctypes.data, out.ctypes.data],
-                    np.uint64)
+                     asks.ctypes.data, vnet.ctypes.data, len(offs), drops.ctypes.data,
+                     out.ctypes.data], np.uint64)
 
 
 def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
@@ -337,7 +347,7 @@ def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
             and len(drops) == NDROPS and len(out) == NOUT
             and all(a.flags.c_contiguous and a.ndim == 1 for a in (hdr, drops, out))):
         raise ValueError("not the arrays of a receive context")
-    return np.array([hdr.ctypes.data, 0, 0, 0, 0, 0, drops.ctypes.data, out.ctypes.data],
+    return np.array([hdr.ctypes.data, 0, 0, 0, 0, 0, 0, drops.ctypes.data, out.ctypes.data],
                     np.uint64)
 
 
@@ -349,8 +359,8 @@ def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_
     nf = port[FRAMES_LEN]
     take(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
          used_at, hl, max_frame, offloads, u8s(port[DATA], port[DATA_LEN]),
-         i64s(port[OFFS], nf), i64s(port[LENS], nf), u8s(port[ASKS], nf),
-         i64s(port[DROPS], NDROPS), i64s(port[OUT], NOUT))
+         i64s(port[OFFS], nf), i64s(port[LENS], nf), u8s(port[ASKS_AT], nf),
+         u8_rows(port[VNET], nf, 10), i64s(port[DROPS], NDROPS), i64s(port[OUT], NOUT))
 
 
 @njit(cache=True, nogil=True)

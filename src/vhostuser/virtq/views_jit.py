@@ -63,6 +63,11 @@ def u64_rows(addr: Any, n: Any, width: int) -> Any:
 
 
 @njit(cache=True, nogil=True, inline="always")
+def u8_rows(addr: Any, n: Any, width: int) -> Any:
+    return carray(_pointer(np.uintp(addr)), (np.intp(n), width), np.uint8)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def i64_rows(addr: Any, n: Any, width: int) -> Any:
     return carray(_pointer(np.uintp(addr)), (np.intp(n), width), np.int64)
 
