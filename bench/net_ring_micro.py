@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--csum", action="store_true", help="frames ask for checksum offload")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.csum and args.size < 42:
+        ap.error("--csum needs frames of 42 bytes at least (a UDP/IPv4 header)")
     qsize = max(256, args.batch)
     ram_a, ram_b = GuestRam(64 << 20), GuestRam(64 << 20)
     a, (_, a_tx) = port("a", 1, ram_a, qsize, args.csum)

@@ -25,10 +25,17 @@ import struct
 import pytest
 from fuzz_memory import TwoRegions, seed
 
-from vhostuser.devices import net_kernel
+from vhostuser.devices import net_kernel, net_serve_jit
 from vhostuser.devices.net import F_MRG_RXBUF, NetPort
 from vhostuser.devices.net_frames import Frames
-from vhostuser.devices.net_offload import F_CSUM, OFFLOADS, PLAIN
+from vhostuser.devices.net_offload import (
+    F_CSUM,
+    F_GUEST_CSUM,
+    F_HOST_TSO4,
+    F_HOST_TSO6,
+    OFFLOADS,
+    PLAIN,
+)
 from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
@@ -70,7 +77,9 @@ class Rig(TwoRegions):
         offloads = bool(self.devs[0].negotiated & F_CSUM)  # (then asking is common)
         if rng.random() < (0.3 if offloads else 0.02):
             hdr[0] = rng.choice([1, 1, 3])  # NEEDS_CSUM (and DATA_VALID, which it clears)
-            start, offset = rng.choice([rng.randrange(90), 13, 14, 17, 18]), rng.randrange(40)
+            start = rng.choice([rng.randrange(90), 13, 14, 17, 18, 0x100 + rng.randrange(40),
+                                0xFFFF])
+            offset = rng.choice([rng.randrange(40)] * 4 + [0x100 + rng.randrange(8), 0xFFFF])
             struct.pack_into("<HHHH", hdr, 2, rng.choice([0, 54]), rng.choice([0, 1448]),
                              start, offset)  # (hdr_len, gso_size mean nothing without GSO:
             # cleared), csum_start, csum_offset
@@ -199,6 +208,8 @@ CASES = [  # (ring size, event_idx, features, MTU)
     (16, False, VirtioFeature.VERSION_1, 1500),
     (64, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF | OFFLOADS, 1500),  # frames may ask
     (32, False, OFFLOADS, 1500),  # and with the 10-byte header
+    (64, False, VirtioFeature.VERSION_1 | F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_HOST_TSO6,
+     1500),  # segmentations taken, but not delivered as they are (finished frame by frame)
     (256, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF, 1500),
     (64, False, F_MRG_RXBUF, 9000),  # legacy with MRG: 12-byte header; bursts over 512 KiB
     (32, True, 0, 1500),  # the 10-byte header
@@ -211,7 +222,7 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     s = seed()
     rng = random.Random(s)
     rig = Rig(rng, size, event_idx, int(features), mtu)
-    counts = {"take": 0, "put": 0, "offloads": 0, "offloads_put": 0}
+    counts = {"take": 0, "put": 0, "offloads": 0, "offloads_put": 0, "checked": 0}
     real_take, real_put = net_kernel.take, net_kernel.put
 
     def take(*args: object) -> Frames | None:
@@ -219,6 +230,7 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
         counts["take"] += len(out) if out is not None else 0
         if out is not None and out.vnet is not None:  # frames that go with their header
             counts["offloads"] += int(out.vnet[:, :2].any(axis=1).sum())
+            counts["checked"] += int(net_kernel._scratch.out[net_serve_jit.CHECKED])
         return out
 
     def put(*args: object) -> int | None:
@@ -271,6 +283,8 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     for kind in ("take", "put"):
         assert counts[kind] > total[kind] // 3, (
             f"seed {s}: the {kind} kernel handled few frames ({counts[kind]} of {total[kind]})")
-    if features & F_CSUM:  # the kernels took and delivered frames with their headers
+    if features & F_CSUM:  # the transmit kernel took (and checked) frames with headers
         assert counts["offloads"] > 20, f"seed {s}: {counts['offloads']} offload frames"
+        assert counts["checked"] > 5, f"seed {s}: the kernel checked {counts['checked']}"
+    if features & OFFLOADS == OFFLOADS:  # (where the port takes every header as it is)
         assert counts["offloads_put"] > 20, f"seed {s}: {counts['offloads_put']} delivered"

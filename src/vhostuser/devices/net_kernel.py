@@ -83,11 +83,13 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
-        self.out = np.zeros(9, np.int64)  # net_serve_jit.py's CHAINS..TX_CSUM
+        self.out = np.zeros(0, np.int64)  # net_serve_jit.py's CHAINS..TX_CSUM (`made`)
         self.hdr = np.zeros(12, np.uint8)
         self.ctx: Any = None  # the receive kernel's (net_serve_jit.put_ctx)
 
     def made(self) -> None:
+        """The kernels are loaded: their outputs and context."""
+        self.out = np.zeros(_jit.NOUT, np.int64)
         self.ctx = _jit.put_ctx(self.hdr, self.drops, self.out)
 
     def results(self, c: Counters | None) -> list[int]:
@@ -107,14 +109,15 @@ _NO_VNET = np.zeros((0, HDR_SIZE), np.uint8)  # frames without headers (the kern
 
 
 class _Arena:
-    """A port's transmit frame array and its offsets and lengths (a ring's worth), and
-    the transmit kernel's context over them."""
+    """A port's transmit frame array, its frames' offsets, lengths and headers (a ring's
+    worth), and the transmit kernel's context over them."""
 
     def __init__(self, size: int, frames: int) -> None:
         self.data = np.zeros(size, np.uint8)
         self.offs = np.zeros(frames, np.int64)
         self.lens = np.zeros(frames, np.int64)
-        self.asks = np.zeros(frames, np.uint8)  # whether a frame's header is to be checked
+        self.asks = np.zeros(frames, np.uint8)  # 0, or a frame's header is net_serve_jit's
+        # ASKS (to check) or CHECKSUM (checked)
         self.vnet = np.zeros((frames, HDR_SIZE), np.uint8)  # each frame's header
         self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, self.vnet,
                                  _scratch.drops, _scratch.out)

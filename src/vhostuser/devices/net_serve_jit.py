@@ -316,11 +316,10 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[DROPPED] = drops.sum() - dropped
 
 
-
 # What `take_at` and `put_at` are given besides a ring's context (split_walk_jit.py): the
 # addresses and lengths of the other arrays they use. A transmit context: the port's frame
-# array, offsets, lengths, and the drop counts and results; a receive one: the header, the
-# drop counts and results.
+# array, offsets, lengths, `asks`, header rows, and the drop counts and results; a receive
+# one: the header, the drop counts and results.
 DATA, DATA_LEN, OFFS, LENS, ASKS_AT, VNET, FRAMES_LEN, DROPS, OUT = range(9)
 HDR = DATA
 
