@@ -96,9 +96,10 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     frames, headers = [], []
     for chain in chains:
         r = chain.readable
-        buf = r[0] if len(r) == 1 else b"".join(r)
+        buf = bytes(r[0]) if len(r) == 1 else b"".join(r)  # a copy: every check is on
+        # what is passed on, whatever the guest writes meanwhile
         size = len(buf) - hl
-        hdr = bytes(buf[:hl])  # read once: the guest may change it meanwhile
+        hdr = buf[:hl]
         if size < 0 or (not offloads and not tx_header_ok(hdr)):
             c.drops["bad_header"] += 1
         elif size < 14:
@@ -108,7 +109,7 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
         elif buf[hl + 6] & 1:
             c.drops["bad_source_mac"] += 1
         else:
-            frame = bytes(buf[hl:])
+            frame = buf[hl:]
             vnet = PLAIN
             if offloads and (hdr[0] & NEEDS_CSUM or hdr[1] != GSO_NONE):
                 checked = _offload(q, dev, c, hdr, frame)
@@ -146,7 +147,9 @@ def _offload(q: DeviceQueue, dev: NetPort, c: Counters, hdr: bytes,
 def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> Frames:
     """`take_frames` for a burst of one-descriptor chains: the same checks, as array
     operations over the whole burst; then one copy per valid frame (and a look at each
-    header that asks for an offload)."""
+    header that asks for an offload). The source address is checked on the copy (the
+    guest may write its buffers meanwhile: what is passed on is what was checked); a
+    header that asks, `_offload` reads once and checks against the copy."""
     u8 = b.u8
     hl, max_frame = dev.hdr_len, dev.max_frame()
     offloads = bool(dev.negotiated & F_CSUM)
@@ -160,10 +163,7 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
     limit = np.where(gso, MAX_GSO_FRAME, max_frame) if offloads else max_frame
     over = ~bad & ~runt & (size > limit)
     ok = ~(bad | runt | over)
-    src_mc = ok & (u8[np.where(ok, b.offsets + hl + 6, 0)] & 1 != 0)
-    ok &= ~src_mc
-    for reason, mask in (("bad_header", bad), ("runt", runt), ("oversize", over),
-                         ("bad_source_mac", src_mc)):
+    for reason, mask in (("bad_header", bad), ("runt", runt), ("oversize", over)):
         k = int(np.count_nonzero(mask))
         if k:
             c.drops[reason] += k
@@ -172,10 +172,18 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
     frames = [bytes(view[s:e]) for s, e in zip(starts.tolist(),
                                                (b.offsets + b.lengths)[ok].tolist(),
                                                strict=True)]
+    asked_ok = asks[ok].tolist()
+    starts_ok = starts.tolist()
+    if any(f[6] & 1 for f in frames):  # from a multicast source: never a station
+        kept_i = [i for i, f in enumerate(frames) if not f[6] & 1]
+        c.drops["bad_source_mac"] += len(frames) - len(kept_i)
+        frames = [frames[i] for i in kept_i]
+        asked_ok = [asked_ok[i] for i in kept_i]
+        starts_ok = [starts_ok[i] for i in kept_i]
     headers = None
-    if offloads and asks[ok].any():
+    if offloads and any(asked_ok):
         headers, kept = [], []
-        for frame, s, asked in zip(frames, starts.tolist(), asks[ok].tolist(), strict=True):
+        for frame, s, asked in zip(frames, starts_ok, asked_ok, strict=True):
             vnet = PLAIN
             if asked:
                 checked = _offload(q, dev, c, bytes(view[s - hl : s]), frame)
@@ -186,7 +194,7 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
             headers.append(vnet)
         frames = kept
     c.rx_packets += len(frames)
-    c.rx_bytes += sum(map(len, frames)) if headers is not None else int(size[ok].sum())
+    c.rx_bytes += sum(map(len, frames))
     q.complete_burst(b.heads)
     return Frames.of(frames, headers)
 
