@@ -1,12 +1,16 @@
 """virtio-net bursts served by compiled kernels (net_serve_jit.py), a burst per call:
 
 - transmit: every chain walked (the compiled split walk), its header and frame checked,
-  the frame copied into the port's frame array, its used element written;
+  the frame copied into the port's frame array, its used element written; with offloads
+  negotiated a header that asks for a checksum is checked there too, one that asks for
+  segmentation (or that it finds wrong) by net_offload.check_tx (`_checked`);
 - receive: frames copied from a `Frames` array into the guests' buffers behind their
-  header, spread over several chains with MRG_RXBUF, used elements written.
+  header (each frame's own, where they carry one the port takes), spread over several
+  chains with MRG_RXBUF, used elements written.
 
-No Python per frame. The used index, barriers and the notification stay the engine's
-(`DeviceQueue.serve_split`); the counters stay net_rings.py's `Counters`. The kernels stop
+No Python per frame but for those segmentation headers. The used index, barriers and
+the notification stay the engine's (`DeviceQueue.serve_split`); the counters stay
+net_rings.py's `Counters`. The kernels stop
 before a chain the compiled walk does not take (it stops before anything unusual), and
 net_rings.py's frame-by-frame loops — the reference — take it on, with their error
 messages. Used only where the compiled walk is on (VHOSTUSER_JIT=1, split_kernel.py), on
