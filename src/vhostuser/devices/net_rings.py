@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -218,17 +219,28 @@ def _put_offloaded(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) ->
     if net_kernel.available():
         kinds = _kinds(frames.vnet)
         if all(accepts(bytes([k >> 8, k & 0xFF]), dev.negotiated) for k in kinds):
-            mrg = bool(dev.negotiated & F_MRG_RXBUF)
-            while len(frames):
-                done = net_kernel.put(q, dev, c, frames, mrg)
-                if done is None:  # it cannot serve the queue now: the loop below
-                    break
-                if done == len(frames):
-                    return
-                # it stopped before frame `done`: the loop takes that one, the kernel the rest
-                _put_each(q, dev, c, frames.pick(slice(done, done + 1)))
-                frames = frames.pick(slice(done + 1, None))
+            left = _put_compiled(q, dev, c, frames, lambda one: _put_each(q, dev, c, one))
+            if left is None:
+                return
+            frames = left
     _put_each(q, dev, c, frames)
+
+
+def _put_compiled(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames,
+                  reference: Callable[[Frames], object]) -> Frames | None:
+    """The compiled kernel delivers `frames` in turns with `reference`, which delivers
+    each frame it stops before. Returns None once all are delivered, or the frames left
+    when it cannot serve the queue now (for the caller's other paths)."""
+    mrg = bool(dev.negotiated & F_MRG_RXBUF)
+    while len(frames):
+        done = net_kernel.put(q, dev, c, frames, mrg)
+        if done is None:
+            return frames
+        if done == len(frames):
+            break
+        reference(frames.pick(slice(done, done + 1)))
+        frames = frames.pick(slice(done + 1, None))
+    return None
 
 
 def _kinds(vnet: np.ndarray) -> list[int]:
@@ -285,16 +297,11 @@ def _put_complete(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> 
     mrg = bool(dev.negotiated & F_MRG_RXBUF)
     max_frame = dev.max_frame()
     if net_kernel.available():  # (it looks at what is available itself)
-        while len(frames):
-            done = net_kernel.put(q, dev, c, frames, mrg)
-            if done is None:  # it cannot serve the queue now: the paths below
-                break
-            if done == len(frames):
-                return
-            # it stopped before frame `done`: the loop takes that one, the kernel the rest
-            _put_one(q, dev, c, frames[done], q.available(), rx_header(dev.hdr_len, 1), mrg,
-                     max_frame)
-            frames = frames.pick(slice(done + 1, None))
+        left = _put_compiled(q, dev, c, frames, lambda one: _put_one(
+            q, dev, c, one[0], q.available(), rx_header(dev.hdr_len, 1), mrg, max_frame))
+        if left is None:
+            return
+        frames = left
     hdr1 = rx_header(dev.hdr_len, 1)
     avail = q.available()
     if not avail:  # no buffer at all: every frame dropped (counted as the loop would)
