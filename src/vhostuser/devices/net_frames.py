@@ -19,18 +19,32 @@ import numpy as np
 
 _ADDRS = np.arange(12)
 
+# A burst's context for the compiled kernels (virtq/views_jit.py): the addresses of its
+# arrays and the data's length. Frame count and whether headers are there go with it.
+FX_DATA, FX_DATA_LEN, FX_OFFS, FX_LENS, FX_VNET = range(5)
+
+
+def frames_ctx(data: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+               vnet: np.ndarray | None) -> np.ndarray:
+    """The context of these arrays (C-contiguous: uint8, int64, int64, (n, 10) uint8); the
+    caller keeps them while it is used."""
+    return np.array([data.ctypes.data, len(data), offs.ctypes.data, lens.ctypes.data,
+                     0 if vnet is None else vnet.ctypes.data], np.uint64)
+
 
 class Frames:
     """Frame i is `data[offs[i] : offs[i] + lens[i]]`, its header `vnet[i]` if any."""
 
-    __slots__ = ("data", "lens", "offs", "vnet")
+    __slots__ = ("_ctx", "data", "lens", "offs", "vnet")
 
     def __init__(self, data: np.ndarray, offs: np.ndarray, lens: np.ndarray,
-                 vnet: np.ndarray | None = None) -> None:
+                 vnet: np.ndarray | None = None, ctx: np.ndarray | None = None) -> None:
         self.data = data  # uint8
         self.offs = offs  # int64
         self.lens = lens  # int64
         self.vnet = vnet  # (n, 10) uint8, or None: every frame complete
+        self._ctx = ctx  # `kernel_ctx`, if made: a port's arena makes it once for its
+        # frames (whose offs, lens and vnet start where the arena's do)
 
     @classmethod
     def of(cls, frames: Iterable[bytes], headers: list[bytes] | None = None) -> Frames:
@@ -62,6 +76,18 @@ class Frames:
         """The frames at indices (or where a boolean mask is true), in that order."""
         return Frames(self.data, self.offs[which], self.lens[which],
                       None if self.vnet is None else self.vnet[which])
+
+    def kernel_ctx(self) -> np.ndarray:
+        """The burst's context for the compiled kernels (`frames_ctx`), made on first use:
+        its arrays are made C-contiguous first, and kept by this object."""
+        if self._ctx is None:
+            self.data = np.ascontiguousarray(self.data, np.uint8)
+            self.offs = np.ascontiguousarray(self.offs, np.int64)
+            self.lens = np.ascontiguousarray(self.lens, np.int64)
+            if self.vnet is not None:
+                self.vnet = np.ascontiguousarray(self.vnet, np.uint8)
+            self._ctx = frames_ctx(self.data, self.offs, self.lens, self.vnet)
+        return self._ctx
 
     def addresses(self) -> np.ndarray:
         """Each frame's destination and source MAC: an (n, 12) uint8 array (every frame a

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..virtq.split_kernel import available as walk_available
-from .net_frames import Frames
+from .net_frames import Frames, frames_ctx
 from .net_offload import HDR_SIZE, MAX_GSO_FRAME
 
 Check = Callable[[bytes, bytes], "bytes | None"]  # (header, frame) -> its header, or None
@@ -76,8 +76,7 @@ def _warm() -> None:
     ring = split_walk_jit.ring_ctx(*arrays, True)  # points into them)
     arena = _Arena(16, 1)
     _jit.take_at(ring, arena.ctx, 0, 0, 0, 12, 1514, False)
-    _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.data, arena.offs,
-                arena.lens, _NO_VNET, False)
+    _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.fx, 0, False)
     _scratch.results(None)
 
 
@@ -109,7 +108,6 @@ class _Scratch:
 
 
 _scratch = _Scratch()
-_NO_VNET = np.zeros((0, HDR_SIZE), np.uint8)  # frames without headers (the kernels' type)
 
 
 class _Arena:
@@ -125,6 +123,7 @@ class _Arena:
         self.vnet = np.zeros((frames, HDR_SIZE), np.uint8)  # each frame's header
         self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, self.vnet,
                                  _scratch.drops, _scratch.out)
+        self.fx = frames_ctx(self.data, self.offs, self.lens, self.vnet)  # its frames'
 
 
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
@@ -162,10 +161,11 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     c.rx_packets += kept
     c.rx_bytes += nbytes
     if not asked and not checked:
-        return Frames(arena.data, arena.offs[:kept], arena.lens[:kept])
+        return Frames(arena.data, arena.offs[:kept], arena.lens[:kept], ctx=arena.fx)
     if checked:
         c.offloads["rx_csum"] += checked
-    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept], arena.vnet[:kept])
+    frames = Frames(arena.data, arena.offs[:kept], arena.lens[:kept], arena.vnet[:kept],
+                    arena.fx)
     if asked:
         assert check is not None  # (the kernel passes on such frames only then)
         return _checked(frames, arena.asks[:kept], hl, c, check)
@@ -207,15 +207,18 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     hl = dev.hdr_len
     sc = _scratch
     ran = False
+    fx = frames.kernel_ctx()
+    nframes = min(len(frames.offs), len(frames.lens))
     has_vnet = frames.vnet is not None
-    vnet = _NO_VNET if frames.vnet is None else np.ascontiguousarray(frames.vnet)
+    if frames.vnet is not None:
+        nframes = min(nframes, len(frames.vnet))
 
     def serve(ring: SplitQueue, n: int) -> np.ndarray:
         nonlocal ran
         w = ring.kernel
         assert w is not None and w.ctx is not None
         _jit.put_at(w.ctx, sc.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl, mrg,
-                    dev.max_frame(), frames.data, frames.offs, frames.lens, vnet, has_vnet)
+                    dev.max_frame(), fx, nframes, has_vnet)
         ran = True
         return w.heads[: sc.out[0]]
 

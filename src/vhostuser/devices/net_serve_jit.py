@@ -13,6 +13,7 @@ from numba import njit, types
 from ..virtq.prefetch_jit import prefetch, prefetch_write
 from ..virtq.split_walk_jit import ring_views, walk
 from ..virtq.views_jit import i64s, u8_rows, u8s
+from .net_frames import FX_DATA, FX_DATA_LEN, FX_LENS, FX_OFFS, FX_VNET
 from .net_offload import GSO_NONE, MAX_GSO_FRAME, NEEDS_CSUM
 
 # void *memcpy(void *dest, const void *src, size_t n): addresses as integers (as for
@@ -364,10 +365,12 @@ def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_
 
 @njit(cache=True, nogil=True)
 def put_at(ring: Any, scratch: Any, last: int, n: int, used_at: int, hl: int, mrg: bool,
-           max_frame: int, data: Any, offs: Any, lens: Any, vnet: Any,
-           has_vnet: bool) -> None:
-    """`put` over a ring's context and a receive context."""
+           max_frame: int, fx: Any, nframes: int, has_vnet: bool) -> None:
+    """`put` over a ring's context, a receive context and the context of `nframes` frames
+    (net_frames.py's; their headers with `has_vnet`)."""
     desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
     put(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
-        used_at, hl, mrg, max_frame, data, offs, lens, vnet, has_vnet, u8s(scratch[HDR], 12),
-        i64s(scratch[DROPS], NDROPS), i64s(scratch[OUT], NOUT))
+        used_at, hl, mrg, max_frame, u8s(fx[FX_DATA], fx[FX_DATA_LEN]),
+        i64s(fx[FX_OFFS], nframes), i64s(fx[FX_LENS], nframes),
+        u8_rows(fx[FX_VNET], nframes if has_vnet else 0, 10), has_vnet,
+        u8s(scratch[HDR], 12), i64s(scratch[DROPS], NDROPS), i64s(scratch[OUT], NOUT))

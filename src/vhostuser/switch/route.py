@@ -44,12 +44,19 @@ def route(frames: Frames, table: MacTable, ingress: int, now: float,
           until: float) -> tuple[np.ndarray, int, int]:
     """Each frame's destination: a port's index, FLOOD, HAIRPIN or SHORT (sources learned
     at `ingress` until `until`); how many are HAIRPIN; the destination all share, or
-    MIXED."""
+    MIXED. The destinations are valid until the next call."""
+    global _dest, _dest_at
     n = min(len(frames.offs), len(frames.lens))
-    dest = np.empty(n, np.int32)
+    if len(_dest) < n:
+        _dest = np.empty(max(n, 2 * len(_dest)), np.int32)
+        _dest_at = _dest.ctypes.data
     if table.kernel_ctx is None:  # (made once: the table keeps its arrays)
         table.kernel_ctx = _jit.table_ctx(table.keys, table.ports, table.expiry, table.count,
                                           table.multiplier, table.limit)
-    hairpins, common = _jit.route_at(table.kernel_ctx, frames.data, frames.offs, frames.lens,
-                                     ingress, now, until, dest)
-    return dest, hairpins, common
+    hairpins, common = _jit.route_at(table.kernel_ctx, frames.kernel_ctx(), n, _dest_at,
+                                     ingress, now, until)
+    return _dest[:n], hairpins, common
+
+
+_dest = np.empty(1024, np.int32)  # the destinations (one thread: the switch's loop)
+_dest_at: int = _dest.ctypes.data

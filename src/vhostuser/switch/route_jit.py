@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from ..virtq.views_jit import f64s, i32s, i64s, u64s
+from ..devices.net_frames import FX_DATA, FX_DATA_LEN, FX_LENS, FX_OFFS
+from ..virtq.views_jit import f64s, i32s, i64s, u8s, u64s
 from .mac_table import PRESENT, SLOTS_LOG2
 
 SHIFT = np.uint64(64 - SLOTS_LOG2)
@@ -121,10 +122,12 @@ def table_ctx(keys: Any, ports: Any, expiry: Any, count: Any, multiplier: int,
 
 
 @njit(cache=True, nogil=True)
-def route_at(table: Any, data: Any, offs: Any, lens: Any, ingress: int, now: float,
-             until: float, dest: Any) -> tuple[int, int]:
-    """`route` over a table's context."""
+def route_at(table: Any, fx: Any, nframes: int, dest_at: int, ingress: int, now: float,
+             until: float) -> tuple[int, int]:
+    """`route` over a table's context, the context of `nframes` frames (net_frames.py's)
+    and the address of `dest` (room for `nframes`)."""
     n = table[SLOTS]
-    return route(data, offs, lens, u64s(table[KEYS], n), i32s(table[PORTS], n),
+    return route(u8s(fx[FX_DATA], fx[FX_DATA_LEN]), i64s(fx[FX_OFFS], nframes),
+                 i64s(fx[FX_LENS], nframes), u64s(table[KEYS], n), i32s(table[PORTS], n),
                  f64s(table[EXPIRY], n), i64s(table[COUNT], 1), table[MULTIPLIER],
-                 np.int64(table[LIMIT]), ingress, now, until, dest)
+                 np.int64(table[LIMIT]), ingress, now, until, i32s(dest_at, nframes))
