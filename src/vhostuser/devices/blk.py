@@ -243,8 +243,8 @@ class BlkQueue(InOrderService):
         return self.shared[1]  # follows a resize
 
     def kicked(self, q: DeviceQueue) -> None:
-        if self.kernel is None:
-            super().kicked(q)  # every available chain
+        if self.kernel is None or not q.compiled():
+            super().kicked(q)  # every available chain, the Python way
             return
         # The kernel serves what it can, this class the one request it stopped before, in
         # turns, up to PUBLISH_EVERY: `run_queue` publishes them (and notifies) before it

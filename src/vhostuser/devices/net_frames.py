@@ -44,7 +44,8 @@ class Frames:
         self.lens = lens  # int64
         self.vnet = vnet  # (n, 10) uint8, or None: every frame complete
         self._ctx = ctx  # `kernel_ctx`, if made: a port's arena makes it once for its
-        # frames (whose offs, lens and vnet start where the arena's do)
+        # frames (whose offs, lens and vnet start where the arena's do). The arrays are
+        # not replaced once it is made (nothing here does: `pick` makes new Frames).
 
     @classmethod
     def of(cls, frames: Iterable[bytes], headers: list[bytes] | None = None) -> Frames:

@@ -197,6 +197,13 @@ class DeviceQueue:
                         tracker.taken(h)
         return burst
 
+    def compiled(self) -> bool:
+        """Whether `serve_split` may be used now: a split ring with its compiled walk on,
+        writes not logged, no chains to hand out again, no completions from threads."""
+        ring = self.ring
+        return (isinstance(ring, SplitQueue) and ring.kernel is not None and ring.log is None
+                and not self._resubmit and self.lock is None)
+
     def serve_split(self, serve: Callable[[SplitQueue, int], Sequence[int] | np.ndarray],
                     limit: int) -> int:
         """Let `serve` take and complete, in place, up to `limit` of the chains available
@@ -215,9 +222,9 @@ class DeviceQueue:
         taken, so the resume point (the used index plus the marked chains) is the first
         of them, and they are taken from the ring again."""
         ring, tracker = self.ring, self.tracker
-        if (not isinstance(ring, SplitQueue) or ring.kernel is None or ring.log is not None
-                or self._resubmit or self.lock is not None):
+        if not self.compiled():
             return 0
+        assert isinstance(ring, SplitQueue)
         assert tracker is None or isinstance(tracker, SplitInflight)  # a split ring's
         n = min(self.available(), self._room(), limit)
         if n <= 0:
