@@ -13,6 +13,8 @@ taken) must be equal. Set VHOSTUSER_FUZZ_SEED to replay; the seed is in the mess
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import struct
 from pathlib import Path
@@ -22,7 +24,15 @@ from fuzz_memory import A, TwoRegions, seed
 
 from vhostuser.devices import blk_kernel
 from vhostuser.devices.blk import PUBLISH_EVERY, BlkDevice, BlkOptions, BlkQueue
-from vhostuser.devices.blk_abi import T_BARRIER, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT
+from vhostuser.devices.blk_abi import (
+    S_IOERR,
+    T_BARRIER,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+)
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
 from vhostuser.memory import GuestMemory, mmap_region
@@ -215,12 +225,12 @@ STEPS = [(SplitInflight, "taken"), (SplitInflight, "link"), (SplitInflight, "set
 
 
 def test_a_death_at_any_step_loses_nothing(tmp_path: Path) -> None:
-    """With QEMU's in-flight area, the kernel and blk.py serving a mix (reads and writes by
-    the kernel, flushes by blk.py), the back-end dies before or after the n-th call of one
-    of the steps that write the used ring or the area; the next back-end starts where QEMU
-    starts it after a death (the used index) and recovers from the area. Every request must
-    then be exactly one of: completed (published), handed out again, or still ahead of the
-    resume point."""
+    """With QEMU's in-flight area, the kernel and blk.py serving a mix (reads, writes and
+    flushes by the kernel, GET_ID by blk.py) in turns of PUBLISH_EVERY, the back-end dies
+    before or after the n-th call of one of the steps that write the used ring or the
+    area; the next back-end starts where QEMU starts it after a death (the used index) and
+    recovers from the area. Every request must then be exactly one of: completed
+    (published), handed out again, or still ahead of the resume point."""
     s = seed()
     rng = random.Random(s)
     deaths: dict[str, int] = {}
@@ -237,12 +247,12 @@ def test_a_death_at_any_step_loses_nothing(tmp_path: Path) -> None:
         area = bytearray(queue_region_bytes(64))
         heads = []
         for i in range(21):
-            rtype = rng.choice([T_IN, T_IN, T_OUT, T_FLUSH])
+            rtype = rng.choice([T_IN, T_IN, T_OUT, T_FLUSH, T_GET_ID])  # (GET_ID: blk.py's)
             hdr, data, status = ram.alloc(16), ram.alloc(4096, 4096), ram.alloc(1, 1)
             ram.at(hdr, 16)[:] = struct.pack("<IIQ", rtype, 0, 8 * i)
             bufs = [(hdr, 16, False)]
             if rtype != T_FLUSH:
-                bufs.append((data, 4096, rtype == T_IN))
+                bufs.append((data, 4096, rtype in (T_IN, T_GET_ID)))
             heads.append(drv.add([*bufs, (status, 1, True)]))
         start = drv.avail_idx - 21 & 0xFFFF
         cls, name = rng.choice(STEPS)
@@ -268,8 +278,10 @@ def test_a_death_at_any_step_loses_nothing(tmp_path: Path) -> None:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(cls, name, dying)
             try:
-                BlkQueue(dev).kicked(q)
-                q.notify()
+                service = BlkQueue(dev)
+                while q.available():  # as run_queue calls it
+                    service.kicked(q)
+                    q.notify()
             except Death:
                 deaths[name] = deaths.get(name, 0) + 1
         where = f"seed {s}, round {round_}: death {'after' if after else 'before'} {name}"
@@ -289,3 +301,72 @@ def test_a_death_at_any_step_loses_nothing(tmp_path: Path) -> None:
         mem.clear()
         ram.close()
     assert sorted(deaths) == sorted(name for _, name in STEPS), f"seed {s}: died {deaths}"
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_failed_sync_is_answered_with_an_error(compiled: bool, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """fdatasync fails (here on /dev/null, which takes writes but not syncs: EINVAL): a
+    flush, and a write while the cache is write-through, are completed with S_IOERR and the
+    log says why, by blk.py and by the kernel alike. The kernel answers them itself: a
+    second fdatasync would succeed where a disk's writeback failed (Linux reports such an
+    error once), so leaving the request to blk.py would tell the guest its data was safe."""
+    ram = GuestRam(1 << 20, guest_addr=A)
+    mem = GuestMemory()
+    mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    drv = DriverRing(ram, 16)
+    img = tmp_path / "sync.img"
+    img.write_bytes(bytes(1 << 16))
+    dev = BlkDevice(BlkOptions(str(img)))
+    dev.compiled = compiled
+    dev.writeback = False
+    null = os.open("/dev/null", os.O_RDWR)
+    statuses = []
+    for rtype, sector in ((T_FLUSH, 0), (T_OUT, 8), (T_FLUSH, 0)):
+        hdr, data, status = ram.alloc(16), ram.alloc(4096, 4096), ram.alloc(1, 1)
+        ram.at(hdr, 16)[:] = struct.pack("<IIQ", rtype, 0, sector)
+        ram.at(status, 1)[0] = 0xAA
+        statuses.append(status)
+        bufs = [(hdr, 16, False)] + ([(data, 4096, False)] if rtype == T_OUT else [])
+        drv.add([*bufs, (status, 1, True)])
+    ring = SplitQueue(mem, drv.layout(), 0, False)
+    q = DeviceQueue(ring, 0, NoNotifier())
+    service = BlkQueue(dev)
+    assert (service.kernel is not None) == compiled
+    service.fd = null
+    served = 0
+    if service.kernel is not None:
+        service.kernel.fd = null
+        compiled_serve = service._compiled
+
+        def counted(r: SplitQueue, n: int) -> list[int]:
+            nonlocal served
+            heads = compiled_serve(r, n)
+            served += len(heads)
+            return heads
+
+        service._compiled = counted  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.ERROR):
+            service.kicked(q)
+            q.notify()
+        assert drv.used_idx() == 3
+        assert [ram.at(at, 1)[0] for at in statuses] == [S_IOERR] * 3
+        assert [struct.unpack_from("<I", ram.at(drv.used_gpa + 8 + 8 * j, 4))[0]
+                for j in range(3)] == [1, 1, 1]  # the status byte alone written
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        if compiled:
+            assert served == 3  # not one left to blk.py
+            assert errors == [
+                "flush: Invalid argument; completed with an I/O error (and 2 more)"]
+        else:
+            assert errors == ["request type 4 sector 0: [Errno 22] Invalid argument",
+                              "write at sector 8: [Errno 22] Invalid argument",
+                              "request type 4 sector 0: [Errno 22] Invalid argument"]
+    finally:
+        os.close(null)
+        q.release()
+        dev.close()
+        drv.release()
+        mem.clear()
+        ram.close()

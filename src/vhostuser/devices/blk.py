@@ -224,7 +224,7 @@ class BlkDevice(Device):
 
 class BlkQueue(InOrderService):
     """Serves requests of one queue (runs in that queue's worker process), each at once:
-    in order, synchronously; reads and writes in a compiled kernel where it is on
+    in order, synchronously; reads, writes and flushes in a compiled kernel where it is on
     (blk_kernel.py), the rest here."""
 
     def __init__(self, dev: BlkDevice, compiled: bool = True) -> None:
@@ -260,8 +260,8 @@ class BlkQueue(InOrderService):
 
     def _compiled(self, ring: SplitQueue, n: int) -> list[int]:
         assert self.kernel is not None
-        writes = not self.read_only and self.dev.writeback
-        return self.kernel.serve(ring, n, self.capacity, writes)
+        return self.kernel.serve(ring, n, self.capacity, not self.read_only,
+                                 self.dev.writeback)
 
     def handle(self, index: int, chains: list[Chain]) -> list[int]:
         return [self.serve(c) for c in chains]

@@ -1,13 +1,16 @@
-"""virtio-blk's reads and writes served by a compiled kernel (blk_serve_jit.py), a batch per
-call: each request walked (the compiled split walk), its data moved with preadv/pwritev
-straight between the image and guest memory, its status byte and used element written —
-no Python per request. The used index, barriers and the notification stay the engine's
-(`DeviceQueue.serve_split`).
+"""virtio-blk's reads, writes and flushes served by a compiled kernel (blk_serve_jit.py), a
+batch per call: each request walked (the compiled split walk), its data moved with
+preadv/pwritev straight between the image and guest memory, its status byte and used
+element written — no Python per request. The used index, barriers and the notification
+stay the engine's (`DeviceQueue.serve_split`).
 
-The kernel serves only the common case whole: a read or a write of the usual layout, in
-range, moved in full. It stops before anything else — a flush, a discard, GET_ID, an
-error, a short read of a shrunk image, O_DIRECT refusing a buffer — and blk.py serves that
-request, so every rule and error message has one place. Used only where the compiled walk
+The kernel serves only the common case whole: a read, a write (synced after unless the
+cache is write-back) or a flush of the usual layout, in range, moved in full. It stops
+before anything else — a discard, GET_ID, a read or write that fails, a short read of a
+shrunk image, O_DIRECT refusing a buffer — and blk.py serves that request, so those rules
+and error messages have one place. A failed sync is the exception: it is not tried again
+(Linux reports a writeback error once per file), so the kernel completes that request with
+S_IOERR itself and `BlkKernel.serve` logs it. Used only where the compiled walk
 is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings while writes are not logged, in
 order (not with --io-threads).
 """
@@ -15,9 +18,11 @@ order (not with --io-threads).
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from ..virtq.split_kernel import available as walk_available
+from .blk_abi import T_FLUSH
 
 if TYPE_CHECKING:
     from ..virtq.split import SplitQueue
@@ -58,7 +63,7 @@ def _warm() -> None:
               np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))  # (kept: the context
     ring = split_walk_jit.ring_ctx(*arrays, True)  # points into them)
     k = BlkKernel(-1)
-    _jit.serve_at(ring, k.ctx, 0, 0, 0, -1, 0, False)
+    _jit.serve_at(ring, k.ctx, 0, 0, 0, -1, 0, False, False)
 
 
 class BlkKernel:
@@ -72,14 +77,25 @@ class BlkKernel:
         self.heads = np.zeros(1, np.int64)
         self.meta = np.zeros((1, 3), np.int64)
         self.iov = np.zeros((IOV_MAX, 2), np.uint64)
-        self.ctx = _jit.serve_ctx(self.heads, self.meta, self.iov)
+        self.failed = np.zeros(_jit.NFAILED, np.int64)  # syncs that failed (count, and
+        # the last one's errno, request type, sector)
+        self.ctx = _jit.serve_ctx(self.heads, self.meta, self.iov, self.failed)
 
-    def serve(self, ring: SplitQueue, n: int, capacity: int, writes: bool) -> list[int]:
+    def serve(self, ring: SplitQueue, n: int, capacity: int, writable: bool,
+              writeback: bool) -> list[int]:
         """Serve up to `n` requests at the ring's next available and used slots: the heads
         of those served, from the first on (`DeviceQueue.serve_split` makes them visible).
-        `writes`: writes may be served (not read-only, and no sync needed after each)."""
+        `writable`: writes and flushes may be served (not read-only); `writeback`: a write
+        needs no sync after it."""
         w = ring.kernel
         assert w is not None and w.ctx is not None
         k = _jit.serve_at(w.ctx, self.ctx, ring.last_avail, n, ring.used_idx % ring.size,
-                          self.fd, capacity, writes)
+                          self.fd, capacity, writable, writeback)
+        if self.failed[0]:
+            count, errno, rtype, sector = self.failed.tolist()
+            self.failed[:] = 0
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            log.error("%s: %s; completed with an I/O error%s",
+                      "flush" if rtype == T_FLUSH else f"write at sector {sector}",
+                      os.strerror(errno), more)
         return w.heads[:k].tolist() if k else []

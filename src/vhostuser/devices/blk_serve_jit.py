@@ -12,13 +12,16 @@ from numba import njit, types
 
 from ..virtq.split_walk_jit import ring_views, walk
 from ..virtq.views_jit import i64_rows, i64s, u8s, u64_rows
-from .blk_abi import SECTOR, T_IN, T_OUT
+from .blk_abi import S_IOERR, S_OK, SECTOR, T_FLUSH, T_IN, T_OUT
 
 # ssize_t preadv/pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset): the
 # iovec pointer passed as an address (an integer of the same width on every 64-bit ABI)
 _IO = types.intp(types.int32, types.uintp, types.int32, types.int64)
 preadv: Any = types.ExternalFunction("preadv", _IO)
 pwritev: Any = types.ExternalFunction("pwritev", _IO)
+fdatasync: Any = types.ExternalFunction("fdatasync", types.intc(types.intc))
+_INT_AT: Any = types.CPointer(types.intc)  # type: ignore[no-untyped-call]
+errno_at: Any = types.ExternalFunction("__errno_location", _INT_AT())  # int *(void)
 
 HEADER = 16
 
@@ -42,14 +45,18 @@ def _bytes_at(bases: Any, segs: Any, s: int) -> Any:
 def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
           regions: Any, bases: Any, heads: Any, meta: Any,
           segs: Any, iov: Any, used: Any, used_at: int, done: Any, fd: int, capacity: int,
-          writes: bool) -> int:
+          writable: bool, writeback: bool, failed: Any) -> int:
     """Serve up to `n` requests from avail position `last`, each whole or not at all:
-    walked by `walk`, read or written with preadv/pwritev, their status byte and used
-    element (at used ring slots from `used_at` on) written. Stops before the first it does
-    not serve: not a read or write of the usual layout (header alone, data, status byte
-    alone), out of range or not whole sectors, a write when `writes` is off, an I/O that
-    fails or transfers less than asked. Returns how many it served, their heads in `done`.
-    `bases`: the regions' addresses; `iov`: room for the iovec of one request."""
+    walked by `walk`, read or written with preadv/pwritev (a write followed by fdatasync
+    unless `writeback`), a flush with fdatasync (`writable` only), their status byte and
+    used element (at used ring slots from `used_at` on) written. Stops before the first it
+    does not serve: not a read, write or flush of the usual layout (header alone, data,
+    status byte alone; a flush without data), out of range or not whole sectors, a write
+    when not `writable`, a read or write that fails or transfers less than asked. A failed
+    fdatasync is not retried (the error would be reported once): the request is completed
+    with S_IOERR and `failed` records it (count, errno, type, sector) for blk.py to say.
+    Returns how many it served, their heads in `done`. `bases`: the regions' addresses;
+    `iov`: room for the iovec of one request."""
     n = min(n, done.shape[0])
     iov_at = iov.ctypes.data  # once: numba makes it at some cost
     for k in range(n):
@@ -62,34 +69,46 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
         hdr = _bytes_at(bases, segs, 0)
         rtype = _u64(hdr, 0, 4)
         sector = _u64(hdr, 8, 8)
-        if rtype == T_IN and nr == 1:
-            first, count = 1, nw - 1
-        elif rtype == T_OUT and nw == 1 and writes:
-            first, count = 1, nr - 1
-        else:
-            return k
-        if count == 0 or count > iov.shape[0]:
-            return k
-        total = 0
-        for j in range(count):
-            r, off, length = segs[first + j, 0], segs[first + j, 1], segs[first + j, 2]
-            iov[j, 0] = bases[r] + np.uint64(off)
-            iov[j, 1] = np.uint64(length)
-            total += length
-        if total % SECTOR or sector > np.uint64(capacity) or np.uint64(
-                total // SECTOR) > np.uint64(capacity) - sector:
-            return k
-        at = np.int64(sector) * SECTOR
-        if rtype == T_IN:
-            moved = preadv(fd, iov_at, count, at)
-            written = total + 1
-        else:
-            moved = pwritev(fd, iov_at, count, at)
+        status = S_OK
+        if rtype == T_FLUSH and nr == 1 and nw == 1:
             written = 1
-        if moved != total:
-            return k  # an error or a short transfer: blk.py's, which says what happened
-        status = nr + nw - 1
-        _bytes_at(bases, segs, status)[0] = 0  # S_OK
+            sync = writable
+        else:
+            if rtype == T_IN and nr == 1:
+                first, count = 1, nw - 1
+            elif rtype == T_OUT and nw == 1 and writable:
+                first, count = 1, nr - 1
+            else:
+                return k
+            if count == 0 or count > iov.shape[0]:
+                return k
+            total = 0
+            for j in range(count):
+                r, off, length = segs[first + j, 0], segs[first + j, 1], segs[first + j, 2]
+                iov[j, 0] = bases[r] + np.uint64(off)
+                iov[j, 1] = np.uint64(length)
+                total += length
+            if total % SECTOR or sector > np.uint64(capacity) or np.uint64(
+                    total // SECTOR) > np.uint64(capacity) - sector:
+                return k
+            at = np.int64(sector) * SECTOR
+            if rtype == T_IN:
+                moved = preadv(fd, iov_at, count, at)
+                written = total + 1
+            else:
+                moved = pwritev(fd, iov_at, count, at)
+                written = 1
+            if moved != total:
+                return k  # an error or a short transfer: blk.py's, which says what happened
+            sync = rtype == T_OUT and not writeback
+        if sync and fdatasync(fd) != 0:
+            failed[0] += 1
+            failed[1] = errno_at()[0]
+            failed[2] = rtype
+            failed[3] = np.int64(sector)
+            status = S_IOERR
+            written = 1
+        _bytes_at(bases, segs, nr + nw - 1)[0] = status
         slot = (used_at + k) & (size - 1)
         used[2 * slot] = np.uint32(heads[0])
         used[2 * slot + 1] = np.uint32(written)
@@ -98,26 +117,30 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
 
 
 # What `serve_at` is given besides a ring's context (split_walk_jit.py): the addresses of
-# the kernel's own arrays (a chain's head and meta, the iovec) and the iovec's length.
-HEADS, META, IOV, IOV_LEN = range(4)
+# the kernel's own arrays (a chain's head and meta, the iovec, the failed syncs) and the
+# iovec's length.
+HEADS, META, IOV, IOV_LEN, FAILED = range(5)
+NFAILED = 4  # count, errno, type, sector of the last
 
 
-def serve_ctx(heads: Any, meta: Any, iov: Any) -> Any:
+def serve_ctx(heads: Any, meta: Any, iov: Any, failed: Any) -> Any:
     """A context over these arrays (the caller keeps them while it is used)."""
-    if not (heads.dtype == meta.dtype == np.int64 and iov.dtype == np.uint64
+    if not (heads.dtype == meta.dtype == failed.dtype == np.int64 and iov.dtype == np.uint64
             and heads.shape == (1,) and meta.shape == (1, 3) and iov.ndim == 2
-            and iov.shape[1] == 2 and all(a.flags.c_contiguous for a in (heads, meta, iov))):
+            and iov.shape[1] == 2 and failed.shape == (NFAILED,)
+            and all(a.flags.c_contiguous for a in (heads, meta, iov, failed))):
         raise ValueError("not the arrays of a blk context")
-    return np.array([heads.ctypes.data, meta.ctypes.data, iov.ctypes.data, len(iov)],
-                    np.uint64)
+    return np.array([heads.ctypes.data, meta.ctypes.data, iov.ctypes.data, len(iov),
+                     failed.ctypes.data], np.uint64)
 
 
 @njit(cache=True, nogil=True)
 def serve_at(ring: Any, own: Any, last: int, n: int, used_at: int, fd: int, capacity: int,
-             writes: bool) -> int:
+             writable: bool, writeback: bool) -> int:
     """`serve` over a ring's context and its own; the heads served go to the ring's
     heads array (which `serve` does not use: it walks a chain at a time into its own)."""
     desc, avail, used, regions, bases, done, _, segs, size, indirect = ring_views(ring)
     return serve(desc, avail, last, n, size, indirect, regions, bases, i64s(own[HEADS], 1),
                  i64_rows(own[META], 1, 3), segs, u64_rows(own[IOV], own[IOV_LEN], 2), used,
-                 used_at, done, fd, capacity, writes)
+                 used_at, done, fd, capacity, writable, writeback,
+                 i64s(own[FAILED], NFAILED))
