@@ -54,7 +54,7 @@ from .blk_kernel import available as compiled_available
 log = logging.getLogger(__name__)
 _HDR, _SEG = REQ_HEADER, SEGMENT
 
-COMPILED = "reads and writes served by the compiled kernel"
+COMPILED = "reads, writes and flushes served by the compiled kernel"
 # Requests the kernel serves before their completions are published: a driver keeping 32
 # in flight (fio through libblkio, QD32) then reaps and submits one half while the other is
 # served, rather than waiting for the whole batch while this worker waits for it to refill:

@@ -10,7 +10,7 @@ before anything else — a discard, GET_ID, a read or write that fails, a short 
 shrunk image, O_DIRECT refusing a buffer — and blk.py serves that request, so those rules
 and error messages have one place. A failed sync is the exception: it is not tried again
 (Linux reports a writeback error once per file), so the kernel completes that request with
-S_IOERR itself and `BlkKernel.serve` logs it. Used only where the compiled walk
+S_IOERR itself and `BlkKernel.serve` logs it as blk.py would. Used only where the compiled walk
 is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings while writes are not logged, in
 order (not with --io-threads).
 """
@@ -22,7 +22,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..virtq.split_kernel import available as walk_available
-from .blk_abi import T_FLUSH
+from .blk_abi import T_OUT
 
 if TYPE_CHECKING:
     from ..virtq.split import SplitQueue
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IOV_MAX = 1024  # Linux's: a request with more data buffers goes to blk.py
+FAILED_KEPT = 16  # failed syncs of one call logged each (a call serves PUBLISH_EVERY)
 
 _jit: Any = None  # blk_serve_jit, once loaded
 _tried = False
@@ -77,8 +78,8 @@ class BlkKernel:
         self.heads = np.zeros(1, np.int64)
         self.meta = np.zeros((1, 3), np.int64)
         self.iov = np.zeros((IOV_MAX, 2), np.uint64)
-        self.failed = np.zeros(_jit.NFAILED, np.int64)  # syncs that failed (count, and
-        # the last one's errno, request type, sector)
+        self.failed = np.zeros((1 + FAILED_KEPT, 3), np.int64)  # syncs that failed: a
+        # count, then each one's errno, request type and sector (blk_serve_jit.serve)
         self.ctx = _jit.serve_ctx(self.heads, self.meta, self.iov, self.failed)
 
     def serve(self, ring: SplitQueue, n: int, capacity: int, writable: bool,
@@ -91,11 +92,19 @@ class BlkKernel:
         assert w is not None and w.ctx is not None
         k = _jit.serve_at(w.ctx, self.ctx, ring.last_avail, n, ring.used_idx % ring.size,
                           self.fd, capacity, writable, writeback)
-        if self.failed[0]:
-            count, errno, rtype, sector = self.failed.tolist()
-            self.failed[:] = 0
-            more = f" (and {count - 1} more)" if count > 1 else ""
-            log.error("%s: %s; completed with an I/O error%s",
-                      "flush" if rtype == T_FLUSH else f"write at sector {sector}",
-                      os.strerror(errno), more)
+        if self.failed[0, 0]:
+            self._report_failed()
         return w.heads[:k].tolist() if k else []
+
+    def _report_failed(self) -> None:
+        """Log the syncs that failed as blk.py does (their requests were answered S_IOERR)."""
+        count = int(self.failed[0, 0])
+        for errno, rtype, sector in self.failed[1 : 1 + count].tolist():
+            e = OSError(errno, os.strerror(errno))
+            if rtype == T_OUT:
+                log.error("write at sector %d: %s", sector, e)
+            else:
+                log.error("request type %d sector %d: %s", rtype, sector, e)
+        if count > FAILED_KEPT:
+            log.error("and %d more failed syncs", count - FAILED_KEPT)
+        self.failed[:] = 0

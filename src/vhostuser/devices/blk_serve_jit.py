@@ -54,7 +54,8 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
     status byte alone; a flush without data), out of range or not whole sectors, a write
     when not `writable`, a read or write that fails or transfers less than asked. A failed
     fdatasync is not retried (the error would be reported once): the request is completed
-    with S_IOERR and `failed` records it (count, errno, type, sector) for blk.py to say.
+    with S_IOERR and `failed` records it: failed[0] counts them, row i (from 1) holds the
+    i-th one's errno, type and sector, as far as there are rows (blk_kernel.py logs them).
     Returns how many it served, their heads in `done`. `bases`: the regions' addresses;
     `iov`: room for the iovec of one request."""
     n = min(n, done.shape[0])
@@ -102,10 +103,13 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
                 return k  # an error or a short transfer: blk.py's, which says what happened
             sync = rtype == T_OUT and not writeback
         if sync and fdatasync(fd) != 0:
-            failed[0] += 1
-            failed[1] = errno_at()[0]
-            failed[2] = rtype
-            failed[3] = np.int64(sector)
+            e = errno_at()[0]
+            failed[0, 0] += 1
+            row = failed[0, 0]
+            if row < failed.shape[0]:
+                failed[row, 0] = e
+                failed[row, 1] = rtype
+                failed[row, 2] = np.int64(sector)
             status = S_IOERR
             written = 1
         _bytes_at(bases, segs, nr + nw - 1)[0] = status
@@ -119,19 +123,19 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
 # What `serve_at` is given besides a ring's context (split_walk_jit.py): the addresses of
 # the kernel's own arrays (a chain's head and meta, the iovec, the failed syncs) and the
 # iovec's length.
-HEADS, META, IOV, IOV_LEN, FAILED = range(5)
-NFAILED = 4  # count, errno, type, sector of the last
+HEADS, META, IOV, IOV_LEN, FAILED, FAILED_ROWS = range(6)
 
 
 def serve_ctx(heads: Any, meta: Any, iov: Any, failed: Any) -> Any:
     """A context over these arrays (the caller keeps them while it is used)."""
     if not (heads.dtype == meta.dtype == failed.dtype == np.int64 and iov.dtype == np.uint64
             and heads.shape == (1,) and meta.shape == (1, 3) and iov.ndim == 2
-            and iov.shape[1] == 2 and failed.shape == (NFAILED,)
+            and iov.shape[1] == 2 and failed.ndim == 2 and failed.shape[1] == 3
+            and len(failed) >= 1
             and all(a.flags.c_contiguous for a in (heads, meta, iov, failed))):
         raise ValueError("not the arrays of a blk context")
     return np.array([heads.ctypes.data, meta.ctypes.data, iov.ctypes.data, len(iov),
-                     failed.ctypes.data], np.uint64)
+                     failed.ctypes.data, len(failed)], np.uint64)
 
 
 @njit(cache=True, nogil=True)
@@ -143,4 +147,4 @@ def serve_at(ring: Any, own: Any, last: int, n: int, used_at: int, fd: int, capa
     return serve(desc, avail, last, n, size, indirect, regions, bases, i64s(own[HEADS], 1),
                  i64_rows(own[META], 1, 3), segs, u64_rows(own[IOV], own[IOV_LEN], 2), used,
                  used_at, done, fd, capacity, writable, writeback,
-                 i64s(own[FAILED], NFAILED))
+                 i64_rows(own[FAILED], own[FAILED_ROWS], 3))
