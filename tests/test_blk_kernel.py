@@ -307,24 +307,16 @@ def test_a_death_at_any_step_loses_nothing(tmp_path: Path) -> None:
 FLUSH_FAILS = "request type 4 sector 0: [Errno 22] Invalid argument"  # as blk.py says
 
 
-@pytest.mark.parametrize(("writeback", "read_only", "want", "errors"), [
-    (False, False, [S_IOERR] * 3,
-     [FLUSH_FAILS, "write at sector 8: [Errno 22] Invalid argument", FLUSH_FAILS]),
-    (True, False, [S_IOERR, S_OK, S_IOERR], [FLUSH_FAILS] * 2),  # the write: no sync
-    (False, True, [S_OK, S_IOERR, S_OK], [])])  # read-only: no sync, no write
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_failed_sync_is_answered_with_an_error(
-        compiled: bool, writeback: bool, read_only: bool, want: list[int], errors: list[str],
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """fdatasync fails (here on /dev/null, which takes writes but not syncs: EINVAL): a
-    flush, and a write while the cache is write-through, are completed with S_IOERR and the
-    log says why, by blk.py and by the kernel alike. The kernel answers them itself: a
-    second fdatasync would succeed where a disk's writeback failed (Linux reports such an
-    error once), so leaving the request to blk.py would tell the guest its data was safe."""
+def serve_on_dev_null(tmp_path: Path, compiled: bool, writeback: bool, read_only: bool,
+                      requests: list[tuple[int, int]]) -> tuple[list[int], list[int],
+                                                                list[str], int]:
+    """Serve `requests` (type, sector; a write carries 4 KiB) as run_queue would, the
+    image's fd swapped for /dev/null, which takes writes but fails syncs (EINVAL): each
+    request's status byte and used length, the errors logged, how many the kernel served."""
     ram = GuestRam(1 << 20, guest_addr=A)
     mem = GuestMemory()
     mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
-    drv = DriverRing(ram, 16)
+    drv = DriverRing(ram, 128)
     img = tmp_path / "sync.img"
     img.write_bytes(bytes(1 << 16))
     dev = BlkDevice(BlkOptions(str(img), read_only=read_only))
@@ -332,7 +324,7 @@ def test_a_failed_sync_is_answered_with_an_error(
     dev.writeback = writeback
     null = os.open("/dev/null", os.O_RDWR)
     statuses = []
-    for rtype, sector in ((T_FLUSH, 0), (T_OUT, 8), (T_FLUSH, 0)):
+    for rtype, sector in requests:
         hdr, data, status = ram.alloc(16), ram.alloc(4096, 4096), ram.alloc(1, 1)
         ram.at(hdr, 16)[:] = struct.pack("<IIQ", rtype, 0, sector)
         ram.at(status, 1)[0] = 0xAA
@@ -356,22 +348,56 @@ def test_a_failed_sync_is_answered_with_an_error(
             return heads
 
         service._compiled = counted  # type: ignore[method-assign]
+    logger = logging.getLogger("vhostuser.devices")
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda r: errors.append(r.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
     try:
-        with caplog.at_level(logging.ERROR):
-            while q.available():  # as run_queue calls it
-                service.kicked(q)
-                q.notify()
-        assert drv.used_idx() == 3
-        assert [ram.at(at, 1)[0] for at in statuses] == want
-        assert [struct.unpack_from("<I", ram.at(drv.used_gpa + 8 + 8 * j, 4))[0]
-                for j in range(3)] == [1, 1, 1]  # the status byte alone written
-        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == errors
-        if compiled:  # every sync the kernel's (a read-only disk's write: blk.py's)
-            assert served == (2 if read_only else 3)
+        while q.available():
+            service.kicked(q)
+            q.notify()
+        assert drv.used_idx() == len(requests)
+        return ([ram.at(at, 1)[0] for at in statuses],
+                [struct.unpack_from("<I", ram.at(drv.used_gpa + 8 + 8 * j, 4))[0]
+                 for j in range(len(requests))], errors, served)
     finally:
+        logger.removeHandler(handler)
         os.close(null)
         q.release()
         dev.close()
         drv.release()
         mem.clear()
         ram.close()
+
+
+@pytest.mark.parametrize(("writeback", "read_only", "want", "errors"), [
+    (False, False, [S_IOERR] * 3,
+     [FLUSH_FAILS, "write at sector 8: [Errno 22] Invalid argument", FLUSH_FAILS]),
+    (True, False, [S_IOERR, S_OK, S_IOERR], [FLUSH_FAILS] * 2),  # the write: no sync
+    (False, True, [S_OK, S_IOERR, S_OK], [])])  # read-only: no sync, no write
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_failed_sync_is_answered_with_an_error(
+        compiled: bool, writeback: bool, read_only: bool, want: list[int], errors: list[str],
+        tmp_path: Path) -> None:
+    """fdatasync fails: a flush, and a write while the cache is write-through, are
+    completed with S_IOERR and the log says why, by blk.py and by the kernel alike. The
+    kernel answers them itself: a second fdatasync would succeed where a disk's writeback
+    failed (Linux reports such an error once), so leaving the request to blk.py would tell
+    the guest its data was safe."""
+    statuses, lens, logged, served = serve_on_dev_null(
+        tmp_path, compiled, writeback, read_only, [(T_FLUSH, 0), (T_OUT, 8), (T_FLUSH, 0)])
+    assert statuses == want
+    assert lens == [1, 1, 1]  # the status byte alone written
+    assert logged == errors
+    if compiled:  # every sync the kernel's (a read-only disk's write: blk.py's)
+        assert served == (2 if read_only else 3)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_failing_requests_do_not_flood_the_log(compiled: bool, tmp_path: Path) -> None:
+    """A guest may send failing requests at will: the first ten are logged, not all."""
+    statuses, _, logged, _ = serve_on_dev_null(tmp_path, compiled, True, False,
+                                               [(T_FLUSH, 0)] * 40)
+    assert statuses == [S_IOERR] * 40
+    assert logged == [FLUSH_FAILS] * 10

@@ -19,6 +19,7 @@ from ..engine.pool import PooledService
 from ..engine.queue import DeviceQueue
 from ..fileio import punch, read_into, write_from, zero
 from ..protocol.constants import ProtocolFeature
+from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
 from ..virtq.ring import Chain
 from ..virtq.split import SplitQueue
@@ -234,7 +235,9 @@ class BlkQueue(InOrderService):
         self.buffered = dev.buffered if dev.buffered != dev.fd else None
         self.shared = dev.shared
         self.read_only = dev.opts.read_only
-        self.kernel = BlkKernel(dev.fd) if dev.compiled and compiled else None
+        # the guest can ask for failing or malformed requests at will: logged, not flooded
+        self.failures, self.malformed = Limited(log), Limited(log)
+        self.kernel = BlkKernel(dev.fd, self.failures) if dev.compiled and compiled else None
         if self.kernel is not None:
             log.info(COMPILED)
 
@@ -287,7 +290,7 @@ class BlkQueue(InOrderService):
         try:
             got = read_into(self.fd, data, sector * SECTOR, n, self.buffered)
         except OSError as e:
-            log.error("read at sector %d: %s", sector, e)
+            self.failures.log(logging.ERROR, "read at sector %d: %s", sector, e)
             w[-1][0] = S_IOERR
             return 1
         if got < n:  # the file shrank under us: never hand stale guest bytes back
@@ -306,7 +309,7 @@ class BlkQueue(InOrderService):
             if not self.dev.writeback:
                 os.fdatasync(self.fd)
         except OSError as e:
-            log.error("write at sector %d: %s", sector, e)
+            self.failures.log(logging.ERROR, "write at sector %d: %s", sector, e)
             status[0] = S_IOERR
             return 1
         status[0] = S_OK
@@ -316,8 +319,8 @@ class BlkQueue(InOrderService):
         """Serve one request; returns the bytes written to the chain (data + status)."""
         w = chain.writable
         if not w or len(w[-1]) == 0 or iov_len(chain.readable) < _HDR.size:
-            log.error("request %d: no room for header or status; returned unanswered",
-                      chain.head)
+            self.malformed.log(logging.ERROR, "request %d: no room for header or status; "
+                               "returned unanswered", chain.head)
             return 0
         status_buf = w[-1][-1:]
         rtype, _, sector = _HDR.unpack(iov_read(chain.readable, _HDR.size))
@@ -326,7 +329,7 @@ class BlkQueue(InOrderService):
         try:
             status, written = self._serve(rtype, sector, chain, data_in)
         except OSError as e:
-            log.error("request type %d sector %d: %s", rtype, sector, e)
+            self.failures.log(logging.ERROR, "request type %d sector %d: %s", rtype, sector, e)
             status, written = S_IOERR, 0
         status_buf[0] = status
         return written + 1

@@ -21,6 +21,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..ratelog import Limited
 from ..virtq.split_kernel import available as walk_available
 from .blk_abi import T_OUT
 
@@ -71,10 +72,13 @@ class BlkKernel:
     """Serves split queues with the kernel, over each one's compiled walk's arrays (which
     the ring owns and releases)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, failures: Limited | None = None) -> None:
+        """`failures`: where failed syncs are logged (blk.py's, shared with its own I/O
+        errors)."""
         import numpy as np
 
         self.fd = fd
+        self.failures = failures or Limited(log)
         self.heads = np.zeros(1, np.int64)
         self.meta = np.zeros((1, 3), np.int64)
         self.iov = np.zeros((IOV_MAX, 2), np.uint64)
@@ -102,9 +106,10 @@ class BlkKernel:
         for errno, rtype, sector in self.failed[1 : 1 + count].tolist():
             e = OSError(errno, os.strerror(errno))
             if rtype == T_OUT:
-                log.error("write at sector %d: %s", sector, e)
+                self.failures.log(logging.ERROR, "write at sector %d: %s", sector, e)
             else:
-                log.error("request type %d sector %d: %s", rtype, sector, e)
+                self.failures.log(logging.ERROR, "request type %d sector %d: %s", rtype,
+                                  sector, e)
         if count > FAILED_KEPT:
-            log.error("and %d more failed syncs", count - FAILED_KEPT)
+            self.failures.log(logging.ERROR, "and %d more failed syncs", count - FAILED_KEPT)
         self.failed[:] = 0
