@@ -100,6 +100,14 @@ JOBS: tuple[Job, ...] = (
         True,
     ),
     Job(
+        "randwrite-4k-qd1-fsync",
+        "4 KiB randwrite QD1, a flush after each",
+        ("--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"),
+        "iops",
+        "kIOPS",
+        True,
+    ),
+    Job(
         "randread-4k-qd1",
         "4 KiB randread QD1",
         ("--rw=randread", "--bs=4k", "--iodepth=1"),
