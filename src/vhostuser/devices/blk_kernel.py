@@ -10,9 +10,9 @@ before anything else — a discard, GET_ID, a read or write that fails, a short 
 shrunk image, O_DIRECT refusing a buffer — and blk.py serves that request, so those rules
 and error messages have one place. A failed sync is the exception: it is not tried again
 (Linux reports a writeback error once per file), so the kernel completes that request with
-S_IOERR itself and `BlkKernel.serve` logs it as blk.py would. Used only where the compiled walk
-is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings while writes are not logged, in
-order (not with --io-threads).
+S_IOERR itself and `BlkKernel.serve` logs it as blk.py would. Used only where the compiled
+walk is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings while writes are not logged,
+in order (not with --io-threads).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IOV_MAX = 1024  # Linux's: a request with more data buffers goes to blk.py
-FAILED_KEPT = 16  # failed syncs of one call logged each (a call serves PUBLISH_EVERY)
+FAILED_KEPT = 16  # failed syncs of one call logged each (blk.py's calls serve at most
+# PUBLISH_EVERY, 16: keep this no smaller)
 
 _jit: Any = None  # blk_serve_jit, once loaded
 _tried = False

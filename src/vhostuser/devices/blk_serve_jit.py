@@ -54,7 +54,7 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
     status byte alone; a flush without data), out of range or not whole sectors, a write
     when not `writable`, a read or write that fails or transfers less than asked. A failed
     fdatasync is not retried (the error would be reported once): the request is completed
-    with S_IOERR and `failed` records it: failed[0] counts them, row i (from 1) holds the
+    with S_IOERR and `failed` records it: failed[0, 0] counts them, row i (from 1) holds the
     i-th one's errno, type and sector, as far as there are rows (blk_kernel.py logs them).
     Returns how many it served, their heads in `done`. `bases`: the regions' addresses;
     `iov`: room for the iovec of one request."""
