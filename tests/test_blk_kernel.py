@@ -112,6 +112,35 @@ class Rig(TwoRegions):
         super().close()
 
 
+def count_served(service: BlkQueue) -> list[int]:
+    """From now on, how many requests the kernel serves itself (the list's one item)."""
+    served = [0]
+    if service.kernel is not None:
+        compiled = service._compiled
+
+        def counted(r: SplitQueue, n: int) -> list[int]:
+            heads = compiled(r, n)
+            served[0] += len(heads)
+            return heads
+
+        service._compiled = counted  # type: ignore[method-assign]
+    return served
+
+
+def run_queue(service: BlkQueue, q: DeviceQueue) -> int:
+    """Call `kicked` as engine/worker.py's run_queue does, publishing after each call,
+    until nothing is left or a call takes nothing; how many calls."""
+    calls = 0
+    while q.available():
+        before = q.popped
+        service.kicked(q)
+        q.notify()
+        calls += 1
+        if q.popped == before:
+            break
+    return calls
+
+
 def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
     """Device `side` serves what is available from `last` on (with its in-flight area if
     the rig has them); what it left behind."""
@@ -134,32 +163,15 @@ def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
         assert tracker.recover(ring) == []
     q = DeviceQueue(ring, 0, NoNotifier(), tracker=tracker)
     service = BlkQueue(dev)
-    served = 0
-    if service.kernel is not None:
-        compiled = service._compiled
-
-        def counted(r: SplitQueue, n: int) -> list[int]:
-            nonlocal served
-            heads = compiled(r, n)
-            served += len(heads)
-            return heads
-
-        service._compiled = counted  # type: ignore[method-assign]
+    served = count_served(service)
     try:
-        calls = 0
-        while q.available():  # as engine/worker.py's run_queue calls it
-            before = q.popped
-            service.kicked(q)
-            q.notify()
-            calls += 1
-            if q.popped == before:
-                break
+        calls = run_queue(service, q)
         # each call's requests made visible at once, however they were served; the
         # kernel's side in turns of at most PUBLISH_EVERY (the driver reaps meanwhile)
         assert publishes <= calls
         if service.kernel is not None and q.completed > PUBLISH_EVERY:
             assert publishes >= 2, f"{q.completed} requests published at once"
-        return (served, str(q.error), ring.last_avail, ring.used_idx, q.popped, q.completed,
+        return (served[0], str(q.error), ring.last_avail, ring.used_idx, q.popped, q.completed,
                 rig.contents(), Path(dev.opts.path).read_bytes(),
                 area(rig.areas[side], rig.size) if rig.areas else None)
     finally:
@@ -279,10 +291,7 @@ def test_a_death_at_any_step_loses_nothing(tmp_path: Path) -> None:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(cls, name, dying)
             try:
-                service = BlkQueue(dev)
-                while q.available():  # as run_queue calls it
-                    service.kicked(q)
-                    q.notify()
+                run_queue(BlkQueue(dev), q)
             except Death:
                 deaths[name] = deaths.get(name, 0) + 1
         where = f"seed {s}, round {round_}: death {'after' if after else 'before'} {name}"
@@ -336,31 +345,20 @@ def serve_on_dev_null(tmp_path: Path, compiled: bool, writeback: bool, read_only
     service = BlkQueue(dev)
     assert (service.kernel is not None) == compiled
     service.fd = null
-    served = 0
     if service.kernel is not None:
         service.kernel.fd = null
-        compiled_serve = service._compiled
-
-        def counted(r: SplitQueue, n: int) -> list[int]:
-            nonlocal served
-            heads = compiled_serve(r, n)
-            served += len(heads)
-            return heads
-
-        service._compiled = counted  # type: ignore[method-assign]
+    served = count_served(service)
     logger = logging.getLogger("vhostuser.devices")
     errors: list[str] = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = lambda r: errors.append(r.getMessage())  # type: ignore[method-assign]
     logger.addHandler(handler)
     try:
-        while q.available():
-            service.kicked(q)
-            q.notify()
+        run_queue(service, q)
         assert drv.used_idx() == len(requests)
         return ([ram.at(at, 1)[0] for at in statuses],
                 [struct.unpack_from("<I", ram.at(drv.used_gpa + 8 + 8 * j, 4))[0]
-                 for j in range(len(requests))], errors, served)
+                 for j in range(len(requests))], errors, served[0])
     finally:
         logger.removeHandler(handler)
         os.close(null)

@@ -121,8 +121,8 @@ def serve(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool
 
 
 # What `serve_at` is given besides a ring's context (split_walk_jit.py): the addresses of
-# the kernel's own arrays (a chain's head and meta, the iovec, the failed syncs) and the
-# iovec's length.
+# the kernel's own arrays (a chain's head and meta, the iovec, the failed syncs), the
+# iovec's length and the failed syncs' rows.
 HEADS, META, IOV, IOV_LEN, FAILED, FAILED_ROWS = range(6)
 
 
