@@ -118,10 +118,10 @@ def count_served(service: BlkQueue) -> list[int]:
     if service.kernel is not None:
         compiled = service._compiled
 
-        def counted(r: SplitQueue, n: int) -> list[int]:
-            heads = compiled(r, n)
-            served[0] += len(heads)
-            return heads
+        def counted(r: SplitQueue, n: int) -> int:
+            k = compiled(r, n)
+            served[0] += k
+            return k
 
         service._compiled = counted  # type: ignore[method-assign]
     return served

@@ -261,7 +261,7 @@ class BlkQueue(InOrderService):
             q.complete_batch(chains, self.handle(q.index, chains))
             budget -= 1
 
-    def _compiled(self, ring: SplitQueue, n: int) -> list[int]:
+    def _compiled(self, ring: SplitQueue, n: int) -> int:
         assert self.kernel is not None
         return self.kernel.serve(ring, n, self.capacity, not self.read_only,
                                  self.dev.writeback)

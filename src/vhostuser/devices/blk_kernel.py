@@ -88,9 +88,9 @@ class BlkKernel:
         self.ctx = _jit.serve_ctx(self.heads, self.meta, self.iov, self.failed)
 
     def serve(self, ring: SplitQueue, n: int, capacity: int, writable: bool,
-              writeback: bool) -> list[int]:
-        """Serve up to `n` requests at the ring's next available and used slots: the heads
-        of those served, from the first on (`DeviceQueue.serve_split` makes them visible).
+              writeback: bool) -> int:
+        """Serve up to `n` requests at the ring's next available and used slots: how many
+        it served (`DeviceQueue.serve_split` makes them visible).
         `writable`: writes and flushes may be served (not read-only); `writeback`: a write
         needs no sync after it."""
         w = ring.kernel
@@ -99,7 +99,7 @@ class BlkKernel:
                           self.fd, capacity, writable, writeback)
         if self.failed[0, 0]:
             self._report_failed()
-        return w.heads[:k].tolist() if k else []
+        return int(k)
 
     def _report_failed(self) -> None:
         """Log the syncs that failed as blk.py does (their requests were answered S_IOERR)."""

@@ -141,23 +141,18 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     size = ARENA + dev.hdr_len + (max(MAX_GSO_FRAME, max_frame) if offloads else max_frame)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
         arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
-    sc = _scratch
     hl = dev.hdr_len
-    ran = False
 
-    def serve(ring: SplitQueue, n: int) -> np.ndarray:
-        nonlocal ran
+    def run(ring: SplitQueue, n: int) -> None:
         w = ring.kernel
         assert w is not None and w.ctx is not None
         _jit.take_at(w.ctx, arena.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl,
                      max_frame, offloads)
-        ran = True
-        return w.heads[: sc.out[0]]
 
-    q.serve_split(serve, limit)
-    if not ran:
+    out = _serve(q, run, limit, c)
+    if out is None:
         return None
-    _, _, kept, nbytes, _, asked, checked, _, _ = sc.results(c)
+    _, _, kept, nbytes, _, asked, checked, _, _ = out
     c.rx_packets += kept
     c.rx_bytes += nbytes
     if not asked and not checked:
@@ -205,27 +200,22 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     (`frames.vnet`) go with them: the caller has made sure the port takes each as it is
     (net_offload.accepts)."""
     hl = dev.hdr_len
-    sc = _scratch
-    ran = False
     fx = frames.kernel_ctx()
     nframes = min(len(frames.offs), len(frames.lens))
     has_vnet = frames.vnet is not None
     if frames.vnet is not None:
         nframes = min(nframes, len(frames.vnet))
 
-    def serve(ring: SplitQueue, n: int) -> np.ndarray:
-        nonlocal ran
+    def run(ring: SplitQueue, n: int) -> None:
         w = ring.kernel
         assert w is not None and w.ctx is not None
-        _jit.put_at(w.ctx, sc.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl, mrg,
-                    dev.max_frame(), fx, nframes, has_vnet)
-        ran = True
-        return w.heads[: sc.out[0]]
+        _jit.put_at(w.ctx, _scratch.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl,
+                    mrg, dev.max_frame(), fx, nframes, has_vnet)
 
-    q.serve_split(serve, q.ring.size)
-    if not ran:
+    out = _serve(q, run, q.ring.size, c)
+    if out is None:
         return None
-    _, handled, delivered, nbytes, _, _, _, gso, csum = sc.results(c)
+    _, handled, delivered, nbytes, _, _, _, gso, csum = out
     c.tx_packets += delivered
     c.tx_bytes += nbytes
     if gso:
@@ -233,3 +223,31 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     if csum:
         c.offloads["tx_csum"] += csum
     return handled
+
+
+def _serve(q: DeviceQueue, run: Callable[[SplitQueue, int], None], limit: int,
+           c: Counters) -> list[int] | None:
+    """Let `run(ring, n)` serve up to `limit` chains of `q` with a kernel (its outputs in
+    `_scratch`): where nothing else is pending on the queue (`DeviceQueue.kernel_ring`,
+    the usual case) they are published at once, else at the next notify (`serve_split`).
+    Returns the kernel's outputs (`_Scratch.results`), None if it could not run."""
+    ring = q.kernel_ring()
+    if ring is not None:
+        n = min(limit, q.available(), q.room())
+        if n <= 0:
+            return None
+        run(ring, n)
+        out = _scratch.results(c)
+        if out[0]:
+            q.kernel_served(out[0])
+        return out
+    ran = False
+
+    def counted(ring: SplitQueue, n: int) -> int:
+        nonlocal ran
+        run(ring, n)
+        ran = True
+        return int(_scratch.out[0])
+
+    q.serve_split(counted, limit)
+    return _scratch.results(c) if ran else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -204,16 +204,15 @@ class DeviceQueue:
         return (isinstance(ring, SplitQueue) and ring.kernel is not None and ring.log is None
                 and not self._resubmit and self.lock is None)
 
-    def serve_split(self, serve: Callable[[SplitQueue, int], Sequence[int] | np.ndarray],
-                    limit: int) -> int:
+    def serve_split(self, serve: Callable[[SplitQueue, int], int], limit: int) -> int:
         """Let `serve` take and complete, in place, up to `limit` of the chains available
         on a split ring: a compiled kernel that serves them whole and writes their used
-        elements from the ring's used slot on; it returns the heads it served, from the
-        first on. They become visible with the other completions at the next `notify`
-        (one index store, at most one notification), recorded in the in-flight area as
-        completed. Returns how many. 0 where it may not be used — a packed ring, writes
-        logged, chains to hand out again, completions from threads — or nothing is
-        available: then take chains the usual way.
+        elements from the ring's used slot on; it returns how many it served (their heads
+        are the first of `ring.kernel.heads`). They become visible with the other
+        completions at the next `notify` (one index store, at most one notification),
+        recorded in the in-flight area as completed. Returns how many. 0 where it may
+        not be used — a packed ring, writes logged, chains to hand out again, completions
+        from threads — or nothing is available: then take chains the usual way.
 
         With an in-flight area, the chains `serve` took are marked in flight as soon as
         it returns, as the chains taken the usual way are (before they are served): the
@@ -232,12 +231,12 @@ class DeviceQueue:
         self._check_parent()  # the kernel stores into guest memory
         if self._chains and not self._push_staged():  # their used elements come first
             return 0
-        heads = serve(ring, n)
-        k = len(heads)
+        k = serve(ring, n)
         if k:
             self._check_parent()  # a long batch of I/O: the area is not ours if it died
             if tracker is not None:
-                listed = [int(h) for h in heads]  # (a kernel's may be an array)
+                assert ring.kernel is not None
+                listed = ring.kernel.heads[:k].tolist()
                 for h in listed:
                     tracker.taken(h)
                 tracker.pushed(listed)
@@ -247,6 +246,36 @@ class DeviceQueue:
             self.completed += k
             self._pushed += k
         return k
+
+    def kernel_ring(self) -> SplitQueue | None:
+        """The split ring, where a compiled kernel may serve it as `serve_split` says and
+        have its chains published at once (`kernel_served`): the simple case — `compiled`,
+        no in-flight area, no completions staged, no parent process to watch, not broken.
+        None: use `serve_split`. The caller takes no more than `room()` chains."""
+        ring = self.ring
+        if (self.tracker is None and self._ppid is None and not self._chains
+                and self.error is None and self.compiled()):
+            assert isinstance(ring, SplitQueue)  # (compiled says so)
+            return ring
+        return None
+
+    def room(self) -> int:
+        """How many more chains the device may hold (`_room`)."""
+        return self._room()
+
+    def kernel_served(self, k: int) -> None:
+        """A compiled kernel served the next `k` chains of `kernel_ring()` in place, their
+        used elements written from the used slot on: they are published now (with what
+        `serve_split` served before), and the driver is notified if it asked."""
+        ring = self.ring
+        assert isinstance(ring, SplitQueue)
+        ring.last_avail = (ring.last_avail + k) & 0xFFFF
+        ring.used_idx = (ring.used_idx + k) & 0xFFFF
+        self.popped += k
+        self.completed += k
+        self._pushed = 0
+        if ring.publish():
+            self.call.notify()
 
     # -- completing ----------------------------------------------------------------------------
 
