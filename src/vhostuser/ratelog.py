@@ -1,21 +1,39 @@
 """Log lines an untrusted peer can cause at will, without letting it flood the log: the
-first few one by one, then a count now and then."""
+first few of each minute one by one, then a count now and then."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 
 class Limited:
-    """`log(...)` logs the first `first` calls, then every `every`-th with its count."""
+    """`log(...)` logs the first `first` calls of every `period` seconds one by one (the
+    period starting at the first call after the last one ended), and of the rest every
+    `every`-th with the count so far. Threads may share one (the count is kept under a
+    lock)."""
 
-    def __init__(self, logger: logging.Logger, first: int = 10, every: int = 1000) -> None:
-        self.logger, self.first, self.every = logger, first, every
-        self.count = 0
+    def __init__(self, logger: logging.Logger, first: int = 10, every: int = 1000,
+                 period: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.first, self.every, self.period = logger, first, every, period
+        self.count = 0  # calls so far
+        self._clock = clock
+        self._start = float("-inf")  # when this period started
+        self._shown = 0  # lines logged one by one in it
+        self._lock = threading.Lock()
 
     def log(self, level: int, msg: str, *args: object) -> None:
-        self.count += 1
-        if self.count <= self.first:
+        now = self._clock()
+        with self._lock:
+            self.count += 1
+            count = self.count
+            if now - self._start >= self.period:
+                self._start, self._shown = now, 0
+            self._shown += 1
+            one_by_one = self._shown <= self.first
+        if one_by_one:
             self.logger.log(level, msg, *args)
-        elif self.count % self.every == 0:
-            self.logger.log(level, "%s (%d times so far)", msg % args, self.count)
+        elif count % self.every == 0:
+            self.logger.log(level, "%s (%d times so far)", msg % args, count)

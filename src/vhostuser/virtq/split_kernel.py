@@ -51,15 +51,21 @@ def load() -> bool:
     global _kernel, _tried
     if not _tried:
         _tried = True
-        os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
-            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-            "vhostuser-numba"))
+        os.environ.setdefault("NUMBA_CACHE_DIR", cache_dir())
         try:
             _kernel = _compile()
         except Exception as e:  # no numba, or it cannot compile here: the Python walk
             log.warning("compiled chain walk unavailable (%s): the Python walk serves", e)
             _kernel = None
     return _kernel is not None
+
+
+def cache_dir() -> str:
+    """Numba's cache unless NUMBA_CACHE_DIR says otherwise: a directory of ours under the
+    user's cache (never beside the sources, which a read-only install cannot write). It is
+    read when numba is imported: whoever imports a kernel module first sets it."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                        "vhostuser-numba")
 
 
 def warm() -> None:
