@@ -9,8 +9,8 @@
   chains with MRG_RXBUF, used elements written.
 
 No Python per frame but for those segmentation headers. The used index, barriers and
-the notification stay the engine's (`DeviceQueue.serve_split`); the counters stay
-net_rings.py's `Counters`. The kernels stop
+the notification stay the engine's (`DeviceQueue.run_kernel`, which publishes a burst at
+once, or `serve_split`); the counters stay net_rings.py's `Counters`. The kernels stop
 before a chain the compiled walk does not take (it stops before anything unusual), and
 net_rings.py's frame-by-frame loops — the reference — take it on, with their error
 messages. Used only where the compiled walk is on (VHOSTUSER_JIT=1, split_kernel.py), on
@@ -129,9 +129,9 @@ class _Arena:
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
          check: Check | None = None) -> Frames | None:
     """The frames of up to `limit` chains of transmit queue `q`, their buffers completed
-    (published at the next notify); none if it stopped before the first chain (the
-    chain-by-chain path then takes that one, and reports it if it is broken); None if the
-    kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). `check`:
+    (published now, or at the next notify: `_serve`); none if it stopped before the first
+    chain (the chain-by-chain path then takes that one, and reports it if it is broken);
+    None if the kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). `check`:
     offloads are negotiated (F_CSUM), and this says what header a frame that asks for
     one travels with (net_offload.check_tx), or None: dropped (it counted why). The
     frames stay valid until the port takes again."""
@@ -142,14 +142,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
         arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
     hl = dev.hdr_len
-
-    def run(ring: SplitQueue, n: int) -> None:
-        w = ring.kernel
-        assert w is not None and w.ctx is not None
-        _jit.take_at(w.ctx, arena.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl,
-                     max_frame, offloads)
-
-    out = _serve(q, run, limit, c)
+    out = _serve(q, _jit.take_at, arena.ctx, (hl, max_frame, offloads), limit, c)
     if out is None:
         return None
     _, _, kept, nbytes, _, asked, checked, _, _ = out
@@ -193,10 +186,10 @@ def _checked(frames: Frames, asks: np.ndarray, hl: int, c: Counters,
 
 
 def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) -> int | None:
-    """Deliver the leading frames of `frames` into receive queue `q` (published at the next
-    notify), dropping and counting what does not fit; returns how many frames it handled
-    (fewer than all: it stopped before a frame that needs a chain the compiled walk does
-    not take), None if the kernel cannot serve the queue now. Frames with headers
+    """Deliver the leading frames of `frames` into receive queue `q` (published now, or at
+    the next notify: `_serve`), dropping and counting what does not fit; returns how many
+    frames it handled (fewer than all: it stopped before a frame that needs a chain the
+    compiled walk does not take), None if the kernel cannot serve the queue now. Frames with headers
     (`frames.vnet`) go with them: the caller has made sure the port takes each as it is
     (net_offload.accepts)."""
     hl = dev.hdr_len
@@ -206,13 +199,8 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     if frames.vnet is not None:
         nframes = min(nframes, len(frames.vnet))
 
-    def run(ring: SplitQueue, n: int) -> None:
-        w = ring.kernel
-        assert w is not None and w.ctx is not None
-        _jit.put_at(w.ctx, _scratch.ctx, ring.last_avail, n, ring.used_idx % ring.size, hl,
-                    mrg, dev.max_frame(), fx, nframes, has_vnet)
-
-    out = _serve(q, run, q.ring.size, c)
+    out = _serve(q, _jit.put_at, _scratch.ctx, (hl, mrg, dev.max_frame(), fx, nframes, has_vnet),
+                 q.ring.size, c)
     if out is None:
         return None
     _, handled, delivered, nbytes, _, _, _, gso, csum = out
@@ -225,29 +213,25 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     return handled
 
 
-def _serve(q: DeviceQueue, run: Callable[[SplitQueue, int], None], limit: int,
+def _serve(q: DeviceQueue, kernel: Any, ctx: Any, args: tuple[Any, ...], limit: int,
            c: Counters) -> list[int] | None:
-    """Let `run(ring, n)` serve up to `limit` chains of `q` with a kernel (its outputs in
-    `_scratch`): where nothing else is pending on the queue (`DeviceQueue.kernel_ring`,
-    the usual case) they are published at once, else at the next notify (`serve_split`).
-    Returns the kernel's outputs (`_Scratch.results`), None if it could not run."""
-    ring = q.kernel_ring()
-    if ring is not None:
-        n = min(limit, q.available(), q.room())
-        if n <= 0:
+    """Let `kernel(ring's context, ctx, first avail slot, n, first used slot, *args)` serve
+    up to `limit` chains of `q` (its outputs in `_scratch`): published at once where
+    nothing else is pending on the queue (`DeviceQueue.run_kernel`, the usual case), else
+    at the next notify (`serve_split`). Returns the kernel's outputs (`_Scratch.results`),
+    None if it could not run."""
+    if q.run_kernel(kernel, ctx, args, limit) is None:
+        ran = False
+
+        def counted(ring: SplitQueue, n: int) -> int:
+            nonlocal ran
+            w = ring.kernel
+            assert w is not None
+            ran = True
+            return int(kernel(w.ctx, ctx, ring.last_avail, n, ring.used_idx % ring.size,
+                              *args))
+
+        q.serve_split(counted, limit)
+        if not ran:
             return None
-        run(ring, n)
-        out = _scratch.results(c)
-        if out[0]:
-            q.kernel_served(out[0])
-        return out
-    ran = False
-
-    def counted(ring: SplitQueue, n: int) -> int:
-        nonlocal ran
-        run(ring, n)
-        ran = True
-        return int(_scratch.out[0])
-
-    q.serve_split(counted, limit)
-    return _scratch.results(c) if ran else None
+    return _scratch.results(c)

@@ -353,24 +353,26 @@ def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
 
 @njit(cache=True, nogil=True)
 def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_frame: int,
-            offloads: bool) -> None:
-    """`take` over a ring's context and a transmit context."""
+            offloads: bool) -> int:
+    """`take` over a ring's context and a transmit context; how many chains it took."""
     desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
     nf = port[FRAMES_LEN]
     take(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
          used_at, hl, max_frame, offloads, u8s(port[DATA], port[DATA_LEN]),
          i64s(port[OFFS], nf), i64s(port[LENS], nf), u8s(port[ASKS_AT], nf),
          u8_rows(port[VNET], nf, 10), i64s(port[DROPS], NDROPS), i64s(port[OUT], NOUT))
+    return int(i64s(port[OUT], NOUT)[CHAINS])
 
 
 @njit(cache=True, nogil=True)
 def put_at(ring: Any, scratch: Any, last: int, n: int, used_at: int, hl: int, mrg: bool,
-           max_frame: int, fx: Any, nframes: int, has_vnet: bool) -> None:
+           max_frame: int, fx: Any, nframes: int, has_vnet: bool) -> int:
     """`put` over a ring's context, a receive context and the context of `nframes` frames
-    (net_frames.py's; their headers with `has_vnet`)."""
+    (net_frames.py's; their headers with `has_vnet`); how many chains it used."""
     desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
     put(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
         used_at, hl, mrg, max_frame, u8s(fx[FX_DATA], fx[FX_DATA_LEN]),
         i64s(fx[FX_OFFS], nframes), i64s(fx[FX_LENS], nframes),
         u8_rows(fx[FX_VNET], nframes if has_vnet else 0, 10), has_vnet,
         u8s(scratch[HDR], 12), i64s(scratch[DROPS], NDROPS), i64s(scratch[OUT], NOUT))
+    return int(i64s(scratch[OUT], NOUT)[CHAINS])

@@ -247,35 +247,40 @@ class DeviceQueue:
             self._pushed += k
         return k
 
-    def kernel_ring(self) -> SplitQueue | None:
-        """The split ring, where a compiled kernel may serve it as `serve_split` says and
-        have its chains published at once (`kernel_served`): the simple case — `compiled`,
-        no in-flight area, no completions staged, no parent process to watch, not broken.
-        None: use `serve_split`. The caller takes no more than `room()` chains."""
+    def run_kernel(self, kernel: Callable[..., int], ctx: object, args: tuple[object, ...],
+                   limit: int) -> int | None:
+        """`serve_split` in its usual case, with its chains published at once: a compiled
+        kernel, `kernel(the ring's context, ctx, first avail slot, n, first used slot,
+        *args)`, serves up to `limit` of the chains available and returns how many. None
+        where this may not be used — as for `serve_split`, or with an in-flight area,
+        completions staged, a parent process to watch — or nothing is available: then
+        `serve_split`, or chains. One function on purpose: it runs once per burst, where
+        every call more costs (bench/RESULTS.md)."""
         ring = self.ring
-        if (self.tracker is None and self._ppid is None and not self._chains
-                and self.error is None and self.compiled()):
-            assert isinstance(ring, SplitQueue)  # (compiled says so)
-            return ring
-        return None
-
-    def room(self) -> int:
-        """How many more chains the device may hold (`_room`)."""
-        return self._room()
-
-    def kernel_served(self, k: int) -> None:
-        """A compiled kernel served the next `k` chains of `kernel_ring()` in place, their
-        used elements written from the used slot on: they are published now (with what
-        `serve_split` served before), and the driver is notified if it asked."""
-        ring = self.ring
-        assert isinstance(ring, SplitQueue)
-        ring.last_avail = (ring.last_avail + k) & 0xFFFF
-        ring.used_idx = (ring.used_idx + k) & 0xFFFF
-        self.popped += k
-        self.completed += k
-        self._pushed = 0
-        if ring.publish():
-            self.call.notify()
+        if (self.tracker is not None or self._ppid is not None or self._chains
+                or self.error is not None or self._resubmit or self.lock is not None
+                or not isinstance(ring, SplitQueue)):
+            return None
+        w = ring.kernel
+        if w is None or ring.log is not None:
+            return None
+        try:
+            n = min(limit, ring.available(), ring.size - (self.popped - self.completed))
+        except RingError as e:
+            self.error = e
+            return None
+        if n <= 0:
+            return None
+        k = kernel(w.ctx, ctx, ring.last_avail, n, ring.used_idx % ring.size, *args)
+        if k:
+            ring.last_avail = (ring.last_avail + k) & 0xFFFF
+            ring.used_idx = (ring.used_idx + k) & 0xFFFF
+            self.popped += k
+            self.completed += k
+            self._pushed = 0  # (published with these)
+            if ring.publish():
+                self.call.notify()
+        return k
 
     # -- completing ----------------------------------------------------------------------------
 
