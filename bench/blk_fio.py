@@ -7,10 +7,12 @@ engine by bench/tools/build-fio.sh). For every back-end in the run:
 * one 1 GiB raw image in /dev/shm, filled with random data (not sparse), shared by all back-ends
   (the write job writes over it, in place); removed at the end unless --keep-image;
 * the back-end runs pinned to CPU 0 (``taskset -c 0``), fio pinned to CPU 1;
-* five fio jobs (--job picks some): 4 KiB randread QD32 (IOPS), 128 KiB sequential read QD32
+* six fio jobs (--job picks some): 4 KiB randread QD32 (IOPS), 128 KiB sequential read QD32
   (MiB/s), 4 KiB randwrite QD32 (IOPS), 4 KiB randwrite QD1 with a flush after each write
-  (write IOPS; on /dev/shm a flush costs little, so this is the per-request path) and 4 KiB
-  randread QD1 (mean completion latency, µs);
+  (write IOPS; on /dev/shm a flush costs little, so this is the per-request path), 4 KiB
+  randread QD1 (mean completion latency, µs), and the same with fio polling for completions
+  (libblkio_wait_mode=loop) instead of sleeping on the call eventfd: the round trip without
+  the client's wake-up, which no back-end can shorten;
 * each job is repeated --repeat times and the median is reported.
 
 Back-end lifecycle: a *fresh back-end process* is started for every single fio run and stopped
@@ -113,6 +115,14 @@ JOBS: tuple[Job, ...] = (
         "randread-4k-qd1",
         "4 KiB randread QD1",
         ("--rw=randread", "--bs=4k", "--iodepth=1"),
+        "lat_us",
+        "mean lat µs",
+        False,
+    ),
+    Job(
+        "randread-4k-qd1-polled",
+        "4 KiB randread QD1, fio polling",
+        ("--rw=randread", "--bs=4k", "--iodepth=1", "--libblkio_wait_mode=loop"),
         "lat_us",
         "mean lat µs",
         False,

@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def test_a_flood_of_datagrams_leaves_the_queue_stoppable(keyboard: Session) -> N
     are logged in summary (not line by line), and the worker answers GET_VRING_BASE."""
     keyboard.input.post(2)
     keyboard.client.setblocking(False)
+    started = time.monotonic()
     junk = b"\n".join([b"{not json"] * 2000)
     sent = 0
     for _ in range(300):
@@ -162,7 +164,8 @@ def test_a_flood_of_datagrams_leaves_the_queue_stoppable(keyboard: Session) -> N
     assert keyboard.input.events(2, timeout=60) == [(EV_KEY, KEY_A, 1), SYN]
     lines = keyboard.d.log().splitlines()
     one_by_one = [ln for ln in lines if "refused:" in ln and "times so far" not in ln]
-    assert len(one_by_one) == 10, lines[-20:]
+    minutes = 1 + int((time.monotonic() - started) // 60)  # 10 a minute (ratelog.Limited)
+    assert 10 <= len(one_by_one) <= 10 * minutes, lines[-20:]
     assert any("times so far)" in ln for ln in lines) and sent >= 2000, lines[-20:]
     assert keyboard.fe.get_vring_base(0) == 2
 

@@ -40,7 +40,7 @@ from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue
 from vhostuser.protocol import VirtioFeature
-from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split import AVAIL_F_NO_INTERRUPT, SplitQueue
 
 RAM = 4 << 20  # two regions, adjoining
 MAC = bytes([2, 0, 0, 0, 0, 1])
@@ -172,20 +172,35 @@ def tcp4(rng: random.Random, payload: int, vlan: bool) -> bytearray:
                      + rng.randbytes(payload))
 
 
-def run(rig: Rig, side: int, last: int, step: object) -> tuple[object, ...]:
+class Counted(NoNotifier):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def notify(self) -> None:
+        self.count += 1
+
+
+def run(rig: Rig, side: int, last: int, step: object,
+        staged: bool = False) -> tuple[object, ...]:
     """Port `side` takes or delivers (`step(q, dev, counters)`), with the kernels (1) or
-    without (0); what it left behind."""
+    without (0); what it left behind, and how often it notified the driver. `staged`:
+    the kernels' chains go through `serve_split` (published at the next notify, as with
+    an in-flight area) instead of being published at once (`run_kernel`)."""
     dev = rig.devs[side]
     ring = SplitQueue(rig.mem, rig.drv.layout(), last, rig.event_idx)
     if side == 0:
         ring._kernel = None  # the reference: split.py's walk and net_rings.py's paths
-    q = DeviceQueue(ring, 0, NoNotifier())
+    call = Counted()
+    q = DeviceQueue(ring, 0, call)
     c = Counters()
     try:
-        out = step(q, dev, c)  # type: ignore[operator]
+        with pytest.MonkeyPatch.context() as mp:
+            if staged:
+                mp.setattr(DeviceQueue, "run_kernel", lambda *_: None)
+            out = step(q, dev, c)  # type: ignore[operator]
         q.notify()
         return (out, c.as_dict(), str(q.error), ring.last_avail, ring.used_idx, q.popped,
-                q.completed, rig.contents())
+                q.completed, rig.contents(), call.count)
     finally:
         q.release()
 
@@ -261,13 +276,20 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
                              frames: Frames = frames) -> None:
                         put_frames(q, dev, c, frames)
                 before = rig.contents()
+                want_used = rig.drv.used_idx()
                 want = run(rig, 0, last, step)
                 rig.restore(before)
-                got = run(rig, 1, last, step)
-                where = f"seed {s}, round {round_} ({kind})"
+                staged = rng.random() < 0.25
+                got = run(rig, 1, last, step, staged)
+                where = f"seed {s}, round {round_} ({kind}{', staged' if staged else ''})"
                 assert got[:7] == want[:7], where
                 assert got[7] == want[7], (
                     f"{where}: guest memory differs at {rig.differ(got[7], want[7])}")
+                # notified if any used element was published and the driver asked: with
+                # event_idx a fresh ring's first publish asks, else NO_INTERRUPT says
+                asked = rig.event_idx or not rig.drv.avail16.load(0) & AVAIL_F_NO_INTERRUPT
+                assert bool(got[8]) == bool(want[8]) == (got[4] != want_used and asked), (
+                    f"{where}: notified {got[8]} times, the reference {want[8]}")
                 counters: dict = got[1]  # type: ignore[assignment]
                 total[kind] += counters["rx_packets"] + counters["tx_packets"]
                 if got[2] != "None":  # a broken ring stops the queue: start a fresh one

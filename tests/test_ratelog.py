@@ -45,5 +45,6 @@ def test_a_later_error_is_shown_again(caplog: pytest.LogCaptureFixture) -> None:
     limited.log(logging.ERROR, "a minute on")
     limited.log(logging.ERROR, "and again")
     limited.log(logging.ERROR, "one too many")
-    assert lines(caplog) == ["flood 0", "flood 1", "a minute on", "and again"]
+    assert lines(caplog) == ["flood 0", "flood 1", "a minute on (52 times so far)",
+                             "and again"]
     assert limited.count == 54

@@ -251,15 +251,16 @@ class DeviceQueue:
                    limit: int) -> int | None:
         """`serve_split` in its usual case, with its chains published at once: a compiled
         kernel, `kernel(the ring's context, ctx, first avail slot, n, first used slot,
-        *args)`, serves up to `limit` of the chains available and returns how many. None
-        where this may not be used — as for `serve_split`, or with an in-flight area,
-        completions staged, a parent process to watch — or nothing is available: then
-        `serve_split`, or chains. One function on purpose: it runs once per burst, where
-        every call more costs (bench/RESULTS.md)."""
+        *args)`, serves up to `limit` of the chains available (n may be 0: none is) and
+        returns how many. None where this may not be used — where `serve_split` may not,
+        or with an in-flight area or completions staged: then `serve_split`, or chains.
+        A caller that completes more chains itself afterwards publishes (and may notify)
+        once more at its `notify`. One function on purpose: it runs once per burst, where
+        each call more costs (bench/RESULTS.md, net_dpdk 2026-12-02)."""
         ring = self.ring
-        if (self.tracker is not None or self._ppid is not None or self._chains
-                or self.error is not None or self._resubmit or self.lock is not None
-                or not isinstance(ring, SplitQueue)):
+        # `compiled`'s conditions, inline (keep them in step), and this case's
+        if (self.tracker is not None or self._chains or self.error is not None
+                or self._resubmit or self.lock is not None or not isinstance(ring, SplitQueue)):
             return None
         w = ring.kernel
         if w is None or ring.log is not None:
@@ -269,10 +270,12 @@ class DeviceQueue:
         except RingError as e:
             self.error = e
             return None
-        if n <= 0:
-            return None
-        k = kernel(w.ctx, ctx, ring.last_avail, n, ring.used_idx % ring.size, *args)
+        if self._ppid is not None:
+            self._check_parent()  # the kernel stores into guest memory
+        k = kernel(w.ctx, ctx, ring.last_avail, max(n, 0), ring.used_idx % ring.size, *args)
         if k:
+            if self._ppid is not None:
+                self._check_parent()
             ring.last_avail = (ring.last_avail + k) & 0xFFFF
             ring.used_idx = (ring.used_idx + k) & 0xFFFF
             self.popped += k

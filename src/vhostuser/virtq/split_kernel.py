@@ -61,9 +61,9 @@ def load() -> bool:
 
 
 def cache_dir() -> str:
-    """Numba's cache unless NUMBA_CACHE_DIR says otherwise: a directory of ours under the
-    user's cache (never beside the sources, which a read-only install cannot write). It is
-    read when numba is imported: whoever imports a kernel module first sets it."""
+    """Our default for NUMBA_CACHE_DIR (callers `setdefault` it): a directory of ours under
+    the user's cache, never beside the sources, which a read-only install cannot write.
+    Numba reads it when it is imported: whoever imports a kernel module first sets it."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                         "vhostuser-numba")
 
