@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from ..devices.net_frames import FX_DATA, FX_DATA_LEN, FX_LENS, FX_OFFS
-from ..virtq.views_jit import f64s, i32s, i64s, u8s, u64s
+from ..virtq.views_jit import f64s, i32s, i64s, load_u64, u8s, u64s
 from .mac_table import PRESENT, SLOTS_LOG2
 
 SHIFT = np.uint64(64 - SLOTS_LOG2)
@@ -40,11 +40,11 @@ def _slot(keys: Any, multiplier: Any, key: Any) -> Any:
 
 
 @njit(cache=True, nogil=True)
-def _same_addresses(data: Any, a: int, b: int) -> bool:
-    for j in range(12):  # noqa: SIM110 - a loop numba compiles (not a generator)
-        if data[a + j] != data[b + j]:
-            return False
-    return True
+def _same_addresses(base: Any, a: int, b: int) -> bool:
+    """Whether the 12 bytes at `base + a` and `base + b` are equal (as bytes 0-7 and 4-11:
+    two loads each, where a loop over bytes cost four times as much)."""
+    pa, pb = base + np.uintp(a), base + np.uintp(b)
+    return bool(load_u64(pa) == load_u64(pb) and load_u64(pa + 4) == load_u64(pb + 4))
 
 
 @njit(cache=True, nogil=True)
@@ -59,13 +59,14 @@ def route(data: Any, offs: Any, lens: Any, keys: Any, ports: Any, expiry: Any, c
     `lens` are of one length (route.py makes them so)."""
     hairpins = 0
     prev = -1
+    base = np.uintp(data.ctypes.data)
     for f in range(dest.shape[0]):
         at = offs[f]
         if at < 0 or lens[f] < 12 or at > data.shape[0] - 12:
             dest[f] = SHORT
             prev = -1
             continue
-        if prev >= 0 and _same_addresses(data, at, prev):
+        if prev >= 0 and _same_addresses(base, at, prev):
             # as the frame before (learning its source again changes nothing, and the
             # table is as that frame's look-up left it): a flow's frames come in a row
             dest[f] = dest[f - 1]

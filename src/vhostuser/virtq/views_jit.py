@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -80,3 +81,16 @@ def f64s(addr: Any, n: Any) -> Any:
 @njit(cache=True, nogil=True, inline="always")
 def i32s(addr: Any, n: Any) -> Any:
     return carray(_pointer(np.uintp(addr)), (np.intp(n),), np.int32)
+
+
+def _load_u64_typer(typingctx: Any, addr: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(ptr, align=1)  # (align 1: any address is fine)
+
+    return types.uint64(types.uintp), codegen
+
+
+# load_u64(address): the 8 bytes there as a native-endian integer, at any alignment (one
+# load, where comparing bytes one by one takes a loop)
+load_u64: Any = intrinsic(_load_u64_typer)
