@@ -39,6 +39,6 @@ class Limited:
                 return
             self._hidden = 0
         if hidden:
-            self.logger.log(level, "%s (%d times so far)", msg % args, count)
+            self.logger.log(level, msg + " (%d times so far)", *args, count)
         else:
             self.logger.log(level, msg, *args)

@@ -88,7 +88,7 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
             if q.popped != before:
                 q.notify()
                 return taken
-            n = 1  # it stopped before this chain: the loop below takes it
+            n = 1  # it stopped before this chain (or had no room): the loop below
     burst = q.pop_direct(n)
     if burst is not None:
         return _take_direct(q, burst, dev, c)

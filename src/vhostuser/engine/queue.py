@@ -251,9 +251,11 @@ class DeviceQueue:
                    limit: int) -> int | None:
         """`serve_split` in its usual case, with its chains published at once: a compiled
         kernel, `kernel(the ring's context, ctx, first avail slot, n, first used slot,
-        *args)`, serves up to `limit` of the chains available (n may be 0: none is) and
-        returns how many. None where this may not be used — where `serve_split` may not,
-        or with an in-flight area or completions staged: then `serve_split`, or chains.
+        *args)`, serves up to `limit` of the chains available (n may be 0: none is, or
+        the device holds a ring's worth) and returns how many. None where this may not be
+        used — where `serve_split` may not, or with an in-flight area or completions
+        staged — or the ring broke the rules (`error` is set): then `serve_split`, or
+        chains.
         A caller that completes more chains itself afterwards publishes (and may notify)
         once more at its `notify`. One function on purpose: it runs once per burst, where
         each call more costs (bench/RESULTS.md, net_dpdk 2026-12-02)."""

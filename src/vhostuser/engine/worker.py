@@ -723,7 +723,8 @@ def run_queue(q: DeviceQueue, kicked: Callable[[DeviceQueue], None],
     control channel, so a guest that keeps the ring full starves none of them and a STOP
     is answered within a batch). IDLE: nothing was there, or the device took nothing
     although chains are there (buffers for data it does not have yet); kicks are on again.
-    ParentGone comes out of `q.notify` before anything is stored once the parent is gone."""
+    ParentGone comes out of `q.notify` (or, for a kernel that publishes at once, out of
+    `kicked`: DeviceQueue.run_kernel) before anything is stored once the parent is gone."""
     clock = time.perf_counter
     end = clock() + budget
     did = False
