@@ -297,21 +297,11 @@ def _put_complete(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> 
     mrg = bool(dev.negotiated & F_MRG_RXBUF)
     max_frame = dev.max_frame()
     if net_kernel.available():  # (it looks at what is available itself)
-        done = net_kernel.put(q, dev, c, frames, mrg)
-        if done == len(frames):  # the usual case
+        left = _put_compiled(q, dev, c, frames, lambda one: _put_one(
+            q, dev, c, one[0], q.available(), rx_header(dev.hdr_len, 1), mrg, max_frame))
+        if left is None:
             return
-        if done is not None:  # it stopped before frame `done`: in turns with the reference
-
-            def reference(one: Frames) -> None:
-                _put_one(q, dev, c, one[0], q.available(), rx_header(dev.hdr_len, 1), mrg,
-                         max_frame)
-
-            reference(frames.pick(slice(done, done + 1)))
-            left = _put_compiled(q, dev, c, frames.pick(slice(done + 1, None)), reference)
-            if left is None:
-                return
-            frames = left
-        # (None: the kernel cannot serve the queue now; the paths below do)
+        frames = left
     hdr1 = rx_header(dev.hdr_len, 1)
     avail = q.available()
     if not avail:  # no buffer at all: every frame dropped (counted as the loop would)

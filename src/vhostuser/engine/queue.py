@@ -257,16 +257,16 @@ class DeviceQueue:
         staged — or the ring broke the rules (`error` is set): then `serve_split`, or
         chains.
         A caller that completes more chains itself afterwards publishes (and may notify)
-        once more at its `notify`. One function on purpose: it runs once per burst, where
-        each call more costs (bench/RESULTS.md, net_dpdk 2026-12-02)."""
-        ring = self.ring
-        # `compiled`'s conditions, inline (keep them in step), and this case's
+        once more at its `notify`. It runs once per burst, where each call more costs
+        (bench/RESULTS.md, net_dpdk 2026-12-02): the staging and publishing of
+        `serve_split` and `notify` are done here, in one function."""
         if (self.tracker is not None or self._chains or self.error is not None
-                or self._resubmit or self.lock is not None or not isinstance(ring, SplitQueue)):
+                or not self.compiled()):
             return None
+        ring = self.ring
+        assert isinstance(ring, SplitQueue)  # (compiled says so)
         w = ring.kernel
-        if w is None or ring.log is not None:
-            return None
+        assert w is not None
         try:
             n = min(limit, ring.available(), ring.size - (self.popped - self.completed))
         except RingError as e:
