@@ -237,7 +237,8 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     s = seed()
     rng = random.Random(s)
     rig = Rig(rng, size, event_idx, int(features), mtu)
-    counts = {"take": 0, "put": 0, "offloads": 0, "offloads_put": 0, "checked": 0}
+    counts = {"take": 0, "put": 0, "offloads": 0, "offloads_put": 0, "checked": 0,
+              "bursts": 0}
     real_take, real_put = net_kernel.take, net_kernel.put
 
     def take(*args: object) -> Frames | None:
@@ -257,11 +258,29 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
             counts["offloads_put"] += c.tx_packets - before  # type: ignore[attr-defined]
         return done
 
+    real_take_burst, real_put_burst = net_kernel.take_burst, net_kernel.put_burst
+
+    def take_burst(*args: object) -> Frames | None:
+        out = real_take_burst(*args)  # type: ignore[arg-type]
+        counts["take"] += len(out) if out is not None else 0
+        counts["bursts"] += out is not None and len(out) > 0
+        return out
+
+    def put_burst(*args: object) -> int | None:
+        c = args[2]
+        before = c.tx_packets  # type: ignore[attr-defined]
+        done = real_put_burst(*args)  # type: ignore[arg-type]
+        counts["put"] += c.tx_packets - before  # type: ignore[attr-defined]
+        counts["bursts"] += done is not None and done > 0
+        return done
+
     total = {"take": 0, "put": 0}
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(net_kernel, "take", take)
             mp.setattr(net_kernel, "put", put)
+            mp.setattr(net_kernel, "take_burst", take_burst)
+            mp.setattr(net_kernel, "put_burst", put_burst)
             last = rig.drv.avail_idx
             for round_ in range(3000 // size):
                 kind = rng.choice(["take", "put"])
@@ -311,6 +330,8 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
             continue  # as it is: frame by frame (the reference), and that is right
         assert counts[kind] > total[kind] // 3, (
             f"seed {s}: the {kind} kernel handled few frames ({counts[kind]} of {total[kind]})")
+    if not features & F_CSUM:  # bursts of complete frames: in one call (the usual case)
+        assert counts["bursts"] > 5, f"seed {s}: {counts['bursts']} bursts in one call"
     if features & F_CSUM:  # the transmit kernel took (and checked) frames with headers
         assert counts["offloads"] > 5, f"seed {s}: {counts['offloads']} offload frames"
         assert counts["checked"] > 5, f"seed {s}: the kernel checked {counts['checked']}"

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..virtq.split_kernel import available as walk_available
-from .net_frames import Frames, frames_ctx
-from .net_offload import HDR_SIZE, MAX_GSO_FRAME
+from .net_frames import EMPTY, Frames, frames_ctx
+from .net_offload import F_CSUM, HDR_SIZE, MAX_GSO_FRAME
 
 Check = Callable[[bytes, bytes], "bytes | None"]  # (header, frame) -> its header, or None
 
@@ -160,6 +160,34 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     return frames
 
 
+def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None:
+    """`take` in its usual case, in one call for a caller that counts each (the switch,
+    where each Python call a burst makes costs: bench/RESULTS.md, net_dpdk 2026-12-02
+    04:50): no offloads negotiated, the port's frame array made for its ring and frame
+    size, the kernel free to publish at once (`DeviceQueue.run_kernel`). The frames of up
+    to `limit` chains, published (valid until the port takes again); EMPTY where none is
+    available; None where it is not that case, or the kernel stopped before the first
+    chain: net_rings.take_frames then serves (the reference; nothing was taken)."""
+    arena: _Arena | None = dev.tx_arena
+    if _jit is None or arena is None or dev.negotiated & F_CSUM:
+        return None
+    max_frame = dev.max_frame()
+    if len(arena.offs) < q.ring.size or len(arena.data) < ARENA + dev.hdr_len + max_frame:
+        return None
+    n = q.available()
+    if not n:
+        return None if q.error is not None else EMPTY
+    if not q.run_kernel(_jit.take_at, arena.ctx, (dev.hdr_len, max_frame, False),
+                        min(n, limit)):
+        return None
+    _, _, kept, nbytes, dropped, *_ = _scratch.out.tolist()
+    if dropped:
+        _scratch.results(c)  # (counted and cleared)
+    c.rx_packets += kept
+    c.rx_bytes += nbytes
+    return Frames(arena.data, arena.offs[:kept], arena.lens[:kept], ctx=arena.fx)
+
+
 def _checked(frames: Frames, asks: np.ndarray, hl: int, c: Counters,
              check: Check) -> Frames:
     """`frames` (their headers as the kernel left them) with the headers it did not check
@@ -211,6 +239,26 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     if csum:
         c.offloads["tx_csum"] += csum
     return handled
+
+
+def put_burst(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames,
+              mrg: bool) -> int | None:
+    """`put` in its usual case, in one call (as `take_burst`): complete frames, the kernel
+    free to publish at once. How many of `frames` it handled (those behind: net_rings.
+    put_frames, the reference), or None where it is not that case (nothing done)."""
+    if _jit is None or frames.vnet is not None:
+        return None
+    nframes = min(len(frames.offs), len(frames.lens))
+    if q.run_kernel(_jit.put_at, _scratch.ctx, (dev.hdr_len, mrg, dev.max_frame(),
+                                                frames.kernel_ctx(), nframes, False),
+                    q.ring.size) is None:
+        return None
+    _, handled, delivered, nbytes, dropped, *_ = _scratch.out.tolist()
+    if dropped:
+        _scratch.results(c)  # (counted and cleared)
+    c.tx_packets += delivered
+    c.tx_bytes += nbytes
+    return int(handled)
 
 
 def _serve(q: DeviceQueue, kernel: Any, ctx: Any, args: tuple[Any, ...], limit: int,

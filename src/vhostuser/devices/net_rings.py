@@ -74,8 +74,12 @@ class Counters:
 def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     """Frames the guest transmitted on `q` (at most a burst); the buffers go back to the
     guest at once (notified). Invalid frames are dropped and counted. The compiled kernel
-    (net_kernel.py) takes what it can; bursts of one-descriptor chains take the numpy
-    path; the loop below is the reference for both."""
+    (net_kernel.py) takes what it can (the usual burst in one call: `take_burst`);
+    bursts of one-descriptor chains take the numpy path; the loop below is the reference
+    for both."""
+    taken = net_kernel.take_burst(q, dev, c, MAX_BURST)
+    if taken is not None:
+        return taken
     n = min(q.available(), MAX_BURST)  # (an idle queue costs one look)
     if not n:
         return EMPTY
@@ -203,7 +207,11 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
 def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
     """Deliver `frames` into receive queue `q` (notified), dropping what does not fit."""
     if frames.vnet is None:
-        _put_complete(q, dev, c, frames)
+        # the usual burst in one call (net_kernel.put_burst), else from where it stopped
+        done = net_kernel.put_burst(q, dev, c, frames, bool(dev.negotiated & F_MRG_RXBUF))
+        if done == len(frames):
+            return
+        _put_complete(q, dev, c, frames if not done else frames.pick(slice(done, None)))
     else:
         _put_offloaded(q, dev, c, frames)
     q.notify()

@@ -68,15 +68,17 @@ class Switch:
 
     # -- forwarding ----------------------------------------------------------------------------
 
-    def forward(self, ingress: Port, frames: Frames) -> None:
+    def forward(self, ingress: Port, frames: Frames, at: int | None = None) -> None:
         """Learn the burst's source MACs at `ingress` and send each frame where its
         destination says, as if frame by frame: learn its source, then look its
         destination up (a known unicast goes to its port, never back to the ingress;
-        the rest floods). Compiled where the kernel is on (route.py), else with arrays."""
+        the rest floods). Compiled where the kernel is on (route.py), else with arrays.
+        `at`: the index of `ingress` in `ports`, where the caller knows it."""
         if not len(frames):
             return
         now = time.monotonic()
-        at = self.ports.index(ingress)
+        if at is None:
+            at = self.ports.index(ingress)
         if route.available():
             dest, hairpins, common = route.route(frames, self.table, at, now, now + self.aging)
             if hairpins:
@@ -160,13 +162,13 @@ class Switch:
     def pump(self) -> bool:
         """Move one burst from every port that has frames; returns whether any moved."""
         did = False
-        for port in self.vports:
+        for at, port in enumerate(self.vports):  # (the first of `ports`)
             try:
                 for iq in port.tx_queues():
                     frames = port.take_tx(iq)
                     if frames:
                         did = True
-                        self.forward(port, frames)
+                        self.forward(port, frames, at)
                 if port.device.announce:
                     announce, port.device.announce = port.device.announce, []
                     self.forward(port, Frames.of(announce))

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..appliance.vvu_link import VvuLink
-from ..devices.net import NetPort
+from ..devices import net_kernel
+from ..devices.net import F_MRG_RXBUF, NetPort
 from ..devices.net_frames import Frames
-from ..devices.net_rings import put_frames, take_frames
+from ..devices.net_rings import MAX_BURST, put_frames, take_frames
 from ..engine.backend import Backend
 from ..engine.device import Carried, Device
 from ..engine.notify import Notifier
@@ -311,24 +312,32 @@ class VhostPort(Port):
         return self._rx
 
     def take_tx(self, iq: InlineQueue) -> Frames:
-        """Frames the guest transmitted on `iq` (at most a burst)."""
-        frames = take_frames(iq.q, self.device, self.counters)
-        iq.check()
+        """Frames the guest transmitted on `iq` (at most a burst): the usual burst in one
+        call (net_kernel.take_burst), else take_frames (which also tries that first)."""
+        frames = net_kernel.take_burst(iq.q, self.device, self.counters, MAX_BURST)
+        if frames is None:
+            frames = take_frames(iq.q, self.device, self.counters)
+            iq.check()
         return frames
 
     def deliver(self, frames: Frames) -> None:
-        rx = self.rx_queues()
+        rx = self._rx if self._rx is not None else self.rx_queues()
+        if len(rx) == 1:  # the usual burst in one call (net_kernel.put_burst), else put_frames
+            q, dev = rx[0].q, self.device
+            done = net_kernel.put_burst(q, dev, self.counters, frames,
+                                        bool(dev.negotiated & F_MRG_RXBUF))
+            if done != len(frames):
+                put_frames(q, dev, self.counters,
+                           frames if not done else frames.pick(slice(done, None)))
+                rx[0].check()
+            return
         if not rx:
             self.counters.drops["port_down"] += len(frames)
             return
-        groups: dict[int, Frames]
-        if len(rx) == 1:
-            groups = {0: frames}
-        else:  # spread flows over the rx queues, each in order
-            which = flow_hash(frames) % len(rx)
-            groups = {int(i): frames.pick(which == i) for i in np.unique(which)}
-        for i, fl in groups.items():
-            put_frames(rx[i].q, self.device, self.counters, fl)
+        # spread flows over the rx queues, each in order
+        which = flow_hash(frames) % len(rx)
+        for i in np.unique(which).tolist():
+            put_frames(rx[i].q, self.device, self.counters, frames.pick(which == i))
             rx[i].check()
 
     def status(self) -> dict[str, object]:
