@@ -161,22 +161,24 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
 
 
 def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None:
-    """`take` in its usual case, in one call for a caller that counts each (the switch,
-    where each Python call a burst makes costs: bench/RESULTS.md, net_dpdk 2026-12-02
-    04:50): no offloads negotiated, the port's frame array made for its ring and frame
-    size, the kernel free to publish at once (`DeviceQueue.run_kernel`). The frames of up
-    to `limit` chains, published (valid until the port takes again); EMPTY where none is
-    available; None where it is not that case, or the kernel stopped before the first
-    chain: net_rings.take_frames then serves (the reference; nothing was taken)."""
+    """`take` where no checksum offload is negotiated (F_CSUM, which Linux guests take:
+    theirs go through `take`), in one call for a caller that counts each (the switch,
+    where each Python call a burst makes costs: bench/RESULTS.md, net_dpdk
+    2026-12-02 04:31): the port's frame array made for its ring and frame size, the kernel free
+    to publish at once (`DeviceQueue.run_kernel`). The frames of up to `limit` chains,
+    published (valid until the port takes again); EMPTY where none is available; None
+    where it is not that case, or the kernel stopped before the first chain (nothing was
+    taken): net_rings.take_rest then serves. It never returns frames with the ring's
+    error set (run_kernel sets it only where it returns None)."""
     arena: _Arena | None = dev.tx_arena
     if _jit is None or arena is None or dev.negotiated & F_CSUM:
-        return None
-    max_frame = dev.max_frame()
-    if len(arena.offs) < q.ring.size or len(arena.data) < ARENA + dev.hdr_len + max_frame:
         return None
     n = q.available()
     if not n:
         return None if q.error is not None else EMPTY
+    max_frame = dev.max_frame()
+    if len(arena.offs) < q.ring.size or len(arena.data) < ARENA + dev.hdr_len + max_frame:
+        return None
     if not q.run_kernel(_jit.take_at, arena.ctx, (dev.hdr_len, max_frame, False),
                         min(n, limit)):
         return None
@@ -243,9 +245,11 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
 
 def put_burst(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames,
               mrg: bool) -> int | None:
-    """`put` in its usual case, in one call (as `take_burst`): complete frames, the kernel
-    free to publish at once. How many of `frames` it handled (those behind: net_rings.
-    put_frames, the reference), or None where it is not that case (nothing done)."""
+    """`put` for complete frames, in one call (as `take_burst`), the kernel free to publish
+    at once. How many of `frames` it handled, published (those behind it stopped before:
+    net_rings.put_rest), or None where it is not that case (nothing done, nothing left
+    staged: run_kernel publishes what a kernel served, and sets the ring's error only
+    where it returns None)."""
     if _jit is None or frames.vnet is not None:
         return None
     nframes = min(len(frames.offs), len(frames.lens))

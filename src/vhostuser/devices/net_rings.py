@@ -1,6 +1,7 @@
 """The virtio-net data path on the device side: frames out of a transmit queue, frames into
 a receive queue (virtio 1.x §5.1.6), with the counters a port keeps. Whoever moves the
-frames (the switch, a TAP) calls these with the queues the engine runs.
+frames (the switch, a TAP) calls these with the queues the engine runs (the switch's
+ports try net_kernel.py's one-call bursts first, then `take_rest` and `put_rest`).
 
 Transmit: every chain is one frame behind the virtio-net header; a frame whose header asks
 for an offload not negotiated (or does not match its packet: net_offload.py), a runt, an
@@ -78,8 +79,11 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     bursts of one-descriptor chains take the numpy path; the loop below is the reference
     for both."""
     taken = net_kernel.take_burst(q, dev, c, MAX_BURST)
-    if taken is not None:
-        return taken
+    return take_rest(q, dev, c) if taken is None else taken
+
+
+def take_rest(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
+    """`take_frames` where net_kernel.take_burst did not serve."""
     n = min(q.available(), MAX_BURST)  # (an idle queue costs one look)
     if not n:
         return EMPTY
@@ -205,13 +209,21 @@ def _take_direct(q: DeviceQueue, b: DirectBurst, dev: NetPort, c: Counters) -> F
 
 
 def put_frames(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames) -> None:
-    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit."""
+    """Deliver `frames` into receive queue `q` (notified), dropping what does not fit. A
+    burst of complete frames goes in one call where it can (net_kernel.put_burst)."""
+    done = net_kernel.put_burst(q, dev, c, frames, bool(dev.negotiated & F_MRG_RXBUF))
+    if done != len(frames):
+        put_rest(q, dev, c, frames, done)
+
+
+def put_rest(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames,
+             done: int | None) -> None:
+    """`put_frames` where net_kernel.put_burst delivered the first `done` frames (None:
+    it did not serve)."""
+    if done:
+        frames = frames.pick(slice(done, None))
     if frames.vnet is None:
-        # the usual burst in one call (net_kernel.put_burst), else from where it stopped
-        done = net_kernel.put_burst(q, dev, c, frames, bool(dev.negotiated & F_MRG_RXBUF))
-        if done == len(frames):
-            return
-        _put_complete(q, dev, c, frames if not done else frames.pick(slice(done, None)))
+        _put_complete(q, dev, c, frames)
     else:
         _put_offloaded(q, dev, c, frames)
     q.notify()

@@ -45,7 +45,7 @@ class Switch:
                  poll_us: int = 200) -> None:
         if not ports:
             raise ValueError("a switch needs at least one vhost-user port")
-        self.vports = ports
+        self.vports = list(ports)
         self.tap = tap
         self.ports: list[Port] = [*ports, *([tap] if tap else [])]
         self.control_path = control_path
@@ -171,7 +171,7 @@ class Switch:
                         self.forward(port, frames, at)
                 if port.device.announce:
                     announce, port.device.announce = port.device.announce, []
-                    self.forward(port, Frames.of(announce))
+                    self.forward(port, Frames.of(announce), at)
             except Exception:  # a bug on one port's data path ends that port's connection
                 log.exception("%s: internal error on the data path; dropping the front-end",
                               port.name)

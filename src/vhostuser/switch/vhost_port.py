@@ -18,7 +18,7 @@ from ..appliance.vvu_link import VvuLink
 from ..devices import net_kernel
 from ..devices.net import F_MRG_RXBUF, NetPort
 from ..devices.net_frames import Frames
-from ..devices.net_rings import MAX_BURST, put_frames, take_frames
+from ..devices.net_rings import MAX_BURST, put_frames, put_rest, take_rest
 from ..engine.backend import Backend
 from ..engine.device import Carried, Device
 from ..engine.notify import Notifier
@@ -312,29 +312,30 @@ class VhostPort(Port):
         return self._rx
 
     def take_tx(self, iq: InlineQueue) -> Frames:
-        """Frames the guest transmitted on `iq` (at most a burst): the usual burst in one
-        call (net_kernel.take_burst), else take_frames (which also tries that first)."""
+        """Frames the guest transmitted on `iq` (at most a burst): take_frames, with its
+        usual burst in one call (net_kernel.take_burst)."""
         frames = net_kernel.take_burst(iq.q, self.device, self.counters, MAX_BURST)
         if frames is None:
-            frames = take_frames(iq.q, self.device, self.counters)
+            frames = take_rest(iq.q, self.device, self.counters)
             iq.check()
         return frames
 
     def deliver(self, frames: Frames) -> None:
-        rx = self._rx if self._rx is not None else self.rx_queues()
-        if len(rx) == 1:  # the usual burst in one call (net_kernel.put_burst), else put_frames
+        """Frames into the guest's receive queues (dropped where it has none running):
+        put_frames, with its usual burst in one call (net_kernel.put_burst); flows spread
+        over several queues, each in order."""
+        rx = self.rx_queues()
+        if len(rx) == 1:
             q, dev = rx[0].q, self.device
             done = net_kernel.put_burst(q, dev, self.counters, frames,
                                         bool(dev.negotiated & F_MRG_RXBUF))
             if done != len(frames):
-                put_frames(q, dev, self.counters,
-                           frames if not done else frames.pick(slice(done, None)))
+                put_rest(q, dev, self.counters, frames, done)
                 rx[0].check()
             return
         if not rx:
             self.counters.drops["port_down"] += len(frames)
             return
-        # spread flows over the rx queues, each in order
         which = flow_hash(frames) % len(rx)
         for i in np.unique(which).tolist():
             put_frames(rx[i].q, self.device, self.counters, frames.pick(which == i))
