@@ -140,11 +140,42 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     arena: _Arena | None = dev.tx_arena
     size = ARENA + dev.hdr_len + (max(MAX_GSO_FRAME, max_frame) if offloads else max_frame)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
-        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
-    hl = dev.hdr_len
-    out = _serve(q, _jit.take_at, arena.ctx, (hl, max_frame, offloads), limit, c)
-    if out is None:
+        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))  # (take_burst: same)
+    out = _serve(q, _jit.take_at, arena.ctx, (dev.hdr_len, max_frame, offloads), limit, c)
+    return None if out is None else _taken(arena, out, dev.hdr_len, c, check)
+
+
+def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
+               check: Check | None) -> Frames | None:
+    """`take` in one call for a caller that counts each (the switch, where each Python
+    call a burst makes costs: bench/RESULTS.md, net_dpdk 2026-12-02 04:31): the port's
+    frame array made for its ring and frame size, the kernel free to publish at once
+    (`DeviceQueue.run_kernel`). `check` as for `take`, given exactly where F_CSUM is
+    negotiated. The frames of up to `limit` chains, published (valid until the port
+    takes again); EMPTY where none is available; None where it is not that case, or the
+    kernel stopped before the first chain (nothing was taken): net_rings.take_rest then
+    serves. It never returns frames with the ring's error set (run_kernel sets it only
+    where it returns None)."""
+    arena: _Arena | None = dev.tx_arena
+    offloads = check is not None
+    if _jit is None or arena is None or offloads != bool(dev.negotiated & F_CSUM):
         return None
+    n = q.available()
+    if not n:
+        return None if q.error is not None else EMPTY
+    max_frame = dev.max_frame()
+    hl = dev.hdr_len
+    if len(arena.offs) < q.ring.size or len(arena.data) < ARENA + hl + (
+            max(MAX_GSO_FRAME, max_frame) if offloads else max_frame):
+        return None
+    if not q.run_kernel(_jit.take_at, arena.ctx, (hl, max_frame, offloads), min(n, limit)):
+        return None
+    return _taken(arena, _scratch.results(c), hl, c, check)
+
+
+def _taken(arena: _Arena, out: list[int], hl: int, c: Counters,
+           check: Check | None) -> Frames:
+    """The frames the transmit kernel took into `arena` (its outputs `out`), counted."""
     _, _, kept, nbytes, _, asked, checked, _, _ = out
     c.rx_packets += kept
     c.rx_bytes += nbytes
@@ -158,36 +189,6 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
         assert check is not None  # (the kernel passes on such frames only then)
         return _checked(frames, arena.asks[:kept], hl, c, check)
     return frames
-
-
-def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int) -> Frames | None:
-    """`take` where no checksum offload is negotiated (F_CSUM, which Linux guests take:
-    theirs go through `take`), in one call for a caller that counts each (the switch,
-    where each Python call a burst makes costs: bench/RESULTS.md, net_dpdk
-    2026-12-02 04:31): the port's frame array made for its ring and frame size, the kernel free
-    to publish at once (`DeviceQueue.run_kernel`). The frames of up to `limit` chains,
-    published (valid until the port takes again); EMPTY where none is available; None
-    where it is not that case, or the kernel stopped before the first chain (nothing was
-    taken): net_rings.take_rest then serves. It never returns frames with the ring's
-    error set (run_kernel sets it only where it returns None)."""
-    arena: _Arena | None = dev.tx_arena
-    if _jit is None or arena is None or dev.negotiated & F_CSUM:
-        return None
-    n = q.available()
-    if not n:
-        return None if q.error is not None else EMPTY
-    max_frame = dev.max_frame()
-    if len(arena.offs) < q.ring.size or len(arena.data) < ARENA + dev.hdr_len + max_frame:
-        return None
-    if not q.run_kernel(_jit.take_at, arena.ctx, (dev.hdr_len, max_frame, False),
-                        min(n, limit)):
-        return None
-    _, _, kept, nbytes, dropped, *_ = _scratch.out.tolist()
-    if dropped:
-        _scratch.results(c)  # (counted and cleared)
-    c.rx_packets += kept
-    c.rx_bytes += nbytes
-    return Frames(arena.data, arena.offs[:kept], arena.lens[:kept], ctx=arena.fx)
 
 
 def _checked(frames: Frames, asks: np.ndarray, hl: int, c: Counters,

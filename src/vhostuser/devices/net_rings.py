@@ -78,19 +78,27 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     (net_kernel.py) takes what it can (the usual burst in one call: `take_burst`);
     bursts of one-descriptor chains take the numpy path; the loop below is the reference
     for both."""
-    taken = net_kernel.take_burst(q, dev, c, MAX_BURST)
-    return take_rest(q, dev, c) if taken is None else taken
+    check = tx_check(q, dev, c)
+    taken = net_kernel.take_burst(q, dev, c, MAX_BURST, check)
+    return take_rest(q, dev, c, check) if taken is None else taken
 
 
-def take_rest(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
-    """`take_frames` where net_kernel.take_burst did not serve."""
+def tx_check(q: DeviceQueue, dev: NetPort, c: Counters) -> net_kernel.Check | None:
+    """What the transmit kernel is given to check a header that asks for an offload
+    (`_offload`), where F_CSUM is negotiated (which every other transmit offload needs);
+    else None."""
+    return functools.partial(_offload, q, dev, c) if dev.negotiated & F_CSUM else None
+
+
+def take_rest(q: DeviceQueue, dev: NetPort, c: Counters,
+              check: net_kernel.Check | None) -> Frames:
+    """`take_frames` where net_kernel.take_burst did not serve (`check`: `tx_check`'s)."""
     n = min(q.available(), MAX_BURST)  # (an idle queue costs one look)
     if not n:
         return EMPTY
     offloads = dev.negotiated & F_CSUM  # (which every other transmit offload needs)
     if net_kernel.available():
         before = q.popped
-        check = functools.partial(_offload, q, dev, c) if offloads else None
         taken = net_kernel.take(q, dev, c, n, check)
         if taken is not None:
             if q.popped != before:

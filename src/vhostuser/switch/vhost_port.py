@@ -18,7 +18,8 @@ from ..appliance.vvu_link import VvuLink
 from ..devices import net_kernel
 from ..devices.net import F_MRG_RXBUF, NetPort
 from ..devices.net_frames import Frames
-from ..devices.net_rings import MAX_BURST, put_frames, put_rest, take_rest
+from ..devices.net_kernel import Check
+from ..devices.net_rings import MAX_BURST, put_frames, put_rest, take_rest, tx_check
 from ..engine.backend import Backend
 from ..engine.device import Carried, Device
 from ..engine.notify import Notifier
@@ -46,6 +47,8 @@ class InlineQueue:
         self.port, self.q, self.index = port, q, q.index
         self.kick_fd, self.err = kick_fd, err
         self.broken = False
+        self.checks: tuple[int, Check | None] | None = None  # a transmit queue's: the
+        # features negotiated, and net_rings.tx_check's for them (made once)
 
     @property
     def is_tx(self) -> bool:
@@ -314,9 +317,13 @@ class VhostPort(Port):
     def take_tx(self, iq: InlineQueue) -> Frames:
         """Frames the guest transmitted on `iq` (at most a burst): take_frames, with its
         usual burst in one call (net_kernel.take_burst)."""
-        frames = net_kernel.take_burst(iq.q, self.device, self.counters, MAX_BURST)
+        q, dev = iq.q, self.device
+        checks = iq.checks
+        if checks is None or checks[0] != dev.negotiated:
+            checks = iq.checks = (dev.negotiated, tx_check(q, dev, self.counters))
+        frames = net_kernel.take_burst(q, dev, self.counters, MAX_BURST, checks[1])
         if frames is None:
-            frames = take_rest(iq.q, self.device, self.counters)
+            frames = take_rest(q, dev, self.counters, checks[1])
             iq.check()
         return frames
 
