@@ -138,9 +138,9 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     max_frame = dev.max_frame()
     offloads = check is not None
     arena: _Arena | None = dev.tx_arena
-    size = ARENA + dev.hdr_len + (max(MAX_GSO_FRAME, max_frame) if offloads else max_frame)
+    size = _arena_size(dev.hdr_len, max_frame, offloads)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
-        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))  # (take_burst: same)
+        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
     out = _serve(q, _jit.take_at, arena.ctx, (dev.hdr_len, max_frame, offloads), limit, c)
     return None if out is None else _taken(arena, out, dev.hdr_len, c, check)
 
@@ -154,8 +154,9 @@ def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     negotiated. The frames of up to `limit` chains, published (valid until the port
     takes again); EMPTY where none is available; None where it is not that case, or the
     kernel stopped before the first chain (nothing was taken): net_rings.take_rest then
-    serves. It never returns frames with the ring's error set (run_kernel sets it only
-    where it returns None)."""
+    serves (which tries the kernel once more before its chain-by-chain loop). It never
+    returns frames with the ring's error set (run_kernel sets it only where it returns
+    None)."""
     arena: _Arena | None = dev.tx_arena
     offloads = check is not None
     if _jit is None or arena is None or offloads != bool(dev.negotiated & F_CSUM):
@@ -165,12 +166,18 @@ def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
         return None if q.error is not None else EMPTY
     max_frame = dev.max_frame()
     hl = dev.hdr_len
-    if len(arena.offs) < q.ring.size or len(arena.data) < ARENA + hl + (
-            max(MAX_GSO_FRAME, max_frame) if offloads else max_frame):
-        return None
+    if len(arena.offs) < q.ring.size or len(arena.data) < _arena_size(hl, max_frame,
+                                                                      offloads):
+        return None  # (`take` makes it)
     if not q.run_kernel(_jit.take_at, arena.ctx, (hl, max_frame, offloads), min(n, limit)):
         return None
     return _taken(arena, _scratch.results(c), hl, c, check)
+
+
+def _arena_size(hl: int, max_frame: int, offloads: bool) -> int:
+    """Bytes a transmit burst's frame array needs (a GSO frame may be larger than any
+    frame the port's MTU allows)."""
+    return ARENA + hl + (max(MAX_GSO_FRAME, max_frame) if offloads else max_frame)
 
 
 def _taken(arena: _Arena, out: list[int], hl: int, c: Counters,

@@ -75,9 +75,9 @@ class Counters:
 def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     """Frames the guest transmitted on `q` (at most a burst); the buffers go back to the
     guest at once (notified). Invalid frames are dropped and counted. The compiled kernel
-    (net_kernel.py) takes what it can (the usual burst in one call: `take_burst`);
-    bursts of one-descriptor chains take the numpy path; the loop below is the reference
-    for both."""
+    (net_kernel.py) takes what it can (a burst in one call: `take_burst`, else in
+    `take_rest`); bursts of one-descriptor chains take the numpy path; `take_rest`'s
+    loop is the reference for both."""
     check = tx_check(q, dev, c)
     taken = net_kernel.take_burst(q, dev, c, MAX_BURST, check)
     return take_rest(q, dev, c, check) if taken is None else taken
@@ -97,6 +97,8 @@ def take_rest(q: DeviceQueue, dev: NetPort, c: Counters,
     if not n:
         return EMPTY
     offloads = dev.negotiated & F_CSUM  # (which every other transmit offload needs)
+    if (check is not None) != bool(offloads):  # (the kernel must check as this loop does)
+        check = tx_check(q, dev, c)
     if net_kernel.available():
         before = q.popped
         taken = net_kernel.take(q, dev, c, n, check)

@@ -48,7 +48,8 @@ class InlineQueue:
         self.kick_fd, self.err = kick_fd, err
         self.broken = False
         self.checks: tuple[int, Check | None] | None = None  # a transmit queue's: the
-        # features negotiated, and net_rings.tx_check's for them (made once)
+        # features negotiated, and net_rings.tx_check's for them (made again if they
+        # change)
 
     @property
     def is_tx(self) -> bool:
