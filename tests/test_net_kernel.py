@@ -241,12 +241,21 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
               "take_bursts": 0, "put_bursts": 0, "burst_offloads": 0}
     real_take, real_put = net_kernel.take, net_kernel.put
 
+    def taken(out: Frames | None) -> int:
+        """Count what a transmit kernel call took; how many go with a header."""
+        if out is None:
+            return 0
+        counts["take"] += len(out)
+        if out.vnet is None:
+            return 0
+        offloads = int(out.vnet[:, :2].any(axis=1).sum())  # frames that go with one
+        counts["offloads"] += offloads
+        counts["checked"] += int(net_kernel._scratch.out[net_serve_jit.CHECKED])
+        return offloads
+
     def take(*args: object) -> Frames | None:
         out = real_take(*args)  # type: ignore[arg-type]
-        counts["take"] += len(out) if out is not None else 0
-        if out is not None and out.vnet is not None:  # frames that go with their header
-            counts["offloads"] += int(out.vnet[:, :2].any(axis=1).sum())
-            counts["checked"] += int(net_kernel._scratch.out[net_serve_jit.CHECKED])
+        taken(out)
         return out
 
     def put(*args: object) -> int | None:
@@ -263,12 +272,7 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
     def take_burst(*args: object) -> Frames | None:
         out = real_take_burst(*args)  # type: ignore[arg-type]
         counts["take_bursts"] += out is not None and len(out) > 0
-        if out is not None and len(out):  # (as `take` counts them)
-            counts["take"] += len(out)
-            if out.vnet is not None:
-                counts["offloads"] += int(out.vnet[:, :2].any(axis=1).sum())
-                counts["burst_offloads"] += int(out.vnet[:, :2].any(axis=1).sum())
-                counts["checked"] += int(net_kernel._scratch.out[net_serve_jit.CHECKED])
+        counts["burst_offloads"] += taken(out)
         return out
 
     def put_burst(*args: object) -> int | None:

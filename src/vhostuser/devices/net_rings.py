@@ -78,9 +78,8 @@ def take_frames(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
     (net_kernel.py) takes what it can (a burst in one call: `take_burst`, else in
     `take_rest`); bursts of one-descriptor chains take the numpy path; `take_rest`'s
     loop is the reference for both."""
-    check = tx_check(q, dev, c)
-    taken = net_kernel.take_burst(q, dev, c, MAX_BURST, check)
-    return take_rest(q, dev, c, check) if taken is None else taken
+    taken = net_kernel.take_burst(q, dev, c, MAX_BURST, tx_check(q, dev, c))
+    return take_rest(q, dev, c) if taken is None else taken
 
 
 def tx_check(q: DeviceQueue, dev: NetPort, c: Counters) -> net_kernel.Check | None:
@@ -90,18 +89,15 @@ def tx_check(q: DeviceQueue, dev: NetPort, c: Counters) -> net_kernel.Check | No
     return functools.partial(_offload, q, dev, c) if dev.negotiated & F_CSUM else None
 
 
-def take_rest(q: DeviceQueue, dev: NetPort, c: Counters,
-              check: net_kernel.Check | None) -> Frames:
-    """`take_frames` where net_kernel.take_burst did not serve (`check`: `tx_check`'s)."""
+def take_rest(q: DeviceQueue, dev: NetPort, c: Counters) -> Frames:
+    """`take_frames` where net_kernel.take_burst did not serve."""
     n = min(q.available(), MAX_BURST)  # (an idle queue costs one look)
     if not n:
         return EMPTY
     offloads = dev.negotiated & F_CSUM  # (which every other transmit offload needs)
-    if (check is not None) != bool(offloads):  # (the kernel must check as this loop does)
-        check = tx_check(q, dev, c)
     if net_kernel.available():
         before = q.popped
-        taken = net_kernel.take(q, dev, c, n, check)
+        taken = net_kernel.take(q, dev, c, n, tx_check(q, dev, c))
         if taken is not None:
             if q.popped != before:
                 q.notify()

@@ -324,7 +324,7 @@ class VhostPort(Port):
             checks = iq.checks = (dev.negotiated, tx_check(q, dev, self.counters))
         frames = net_kernel.take_burst(q, dev, self.counters, MAX_BURST, checks[1])
         if frames is None:
-            frames = take_rest(q, dev, self.counters, checks[1])
+            frames = take_rest(q, dev, self.counters)
             iq.check()
         return frames
 
