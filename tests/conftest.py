@@ -18,7 +18,7 @@ from daemon import Daemon
 
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq.guest_ram import GuestRam
-from vhostuser.virtq.split_kernel import cache_dir
+from vhostuser.virtq.kernel_walk import cache_dir
 
 # test modules import kernel modules (numba) directly: their cache goes where the daemons'
 # does, not into the source tree
@@ -81,6 +81,7 @@ MODULE_MARKERS = {
     "test_fs_migrate": ["daemon"],
     "test_layering": ["unit"],
     "test_split_kernel": ["unit"],
+    "test_packed_kernel": ["unit"],
     "test_blk_kernel": ["unit"],
     "test_net_kernel": ["unit"],
     "test_fs_threads": ["daemon"],
@@ -119,8 +120,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _WARM = """
 from vhostuser.devices import blk_kernel, net_kernel
 from vhostuser.switch import route
-from vhostuser.virtq import split_kernel
-split_kernel.warm()
+from vhostuser.virtq import kernel_walk
+kernel_walk.warm()
 assert blk_kernel.available() and net_kernel.available() and route.available()
 """
 

@@ -39,6 +39,7 @@ from vhostuser.engine.queue import DeviceQueue
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.inflight import ENTRY, QUEUE_HEADER, SplitInflight, queue_region_bytes
+from vhostuser.virtq.ring import DeviceRing
 from vhostuser.virtq.split import SplitQueue
 from vhostuser.virtq.split_driver import DriverRing
 
@@ -57,8 +58,8 @@ def _jit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class Rig(TwoRegions):
     def __init__(self, rng: random.Random, tmp: Path, read_only: bool, tracked: bool,
-                 size: int, event_idx: bool) -> None:
-        super().__init__(rng, RAM, size, event_idx)
+                 size: int, event_idx: bool, packed: bool = False) -> None:
+        super().__init__(rng, RAM, size, event_idx, packed)
         # each device's in-flight area (as QEMU gives one), kept from round to round
         self.areas = [bytearray(queue_region_bytes(size)) for _ in range(2)] if tracked else []
         image = rng.randbytes(IMAGE)
@@ -101,10 +102,10 @@ class Rig(TwoRegions):
         """Make up to a ring's worth of requests available."""
         for _ in range(self.rng.randrange(1, self.size + 1)):
             bufs = self.request()
-            indirect = self.rng.random() < 0.3 or len(bufs) > len(self.drv.free)
-            if not self.drv.free:
+            room, only_indirect = self.room(len(bufs))
+            if not room:
                 break
-            self.drv.add(bufs, indirect)
+            self.add(bufs, self.rng.random() < 0.3 or only_indirect)
 
     def close(self) -> None:
         for d in self.devs:
@@ -118,7 +119,7 @@ def count_served(service: BlkQueue) -> list[int]:
     if service.kernel is not None:
         compiled = service._compiled
 
-        def counted(r: SplitQueue, n: int) -> int:
+        def counted(r: DeviceRing, n: int) -> int:
             k = compiled(r, n)
             served[0] += k
             return k
@@ -145,9 +146,9 @@ def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
     """Device `side` serves what is available from `last` on (with its in-flight area if
     the rig has them); what it left behind."""
     dev = rig.devs[side]
-    ring = SplitQueue(rig.mem, rig.drv.layout(), last, rig.event_idx)
+    ring = rig.ring(last)
     if side == 0:
-        ring._kernel = None  # the reference: split.py's walk too
+        ring._kernel = None  # the reference: the Python walk too
     publish = ring.publish
     publishes = 0
 
@@ -159,6 +160,7 @@ def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
     ring.publish = counted_publish  # type: ignore[method-assign]
     tracker = None
     if rig.areas:
+        assert isinstance(ring, SplitQueue)
         tracker = SplitInflight(memoryview(rig.areas[side]), rig.size)
         assert tracker.recover(ring) == []
     q = DeviceQueue(ring, 0, NoNotifier(), tracker=tracker)
@@ -171,7 +173,7 @@ def serve(rig: Rig, side: int, last: int) -> tuple[object, ...]:
         assert publishes <= calls
         if service.kernel is not None and q.completed > PUBLISH_EVERY:
             assert publishes >= 2, f"{q.completed} requests published at once"
-        return (served[0], str(q.error), ring.last_avail, ring.used_idx, q.popped, q.completed,
+        return (served[0], str(q.error), *rig.position(ring), q.popped, q.completed,
                 rig.contents(), Path(dev.opts.path).read_bytes(),
                 area(rig.areas[side], rig.size) if rig.areas else None)
     finally:
@@ -187,19 +189,21 @@ def area(region: bytearray, size: int) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize(("read_only", "tracked", "size", "event_idx"), [
-    (False, False, 16, False), (True, False, 16, True), (False, True, 16, True),
-    (False, True, 256, False), (False, False, 64, True)])
+@pytest.mark.parametrize(("read_only", "tracked", "size", "event_idx", "packed"), [
+    (False, False, 16, False, False), (True, False, 16, True, False),
+    (False, True, 16, True, False), (False, True, 256, False, False),
+    (False, False, 64, True, False),
+    (False, False, 16, False, True), (True, False, 24, True, True)])  # packed rings
 def test_the_kernel_serves_as_blk_py_does(tmp_path: Path, read_only: bool, tracked: bool,
-                                          size: int, event_idx: bool) -> None:
+                                          size: int, event_idx: bool, packed: bool) -> None:
     s = seed()
     rng = random.Random(s)
-    rig = Rig(rng, tmp_path, read_only, tracked, size, event_idx)
+    rig = Rig(rng, tmp_path, read_only, tracked, size, event_idx, packed)
     py, jit = rig.devs
     by_kernel = completed = 0
     try:
         for round_ in range(ROUNDS * 16 // size):  # about as many requests for each size
-            last = rig.drv.avail_idx
+            last = rig.start()
             rig.batch()
             writeback = rng.random() < 0.8
             py.writeback = jit.writeback = writeback
@@ -218,10 +222,10 @@ def test_the_kernel_serves_as_blk_py_does(tmp_path: Path, read_only: bool, track
             assert got[8] == want[8], f"{where}: the in-flight areas differ"
             if got[1] != "None":  # a broken ring stops the queue: start a fresh one
                 rig.close()
-                rig = Rig(rng, tmp_path, read_only, tracked, size, event_idx)
+                rig = Rig(rng, tmp_path, read_only, tracked, size, event_idx, packed)
                 py, jit = rig.devs
                 continue
-            rig.drv.take_used()
+            rig.take_used()
     finally:
         rig.close()
     # the kernel takes about a third of these requests (reads alone, about a fifth)

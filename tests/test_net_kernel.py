@@ -40,7 +40,7 @@ from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue, ParentGone
 from vhostuser.protocol import VirtioFeature
-from vhostuser.virtq.split import AVAIL_F_NO_INTERRUPT, SplitQueue
+from vhostuser.virtq.split import SplitQueue
 
 RAM = 4 << 20  # two regions, adjoining
 MAC = bytes([2, 0, 0, 0, 0, 1])
@@ -54,8 +54,8 @@ def _jit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class Rig(TwoRegions):
     def __init__(self, rng: random.Random, size: int, event_idx: bool, features: int,
-                 mtu: int) -> None:
-        super().__init__(rng, RAM, size, event_idx)
+                 mtu: int, packed: bool = False) -> None:
+        super().__init__(rng, RAM, size, event_idx, packed)
         self.devs = [NetPort(MAC, mtu=mtu), NetPort(MAC, mtu=mtu)]
         for d in self.devs:
             d.set_features(features)
@@ -133,10 +133,10 @@ class Rig(TwoRegions):
         """Make up to a ring's worth of chains available."""
         for _ in range(self.rng.randrange(1, self.size + 1)):
             bufs = chain()  # type: ignore[operator]
-            if not self.drv.free:
+            room, only_indirect = self.room(len(bufs))
+            if not room:
                 break
-            indirect = self.rng.random() < 0.2 or len(bufs) > len(self.drv.free)
-            self.drv.add(bufs, indirect)
+            self.add(bufs, self.rng.random() < 0.2 or only_indirect)
 
     def frames(self) -> Frames:
         rng = self.rng
@@ -184,12 +184,12 @@ def run(rig: Rig, side: int, last: int, step: object,
         staged: bool = False) -> tuple[object, ...]:
     """Port `side` takes or delivers (`step(q, dev, counters)`), with the kernels (1) or
     without (0); what it left behind, and how often it notified the driver. `staged`:
-    the kernels' chains go through `serve_split` (published at the next notify, as with
+    the kernels' chains go through `serve_compiled` (published at the next notify, as with
     an in-flight area) instead of being published at once (`run_kernel`)."""
     dev = rig.devs[side]
-    ring = SplitQueue(rig.mem, rig.drv.layout(), last, rig.event_idx)
+    ring = rig.ring(last)
     if side == 0:
-        ring._kernel = None  # the reference: split.py's walk and net_rings.py's paths
+        ring._kernel = None  # the reference: the Python walk and net_rings.py's paths
     call = Counted()
     q = DeviceQueue(ring, 0, call)
     c = Counters()
@@ -199,7 +199,7 @@ def run(rig: Rig, side: int, last: int, step: object,
                 mp.setattr(DeviceQueue, "run_kernel", lambda *_: None)
             out = step(q, dev, c)  # type: ignore[operator]
         q.notify()
-        return (out, c.as_dict(), str(q.error), ring.last_avail, ring.used_idx, q.popped,
+        return (out, c.as_dict(), str(q.error), *rig.position(ring), q.popped,
                 q.completed, rig.contents(), call.count)
     finally:
         q.release()
@@ -219,7 +219,7 @@ def take_all(q: DeviceQueue, dev: NetPort, c: Counters) -> list[tuple[bytes, byt
     return frames
 
 
-CASES = [  # (ring size, event_idx, features, MTU)
+CASES = [  # (ring size, event_idx, features, MTU[, a packed ring])
     (16, False, VirtioFeature.VERSION_1, 1500),
     (64, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF | OFFLOADS, 1500),  # frames may ask
     (32, False, OFFLOADS, 1500),  # and with the 10-byte header
@@ -228,15 +228,25 @@ CASES = [  # (ring size, event_idx, features, MTU)
     (256, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF, 1500),
     (64, False, F_MRG_RXBUF, 9000),  # legacy with MRG: 12-byte header; bursts over 512 KiB
     (32, True, 0, 1500),  # the 10-byte header
+    (16, False, VirtioFeature.VERSION_1, 1500, True),  # packed rings
+    (64, True, VirtioFeature.VERSION_1 | F_MRG_RXBUF | OFFLOADS, 1500, True),
+    (48, False, VirtioFeature.VERSION_1 | F_MRG_RXBUF, 9000, True),  # (not a power of 2)
 ]
 
 
-@pytest.mark.parametrize(("size", "event_idx", "features", "mtu"), CASES)
-def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx: bool,
-                                                           features: int, mtu: int) -> None:
+def case_id(case: tuple) -> str:
+    size, event_idx, features, mtu, *packed = case
+    return (f"{'packed' if packed else 'split'}-{size}-{int(features):#x}-mtu{mtu}"
+            + ("-event_idx" if event_idx else ""))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_the_kernels_take_and_deliver_as_net_rings_py_does(case: tuple) -> None:
+    size, event_idx, features, mtu, *rest = case
+    packed = bool(rest and rest[0])
     s = seed()
     rng = random.Random(s)
-    rig = Rig(rng, size, event_idx, int(features), mtu)
+    rig = Rig(rng, size, event_idx, int(features), mtu, packed)
     counts = {"take": 0, "put": 0, "offloads": 0, "offloads_put": 0, "checked": 0,
               "take_bursts": 0, "put_bursts": 0, "burst_offloads": 0}
     real_take, real_put = net_kernel.take, net_kernel.put
@@ -290,7 +300,7 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
             mp.setattr(net_kernel, "put", put)
             mp.setattr(net_kernel, "take_burst", take_burst)
             mp.setattr(net_kernel, "put_burst", put_burst)
-            last = rig.drv.avail_idx
+            last = rig.start()
             for round_ in range(3000 // size):
                 kind = rng.choice(["take", "put"])
                 if kind == "take":
@@ -304,9 +314,9 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
                              frames: Frames = frames) -> None:
                         put_frames(q, dev, c, frames)
                 if not rig.event_idx:  # (with it, a fresh ring's first publish notifies)
-                    rig.drv.set_interrupts(rng.random() < 0.7)
+                    rig.interrupts(rng.random() < 0.7)
                 before = rig.contents()
-                want_used = rig.drv.used_idx()
+                want_used = rig.used_position(last)
                 want = run(rig, 0, last, step)
                 rig.restore(before)
                 staged = rng.random() < 0.25
@@ -318,18 +328,18 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(size: int, event_idx:
                 # notified if any used element was published and the driver asked: with
                 # event_idx a fresh ring's first publish asks, else NO_INTERRUPT says (set
                 # on some rounds)
-                asked = rig.event_idx or not rig.drv.avail16.load(0) & AVAIL_F_NO_INTERRUPT
+                asked = rig.asks_interrupts()
                 assert bool(got[8]) == bool(want[8]) == (got[4] != want_used and asked), (
                     f"{where}: notified {got[8]} times, the reference {want[8]}")
                 counters: dict = got[1]  # type: ignore[assignment]
                 total[kind] += counters["rx_packets"] + counters["tx_packets"]
                 if got[2] != "None":  # a broken ring stops the queue: start a fresh one
                     rig.close()
-                    rig = Rig(rng, size, event_idx, int(features), mtu)
-                    last = rig.drv.avail_idx
+                    rig = Rig(rng, size, event_idx, int(features), mtu, packed)
+                    last = rig.start()
                     continue
                 last = got[3]  # chains left in the ring (buffers too small) come again
-                rig.drv.take_used()
+                rig.take_used()
     finally:
         rig.close()
     # most frames go through the kernels (the rest: the chain the compiled walk leaves)

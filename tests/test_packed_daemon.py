@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from daemon import BLK_FEATURES, Daemon, blk_session
 
+from vhostuser.devices.blk import COMPILED
 from vhostuser.frontend.blk import T_IN, T_OUT
 from vhostuser.protocol import VirtioFeature
 from vhostuser.virtq.guest_ram import GuestRam
@@ -23,8 +24,10 @@ PACKED = BLK_FEATURES | VirtioFeature.RING_PACKED
 OK = 0
 
 
-def test_packed_is_offered_and_serves_io(blk_daemon: Callable[..., Daemon],
-                                         image: Path) -> None:
+@pytest.mark.parametrize("jit", [False, True])  # the compiled kernels serve packed rings
+def test_packed_is_offered_and_serves_io(blk_daemon: Callable[..., Daemon], image: Path,
+                                         monkeypatch: pytest.MonkeyPatch, jit: bool) -> None:
+    monkeypatch.setenv("VHOSTUSER_JIT", "1" if jit else "0")
     d = blk_daemon()
     fe, (blk,) = blk_session(d.sock, features=PACKED, size=24)  # not a power of 2
     with fe:
@@ -41,6 +44,7 @@ def test_packed_is_offered_and_serves_io(blk_daemon: Callable[..., Daemon],
     with open(image, "rb") as f:
         f.seek(8 * 512 * 59)
         assert f.read(4096) == written[59]
+    assert (COMPILED in d.log()) == jit, d.log()
 
 
 def test_many_in_flight_and_a_restart_from_the_reported_base(

@@ -1,4 +1,4 @@
-"""The compiled split-ring walk (virtq/split_kernel.py) against the Python walk it stands
+"""The compiled split-ring walk (virtq/kernel_walk.py) against the Python walk it stands
 in for (SplitQueue.read_chain, the reference): a seeded, bounded differential fuzz of
 descriptor tables, indirect tables and avail rings, well-formed and not — loops, indexes
 past the table, buffers outside memory, across two adjoining regions, wrapping past 2^64,
@@ -16,12 +16,12 @@ import struct
 from dataclasses import replace
 
 from vhostuser.memory import GuestMemory, mmap_region
-from vhostuser.virtq import split_kernel
+from vhostuser.virtq import kernel_walk
 from vhostuser.virtq.guest_ram import GuestRam
+from vhostuser.virtq.kernel_walk import KernelWalk
 from vhostuser.virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingError
 from vhostuser.virtq.split import SplitQueue
 from vhostuser.virtq.split_driver import DriverRing
-from vhostuser.virtq.split_kernel import KernelWalk
 
 ROUNDS = 1500
 A, B = 0x10000, 0x10000 + (256 << 10)  # two regions of 256 KiB, adjoining
@@ -235,7 +235,7 @@ def test_memory_mapped_at_an_odd_offset() -> None:
     kernels read indirect tables as aligned words, so they take a table that is aligned
     where it is mapped here (even if not in its region: that is the guest's business)
     and leave one that is not to the Python walk, which serves both the same."""
-    assert split_kernel.load()  # numba is a test dependency
+    assert kernel_walk.load()  # numba is a test dependency
     ram = GuestRam(1 << 16, guest_addr=0x10000)
     whole = ram.region()
     desc = replace(whole, guest_addr=whole.guest_addr + 4, size=whole.size - 4,

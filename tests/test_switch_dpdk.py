@@ -76,8 +76,9 @@ IN_ORDER, RING_PACKED = 1 << 35, 1 << 34
 @pytest.mark.parametrize(("devargs", "compiled"), [
     ("", False), ("mrg_rxbuf=0,in_order=0", False), ("queue_size=256", False),
     ("packed_vq=1", False), ("packed_vq=1,in_order=0,mrg_rxbuf=0", False),
-    # the compiled kernels serve split rings (packed ones: the Python path, as above)
-    ("", True), ("mrg_rxbuf=0,in_order=0", True), ("queue_size=256", True)])
+    # the compiled kernels, on either ring layout
+    ("", True), ("mrg_rxbuf=0,in_order=0", True), ("queue_size=256", True),
+    ("packed_vq=1", True), ("packed_vq=1,in_order=0,mrg_rxbuf=0", True)])
 def test_flowgen_macswap_through_the_switch(
         running: Callable[[str, bool], tuple[Sw, Testpmd, Testpmd]], devargs: str,
         compiled: bool) -> None:

@@ -24,7 +24,7 @@ from ..sockets import MESSAGE_TIMEOUT, PeerClosed, listen, set_message_timeout
 from ..transport.unix import UnixResources, connections
 from ..unix_channel import UnixChannel
 from ..vfio_user.client import DeviceError
-from ..virtq import split_kernel
+from ..virtq import kernel_walk
 
 log = logging.getLogger("vhostuser")
 
@@ -144,8 +144,8 @@ def run(args: argparse.Namespace, make_device: Callable[[], Device],
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if split_kernel.available():  # VHOSTUSER_JIT=1: loaded once here, not in each worker
-        split_kernel.warm()
+    if kernel_walk.available():  # VHOSTUSER_JIT=1: loaded once here, not in each worker
+        kernel_walk.warm()
         log.info("the compiled chain walk is on (VHOSTUSER_JIT=1)")
     stop = StopSignal()
     if args.vvu is not None:

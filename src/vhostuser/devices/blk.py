@@ -21,8 +21,7 @@ from ..fileio import punch, read_into, write_from, zero
 from ..protocol.constants import ProtocolFeature
 from ..ratelog import Limited
 from ..virtq.iov import iov_len, iov_read, iov_slice, iov_write
-from ..virtq.ring import Chain
-from ..virtq.split import SplitQueue
+from ..virtq.ring import Chain, DeviceRing
 from .blk_abi import (
     F_BLK_SIZE,
     F_CONFIG_WCE,
@@ -254,14 +253,14 @@ class BlkQueue(InOrderService):
         # calls again, so the driver reaps and submits while the rest are served.
         budget = PUBLISH_EVERY
         while budget > 0:
-            budget -= q.serve_split(self._compiled, budget)
+            budget -= q.serve_compiled(self._compiled, budget)
             chains = q.pop_batch(1) if budget > 0 else []
             if not chains:
                 return
             q.complete_batch(chains, self.handle(q.index, chains))
             budget -= 1
 
-    def _compiled(self, ring: SplitQueue, n: int) -> int:
+    def _compiled(self, ring: DeviceRing, n: int) -> int:
         assert self.kernel is not None
         return self.kernel.serve(ring, n, self.capacity, not self.read_only,
                                  self.dev.writeback)

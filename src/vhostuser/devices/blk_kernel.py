@@ -1,8 +1,8 @@
 """virtio-blk's reads, writes and flushes served by a compiled kernel (blk_serve_jit.py), a
-batch per call: each request walked (the compiled split walk), its data moved with
+batch per call: each request walked (the compiled walk of either ring layout), its data moved with
 preadv/pwritev straight between the image and guest memory, its status byte and used
 element written — no Python per request. The used index, barriers and the notification
-stay the engine's (`DeviceQueue.serve_split`).
+stay the engine's (`DeviceQueue.serve_compiled`).
 
 The kernel serves only the common case whole: a read, a write (synced after unless the
 cache is write-back) or a flush of the usual layout, in range, moved in full. It stops
@@ -11,8 +11,8 @@ shrunk image, O_DIRECT refusing a buffer — and blk.py serves that request, so 
 and error messages have one place. A failed sync is the exception: it is not tried again
 (Linux reports a writeback error once per file), so the kernel completes that request with
 S_IOERR itself and `BlkKernel.serve` logs it as blk.py would. Used only where the compiled
-walk is on (VHOSTUSER_JIT=1, split_kernel.py), on split rings while writes are not logged,
-in order (not with --io-threads).
+walk is on (VHOSTUSER_JIT=1, kernel_walk.py), while writes are not logged (on a packed
+ring, without an in-flight area), in order (not with --io-threads).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..ratelog import Limited
-from ..virtq.split_kernel import available as walk_available
+from ..virtq.kernel_walk import available as walk_available
 from .blk_abi import T_OUT
 
 if TYPE_CHECKING:
-    from ..virtq.split import SplitQueue
+    from ..virtq.ring import DeviceRing
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,16 @@ def available() -> bool:
 
 def _warm() -> None:
     """Compile (or load from the cache) the kernel."""
-    import numpy as np
 
-    from ..virtq import split_walk_jit
+    from ..virtq import ring_jit
 
-    arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
-              np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
-              np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))  # (kept: the context
-    ring = split_walk_jit.ring_ctx(*arrays, True)  # points into them)
+    ring, _arrays = ring_jit.dummy_ctx()
     k = BlkKernel(-1)
     _jit.serve_at(ring, k.ctx, 0, 0, 0, -1, 0, False, False)
 
 
 class BlkKernel:
-    """Serves split queues with the kernel, over each one's compiled walk's arrays (which
+    """Serves queues with the kernel, over each one's compiled walk's arrays (which
     the ring owns and releases)."""
 
     def __init__(self, fd: int, failures: Limited | None = None) -> None:
@@ -81,22 +77,23 @@ class BlkKernel:
         self.fd = fd
         self.failures = failures or Limited(log)
         self.heads = np.zeros(1, np.int64)
-        self.meta = np.zeros((1, 3), np.int64)
+        self.meta = np.zeros((1, 4), np.int64)
         self.iov = np.zeros((IOV_MAX, 2), np.uint64)
         self.failed = np.zeros((1 + FAILED_KEPT, 3), np.int64)  # syncs that failed: a
         # count, then each one's errno, request type and sector (blk_serve_jit.serve)
         self.ctx = _jit.serve_ctx(self.heads, self.meta, self.iov, self.failed)
 
-    def serve(self, ring: SplitQueue, n: int, capacity: int, writable: bool,
+    def serve(self, ring: DeviceRing, n: int, capacity: int, writable: bool,
               writeback: bool) -> int:
         """Serve up to `n` requests at the ring's next available and used slots: how many
-        it served (`DeviceQueue.serve_split` makes them visible).
+        it served (`DeviceQueue.serve_compiled` makes them visible).
         `writable`: writes and flushes may be served (not read-only); `writeback`: a write
         needs no sync after it."""
         w = ring.kernel
         assert w is not None and w.ctx is not None
-        k = _jit.serve_at(w.ctx, self.ctx, ring.last_avail, n, ring.used_idx % ring.size,
-                          self.fd, capacity, writable, writeback)
+        last, used_at = ring.cursors()
+        k = _jit.serve_at(w.ctx, self.ctx, last, n, used_at, self.fd, capacity, writable,
+                          writeback)
         if self.failed[0, 0]:
             self._report_failed()
         return int(k)

@@ -10,11 +10,11 @@
 
 No Python per frame but for those segmentation headers. The used index, barriers and
 the notification stay the engine's (`DeviceQueue.run_kernel`, which publishes a burst at
-once, or `serve_split`); the counters stay net_rings.py's `Counters`. The kernels stop
+once, or `serve_compiled`); the counters stay net_rings.py's `Counters`. The kernels stop
 before a chain the compiled walk does not take (it stops before anything unusual), and
 net_rings.py's frame-by-frame loops — the reference — take it on, with their error
-messages. Used only where the compiled walk is on (VHOSTUSER_JIT=1, split_kernel.py), on
-split rings while writes are not logged.
+messages. Used only where the compiled walk is on (VHOSTUSER_JIT=1, kernel_walk.py), on
+either ring layout, while writes are not logged.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..virtq.split_kernel import available as walk_available
+from ..virtq.kernel_walk import available as walk_available
 from .net_frames import EMPTY, Frames, frames_ctx
 from .net_offload import F_CSUM, HDR_SIZE, MAX_GSO_FRAME
 
@@ -33,7 +33,7 @@ Check = Callable[[bytes, bytes], "bytes | None"]  # (header, frame) -> its heade
 
 if TYPE_CHECKING:
     from ..engine.queue import DeviceQueue
-    from ..virtq.split import SplitQueue
+    from ..virtq.ring import DeviceRing
     from .net import NetPort
     from .net_rings import Counters
 
@@ -68,12 +68,9 @@ def available() -> bool:
 
 def _warm() -> None:
     """Compile (or load from the cache) both kernels."""
-    from ..virtq import split_walk_jit
+    from ..virtq import ring_jit
 
-    arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
-              np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
-              np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))  # (kept: the context
-    ring = split_walk_jit.ring_ctx(*arrays, True)  # points into them)
+    ring, _arrays = ring_jit.dummy_ctx()
     arena = _Arena(16, 1)
     _jit.take_at(ring, arena.ctx, 0, 0, 0, 12, 1514, False)
     _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.fx, 0, False)
@@ -131,7 +128,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     """The frames of up to `limit` chains of transmit queue `q`, their buffers completed
     (published now, or at the next notify: `_serve`); none if it stopped before the first
     chain (the chain-by-chain path then takes that one, and reports it if it is broken);
-    None if the kernel cannot serve the queue now (`DeviceQueue.serve_split` says when). `check`:
+    None if the kernel cannot serve the queue now (`DeviceQueue.serve_compiled` says when). `check`:
     offloads are negotiated (F_CSUM), and this says what header a frame that asks for
     one travels with (net_offload.check_tx), or None: dropped (it counted why). The
     frames stay valid until the port takes again."""
@@ -161,15 +158,14 @@ def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     offloads = check is not None
     if _jit is None or arena is None or offloads != bool(dev.negotiated & F_CSUM):
         return None
-    n = q.available()
-    if not n:
+    if not q.waiting():  # (counting them is a walk on a packed ring: run_kernel's)
         return None if q.error is not None else EMPTY
     max_frame = dev.max_frame()
     hl = dev.hdr_len
     if len(arena.offs) < q.ring.size or len(arena.data) < _arena_size(hl, max_frame,
                                                                       offloads):
         return None  # (`take` makes it)
-    if not q.run_kernel(_jit.take_at, arena.ctx, (hl, max_frame, offloads), min(n, limit)):
+    if not q.run_kernel(_jit.take_at, arena.ctx, (hl, max_frame, offloads), limit):
         return None
     return _taken(arena, _scratch.results(c), hl, c, check)
 
@@ -275,23 +271,23 @@ def put_burst(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames,
 
 def _serve(q: DeviceQueue, kernel: Any, ctx: Any, args: tuple[Any, ...], limit: int,
            c: Counters) -> list[int] | None:
-    """Let `kernel(ring's context, ctx, first avail slot, n, first used slot, *args)` serve
+    """Let `kernel(ring's context, ctx, avail cursor, n, used cursor, *args)` serve
     up to `limit` chains of `q` (its outputs in `_scratch`): published at once where
     nothing else is pending on the queue (`DeviceQueue.run_kernel`, the usual case), else
-    at the next notify (`serve_split`). Returns the kernel's outputs (`_Scratch.results`),
+    at the next notify (`serve_compiled`). Returns the kernel's outputs (`_Scratch.results`),
     None if it could not run."""
     if q.run_kernel(kernel, ctx, args, limit) is None:
         ran = False
 
-        def counted(ring: SplitQueue, n: int) -> int:
+        def counted(ring: DeviceRing, n: int) -> int:
             nonlocal ran
             w = ring.kernel
             assert w is not None
             ran = True
-            return int(kernel(w.ctx, ctx, ring.last_avail, n, ring.used_idx % ring.size,
-                              *args))
+            last, used_at = ring.cursors()
+            return int(kernel(w.ctx, ctx, last, n, used_at, *args))
 
-        q.serve_split(counted, limit)
+        q.serve_compiled(counted, limit)
         if not ran:
             return None
     return _scratch.results(c)

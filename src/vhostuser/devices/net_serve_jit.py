@@ -1,7 +1,7 @@
 """virtio-net's transmit and receive bursts in compiled kernels (numba): imported only by
 net_kernel.py, and only where numba is installed. The rules are net_rings.py's
 `take_frames` and `put_frames` (the frame-by-frame loops there are the reference) over
-split_walk_jit.py's walk; see net_kernel.py."""
+ring_jit.py's walk (either ring layout); see net_kernel.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 from numba import njit, types
 
 from ..virtq.prefetch_jit import prefetch, prefetch_write
-from ..virtq.split_walk_jit import ring_views, walk
+from ..virtq.ring_jit import NDESC, put_used, ring_views, walk, walk_more
+from ..virtq.ring_jit import done as ring_done
 from ..virtq.views_jit import i64s, u8_rows, u8s
 from .net_frames import FX_DATA, FX_DATA_LEN, FX_LENS, FX_OFFS, FX_VNET
 from .net_offload import GSO_NONE, MAX_GSO_FRAME, NEEDS_CSUM
@@ -78,16 +79,16 @@ def _checksum_ok(arena: Any, pos: int, hl: int, body: int) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-         regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
-         used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any, offs: Any,
-         lens: Any, asks: Any, vnet: Any, drops: Any, out: Any) -> None:
-    """Take up to `n` transmitted chains from avail position `last`: each one frame behind
-    a header of `hl` bytes. A chain's bytes are copied into `arena` (as far as a frame may
-    go) and checked there; a valid frame stays (its offset and length into `offs`,
-    `lens`), an invalid one is counted in `drops`; every chain's used element (written 0)
-    goes to used ring slots from `used_at` on. Stops before the first chain the walk does
-    not take and before one the arena has no room left for. With `offloads` (F_CSUM
+def take(r: Any, last: int, n: int, used_at: int, hl: int, max_frame: int, offloads: bool,
+         arena: Any, offs: Any, lens: Any, asks: Any, vnet: Any, drops: Any,
+         out: Any) -> None:
+    """Take up to `n` transmitted chains of ring `r` from avail cursor `last`: each one
+    frame behind a header of `hl` bytes. A chain's bytes are copied into `arena` (as far
+    as a frame may go) and checked there; a valid frame stays (its offset and length into
+    `offs`, `lens`), an invalid one is counted in `drops`; every chain's used element
+    (written 0) goes from used cursor `used_at` on (the cursor past them left in the
+    ring's state). Stops before the first chain the walk does not take and before one
+    the arena has no room left for. With `offloads` (F_CSUM
     negotiated) a frame whose header asks for one (a checksum, segmentation: up to
     MAX_GSO_FRAME bytes then) stays with its header in front of it and `asks` set for it:
     CHECKSUM where the kernel found the header good (a checksum alone, inside the frame:
@@ -97,7 +98,9 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     taken are the walk's, in `heads`; `out` says how many, and how many frames were
     kept."""
     n = min(n, offs.shape[0])
-    k = walk(desc, avail, last, n, size, indirect_ok, regions, bases, heads, meta, segs)
+    bases, heads, meta, segs = r.bases, r.heads, r.meta, r.segs
+    k, _, _ = walk(r, last, n, heads, meta, segs)
+    cur = used_at
     cap = arena.shape[0]
     base = arena.ctypes.data
     dropped = drops.sum()
@@ -147,9 +150,8 @@ def take(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
                 m += 1
                 nbytes += body
                 pos += total
-        slot = (used_at + i) & (size - 1)
-        used[2 * slot] = np.uint32(heads[i])
-        used[2 * slot + 1] = np.uint32(0)
+        cur = put_used(r, cur, heads[i], 0, meta[i, NDESC])
+    ring_done(r, cur)
     out[CHAINS] = k
     out[FRAMES] = k
     out[PASSED] = m
@@ -183,35 +185,14 @@ def _fill(bases: Any, segs: Any, first: int, count: int, hdr: Any, hl: int, fram
 
 
 @njit(cache=True, nogil=True)
-def _used(used: Any, slot: int, head: int, written: int) -> None:
-    used[2 * slot] = np.uint32(head)
-    used[2 * slot + 1] = np.uint32(written)
-
-
-@njit(cache=True, nogil=True)
-def _walk_more(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-               regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, k: int,
-               want: int) -> tuple[int, bool]:
-    """Walk up to `want` more of the `n` chains from avail position `last`, the `k` walked
-    already kept; returns (chains walked now, whether the walk stopped before one)."""
-    m = min(max(want, 32), n - k)
-    base = 0 if k == 0 else meta[k - 1, 0] + meta[k - 1, 1] + meta[k - 1, 2]
-    got = walk(desc, avail, last + k, m, size, indirect_ok, regions, bases, heads[k:],
-               meta[k:], segs[base:])
-    for j in range(k, k + got):
-        meta[j, 0] += base
-    return k + got, got < m
-
-
-@njit(cache=True, nogil=True)
-def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
-        regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, used: Any,
-        used_at: int, hl: int, mrg: bool, max_frame: int, data: Any, offs: Any, lens: Any,
-        vnet: Any, has_vnet: bool, hdr: Any, drops: Any, out: Any) -> None:
-    """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the `n` chains
-    available from avail position `last`, in order, frame by frame as `put_frames` does:
-    each behind the header `hdr` (`hl` bytes; num_buffers, with `mrg` a frame spread over
-    as many chains as it takes), its used element at the next used slot from `used_at`.
+def put(r: Any, last: int, n: int, used_at: int, hl: int, mrg: bool, max_frame: int,
+        data: Any, offs: Any, lens: Any, vnet: Any, has_vnet: bool, hdr: Any, drops: Any,
+        out: Any) -> None:
+    """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the chains of
+    ring `r` available from avail cursor `last` (`n` at most), in order, frame by frame
+    as `put_frames` does: each behind the header `hdr` (`hl` bytes; num_buffers, with
+    `mrg` a frame spread over as many chains as it takes), its used element at the next
+    used cursor from `used_at` on (the cursor past them left in the ring's state).
     With `has_vnet`, frame f goes with the header vnet[f] (10 bytes, one the port takes
     as it is: net_offload.accepts) and may be up to MAX_GSO_FRAME long if it is a GSO
     frame. Stops before a frame that would need a chain the walk did not take (the
@@ -221,6 +202,8 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     dropped = drops.sum()
     hdr_at = np.uint64(hdr.ctypes.data)
     data_at = np.uint64(data.ctypes.data)
+    bases, heads, meta, segs = r.bases, r.heads, r.meta, r.segs
+    cur = used_at
     k = 0
     stopped = False
     c = 0
@@ -243,8 +226,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             continue
         need = hl + length
         if c >= k and not stopped and k < n:
-            k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok, regions, bases,
-                                    heads, meta, segs, k, nframes - f)
+            k, stopped, n, last = walk_more(r, last, k, n, max(nframes - f, 32))
         if c >= k:
             if stopped:
                 break
@@ -267,14 +249,13 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
                 hdr[11] = 0
             _fill(bases, segs, meta[c, 0] + meta[c, 1], meta[c, 2], hdr_at, hl,
                   data_at + np.uint64(offs[f]), 0, need)
-            _used(used, (used_at + c) & (size - 1), heads[c], need)
+            cur = put_used(r, cur, heads[c], need, meta[c, NDESC])
             c += 1
         elif mrg:
             j = c
             while room < need:
                 if j + 1 >= k and not stopped and k < n:
-                    k, stopped = _walk_more(desc, avail, last, n, size, indirect_ok,
-                                            regions, bases, heads, meta, segs, k, 8)
+                    k, stopped, n, last = walk_more(r, last, k, n, 32)
                 if j + 1 >= k:
                     break
                 j += 1
@@ -292,7 +273,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
             for x in range(c, j + 1):
                 w = _fill(bases, segs, meta[x, 0] + meta[x, 1], meta[x, 2], hdr_at, hl,
                           data_at + np.uint64(offs[f]), p, need)
-                _used(used, (used_at + x) & (size - 1), heads[x], w)
+                cur = put_used(r, cur, heads[x], w, meta[x, NDESC])
                 p += w
             c = j + 1
         else:  # the buffer stays for a frame that fits
@@ -308,6 +289,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         f += 1
     if has_vnet:
         hdr[:10] = 0  # (the header of complete frames)
+    ring_done(r, cur)
     out[TX_GSO] = ngso
     out[TX_CSUM] = ncsum
     out[CHAINS] = c
@@ -317,7 +299,7 @@ def put(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
     out[DROPPED] = drops.sum() - dropped
 
 
-# What `take_at` and `put_at` are given besides a ring's context (split_walk_jit.py): the
+# What `take_at` and `put_at` are given besides a ring's context (ring_jit.py): the
 # addresses and lengths of the other arrays they use. A transmit context: the port's frame
 # array, offsets, lengths, `asks`, header rows, and the drop counts and results; a receive
 # one: the header, the drop counts and results.
@@ -355,10 +337,9 @@ def put_ctx(hdr: Any, drops: Any, out: Any) -> Any:
 def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_frame: int,
             offloads: bool) -> int:
     """`take` over a ring's context and a transmit context; how many chains it took."""
-    desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
     nf = port[FRAMES_LEN]
-    take(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
-         used_at, hl, max_frame, offloads, u8s(port[DATA], port[DATA_LEN]),
+    take(ring_views(ring), last, n, used_at, hl, max_frame, offloads,
+         u8s(port[DATA], port[DATA_LEN]),
          i64s(port[OFFS], nf), i64s(port[LENS], nf), u8s(port[ASKS_AT], nf),
          u8_rows(port[VNET], nf, 10), i64s(port[DROPS], NDROPS), i64s(port[OUT], NOUT))
     return int(i64s(port[OUT], NOUT)[CHAINS])
@@ -369,9 +350,8 @@ def put_at(ring: Any, scratch: Any, last: int, n: int, used_at: int, hl: int, mr
            max_frame: int, fx: Any, nframes: int, has_vnet: bool) -> int:
     """`put` over a ring's context, a receive context and the context of `nframes` frames
     (net_frames.py's; their headers with `has_vnet`); how many chains it used."""
-    desc, avail, used, regions, bases, heads, meta, segs, size, indirect = ring_views(ring)
-    put(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs, used,
-        used_at, hl, mrg, max_frame, u8s(fx[FX_DATA], fx[FX_DATA_LEN]),
+    put(ring_views(ring), last, n, used_at, hl, mrg, max_frame,
+        u8s(fx[FX_DATA], fx[FX_DATA_LEN]),
         i64s(fx[FX_OFFS], nframes), i64s(fx[FX_LENS], nframes),
         u8_rows(fx[FX_VNET], nframes if has_vnet else 0, 10), has_vnet,
         u8s(scratch[HDR], 12), i64s(scratch[DROPS], NDROPS), i64s(scratch[OUT], NOUT))

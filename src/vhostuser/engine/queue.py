@@ -198,21 +198,47 @@ class DeviceQueue:
         return burst
 
     def compiled(self) -> bool:
-        """Whether `serve_split` may be used now: a split ring with its compiled walk on,
-        writes not logged, no chains to hand out again, no completions from threads."""
+        """Whether `serve_compiled` may be used now: a ring with its compiled walk on, writes
+        not logged, no chains to hand out again, no completions from threads (and on a
+        packed ring, no in-flight area)."""
         ring = self.ring
-        return (isinstance(ring, SplitQueue) and ring.kernel is not None and ring.log is None
-                and not self._resubmit and self.lock is None)
+        return (ring.kernel is not None and ring.log is None and not self._resubmit
+                and self.lock is None
+                and (self.tracker is None or isinstance(ring, SplitQueue)))
 
-    def serve_split(self, serve: Callable[[SplitQueue, int], int], limit: int) -> int:
-        """Let `serve` take and complete, in place, up to `limit` of the chains available
-        on a split ring: a compiled kernel that serves them whole and writes their used
-        elements from the ring's used slot on; it returns how many it served (their heads
-        are the first of `ring.kernel.heads`). They become visible with the other
-        completions at the next `notify` (one index store, at most one notification),
-        recorded in the in-flight area as completed. Returns how many. 0 where it may
-        not be used — a packed ring, writes logged, chains to hand out again, completions
-        from threads — or nothing is available: then take chains the usual way.
+    def _ready_now(self) -> int:
+        """How many chains a kernel may walk: those available on a split ring (its index
+        says); on a packed ring its size where one is (the walk finds where they end).
+        0 once the ring broke the rules."""
+        ring = self.ring
+        if self.error is not None:
+            return 0
+        if isinstance(ring, SplitQueue):
+            return ring.available()
+        return ring.size if ring.has_available() else 0
+
+    def waiting(self) -> bool:
+        """Whether a chain is available: `available() > 0`, without counting them (on a
+        packed ring, counting is a walk)."""
+        if self.error is not None:
+            return False
+        if self._resubmit:
+            return True
+        try:
+            return self.ring.has_available()
+        except RingError as e:
+            self.error = e
+            return False
+
+    def serve_compiled(self, serve: Callable[[DeviceRing, int], int], limit: int) -> int:
+        """Let `serve` take and complete, in place, up to `limit` of the chains available:
+        a compiled kernel that serves them whole from the ring's cursors on (`cursors`,
+        ring_jit.py); it returns how many it served (their heads are the first of
+        `ring.kernel.heads`). They become visible with the other completions at the next
+        `notify` (one index store, at most one notification), recorded in the in-flight
+        area as completed. Returns how many. 0 where it may not be used — writes logged,
+        chains to hand out again, completions from threads, a packed ring with an
+        in-flight area — or nothing is available: then take chains the usual way.
 
         With an in-flight area, the chains `serve` took are marked in flight as soon as
         it returns, as the chains taken the usual way are (before they are served): the
@@ -223,9 +249,8 @@ class DeviceQueue:
         ring, tracker = self.ring, self.tracker
         if not self.compiled():
             return 0
-        assert isinstance(ring, SplitQueue)
         assert tracker is None or isinstance(tracker, SplitInflight)  # a split ring's
-        n = min(self.available(), self._room(), limit)
+        n = min(self._ready_now(), self._room(), limit)
         if n <= 0:
             return 0
         self._check_parent()  # the kernel stores into guest memory
@@ -240,8 +265,7 @@ class DeviceQueue:
                 for h in listed:
                     tracker.taken(h)
                 tracker.pushed(listed)
-            ring.last_avail = (ring.last_avail + k) & 0xFFFF
-            ring.used_idx = (ring.used_idx + k) & 0xFFFF
+            ring.kernel_served(k)
             self.popped += k
             self.completed += k
             self._pushed += k
@@ -249,37 +273,36 @@ class DeviceQueue:
 
     def run_kernel(self, kernel: Callable[..., int], ctx: object, args: tuple[object, ...],
                    limit: int) -> int | None:
-        """`serve_split` in its usual case, with its chains published at once: a compiled
-        kernel, `kernel(the ring's context, ctx, first avail slot, n, first used slot,
-        *args)`, serves up to `limit` of the chains available (n may be 0: none is, or
-        the device holds a ring's worth) and returns how many. None where this may not be
-        used — where `serve_split` may not, or with an in-flight area or completions
-        staged — or the ring broke the rules (`error` is set): then `serve_split`, or
-        chains.
+        """`serve_compiled` in its usual case, with its chains published at once: a
+        compiled kernel, `kernel(the ring's context, ctx, avail cursor, n, used cursor,
+        *args)` (ring_jit.py's cursors), serves up to `limit` of the chains available (n
+        may be 0: none is, or the device holds a ring's worth) and returns how many. None
+        where this may not be used — where `serve_compiled` may not, or with an in-flight
+        area or completions staged — or the ring broke the rules (`error` is set): then
+        `serve_compiled`, or chains.
         A caller that completes more chains itself afterwards publishes (and may notify)
         once more at its `notify`. It runs once per burst, where each call more costs
         (bench/RESULTS.md, net_dpdk 2026-12-02): the staging and publishing of
-        `serve_split` and `notify` are done here, in one function."""
+        `serve_compiled` and `notify` are done here, in one function."""
         if (self.tracker is not None or self._chains or self.error is not None
                 or not self.compiled()):
             return None
         ring = self.ring
-        assert isinstance(ring, SplitQueue)  # (compiled says so)
         w = ring.kernel
         assert w is not None
         try:
-            n = min(limit, ring.available(), ring.size - (self.popped - self.completed))
+            n = min(limit, self._ready_now(), ring.size - (self.popped - self.completed))
         except RingError as e:
             self.error = e
             return None
         if self._ppid is not None:
             self._check_parent()  # the kernel stores into guest memory
-        k = kernel(w.ctx, ctx, ring.last_avail, max(n, 0), ring.used_idx % ring.size, *args)
+        last, used_at = ring.cursors()
+        k = kernel(w.ctx, ctx, last, max(n, 0), used_at, *args)
         if k:
             if self._ppid is not None:
                 self._check_parent()
-            ring.last_avail = (ring.last_avail + k) & 0xFFFF
-            ring.used_idx = (ring.used_idx + k) & 0xFFFF
+            ring.kernel_served(k)
             self.popped += k
             self.completed += k
             self._pushed = 0  # (published with these)

@@ -522,7 +522,7 @@ class _Group:
             # A queue the device took chains from on its own events: its kick point
             # (avail_event) is behind; run it, which moves the point and looks again.
             for i, q in self.queues.items():
-                if q.popped != popped.get(i, q.popped) or (i in spinning and q.available()):
+                if q.popped != popped.get(i, q.popped) or (i in spinning and q.waiting()):
                     pending[i] = q
             did = False
             for i, q in pending.items():
@@ -730,7 +730,7 @@ def run_queue(q: DeviceQueue, kicked: Callable[[DeviceQueue], None],
     did = False
     q.disable_kicks()
     while True:
-        if q.available():
+        if q.waiting():
             before = q.popped
             kicked(q)
             q.notify()

@@ -1,5 +1,5 @@
 """A burst's forwarding decisions in a compiled kernel (route_jit.py), where the compiled
-walk is on (VHOSTUSER_JIT=1, virtq/split_kernel.py): one call learns every source and
+walk is on (VHOSTUSER_JIT=1, virtq/kernel_walk.py): one call learns every source and
 finds every destination, frame by frame. `Switch.forward`'s array version is the
 reference."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..devices.net_frames import Frames
-from ..virtq.split_kernel import available as walk_available
+from ..virtq.kernel_walk import available as walk_available
 from .mac_table import MacTable
 
 log = logging.getLogger(__name__)

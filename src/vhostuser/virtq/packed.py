@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
+from .kernel_walk import KernelWalk
 from .ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -115,6 +116,43 @@ class PackedQueue(BufferWalk):
         self.log = log
         self.log_used = log_used
         self._log_desc = desc_gpa if log is not None and log_used is not None else None
+        # the compiled walk (kernel_walk.py) where it is on; never while writes are logged
+        self._kernel = KernelWalk.for_queue(self) if log is None else None
+
+    @property
+    def kernel(self) -> KernelWalk | None:
+        """The compiled walk's arrays, where it serves this queue."""
+        return self._kernel
+
+    def cursors(self) -> tuple[int, int]:
+        """Where a compiled kernel walks from and returns chains at (ring_jit.py): each
+        position with its wrap counter (bit 15)."""
+        return self.next_avail | self.avail_wrap << 15, self.next_used | self.used_wrap << 15
+
+    def kernel_served(self, k: int) -> None:
+        """A compiled kernel took `k` chains from the next available ones and returned
+        them, their used descriptors stored (ring_jit.put_used: each flags with it): both
+        positions move by the descriptors they took, which the used cursor it left
+        says."""
+        if not k:
+            return
+        assert self._kernel is not None
+        cur = self._kernel.used_cursor()
+        pos, wrap = cur & 0x7FFF, cur >> 15
+        moved = (self._position(pos, wrap) - self._position(self.next_used, self.used_wrap)
+                 ) % (2 * self.size)
+        self.next_used, self.used_wrap = pos, wrap
+        avail = self.next_avail + moved
+        wrap = self.avail_wrap
+        while avail >= self.size:
+            avail -= self.size
+            wrap ^= 1
+        self.next_avail, self.avail_wrap = avail, wrap
+        self._ready = self._ready_descs = 0  # counted afresh
+
+    def has_available(self) -> bool:
+        """Whether a chain is available (one look at the next descriptor's flags)."""
+        return self._ready > 0 or self._is_avail(self.next_avail, self.avail_wrap)
 
     # -- available side -------------------------------------------------------------------
 
@@ -151,13 +189,36 @@ class PackedQueue(BufferWalk):
 
     def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
         """Take `n` available chains; on a broken one, those before it and the error."""
-        chains: list[Chain] = []
+        chains: list[Chain] = self._kernel_chains(n) if self._kernel is not None else []
         try:
-            for _ in range(n):
+            for _ in range(n - len(chains)):
                 chains.append(self._read_chain())
         except RingError as e:
             return chains, e
         return chains, None
+
+    def _kernel_chains(self, n: int) -> list[Chain]:
+        """Up to `n` chains the compiled walk takes whole (those before the first it
+        leaves to `_read_chain`), taken as `_read_chain` takes them."""
+        assert self._kernel is not None
+        chains = self._kernel.walk(self.next_avail | self.avail_wrap << 15, n)
+        size = self.size
+        pos, wrap = self.next_avail, self.avail_wrap
+        for chain in chains:
+            chain.token = pos
+            pos += chain.ndesc
+            if pos >= size:
+                pos, wrap = pos - size, wrap ^ 1
+            self._taken.append(chain.ndesc)
+            if self._ready:
+                self._ready -= 1
+                self._ready_descs -= chain.ndesc
+        self.next_avail, self.avail_wrap = pos, wrap
+        if len(self._taken) > 2 * size:
+            del self._taken[: len(self._taken) - size]
+        if self._ready_descs < 0 or (self._ready == 0) != (self._ready_descs == 0):
+            self._ready = self._ready_descs = 0  # the driver rewrote what was counted
+        return chains
 
     def unpop(self, n: int = 1) -> None:
         """Give the `n` chains taken last back to the ring, unused."""
@@ -361,12 +422,15 @@ class PackedQueue(BufferWalk):
         if self._log_desc is not None:
             self._log_rings()
         full_barrier()
-        return self.available() > 0
+        return self.has_available()
 
     def base(self) -> int:
         return join_base(self.next_avail, self.avail_wrap, self.next_used, self.used_wrap)
 
     def release(self) -> None:
+        if self._kernel is not None:  # (its numpy views hold exports of the memoryviews)
+            self._kernel.release()
+        self._kernel = None
         for v in (self.desc16, self.driver16, self.device16):
             v.release()
         self.desc.release()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .dirtylog import DirtyLog
+    from .kernel_walk import KernelWalk
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -77,6 +78,10 @@ class DeviceRing(Protocol):
         """How many chains the driver has made available (RingError if it broke a rule)."""
         ...
 
+    def has_available(self) -> bool:
+        """Whether a chain is available, without counting them (RingError as above)."""
+        ...
+
     def pop_batch(self, n: int) -> tuple[list[Chain], RingError | None]:
         """Take `n` available chains; on a broken one, those before it and the error."""
         ...
@@ -101,6 +106,19 @@ class DeviceRing(Protocol):
 
     def base(self) -> int:
         """Where the ring stands, as GET_VRING_BASE reports it."""
+        ...
+
+    @property
+    def kernel(self) -> KernelWalk | None:
+        """The compiled walk's arrays, where the compiled kernels serve the ring."""
+        ...
+
+    def cursors(self) -> tuple[int, int]:
+        """Where a compiled kernel walks from and returns chains at (ring_jit.py)."""
+        ...
+
+    def kernel_served(self, k: int) -> None:
+        """A compiled kernel took and returned `k` chains from the cursors on."""
         ...
 
     def release(self) -> None:

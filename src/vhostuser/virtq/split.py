@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..memory import GuestMemory, GuestMemoryError
 from .atomic import U16Array, full_barrier
+from .kernel_walk import KernelWalk
 from .ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -23,7 +24,6 @@ from .ring import (
     RingLayout,
     need_event,
 )
-from .split_kernel import KernelWalk
 from .walk import BufferWalk
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class SplitQueue(BufferWalk):
         self._avail_event_i = 2 + 4 * self.size  # u16 index of avail_event in the used ring
         self._burst: BurstArrays | None = None  # numpy views for burst.py, made on demand
         self.log = log
-        # the compiled walk (split_kernel.py) where it is on; never while writes are logged
+        # the compiled walk (kernel_walk.py) where it is on; never while writes are logged
         # (the Python walk records where the writable buffers are)
         self._kernel = KernelWalk.for_queue(self) if log is None else None
         self.log_used = log_used
@@ -86,6 +86,15 @@ class SplitQueue(BufferWalk):
     def kernel(self) -> KernelWalk | None:
         """The compiled walk's arrays, where it serves this queue."""
         return self._kernel
+
+    def cursors(self) -> tuple[int, int]:
+        """Where a compiled kernel walks from and returns chains at (ring_jit.py)."""
+        return self.last_avail, self.used_idx % self.size
+
+    def kernel_served(self, k: int) -> None:
+        """A compiled kernel took `k` chains and returned them (published at `publish`)."""
+        self.last_avail = (self.last_avail + k) & 0xFFFF
+        self.used_idx = (self.used_idx + k) & 0xFFFF
 
     def burst_arrays(self) -> BurstArrays:
         if self._burst is None:
@@ -103,6 +112,9 @@ class SplitQueue(BufferWalk):
         if n > self.size:
             raise RingError(f"avail idx moved by {n}, more than the queue size {self.size}")
         return n
+
+    def has_available(self) -> bool:
+        return self.available() > 0
 
     def pop(self) -> Chain:
         head = self.avail_ring[self.last_avail % self.size]

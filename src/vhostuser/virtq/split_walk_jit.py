@@ -1,5 +1,5 @@
-"""The compiled split-ring walk (numba): imported only by split_kernel.py, and only where
-numba is installed. The rules are split.py's `read_chain`; see split_kernel.py."""
+"""The compiled split-ring walk (numba): imported only by kernel_walk.py, and only where
+numba is installed. The rules are split.py's `read_chain`; see kernel_walk.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from numba import njit
 
 from .prefetch_jit import prefetch
 from .ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from .views_jit import i64_rows, i64s, u16s, u32s, u64_rows, u64s
+from .views_jit import u64s
 
 F_NEXT, F_WRITE, F_INDIRECT = np.uint64(DESC_F_NEXT), np.uint64(DESC_F_WRITE), np.uint64(
     DESC_F_INDIRECT)
@@ -35,7 +35,7 @@ def find(regions: Any, addr: Any, length: Any) -> int:
 def walk(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
          regions: Any, bases: Any, heads: Any, meta: Any, segs: Any) -> int:
     """Walk up to `n` chains from avail position `last`: each chain's head into `heads`,
-    (first segment, readable ones, writable ones) into `meta`, its buffers as (region,
+    (first segment, readable ones, writable ones, 1) into `meta`, its buffers as (region,
     offset, length) into `segs`. Returns how many chains were taken whole. `regions`:
     (guest-physical start, bytes) of each region mapped at the address in `bases`; `desc`
     holds `size` descriptors, `avail` `size` entries (the caller makes them so)."""
@@ -110,51 +110,5 @@ def walk(desc: Any, avail: Any, last: int, n: int, size: int, indirect_ok: bool,
         meta[k, 0] = first
         meta[k, 1] = nr
         meta[k, 2] = nw
+        meta[k, 3] = 1  # (a split ring's chain is one entry of its avail ring)
     return n
-
-
-# A ring's context (views_jit.py): the addresses and lengths of the arrays `walk` and the
-# kernels that serve chains use, made once per ring by `ring_ctx`, read by `ring_views`.
-DESC, AVAIL, USED, REGIONS, BASES, HEADS, META, SEGS, SIZE, NREGIONS, NSEGS, INDIRECT = (
-    range(12))
-
-
-def ring_ctx(desc: Any, avail: Any, used: Any, regions: Any, bases: Any, heads: Any,
-             meta: Any, segs: Any, indirect: bool) -> Any:
-    """The context of a ring of len(avail) entries whose arrays these are (the caller
-    keeps them while the context is used); `used`: its used elements as pairs of uint32."""
-    size = len(avail)
-    shapes = ((desc, np.uint64, (2 * size,)), (avail, np.uint16, (size,)),
-              (used, np.uint32, (2 * size,)), (regions, np.uint64, (len(regions), 2)),
-              (bases, np.uint64, (len(regions),)), (heads, np.int64, (size,)),
-              (meta, np.int64, (size, 3)), (segs, np.int64, (len(segs), 3)))
-    for a, dtype, shape in shapes:
-        if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
-            raise ValueError(f"a ring array is {a.dtype}{a.shape}, not {np.dtype(dtype)}{shape}")
-        # (the views the kernels make from a context are typed aligned and writable)
-        if not a.flags.aligned or not a.flags.writeable:
-            raise ValueError(f"a ring array of {a.dtype} is not aligned and writable")
-    ctx = np.zeros(12, np.uint64)
-    for i, (a, _, _) in enumerate(shapes):
-        ctx[i] = a.ctypes.data
-    ctx[SIZE], ctx[NREGIONS], ctx[NSEGS], ctx[INDIRECT] = size, len(regions), len(segs), indirect
-    return ctx
-
-
-@njit(cache=True, nogil=True, inline="always")
-def ring_views(ctx: Any) -> Any:
-    """(desc, avail, used, regions, bases, heads, meta, segs, size, indirect) of a ring's
-    context."""
-    size = np.intp(ctx[SIZE])
-    nreg = np.intp(ctx[NREGIONS])
-    return (u64s(ctx[DESC], 2 * size), u16s(ctx[AVAIL], size), u32s(ctx[USED], 2 * size),
-            u64_rows(ctx[REGIONS], nreg, 2), u64s(ctx[BASES], nreg), i64s(ctx[HEADS], size),
-            i64_rows(ctx[META], size, 3), i64_rows(ctx[SEGS], np.intp(ctx[NSEGS]), 3), size,
-            ctx[INDIRECT] != 0)
-
-
-@njit(cache=True, nogil=True)
-def walk_at(ctx: Any, last: int, n: int) -> int:
-    """`walk` over a ring's context (what split_kernel.KernelWalk calls)."""
-    desc, avail, _, regions, bases, heads, meta, segs, size, indirect = ring_views(ctx)
-    return walk(desc, avail, last, n, size, indirect, regions, bases, heads, meta, segs)

@@ -8,7 +8,7 @@ A kernel is given instead one array of addresses and lengths (`Ctx` below, made 
 when the ring or port is set up) and rebuilds its arrays from it, which costs nothing.
 
 Who makes a context keeps every array it names alive as long as the context is used:
-the addresses are not references (split_kernel.KernelWalk drops its context with them).
+the addresses are not references (kernel_walk.KernelWalk drops its context with them).
 """
 
 from __future__ import annotations
@@ -94,3 +94,33 @@ def _load_u64_typer(typingctx: Any, addr: Any) -> Any:
 # load_u64(address): the 8 bytes there as a native-endian integer, at any alignment (one
 # load, where comparing bytes one by one takes a loop)
 load_u64: Any = intrinsic(_load_u64_typer)
+
+
+def _load_acquire_u16_typer(typingctx: Any, addr: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(16).as_pointer())
+        return builder.load_atomic(ptr, "acquire", 2)
+
+    return types.uint16(types.uintp), codegen
+
+
+# load_acquire_u16(address): the aligned 2 bytes there, loaded before any load that follows
+# it (x86 orders loads already: this keeps the compiler from moving a later load above it).
+# A packed ring's descriptor flags: what says the rest of the descriptor is the driver's.
+load_acquire_u16: Any = intrinsic(_load_acquire_u16_typer)
+
+
+def _store_release_u64_typer(typingctx: Any, addr: Any, value: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        builder.store_atomic(args[1], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(types.uintp, types.uint64), codegen
+
+
+# store_release_u64(address, value): the aligned 8 bytes there, stored after every store
+# before it (x86 keeps stores in order already: this keeps the compiler from moving an
+# earlier one below it), in one piece. A packed ring's used descriptor: its length, id
+# and flags at once, after the bytes written into its buffers.
+store_release_u64: Any = intrinsic(_store_release_u64_typer)

@@ -1,13 +1,14 @@
-"""The split ring's chain walk, compiled with numba, a batch of chains per call: the rules
-of `SplitQueue.read_chain` (the reference, which stays) run over numpy views of the
-descriptor table, the avail ring and the guest memory regions.
+"""The chain walk of either ring layout, compiled with numba, a batch of chains per call:
+the rules of `SplitQueue.read_chain` and `PackedQueue._read_chain` (the references, which
+stay) run over numpy views of the descriptors, the avail ring and the guest memory
+regions (split_walk_jit.py, packed_walk_jit.py; ring_jit.py serves both to the kernels).
 
 The kernel takes a chain only whole and only when it is ordinary: it stops *before* the
 first chain it does not take — any broken rule, a buffer that spans two regions, an
 indirect table not 8-byte aligned where it is mapped — and the Python walk takes that chain
 (raising its error, or handling the rare case). So every error message, and every case
-the kernel leaves out, has one place: split.py. The chain it hands back is made of the
-same views as the Python walk's.
+the kernel leaves out, has one place: split.py or packed.py. The chain it hands back is
+made of the same views as the Python walk's.
 
 Used only where numba is installed (the `jit` extra) and VHOSTUSER_JIT=1: opt-in while it
 covers the walk alone (importing numba and loading the compiled code costs a process about
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .ring import Chain
 
 if TYPE_CHECKING:
+    from .packed import PackedQueue
     from .split import SplitQueue
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ SEGS_PER_CHAIN = 8  # room for segments per chain asked for (a chain with more: 
 # whole by the kernel if the batch has room, else left to the Python walk)
 
 _kernel: Any = None
-_jit: Any = None  # split_walk_jit, once loaded
+_jit: Any = None  # ring_jit, once loaded
 _tried = False
 
 
@@ -63,42 +65,55 @@ def load() -> bool:
 def cache_dir() -> str:
     """Our default for NUMBA_CACHE_DIR (callers `setdefault` it): a directory of ours under
     the user's cache, never beside the sources, which a read-only install cannot write.
-    Numba reads it when it is imported: whoever imports a kernel module first sets it."""
+    Numba reads it when it is imported: whoever imports a kernel module first sets it.
+    One directory per version of the kernels' sources (a hash of every *_jit.py): numba
+    looks only at a function's own file to tell whether what it cached is stale, so a
+    kernel whose file did not change would otherwise keep the code of a function it
+    calls from another file that did."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                        "vhostuser-numba")
+                        "vhostuser-numba", _sources_hash())
+
+
+def _sources_hash() -> str:
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parent.parent
+    for path in sorted(package.rglob("*_jit.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def warm() -> None:
     """Compile (or load from the cache) now, in the engine's process, before any worker
     forks: a worker then has it without paying for it."""
     if available():
-        import numpy as np
+        from . import ring_jit
 
-        from . import split_walk_jit as jit
-
-        arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
-                  np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
-                  np.zeros((2, 3), np.int64), np.zeros((1, 3), np.int64))
-        jit.walk_at(jit.ring_ctx(*arrays, True), 0, 0)
+        ctx, _arrays = ring_jit.dummy_ctx()
+        ring_jit.walk_at(ctx, 0, 0)
 
 
 def _compile() -> Any:
     global _jit
-    from . import split_walk_jit
+    from . import ring_jit
 
-    _jit = split_walk_jit
-    return split_walk_jit.walk_at
+    _jit = ring_jit
+    return ring_jit.walk_at
 
 
 class KernelWalk:
-    """One split queue's arrays for the kernel (numpy views of its ring and of guest
-    memory) and their context (the kernels' one argument for all of them: views_jit.py),
-    made when the queue starts; `None` from `for_queue` where the kernel cannot serve it
-    (no regions, more than MAX_REGIONS, a read-only one, ring areas not aligned where
-    they are mapped)."""
+    """One queue's arrays for the kernels (numpy views of its ring and of guest memory)
+    and their context (the kernels' one argument for all of them: views_jit.py), made
+    when the queue starts; `None` from `for_queue` where the kernel cannot serve it (no
+    regions, more than MAX_REGIONS, a read-only one, ring areas not aligned where they
+    are mapped)."""
 
-    def __init__(self, q: SplitQueue) -> None:
+    def __init__(self, q: SplitQueue | PackedQueue) -> None:
         import numpy as np
+
+        from .split import SplitQueue  # (which imports this module)
 
         regions = q._regions
         self.views = [view for _, _, view in regions]
@@ -112,23 +127,29 @@ class KernelWalk:
         self.mem8: Any = tuple(np.frombuffer(v[:n], dtype=np.uint8)
                                for v, n in zip(self.views, whole, strict=True))
         self.bases: Any = np.array([b.ctypes.data for b in self.mem8], dtype=np.uint64)
-        self.used: Any = np.frombuffer(q.used, dtype=np.uint32, count=1 + 2 * q.size)[1:]
         self.desc: Any = np.frombuffer(q.desc, dtype=np.uint64)
-        self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
+        self.packed = not isinstance(q, SplitQueue)
+        if isinstance(q, SplitQueue):
+            self.used: Any = np.frombuffer(q.used, dtype=np.uint32, count=1 + 2 * q.size)[1:]
+            self.avail: Any = np.frombuffer(q.avail_ring, dtype=np.uint16)
+        else:  # (no avail or used ring: arrays of their size that nothing reads)
+            self.used = np.zeros(2 * q.size, np.uint32)
+            self.avail = np.zeros(q.size, np.uint16)
         if self.desc.shape != (2 * q.size,) or self.avail.shape != (q.size,):
             raise ValueError("the ring's views are not of its size")  # the kernel trusts them
         self.size = q.size
         self.indirect = q.indirect
         self.heads = np.zeros(q.size, np.int64)
-        self.meta = np.zeros((q.size, 3), np.int64)
+        self.meta = np.zeros((q.size, 4), np.int64)  # ring_jit.py's FIRST..NDESC
         self.segs = np.zeros((q.size * SEGS_PER_CHAIN, 3), np.int64)
+        self.state: Any = np.zeros(_jit.NSTATE, np.int64)
         # what the kernels are given: the addresses of all of the above
         self.ctx: Any = _jit.ring_ctx(self.desc, self.avail, self.used, self.regions,
                                       self.bases, self.heads, self.meta, self.segs,
-                                      self.indirect)
+                                      self.indirect, self.packed, self.state)
 
     @staticmethod
-    def for_queue(q: SplitQueue, asked: bool | None = None) -> KernelWalk | None:
+    def for_queue(q: SplitQueue | PackedQueue, asked: bool | None = None) -> KernelWalk | None:
         """The kernel's arrays for `q`, if it is on (`asked`: regardless of VHOSTUSER_JIT)
         and can serve the queue's memory."""
         if not (available() if asked is None else asked and load()):
@@ -143,12 +164,14 @@ class KernelWalk:
             log.info("compiled chain walk not used: %s", e)
             return None
 
-    def walk(self, last: int, n: int) -> list[Chain]:
-        """The first chains of `n` from avail position `last` that the kernel takes whole
-        (all of them, or those before the first it leaves to the Python walk)."""
+    def walk(self, cur: int, n: int) -> list[Chain]:
+        """The first chains of `n` from cursor `cur` (ring_jit.py's) that the kernel takes
+        whole (all of them, those before the first it leaves to the Python walk, or on a
+        packed ring those before the first not available); on a packed ring each knows
+        the descriptors it takes (`ndesc`)."""
         n = min(n, self.size)  # the output arrays' room (the kernel does not bound-check)
         assert self.ctx is not None  # (not released)
-        taken = _kernel(self.ctx, last, n)
+        taken = _kernel(self.ctx, cur, n)
         views = self.views
         if not taken:
             return []
@@ -157,14 +180,18 @@ class KernelWalk:
         flat = self.segs[:end].tolist()
         out = []
         for k in range(taken):
-            first, nr, nw = meta[k]
+            first, nr, nw, ndesc = meta[k]
             bufs = [views[r][o : o + ln] for r, o, ln in flat[first : first + nr + nw]]
-            out.append(Chain(heads[k], bufs[:nr], bufs[nr:]))
+            out.append(Chain(heads[k], bufs[:nr], bufs[nr:], ndesc=ndesc))
         return out
+
+    def used_cursor(self) -> int:
+        """The used cursor the last kernel left (ring_jit.done)."""
+        return int(self.state[0])
 
     def release(self) -> None:
         """Drop the numpy views (they hold exports of the queue's memoryviews)."""
         self.ctx = None  # first: its addresses are the arrays'
         self.mem8 = self.bases = None
-        self.desc = self.avail = self.used = None
+        self.desc = self.avail = self.used = self.state = None
         self.views = []
