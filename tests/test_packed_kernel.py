@@ -180,6 +180,8 @@ def test_the_compiled_packed_walk_agrees_with_the_python_walk() -> None:
                 py = PackedQueue(rig.mem, rig.layout(), base, False, indirect=indirect)
                 py._kernel = None  # the reference
                 jit = PackedQueue(rig.mem, rig.layout(), base, False, indirect=indirect)
+                if jit._kernel is not None:  # (made where VHOSTUSER_JIT=1 is set)
+                    jit._kernel.release()
                 kernel = jit._kernel = KernelWalk.for_queue(jit, asked=True)
                 assert kernel is not None  # numba is a test dependency
                 try:

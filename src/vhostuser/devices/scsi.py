@@ -291,7 +291,7 @@ class RequestService(InOrderService):
                 q.complete_batch(chains, self.handle(q.index, chains))
                 q.notify()  # completions out before the queue says it holds none
         finally:
-            if not q.available():  # busy until the ring runs dry (no gap between batches)
+            if not q.waiting():  # busy until the ring runs dry (no gap between batches)
                 self.busy[self.slot] = 0
 
     def handle(self, index: int, chains: list[Chain]) -> list[int]:

@@ -160,7 +160,7 @@ class Muxer(QueueService):
                     if not self.pump(c):
                         break
             if (self.stopping or len(self.ctrl) >= MAX_CTRL // 2 or self.txq is None
-                    or not self.txq.available()):
+                    or not self.txq.waiting()):
                 return
             self.take_tx(self.txq)  # held back, or arrived meanwhile: then flush again
 

@@ -213,9 +213,13 @@ class DeviceQueue:
         ring = self.ring
         if self.error is not None:
             return 0
-        if isinstance(ring, SplitQueue):
-            return ring.available()
-        return ring.size if ring.has_available() else 0
+        try:
+            if isinstance(ring, SplitQueue):
+                return ring.available()
+            return ring.size if ring.has_available() else 0
+        except RingError as e:
+            self.error = e
+            return 0
 
     def waiting(self) -> bool:
         """Whether a chain is available: `available() > 0`, without counting them (on a
@@ -290,10 +294,8 @@ class DeviceQueue:
         ring = self.ring
         w = ring.kernel
         assert w is not None
-        try:
-            n = min(limit, self._ready_now(), ring.size - (self.popped - self.completed))
-        except RingError as e:
-            self.error = e
+        n = min(limit, self._ready_now(), ring.size - (self.popped - self.completed))
+        if self.error is not None:
             return None
         if self._ppid is not None:
             self._check_parent()  # the kernel stores into guest memory

@@ -66,10 +66,10 @@ def cache_dir() -> str:
     """Our default for NUMBA_CACHE_DIR (callers `setdefault` it): a directory of ours under
     the user's cache, never beside the sources, which a read-only install cannot write.
     Numba reads it when it is imported: whoever imports a kernel module first sets it.
-    One directory per version of the kernels' sources (a hash of every *_jit.py): numba
+    One directory per version of the package's sources (a hash of every module): numba
     looks only at a function's own file to tell whether what it cached is stale, so a
     kernel whose file did not change would otherwise keep the code of a function it
-    calls from another file that did."""
+    calls, or a constant it uses, from another file that did."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                         "vhostuser-numba", _sources_hash())
 
@@ -80,7 +80,7 @@ def _sources_hash() -> str:
 
     h = hashlib.sha256()
     package = Path(__file__).resolve().parent.parent
-    for path in sorted(package.rglob("*_jit.py")):
+    for path in sorted(package.rglob("*.py")):
         h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -142,7 +142,7 @@ class KernelWalk:
         self.heads = np.zeros(q.size, np.int64)
         self.meta = np.zeros((q.size, 4), np.int64)  # ring_jit.py's FIRST..NDESC
         self.segs = np.zeros((q.size * SEGS_PER_CHAIN, 3), np.int64)
-        self.state: Any = np.zeros(_jit.NSTATE, np.int64)
+        self.state: Any = np.zeros(_jit.state_len(q.size), np.int64)
         # what the kernels are given: the addresses of all of the above
         self.ctx: Any = _jit.ring_ctx(self.desc, self.avail, self.used, self.regions,
                                       self.bases, self.heads, self.meta, self.segs,

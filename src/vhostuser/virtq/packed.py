@@ -15,7 +15,8 @@ positions as the chain took. Both wrap counters start at 1 and flip at each pass
 
 Visibility: a batch's used descriptors are written whole, the flags of all but the first
 too; `publish` stores the first one's flags, and a driver, which reads used descriptors in
-ring order, sees the batch at once (x86 keeps stores in order).
+ring order, sees the batch at once (x86 keeps stores in order). The compiled kernels store
+theirs so too before they return (ring_jit.done), each in one 8-byte store.
 """
 
 from __future__ import annotations
@@ -148,7 +149,10 @@ class PackedQueue(BufferWalk):
             avail -= self.size
             wrap ^= 1
         self.next_avail, self.avail_wrap = avail, wrap
-        self._ready = self._ready_descs = 0  # counted afresh
+        self._ready -= k  # (those counted already stay counted)
+        self._ready_descs -= moved
+        if self._ready <= 0 or self._ready_descs <= 0:
+            self._ready = self._ready_descs = 0  # counted afresh
 
     def has_available(self) -> bool:
         """Whether a chain is available (one look at the next descriptor's flags)."""

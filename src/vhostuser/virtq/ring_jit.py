@@ -39,7 +39,14 @@ DESC, AVAIL, USED, REGIONS, BASES, HEADS, META, SEGS, SIZE, NREGIONS, NSEGS, IND
     PACKED, STATE = range(14)
 FIRST, NR, NW, NDESC = range(4)  # a walked chain's `meta`: its first segment, readable
 # and writable segments, ring descriptors it takes (1 on a split ring)
-NSTATE = 1  # `state`: the used cursor a kernel left
+
+
+
+def state_len(size: int) -> int:
+    """`state`'s length for a ring of `size`: the used cursor a kernel left, then (on a
+    packed ring) how many used descriptors wait to be stored and each one's offset in the
+    ring and its second word (`put_used`, `done`)."""
+    return 2 + 2 * size
 
 Ring = namedtuple("Ring", "desc avail used regions bases heads meta segs size indirect "
                           "packed state")
@@ -53,16 +60,16 @@ def ring_ctx(desc: Any, avail: Any, used: Any, regions: Any, bases: Any, heads: 
              state: Any = None) -> Any:
     """The context of a ring of len(avail) entries whose arrays these are (the caller
     keeps them while the context is used); `desc`: its descriptors as pairs of words;
-    `used`: a split ring's used elements as pairs of uint32; `state`: NSTATE int64 (a
-    packed ring's caller reads it)."""
+    `used`: a split ring's used elements as pairs of uint32; `state`: state_len(size)
+    int64 (a packed ring's caller reads the used cursor there)."""
     size = len(avail)
     if state is None:
-        state = np.zeros(NSTATE, np.int64)
+        state = np.zeros(state_len(size), np.int64)
     shapes = ((desc, np.uint64, (2 * size,)), (avail, np.uint16, (size,)),
               (used, np.uint32, (2 * size,)), (regions, np.uint64, (len(regions), 2)),
               (bases, np.uint64, (len(regions),)), (heads, np.int64, (size,)),
               (meta, np.int64, (size, 4)), (segs, np.int64, (len(segs), 3)),
-              (state, np.int64, (NSTATE,)))
+              (state, np.int64, (state_len(size),)))
     for a, dtype, shape in shapes:
         if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
             raise ValueError(f"a ring array is {a.dtype}{a.shape}, not {np.dtype(dtype)}{shape}")
@@ -83,7 +90,7 @@ def dummy_ctx() -> tuple[Any, tuple[Any, ...]]:
     arrays = (np.zeros(4, np.uint64), np.zeros(2, np.uint16), np.zeros(4, np.uint32),
               np.zeros((1, 2), np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.int64),
               np.zeros((2, 4), np.int64), np.zeros((1, 3), np.int64),
-              np.zeros(NSTATE, np.int64))
+              np.zeros(state_len(2), np.int64))
     return ring_ctx(*arrays[:8], True, state=arrays[8]), arrays
 
 
@@ -96,7 +103,7 @@ def ring_views(ctx: Any) -> Any:
                 u64_rows(ctx[REGIONS], nreg, 2), u64s(ctx[BASES], nreg),
                 i64s(ctx[HEADS], size), i64_rows(ctx[META], size, 4),
                 i64_rows(ctx[SEGS], np.intp(ctx[NSEGS]), 3), size, ctx[INDIRECT] != 0,
-                ctx[PACKED] != 0, i64s(ctx[STATE], NSTATE))
+                ctx[PACKED] != 0, i64s(ctx[STATE], 2 + 2 * size))
 
 
 @njit(cache=True, nogil=True)
@@ -134,7 +141,11 @@ def walk_more(r: Any, cur: int, k: int, n: int, want: int) -> tuple[int, bool, i
 @njit(cache=True, nogil=True)
 def put_used(r: Any, cur: int, head: int, written: int, ndesc: int) -> int:
     """Return chain `head` (buffer id) at used cursor `cur` with `written` bytes stored in
-    its buffers; the cursor past it (a packed chain took `ndesc` descriptors)."""
+    its buffers; the cursor past it (a packed chain took `ndesc` descriptors). On a split
+    ring the used element is written now (the driver looks at it once the used index,
+    stored later, says so); on a packed ring the used descriptor waits in `state` for
+    `done`: the driver looks at the descriptors themselves, and a line it reads between
+    two of our stores would go back and forth between the CPUs for each."""
     if r.packed:
         pos, wrap = cur & packed_walk_jit.POS, cur >> 15
         word = np.uint64(written) | np.uint64(head) << np.uint64(32)
@@ -142,7 +153,10 @@ def put_used(r: Any, cur: int, head: int, written: int, ndesc: int) -> int:
             word |= _USED_FLAGS
         if written:
             word |= _WRITTEN_FLAG
-        store_release_u64(np.uint64(r.desc.ctypes.data) + np.uint64(16 * pos + 8), word)
+        n = r.state[1]
+        r.state[2 + 2 * n] = 16 * pos + 8
+        r.state[3 + 2 * n] = np.int64(word)
+        r.state[1] = n + 1
         pos += ndesc
         if pos >= r.size:
             pos -= r.size
@@ -153,10 +167,19 @@ def put_used(r: Any, cur: int, head: int, written: int, ndesc: int) -> int:
     return int((cur + 1) & (r.size - 1))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def done(r: Any, cur: int) -> None:
-    """A kernel's last word: the used cursor past the chains it returned."""
+    """A kernel's last word: the used cursor past the chains it returned; on a packed ring
+    their used descriptors stored, each in one piece after the bytes written into its
+    buffers (a release store), the first one last, so that the driver sees them at once."""
     r.state[0] = cur
+    n = r.state[1]
+    if n:
+        at = np.uint64(r.desc.ctypes.data)
+        for j in range(1, n):
+            store_release_u64(at + np.uint64(r.state[2 + 2 * j]), np.uint64(r.state[3 + 2 * j]))
+        store_release_u64(at + np.uint64(r.state[2]), np.uint64(r.state[3]))
+        r.state[1] = 0
 
 
 @njit(cache=True, nogil=True)
