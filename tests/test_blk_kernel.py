@@ -39,7 +39,7 @@ from vhostuser.engine.queue import DeviceQueue
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.inflight import ENTRY, QUEUE_HEADER, SplitInflight, queue_region_bytes
-from vhostuser.virtq.ring import DeviceRing
+from vhostuser.virtq.ring import DeviceRing, RingError
 from vhostuser.virtq.split import SplitQueue
 from vhostuser.virtq.split_driver import DriverRing
 
@@ -403,3 +403,38 @@ def test_failing_requests_do_not_flood_the_log(compiled: bool, tmp_path: Path) -
                                                [(T_FLUSH, 0)] * 40)
     assert statuses == [S_IOERR] * 40
     assert logged == [FLUSH_FAILS] * 10
+
+
+def test_an_avail_index_moved_too_far_stops_the_queue_not_the_worker(tmp_path: Path) -> None:
+    """The driver moves the avail index by more than the ring holds between two compiled
+    batches: the queue stops with the ring's error (as the Python path reports it), and
+    nothing escapes to the worker, which would stop every queue it serves."""
+    ram = GuestRam(1 << 20, guest_addr=A)
+    mem = GuestMemory()
+    mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    drv = DriverRing(ram, 16)
+    img = tmp_path / "img"
+    img.write_bytes(bytes(1 << 16))
+    dev = BlkDevice(BlkOptions(str(img)))
+    ring = SplitQueue(mem, drv.layout(), 0, False)
+    q = DeviceQueue(ring, 0, NoNotifier())
+    try:
+        assert q.compiled()
+        buf = ram.alloc(4096)
+        hdr, status = ram.alloc(16), ram.alloc(1)
+        ram.at(hdr, 16)[:] = struct.pack("<IIQ", T_IN, 0, 0)
+        drv.add([(hdr, 16, False), (buf, 4096, True), (status, 1, True)])
+        service = BlkQueue(dev)
+        service.kicked(q)
+        q.notify()
+        assert q.completed == 1 and q.error is None  # (served: the path is the kernel's)
+        drv.avail16.store(1, drv.avail_idx + 17)  # 17 more than were made available
+        service.kicked(q)
+        assert isinstance(q.error, RingError) and "more than the queue size" in str(q.error)
+        assert q.completed == 1
+    finally:
+        q.release()
+        dev.close()
+        drv.release()
+        mem.clear()
+        ram.close()
