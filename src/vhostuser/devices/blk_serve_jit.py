@@ -43,29 +43,29 @@ def _bytes_at(bases: Any, segs: Any, s: int) -> Any:
 
 
 @njit(cache=True, nogil=True)
-def serve(r: Any, last: int, n: int, heads: Any, meta: Any, iov: Any, used_at: int,
-          done: Any, fd: int, capacity: int, writable: bool, writeback: bool,
-          failed: Any) -> int:
-    """Serve up to `n` requests of ring `r` from avail cursor `last`, each whole or not at
-    all: walked by `walk`, read or written with preadv/pwritev (a write followed by fdatasync
-    unless `writeback`), a flush with fdatasync (`writable` only), their status byte and
-    used element (from used cursor `used_at` on) written, the cursor past them left in
-    the ring's state. Stops before the first it
-    does not serve: not a read, write or flush of the usual layout (header alone, data,
-    status byte alone; a flush without data), out of range or not whole sectors, a write
-    when not `writable`, a read or write that fails or transfers less than asked. A failed
-    fdatasync is not retried (the error would be reported once): the request is completed
-    with S_IOERR and `failed` records it: failed[0, 0] counts them, row i (from 1) holds the
-    i-th one's errno, type and sector, as far as there are rows (blk_kernel.py logs them).
-    Returns how many it served, their heads in `done`; `heads` and `meta` are room for
-    one chain's, `iov` for the iovec of one request."""
+def serve(desc: Any, avail: Any, used: Any, size: int, indirect: bool, packed: bool,
+          regions: Any, bases: Any, segs: Any, state: Any, last: int, n: int, heads: Any,
+          meta: Any, iov: Any, used_at: int, done: Any, fd: int, capacity: int,
+          writable: bool, writeback: bool, failed: Any) -> int:
+    """Serve up to `n` requests of a ring (its arrays, ring_jit.ring_views's) from avail cursor
+    `last`, each whole or not at all: walked by `walk`, read or written with preadv/pwritev (a
+    write followed by fdatasync unless `writeback`), a flush with fdatasync (`writable` only),
+    their status byte and used element (from used cursor `used_at` on) written, the cursor past
+    them left in the ring's state. Stops before the first it does not serve: not a read, write
+    or flush of the usual layout (header alone, data, status byte alone; a flush without data),
+    out of range or not whole sectors, a write when not `writable`, a read or write that fails
+    or transfers less than asked. A failed fdatasync is not retried (the error would be
+    reported once): the request is completed with S_IOERR and `failed` records it: failed[0, 0]
+    counts them, row i (from 1) holds the i-th one's errno, type and sector, as far as there
+    are rows (blk_kernel.py logs them). Returns how many it served, their heads in `done`;
+    `heads` and `meta` are room for one chain's, `iov` for the iovec of one request."""
     n = min(n, done.shape[0])
     iov_at = iov.ctypes.data  # once: numba makes it at some cost
-    bases, segs = r.bases, r.segs
     cur = used_at
     served = n
     for k in range(n):
-        got, _, nxt = walk(r, last, 1, heads, meta, segs)
+        got, _, nxt = walk(desc, avail, size, indirect, packed, regions, bases, last, 1,
+                           heads, meta, segs)
         if got != 1:
             served = k
             break
@@ -124,9 +124,9 @@ def serve(r: Any, last: int, n: int, heads: Any, meta: Any, iov: Any, used_at: i
             status = S_IOERR
             written = 1
         _bytes_at(bases, segs, nr + nw - 1)[0] = status
-        cur = put_used(r, cur, heads[0], written, meta[0, 3])
+        cur = put_used(used, state, size, packed, cur, heads[0], written, meta[0, 3])
         done[k] = heads[0]
-    ring_done(r, cur)
+    ring_done(desc, state, cur)
     return served
 
 
@@ -154,6 +154,7 @@ def serve_at(ring: Any, own: Any, last: int, n: int, used_at: int, fd: int, capa
     """`serve` over a ring's context and its own; the heads served go to the ring's
     heads array (which `serve` does not use: it walks a chain at a time into its own)."""
     r = ring_views(ring)
-    return serve(r, last, n, i64s(own[HEADS], 1), i64_rows(own[META], 1, 4),
+    return serve(r.desc, r.avail, r.used, r.size, r.indirect, r.packed, r.regions, r.bases,
+                 r.segs, r.state, last, n, i64s(own[HEADS], 1), i64_rows(own[META], 1, 4),
                  u64_rows(own[IOV], own[IOV_LEN], 2), used_at, r.heads, fd, capacity,
                  writable, writeback, i64_rows(own[FAILED], own[FAILED_ROWS], 3))

@@ -79,10 +79,12 @@ def _checksum_ok(arena: Any, pos: int, hl: int, body: int) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def take(r: Any, last: int, n: int, used_at: int, hl: int, max_frame: int, offloads: bool,
-         arena: Any, offs: Any, lens: Any, asks: Any, vnet: Any, drops: Any,
-         out: Any) -> None:
-    """Take up to `n` transmitted chains of ring `r` from avail cursor `last`: each one
+def take(desc: Any, avail: Any, used: Any, size: int, indirect: bool, packed: bool,
+         regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, state: Any, last: int,
+         n: int, used_at: int, hl: int, max_frame: int, offloads: bool, arena: Any,
+         offs: Any, lens: Any, asks: Any, vnet: Any, drops: Any, out: Any) -> None:
+    """Take up to `n` transmitted chains of a ring (its arrays, ring_jit.ring_views's)
+    from avail cursor `last`: each one
     frame behind a header of `hl` bytes. A chain's bytes are copied into `arena` (as far
     as a frame may go) and checked there; a valid frame stays (its offset and length into
     `offs`, `lens`), an invalid one is counted in `drops`; every chain's used element
@@ -98,8 +100,8 @@ def take(r: Any, last: int, n: int, used_at: int, hl: int, max_frame: int, offlo
     taken are the walk's, in `heads`; `out` says how many, and how many frames were
     kept."""
     n = min(n, offs.shape[0])
-    bases, heads, meta, segs = r.bases, r.heads, r.meta, r.segs
-    k, _, _ = walk(r, last, n, heads, meta, segs)
+    k, _, _ = walk(desc, avail, size, indirect, packed, regions, bases, last, n, heads, meta,
+                   segs)
     cur = used_at
     cap = arena.shape[0]
     base = arena.ctypes.data
@@ -150,8 +152,8 @@ def take(r: Any, last: int, n: int, used_at: int, hl: int, max_frame: int, offlo
                 m += 1
                 nbytes += body
                 pos += total
-        cur = put_used(r, cur, heads[i], 0, meta[i, NDESC])
-    ring_done(r, cur)
+        cur = put_used(used, state, size, packed, cur, heads[i], 0, meta[i, NDESC])
+    ring_done(desc, state, cur)
     out[CHAINS] = k
     out[FRAMES] = k
     out[PASSED] = m
@@ -185,24 +187,24 @@ def _fill(bases: Any, segs: Any, first: int, count: int, hdr: Any, hl: int, fram
 
 
 @njit(cache=True, nogil=True)
-def put(r: Any, last: int, n: int, used_at: int, hl: int, mrg: bool, max_frame: int,
-        data: Any, offs: Any, lens: Any, vnet: Any, has_vnet: bool, hdr: Any, drops: Any,
-        out: Any) -> None:
-    """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the chains of
-    ring `r` available from avail cursor `last` (`n` at most), in order, frame by frame
-    as `put_frames` does: each behind the header `hdr` (`hl` bytes; num_buffers, with
-    `mrg` a frame spread over as many chains as it takes), its used element at the next
-    used cursor from `used_at` on (the cursor past them left in the ring's state).
-    With `has_vnet`, frame f goes with the header vnet[f] (10 bytes, one the port takes
-    as it is: net_offload.accepts) and may be up to MAX_GSO_FRAME long if it is a GSO
-    frame. Stops before a frame that would need a chain the walk did not take (the
-    chain-by-chain path takes that frame on)."""
+def put(desc: Any, avail: Any, used: Any, size: int, indirect: bool, packed: bool,
+        regions: Any, bases: Any, heads: Any, meta: Any, segs: Any, state: Any, last: int,
+        n: int, used_at: int, hl: int, mrg: bool, max_frame: int, data: Any, offs: Any,
+        lens: Any, vnet: Any, has_vnet: bool, hdr: Any, drops: Any, out: Any) -> None:
+    """Deliver frames (frame f is data[offs[f] : offs[f] + lens[f]]) into the chains of a ring
+    (its arrays, ring_jit.ring_views's) available from avail cursor `last` (`n` at most), in
+    order, frame by frame as `put_frames` does: each behind the header `hdr` (`hl` bytes;
+    num_buffers, with `mrg` a frame spread over as many chains as it takes), its used element
+    at the next used cursor from `used_at` on (the cursor past them left in the ring's state).
+    With `has_vnet`, frame f goes with the header vnet[f] (10 bytes, one the port takes as it
+    is: net_offload.accepts) and may be up to MAX_GSO_FRAME long if it is a GSO frame. Stops
+    before a frame that would need a chain the walk did not take (the chain-by-chain path takes
+    that frame on)."""
     # chains are walked as frames need them (a ring's worth of buffers waits there
     # usually, for far fewer frames): k walked so far; `stopped`: the walk left the next
     dropped = drops.sum()
     hdr_at = np.uint64(hdr.ctypes.data)
     data_at = np.uint64(data.ctypes.data)
-    bases, heads, meta, segs = r.bases, r.heads, r.meta, r.segs
     cur = used_at
     k = 0
     stopped = False
@@ -226,7 +228,9 @@ def put(r: Any, last: int, n: int, used_at: int, hl: int, mrg: bool, max_frame: 
             continue
         need = hl + length
         if c >= k and not stopped and k < n:
-            k, stopped, n, last = walk_more(r, last, k, n, max(nframes - f, 32))
+            k, stopped, n, last = walk_more(desc, avail, size, indirect, packed, regions,
+                                            bases, heads, meta, segs, last, k, n,
+                                            max(nframes - f, 32))
         if c >= k:
             if stopped:
                 break
@@ -249,13 +253,15 @@ def put(r: Any, last: int, n: int, used_at: int, hl: int, mrg: bool, max_frame: 
                 hdr[11] = 0
             _fill(bases, segs, meta[c, 0] + meta[c, 1], meta[c, 2], hdr_at, hl,
                   data_at + np.uint64(offs[f]), 0, need)
-            cur = put_used(r, cur, heads[c], need, meta[c, NDESC])
+            cur = put_used(used, state, size, packed, cur, heads[c], need, meta[c, NDESC])
             c += 1
         elif mrg:
             j = c
             while room < need:
                 if j + 1 >= k and not stopped and k < n:
-                    k, stopped, n, last = walk_more(r, last, k, n, 32)
+                    k, stopped, n, last = walk_more(desc, avail, size, indirect, packed,
+                                                    regions, bases, heads, meta, segs, last,
+                                                    k, n, 32)
                 if j + 1 >= k:
                     break
                 j += 1
@@ -273,7 +279,7 @@ def put(r: Any, last: int, n: int, used_at: int, hl: int, mrg: bool, max_frame: 
             for x in range(c, j + 1):
                 w = _fill(bases, segs, meta[x, 0] + meta[x, 1], meta[x, 2], hdr_at, hl,
                           data_at + np.uint64(offs[f]), p, need)
-                cur = put_used(r, cur, heads[x], w, meta[x, NDESC])
+                cur = put_used(used, state, size, packed, cur, heads[x], w, meta[x, NDESC])
                 p += w
             c = j + 1
         else:  # the buffer stays for a frame that fits
@@ -289,7 +295,7 @@ def put(r: Any, last: int, n: int, used_at: int, hl: int, mrg: bool, max_frame: 
         f += 1
     if has_vnet:
         hdr[:10] = 0  # (the header of complete frames)
-    ring_done(r, cur)
+    ring_done(desc, state, cur)
     out[TX_GSO] = ngso
     out[TX_CSUM] = ncsum
     out[CHAINS] = c
@@ -338,7 +344,9 @@ def take_at(ring: Any, port: Any, last: int, n: int, used_at: int, hl: int, max_
             offloads: bool) -> int:
     """`take` over a ring's context and a transmit context; how many chains it took."""
     nf = port[FRAMES_LEN]
-    take(ring_views(ring), last, n, used_at, hl, max_frame, offloads,
+    r = ring_views(ring)
+    take(r.desc, r.avail, r.used, r.size, r.indirect, r.packed, r.regions, r.bases, r.heads,
+         r.meta, r.segs, r.state, last, n, used_at, hl, max_frame, offloads,
          u8s(port[DATA], port[DATA_LEN]),
          i64s(port[OFFS], nf), i64s(port[LENS], nf), u8s(port[ASKS_AT], nf),
          u8_rows(port[VNET], nf, 10), i64s(port[DROPS], NDROPS), i64s(port[OUT], NOUT))
@@ -350,7 +358,9 @@ def put_at(ring: Any, scratch: Any, last: int, n: int, used_at: int, hl: int, mr
            max_frame: int, fx: Any, nframes: int, has_vnet: bool) -> int:
     """`put` over a ring's context, a receive context and the context of `nframes` frames
     (net_frames.py's; their headers with `has_vnet`); how many chains it used."""
-    put(ring_views(ring), last, n, used_at, hl, mrg, max_frame,
+    r = ring_views(ring)
+    put(r.desc, r.avail, r.used, r.size, r.indirect, r.packed, r.regions, r.bases, r.heads,
+        r.meta, r.segs, r.state, last, n, used_at, hl, mrg, max_frame,
         u8s(fx[FX_DATA], fx[FX_DATA_LEN]),
         i64s(fx[FX_OFFS], nframes), i64s(fx[FX_LENS], nframes),
         u8_rows(fx[FX_VNET], nframes if has_vnet else 0, 10), has_vnet,
