@@ -239,8 +239,10 @@ class DeviceQueue:
         a compiled kernel that serves them whole from the ring's cursors on (`cursors`,
         ring_jit.py); it returns how many it served (their heads are the first of
         `ring.kernel.heads`). They become visible with the other completions at the next
-        `notify` (one index store, at most one notification), recorded in the in-flight
-        area as completed. Returns how many. 0 where it may not be used — writes logged,
+        `notify` (one index store, at most one notification; on a packed ring, whose used
+        descriptors carry their own flags, as the kernel returns unless a batch before
+        them waits for its first flags there), recorded in the in-flight area as
+        completed. Returns how many. 0 where it may not be used — writes logged,
         chains to hand out again, completions from threads, a packed ring with an
         in-flight area — or nothing is available: then take chains the usual way.
 

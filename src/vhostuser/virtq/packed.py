@@ -132,9 +132,9 @@ class PackedQueue(BufferWalk):
 
     def kernel_served(self, k: int) -> None:
         """A compiled kernel took `k` chains from the next available ones and returned
-        them, their used descriptors stored (ring_jit.put_used: each flags with it): both
-        positions move by the descriptors they took, which the used cursor it left
-        says."""
+        them, their used descriptors stored as it ended (ring_jit.done: each with its
+        flags, in one store): both positions move by the descriptors they took, which the
+        used cursor it left says."""
         if not k:
             return
         assert self._kernel is not None

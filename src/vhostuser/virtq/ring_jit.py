@@ -96,8 +96,8 @@ def dummy_ctx() -> tuple[Any, tuple[Any, ...]]:
 
 @njit(cache=True, nogil=True, inline="always")
 def ring_views(ctx: Any) -> Any:
-    """The `Ring` of a context. A kernel takes its fields as its first arguments
-    (`kernel(*ring_views(ctx), ...)`) and passes them on as arrays: a loop that reads them
+    """The `Ring` of a context. Its entry point unpacks the fields a kernel needs by name
+    and passes them as arrays (the kernels' own argument order): a loop that reads them
     out of the tuple measured twice as slow (the take kernel, 23 to 45 ns a frame)."""
     size = np.intp(ctx[SIZE])
     nreg = np.intp(ctx[NREGIONS])
