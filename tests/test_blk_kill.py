@@ -47,7 +47,7 @@ PATTERN_BLOCKS = 32  # /P: 2 MiB of random data; round r writes P[r % 16 : r % 1
 REGION_BLOCKS = 16  # each writer owns 16 blocks (1 MiB) of the disk
 FIRST_BLOCK = 64  # writer w's region starts at block 64 + 16 w (4 MiB + w MiB)
 WRITERS = 4
-ROUNDS = 24
+ROUNDS = 48  # (24 finished before three kills on a faster host: 2 SIGKILLs in one CI run)
 KILLS = 6
 
 WRITER = f"""
