@@ -224,15 +224,7 @@ class DeviceQueue:
     def waiting(self) -> bool:
         """Whether a chain is available: `available() > 0`, without counting them (on a
         packed ring, counting is a walk)."""
-        if self.error is not None:
-            return False
-        if self._resubmit:
-            return True
-        try:
-            return self.ring.has_available()
-        except RingError as e:
-            self.error = e
-            return False
+        return self.error is None and (bool(self._resubmit) or self._ready_now() > 0)
 
     def serve_compiled(self, serve: Callable[[DeviceRing, int], int], limit: int) -> int:
         """Let `serve` take and complete, in place, up to `limit` of the chains available:

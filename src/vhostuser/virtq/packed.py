@@ -205,7 +205,7 @@ class PackedQueue(BufferWalk):
         """Up to `n` chains the compiled walk takes whole (those before the first it
         leaves to `_read_chain`), taken as `_read_chain` takes them."""
         assert self._kernel is not None
-        chains = self._kernel.walk(self.next_avail | self.avail_wrap << 15, n)
+        chains = self._kernel.walk(self.cursors()[0], n)
         size = self.size
         pos, wrap = self.next_avail, self.avail_wrap
         for chain in chains:
