@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq import kernel_walk
@@ -272,3 +274,27 @@ def test_memory_mapped_at_an_odd_offset() -> None:
         drv.release()
         mem.clear()
         ram.close()
+
+
+def test_old_cache_directories_are_pruned(tmp_path: Path) -> None:
+    """Each version of the sources compiles into a directory of its own: one no process
+    used for CACHE_KEEP_DAYS goes, the one in use and recent ones stay, and so does
+    anything whose name is not one of ours."""
+    parent = tmp_path / "vhostuser-numba"
+    ours, recent, old, other = (parent / n for n in ("0123456789abcdef", "1111111111111111",
+                                                     "2222222222222222", "not-ours-at-all"))
+    old_file = parent / "3333333333333333"
+    for d in (ours, recent, old, other):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "x.nbi").write_bytes(b"x")
+    old_file.write_bytes(b"a file, not a cache")
+    long_ago = time.time() - (kernel_walk.CACHE_KEEP_DAYS + 1) * 86400
+    for p in (ours, old, other, old_file):
+        os.utime(p, (long_ago, long_ago))
+    os.utime(recent, (time.time() - 86400, time.time() - 86400))
+
+    assert kernel_walk.prune_cache(str(ours)) == [str(old)]
+    assert sorted(p.name for p in parent.iterdir()) == [
+        "0123456789abcdef", "1111111111111111", "3333333333333333", "not-ours-at-all"]
+    assert ours.stat().st_mtime > long_ago + 86400  # marked in use now
+    assert kernel_walk.prune_cache(str(tmp_path / "missing" / "0123456789abcdef")) == []

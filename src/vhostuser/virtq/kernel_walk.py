@@ -53,7 +53,9 @@ def load() -> bool:
     global _kernel, _tried
     if not _tried:
         _tried = True
-        os.environ.setdefault("NUMBA_CACHE_DIR", cache_dir())
+        if "NUMBA_CACHE_DIR" not in os.environ:
+            os.environ["NUMBA_CACHE_DIR"] = ours = cache_dir()
+            prune_cache(ours)
         try:
             _kernel = _compile()
         except Exception as e:  # no numba, or it cannot compile here: the Python walk
@@ -69,9 +71,46 @@ def cache_dir() -> str:
     One directory per version of the package's sources (a hash of every module): numba
     looks only at a function's own file to tell whether what it cached is stale, so a
     kernel whose file did not change would otherwise keep the code of a function it
-    calls, or a constant it uses, from another file that did."""
+    calls, or a constant it uses, from another file that did. Those of versions no
+    process has loaded for a while are removed (`prune_cache`)."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                         "vhostuser-numba", _sources_hash())
+
+
+CACHE_KEEP_DAYS = 30
+
+
+def prune_cache(ours: str, keep_days: float = CACHE_KEEP_DAYS) -> list[str]:
+    """Mark `ours` (a `cache_dir()`) as in use now and remove the directories beside it
+    that other versions of the sources compiled into and no process has used for
+    `keep_days` days: each version has its own, which nothing else would ever remove.
+    Only names `cache_dir` makes (16 hex digits) are touched; a failure (another user's
+    directory, a read-only cache) leaves things as they are. Returns what it removed."""
+    import shutil
+    import time
+
+    parent = os.path.dirname(ours)
+    try:
+        if os.path.isdir(ours):
+            os.utime(ours)
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    horizon = time.time() - keep_days * 86400
+    for name in names:
+        path = os.path.join(parent, name)
+        if (path == ours or len(name) != 16
+                or any(ch not in "0123456789abcdef" for ch in name)):
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path) and \
+                    os.stat(path).st_mtime < horizon:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError as e:
+            log.debug("numba cache %s left as it is: %s", path, e)
+    return removed
 
 
 def _sources_hash() -> str:
