@@ -265,19 +265,14 @@ echo ETHTOOL_END
 
 PEER_GUEST = guest_net_setup(P_IP) + f"""
 {wait_reachable(M_IPS[0])}
-# One prober per address, all at once. Under TCG a guest can stall past busybox ping's
-# reply window (1 s once a reply came), so each address gets up to 10 tries; the switch's
-# own counters (asserted below) are what show no frame was lost.
+# One probe per address, all at once, each waiting up to 15 s for its reply: under TCG a
+# loaded guest can answer after busybox ping's window for a second packet (1 s once a
+# reply came), which a 2-packet ping counted as loss.
 for a in {" ".join(M_IPS)}; do
-    (n=0
-     until ping -c 1 -W 3 $a >/dev/null 2>&1; do
-         n=$((n + 1)); [ $n -ge 10 ] && exit 1
-     done
-     echo "$a $n" > /tmp/ok-$a) &
+    (ping -c 1 -W 15 $a >/dev/null 2>&1 && echo ok > /tmp/ok-$a || echo "PEER_FAIL $a") &
 done
 wait
 echo "PEER_OK $(cat /tmp/ok-* | wc -l)"
-echo "PEER_RETRIES $(cat /tmp/ok-* | awk '{{s += $2}} END {{print s}}')"
 timeout 100 nc -l -p 5001 > /tmp/done
 echo "DONE $(cat /tmp/done)"
 """
@@ -337,7 +332,7 @@ def test_multiqueue_port(tmp_path: Path) -> None:
     macs = learned(stats)
     assert macs.get(mac_m) == "port0" and macs.get(mac_p) == "port1", ctx
     print(f"multi-queue evidence: port0 queues while up {port_stats(running, 'port0')['queues']}"
-          f"; guest per-queue {per_queue}; peer ping retries {tagged(p, 'PEER_RETRIES')}"
+          f"; guest per-queue {per_queue}"
           f"; switch port0 rx {pm['rx_packets']} "
           f"tx {pm['tx_packets']}")
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.virtq import kernel_walk
 from vhostuser.virtq.guest_ram import GuestRam
@@ -283,18 +285,44 @@ def test_old_cache_directories_are_pruned(tmp_path: Path) -> None:
     parent = tmp_path / "vhostuser-numba"
     ours, recent, old, other = (parent / n for n in ("0123456789abcdef", "1111111111111111",
                                                      "2222222222222222", "not-ours-at-all"))
-    old_file = parent / "3333333333333333"
-    for d in (ours, recent, old, other):
+    old_file, link = parent / "3333333333333333", parent / "4444444444444444"
+    elsewhere = tmp_path / "elsewhere"  # an old directory a link points at
+    for d in (ours, recent, old, other, elsewhere):
         (d / "sub").mkdir(parents=True)
         (d / "sub" / "x.nbi").write_bytes(b"x")
     old_file.write_bytes(b"a file, not a cache")
+    link.symlink_to(elsewhere)
     long_ago = time.time() - (kernel_walk.CACHE_KEEP_DAYS + 1) * 86400
-    for p in (ours, old, other, old_file):
+    for p in (ours, old, other, old_file, elsewhere):
         os.utime(p, (long_ago, long_ago))
     os.utime(recent, (time.time() - 86400, time.time() - 86400))
 
     assert kernel_walk.prune_cache(str(ours)) == [str(old)]
     assert sorted(p.name for p in parent.iterdir()) == [
-        "0123456789abcdef", "1111111111111111", "3333333333333333", "not-ours-at-all"]
+        "0123456789abcdef", "1111111111111111", "3333333333333333", "4444444444444444",
+        "not-ours-at-all"]
+    assert (elsewhere / "sub" / "x.nbi").exists()
     assert ours.stat().st_mtime > long_ago + 86400  # marked in use now
     assert kernel_walk.prune_cache(str(tmp_path / "missing" / "0123456789abcdef")) == []
+
+
+def test_a_daemon_prunes_only_in_its_own_cache(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load` prunes beside the cache directory it picks (NUMBA_CACHE_DIR unset, or set
+    to ours), and not where NUMBA_CACHE_DIR names another one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    old = Path(kernel_walk.cache_dir()).parent / "2222222222222222"
+    long_ago = time.time() - (kernel_walk.CACHE_KEEP_DAYS + 1) * 86400
+    monkeypatch.setattr(kernel_walk, "_compile", lambda: None)  # (compiles nothing)
+    monkeypatch.setattr(kernel_walk, "_kernel", kernel_walk._kernel)  # (put back after)
+    for chosen in (str(tmp_path / "chosen"), None):
+        old.mkdir(parents=True, exist_ok=True)
+        os.utime(old, (long_ago, long_ago))
+        if chosen is None:
+            monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("NUMBA_CACHE_DIR", chosen)
+        monkeypatch.setattr(kernel_walk, "_tried", False)
+        kernel_walk.load()
+        assert os.environ["NUMBA_CACHE_DIR"] == (chosen or kernel_walk.cache_dir())
+        assert old.exists() == (chosen is not None)

@@ -53,8 +53,9 @@ def load() -> bool:
     global _kernel, _tried
     if not _tried:
         _tried = True
-        if "NUMBA_CACHE_DIR" not in os.environ:
-            os.environ["NUMBA_CACHE_DIR"] = ours = cache_dir()
+        ours = cache_dir()
+        os.environ.setdefault("NUMBA_CACHE_DIR", ours)
+        if os.environ["NUMBA_CACHE_DIR"] == ours:  # (not a directory someone chose)
             prune_cache(ours)
         try:
             _kernel = _compile()
@@ -65,14 +66,15 @@ def load() -> bool:
 
 
 def cache_dir() -> str:
-    """Our default for NUMBA_CACHE_DIR (callers `setdefault` it): a directory of ours under
-    the user's cache, never beside the sources, which a read-only install cannot write.
+    """Our default for NUMBA_CACHE_DIR (`load` sets it where it is not set): a directory
+    of ours under the user's cache, never beside the sources, which a read-only install
+    cannot write.
     Numba reads it when it is imported: whoever imports a kernel module first sets it.
     One directory per version of the package's sources (a hash of every module): numba
     looks only at a function's own file to tell whether what it cached is stale, so a
     kernel whose file did not change would otherwise keep the code of a function it
     calls, or a constant it uses, from another file that did. Those of versions no
-    process has loaded for a while are removed (`prune_cache`)."""
+    process has started with for a while are removed (`prune_cache`)."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                         "vhostuser-numba", _sources_hash())
 
@@ -82,17 +84,23 @@ CACHE_KEEP_DAYS = 30
 
 def prune_cache(ours: str, keep_days: float = CACHE_KEEP_DAYS) -> list[str]:
     """Mark `ours` (a `cache_dir()`) as in use now and remove the directories beside it
-    that other versions of the sources compiled into and no process has used for
-    `keep_days` days: each version has its own, which nothing else would ever remove.
-    Only names `cache_dir` makes (16 hex digits) are touched; a failure (another user's
-    directory, a read-only cache) leaves things as they are. Returns what it removed."""
+    that other versions of the sources compiled into and no process has started with for
+    `keep_days` days (a directory's time is set when a process loads from it): each
+    version has its own, which nothing else would ever remove. Only directories named as
+    `cache_dir` names them (16 hex digits, not symbolic links) are touched; a failure
+    (another user's directory, a read-only cache) leaves that one as it is. Returns what
+    it removed. A process of a version unused for that long that starts in the instant
+    another prunes may find its directory gone: it then serves with the Python walk,
+    with a warning, until it restarts."""
     import shutil
     import time
 
     parent = os.path.dirname(ours)
     try:
-        if os.path.isdir(ours):
-            os.utime(ours)
+        os.utime(ours)
+    except OSError:
+        pass  # (not made yet, or not ours to mark)
+    try:
         names = os.listdir(parent)
     except OSError:
         return []
