@@ -301,7 +301,9 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(case: tuple) -> None:
             mp.setattr(net_kernel, "take_burst", take_burst)
             mp.setattr(net_kernel, "put_burst", put_burst)
             last = rig.start()
-            for round_ in range(3000 // size):
+            # (at least 40 rounds: a big ring's dozen could, rarely, hold no take served
+            # in one call, which a floor below asks for: seed 340153493 had none)
+            for round_ in range(max(3000 // size, 40)):
                 kind = rng.choice(["take", "put"])
                 if kind == "take":
                     rig.batch(rig.tx_chain)
@@ -351,7 +353,7 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(case: tuple) -> None:
             f"seed {s}: the {kind} kernel handled few frames ({counts[kind]} of {total[kind]})")
     # bursts in one call (the usual case), offload ports' with their headers; bursts of
     # complete frames (which offload ports' often are not) delivered so too
-    # (a ring of 256 has a dozen rounds, half of them takes)
+    # (a ring of 256 has 40 rounds, half of them takes)
     assert counts["take_bursts"] > 0, f"seed {s}: no take in one call"
     if features & F_CSUM:
         assert counts["burst_offloads"] > 0, f"seed {s}: no offload frame in one call"
@@ -359,7 +361,10 @@ def test_the_kernels_take_and_deliver_as_net_rings_py_does(case: tuple) -> None:
         assert counts["put_bursts"] > 0, f"seed {s}: no put in one call"
     if features & F_CSUM:  # the transmit kernel took (and checked) frames with headers
         assert counts["offloads"] > 5, f"seed {s}: {counts['offloads']} offload frames"
-        assert counts["checked"] > 5, f"seed {s}: the kernel checked {counts['checked']}"
+        # (a run's length is random: 65 frames taken in one, 240 in most; so the floor is
+        # a share of the frames that asked, most of which ask for a checksum alone)
+        assert counts["checked"] > 0 and 4 * counts["checked"] > counts["offloads"], (
+            f"seed {s}: the kernel checked {counts['checked']} of {counts['offloads']}")
     if features & OFFLOADS == OFFLOADS:  # (where the port takes every header as it is)
         assert counts["offloads_put"] > 5, f"seed {s}: {counts['offloads_put']} delivered"
 
