@@ -478,16 +478,20 @@ def test_err_fd_signalled_when_a_ring_breaks(blk_daemon: Callable[..., Daemon]) 
 
 
 @pytest.mark.parametrize(("sock", "message"), [
-    ("regular-file", "exists and is not a socket"),
-    ("no/such/dir/s.sock", "No such file or directory"),
+    ("regular-file", "{path} exists and is not a socket"),
+    ("no/such/dir/s.sock", "cannot listen on {path}: No such file or directory"),
+    ("", "the socket path is empty"),
+    ("x" * 100 + ".sock", "cannot listen on {path}: the path is too long for a socket"),
 ])
 def test_unusable_socket_path(tmp_path: Path, image: Path, sock: str, message: str) -> None:
     (tmp_path / "regular-file").write_text("keep me")
-    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path",
-                        str(tmp_path / sock), "--blk-file", str(image)],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    path = str(tmp_path / sock) if sock else ""
+    r = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", path,
+                        "--blk-file", str(image)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message.format(path=path) in r.stderr
     assert (tmp_path / "regular-file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img", "regular-file"]
 
 
 def test_file_io_bounces_on_efault_and_resumes_short_transfers(

@@ -13,6 +13,7 @@ to do use the waiting helpers, which wait on the socket and the stop signal's pi
 from __future__ import annotations
 
 import array
+import errno
 import os
 import select
 import socket
@@ -283,13 +284,24 @@ def is_listening(fd: int) -> bool:
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
+UNIX_PATH_MAX = 107  # bytes of a socket's path (sun_path: 108, with its NUL)
+
+
 def listen(path: str, backlog: int = 1) -> socket.socket:
     """Listen on `path`, replacing a stale socket file (not any other kind of file). The
     path appears only once the socket listens (bound under a temporary name, then
     renamed), so a client that sees it can connect at once."""
+    if not path:
+        raise OSError(errno.EINVAL, "the socket path is empty")
     if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
         raise FileExistsError(f"{path} exists and is not a socket")
     tmp = f"{path}.{os.getpid()}.tmp"
+    extra = len(os.fsencode(tmp)) - len(os.fsencode(path))
+    if len(os.fsencode(path)) + extra > UNIX_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"cannot listen on {path}: the path is too long "
+                      f"for a socket ({len(os.fsencode(path))} bytes, {UNIX_PATH_MAX - extra} "
+                      f"at most here: AF_UNIX takes {UNIX_PATH_MAX}, and the socket is bound "
+                      f"under a name {extra} bytes longer first)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if os.path.lexists(tmp):
@@ -297,11 +309,11 @@ def listen(path: str, backlog: int = 1) -> socket.socket:
         sock.bind(tmp)
         sock.listen(backlog)
         os.rename(tmp, path)
-    except OSError:
+    except OSError as e:
         sock.close()
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
+        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror or e}") from e
     return sock
 
 
