@@ -39,8 +39,14 @@ from vhostuser.devices.net_offload import (
 from vhostuser.devices.net_rings import Counters, put_frames, take_frames
 from vhostuser.engine.notify import NoNotifier
 from vhostuser.engine.queue import DeviceQueue, ParentGone
+from vhostuser.engine.worker import QueueParams, QueueSpec
+from vhostuser.memory import GuestMemory, mmap_region
 from vhostuser.protocol import VirtioFeature
+from vhostuser.switch.core import FORWARD_BURST, Switch
+from vhostuser.switch.vhost_port import VhostPort
+from vhostuser.virtq.guest_ram import GuestRam
 from vhostuser.virtq.split import SplitQueue
+from vhostuser.virtq.split_driver import DriverRing
 
 RAM = 4 << 20  # two regions, adjoining
 MAC = bytes([2, 0, 0, 0, 0, 1])
@@ -405,3 +411,48 @@ def test_a_worker_whose_parent_died_stores_nothing(kind: str) -> None:
         assert rig.contents() == before and rig.drv.used_idx() == used and call.count == 0
     finally:
         rig.close()
+
+
+def _switch_port(name: str, mac: int, ram: GuestRam) -> tuple[VhostPort, DriverRing]:
+    """A switch port in-process, its transmit ring's driver side (256 entries)."""
+    port = VhostPort(name, f"/nonexistent/{name}", bytes([2, 0, 0, 0, 0, mac]))
+    port.device.set_features(VirtioFeature.VERSION_1 | F_MRG_RXBUF)
+    mem = GuestMemory()
+    mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    rings = [DriverRing(ram, 256) for _ in range(2)]
+    port._run_queues([QueueSpec(QueueParams(i, drv.layout(), 0, False, True), None,
+                                NoNotifier(), NoNotifier()) for i, drv in enumerate(rings)],
+                     mem, port.device, None, ())
+    return port, rings[1]
+
+
+@pytest.mark.parametrize("ports", [1, 2])
+def test_a_forwarding_ports_bursts_stop_after_forward_burst_bytes(ports: int) -> None:
+    """Where frames go on to another port, a transmit burst stops after FORWARD_BURST
+    bytes (the next take has the rest, in order); a port alone takes every frame waiting
+    (up to a ring's worth) in one."""
+    rams = [GuestRam(8 << 20) for _ in range(ports)]
+    made = [_switch_port(f"p{i}", i + 1, ram) for i, ram in enumerate(rams)]
+    Switch([p for p, _ in made])
+    port, tx = made[0]
+    assert port.device.tx_burst_bytes == (FORWARD_BURST if ports > 1 else None)
+    sent = []
+    for i in range(128):  # 128 frames of 1500 bytes behind a 12-byte header: 193 KiB
+        frame = (bytes([2, 0, 0, 0, 0, 9, 2, 0, 0, 0, 0, 1, 8, 0])
+                 + i.to_bytes(2, "little") * 743)
+        g = rams[0].alloc(12 + len(frame))
+        rams[0].at(g, 12 + len(frame))[:] = bytes(12) + frame
+        tx.add([(g, 12 + len(frame), False)])
+        sent.append(frame)
+    iq = port.queues[1]
+    bursts = []
+    while len(got := port.take_tx(iq)):
+        bursts.append([bytes(f) for f in got])
+    assert [f for b in bursts for f in b] == sent
+    assert port.counters.rx_packets == 128 and not port.counters.drops
+    if ports == 1:
+        assert len(bursts) == 1
+    else:
+        assert len(bursts) == 2
+        first = sum(len(f) for f in bursts[0])
+        assert FORWARD_BURST - 1500 <= first <= FORWARD_BURST + 1500, first

@@ -111,7 +111,7 @@ class _Arena:
     """A port's transmit frame array, its frames' offsets, lengths and headers (a ring's
     worth), and the transmit kernel's context over them."""
 
-    def __init__(self, size: int, frames: int) -> None:
+    def __init__(self, size: int, frames: int, burst: int | None = None) -> None:
         self.data = np.zeros(size, np.uint8)
         self.offs = np.zeros(frames, np.int64)
         self.lens = np.zeros(frames, np.int64)
@@ -120,6 +120,10 @@ class _Arena:
         self.vnet = np.zeros((frames, HDR_SIZE), np.uint8)  # each frame's header
         self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, self.vnet,
                                  _scratch.drops, _scratch.out)
+        if burst is not None and burst < ARENA:  # the kernel sees a shorter array: a
+            # burst stops after `burst` bytes (the first frame always fits: the array
+            # is ARENA and one frame's room)
+            self.ctx[_jit.DATA_LEN] = burst + size - ARENA
         self.fx = frames_ctx(self.data, self.offs, self.lens, self.vnet)  # its frames'
 
 
@@ -137,7 +141,7 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     arena: _Arena | None = dev.tx_arena
     size = _arena_size(dev.hdr_len, max_frame, offloads)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
-        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024))
+        arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024), dev.tx_burst_bytes)
     out = _serve(q, _jit.take_at, arena.ctx, (dev.hdr_len, max_frame, offloads), limit, c)
     return None if out is None else _taken(arena, out, dev.hdr_len, c, check)
 
