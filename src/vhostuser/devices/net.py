@@ -126,8 +126,9 @@ class NetPort(Device):
         self.hdr_len = 12
         self.announce: list[bytes] = []  # RARP frames waiting to be sent into the switch
         self.tx_arena: Any = None  # where the compiled transmit path puts frames (net_kernel)
-        # bytes of frames a compiled transmit burst stops after (None: net_kernel.ARENA);
-        # the switch sets it where frames go on to another port (FORWARD_BURST)
+        # bytes of chains a compiled transmit burst stops at (None: net_kernel.ARENA),
+        # read when the burst's frame array is made (at the first take): the switch sets
+        # it where frames go on to another port (FORWARD_BURST), before that
         self.tx_burst_bytes: int | None = None
         # standalone with a TAP: one TAP queue per pair, each pair in a worker of its own
         self.tap_fds = open_tap(tap, queue_pairs, offloads) if tap is not None else []

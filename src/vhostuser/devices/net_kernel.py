@@ -121,9 +121,11 @@ class _Arena:
         self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, self.vnet,
                                  _scratch.drops, _scratch.out)
         if burst is not None and burst < ARENA:  # the kernel sees a shorter array: a
-            # burst stops after `burst` bytes (the first frame always fits: the array
-            # is ARENA and one frame's room)
-            self.ctx[_jit.DATA_LEN] = burst + size - ARENA
+            # burst stops before the chain (header and frame) that would take it past
+            # `burst` bytes, but takes a first one whatever it holds (the array is ARENA
+            # and the room of one chain: `_arena_size`)
+            assert burst > 0
+            self.ctx[_jit.DATA_LEN] = max(burst, size - ARENA)
         self.fx = frames_ctx(self.data, self.offs, self.lens, self.vnet)  # its frames'
 
 

@@ -33,11 +33,11 @@ _MAC_WEIGHTS = np.array([[1 << (8 * (5 - k)), 0] for k in range(6)]
                         + [[0, 1 << (8 * (5 - k))] for k in range(6)], dtype=np.uint64)
 VVU_LOOK = 0.001  # s between looks at an interrupt-less virtio-vhost-user device
 CONTROL_TIMEOUT = 5.0  # s a control client has to read the status
-# bytes of frames a port's compiled transmit burst stops after, where there is another
-# port to forward to: the loop's frames then go in more than one burst, so the front-end
-# forwards the first while the switch copies the next (bench/RESULTS.md, 2026-12-02,
-# "A lead for PVP at 1500 B" and the net_dpdk entry after it: PVP at 1500 B 3.2 -> 4.5
-# Mpps); 86 frames of 1500 B, any burst of 64 B frames
+# bytes of chains (header and frame) a port's compiled transmit burst stops at, where
+# there is another port to forward to: a loop's frames then go in more than one burst, so
+# the front-end forwards the first while the switch copies the next (bench/RESULTS.md,
+# 2026-12-02, "A lead for PVP at 1500 B" and the net_dpdk entries after it); 86 frames
+# of 1500 B, any burst of 64 B frames
 FORWARD_BURST = 128 << 10
 PEER_CHECK = 0.25  # s between looks for front-ends that stalled mid-message
 BUSY_POLL = 50e-6  # s between looks at the loop's fds while frames keep coming (a look
