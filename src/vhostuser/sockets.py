@@ -296,10 +296,10 @@ def listen(path: str, backlog: int = 1) -> socket.socket:
     if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
         raise FileExistsError(f"{path} exists and is not a socket")
     tmp = f"{path}.{os.getpid()}.tmp"
-    extra = len(os.fsencode(tmp)) - len(os.fsencode(path))
-    if len(os.fsencode(path)) + extra > UNIX_PATH_MAX:
+    size, extra = len(os.fsencode(path)), len(os.fsencode(tmp)) - len(os.fsencode(path))
+    if size + extra > UNIX_PATH_MAX:  # (the temporary name's length, bound first)
         raise OSError(errno.ENAMETOOLONG, f"cannot listen on {path}: the path is too long "
-                      f"for a socket ({len(os.fsencode(path))} bytes, {UNIX_PATH_MAX - extra} "
+                      f"for a socket ({size} bytes, {UNIX_PATH_MAX - extra} "
                       f"at most here: AF_UNIX takes {UNIX_PATH_MAX}, and the socket is bound "
                       f"under a name {extra} bytes longer first)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
