@@ -168,15 +168,18 @@ class Switch:
         self.table.age(time.monotonic())
 
     def pump(self) -> bool:
-        """Move one burst from every port that has frames; returns whether any moved."""
+        """Move one burst from every port that has frames; returns whether any chains
+        were taken."""
         did = False
         for at, port in enumerate(self.vports):  # (the first of `ports`)
             try:
                 for iq in port.tx_queues():
+                    popped = iq.q.popped
                     frames = port.take_tx(iq)
                     if frames:
-                        did = True
                         self.forward(port, frames, at)
+                    did = did or iq.q.popped != popped  # (chains whose frames all
+                    # dropped are work done too: more may wait behind them)
                 if port.device.announce:
                     announce, port.device.announce = port.device.announce, []
                     self.forward(port, Frames.of(announce), at)
