@@ -1,7 +1,9 @@
 """Per-frame CPU cost of the switch's data path, in-process, no notifications: a driver
-ring on port A fills batches of frames; the switch takes them (`take_tx`) and forwards them
-(`Switch.forward`) to port B's receive ring, whose driver reposts buffers. Prints µs per
-frame for the switch side only.
+ring on port A fills batches of frames; the switch moves them (`Switch.pump`, its loop's
+step, until it finds nothing: both ports looked at, a two-port switch's bursts moved in
+one compiled call, switch/pair.py) to port B's receive ring, whose driver reposts
+buffers. Prints µs per frame for the switch side only. (Until 2026-12-02 14:50 it timed
+`take_tx` and `Switch.forward` alone: readings before that are not comparable.)
 
     python bench/net_ring_micro.py [--size 64] [--batch 256] [--seconds 3] [--sink] [--csum]
                                    [--cold] [--packed]
@@ -100,21 +102,18 @@ def main() -> None:
         bursts.clear()
         clock = time.perf_counter
         end = clock() + seconds
-        iq = a.queues[1]
         while clock() < end:
             for g in tx_bufs:
                 a_tx.add([(g, len(frame), False)])
             if args.cold:
                 junk[::64] = ones
             t = clock()
-            taken = 0
-            while len(frames := a.take_tx(iq)):  # (a burst may stop before the batch's end:
-                sw.forward(a, frames)  # switch.core.FORWARD_BURST)
-                taken += len(frames)
+            while sw.pump():  # (a batch may take more than one burst: FORWARD_BURST)
+                pass
             t = clock() - t
             t_sw += t
             bursts.append(t)
-            a_tx.take_used()
+            taken = len(a_tx.take_used())
             if not args.sink:
                 for head, _ in b_rx.take_used():  # repost the same buffer
                     if isinstance(b_rx, DriverRing):

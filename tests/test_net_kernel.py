@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 
 import pytest
 from fuzz_memory import TwoRegions, seed
@@ -33,6 +34,7 @@ from vhostuser.devices.net_offload import (
     F_GUEST_CSUM,
     F_HOST_TSO4,
     F_HOST_TSO6,
+    NEEDS_CSUM,
     OFFLOADS,
     PLAIN,
 )
@@ -461,3 +463,222 @@ def test_a_forwarding_ports_bursts_stop_at_forward_burst_bytes(ports: int,
     else:
         first = len(bursts[0]) * 1512
         assert first <= FORWARD_BURST < first + 1512, [len(b) for b in bursts]
+
+
+
+def _pair_run(plan: dict, paired: bool,
+              monkeypatch: pytest.MonkeyPatch) -> tuple[object, int]:
+    """Run `plan` through a switch of two ports whose loop moves bursts in one compiled
+    call (`paired`, switch/pair.py) or the usual way: batches of chains on both ports'
+    transmit rings (each batch posted, then the loop run until it finds nothing),
+    buffers on their receive rings, stations known beforehand. What both guests and the
+    switch are left with, and how many bursts the one call delivered."""
+    from vhostuser.switch import pair
+    from vhostuser.virtq.packed_driver import FRESH_BASE, PackedDriverRing
+
+    packed = plan["packed"]
+    features = (VirtioFeature.VERSION_1 | (F_MRG_RXBUF if plan["mrg"] else 0)
+                | (VirtioFeature.RING_PACKED if packed else 0)
+                | VirtioFeature.RING_INDIRECT_DESC)
+    rams = [GuestRam(4 << 20) for _ in range(2)]
+    ports, drivers = [], []
+    for i, ram in enumerate(rams):
+        port = VhostPort(f"p{i}", f"/nonexistent/p{i}", bytes([2, 0, 0, 0, 0, i + 1]),
+                         mtu=plan["mtu"][i])
+        port.device.set_features(features)
+        mem = GuestMemory()
+        mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
+        rings = [PackedDriverRing(ram, 256) if packed else DriverRing(ram, 256)
+                 for _ in range(2)]
+        base = FRESH_BASE if packed else plan["base"][i]
+        for drv in rings:
+            drv.start_at(base)
+        port._run_queues([QueueSpec(QueueParams(q, drv.layout(), base, False, True,
+                                                packed=packed), None, NoNotifier(),
+                                    NoNotifier()) for q, drv in enumerate(rings)],
+                         mem, port.device, None, ())
+        ports.append(port)
+        drivers.append(rings)
+    try:
+        sw = Switch(ports)
+        assert sw._paired
+        sw._paired = paired
+        for mac, at in plan["known"]:
+            sw.table.learn(mac, at, time.monotonic() + 300)
+
+        def add(drv: object, ram: GuestRam, pieces: list[tuple[bytes | int, bool]],
+                indirect: bool) -> tuple[int, list[tuple[int, int, bool]]]:
+            bufs = []
+            for piece, writable in pieces:
+                if isinstance(piece, int):  # an address outside guest memory
+                    bufs.append((piece, 64, writable))
+                    continue
+                g = ram.alloc(max(len(piece), 1))
+                ram.at(g, len(piece))[:] = piece
+                bufs.append((g, len(piece), writable))
+            return drv.add(bufs, indirect=indirect), bufs  # type: ignore[attr-defined]
+
+        rx_bufs = [dict(add(drivers[i][0], rams[i], pieces, indirect)
+                        for pieces, indirect in plan["rx"][i]) for i in range(2)]
+        fused = 0
+        kernel = pair._jit
+
+        class Counting:
+            def forward_at(self, *args: object) -> tuple[int, int]:
+                nonlocal fused
+                k, used = kernel.forward_at(*args)
+                fused += used >= 0
+                return k, used
+
+        monkeypatch.setattr(pair, "_jit", Counting())
+        try:
+            for batch in plan["tx"]:  # (the first makes the ports' frame arrays)
+                for i in range(2):
+                    for pieces, indirect in batch[i]:
+                        add(drivers[i][1], rams[i], pieces, indirect)
+                for _ in range(100):
+                    if not sw.pump():
+                        break
+        finally:
+            monkeypatch.setattr(pair, "_jit", kernel)
+        out: list[object] = [sorted((m.hex(), p) for m, p, _ in sw.table.items())]
+        for i, port in enumerate(ports):
+            got = [(head, n, b"".join(bytes(rams[i].at(g, length))
+                                      for g, length, _ in rx_bufs[i][head])[:n])
+                   for head, n in drivers[i][0].take_used()]
+            out += [drivers[i][1].take_used(), got, port.counters.as_dict(),
+                    [(iq.broken, repr(iq.q.error), iq.q.popped, iq.q.completed,
+                      iq.q.ring.cursors()) for iq in port.queues.values()]]
+        return out, fused
+    finally:
+        for port in ports:
+            port.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_a_two_port_switch_moves_a_burst_in_one_call_as_the_usual_path_does(
+        packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random bursts both ways through a switch of two ports: moved in one compiled call
+    (take, forwarding decisions, delivery: switch/pair.py) they leave both guests' rings
+    and buffers, the ports' counters, the stations learned and the queues' state and
+    cursors exactly as the usual path (take_tx, forward, deliver) leaves them. Chains of
+    every kind: frames for the other port, for the ingress (hairpins), broadcast,
+    unknown; runts, frames over either port's MTU, multicast sources, headers asking for
+    offloads not negotiated, chains shorter than a header, headers and frames in several
+    buffers, indirect tables, writable transmit buffers, a buffer outside guest memory;
+    receive buffers too few, too small, read-only, in several pieces, with and without
+    MRG_RXBUF; split rings whose indices wrap."""
+    rng = random.Random(s := seed())
+    stations = [[bytes([2, 0, 0, 0, 0, 0x10 + k]) for k in range(2)],
+                [bytes([2, 0, 0, 0, 0, 0x20 + k]) for k in range(2)]]
+    others = [b"\xff" * 6, bytes([1, 0, 0x5E, 0, 0, 1]), bytes([2, 0, 0, 0, 0, 0x30])]
+    fused = hairpins = 0
+    for trial in range(50):
+        clean = rng.random() < 0.5  # no frame goes back where it came from
+
+        def chains(i: int, n: int, bad: int, clean: bool,
+                   trial: int) -> list[tuple[list, bool]]:
+            out: list[tuple[list, bool]] = []
+            for _ in range(n):
+                kind = rng.random()
+                header = bytearray(12)
+                if kind < 0.03:
+                    header[0] = NEEDS_CSUM
+                elif kind < 0.05:
+                    header[1] = 1  # GSO_TCPV4
+                src = (rng.choice(stations[i]) if clean or rng.random() < 0.9
+                       else rng.choice(stations[1 - i] + others))
+                dst = rng.choice(stations[1 - i] + others if clean
+                                 else stations[0] + stations[1] + others)
+                body = (dst + src + b"\x08\x00"
+                        + bytes([trial, len(out)]) * rng.choice((23, 100, 480, 743, 760)))
+                if 0.05 <= kind < 0.07:
+                    body = body[:rng.randint(0, 13)]
+                chain = bytes(header) + body
+                if 0.07 <= kind < 0.08:
+                    chain = chain[:rng.randint(1, 11)]
+                cut = rng.choice((0, 0, 0, 5, 12, 20))
+                pieces: list[tuple[bytes | int, bool]] = (
+                    [(chain[:cut], False), (chain[cut:], False)] if 0 < cut < len(chain)
+                    else [(chain, False)])
+                if 0.08 <= kind < 0.085:
+                    pieces[-1] = (pieces[-1][0], True)  # a writable buffer
+                if len(out) == bad:
+                    pieces.append((1 << 40, False))
+                out.append((pieces, rng.random() < 0.1))
+            return out
+
+        tx = []
+        for i in range(2):
+            n = 0 if rng.random() < 0.2 else rng.randint(2, 100)
+            bad = rng.randrange(n) if n and rng.random() < 0.1 else -1  # outside memory
+            made = chains(i, n, bad, clean, trial)
+            cuts = sorted(rng.randint(0, len(made)) for _ in range(2))
+            tx.append((made[:cuts[0]], made[cuts[0]:cuts[1]], made[cuts[1]:]))
+        rx = []
+        for _ in range(2):
+            bufs = []
+            for _ in range(rng.choice((0, 5, 60, 140, 200))):
+                size = rng.choice((100, 600, 1600, 2048))
+                pieces = ([(bytes(size // 2), True), (bytes(size - size // 2), True)]
+                          if rng.random() < 0.2 else [(bytes(size), True)])
+                if rng.random() < 0.003:
+                    pieces = [(1 << 40, True)]
+                elif rng.random() < 0.003:
+                    pieces = [(bytes(size), False)]  # read-only
+                bufs.append((pieces, rng.random() < 0.1))
+            rx.append(bufs)
+        known = [(m, i) for i in range(2) for m in stations[i] if rng.random() < 0.5]
+        plan = {"packed": packed, "mrg": rng.random() < 0.5,
+                "mtu": [rng.choice((1500, 1500, 1000)) for _ in range(2)],
+                "base": [rng.choice((0, 250, 65530)) for _ in range(2)],
+                "tx": list(zip(*tx, strict=True)), "rx": rx,
+                "known": known if clean else
+                [(m, rng.randint(0, 1)) for m in stations[0] + stations[1]
+                 if rng.random() < 0.5]}
+        usual, _ = _pair_run(plan, False, monkeypatch)
+        one_call, n = _pair_run(plan, True, monkeypatch)
+        assert one_call == usual, (s, trial)
+        fused += n
+        hairpins += sum(c["drops"].get("to_ingress_port", 0)  # type: ignore[index]
+                        for c in usual[3::4])  # type: ignore[index]
+    assert fused >= 20 and hairpins >= 20, (s, fused, hairpins)
+
+
+def test_a_paired_burst_stops_a_receive_ring_that_broke_the_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Port B's receive ring breaks the rules (its available index runs a ring's worth
+    ahead) while port A sends only a hairpin: the burst in one call looks at B's ring
+    before it knows where the frames go, finds it broken and stops that queue (logged,
+    its err fd signalled), as the frame's delivery would; A's frame is still taken and
+    counted, and A's queue runs on."""
+    from vhostuser.switch.core import Switch
+
+    rams = [GuestRam(4 << 20) for _ in range(2)]
+    features = VirtioFeature.VERSION_1 | F_MRG_RXBUF
+    made = [_switch_port(f"p{i}", i + 1, ram, features) for i, ram in enumerate(rams)]
+    sw = Switch([p for p, _ in made])
+    assert sw._paired
+    (a, a_tx), (b, _) = made
+    errs = Counted()
+    b.queues[0].err = errs
+    mine, other = bytes([2, 0, 0, 0, 0, 0x10]), bytes([2, 0, 0, 0, 0, 0x11])
+
+    def send(dst: bytes) -> None:
+        chain = bytes(12) + dst + mine + b"\x08\x00" + bytes(46)
+        g = rams[0].alloc(len(chain))
+        rams[0].at(g, len(chain))[:] = chain
+        a_tx.add([(g, len(chain), False)])
+
+    send(other)  # (the usual path makes A's frame array; B has no buffers: dropped)
+    while sw.pump():
+        pass
+    assert a.counters.rx_packets == 1 and b.counters.drops == {"no_rx_buffer": 1}
+    rx_drv = b.queues[0].q.ring
+    rx_drv.avail16.store(1, 1000)  # type: ignore[union-attr]
+    send(mine)  # a hairpin: it goes nowhere near B
+    while sw.pump():
+        pass
+    assert a.counters.rx_packets == 2 and a.counters.drops == {"to_ingress_port": 1}
+    assert b.queues[0].broken and errs.count == 1 and b.queues[0].q.error is not None
+    assert not a.queues[1].broken and a.queues[1].q.error is None

@@ -59,6 +59,7 @@ def available() -> bool:
 
             _jit = net_serve_jit
             _scratch.made()
+            _rx.made()
             _warm()
         except Exception as e:  # it cannot compile here: net_rings.py serves every frame
             log.warning("compiled net kernels unavailable (%s): net_rings.py serves", e)
@@ -71,21 +72,25 @@ def _warm() -> None:
     from ..virtq import ring_jit
 
     ring, _arrays = ring_jit.dummy_ctx()
-    arena = _Arena(16, 1)
+    arena = small_arena()
     _jit.take_at(ring, arena.ctx, 0, 0, 0, 12, 1514, False)
-    _jit.put_at(ring, _scratch.ctx, 0, 0, 0, 12, True, 1514, arena.fx, 0, False)
+    _jit.put_at(ring, _rx.ctx, 0, 0, 0, 12, True, 1514, arena.fx, 0, False)
     _scratch.results(None)
+    _rx.results(None)
 
 
 class _Scratch:
-    """The kernels' small outputs, made once per process: the switch and a TAP worker
-    serve their queues from one thread (a caller with threads would need one each)."""
+    """A kernel's small outputs, made once per process: one for the transmit kernel, one
+    for the receive kernel (switch/pair.py runs both in one call). The switch and a TAP
+    worker serve their queues from one thread; a caller with threads would need a pair
+    of them for each thread."""
 
     def __init__(self) -> None:
         self.drops = np.zeros(len(DROPS), np.int64)  # added to, cleared once counted
         self.out = np.zeros(0, np.int64)  # net_serve_jit.py's CHAINS..TX_CSUM (`made`)
         self.hdr = np.zeros(12, np.uint8)
-        self.ctx: Any = None  # the receive kernel's (net_serve_jit.put_ctx)
+        self.ctx: Any = None  # a receive context over them (net_serve_jit.put_ctx:
+        # `_rx`'s is the receive kernel's; the transmit kernel's is each `_Arena`'s)
 
     def made(self) -> None:
         """The kernels are loaded: their outputs and context."""
@@ -104,7 +109,8 @@ class _Scratch:
         return out
 
 
-_scratch = _Scratch()
+_scratch = _Scratch()  # the transmit kernel's (its `out` is every port's `_Arena`'s)
+_rx = _Scratch()  # the receive kernel's
 
 
 class _Arena:
@@ -129,6 +135,11 @@ class _Arena:
         self.fx = frames_ctx(self.data, self.offs, self.lens, self.vnet)  # its frames'
 
 
+def small_arena() -> _Arena:
+    """A frame array of one frame of 16 bytes: what kernels are warmed with."""
+    return _Arena(16, 1)
+
+
 def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
          check: Check | None = None) -> Frames | None:
     """The frames of up to `limit` chains of transmit queue `q`, their buffers completed
@@ -144,7 +155,8 @@ def take(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     size = _arena_size(dev.hdr_len, max_frame, offloads)
     if arena is None or len(arena.data) < size or len(arena.offs) < q.ring.size:
         arena = dev.tx_arena = _Arena(size, max(q.ring.size, 1024), dev.tx_burst_bytes)
-    out = _serve(q, _jit.take_at, arena.ctx, (dev.hdr_len, max_frame, offloads), limit, c)
+    out = _serve(q, _jit.take_at, arena.ctx, (dev.hdr_len, max_frame, offloads), limit, c,
+                 _scratch)
     return None if out is None else _taken(arena, out, dev.hdr_len, c, check)
 
 
@@ -160,20 +172,39 @@ def take_burst(q: DeviceQueue, dev: NetPort, c: Counters, limit: int,
     serves (which tries the kernel once more before its chain-by-chain loop). It never
     returns frames with the ring's error set (run_kernel sets it only where it returns
     None)."""
-    arena: _Arena | None = dev.tx_arena
     offloads = check is not None
-    if _jit is None or arena is None or offloads != bool(dev.negotiated & F_CSUM):
+    arena = burst_arena(q, dev, offloads)
+    if arena is None:
         return None
     if not q.waiting():  # (counting them is a walk on a packed ring: run_kernel's)
         return None if q.error is not None else EMPTY
-    max_frame = dev.max_frame()
     hl = dev.hdr_len
-    if len(arena.offs) < q.ring.size or len(arena.data) < _arena_size(hl, max_frame,
-                                                                      offloads):
-        return None  # (`take` makes it)
-    if not q.run_kernel(_jit.take_at, arena.ctx, (hl, max_frame, offloads), limit):
+    if not q.run_kernel(_jit.take_at, arena.ctx, (hl, dev.max_frame(), offloads), limit):
         return None
     return _taken(arena, _scratch.results(c), hl, c, check)
+
+
+def burst_arena(q: DeviceQueue, dev: NetPort, offloads: bool) -> _Arena | None:
+    """The port's frame array where the transmit kernel may take a burst of `q` into it in
+    one call (`take_burst`, or a kernel that goes on in the same call: switch/pair.py),
+    `offloads` as negotiated (F_CSUM); None where it may not (`take` makes it)."""
+    arena: _Arena | None = dev.tx_arena
+    if (_jit is None or arena is None or offloads != bool(dev.negotiated & F_CSUM)
+            or len(arena.offs) < q.ring.size
+            or len(arena.data) < _arena_size(dev.hdr_len, dev.max_frame(), offloads)):
+        return None
+    return arena
+
+
+def taken(arena: _Arena, dev: NetPort, c: Counters) -> Frames:
+    """The frames the transmit kernel's last run kept in `arena` (with no offloads:
+    `burst_arena`'s), counted in `c` (valid until the port takes again)."""
+    return _taken(arena, _scratch.results(c), dev.hdr_len, c, None)
+
+
+def rx_ctx() -> Any:
+    """The receive kernel's context (net_serve_jit.put_ctx)."""
+    return _rx.ctx
 
 
 def _arena_size(hl: int, max_frame: int, offloads: bool) -> int:
@@ -239,8 +270,8 @@ def put(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames, mrg: bool) ->
     if frames.vnet is not None:
         nframes = min(nframes, len(frames.vnet))
 
-    out = _serve(q, _jit.put_at, _scratch.ctx, (hl, mrg, dev.max_frame(), fx, nframes, has_vnet),
-                 q.ring.size, c)
+    out = _serve(q, _jit.put_at, _rx.ctx, (hl, mrg, dev.max_frame(), fx, nframes,
+                                           has_vnet), q.ring.size, c, _rx)
     if out is None:
         return None
     _, handled, delivered, nbytes, _, _, _, gso, csum = out
@@ -263,22 +294,29 @@ def put_burst(q: DeviceQueue, dev: NetPort, c: Counters, frames: Frames,
     if _jit is None or frames.vnet is not None:
         return None
     nframes = min(len(frames.offs), len(frames.lens))
-    if q.run_kernel(_jit.put_at, _scratch.ctx, (dev.hdr_len, mrg, dev.max_frame(),
-                                                frames.kernel_ctx(), nframes, False),
+    if q.run_kernel(_jit.put_at, _rx.ctx, (dev.hdr_len, mrg, dev.max_frame(),
+                                           frames.kernel_ctx(), nframes, False),
                     q.ring.size) is None:
         return None
-    _, handled, delivered, nbytes, dropped, *_ = _scratch.out.tolist()
+    return delivered(c)
+
+
+def delivered(c: Counters) -> int:
+    """How many frames the receive kernel's last run handled (`put_burst`'s), its frames
+    and bytes delivered and its drops counted in `c`."""
+    _, handled, passed, nbytes, dropped, *_ = _rx.out.tolist()
     if dropped:
-        _scratch.results(c)  # (counted and cleared)
-    c.tx_packets += delivered
+        _rx.results(c)  # (counted and cleared)
+    c.tx_packets += passed
     c.tx_bytes += nbytes
     return int(handled)
 
 
 def _serve(q: DeviceQueue, kernel: Any, ctx: Any, args: tuple[Any, ...], limit: int,
-           c: Counters) -> list[int] | None:
+           c: Counters, scratch: _Scratch) -> list[int] | None:
     """Let `kernel(ring's context, ctx, avail cursor, n, used cursor, *args)` serve
-    up to `limit` chains of `q` (its outputs in `_scratch`): published at once where
+    up to `limit` chains of `q` (its outputs in `scratch`, whose context `ctx` is where
+    it is not an `_Arena`'s): published at once where
     nothing else is pending on the queue (`DeviceQueue.run_kernel`, the usual case), else
     at the next notify (`serve_compiled`). Returns the kernel's outputs (`_Scratch.results`),
     None if it could not run."""
@@ -296,4 +334,4 @@ def _serve(q: DeviceQueue, kernel: Any, ctx: Any, args: tuple[Any, ...], limit: 
         q.serve_compiled(counted, limit)
         if not ran:
             return None
-    return _scratch.results(c)
+    return scratch.results(c)

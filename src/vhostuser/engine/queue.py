@@ -281,30 +281,46 @@ class DeviceQueue:
         A caller that completes more chains itself afterwards publishes (and may notify)
         once more at its `notify`. It runs once per burst, where each call more costs
         (bench/RESULTS.md, net_dpdk 2026-12-02): the staging and publishing of
-        `serve_compiled` and `notify` are done here, in one function."""
+        `serve_compiled` and `notify` are done here, in two calls (`kernel_cursors`,
+        `kernel_ran`, which a caller that runs one kernel over two rings uses)."""
+        cursors = self.kernel_cursors(limit)
+        if cursors is None:
+            return None
+        assert self.ring.kernel is not None
+        k = kernel(self.ring.kernel.ctx, ctx, *cursors, *args)
+        self.kernel_ran(k)
+        return k
+
+    def kernel_cursors(self, limit: int) -> tuple[int, int, int] | None:
+        """`run_kernel`'s first half: (avail cursor, n, used cursor) for a kernel that
+        serves up to `limit` chains over the ring's context (`ring.kernel.ctx`), or None
+        where run_kernel returns None. Nothing changes here but `error` (set where the
+        ring broke the rules); a caller that then runs the kernel calls `kernel_ran`."""
         if (self.tracker is not None or self._chains or self.error is not None
                 or not self.compiled()):
             return None
         ring = self.ring
-        w = ring.kernel
-        assert w is not None
         n = min(limit, self._ready_now(), ring.size - (self.popped - self.completed))
         if self.error is not None:
             return None
         if self._ppid is not None:
             self._check_parent()  # the kernel stores into guest memory
         last, used_at = ring.cursors()
-        k = kernel(w.ctx, ctx, last, max(n, 0), used_at, *args)
+        return last, max(n, 0), used_at
+
+    def kernel_ran(self, k: int) -> None:
+        """`run_kernel`'s second half: a kernel given `kernel_cursors` served `k` chains:
+        they are published (and the driver notified if it asks)."""
         if k:
             if self._ppid is not None:
                 self._check_parent()
+            ring = self.ring
             ring.kernel_served(k)
             self.popped += k
             self.completed += k
             self._pushed = 0  # (published with these)
             if ring.publish():
                 self.call.notify()
-        return k
 
     # -- completing ----------------------------------------------------------------------------
 

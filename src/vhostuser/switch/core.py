@@ -21,11 +21,11 @@ from ..devices import net_kernel
 from ..devices.net_frames import Frames
 from ..shutdown import StopSignal, Watch
 from ..sockets import listen
-from . import route
+from . import pair, route
 from .mac_table import MAX_MACS, MacTable
 from .port import Port
 from .tap import TapPort
-from .vhost_port import VhostPort
+from .vhost_port import InlineQueue, VhostPort
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class Switch:
         self._readers: dict[socket.socket, tuple[memoryview, float]] = {}  # control clients
         self._current: Watch | None = None  # what the loop watches now
         self._kickless = False  # a queue polls all the time (made with the watch)
+        # two vhost ports and no uplink, the kernels on: each port's bursts go to the
+        # other in one compiled call where they can (pair.py)
+        self._paired = len(self.ports) == 2 and tap is None and pair.available()
 
     def _changed(self) -> None:
         self._dirty = True
@@ -164,6 +167,20 @@ class Switch:
             if chosen.any():
                 _deliver(self.ports[p], frames.pick(chosen))  # in burst order
 
+    def _paired_burst(self, port: VhostPort, at: int, iq: InlineQueue) -> bool | None:
+        """A burst of `port`'s queue `iq` to the other port in one call (pair.py), where
+        that serves: whether it took any chains; None where it does not serve (the usual
+        path then does)."""
+        now = time.monotonic()
+        other = self.vports[1 - at]
+        moved = pair.move(port, iq, other, self.table, at, now, now + self.aging)
+        if moved is None:
+            return None
+        taken, rest = moved
+        if len(rest):
+            _deliver(other, rest)
+        return taken > 0
+
     def age(self) -> None:
         self.table.age(time.monotonic())
 
@@ -174,6 +191,11 @@ class Switch:
         for at, port in enumerate(self.vports):  # (the first of `ports`)
             try:
                 for iq in port.tx_queues():
+                    if self._paired:
+                        moved = self._paired_burst(port, at, iq)
+                        if moved is not None:
+                            did = did or moved
+                            continue
                     popped = iq.q.popped
                     frames = port.take_tx(iq)
                     if frames:

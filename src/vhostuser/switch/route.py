@@ -45,17 +45,29 @@ def route(frames: Frames, table: MacTable, ingress: int, now: float,
     """Each frame's destination: a port's index, FLOOD, HAIRPIN or SHORT (sources learned
     at `ingress` until `until`); how many are HAIRPIN; the destination all share, or
     MIXED. The destinations are valid until the next call."""
-    global _dest, _dest_at
     n = min(len(frames.offs), len(frames.lens))
+    ctx, dest_at = kernel_args(table, n)
+    hairpins, common = _jit.route_at(ctx, frames.kernel_ctx(), n, dest_at, ingress, now,
+                                     until)
+    return _dest[:n], hairpins, common
+
+
+def kernel_args(table: MacTable, n: int) -> tuple[Any, int]:
+    """What route_jit.route_at is given for `n` frames besides them: `table`'s context
+    and the address of the destinations (`destinations`)."""
+    global _dest, _dest_at
     if len(_dest) < n:
         _dest = np.empty(max(n, 2 * len(_dest)), np.int32)
         _dest_at = _dest.ctypes.data
     if table.kernel_ctx is None:  # (made once: the table keeps its arrays)
         table.kernel_ctx = _jit.table_ctx(table.keys, table.ports, table.expiry, table.count,
                                           table.multiplier, table.limit)
-    hairpins, common = _jit.route_at(table.kernel_ctx, frames.kernel_ctx(), n, _dest_at,
-                                     ingress, now, until)
-    return _dest[:n], hairpins, common
+    return table.kernel_ctx, _dest_at
+
+
+def destinations(n: int) -> np.ndarray:
+    """The first `n` destinations the last kernel run decided (valid until the next)."""
+    return _dest[:n]
 
 
 _dest = np.empty(1024, np.int32)  # the destinations (one thread: the switch's loop)
