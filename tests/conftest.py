@@ -119,10 +119,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # every compiled kernel, loaded the way a daemon loads them (VHOSTUSER_JIT=1)
 _WARM = """
 from vhostuser.devices import blk_kernel, net_kernel
-from vhostuser.switch import route
+from vhostuser.switch import pair, route
 from vhostuser.virtq import kernel_walk
 kernel_walk.warm()
-assert blk_kernel.available() and net_kernel.available() and route.available()
+assert (blk_kernel.available() and net_kernel.available() and route.available()
+        and pair.available())
 """
 
 

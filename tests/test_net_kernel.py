@@ -23,6 +23,7 @@ import random
 import struct
 import time
 
+import numpy as np
 import pytest
 from fuzz_memory import TwoRegions, seed
 
@@ -47,6 +48,7 @@ from vhostuser.protocol import VirtioFeature
 from vhostuser.switch.core import FORWARD_BURST, Switch
 from vhostuser.switch.vhost_port import VhostPort
 from vhostuser.virtq.guest_ram import GuestRam
+from vhostuser.virtq.ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from vhostuser.virtq.split import SplitQueue
 from vhostuser.virtq.split_driver import DriverRing
 
@@ -507,7 +509,7 @@ def _pair_run(plan: dict, paired: bool,
             sw.table.learn(mac, at, time.monotonic() + 300)
 
         def add(drv: object, ram: GuestRam, pieces: list[tuple[bytes | int, bool]],
-                indirect: bool) -> tuple[int, list[tuple[int, int, bool]]]:
+                indirect: bool | str) -> tuple[int, list[tuple[int, int, bool]]]:
             bufs = []
             for piece, writable in pieces:
                 if isinstance(piece, int):  # an address outside guest memory
@@ -516,7 +518,20 @@ def _pair_run(plan: dict, paired: bool,
                 g = ram.alloc(max(len(piece), 1))
                 ram.at(g, len(piece))[:] = piece
                 bufs.append((g, len(piece), writable))
-            return drv.add(bufs, indirect=indirect), bufs  # type: ignore[attr-defined]
+            if indirect == "odd" and isinstance(drv, DriverRing):
+                # an indirect table at an address not 8-byte aligned: the Python walk
+                # takes it, the compiled one stops before it (and so do the kernels)
+                table = ram.alloc(16 * len(bufs) + 16) + 4
+                for j, (g, n, writable) in enumerate(bufs):
+                    struct.pack_into("<QIHH", ram.at(table, 16 * len(bufs)), 16 * j, g, n,
+                                     (DESC_F_WRITE if writable else 0)
+                                     | (DESC_F_NEXT if j + 1 < len(bufs) else 0), j + 1)
+                head = drv.free.pop()
+                drv.write_desc(head, table, 16 * len(bufs), DESC_F_INDIRECT, 0)
+                drv.chains[head] = [head]
+                drv.publish(head)
+                return head, bufs
+            return drv.add(bufs, indirect=bool(indirect)), bufs  # type: ignore[attr-defined]
 
         rx_bufs = [dict(add(drivers[i][0], rams[i], pieces, indirect)
                         for pieces, indirect in plan["rx"][i]) for i in range(2)]
@@ -566,8 +581,9 @@ def test_a_two_port_switch_moves_a_burst_in_one_call_as_the_usual_path_does(
     unknown; runts, frames over either port's MTU, multicast sources, headers asking for
     offloads not negotiated, chains shorter than a header, headers and frames in several
     buffers, indirect tables, writable transmit buffers, a buffer outside guest memory;
-    receive buffers too few, too small, read-only, in several pieces, with and without
-    MRG_RXBUF; split rings whose indices wrap."""
+    receive buffers too few, too small, read-only, in several pieces, behind an indirect
+    table the compiled walk stops before, with and without MRG_RXBUF; split rings whose
+    indices wrap."""
     rng = random.Random(s := seed())
     stations = [[bytes([2, 0, 0, 0, 0, 0x10 + k]) for k in range(2)],
                 [bytes([2, 0, 0, 0, 0, 0x20 + k]) for k in range(2)]]
@@ -626,7 +642,7 @@ def test_a_two_port_switch_moves_a_burst_in_one_call_as_the_usual_path_does(
                     pieces = [(1 << 40, True)]
                 elif rng.random() < 0.003:
                     pieces = [(bytes(size), False)]  # read-only
-                bufs.append((pieces, rng.random() < 0.1))
+                bufs.append((pieces, "odd" if rng.random() < 0.01 else rng.random() < 0.1))
             rx.append(bufs)
         known = [(m, i) for i in range(2) for m in stations[i] if rng.random() < 0.5]
         plan = {"packed": packed, "mrg": rng.random() < 0.5,
@@ -682,3 +698,73 @@ def test_a_paired_burst_stops_a_receive_ring_that_broke_the_rules(
     assert a.counters.rx_packets == 2 and a.counters.drops == {"to_ingress_port": 1}
     assert b.queues[0].broken and errs.count == 1 and b.queues[0].q.error is not None
     assert not a.queues[1].broken and a.queues[1].q.error is None
+
+
+@pytest.mark.parametrize("mrg", [False, True])
+def test_a_frame_delivered_from_the_senders_buffer_keeps_the_addresses_decided_on(
+        mrg: bool) -> None:
+    """A frame taken `direct` (switch/pair_jit.py) is copied from the sending guest's
+    buffer, which that guest may have written since its addresses were checked and the
+    switch decided where it goes: the receiver gets the addresses as they were decided
+    on (the frame array's copy), the rest from the buffer — also where the receiving
+    buffers are so small that the addresses fall into two chains (MRG_RXBUF)."""
+    from numba import njit
+
+    from vhostuser.virtq.ring_jit import ring_views
+    from vhostuser.virtq.views_jit import i64s, u8_rows, u8s
+
+    @njit
+    def put_direct(ring: object, rx: object, last: int, n: int, used_at: int, mrg: bool,
+                   data: object, offs: object, lens: object, srcs: object) -> int:
+        r = ring_views(ring)
+        net_serve_jit.put(r.desc, r.avail, r.used, r.size, r.indirect, r.packed, r.regions,
+                          r.bases, r.heads, r.meta, r.segs, r.state, last, n, used_at, 12,
+                          mrg, 1514, data, offs, lens, u8_rows(0, 0, 10), False,
+                          u8s(rx[net_serve_jit.HDR], 12),
+                          i64s(rx[net_serve_jit.DROPS], net_serve_jit.NDROPS),
+                          i64s(rx[net_serve_jit.OUT], net_serve_jit.NOUT), srcs)
+        return int(i64s(rx[net_serve_jit.OUT], net_serve_jit.NOUT)[net_serve_jit.CHAINS])
+
+    ram = GuestRam(4 << 20)
+    features = VirtioFeature.VERSION_1 | (F_MRG_RXBUF if mrg else 0)
+    port = VhostPort("b", "/nonexistent/b", bytes([2, 0, 0, 0, 0, 2]))
+    port.device.set_features(features)
+    mem = GuestMemory()
+    mem.add(ram.region(), mmap_region(ram.region(), ram.fd))
+    rx_drv = DriverRing(ram, 256)
+    port._run_queues([QueueSpec(QueueParams(0, rx_drv.layout(), 0, False, True), None,
+                                NoNotifier(), NoNotifier())], mem, port.device, None, ())
+    try:
+        sizes = [20, 2048] if mrg else [2048, 2048]  # (20: the header and 8 bytes)
+        bufs = {}
+        for size in sizes:
+            g = ram.alloc(size)
+            bufs[rx_drv.add([(g, size, True)])] = (g, size)
+        decided = [bytes([2, 0, 0, 0, 0, 2]) + bytes([2, 0, 0, 0, 0, 0x10 + f])
+                   for f in range(2)]
+        now = [bytes([2, 0, 0, 0, 0, 0x66]) + bytes([3, 0, 0, 0, 0, 0x77]) for _ in range(2)]
+        rest = [b"\x08\x00" + bytes([f + 1]) * 1000 for f in range(2)]
+        data = np.zeros(4096, np.uint8)
+        offs = np.array([100, 2100], np.int64)
+        lens = np.array([1014, 1014], np.int64)
+        for f in range(2):
+            data[offs[f] : offs[f] + 12] = np.frombuffer(decided[f], np.uint8)
+        guest = np.frombuffer(b"".join(now[f] + rest[f] for f in range(2)), np.uint8).copy()
+        srcs = np.array([guest.ctypes.data, guest.ctypes.data + 1014], np.uint64)
+        q = port.queues[0].q
+        cursors = q.kernel_cursors(256)
+        assert cursors is not None
+        assert q.ring.kernel is not None
+        used = put_direct(q.ring.kernel.ctx, net_kernel.rx_ctx(), *cursors, mrg, data, offs,
+                          lens, srcs)
+        q.kernel_ran(used)
+        assert net_kernel.delivered(port.counters) == 2  # (with MRG_RXBUF: one dropped)
+        assert port.counters.tx_packets == (1 if mrg else 2)
+        got = [bytes(ram.at(bufs[h][0], bufs[h][1]))[:n] for h, n in rx_drv.take_used()]
+        if mrg:  # one frame over both buffers: 20 + 1006 bytes
+            assert [len(g) for g in got] == [20, 1006] and got[0][10:12] == b"\x02\x00"
+            assert got[0][12:] + got[1] == decided[0] + rest[0]
+        else:
+            assert got == [bytes(10) + b"\x01\x00" + decided[f] + rest[f] for f in range(2)]
+    finally:
+        port.close()

@@ -124,6 +124,8 @@ class _Arena:
         self.asks = np.zeros(frames, np.uint8)  # 0, or a frame's header is net_serve_jit's
         # ASKS (to check) or CHECKSUM (checked)
         self.vnet = np.zeros((frames, HDR_SIZE), np.uint8)  # each frame's header
+        self.srcs = np.zeros(frames, np.uint64)  # where a frame taken `direct` lies
+        self.srcs_at = self.srcs.ctypes.data  # (net_serve_jit.take; switch/pair_jit.py)
         self.ctx = _jit.take_ctx(self.data, self.offs, self.lens, self.asks, self.vnet,
                                  _scratch.drops, _scratch.out)
         if burst is not None and burst < ARENA:  # the kernel sees a shorter array: a

@@ -41,9 +41,9 @@ def available() -> bool:
             ring, _arrays = ring_jit.dummy_ctx()
             arena = net_kernel.small_arena()
             table, dest_at = route.kernel_args(MacTable(1), 1)
-            pair_jit.forward_at(ring, arena.ctx, 0, 0, 0, 12, 1514, table, arena.fx, dest_at,
-                                0, 0.0, 0.0, 1, ring, net_kernel.rx_ctx(), 0, 0, 0, 12, True,
-                                1514)
+            pair_jit.forward_at(ring, arena.ctx, 0, 0, 0, 12, 1514, arena.srcs_at, table,
+                                arena.fx, dest_at, 0, 0.0, 0.0, 1, ring, net_kernel.rx_ctx(),
+                                0, 0, 0, 12, True, 1514)
             _jit = pair_jit
         except Exception as e:  # it cannot compile here: the usual path serves
             log.warning("compiled port-to-port bursts unavailable (%s): the usual path "
@@ -84,9 +84,9 @@ def move(a: VhostPort, iq: InlineQueue, b: VhostPort, table: MacTable, at: int, 
     assert ring_a is not None and ring_b is not None  # (kernel_cursors says so)
     target = 1 - at
     k, used = _jit.forward_at(ring_a.ctx, arena.ctx, *cursors_a, dev_a.hdr_len,
-                              dev_a.max_frame(), table_ctx, arena.fx, dest_at, at, now, until,
-                              target, ring_b.ctx, net_kernel.rx_ctx(), *cursors_b,
-                              dev_b.hdr_len, bool(dev_b.negotiated & F_MRG_RXBUF),
+                              dev_a.max_frame(), arena.srcs_at, table_ctx, arena.fx, dest_at,
+                              at, now, until, target, ring_b.ctx, net_kernel.rx_ctx(),
+                              *cursors_b, dev_b.hdr_len, bool(dev_b.negotiated & F_MRG_RXBUF),
                               dev_b.max_frame())
     if not k:  # it stopped before the first chain: the usual path takes it (and reports
         return None  # what is wrong with it), as after take_burst
