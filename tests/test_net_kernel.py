@@ -469,12 +469,13 @@ def test_a_forwarding_ports_bursts_stop_at_forward_burst_bytes(ports: int,
 
 
 def _pair_run(plan: dict, paired: bool,
-              monkeypatch: pytest.MonkeyPatch) -> tuple[object, int]:
+              monkeypatch: pytest.MonkeyPatch) -> tuple[object, tuple[int, int]]:
     """Run `plan` through a switch of two ports whose loop moves bursts in one compiled
     call (`paired`, switch/pair.py) or the usual way: batches of chains on both ports'
     transmit rings (each batch posted, then the loop run until it finds nothing),
     buffers on their receive rings, stations known beforehand. What both guests and the
-    switch are left with, and how many bursts the one call delivered."""
+    switch are left with; how many bursts the one call delivered, and how many frames it
+    took `direct` (net_serve_jit.take)."""
     from vhostuser.switch import pair
     from vhostuser.virtq.packed_driver import FRESH_BASE, PackedDriverRing
 
@@ -535,14 +536,18 @@ def _pair_run(plan: dict, paired: bool,
 
         rx_bufs = [dict(add(drivers[i][0], rams[i], pieces, indirect)
                         for pieces, indirect in plan["rx"][i]) for i in range(2)]
-        fused = 0
+        fused = direct = 0
         kernel = pair._jit
 
         class Counting:
             def forward_at(self, *args: object) -> tuple[int, int]:
-                nonlocal fused
+                nonlocal fused, direct
                 k, used = kernel.forward_at(*args)
                 fused += used >= 0
+                kept = int(net_kernel._scratch.out[net_serve_jit.PASSED])
+                for p in ports:  # (frames taken `direct`: a frame array's `srcs` set)
+                    if p.device.tx_arena is not None and p.device.tx_arena.ctx is args[1]:
+                        direct += int(np.count_nonzero(p.device.tx_arena.srcs[:kept]))
                 return k, used
 
         monkeypatch.setattr(pair, "_jit", Counting())
@@ -564,7 +569,7 @@ def _pair_run(plan: dict, paired: bool,
             out += [drivers[i][1].take_used(), got, port.counters.as_dict(),
                     [(iq.broken, repr(iq.q.error), iq.q.popped, iq.q.completed,
                       iq.q.ring.cursors()) for iq in port.queues.values()]]
-        return out, fused
+        return out, (fused, direct)
     finally:
         for port in ports:
             port.close()
@@ -588,7 +593,7 @@ def test_a_two_port_switch_moves_a_burst_in_one_call_as_the_usual_path_does(
     stations = [[bytes([2, 0, 0, 0, 0, 0x10 + k]) for k in range(2)],
                 [bytes([2, 0, 0, 0, 0, 0x20 + k]) for k in range(2)]]
     others = [b"\xff" * 6, bytes([1, 0, 0x5E, 0, 0, 1]), bytes([2, 0, 0, 0, 0, 0x30])]
-    fused = hairpins = 0
+    fused = direct = hairpins = 0
     for trial in range(50):
         clean = rng.random() < 0.5  # no frame goes back where it came from
 
@@ -607,7 +612,8 @@ def test_a_two_port_switch_moves_a_burst_in_one_call_as_the_usual_path_does(
                 dst = rng.choice(stations[1 - i] + others if clean
                                  else stations[0] + stations[1] + others)
                 body = (dst + src + b"\x08\x00"
-                        + bytes([trial, len(out)]) * rng.choice((23, 100, 480, 743, 760)))
+                        + bytes([trial, len(out)])
+                        * rng.choice((23, 100, 248, 249, 480, 743, 760)))
                 if 0.05 <= kind < 0.07:
                     body = body[:rng.randint(0, 13)]
                 chain = bytes(header) + body
@@ -653,12 +659,14 @@ def test_a_two_port_switch_moves_a_burst_in_one_call_as_the_usual_path_does(
                 [(m, rng.randint(0, 1)) for m in stations[0] + stations[1]
                  if rng.random() < 0.5]}
         usual, _ = _pair_run(plan, False, monkeypatch)
-        one_call, n = _pair_run(plan, True, monkeypatch)
+        one_call, (n, d) = _pair_run(plan, True, monkeypatch)
         assert one_call == usual, (s, trial)
         fused += n
+        direct += d
         hairpins += sum(c["drops"].get("to_ingress_port", 0)  # type: ignore[index]
                         for c in usual[3::4])  # type: ignore[index]
     assert fused >= 20 and hairpins >= 20, (s, fused, hairpins)
+    assert direct >= (0 if packed else 200), (s, direct)  # (a packed ring: never)
 
 
 def test_a_paired_burst_stops_a_receive_ring_that_broke_the_rules(

@@ -103,12 +103,13 @@ def take(desc: Any, avail: Any, used: Any, size: int, indirect: bool, packed: bo
     net_kernel.py has that header checked against its frame (check_tx). Each frame kept
     has its header in `vnet` (10 bytes: zeros where it asks for nothing). The heads
     taken are the walk's, in `heads`; `out` says how many, and how many frames were
-    kept. With `direct` (no offloads, a split ring: its chains stay the device's until
-    the used index is stored, after the call), a frame of DIRECT_MIN bytes or more that
-    lies in one buffer is left there: only its header and Ethernet header are copied
-    (its place in the arena is kept as for a frame copied whole), srcs[m] is its
-    address (0 for a frame copied whole); switch/pair_jit.py delivers it from there or
-    copies the rest."""
+    kept. With `direct` (taken only without offloads on a split ring, whose chains are
+    not the driver's again until the caller stores the used index after the call: the
+    caller must not store it before it has copied what it left there), a frame of
+    DIRECT_MIN bytes or more that lies in one buffer is left there: only its header and
+    Ethernet header are copied (its place in the arena is kept as for a frame copied
+    whole), srcs[m] is its address (0 for a frame copied whole: no guest memory is
+    mapped at 0); switch/pair_jit.py delivers it from there or copies the rest."""
     n = min(n, offs.shape[0])
     k, _, _ = walk(desc, avail, size, indirect, packed, regions, bases, last, n, heads, meta,
                    segs)
@@ -138,7 +139,7 @@ def take(desc: Any, avail: Any, used: Any, size: int, indirect: bool, packed: bo
                 k = i  # the arena is full: the rest at the next call
                 break
             src = np.uint64(0)
-            if direct and body >= DIRECT_MIN:
+            if direct and not packed and not offloads and body >= DIRECT_MIN:
                 last_seg = first + nr - 1
                 starts = total - segs[last_seg, 2]  # where the last buffer starts
                 if starts <= hl:  # (it holds the whole frame)

@@ -8,7 +8,9 @@ lies in one buffer: taken `direct`, only its headers are copied into the frame a
 the sender's buffer, its addresses from the frame array. The sender's chains are not
 its own again until the used index is stored, after the call; what it writes into its
 buffers meanwhile is its own frame's business, but for the addresses the decision was
-made on, which go as they were seen."""
+made on, which go as they were seen. (Where one guest owns both ports, the two buffers may
+be one memory mapped twice: the copy stays inside both, and spoils only that guest's
+frame.)"""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..devices.net_serve_jit import (
     DATA,
     DATA_LEN,
     DROPS,
+    ETH_HLEN,
     FRAMES,
     FRAMES_LEN,
     HDR,
@@ -41,8 +44,6 @@ from ..devices.net_serve_jit import (
 from ..virtq.ring_jit import ring_views
 from ..virtq.views_jit import i32s, i64s, u8_rows, u8s, u64s
 from .route_jit import FLOOD, route_at
-
-ETH_HLEN = 14
 
 
 @njit(cache=True, nogil=True)
